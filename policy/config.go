@@ -1,0 +1,164 @@
+// Package policy holds the user's capture intent (the istio-iptables settings), parses and
+// validates it once, and is the executable reference model of the verdicts (Decide).
+// Nothing downstream re-parses strings: the eBPF and iptables backends both render a Config.
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+)
+
+// InterceptMode is how inbound connections reach the proxy (istio-iptables -m).
+type InterceptMode uint8
+
+const (
+	// Redirect is istio's REDIRECT mode: nat REDIRECT to the inbound capture port.
+	Redirect InterceptMode = iota
+	// TProxy is istio's TPROXY mode: mangle TPROXY plus policy routing; the source is kept.
+	TProxy
+)
+
+func (m InterceptMode) String() string {
+	if m == TProxy {
+		return "TPROXY"
+	}
+	return "REDIRECT"
+}
+
+// Well-known addresses and ports of the Istio sidecar contract.
+var (
+	// InboundPassthroughSource is the source address the proxy binds when it forwards an
+	// inbound connection to the app; such connections are never captured again.
+	InboundPassthroughSource = netip.MustParseAddr("127.0.0.6")
+	// Localhost is the one loopback address the proxy's hairpin rule leaves alone.
+	Localhost = netip.MustParseAddr("127.0.0.1")
+)
+
+// PortList is a list of ports, or All (istio's "*").
+type PortList struct {
+	All   bool
+	Ports []uint16
+}
+
+// Contains reports whether port is in the list (always, for All).
+func (l PortList) Contains(port uint16) bool { return l.All || slices.Contains(l.Ports, port) }
+
+// String renders the list the way istio-iptables takes it.
+func (l PortList) String() string {
+	if l.All {
+		return "*"
+	}
+	return joinPorts(l.Ports)
+}
+
+// CIDRList is a list of prefixes, or All (istio's "*").
+type CIDRList struct {
+	All      bool
+	Prefixes []netip.Prefix
+}
+
+// Contains reports whether addr is inside one of the prefixes (always, for All).
+func (l CIDRList) Contains(addr netip.Addr) bool {
+	return l.All || containsAddr(l.Prefixes, addr)
+}
+
+func (l CIDRList) String() string {
+	if l.All {
+		return "*"
+	}
+	return joinPrefixes(l.Prefixes)
+}
+
+// Config is every istio-iptables setting that shapes TCP capture, parsed and validated.
+// Build one with Default and Parse (or the flag set from Flags); the zero value is not useful.
+type Config struct {
+	// ProxyPort is where outbound connections are redirected (-p, default 15001).
+	ProxyPort uint16
+	// InboundCapturePort is where inbound connections are redirected (-z, default 15006).
+	InboundCapturePort uint16
+	// InboundTunnelPort is never captured inbound nor hairpinned (-e, default 15008).
+	InboundTunnelPort uint16
+	// ProxyUID's connections are never captured outbound (-u, default 1337).
+	ProxyUID uint32
+	// ProxyGID's connections are never captured outbound (-g, defaults to ProxyUID).
+	ProxyGID uint32
+	// Mode selects REDIRECT or TPROXY for inbound (-m).
+	Mode InterceptMode
+	// TProxyMark and TProxyRouteTable configure TPROXY mode (-t, -r).
+	TProxyMark       uint32
+	TProxyRouteTable uint32
+	// InboundPorts are captured inbound (-b); All captures every port but InboundExcludePorts.
+	InboundPorts PortList
+	// InboundExcludePorts pass inbound when InboundPorts is All (-d).
+	InboundExcludePorts []uint16
+	// OutboundPorts are captured outbound whatever their destination (-q).
+	OutboundPorts []uint16
+	// OutboundExcludePorts are never captured outbound (-o). They are checked first.
+	OutboundExcludePorts []uint16
+	// OutboundCIDRs are the destinations captured outbound (-i); All captures everything.
+	OutboundCIDRs CIDRList
+	// OutboundExcludeCIDRs are destinations never captured outbound (-x).
+	OutboundExcludeCIDRs []netip.Prefix
+}
+
+// Default is what Istio's sidecar injector asks of istio-iptables for a standard pod:
+// -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020.
+func Default() Config {
+	return Config{
+		ProxyPort:           15001,
+		InboundCapturePort:  15006,
+		InboundTunnelPort:   15008,
+		ProxyUID:            1337,
+		ProxyGID:            1337,
+		Mode:                Redirect,
+		TProxyMark:          1337,
+		TProxyRouteTable:    133,
+		InboundPorts:        PortList{All: true},
+		InboundExcludePorts: []uint16{15090, 15021, 15020},
+		OutboundCIDRs:       CIDRList{All: true},
+	}
+}
+
+// Validate checks the relations between settings that parsing alone cannot see.
+func (c *Config) Validate() error {
+	for _, p := range []struct {
+		flag string
+		port uint16
+	}{{FlagProxyPort, c.ProxyPort}, {FlagInboundCapturePort, c.InboundCapturePort}, {FlagInboundTunnelPort, c.InboundTunnelPort}} {
+		if p.port == 0 {
+			return fmt.Errorf("invalid --%s: port 0; use a port between 1 and 65535", p.flag)
+		}
+	}
+	if c.ProxyPort == c.InboundCapturePort {
+		return fmt.Errorf("invalid --%s: %d is also the inbound capture port (--%s); the proxy needs two ports",
+			FlagProxyPort, c.ProxyPort, FlagInboundCapturePort)
+	}
+	return nil
+}
+
+// OutboundExcludeCIDRs4 and friends: the IPv4 subset, which is all the v4 backends render.
+func ipv4Only(prefixes []netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range prefixes {
+		if p.Addr().Is4() {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// IPv4OutboundCIDRs returns the IPv4 prefixes of -i (nil for All).
+func (c *Config) IPv4OutboundCIDRs() []netip.Prefix { return ipv4Only(c.OutboundCIDRs.Prefixes) }
+
+// IPv4OutboundExcludeCIDRs returns the IPv4 prefixes of -x.
+func (c *Config) IPv4OutboundExcludeCIDRs() []netip.Prefix { return ipv4Only(c.OutboundExcludeCIDRs) }
+
+func containsAddr(prefixes []netip.Prefix, addr netip.Addr) bool {
+	for _, p := range prefixes {
+		if p.Contains(addr) {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,188 @@
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+)
+
+// Direction is which way a connection goes relative to the pod.
+type Direction uint8
+
+const (
+	Outbound Direction = iota // made by a process in the pod
+	Inbound                   // arriving from outside the pod
+)
+
+// Conn describes one new TCP connection as the kernel sees it when capture is decided.
+type Conn struct {
+	Direction Direction
+	// UID and GID of the process that made an outbound connection.
+	UID, GID uint32
+	// Src is the address an outbound socket was bound to before connect (invalid if unbound).
+	Src netip.Addr
+	// Dst is the destination the connection was made to.
+	Dst netip.AddrPort
+	// DstLocal is true when Dst is an address of the pod itself (it routes via lo): its own
+	// IPs and all of 127.0.0.0/8.
+	DstLocal bool
+}
+
+// Action is what happens to a connection.
+type Action uint8
+
+const (
+	Pass             Action = iota // untouched
+	RedirectOutbound               // to the proxy's outbound port (-p)
+	RedirectInbound                // to the proxy's inbound capture port (-z)
+)
+
+func (a Action) String() string {
+	switch a {
+	case RedirectOutbound:
+		return "redirect-outbound"
+	case RedirectInbound:
+		return "redirect-inbound"
+	}
+	return "pass"
+}
+
+// Reason names the rule that decided. The numbering is shared with bpf/divert.c's enum
+// reason (a test keeps them equal) and indexes the kernel's per-reason counters.
+type Reason uint8
+
+const (
+	ReasonNone                 Reason = iota
+	ReasonExcludedOutboundPort        // -o
+	ReasonInboundPassthrough          // bound to 127.0.0.6, to the pod itself
+	ReasonProxyHairpin                // the proxy calling its own pod
+	ReasonLocalDestination            // the app calling its own pod
+	ReasonProxyUID                    // -u
+	ReasonProxyGID                    // -g
+	ReasonLocalhost                   // to 127.0.0.1
+	ReasonExcludedCIDR                // -x
+	ReasonIncludedOutboundPort        // -q
+	ReasonIncludedCIDR                // -i
+	ReasonNotIncluded                 // fell off the end of the outbound rules
+	ReasonInboundTunnelPort           // -e
+	ReasonInboundExcludedPort         // -d
+	ReasonInboundIncludedPort         // -b
+	ReasonInboundNotIncluded          // -b does not list the port
+	NumReasons
+)
+
+var reasonNames = [NumReasons]string{
+	ReasonNone:                 "none",
+	ReasonExcludedOutboundPort: "excluded-outbound-port",
+	ReasonInboundPassthrough:   "inbound-passthrough",
+	ReasonProxyHairpin:         "proxy-hairpin",
+	ReasonLocalDestination:     "local-destination",
+	ReasonProxyUID:             "proxy-uid",
+	ReasonProxyGID:             "proxy-gid",
+	ReasonLocalhost:            "localhost",
+	ReasonExcludedCIDR:         "excluded-cidr",
+	ReasonIncludedOutboundPort: "included-outbound-port",
+	ReasonIncludedCIDR:         "included-cidr",
+	ReasonNotIncluded:          "not-included",
+	ReasonInboundTunnelPort:    "inbound-tunnel-port",
+	ReasonInboundExcludedPort:  "inbound-excluded-port",
+	ReasonInboundIncludedPort:  "inbound-included-port",
+	ReasonInboundNotIncluded:   "inbound-not-included",
+}
+
+func (r Reason) String() string {
+	if r < NumReasons {
+		return reasonNames[r]
+	}
+	return fmt.Sprintf("reason(%d)", uint8(r))
+}
+
+// Reasons lists every reason, in counter order.
+func Reasons() []Reason {
+	rs := make([]Reason, 0, NumReasons)
+	for r := ReasonNone; r < NumReasons; r++ {
+		rs = append(rs, r)
+	}
+	return rs
+}
+
+// Verdict is the outcome for a connection and the rule that decided it.
+type Verdict struct {
+	Action Action
+	Reason Reason
+	// Port is where a redirected connection lands (0 for Pass).
+	Port uint16
+}
+
+func (v Verdict) String() string {
+	if v.Action == Pass {
+		return fmt.Sprintf("pass (%s)", v.Reason)
+	}
+	return fmt.Sprintf("%s to port %d (%s)", v.Action, v.Port, v.Reason)
+}
+
+// Decide is the reference model: what istio-iptables' rules do with conn, first match wins.
+// The order is the order of the rules in ISTIO_OUTPUT and ISTIO_INBOUND; the kernel running
+// those rules is the oracle for this function (see test/parity).
+func (c *Config) Decide(conn Conn) Verdict {
+	if conn.Direction == Inbound {
+		return c.decideInbound(conn.Dst.Port())
+	}
+	pass := func(r Reason) Verdict { return Verdict{Action: Pass, Reason: r} }
+	dst, port := conn.Dst.Addr(), conn.Dst.Port()
+	isProxyUID := conn.UID == c.ProxyUID
+
+	// -o is rendered before everything else, so it even beats the hairpin.
+	if slices.Contains(c.OutboundExcludePorts, port) {
+		return pass(ReasonExcludedOutboundPort)
+	}
+	if conn.DstLocal && conn.Src == InboundPassthroughSource {
+		return pass(ReasonInboundPassthrough)
+	}
+	if conn.DstLocal && dst != Localhost && port != c.InboundTunnelPort && isProxyUID {
+		return Verdict{Action: RedirectInbound, Reason: ReasonProxyHairpin, Port: c.InboundCapturePort}
+	}
+	// istio also renders the hairpin and "-o lo ! owner" rules for the gid, but they sit
+	// after their uid twins, which already decided every connection to a local address.
+	if conn.DstLocal {
+		if isProxyUID {
+			return pass(ReasonProxyUID)
+		}
+		return pass(ReasonLocalDestination)
+	}
+	if isProxyUID {
+		return pass(ReasonProxyUID)
+	}
+	if conn.GID == c.ProxyGID {
+		return pass(ReasonProxyGID)
+	}
+	if dst == Localhost {
+		return pass(ReasonLocalhost)
+	}
+	if containsAddr(c.OutboundExcludeCIDRs, dst) {
+		return pass(ReasonExcludedCIDR)
+	}
+	redirect := func(r Reason) Verdict { return Verdict{Action: RedirectOutbound, Reason: r, Port: c.ProxyPort} }
+	if slices.Contains(c.OutboundPorts, port) {
+		return redirect(ReasonIncludedOutboundPort)
+	}
+	if c.OutboundCIDRs.Contains(dst) {
+		return redirect(ReasonIncludedCIDR)
+	}
+	return pass(ReasonNotIncluded)
+}
+
+func (c *Config) decideInbound(port uint16) Verdict {
+	pass := func(r Reason) Verdict { return Verdict{Action: Pass, Reason: r} }
+	if port == c.InboundTunnelPort {
+		return pass(ReasonInboundTunnelPort)
+	}
+	// -d only applies with -b '*' (istio renders it only then).
+	if c.InboundPorts.All && slices.Contains(c.InboundExcludePorts, port) {
+		return pass(ReasonInboundExcludedPort)
+	}
+	if c.InboundPorts.Contains(port) {
+		return Verdict{Action: RedirectInbound, Reason: ReasonInboundIncludedPort, Port: c.InboundCapturePort}
+	}
+	return pass(ReasonInboundNotIncluded)
+}

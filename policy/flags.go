@@ -1,0 +1,235 @@
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/pflag"
+)
+
+// Flag names: istio-iptables' long names, so its command lines work unchanged. The short
+// letters and environment variables match istio-iptables too.
+const (
+	FlagProxyPort            = "envoy-port"                         // -p
+	FlagInboundCapturePort   = "inbound-capture-port"               // -z
+	FlagInboundTunnelPort    = "inbound-tunnel-port"                // -e
+	FlagProxyUID             = "proxy-uid"                          // -u
+	FlagProxyGID             = "proxy-gid"                          // -g
+	FlagMode                 = "istio-inbound-interception-mode"    // -m
+	FlagTProxyMark           = "istio-inbound-tproxy-mark"          // -t
+	FlagTProxyRouteTable     = "istio-inbound-tproxy-route-table"   // -r
+	FlagInboundPorts         = "istio-inbound-ports"                // -b
+	FlagInboundExcludePorts  = "istio-local-exclude-ports"          // -d
+	FlagOutboundPorts        = "istio-outbound-ports"               // -q
+	FlagOutboundExcludePorts = "istio-local-outbound-ports-exclude" // -o
+	FlagOutboundCIDRs        = "istio-service-cidr"                 // -i
+	FlagOutboundExcludeCIDRs = "istio-service-exclude-cidr"         // -x
+)
+
+type flagSpec struct {
+	name, short, usage string
+	get                func(*Config) string
+	set                func(*Config, string) error
+}
+
+// EnvVar is the environment variable istio-iptables reads for a flag (viper's automatic
+// mapping: upper case, dashes to underscores).
+func EnvVar(flag string) string {
+	return strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
+}
+
+var flagSpecs = []flagSpec{
+	{FlagProxyPort, "p", "port the proxy listens on for outbound connections",
+		func(c *Config) string { return itoa(c.ProxyPort) },
+		func(c *Config, s string) (err error) { c.ProxyPort, err = parsePort(s); return }},
+	{FlagInboundCapturePort, "z", "port the proxy listens on for inbound connections",
+		func(c *Config) string { return itoa(c.InboundCapturePort) },
+		func(c *Config, s string) (err error) { c.InboundCapturePort, err = parsePort(s); return }},
+	{FlagInboundTunnelPort, "e", "tunnel port: never captured inbound, never hairpinned",
+		func(c *Config) string { return itoa(c.InboundTunnelPort) },
+		func(c *Config, s string) (err error) { c.InboundTunnelPort, err = parsePort(s); return }},
+	{FlagProxyUID, "u", "uid of the proxy; its connections are never captured",
+		func(c *Config) string { return itoa(c.ProxyUID) },
+		func(c *Config, s string) (err error) { c.ProxyUID, err = parseID(s); return }},
+	{FlagProxyGID, "g", "gid of the proxy; its connections are never captured (default: the uid)",
+		func(c *Config) string { return "" },
+		func(c *Config, s string) (err error) { c.ProxyGID, err = parseID(s); return }},
+	{FlagMode, "m", `inbound interception mode, "REDIRECT" or "TPROXY"`,
+		func(c *Config) string { return c.Mode.String() },
+		func(c *Config, s string) error {
+			switch strings.ToUpper(s) {
+			case "REDIRECT", "":
+				c.Mode = Redirect
+			case "TPROXY":
+				c.Mode = TProxy
+			default:
+				return fmt.Errorf("%q is not a mode; use REDIRECT or TPROXY", s)
+			}
+			return nil
+		}},
+	{FlagTProxyMark, "t", "packet mark used in TPROXY mode",
+		func(c *Config) string { return itoa(c.TProxyMark) },
+		func(c *Config, s string) (err error) { c.TProxyMark, err = parseID(s); return }},
+	{FlagTProxyRouteTable, "r", "policy routing table used in TPROXY mode",
+		func(c *Config) string { return itoa(c.TProxyRouteTable) },
+		func(c *Config, s string) (err error) { c.TProxyRouteTable, err = parseID(s); return }},
+	{FlagInboundPorts, "b", `inbound ports to capture, comma separated; "*" = all, "" = none`,
+		func(c *Config) string { return c.InboundPorts.String() },
+		func(c *Config, s string) (err error) { c.InboundPorts, err = parsePortList(s); return }},
+	{FlagInboundExcludePorts, "d", `inbound ports never captured (applies with -b "*")`,
+		func(c *Config) string { return joinPorts(c.InboundExcludePorts) },
+		func(c *Config, s string) (err error) { c.InboundExcludePorts, err = parsePorts(s); return }},
+	{FlagOutboundPorts, "q", "outbound ports captured whatever the destination",
+		func(c *Config) string { return joinPorts(c.OutboundPorts) },
+		func(c *Config, s string) (err error) { c.OutboundPorts, err = parsePorts(s); return }},
+	{FlagOutboundExcludePorts, "o", "outbound ports never captured (checked before anything else)",
+		func(c *Config) string { return joinPorts(c.OutboundExcludePorts) },
+		func(c *Config, s string) (err error) { c.OutboundExcludePorts, err = parsePorts(s); return }},
+	{FlagOutboundCIDRs, "i", `outbound destinations to capture, CIDRs comma separated; "*" = all, "" = none`,
+		func(c *Config) string { return c.OutboundCIDRs.String() },
+		func(c *Config, s string) (err error) { c.OutboundCIDRs, err = parseCIDRList(s); return }},
+	{FlagOutboundExcludeCIDRs, "x", "outbound destinations never captured, CIDRs comma separated",
+		func(c *Config) string { return joinPrefixes(c.OutboundExcludeCIDRs) },
+		func(c *Config, s string) (err error) { c.OutboundExcludeCIDRs, err = parseCIDRs(s); return }},
+}
+
+// Flags registers every policy flag on fs with def's values as defaults, and returns the
+// function that turns what was given into a validated Config. A flag that was not given
+// falls back to its istio-iptables environment variable (read through getenv), then to def.
+func Flags(fs *pflag.FlagSet, def Config) func(getenv func(string) string) (Config, error) {
+	values := make(map[string]*string, len(flagSpecs))
+	for _, s := range flagSpecs {
+		usage := fmt.Sprintf("%s (env %s)", s.usage, EnvVar(s.name))
+		values[s.name] = fs.StringP(s.name, s.short, s.get(&def), usage)
+	}
+	return func(getenv func(string) string) (Config, error) {
+		cfg := def
+		gidGiven := false
+		for _, s := range flagSpecs {
+			v, given := *values[s.name], fs.Changed(s.name)
+			if !given {
+				if env := getenv(EnvVar(s.name)); env != "" {
+					v, given = env, true
+				}
+			}
+			if !given {
+				continue
+			}
+			if err := s.set(&cfg, strings.TrimSpace(v)); err != nil {
+				return Config{}, fmt.Errorf("invalid -%s/--%s %q: %w", s.short, s.name, v, err)
+			}
+			gidGiven = gidGiven || s.name == FlagProxyGID
+		}
+		if !gidGiven {
+			cfg.ProxyGID = cfg.ProxyUID
+		}
+		if err := cfg.Validate(); err != nil {
+			return Config{}, err
+		}
+		return cfg, nil
+	}
+}
+
+// Args renders cfg as istio-iptables flags, the inverse of Flags (used by explain and docs).
+func (c *Config) Args() []string {
+	var args []string
+	for _, s := range flagSpecs {
+		v := s.get(c)
+		if s.name == FlagProxyGID {
+			v = itoa(c.ProxyGID)
+		}
+		args = append(args, "-"+s.short, v)
+	}
+	return args
+}
+
+func itoa[T uint16 | uint32](v T) string { return strconv.FormatUint(uint64(v), 10) }
+
+func parsePort(s string) (uint16, error) {
+	n, err := strconv.ParseUint(s, 10, 32)
+	if err != nil || n == 0 || n > 65535 {
+		return 0, fmt.Errorf("port %q out of range; use 1-65535", s)
+	}
+	return uint16(n), nil
+}
+
+func parseID(s string) (uint32, error) {
+	n, err := strconv.ParseUint(s, 10, 32)
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a number", s)
+	}
+	return uint32(n), nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+func parsePorts(s string) ([]uint16, error) {
+	var ports []uint16
+	for _, f := range splitList(s) {
+		p, err := parsePort(f)
+		if err != nil {
+			return nil, err
+		}
+		ports = append(ports, p)
+	}
+	return ports, nil
+}
+
+func parsePortList(s string) (PortList, error) {
+	if s == "*" {
+		return PortList{All: true}, nil
+	}
+	ports, err := parsePorts(s)
+	return PortList{Ports: ports}, err
+}
+
+func parseCIDRs(s string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, f := range splitList(s) {
+		p, err := netip.ParsePrefix(f)
+		if err != nil {
+			// A bare address means a host route, as iptables reads it.
+			a, aerr := netip.ParseAddr(f)
+			if aerr != nil {
+				return nil, fmt.Errorf("%q is not a CIDR (like 10.0.0.0/8)", f)
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
+}
+
+func parseCIDRList(s string) (CIDRList, error) {
+	if s == "*" {
+		return CIDRList{All: true}, nil
+	}
+	prefixes, err := parseCIDRs(s)
+	return CIDRList{Prefixes: prefixes}, err
+}
+
+func joinPorts(ports []uint16) string {
+	parts := make([]string, len(ports))
+	for i, p := range ports {
+		parts[i] = itoa(p)
+	}
+	return strings.Join(parts, ",")
+}
+
+func joinPrefixes(prefixes []netip.Prefix) string {
+	parts := make([]string, len(prefixes))
+	for i, p := range prefixes {
+		parts[i] = p.String()
+	}
+	return strings.Join(parts, ",")
+}
