@@ -131,7 +131,7 @@ func (c *Config) Validate() error {
 		}
 	}
 	if c.ProxyPort == c.InboundCapturePort {
-		return fmt.Errorf("invalid --%s: %d is also the inbound capture port (--%s); the proxy needs two ports",
+		return fmt.Errorf("invalid -p/--%s %d: it is also the inbound capture port (-z/--%s); use two different ports",
 			FlagProxyPort, c.ProxyPort, FlagInboundCapturePort)
 	}
 	return nil
