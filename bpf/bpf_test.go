@@ -1,0 +1,50 @@
+package bpf_test
+
+import (
+	"testing"
+
+	"github.com/meshdivert/divert/bpf"
+	"github.com/meshdivert/divert/policy"
+)
+
+// The C enum and policy.Reason must agree: counters are indexed by one and named by the other.
+func TestReasonsMatchPolicy(t *testing.T) {
+	pairs := map[bpf.DivertReason]policy.Reason{
+		bpf.DivertReasonREASON_NONE:                   policy.ReasonNone,
+		bpf.DivertReasonREASON_EXCLUDED_OUTBOUND_PORT: policy.ReasonExcludedOutboundPort,
+		bpf.DivertReasonREASON_INBOUND_PASSTHROUGH:    policy.ReasonInboundPassthrough,
+		bpf.DivertReasonREASON_PROXY_HAIRPIN:          policy.ReasonProxyHairpin,
+		bpf.DivertReasonREASON_LOCAL_DESTINATION:      policy.ReasonLocalDestination,
+		bpf.DivertReasonREASON_PROXY_UID:              policy.ReasonProxyUID,
+		bpf.DivertReasonREASON_PROXY_GID:              policy.ReasonProxyGID,
+		bpf.DivertReasonREASON_LOCALHOST:              policy.ReasonLocalhost,
+		bpf.DivertReasonREASON_EXCLUDED_CIDR:          policy.ReasonExcludedCIDR,
+		bpf.DivertReasonREASON_INCLUDED_OUTBOUND_PORT: policy.ReasonIncludedOutboundPort,
+		bpf.DivertReasonREASON_INCLUDED_CIDR:          policy.ReasonIncludedCIDR,
+		bpf.DivertReasonREASON_NOT_INCLUDED:           policy.ReasonNotIncluded,
+		bpf.DivertReasonREASON_INBOUND_TUNNEL_PORT:    policy.ReasonInboundTunnelPort,
+		bpf.DivertReasonREASON_INBOUND_EXCLUDED_PORT:  policy.ReasonInboundExcludedPort,
+		bpf.DivertReasonREASON_INBOUND_INCLUDED_PORT:  policy.ReasonInboundIncludedPort,
+		bpf.DivertReasonREASON_INBOUND_NOT_INCLUDED:   policy.ReasonInboundNotIncluded,
+		bpf.DivertReasonNUM_REASONS:                   policy.NumReasons,
+	}
+	for c, g := range pairs {
+		if uint32(c) != uint32(g) {
+			t.Errorf("C reason %d != policy reason %s (%d)", c, g, g)
+		}
+	}
+	if len(pairs) != int(policy.NumReasons)+1 {
+		t.Errorf("%d reasons paired, policy has %d: add the new ones to both sides", len(pairs)-1, policy.NumReasons)
+	}
+}
+
+// The counters map must have a slot for every reason.
+func TestCountersHoldEveryReason(t *testing.T) {
+	spec, err := bpf.LoadDivert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := spec.Maps["counters"].MaxEntries; n < uint32(policy.NumReasons) {
+		t.Fatalf("counters map has %d entries, need %d", n, policy.NumReasons)
+	}
+}

@@ -1,0 +1,339 @@
+//go:build ignore
+
+// divert: outbound capture for service-mesh sidecars, the eBPF rendering of the
+// istio-iptables ISTIO_OUTPUT chain. Three cgroup programs work together:
+//   connect4   decides per connection (same rule order as policy.Decide) and rewrites the
+//              destination to 127.0.0.1:<proxy port>, remembering the original by cookie;
+//   sockops    once the client's source port is known, re-keys that memory by the 4-tuple
+//              the proxy will see, and forgets it when the client socket closes;
+//   getsockopt answers SO_ORIGINAL_DST on the proxy's accepted socket from that memory, so
+//              an unmodified proxy reads the address the app dialled, as with iptables.
+// Exclusions live in maps, not code: a policy change is a map update.
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+char __license[] SEC("license") = "Dual MIT/GPL";
+
+#define AF_INET 2
+#define SOCK_STREAM 1
+#define IPPROTO_TCP 6
+#define SOL_IP 0
+#define SO_ORIGINAL_DST 80
+#define PAGE_SIZE 4096
+#define LOCALHOST 0x7f000001		 /* 127.0.0.1, host order */
+#define INBOUND_PASSTHROUGH 0x7f000006 /* 127.0.0.6, host order */
+
+// Reasons are policy.Reason: same names, same numbers (bpf's tests keep them equal).
+enum reason {
+	REASON_NONE,
+	REASON_EXCLUDED_OUTBOUND_PORT,
+	REASON_INBOUND_PASSTHROUGH,
+	REASON_PROXY_HAIRPIN,
+	REASON_LOCAL_DESTINATION,
+	REASON_PROXY_UID,
+	REASON_PROXY_GID,
+	REASON_LOCALHOST,
+	REASON_EXCLUDED_CIDR,
+	REASON_INCLUDED_OUTBOUND_PORT,
+	REASON_INCLUDED_CIDR,
+	REASON_NOT_INCLUDED,
+	REASON_INBOUND_TUNNEL_PORT,
+	REASON_INBOUND_EXCLUDED_PORT,
+	REASON_INBOUND_INCLUDED_PORT,
+	REASON_INBOUND_NOT_INCLUDED,
+	NUM_REASONS,
+};
+
+// Bits of the ports map: which lists a port is on.
+enum port_flag {
+	PORT_OUTBOUND_EXCLUDE = 1 << 0, // -o
+	PORT_OUTBOUND_INCLUDE = 1 << 1, // -q
+	PORT_INBOUND_EXCLUDE = 1 << 2,	// -d
+	PORT_INBOUND_INCLUDE = 1 << 3,	// -b
+};
+
+// Emit the enums into BTF so bpf2go generates their Go constants.
+const enum reason *unused_reason __attribute__((unused));
+const enum port_flag *unused_port_flag __attribute__((unused));
+
+struct config {
+	__u32 proxy_uid;
+	__u32 proxy_gid;
+	__u16 proxy_port; // host byte order, like all ports in config and maps keys
+	__u16 inbound_capture_port;
+	__u16 inbound_tunnel_port;
+	__u8 outbound_include_all; // -i '*'
+	__u8 inbound_include_all;  // -b '*'
+};
+
+struct lpm_v4_key {
+	__u32 prefixlen;
+	__u32 addr; // network byte order
+};
+
+struct orig_dst {
+	__u32 addr; // network byte order
+	__u16 port; // network byte order
+	__u16 pad;
+};
+
+// A redirected connection as the proxy's accepted socket sees it (client = its peer).
+struct tuple {
+	__u32 client_addr; // network byte order
+	__u32 proxy_addr;  // network byte order
+	__u16 client_port; // host byte order
+	__u16 proxy_port;  // host byte order
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+} config_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u16);
+	__type(value, __u8); // enum port_flag bits
+} ports SEC(".maps");
+
+// Outbound CIDR sets; the loader inserts prefixes, connect4 looks up /32s. Two tries, not one
+// with flags, because -x must win over -i even where an -i prefix is the longer match.
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v4_key);
+	__type(value, __u8);
+} outbound_exclude_cidrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v4_key);
+	__type(value, __u8);
+} outbound_include_cidrs SEC(".maps");
+
+// The pod's own addresses (127.0.0.0/8 is implied): iptables' "-o lo".
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32); // network byte order
+	__type(value, __u8);
+} local_addrs SEC(".maps");
+
+// Original destination from connect until the source port is known (microseconds).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64); // socket cookie
+	__type(value, struct orig_dst);
+} orig_dst_by_cookie SEC(".maps");
+
+// Original destination for the life of the connection; removed when the client closes.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct tuple);
+	__type(value, struct orig_dst);
+} orig_dst_by_tuple SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 32);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+static __always_inline void count(enum reason r)
+{
+	__u32 key = r;
+	__u64 *n = bpf_map_lookup_elem(&counters, &key);
+	if (n)
+		*n += 1;
+}
+
+static __always_inline struct config *get_config(void)
+{
+	__u32 key = 0;
+	return bpf_map_lookup_elem(&config_map, &key);
+}
+
+static __always_inline __u8 port_flags(__u16 port)
+{
+	__u8 *flags = bpf_map_lookup_elem(&ports, &port);
+	return flags ? *flags : 0;
+}
+
+static __always_inline int in_trie(void *trie, __u32 addr)
+{
+	struct lpm_v4_key key = {.prefixlen = 32, .addr = addr};
+	return bpf_map_lookup_elem(trie, &key) != NULL;
+}
+
+static __always_inline int is_local(__u32 addr)
+{
+	if ((bpf_ntohl(addr) >> 24) == 127)
+		return 1;
+	return bpf_map_lookup_elem(&local_addrs, &addr) != NULL;
+}
+
+// decide_outbound mirrors policy.Config.Decide for outbound connections: istio's
+// ISTIO_OUTPUT chain, first match wins. It sets *to_port for redirects.
+static __always_inline enum reason decide_outbound(struct config *cfg, __u32 src, __u32 dst,
+						   __u16 dport, __u16 *to_port)
+{
+	__u64 uid_gid = bpf_get_current_uid_gid();
+	__u32 uid = (__u32)uid_gid, gid = uid_gid >> 32;
+	__u8 pflags = port_flags(dport);
+	int local = is_local(dst);
+
+	if (pflags & PORT_OUTBOUND_EXCLUDE)
+		return REASON_EXCLUDED_OUTBOUND_PORT;
+	if (local && src == bpf_htonl(INBOUND_PASSTHROUGH))
+		return REASON_INBOUND_PASSTHROUGH;
+	if (local && dst != bpf_htonl(LOCALHOST) && dport != cfg->inbound_tunnel_port &&
+	    uid == cfg->proxy_uid) {
+		*to_port = cfg->inbound_capture_port;
+		return REASON_PROXY_HAIRPIN;
+	}
+	if (uid == cfg->proxy_uid)
+		return REASON_PROXY_UID;
+	if (local)
+		return REASON_LOCAL_DESTINATION;
+	if (gid == cfg->proxy_gid)
+		return REASON_PROXY_GID;
+	if (dst == bpf_htonl(LOCALHOST))
+		return REASON_LOCALHOST;
+	if (in_trie(&outbound_exclude_cidrs, dst))
+		return REASON_EXCLUDED_CIDR;
+	if (pflags & PORT_OUTBOUND_INCLUDE) {
+		*to_port = cfg->proxy_port;
+		return REASON_INCLUDED_OUTBOUND_PORT;
+	}
+	if (cfg->outbound_include_all || in_trie(&outbound_include_cidrs, dst)) {
+		*to_port = cfg->proxy_port;
+		return REASON_INCLUDED_CIDR;
+	}
+	return REASON_NOT_INCLUDED;
+}
+
+SEC("cgroup/connect4")
+int divert_connect4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 1;
+	struct config *cfg = get_config();
+	if (!cfg)
+		return 1;
+
+	struct bpf_sock *sk = ctx->sk;
+	__u32 src = sk ? sk->src_ip4 : 0;
+	__u32 dst = ctx->user_ip4;
+	__u16 dport_be = (__u16)ctx->user_port; // the port's two bytes, as the app wrote them
+	__u16 to_port = 0;
+	enum reason r = decide_outbound(cfg, src, dst, bpf_ntohs(dport_be), &to_port);
+	count(r);
+	if (!to_port)
+		return 1;
+
+	struct orig_dst orig = {.addr = dst, .port = dport_be};
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	// Without a place to remember the original destination the proxy could not route the
+	// connection; leaving it uncaptured would silently bypass policy, so refuse it instead.
+	if (bpf_map_update_elem(&orig_dst_by_cookie, &cookie, &orig, BPF_ANY))
+		return 0;
+	ctx->user_ip4 = bpf_htonl(LOCALHOST);
+	ctx->user_port = bpf_htons(to_port);
+	return 1;
+}
+
+SEC("sockops")
+int divert_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->family != AF_INET)
+		return 1;
+
+	struct tuple t = {
+		.client_addr = skops->local_ip4,
+		.proxy_addr = skops->remote_ip4,
+		.client_port = (__u16)skops->local_port,
+		.proxy_port = (__u16)bpf_ntohl(skops->remote_port),
+	};
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
+		// The source port is assigned and the SYN not yet sent: the proxy cannot have
+		// accepted yet, so the entry is in place before it can ask.
+		__u64 cookie = bpf_get_socket_cookie(skops);
+		struct orig_dst *orig = bpf_map_lookup_elem(&orig_dst_by_cookie, &cookie);
+		if (!orig)
+			return 1;
+		struct orig_dst copy = *orig;
+		bpf_map_delete_elem(&orig_dst_by_cookie, &cookie);
+		if (bpf_map_update_elem(&orig_dst_by_tuple, &t, &copy, BPF_ANY))
+			return 1;
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							 BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
+	}
+	case BPF_SOCK_OPS_STATE_CB:
+		// args[1] is the new state; the ports are still set when TCP_CLOSE is reported.
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			bpf_map_delete_elem(&orig_dst_by_tuple, &t);
+		break;
+	}
+	return 1;
+}
+
+SEC("cgroup/getsockopt")
+int divert_getsockopt(struct bpf_sockopt *ctx)
+{
+	if (ctx->level != SOL_IP || ctx->optname != SO_ORIGINAL_DST)
+		goto passthrough;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || sk->family != AF_INET)
+		goto passthrough;
+
+	// A 4-byte load of dst_port works on every kernel (older ones reject a 2-byte load);
+	// its low two bytes are the port in network byte order.
+	__u32 dst_port_raw = *(volatile __u32 *)&sk->dst_port;
+	struct tuple t = {
+		.client_addr = sk->dst_ip4,
+		.proxy_addr = sk->src_ip4,
+		.client_port = bpf_ntohs((__u16)dst_port_raw),
+		.proxy_port = (__u16)sk->src_port,
+	};
+	struct orig_dst *orig = bpf_map_lookup_elem(&orig_dst_by_tuple, &t);
+	if (!orig)
+		goto passthrough; // not ours: keep the kernel's answer (conntrack's, or ENOENT)
+
+	struct {
+		__u16 family;
+		__u16 port;
+		__u32 addr;
+		__u8 zero[8];
+	} *sin = ctx->optval;
+	if ((void *)(sin + 1) > ctx->optval_end)
+		goto passthrough; // the caller's buffer is too small for a sockaddr_in
+	sin->family = AF_INET;
+	sin->port = orig->port;
+	sin->addr = orig->addr;
+	__builtin_memset(sin->zero, 0, sizeof(sin->zero));
+	// Separate volatile stores: clang would merge the two adjacent 4-byte context fields
+	// into one 8-byte store, which the verifier rejects.
+	*(volatile __s32 *)&ctx->optlen = sizeof(*sin);
+	*(volatile __s32 *)&ctx->retval = 0;
+	return 1;
+
+passthrough:
+	// optlen 0 tells the kernel to keep its own result untouched; it also avoids EFAULT
+	// when the caller's buffer is larger than the page the program was shown.
+	ctx->optlen = 0;
+	return 1;
+}

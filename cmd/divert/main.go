@@ -1,0 +1,60 @@
+// Command divert redirects a pod's TCP connections to its sidecar proxy with eBPF, the way
+// istio-iptables does with nat rules. See README.md.
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+)
+
+// env is everything the CLI touches of the outside world, so tests can drive it in-process.
+type env struct {
+	stdout, stderr io.Writer
+	getenv         func(string) string
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	e := env{stdout: os.Stdout, stderr: os.Stderr, getenv: os.Getenv}
+	if err := run(ctx, os.Args[1:], e); err != nil {
+		// One line: the error names the flag and the fix.
+		fmt.Fprintln(os.Stderr, "divert: "+strings.ReplaceAll(err.Error(), "\n", " "))
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, e env) error {
+	root := newRootCmd(e)
+	root.SetArgs(args)
+	return root.ExecuteContext(ctx)
+}
+
+func newRootCmd(e env) *cobra.Command {
+	root := &cobra.Command{
+		Use:   "divert",
+		Short: "eBPF traffic redirection for service-mesh sidecars",
+		Long: `divert captures a pod's TCP connections for its sidecar proxy, as istio-iptables does,
+but with eBPF programs attached to the pod's cgroup instead of nat rules:
+
+  outbound  connect() by the app is rewritten to 127.0.0.1:15001 (-p); the proxy reads the
+            original destination with getsockopt(SO_ORIGINAL_DST), unmodified;
+  bypass    the proxy's own uid/gid (-u/-g), 127.0.0.6-bound sources, localhost, excluded
+            ports (-o) and CIDRs (-x) are left alone, exactly as istio-iptables does.
+
+Policy flags are istio-iptables' flags (short and long) and environment variables.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetOut(e.stdout)
+	root.SetErr(e.stderr)
+	root.AddCommand(newAttachCmd(e), newDetachCmd(e), newStatusCmd(e), newExplainCmd(e))
+	return root
+}

@@ -1,0 +1,96 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/policy"
+)
+
+func newStatusCmd(e env) *cobra.Command {
+	var id, output string
+	var opts loader.Options
+	cmd := &cobra.Command{
+		Use:   "status [--pod-id ID] [-o text|json]",
+		Short: "Show attached pods: programs, policy as the kernel holds it, and verdict counters",
+		Args:  cobra.NoArgs,
+	}
+	cmd.Flags().StringVar(&id, "pod-id", "", "show only this pod")
+	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
+	addBPFFSFlag(cmd.Flags(), &opts)
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		if output != "text" && output != "json" {
+			return fmt.Errorf("invalid -o/--output %q: use text or json", output)
+		}
+		ids := []string{id}
+		if id == "" {
+			var err error
+			if ids, err = loader.List(opts); err != nil {
+				return err
+			}
+		}
+		statuses := []*loader.PodStatus{}
+		for _, id := range ids {
+			st, err := loader.Status(id, opts)
+			if err != nil {
+				return err
+			}
+			statuses = append(statuses, st)
+		}
+		if output == "json" {
+			enc := json.NewEncoder(e.stdout)
+			enc.SetIndent("", "  ")
+			return enc.Encode(statuses)
+		}
+		if len(statuses) == 0 {
+			fmt.Fprintln(e.stdout, "no pods attached")
+		}
+		for _, st := range statuses {
+			printStatus(e.stdout, st)
+		}
+		return nil
+	}
+	return cmd
+}
+
+func printStatus(w io.Writer, st *loader.PodStatus) {
+	p := st.Policy
+	fmt.Fprintf(w, "pod %s\n", st.ID)
+	for _, prog := range st.Programs {
+		fmt.Fprintf(w, "  program %-18s %-24s link %d, prog %d, cgroup %d\n", prog.Name, prog.Attach, prog.LinkID, prog.ProgramID, prog.CgroupID)
+	}
+	include := strings.Join(p.OutboundCIDRs, ",")
+	if p.OutboundIncludeAll {
+		include = "*"
+	}
+	fmt.Fprintf(w, "  outbound -> :%d  uid %d gid %d bypass; capture -i %q -x %q -q %s -o %s\n",
+		p.ProxyPort, p.ProxyUID, p.ProxyGID, include, strings.Join(p.OutboundExcludeCIDRs, ","), ports(p.OutboundPorts), ports(p.OutboundExcludePorts))
+	fmt.Fprintf(w, "  pod addresses %v; open redirected connections %d\n", p.LocalAddrs, st.Connections)
+	names := make([]string, 0, len(st.Counters))
+	for name := range st.Counters {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		fmt.Fprintf(w, "  %-24s %d\n", name, st.Counters[name])
+	}
+}
+
+func ports(ps []uint16) string {
+	return `"` + strings.Trim(strings.Join(strings.Fields(fmt.Sprint(ps)), ","), "[]") + `"`
+}
+
+// reasonNames is every reason, for help texts.
+func reasonNames() string {
+	var names []string
+	for _, r := range policy.Reasons()[1:] {
+		names = append(names, r.String())
+	}
+	return strings.Join(names, ", ")
+}

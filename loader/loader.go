@@ -1,0 +1,499 @@
+// Package loader attaches divert to one pod: the cgroup programs to the pod's cgroup v2
+// directory, with every map and link pinned under <bpffs>/divert/<pod id>/ so capture
+// outlives the loader (init-container mode) and a later run can update or remove it.
+//
+// Attach is all-or-nothing and Detach removes exactly what Attach made. The loader knows
+// cgroups, network namespaces and policy; nothing about Kubernetes.
+package loader
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"slices"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/bpf"
+	"github.com/meshdivert/divert/internal/nsexec"
+	"github.com/meshdivert/divert/maps"
+	"github.com/meshdivert/divert/policy"
+)
+
+// DefaultBPFFS is where bpffs is expected (and mounted if nothing is there).
+const DefaultBPFFS = "/sys/fs/bpf"
+
+var (
+	// ErrNotAttached is returned by Detach and Status for a pod with no pins.
+	ErrNotAttached = errors.New("not attached")
+)
+
+// InputError is a problem with what the caller asked for, named by the setting at fault
+// (the CLI flag of the same name), so it can be reported in one line with the fix.
+type InputError struct {
+	Field string // "pod-id", "cgroup", "netns", "bpffs"
+	Value string
+	Msg   string
+}
+
+func (e *InputError) Error() string {
+	return fmt.Sprintf("invalid --%s %q: %s", e.Field, e.Value, e.Msg)
+}
+
+// Pod is what the loader needs to know about a pod.
+type Pod struct {
+	// ID names the pod's pin directory; letters, digits, '_' and '-'.
+	ID string
+	// Cgroup is the pod's cgroup v2 directory; every process of the pod is at or below it.
+	Cgroup string
+	// NetNS is a path to the pod's network namespace, read for the pod's own addresses.
+	NetNS string
+}
+
+// Options tune where state lives.
+type Options struct {
+	// BPFFS is the bpffs mount to pin under; DefaultBPFFS if empty.
+	BPFFS string
+}
+
+func (o Options) root() string {
+	if o.BPFFS == "" {
+		return DefaultBPFFS
+	}
+	return o.BPFFS
+}
+
+// stagingDir holds pins of an attach in progress, next to (not in) the pod directories.
+func stagingDir(opts Options) string { return filepath.Join(opts.root(), "divert_staging") }
+
+// PinDir is the directory that holds a pod's pins.
+func PinDir(opts Options, id string) string { return filepath.Join(opts.root(), "divert", id) }
+
+// program is one attached program: its name in the collection, how it attaches, and the
+// name of its link's pin. The order is the attach order: the programs that answer for a
+// redirected connection go in before the one that starts redirecting.
+type program struct {
+	name   string
+	attach ebpf.AttachType
+	pin    string
+}
+
+var programs = []program{
+	{"divert_getsockopt", ebpf.AttachCGroupGetsockopt, "link_getsockopt"},
+	{"divert_sockops", ebpf.AttachCGroupSockOps, "link_sockops"},
+	{"divert_connect4", ebpf.AttachCGroupInet4Connect, "link_connect4"},
+}
+
+// objects is what gets loaded: the programs and maps, not bpf2go's variables (they only
+// exist to carry types into BTF, and would cost a .bss map per pod).
+type objects struct {
+	bpf.DivertPrograms
+	bpf.DivertMaps
+}
+
+func (o *objects) program(name string) *ebpf.Program {
+	return reflectByTag[*ebpf.Program](&o.DivertPrograms, name)
+}
+
+// bpffs refuses '.' anywhere in a name, so ids cannot have one.
+var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$`)
+
+const badID = "use 1-128 letters, digits, '_' or '-' (bpffs forbids '.'), starting with a letter or digit"
+
+
+// Attach captures pod's traffic according to cfg. On a pod already attached it updates the
+// maps in place and swaps in the programs of this build without a gap in capture. On any
+// error nothing is left changed: no pins, links or maps of a new pod remain.
+func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) error {
+	if !validID.MatchString(pod.ID) {
+		return &InputError{"pod-id", pod.ID, badID}
+	}
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	cgroupID, err := cgroupID(pod.Cgroup)
+	if err != nil {
+		return err
+	}
+	addrs, err := LocalAddrs(pod.NetNS)
+	if err != nil {
+		return err
+	}
+	unlock, err := lockState(opts)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+
+	dir := PinDir(opts, pod.ID)
+	if _, err := os.Stat(dir); err == nil {
+		return update(dir, pod, cgroupID, cfg, addrs)
+	}
+	return create(dir, opts, pod, cfg, addrs)
+}
+
+func create(dir string, opts Options, pod Pod, cfg *policy.Config, addrs []netip.Addr) (err error) {
+	var objs objects
+	if err := loadObjects(&objs, nil); err != nil {
+		return err
+	}
+	defer closeAll(&objs)
+	if err := maps.Apply(&objs.DivertMaps, cfg, addrs); err != nil {
+		return err
+	}
+
+	// Pins go to a temporary directory that is renamed into place at the end, so a crash
+	// or an error leaves either no pod directory or a complete one.
+	tmp, err := os.MkdirTemp(stagingDir(opts), pod.ID+"-")
+	if err != nil {
+		return fmt.Errorf("create pin directory: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			os.RemoveAll(tmp)
+		}
+	}()
+	if err := pinMaps(&objs.DivertMaps, tmp); err != nil {
+		return err
+	}
+	var links []link.Link
+	defer func() {
+		for _, l := range links {
+			l.Close() // pinned links stay attached; on error they were unpinned first
+		}
+	}()
+	for _, p := range programs {
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: pod.Cgroup, Attach: p.attach, Program: objs.program(p.name)})
+		if err != nil {
+			return attachError(p, pod, err)
+		}
+		links = append(links, l)
+		if err := l.Pin(filepath.Join(tmp, p.pin)); err != nil {
+			return fmt.Errorf("pin %s link: %w", p.name, err)
+		}
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		return fmt.Errorf("move pins into %s: %w", dir, err)
+	}
+	return nil
+}
+
+func update(dir string, pod Pod, cgroupID uint64, cfg *policy.Config, addrs []netip.Addr) error {
+	pinned, err := loadPinnedMaps(dir)
+	if err != nil {
+		return err
+	}
+	defer closeMaps(pinned)
+	var objs objects
+	if err := loadObjects(&objs, pinned); err != nil {
+		return fmt.Errorf("pod %s was attached by an incompatible divert version (%w); run divert detach --pod-id %s first", pod.ID, err, pod.ID)
+	}
+	defer closeAll(&objs)
+
+	// Check every link before changing anything, so a mismatch changes nothing.
+	var links []link.Link
+	defer func() {
+		for _, l := range links {
+			l.Close()
+		}
+	}()
+	for _, p := range programs {
+		l, err := loadPinnedLink(filepath.Join(dir, p.pin))
+		if err != nil {
+			return err
+		}
+		links = append(links, l)
+		info, err := l.Info()
+		if err != nil {
+			return fmt.Errorf("read %s link: %w", p.name, err)
+		}
+		if cg := info.Cgroup(); cg == nil || cg.CgroupId != cgroupID {
+			return &InputError{"cgroup", pod.Cgroup, fmt.Sprintf("pod %s is attached to another cgroup; run divert detach --pod-id %s first", pod.ID, pod.ID)}
+		}
+	}
+	if err := maps.Apply(&objs.DivertMaps, cfg, addrs); err != nil {
+		return err
+	}
+	// link.Update swaps the program atomically: no connection escapes during an upgrade.
+	for i, p := range programs {
+		if err := links[i].Update(objs.program(p.name)); err != nil {
+			return fmt.Errorf("replace %s program: %w", p.name, err)
+		}
+	}
+	return nil
+}
+
+// Detach removes everything Attach made for the pod. Unpinning the links detaches the
+// programs; the maps go with their last reference.
+func Detach(id string, opts Options) error {
+	if !validID.MatchString(id) {
+		return &InputError{"pod-id", id, badID}
+	}
+	unlock, err := lockState(opts)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	dir := PinDir(opts, id)
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("pod %s: %w", id, ErrNotAttached)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("remove pins of pod %s: %w", id, err)
+	}
+	return nil
+}
+
+// List returns the ids of attached pods.
+func List(opts Options) ([]string, error) {
+	entries, err := os.ReadDir(filepath.Join(opts.root(), "divert"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var ids []string
+	for _, e := range entries {
+		if e.IsDir() && validID.MatchString(e.Name()) {
+			ids = append(ids, e.Name())
+		}
+	}
+	return ids, nil
+}
+
+// OpenMaps opens the pinned maps of an attached pod; the caller closes them (CloseMaps).
+func OpenMaps(id string, opts Options) (*maps.Maps, error) {
+	dir := PinDir(opts, id)
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("pod %s: %w", id, ErrNotAttached)
+	}
+	return loadPinnedMaps(dir)
+}
+
+// CloseMaps closes maps opened by OpenMaps.
+func CloseMaps(m *maps.Maps) { closeMaps(m) }
+
+func loadObjects(objs *objects, pinned *maps.Maps) error {
+	spec, err := bpf.LoadDivert()
+	if err != nil {
+		return fmt.Errorf("load embedded BPF spec: %w", err)
+	}
+	var opts ebpf.CollectionOptions
+	if pinned != nil {
+		opts.MapReplacements = map[string]*ebpf.Map{}
+		forEachMap(pinned, func(name string, m *ebpf.Map) { opts.MapReplacements[name] = m })
+	}
+	if err := spec.LoadAndAssign(objs, &opts); err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return fmt.Errorf("kernel rejected divert's programs: %v", verr) // one line; %+v has the log
+		}
+		return fmt.Errorf("load BPF programs: %w", err)
+	}
+	return nil
+}
+
+func pinMaps(m *maps.Maps, dir string) (err error) {
+	forEachMap(m, func(name string, mp *ebpf.Map) {
+		if err == nil {
+			if perr := mp.Pin(filepath.Join(dir, name)); perr != nil {
+				err = fmt.Errorf("pin map %s: %w", name, perr)
+			}
+		}
+	})
+	return err
+}
+
+func loadPinnedMaps(dir string) (*maps.Maps, error) {
+	m := &maps.Maps{}
+	var err error
+	v := reflect.ValueOf(m).Elem()
+	for i := range v.NumField() {
+		name := v.Type().Field(i).Tag.Get("ebpf")
+		if name == "" {
+			continue
+		}
+		mp, lerr := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if lerr != nil {
+			err = fmt.Errorf("open pinned map %s: %w", name, lerr)
+			break
+		}
+		v.Field(i).Set(reflect.ValueOf(mp))
+	}
+	if err != nil {
+		closeMaps(m)
+		return nil, err
+	}
+	return m, nil
+}
+
+func loadPinnedLink(path string) (link.Link, error) {
+	l, err := link.LoadPinnedLink(path, nil)
+	if err != nil {
+		return nil, fmt.Errorf("open pinned link %s: %w", path, err)
+	}
+	return l, nil
+}
+
+func forEachMap(m *maps.Maps, fn func(name string, mp *ebpf.Map)) {
+	v := reflect.ValueOf(m).Elem()
+	for i := range v.NumField() {
+		name := v.Type().Field(i).Tag.Get("ebpf")
+		if mp, ok := v.Field(i).Interface().(*ebpf.Map); ok && name != "" && mp != nil {
+			fn(name, mp)
+		}
+	}
+}
+
+// MapNames lists the pinned map names, in struct order.
+func MapNames() []string {
+	var names []string
+	t := reflect.TypeFor[maps.Maps]()
+	for i := range t.NumField() {
+		if name := t.Field(i).Tag.Get("ebpf"); name != "" {
+			names = append(names, name)
+		}
+	}
+	return names
+}
+
+func reflectByTag[T any](structPtr any, tag string) T {
+	v := reflect.ValueOf(structPtr).Elem()
+	for i := range v.NumField() {
+		if v.Type().Field(i).Tag.Get("ebpf") == tag {
+			return v.Field(i).Interface().(T)
+		}
+	}
+	var zero T
+	return zero
+}
+
+func closeMaps(m *maps.Maps) { forEachMap(m, func(_ string, mp *ebpf.Map) { mp.Close() }) }
+
+func closeAll(o *objects) {
+	closeMaps(&o.DivertMaps)
+	for _, p := range programs {
+		if prog := o.program(p.name); prog != nil {
+			prog.Close()
+		}
+	}
+}
+
+func attachError(p program, pod Pod, err error) error {
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("attach %s to cgroup %s: this kernel lacks cgroup BPF %s support (%v); use --mode iptables", p.name, pod.Cgroup, p.attach, err)
+	}
+	return fmt.Errorf("attach %s to cgroup %s: %w", p.name, pod.Cgroup, err)
+}
+
+// cgroupID checks that path is a cgroup v2 directory and returns its id (the inode number).
+func cgroupID(path string) (uint64, error) {
+	if path == "" {
+		return 0, &InputError{"cgroup", path, "required: the pod's cgroup v2 directory"}
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(path, &fs); err != nil {
+		return 0, &InputError{"cgroup", path, fmt.Sprintf("%v; pass the pod's cgroup v2 directory", unwrapPathError(err))}
+	}
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return 0, &InputError{"cgroup", path, "not on a cgroup v2 file system; pass a directory under the cgroup2 mount (see /proc/mounts)"}
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, &InputError{"cgroup", path, unwrapPathError(err).Error()}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return 0, &InputError{"cgroup", path, "not a directory; pass the pod's cgroup v2 directory"}
+	}
+	return st.Ino, nil
+}
+
+// LocalAddrs returns the IPv4 addresses of the network namespace at path: the destinations
+// iptables would route via lo ("-o lo"), besides 127.0.0.0/8.
+func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
+	if netnsPath == "" {
+		return nil, &InputError{"netns", netnsPath, "required: a path to the pod's network namespace, like /proc/<pid>/ns/net or /run/netns/<name>"}
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(netnsPath, &fs); err != nil {
+		return nil, &InputError{"netns", netnsPath, unwrapPathError(err).Error()}
+	}
+	if fs.Type != unix.NSFS_MAGIC {
+		return nil, &InputError{"netns", netnsPath, "not a network namespace; pass /proc/<pid>/ns/net or a bind mount of it"}
+	}
+	var addrs []netip.Addr
+	err := nsexec.Do(netnsPath, func() error {
+		list, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+		if err != nil {
+			return err
+		}
+		for _, a := range list {
+			if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && !ip.IsLoopback() {
+				addrs = append(addrs, ip)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, &InputError{"netns", netnsPath, err.Error()}
+	}
+	slices.SortFunc(addrs, netip.Addr.Compare)
+	return slices.Compact(addrs), nil
+}
+
+func unwrapPathError(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
+// lockState makes sure bpffs is mounted and serialises loaders on the divert directory.
+func lockState(opts Options) (unlock func(), err error) {
+	root := opts.root()
+	if err := ensureBPFFS(root, root == DefaultBPFFS); err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(root, "divert")
+	for _, d := range []string{dir, stagingDir(opts)} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("create %s: %w", d, err)
+		}
+	}
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	return func() { f.Close() }, nil
+}
+
+func ensureBPFFS(root string, mountIfMissing bool) error {
+	var fs unix.Statfs_t
+	if err := unix.Statfs(root, &fs); err == nil && fs.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	if !mountIfMissing {
+		return &InputError{"bpffs", root, "not a bpffs mount; mount one with: mount -t bpf bpf " + root}
+	}
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", root, err)
+	}
+	if err := unix.Mount("bpf", root, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs at %s: %w (mount it yourself with: mount -t bpf bpf %s)", root, err, root)
+	}
+	return nil
+}

@@ -1,0 +1,153 @@
+package loader
+
+import (
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"slices"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/meshdivert/divert/bpf"
+	"github.com/meshdivert/divert/maps"
+)
+
+// PodStatus is what the kernel holds for one attached pod, read back from the pins.
+type PodStatus struct {
+	ID       string            `json:"id"`
+	Programs []ProgramStatus   `json:"programs"`
+	Policy   PolicyStatus      `json:"policy"`
+	Counters map[string]uint64 `json:"counters"`
+	// Connections is the number of live redirected connections (original-destination entries).
+	Connections int `json:"connections"`
+}
+
+// ProgramStatus describes one attached program.
+type ProgramStatus struct {
+	Name      string `json:"name"`
+	Attach    string `json:"attach"`
+	LinkID    uint32 `json:"linkId"`
+	ProgramID uint32 `json:"programId"`
+	CgroupID  uint64 `json:"cgroupId"`
+}
+
+// PolicyStatus is the policy as the maps express it.
+type PolicyStatus struct {
+	ProxyPort            uint16       `json:"proxyPort"`
+	InboundCapturePort   uint16       `json:"inboundCapturePort"`
+	InboundTunnelPort    uint16       `json:"inboundTunnelPort"`
+	ProxyUID             uint32       `json:"proxyUid"`
+	ProxyGID             uint32       `json:"proxyGid"`
+	OutboundIncludeAll   bool         `json:"outboundIncludeAll"`
+	OutboundCIDRs        []string     `json:"outboundCidrs,omitempty"`
+	OutboundExcludeCIDRs []string     `json:"outboundExcludeCidrs,omitempty"`
+	OutboundPorts        []uint16     `json:"outboundPorts,omitempty"`
+	OutboundExcludePorts []uint16     `json:"outboundExcludePorts,omitempty"`
+	InboundIncludeAll    bool         `json:"inboundIncludeAll"`
+	InboundPorts         []uint16     `json:"inboundPorts,omitempty"`
+	InboundExcludePorts  []uint16     `json:"inboundExcludePorts,omitempty"`
+	LocalAddrs           []netip.Addr `json:"localAddrs"`
+}
+
+// Status reads an attached pod's programs, policy and counters.
+func Status(id string, opts Options) (*PodStatus, error) {
+	m, err := OpenMaps(id, opts)
+	if err != nil {
+		return nil, err
+	}
+	defer closeMaps(m)
+
+	st := &PodStatus{ID: id, Counters: map[string]uint64{}}
+	for _, p := range programs {
+		l, err := loadPinnedLink(filepath.Join(PinDir(opts, id), p.pin))
+		if err != nil {
+			return nil, err
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			return nil, fmt.Errorf("read %s link: %w", p.name, err)
+		}
+		ps := ProgramStatus{Name: p.name, Attach: p.attach.String(), LinkID: uint32(info.ID), ProgramID: uint32(info.Program)}
+		if cg := info.Cgroup(); cg != nil {
+			ps.CgroupID = cg.CgroupId
+		}
+		st.Programs = append(st.Programs, ps)
+	}
+	if st.Policy, err = readPolicy(m); err != nil {
+		return nil, err
+	}
+	counters, err := maps.Counters(m)
+	if err != nil {
+		return nil, err
+	}
+	for r, n := range counters {
+		if n > 0 {
+			st.Counters[r.String()] = n
+		}
+	}
+	conns, err := maps.OrigDsts(m)
+	if err != nil {
+		return nil, err
+	}
+	st.Connections = len(conns)
+	return st, nil
+}
+
+func readPolicy(m *maps.Maps) (PolicyStatus, error) {
+	c, err := maps.ReadConfig(m)
+	if err != nil {
+		return PolicyStatus{}, fmt.Errorf("read config_map: %w", err)
+	}
+	p := PolicyStatus{
+		ProxyPort: c.ProxyPort, InboundCapturePort: c.InboundCapturePort, InboundTunnelPort: c.InboundTunnelPort,
+		ProxyUID: c.ProxyUid, ProxyGID: c.ProxyGid,
+		OutboundIncludeAll: c.OutboundIncludeAll != 0, InboundIncludeAll: c.InboundIncludeAll != 0,
+	}
+	var port uint16
+	var flags uint8
+	it := m.Ports.Iterate()
+	for it.Next(&port, &flags) {
+		add := func(f bpf.DivertPortFlag, list *[]uint16) {
+			if flags&uint8(f) != 0 {
+				*list = append(*list, port)
+			}
+		}
+		add(bpf.DivertPortFlagPORT_OUTBOUND_EXCLUDE, &p.OutboundExcludePorts)
+		add(bpf.DivertPortFlagPORT_OUTBOUND_INCLUDE, &p.OutboundPorts)
+		add(bpf.DivertPortFlagPORT_INBOUND_EXCLUDE, &p.InboundExcludePorts)
+		add(bpf.DivertPortFlagPORT_INBOUND_INCLUDE, &p.InboundPorts)
+	}
+	if err := it.Err(); err != nil {
+		return p, err
+	}
+	for _, l := range []*[]uint16{&p.OutboundExcludePorts, &p.OutboundPorts, &p.InboundExcludePorts, &p.InboundPorts} {
+		slices.Sort(*l)
+	}
+	if p.OutboundCIDRs, err = readPrefixes(m.OutboundIncludeCidrs); err != nil {
+		return p, err
+	}
+	if p.OutboundExcludeCIDRs, err = readPrefixes(m.OutboundExcludeCidrs); err != nil {
+		return p, err
+	}
+	var addr uint32
+	var one uint8
+	ait := m.LocalAddrs.Iterate()
+	for ait.Next(&addr, &one) {
+		p.LocalAddrs = append(p.LocalAddrs, maps.AddrFromValue(addr))
+	}
+	slices.SortFunc(p.LocalAddrs, netip.Addr.Compare)
+	return p, ait.Err()
+}
+
+func readPrefixes(m *ebpf.Map) ([]string, error) {
+	var out []string
+	var k bpf.DivertLpmV4Key
+	var v uint8
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, netip.PrefixFrom(maps.AddrFromValue(k.Addr), int(k.Prefixlen)).String())
+	}
+	slices.Sort(out)
+	return out, it.Err()
+}
