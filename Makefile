@@ -1,0 +1,40 @@
+# divert: see README.md. `make demo` and `make test` are the two commands a new machine needs.
+GO        ?= go
+BIN       := bin
+GOFLAGS   ?=
+TESTFLAGS ?= -count=1
+
+.PHONY: all deps generate build test unit demo check-generated clean
+
+all: build
+
+deps:
+	@scripts/deps.sh
+
+# Rebuild the bpf2go outputs (committed, so plain `go build` needs no clang).
+generate: deps
+	cd bpf && $(GO) generate ./...
+
+build:
+	CGO_ENABLED=0 $(GO) build $(GOFLAGS) -o $(BIN)/divert ./cmd/divert
+
+# Everything, privileged tests included: run as root. Packages run one at a time so the
+# kernel-touching suites do not compete for the 2 cores and skew timeouts.
+test: deps
+	$(GO) vet ./...
+	$(GO) test $(TESTFLAGS) -p 1 ./...
+
+# Only the tests that need no privilege.
+unit:
+	$(GO) test $(TESTFLAGS) ./policy/ ./bpf/
+
+# Fails if `make generate` changes committed files.
+check-generated: generate
+	@git diff --exit-code -- bpf/ || { echo "bpf2go outputs are stale: run make generate and commit" >&2; exit 1; }
+
+demo: deps build
+	$(GO) test -c -o $(BIN)/demo.test ./test/demo
+	$(BIN)/demo.test -test.run '^TestDemo$$' -divert $(abspath $(BIN)/divert)
+
+clean:
+	rm -rf $(BIN)
