@@ -1,0 +1,314 @@
+package testpod
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	helperEnv = "DIVERT_TESTPOD_HELPER"
+	readyLine = "ready"
+)
+
+// RunHelperIfRequested turns the test binary into a helper process when testpod started it
+// that way; otherwise it returns at once. Call it first thing in TestMain:
+//
+//	func TestMain(m *testing.M) {
+//		testpod.RunHelperIfRequested()
+//		os.Exit(m.Run())
+//	}
+func RunHelperIfRequested() {
+	if os.Getenv(helperEnv) != "1" {
+		return
+	}
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "testpod helper: no command")
+		os.Exit(2)
+	}
+	cmds := map[string]func([]string) error{
+		"server": runServer,
+		"proxy":  runProxy,
+		"client": runClient,
+		"id":     runID,
+	}
+	run, ok := cmds[os.Args[1]]
+	if !ok {
+		fmt.Fprintf(os.Stderr, "testpod helper: unknown command %q\n", os.Args[1])
+		os.Exit(2)
+	}
+	if err := run(os.Args[2:]); err != nil {
+		fmt.Fprintf(os.Stderr, "testpod helper %s: %v\n", os.Args[1], err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+// listen opens a plain TCP listener. Go >= 1.24 makes listeners MPTCP by default, and
+// SOCKMAP (used by the eBPF inbound path) refuses MPTCP sockets.
+func listen(addr string) (net.Listener, error) {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	return lc.Listen(context.Background(), "tcp4", addr)
+}
+
+// dialer returns a plain-TCP dialer (never MPTCP, so cgroup hooks see ordinary TCP).
+func dialer(timeout time.Duration, src netip.Addr) *net.Dialer {
+	d := &net.Dialer{Timeout: timeout}
+	d.SetMultipathTCP(false)
+	if src.IsValid() {
+		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
+	}
+	return d
+}
+
+// server: on each connection write one Hop line, then close.
+func runServer(args []string) error {
+	fs := flag.NewFlagSet("server", flag.ContinueOnError)
+	name := fs.String("name", "server", "who to report")
+	addr := fs.String("listen", "", "ip:port")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ln, err := listen(*addr)
+	if err != nil {
+		return err
+	}
+	fmt.Println(readyLine)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
+		go func() {
+			defer c.Close()
+			writeHop(c, Hop{Who: *name, Local: c.LocalAddr().String(), Peer: c.RemoteAddr().String()})
+		}()
+	}
+}
+
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
+
+// proxy: report the original destination; in forward mode also relay to it.
+func runProxy(args []string) error {
+	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
+	name := fs.String("name", "proxy", "who to report")
+	mode := fs.String("mode", "report", "report | forward")
+	inboundSrc := fs.String("inbound-src", "", "source to bind when forwarding inbound (e.g. 127.0.0.6)")
+	inboundPort := fs.Int("inbound-port", 15006, "listener port whose connections are inbound")
+	var addrs listFlag
+	fs.Var(&addrs, "listen", "ip:port (repeatable)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *mode != "report" && *mode != "forward" {
+		return fmt.Errorf("bad --mode %q", *mode)
+	}
+	var src netip.Addr
+	if *inboundSrc != "" {
+		var err error
+		if src, err = netip.ParseAddr(*inboundSrc); err != nil {
+			return err
+		}
+	}
+	var lns []net.Listener
+	for _, a := range addrs {
+		ln, err := listen(a)
+		if err != nil {
+			return err
+		}
+		lns = append(lns, ln)
+	}
+	if len(lns) == 0 {
+		return errors.New("no --listen")
+	}
+	fmt.Println(readyLine)
+	errc := make(chan error)
+	for _, ln := range lns {
+		// Inbound is decided by the listener, not by the accepted socket's local address:
+		// with sk_lookup steering, getsockname() shows the original destination, not 15006.
+		var bind netip.Addr
+		if ln.Addr().(*net.TCPAddr).Port == *inboundPort {
+			bind = src
+		}
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					errc <- err
+					return
+				}
+				go proxyConn(c.(*net.TCPConn), *name, *mode == "forward", bind)
+			}
+		}()
+	}
+	return <-errc
+}
+
+func proxyConn(c *net.TCPConn, name string, forward bool, bindSrc netip.Addr) {
+	defer c.Close()
+	hop := Hop{Who: name, Local: c.LocalAddr().String(), Peer: c.RemoteAddr().String()}
+	orig, err := origDst(c)
+	if err != nil {
+		hop.OrigErr = errText(err)
+	} else {
+		hop.Orig = orig.String()
+	}
+	var up net.Conn
+	if forward && err == nil {
+		// The proxy must run as the excluded uid (1337), or its own dial is redirected back
+		// to itself.
+		if up, err = dialer(3*time.Second, bindSrc).Dial("tcp4", hop.Orig); err != nil {
+			hop.Err = errText(err)
+		}
+	}
+	// Our line goes first, so the client sees the hops in path order.
+	if !writeHop(c, hop) || up == nil {
+		return
+	}
+	defer up.Close()
+	go func() { _, _ = io.Copy(up, c) }() // ends when c is closed below
+	_, _ = io.Copy(c, up)
+}
+
+func writeHop(w io.Writer, h Hop) bool {
+	b, _ := json.Marshal(h)
+	_, err := w.Write(append(b, '\n'))
+	return err == nil
+}
+
+// soOriginalDst is SO_ORIGINAL_DST from <linux/netfilter_ipv4.h>; it answers at level
+// SOL_IP with the pre-NAT destination as a raw struct sockaddr_in.
+const soOriginalDst = 80
+
+// origDst reads SO_ORIGINAL_DST. x/sys/unix has no typed getter for a sockaddr_in result,
+// so call getsockopt directly with a 16-byte buffer (an eBPF getsockopt hook answering
+// this must see exactly what an unmodified proxy like Envoy passes).
+func origDst(c *net.TCPConn) (netip.AddrPort, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	var sa [16]byte // struct sockaddr_in: family, port (big endian), addr, zero padding
+	size := uint32(len(sa))
+	var errno syscall.Errno
+	if err := rc.Control(func(fd uintptr) {
+		_, _, errno = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_IP, soOriginalDst,
+			uintptr(unsafe.Pointer(&sa[0])), uintptr(unsafe.Pointer(&size)), 0)
+	}); err != nil {
+		return netip.AddrPort{}, err
+	}
+	if errno != 0 {
+		return netip.AddrPort{}, errno
+	}
+	if family := binary.NativeEndian.Uint16(sa[0:2]); family != unix.AF_INET || size < 8 {
+		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: family %d, length %d", family, size)
+	}
+	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(sa[4:8])), binary.BigEndian.Uint16(sa[2:4])), nil
+}
+
+// client: connect to each target in turn and print one Result line per target.
+func runClient(args []string) error {
+	fs := flag.NewFlagSet("client", flag.ContinueOnError)
+	timeout := fs.Duration("timeout", 3*time.Second, "per target: connect + read to EOF")
+	var targets listFlag
+	fs.Var(&targets, "target", "DST[@BINDSRC] (repeatable)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	enc := json.NewEncoder(os.Stdout)
+	for _, t := range targets {
+		if err := enc.Encode(clientDial(t, *timeout)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func clientDial(target string, timeout time.Duration) Result {
+	res := Result{Dst: target}
+	dst, srcText, _ := strings.Cut(target, "@")
+	res.Dst = dst
+	var src netip.Addr
+	if srcText != "" {
+		var err error
+		if src, err = netip.ParseAddr(srcText); err != nil {
+			res.Err = err.Error()
+			return res
+		}
+	}
+	d := dialer(timeout, src)
+	d.Deadline = time.Now().Add(timeout)
+	c, err := d.Dial("tcp4", dst)
+	if err != nil {
+		res.Err = errText(err)
+		return res
+	}
+	defer c.Close()
+	_ = c.SetDeadline(d.Deadline)
+	sc := bufio.NewScanner(c)
+	for sc.Scan() {
+		var h Hop
+		if err := json.Unmarshal(sc.Bytes(), &h); err != nil {
+			res.Err = fmt.Sprintf("garbled line %q", sc.Text())
+			return res
+		}
+		res.Hops = append(res.Hops, h)
+	}
+	if err := sc.Err(); err != nil {
+		res.Err = errText(err)
+	}
+	return res
+}
+
+// errText maps errors to short stable strings: "timeout", or the errno text such as
+// "connection refused", "no such file or directory", "protocol not available".
+func errText(err error) string {
+	var ne net.Error
+	if errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
+		return "timeout"
+	}
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return errno.Error()
+	}
+	return err.Error()
+}
+
+// id: print the process's uid, gid, groups, cgroup v2 path and netns inode.
+func runID([]string) error {
+	id := Identity{UID: uint32(os.Getuid()), GID: uint32(os.Getgid())}
+	id.Groups, _ = os.Getgroups()
+	cg, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(string(cg), "\n") {
+		if path, ok := strings.CutPrefix(line, "0::"); ok { // the v2 entry
+			id.Cgroup = path
+		}
+	}
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
+		return err
+	}
+	id.NetNS = st.Ino
+	return json.NewEncoder(os.Stdout).Encode(id)
+}

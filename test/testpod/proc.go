@@ -1,0 +1,314 @@
+package testpod
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/internal/nsexec"
+)
+
+// ClientTimeout bounds each target of a Dial: connect plus reading until EOF.
+var ClientTimeout = 3 * time.Second
+
+// readyTimeout bounds how long Start wrappers wait for a helper to listen.
+const readyTimeout = 10 * time.Second
+
+// ProcSpec says who runs what. Args is a helper command line, e.g.
+// {"server", "--name", "s", "--listen", "0.0.0.0:80"}.
+type ProcSpec struct {
+	UID, GID uint32
+	Args     []string
+}
+
+// Proc is a helper process started by Pod.Start or Network.Start.
+type Proc struct {
+	Cmd      *exec.Cmd
+	stdout   *outBuf
+	stderr   *outBuf
+	done     chan struct{} // closed once Cmd.Wait returned
+	stop     sync.Once
+	reported atomic.Bool // stderr already in a failure message
+}
+
+// Start runs spec inside the pod's netns and cgroup.
+func (p *Pod) Start(tb testing.TB, spec ProcSpec) *Proc {
+	tb.Helper()
+	return start(tb, p.NetNSPath, p.CgroupPath, spec)
+}
+
+// Start runs spec inside the remote netns and the network's own cgroup, so it is never
+// seen by programs attached to a pod cgroup.
+func (n *Network) Start(tb testing.TB, spec ProcSpec) *Proc {
+	tb.Helper()
+	return start(tb, n.NetNSPath, n.CgroupPath, spec)
+}
+
+func start(tb testing.TB, netnsPath, cgroupPath string, spec ProcSpec) *Proc {
+	tb.Helper()
+	cg, err := unix.Open(cgroupPath, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	must(tb, err, "open cgroup")
+	defer unix.Close(cg)
+
+	// /proc/self/exe, resolved by the child itself, is the test binary even though it sits
+	// in a 0700 /tmp/go-build* dir: the magic link skips the directory search permission an
+	// unprivileged uid would need, so no copy of the binary is required.
+	cmd := exec.Command("/proc/self/exe", spec.Args...)
+	// A minimal environment: the helpers need no HOME or PATH. Under -race, keep the
+	// parent's GORACE but skip the race runtime's default 1 s sleep at exit.
+	cmd.Env = []string{helperEnv + "=1", "GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0")}
+	cmd.Dir = "/"
+	pr := &Proc{Cmd: cmd, stdout: newOutBuf(), stderr: newOutBuf(), done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = pr.stdout, pr.stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		// Empty Groups with NoSetGroups false means setgroups(0): the helper must not keep
+		// root's supplementary groups (xt_owner --suppl-groups and file access would see them).
+		Credential:  &syscall.Credential{Uid: spec.UID, Gid: spec.GID},
+		UseCgroupFD: true, // clone3(CLONE_INTO_CGROUP): born in the cgroup, no window outside
+		CgroupFD:    cg,
+		// Pdeathsig fires when the forking *thread* exits. nsexec returns that thread to the
+		// pool (Go does not retire idle threads), so it only fires if the test process dies.
+		Pdeathsig: syscall.SIGKILL,
+	}
+	must(tb, nsexec.Start(netnsPath, cmd), fmt.Sprintf("start %v", spec.Args))
+	go func() {
+		_ = cmd.Wait()
+		close(pr.done)
+	}()
+	tb.Cleanup(func() {
+		pr.Stop()
+		if tb.Failed() && !pr.reported.Load() && pr.stderr.String() != "" {
+			tb.Logf("testpod: %v (pid %d) stderr:\n%s", spec.Args, cmd.Process.Pid, pr.stderr)
+		}
+	})
+	return pr
+}
+
+// Stop kills the process by PID (if still running) and reaps it. Safe to call twice.
+func (pr *Proc) Stop() {
+	pr.stop.Do(func() {
+		_ = pr.Cmd.Process.Kill()
+		<-pr.done
+	})
+}
+
+// Stdout returns what the process wrote to stdout so far.
+func (pr *Proc) Stdout() string { return pr.stdout.String() }
+
+// Stderr returns what the process wrote to stderr so far.
+func (pr *Proc) Stderr() string { return pr.stderr.String() }
+
+// Wait waits for the process to exit by itself and returns its stdout; the test fails if
+// it takes longer than timeout or exits non-zero.
+func (pr *Proc) Wait(tb testing.TB, timeout time.Duration) string {
+	tb.Helper()
+	select {
+	case <-pr.done:
+	case <-time.After(timeout):
+		pr.Stop()
+		pr.reported.Store(true)
+		tb.Fatalf("testpod: %v did not exit within %v; stderr:\n%s", pr.Cmd.Args[1:], timeout, pr.stderr)
+	}
+	if !pr.Cmd.ProcessState.Success() {
+		pr.reported.Store(true)
+		tb.Fatalf("testpod: %v: %v; stderr:\n%s", pr.Cmd.Args[1:], pr.Cmd.ProcessState, pr.stderr)
+	}
+	return pr.stdout.String()
+}
+
+// waitReady waits for the helper's "ready" line so that tests never race its listener.
+func (pr *Proc) waitReady(tb testing.TB) *Proc {
+	tb.Helper()
+	select {
+	case <-pr.stdout.ready:
+		return pr
+	case <-pr.done:
+		pr.reported.Store(true)
+		tb.Fatalf("testpod: %v exited before ready (%v); stderr:\n%s", pr.Cmd.Args[1:], pr.Cmd.ProcessState, pr.stderr)
+	case <-time.After(readyTimeout):
+		pr.reported.Store(true)
+		tb.Fatalf("testpod: %v not ready after %v; stderr:\n%s", pr.Cmd.Args[1:], readyTimeout, pr.stderr)
+	}
+	return nil
+}
+
+// Server starts a server helper in the pod and waits until it listens.
+func (p *Pod) Server(tb testing.TB, name string, listen netip.AddrPort, uid, gid uint32) *Proc {
+	tb.Helper()
+	return p.Start(tb, ProcSpec{UID: uid, GID: gid, Args: serverArgs(name, listen)}).waitReady(tb)
+}
+
+// Server starts a server helper (as root) in the remote netns and waits until it listens.
+func (n *Network) Server(tb testing.TB, name string, listen netip.AddrPort) *Proc {
+	tb.Helper()
+	return n.Start(tb, ProcSpec{Args: serverArgs(name, listen)}).waitReady(tb)
+}
+
+func serverArgs(name string, listen netip.AddrPort) []string {
+	return []string{"server", "--name", name, "--listen", listen.String()}
+}
+
+// ProxyConfig describes a proxy helper; see Pod.Proxy for the common case.
+type ProxyConfig struct {
+	Name     string
+	Listen   []netip.AddrPort // e.g. 0.0.0.0:15001 and 0.0.0.0:15006
+	Mode     string           // "report" or "forward"
+	UID, GID uint32
+	// InboundSrc, if valid, is bound as source when forwarding connections accepted on a
+	// listener whose port is InboundPort (default 15006), as Envoy does with 127.0.0.6.
+	InboundSrc  netip.Addr
+	InboundPort uint16
+}
+
+// Proxy starts a proxy helper listening on one address and waits until it listens.
+func (p *Pod) Proxy(tb testing.TB, name string, listen netip.AddrPort, mode string, uid, gid uint32) *Proc {
+	tb.Helper()
+	return p.StartProxy(tb, ProxyConfig{Name: name, Listen: []netip.AddrPort{listen}, Mode: mode, UID: uid, GID: gid})
+}
+
+// StartProxy starts a proxy helper in the pod and waits until all its listeners listen.
+func (p *Pod) StartProxy(tb testing.TB, c ProxyConfig) *Proc {
+	tb.Helper()
+	args := []string{"proxy", "--name", c.Name, "--mode", c.Mode}
+	for _, l := range c.Listen {
+		args = append(args, "--listen", l.String())
+	}
+	if c.InboundSrc.IsValid() {
+		args = append(args, "--inbound-src", c.InboundSrc.String())
+	}
+	if c.InboundPort != 0 {
+		args = append(args, "--inbound-port", strconv.Itoa(int(c.InboundPort)))
+	}
+	return p.Start(tb, ProcSpec{UID: c.UID, GID: c.GID, Args: args}).waitReady(tb)
+}
+
+// Target is one connection a client makes.
+type Target struct {
+	Dst     netip.AddrPort
+	BindSrc netip.Addr // optional: bind before connect
+}
+
+func (t Target) String() string {
+	if t.BindSrc.IsValid() {
+		return t.Dst.String() + "@" + t.BindSrc.String()
+	}
+	return t.Dst.String()
+}
+
+// Result is what a client saw for one Target.
+type Result struct {
+	Dst  string `json:"dst"`
+	Err  string `json:"err,omitempty"` // "connection refused", "timeout", or errno text
+	Hops []Hop  `json:"hops,omitempty"`
+}
+
+// Hop is the JSON line a listener writes for each connection it accepts.
+type Hop struct {
+	Who     string `json:"who"`
+	Local   string `json:"local"` // accepted socket's local address
+	Peer    string `json:"peer"`  // accepted socket's peer address
+	Orig    string `json:"orig,omitempty"`
+	OrigErr string `json:"orig_err,omitempty"` // SO_ORIGINAL_DST failed: errno text
+	Err     string `json:"err,omitempty"`      // forward-mode proxy could not reach Orig
+}
+
+// Dial runs a client in the pod as uid/gid and returns one Result per target, in order.
+func (p *Pod) Dial(tb testing.TB, uid, gid uint32, targets ...Target) []Result {
+	tb.Helper()
+	return dial(tb, func(s ProcSpec) *Proc { return p.Start(tb, s) }, uid, gid, targets)
+}
+
+// Dial runs a client (as root) in the remote netns, e.g. for inbound tests.
+func (n *Network) Dial(tb testing.TB, targets ...Target) []Result {
+	tb.Helper()
+	return dial(tb, func(s ProcSpec) *Proc { return n.Start(tb, s) }, 0, 0, targets)
+}
+
+func dial(tb testing.TB, start func(ProcSpec) *Proc, uid, gid uint32, targets []Target) []Result {
+	tb.Helper()
+	args := []string{"client", "--timeout", ClientTimeout.String()}
+	for _, t := range targets {
+		args = append(args, "--target", t.String())
+	}
+	out := start(ProcSpec{UID: uid, GID: gid, Args: args}).
+		Wait(tb, time.Duration(len(targets))*ClientTimeout+readyTimeout)
+	var res []Result
+	dec := json.NewDecoder(strings.NewReader(out))
+	for dec.More() {
+		var r Result
+		must(tb, dec.Decode(&r), "decode client output "+out)
+		res = append(res, r)
+	}
+	if len(res) != len(targets) {
+		tb.Fatalf("testpod: client printed %d results for %d targets: %s", len(res), len(targets), out)
+	}
+	return res
+}
+
+// Identity is what the id helper reports about itself.
+type Identity struct {
+	UID    uint32 `json:"uid"`
+	GID    uint32 `json:"gid"`
+	Groups []int  `json:"groups"`
+	Cgroup string `json:"cgroup"` // cgroup v2 path relative to the mount, e.g. /divert-test/x
+	NetNS  uint64 `json:"netns"`  // inode of /proc/self/ns/net
+}
+
+// Whoami runs the id helper in the pod as uid/gid.
+func (p *Pod) Whoami(tb testing.TB, uid, gid uint32) Identity {
+	tb.Helper()
+	return whoami(tb, p.Start(tb, ProcSpec{UID: uid, GID: gid, Args: []string{"id"}}))
+}
+
+// Whoami runs the id helper (as root) in the remote netns.
+func (n *Network) Whoami(tb testing.TB) Identity {
+	tb.Helper()
+	return whoami(tb, n.Start(tb, ProcSpec{Args: []string{"id"}}))
+}
+
+func whoami(tb testing.TB, pr *Proc) Identity {
+	tb.Helper()
+	var id Identity
+	out := pr.Wait(tb, readyTimeout)
+	must(tb, json.Unmarshal([]byte(out), &id), "decode id output "+out)
+	return id
+}
+
+// outBuf collects a helper's output and signals its first "ready" line.
+type outBuf struct {
+	mu    sync.Mutex
+	buf   bytes.Buffer
+	ready chan struct{}
+	seen  bool
+}
+
+func newOutBuf() *outBuf { return &outBuf{ready: make(chan struct{})} }
+
+func (b *outBuf) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.buf.Write(p)
+	if !b.seen && bytes.HasPrefix(b.buf.Bytes(), []byte(readyLine+"\n")) {
+		b.seen = true
+		close(b.ready)
+	}
+	return len(p), nil
+}
+
+func (b *outBuf) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
