@@ -1,0 +1,110 @@
+// Package divertest holds fixtures shared by the privileged suites: a private bpffs per
+// test, attaching divert to a testpod.Pod, and parsing istio-iptables flags into a Config.
+package divertest
+
+import (
+	"context"
+	"errors"
+	"os"
+	"testing"
+
+	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/maps"
+	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/testpod"
+)
+
+// ProxyUID is the proxy's uid and gid in every suite, as in Istio.
+const ProxyUID = 1337
+
+// AppUID is an ordinary application uid.
+const AppUID = 1000
+
+// Config parses istio-iptables flags (with divert's defaults) or fails the test.
+func Config(tb testing.TB, args ...string) *policy.Config {
+	tb.Helper()
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	parse := policy.Flags(fs, policy.Default())
+	if err := fs.Parse(args); err != nil {
+		tb.Fatalf("parse %q: %v", args, err)
+	}
+	cfg, err := parse(func(string) string { return "" })
+	if err != nil {
+		tb.Fatalf("parse %q: %v", args, err)
+	}
+	return &cfg
+}
+
+// BPFFS mounts a private bpffs for the test, so pins never touch the host's /sys/fs/bpf,
+// and unmounts it afterwards (which also drops every pin left in it).
+func BPFFS(tb testing.TB) loader.Options {
+	tb.Helper()
+	dir := tb.TempDir()
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		tb.Fatalf("mount bpffs at %s: %v", dir, err)
+	}
+	tb.Cleanup(func() {
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+			tb.Errorf("unmount bpffs %s: %v", dir, err)
+		}
+	})
+	return loader.Options{BPFFS: dir}
+}
+
+// Attached is a pod with divert attached.
+type Attached struct {
+	Pod  *testpod.Pod
+	Opts loader.Options
+}
+
+// Attach attaches divert to pod with cfg (a second call updates in place) and detaches at
+// the end of the test, checking that detach works.
+func Attach(tb testing.TB, pod *testpod.Pod, opts loader.Options, cfg *policy.Config) *Attached {
+	tb.Helper()
+	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
+	_, statErr := os.Stat(loader.PinDir(opts, pod.Name))
+	if err := loader.Attach(context.Background(), lp, cfg, opts); err != nil {
+		tb.Fatalf("attach %s: %v", pod.Name, err)
+	}
+	if errors.Is(statErr, os.ErrNotExist) {
+		tb.Cleanup(func() {
+			if err := loader.Detach(pod.Name, opts); err != nil {
+				tb.Errorf("detach %s: %v", pod.Name, err)
+			}
+		})
+	}
+	return &Attached{Pod: pod, Opts: opts}
+}
+
+// Counters reads the pod's verdict counters.
+func (a *Attached) Counters(tb testing.TB) map[policy.Reason]uint64 {
+	tb.Helper()
+	m, err := loader.OpenMaps(a.Pod.Name, a.Opts)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer loader.CloseMaps(m)
+	c, err := maps.Counters(m)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return c
+}
+
+// OrigDsts reads the live original-destination entries.
+func (a *Attached) OrigDsts(tb testing.TB) []maps.OrigDst {
+	tb.Helper()
+	m, err := loader.OpenMaps(a.Pod.Name, a.Opts)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer loader.CloseMaps(m)
+	entries, err := maps.OrigDsts(m)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return entries
+}

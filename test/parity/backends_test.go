@@ -1,0 +1,41 @@
+package parity
+
+import (
+	"testing"
+
+	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/internal/divertest"
+)
+
+func backends() []backend {
+	return []backend{ebpfBackend()}
+}
+
+// ebpfBackend attaches divert (updating in place between scenarios) and, after each
+// scenario, checks that the kernel counted exactly one verdict, under the model's reason.
+func ebpfBackend() backend {
+	var att *divertest.Attached
+	var before map[policy.Reason]uint64
+	return backend{
+		name: "ebpf",
+		setup: func(t *testing.T, w *world) {
+			att = divertest.Attach(t, w.pod, divertest.BPFFS(t), divertest.Config(t))
+		},
+		apply: func(t *testing.T, w *world, cfg *policy.Config) {
+			divertest.Attach(t, w.pod, att.Opts, cfg) // updates in place
+			before = att.Counters(t)
+		},
+		after: func(t *testing.T, w *world, v policy.Verdict) {
+			after := att.Counters(t)
+			for _, r := range policy.Reasons() {
+				want := before[r]
+				if r == v.Reason {
+					want++
+				}
+				if after[r] != want {
+					t.Errorf("counter %s went from %d to %d; the model decided %s", r, before[r], after[r], v.Reason)
+				}
+			}
+		},
+	}
+}

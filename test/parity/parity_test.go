@@ -1,0 +1,228 @@
+// Package parity runs one scenario table three ways — the reference model (policy.Decide),
+// the eBPF backend and the iptables backend — on real simulated pods, and requires the same
+// observable outcome from each: which listener accepted the connection, at which address,
+// and the original destination the proxy read.
+package parity
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/internal/divertest"
+	"github.com/meshdivert/divert/test/testpod"
+)
+
+func TestMain(m *testing.M) {
+	testpod.RunHelperIfRequested()
+	os.Exit(m.Run())
+}
+
+const (
+	proxyUID = divertest.ProxyUID
+	appUID   = divertest.AppUID
+)
+
+// Ports the proxy listens on: the defaults and the custom ones some scenarios use.
+var proxyPorts = []uint16{15001, 15006, 16001, 16006}
+
+// A scenario is one connection under one config. Addresses are symbolic so the table reads
+// like the rules; see world.resolve.
+type scenario struct {
+	name     string
+	flags    []string
+	uid, gid uint32
+	src      string // source to bind before connect, optional
+	dst      string // like "remote:80", "pod:8080", "127.0.0.2:8080"
+}
+
+var outboundScenarios = []scenario{
+	{name: "app to remote is captured", uid: appUID, gid: appUID, dst: "remote:80"},
+	{name: "excluded outbound port passes", flags: []string{"-o", "80"}, uid: appUID, gid: appUID, dst: "remote:80"},
+	{name: "excluded outbound port beats the hairpin", flags: []string{"-o", "8080"}, uid: proxyUID, gid: proxyUID, dst: "pod:8080"},
+	{name: "proxy bound to 127.0.0.6 to the pod passes", uid: proxyUID, gid: proxyUID, src: "127.0.0.6", dst: "pod:8080"},
+	{name: "app bound to 127.0.0.6 to the pod passes", uid: appUID, gid: appUID, src: "127.0.0.6", dst: "pod:8080"},
+	{name: "proxy to own pod IP hairpins to inbound port", uid: proxyUID, gid: proxyUID, dst: "pod:8080"},
+	{name: "proxy to 127.0.0.2 hairpins", uid: proxyUID, gid: proxyUID, dst: "127.0.0.2:8080"},
+	{name: "proxy to 127.0.0.1 passes", uid: proxyUID, gid: proxyUID, dst: "127.0.0.1:8080"},
+	{name: "proxy to own pod tunnel port passes", uid: proxyUID, gid: proxyUID, dst: "pod:15008"},
+	{name: "proxy to remote passes", uid: proxyUID, gid: proxyUID, dst: "remote:80"},
+	{name: "app to own pod IP passes", uid: appUID, gid: appUID, dst: "pod:8080"},
+	{name: "app to 127.0.0.1 passes", uid: appUID, gid: appUID, dst: "127.0.0.1:8080"},
+	{name: "app to 127.0.0.2 passes", uid: appUID, gid: appUID, dst: "127.0.0.2:8080"},
+	{name: "proxy gid alone to remote passes", uid: appUID, gid: proxyUID, dst: "remote:80"},
+	{name: "proxy gid alone to own pod passes", uid: appUID, gid: proxyUID, dst: "pod:8080"},
+	{name: "-g differs from -u: that gid passes", flags: []string{"-g", "2000"}, uid: appUID, gid: 2000, dst: "remote:80"},
+	{name: "-g differs from -u: uid's group no longer passes", flags: []string{"-g", "2000"}, uid: appUID, gid: proxyUID, dst: "remote:80"},
+	{name: "-u moves the bypass to another uid", flags: []string{"-u", "2000"}, uid: 2000, gid: 2000, dst: "remote:80"},
+	{name: "-u 2000: uid 1337 is captured", flags: []string{"-u", "2000"}, uid: proxyUID, gid: proxyUID, dst: "remote:80"},
+	{name: "excluded CIDR passes", flags: []string{"-x", "{cidrA}/26"}, uid: appUID, gid: appUID, dst: "cidrA:80"},
+	{name: "outside the excluded CIDR is captured", flags: []string{"-x", "{cidrA}/26"}, uid: appUID, gid: appUID, dst: "cidrB:80"},
+	{name: "included CIDR is captured", flags: []string{"-i", "{cidrA}/26"}, uid: appUID, gid: appUID, dst: "cidrA:80"},
+	{name: "outside the included CIDRs passes", flags: []string{"-i", "{cidrA}/26"}, uid: appUID, gid: appUID, dst: "cidrB:80"},
+	{name: "two included CIDRs", flags: []string{"-i", "{cidrA}/26,{cidrB}/32"}, uid: appUID, gid: appUID, dst: "cidrB:80"},
+	{name: "-x narrows a wider -i", flags: []string{"-i", "198.19.0.0/16", "-x", "{cidrA}/32"}, uid: appUID, gid: appUID, dst: "cidrA:80"},
+	{name: "empty -i captures nothing", flags: []string{"-i", ""}, uid: appUID, gid: appUID, dst: "remote:80"},
+	{name: "-q captures its port with empty -i", flags: []string{"-i", "", "-q", "81"}, uid: appUID, gid: appUID, dst: "remote:81"},
+	{name: "-q leaves other ports alone", flags: []string{"-i", "", "-q", "81"}, uid: appUID, gid: appUID, dst: "remote:80"},
+	{name: "-x beats -q", flags: []string{"-i", "", "-q", "80", "-x", "{cidrA}/32"}, uid: appUID, gid: appUID, dst: "cidrA:80"},
+	{name: "-o beats -q", flags: []string{"-q", "80", "-o", "80"}, uid: appUID, gid: appUID, dst: "remote:80"},
+	{name: "custom -p", flags: []string{"-p", "16001", "-z", "16006"}, uid: appUID, gid: appUID, dst: "remote:80"},
+	{name: "custom -z for the hairpin", flags: []string{"-p", "16001", "-z", "16006"}, uid: proxyUID, gid: proxyUID, dst: "pod:8080"},
+	{name: "custom -e: 15008 now hairpins", flags: []string{"-e", "15009"}, uid: proxyUID, gid: proxyUID, dst: "pod:15008"},
+	{name: "nothing listening: the proxy still answers", uid: appUID, gid: appUID, dst: "remote:9"},
+	{name: "nothing listening and not captured: refused", flags: []string{"-o", "9"}, uid: appUID, gid: appUID, dst: "remote:9"},
+}
+
+// world is one pod with its proxy, an app server and the remote servers.
+type world struct {
+	pod          *testpod.Pod
+	cidrA, cidrB netip.Addr
+}
+
+func newWorld(t *testing.T) *world {
+	pod := testpod.New(t)
+	w := &world{pod: pod, cidrA: pod.Net.Addrs[1], cidrB: pod.Net.Addrs[2]}
+	any := netip.IPv4Unspecified()
+	var listen []netip.AddrPort
+	for _, p := range proxyPorts {
+		listen = append(listen, netip.AddrPortFrom(any, p))
+	}
+	pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Listen: listen, Mode: "report", UID: proxyUID, GID: proxyUID})
+	pod.Server(t, "app", netip.AddrPortFrom(any, 8080), appUID, appUID)
+	pod.Server(t, "tunnel", netip.AddrPortFrom(any, 15008), proxyUID, proxyUID)
+	pod.Net.Server(t, "remote", netip.AddrPortFrom(any, 80))
+	pod.Net.Server(t, "remote", netip.AddrPortFrom(any, 81))
+	return w
+}
+
+func (w *world) expand(s string) string {
+	return strings.NewReplacer("{cidrA}", w.cidrA.String(), "{cidrB}", w.cidrB.String()).Replace(s)
+}
+
+func (w *world) resolve(t *testing.T, sym string) netip.AddrPort {
+	host, port, _ := strings.Cut(sym, ":")
+	addr := map[string]netip.Addr{"remote": w.pod.Net.Addrs[0], "cidrA": w.cidrA, "cidrB": w.cidrB, "pod": w.pod.Addr}[host]
+	if !addr.IsValid() {
+		addr = netip.MustParseAddr(host)
+	}
+	ap, err := netip.ParseAddrPort(fmt.Sprintf("%s:%s", addr, port))
+	if err != nil {
+		t.Fatalf("bad scenario address %q: %v", sym, err)
+	}
+	return ap
+}
+
+func (w *world) config(t *testing.T, s scenario) *policy.Config {
+	flags := make([]string, len(s.flags))
+	for i, f := range s.flags {
+		flags[i] = w.expand(f)
+	}
+	return divertest.Config(t, flags...)
+}
+
+func (w *world) conn(t *testing.T, s scenario) policy.Conn {
+	dst := w.resolve(t, s.dst)
+	c := policy.Conn{UID: s.uid, GID: s.gid, Dst: dst, DstLocal: dst.Addr().IsLoopback() || dst.Addr() == w.pod.Addr}
+	if s.src != "" {
+		c.Src = netip.MustParseAddr(s.src)
+	}
+	return c
+}
+
+// outcome is what a client observes of one connection.
+type outcome struct {
+	Landed string // "proxy:<port>", a server's name, or the client's error
+	At     string // the accepting socket's local address, for servers
+	Orig   string // the original destination the proxy read
+}
+
+func (o outcome) String() string {
+	if o.Orig != "" {
+		return fmt.Sprintf("%s (orig %s)", o.Landed, o.Orig)
+	}
+	if o.At != "" {
+		return fmt.Sprintf("%s at %s", o.Landed, o.At)
+	}
+	return o.Landed
+}
+
+func observed(r testpod.Result) outcome {
+	if r.Err != "" || len(r.Hops) == 0 {
+		return outcome{Landed: "error: " + r.Err}
+	}
+	h := r.Hops[0]
+	if h.Who == "proxy" {
+		local, _ := netip.ParseAddrPort(h.Local)
+		orig := h.Orig
+		if orig == "" {
+			orig = "unreadable: " + h.OrigErr
+		}
+		return outcome{Landed: fmt.Sprintf("proxy:%d", local.Port()), Orig: orig}
+	}
+	return outcome{Landed: h.Who, At: h.Local}
+}
+
+// expected turns the model's verdict into what a client must observe in this world.
+func (w *world) expected(v policy.Verdict, c policy.Conn) outcome {
+	if v.Action != policy.Pass {
+		return outcome{Landed: fmt.Sprintf("proxy:%d", v.Port), Orig: c.Dst.String()}
+	}
+	port := c.Dst.Port()
+	if c.DstLocal {
+		switch port {
+		case 8080:
+			return outcome{Landed: "app", At: c.Dst.String()}
+		case 15008:
+			return outcome{Landed: "tunnel", At: c.Dst.String()}
+		}
+		for _, p := range proxyPorts {
+			if p == port {
+				return outcome{Landed: fmt.Sprintf("proxy:%d", port), Orig: "unreadable"}
+			}
+		}
+	} else if port == 80 || port == 81 {
+		return outcome{Landed: "remote", At: c.Dst.String()}
+	}
+	return outcome{Landed: "error: connection refused"}
+}
+
+// backend applies a config to a world's pod; applying again replaces the previous config.
+type backend struct {
+	name string
+	// setup runs once per world, with the test that owns the world.
+	setup func(t *testing.T, w *world)
+	apply func(t *testing.T, w *world, cfg *policy.Config)
+	// after, if set, checks backend-specific state after a scenario ran.
+	after func(t *testing.T, w *world, v policy.Verdict)
+}
+
+func TestOutboundParity(t *testing.T) {
+	for _, b := range backends() {
+		t.Run(b.name, func(t *testing.T) {
+			w := newWorld(t)
+			b.setup(t, w)
+			for _, s := range outboundScenarios {
+				t.Run(s.name, func(t *testing.T) {
+					cfg := w.config(t, s)
+					c := w.conn(t, s)
+					v := cfg.Decide(c)
+					want := w.expected(v, c)
+					b.apply(t, w, cfg)
+					target := testpod.Target{Dst: c.Dst, BindSrc: c.Src}
+					got := observed(w.pod.Dial(t, s.uid, s.gid, target)[0])
+					if got != want {
+						t.Errorf("%s: uid %d gid %d src %q -> %s\n  model (%s): %s\n  %s: %s",
+							s.name, s.uid, s.gid, s.src, c.Dst, v, want, b.name, got)
+					}
+					if b.after != nil {
+						b.after(t, w, v)
+					}
+				})
+			}
+		})
+	}
+}
