@@ -104,6 +104,10 @@ func (o *objects) program(name string) *ebpf.Program {
 }
 
 // bpffs refuses '.' anywhere in a name, so ids cannot have one.
+// testHookBeforeCommit, when set by a test, runs after every link is attached and pinned
+// and before the pins are moved into place, to prove a late failure leaves nothing behind.
+var testHookBeforeCommit func() error
+
 var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$`)
 
 const badID = "use 1-128 letters, digits, '_' or '-' (bpffs forbids '.'), starting with a letter or digit"
@@ -178,6 +182,11 @@ func create(dir string, opts Options, pod Pod, cfg *policy.Config, addrs []netip
 		links = append(links, l)
 		if err := l.Pin(filepath.Join(tmp, p.pin)); err != nil {
 			return fmt.Errorf("pin %s link: %w", p.name, err)
+		}
+	}
+	if testHookBeforeCommit != nil {
+		if err := testHookBeforeCommit(); err != nil {
+			return err
 		}
 	}
 	if err := os.Rename(tmp, dir); err != nil {

@@ -31,6 +31,8 @@ const readyTimeout = 10 * time.Second
 type ProcSpec struct {
 	UID, GID uint32
 	Args     []string
+	// Path, if set, runs that executable with Args instead of a helper (e.g. haproxy).
+	Path string
 }
 
 // Proc is a helper process started by Pod.Start or Network.Start.
@@ -65,7 +67,11 @@ func start(tb testing.TB, netnsPath, cgroupPath string, spec ProcSpec) *Proc {
 	// /proc/self/exe, resolved by the child itself, is the test binary even though it sits
 	// in a 0700 /tmp/go-build* dir: the magic link skips the directory search permission an
 	// unprivileged uid would need, so no copy of the binary is required.
-	cmd := exec.Command("/proc/self/exe", spec.Args...)
+	path := "/proc/self/exe"
+	if spec.Path != "" {
+		path = spec.Path
+	}
+	cmd := exec.Command(path, spec.Args...)
 	// A minimal environment: the helpers need no HOME or PATH. Under -race, keep the
 	// parent's GORACE but skip the race runtime's default 1 s sleep at exit.
 	cmd.Env = []string{helperEnv + "=1", "GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0")}

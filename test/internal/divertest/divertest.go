@@ -108,3 +108,18 @@ func (a *Attached) OrigDsts(tb testing.TB) []maps.OrigDst {
 	}
 	return entries
 }
+
+// PendingOrigDsts counts cookie-keyed entries (connect seen, source port not yet known).
+func (a *Attached) PendingOrigDsts(tb testing.TB) int {
+	tb.Helper()
+	m, err := loader.OpenMaps(a.Pod.Name, a.Opts)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer loader.CloseMaps(m)
+	n, err := maps.PendingOrigDsts(m)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return n
+}

@@ -1,0 +1,148 @@
+// Package e2e holds end-to-end tests of divert on simulated pods with real proxies.
+package e2e
+
+import (
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshdivert/divert/internal/nsexec"
+	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/internal/divertest"
+	"github.com/meshdivert/divert/test/testpod"
+)
+
+func TestMain(m *testing.M) {
+	testpod.RunHelperIfRequested()
+	os.Exit(m.Run())
+}
+
+const (
+	proxyUID = divertest.ProxyUID
+	appUID   = divertest.AppUID
+)
+
+var anyAddr = netip.IPv4Unspecified()
+
+// HAProxy, unmodified, as Istio's proxy would be: uid 1337 on 15001, forwarding to
+// "server s 0.0.0.0:0", i.e. to the original destination it reads with SO_ORIGINAL_DST.
+// An app in the pod reaches a server in the remote netns through it.
+func TestHAProxyTransparentProxy(t *testing.T) {
+	haproxy, err := exec.LookPath("haproxy")
+	if err != nil {
+		t.Fatalf("haproxy is required (make deps installs it): %v", err)
+	}
+	pod := testpod.New(t)
+	att := divertest.Attach(t, pod, divertest.BPFFS(t), divertest.Config(t))
+	pod.Net.Server(t, "remote", netip.AddrPortFrom(anyAddr, 80))
+
+	// t.TempDir's parent is 0700: uid 1337 could not read the config there.
+	dir, err := os.MkdirTemp("", "divert-haproxy-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cfg := filepath.Join(dir, "haproxy.cfg")
+	err = os.WriteFile(cfg, []byte(`global
+  maxconn 100
+defaults
+  mode tcp
+  timeout connect 3s
+  timeout client 5s
+  timeout server 5s
+frontend outbound
+  bind 0.0.0.0:15001
+  default_backend original_destination
+backend original_destination
+  server s 0.0.0.0:0
+`), 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod.Start(t, testpod.ProcSpec{UID: proxyUID, GID: proxyUID, Path: haproxy, Args: []string{"-db", "-f", cfg}})
+	waitListening(t, pod.NetNSPath, 15001)
+
+	before := att.Counters(t)
+	dst := netip.AddrPortFrom(pod.Net.Addrs[0], 80)
+	res := pod.Dial(t, appUID, appUID, testpod.Target{Dst: dst})[0]
+	if res.Err != "" || len(res.Hops) != 1 {
+		t.Fatalf("app -> %s through haproxy: %+v", dst, res)
+	}
+	hop := res.Hops[0]
+	if hop.Who != "remote" || hop.Local != dst.String() {
+		t.Fatalf("the remote server should have answered at %s, got %+v", dst, hop)
+	}
+	if !strings.HasPrefix(hop.Peer, pod.Addr.String()+":") {
+		t.Errorf("the server's peer should be the pod (haproxy dialling out), got %s", hop.Peer)
+	}
+	after := att.Counters(t)
+	// One connection redirected (the app's), one passed (haproxy's own, as uid 1337).
+	if d := after[policy.ReasonIncludedCIDR] - before[policy.ReasonIncludedCIDR]; d != 1 {
+		t.Errorf("included-cidr counter moved by %d, want 1 (the app's connection was not redirected?)", d)
+	}
+	if d := after[policy.ReasonProxyUID] - before[policy.ReasonProxyUID]; d != 1 {
+		t.Errorf("proxy-uid counter moved by %d, want 1 (haproxy's upstream connection)", d)
+	}
+}
+
+// Every original-destination entry goes away when its connection closes.
+func TestNoOrigDstLeak(t *testing.T) {
+	const conns = 10000
+	pod := testpod.New(t)
+	att := divertest.Attach(t, pod, divertest.BPFFS(t), divertest.Config(t))
+	pod.Proxy(t, "proxy", netip.AddrPortFrom(anyAddr, 15001), "report", proxyUID, proxyUID)
+
+	targets := make([]testpod.Target, conns)
+	for i := range targets {
+		// Spread over the remote addresses and ports so entries would not collide.
+		targets[i] = testpod.Target{Dst: netip.AddrPortFrom(pod.Net.Addrs[i%len(pod.Net.Addrs)], uint16(1000+i%5000))}
+	}
+	results := pod.Dial(t, appUID, appUID, targets...)
+	for i, r := range results {
+		if r.Err != "" || len(r.Hops) != 1 || r.Hops[0].Orig != targets[i].Dst.String() {
+			t.Fatalf("connection %d to %s: %+v", i, targets[i].Dst, r)
+		}
+	}
+	if n := att.Counters(t)[policy.ReasonIncludedCIDR]; n != conns {
+		t.Fatalf("included-cidr counter = %d, want %d", n, conns)
+	}
+	// The last connections may still be closing; entries must be gone within a moment.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		left := att.OrigDsts(t)
+		if len(left) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d original-destination entries left after %d closed connections, e.g. %+v", len(left), conns, left[0])
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n := att.PendingOrigDsts(t); n != 0 {
+		t.Fatalf("%d cookie-keyed entries left behind", n)
+	}
+}
+
+// waitListening polls until something in the netns listens on the TCP port.
+func waitListening(t *testing.T, netns string, port uint16) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		out, err := nsexec.CombinedOutput(netns, exec.Command("ss", "-Hltn", "sport = :"+itoa(port)))
+		if err == nil && strings.TrimSpace(string(out)) != "" {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("nothing listens on port %d", port)
+}
+
+func itoa(p uint16) string { return strconv.Itoa(int(p)) }
