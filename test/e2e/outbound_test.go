@@ -13,7 +13,7 @@ import (
 
 	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/policy"
-	"github.com/meshdivert/divert/test/internal/divertest"
+	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -4,7 +4,7 @@ import (
 	"testing"
 
 	"github.com/meshdivert/divert/policy"
-	"github.com/meshdivert/divert/test/internal/divertest"
+	"github.com/meshdivert/divert/internal/divertest"
 )
 
 func backends() []backend {

@@ -12,7 +12,7 @@ import (
 	"testing"
 
 	"github.com/meshdivert/divert/policy"
-	"github.com/meshdivert/divert/test/internal/divertest"
+	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 
