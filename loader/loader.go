@@ -112,7 +112,6 @@ var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$`)
 
 const badID = "use 1-128 letters, digits, '_' or '-' (bpffs forbids '.'), starting with a letter or digit"
 
-
 // Attach captures pod's traffic according to cfg. On a pod already attached it updates the
 // maps in place and swaps in the programs of this build without a gap in capture. On any
 // error nothing is left changed: no pins, links or maps of a new pod remain.

@@ -5,54 +5,16 @@ import (
 	"errors"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"testing"
 
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
-
-	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/test/testpod"
 )
 
 func TestMain(m *testing.M) {
 	testpod.RunHelperIfRequested()
 	os.Exit(m.Run())
-}
-
-var attachTypes = []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt}
-
-// assertNothingAttached checks the cgroup has no programs and the bpffs no pins.
-func assertNothingAttached(t *testing.T, pod *testpod.Pod, opts loader.Options) {
-	t.Helper()
-	for _, at := range attachTypes {
-		res, err := link.QueryPrograms(link.QueryOptions{Target: cgroupFD(t, pod.CgroupPath), Attach: at})
-		if err != nil {
-			t.Fatalf("query %s programs: %v", at, err)
-		}
-		if len(res.Programs) != 0 {
-			t.Errorf("%d %s programs still attached to %s", len(res.Programs), at, pod.CgroupPath)
-		}
-	}
-	for _, d := range []string{"divert", "divert_staging"} {
-		entries, err := os.ReadDir(filepath.Join(opts.BPFFS, d))
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			t.Fatal(err)
-		}
-		if len(entries) != 0 {
-			t.Errorf("%s/%s still holds %v", opts.BPFFS, d, entries)
-		}
-	}
-}
-
-func cgroupFD(t *testing.T, path string) int {
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	return int(f.Fd())
 }
 
 // A failure at the very last step of attach (everything attached and pinned) must undo it
@@ -67,11 +29,8 @@ func TestAttachIsAllOrNothing(t *testing.T) {
 	loader.SetTestHookBeforeCommit(func() error {
 		// At this point the programs are live on the cgroup: prove it, so the test
 		// knows it is undoing real state.
-		for _, at := range attachTypes {
-			res, err := link.QueryPrograms(link.QueryOptions{Target: cgroupFD(t, pod.CgroupPath), Attach: at})
-			if err != nil || len(res.Programs) != 1 {
-				t.Errorf("before commit: %s programs = %v, %v; want 1", at, res, err)
-			}
+		if n := divertest.AttachedPrograms(t, pod.CgroupPath); n != 3 {
+			t.Errorf("before commit: %d programs attached, want 3", n)
 		}
 		return injected
 	})
@@ -81,7 +40,7 @@ func TestAttachIsAllOrNothing(t *testing.T) {
 	if err := loader.Attach(context.Background(), lp, divertest.Config(t), opts); !errors.Is(err, injected) {
 		t.Fatalf("attach returned %v, want the injected failure", err)
 	}
-	assertNothingAttached(t, pod, opts)
+	divertest.AssertNothingAttached(t, pod.CgroupPath, opts)
 	res := pod.Dial(t, divertest.AppUID, divertest.AppUID, testpod.Target{Dst: netip.AddrPortFrom(pod.Net.Addrs[0], 80)})[0]
 	if len(res.Hops) != 1 || res.Hops[0].Who != "remote" {
 		t.Fatalf("after a failed attach traffic must not be captured: %+v", res)
@@ -107,7 +66,7 @@ func TestDetachRemovesEverything(t *testing.T) {
 		if err := loader.Detach(pod.Name, opts); !errors.Is(err, loader.ErrNotAttached) {
 			t.Fatalf("second detach: %v, want ErrNotAttached", err)
 		}
-		assertNothingAttached(t, pod, opts)
+		divertest.AssertNothingAttached(t, pod.CgroupPath, opts)
 	}
 }
 

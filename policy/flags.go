@@ -108,17 +108,17 @@ func Flags(fs *pflag.FlagSet, def Config) func(getenv func(string) string) (Conf
 		cfg := def
 		gidGiven := false
 		for _, s := range flagSpecs {
-			v, given := *values[s.name], fs.Changed(s.name)
+			v, given, source := *values[s.name], fs.Changed(s.name), ""
 			if !given {
 				if env := getenv(EnvVar(s.name)); env != "" {
-					v, given = env, true
+					v, given, source = env, true, " (from $"+EnvVar(s.name)+")"
 				}
 			}
 			if !given {
 				continue
 			}
 			if err := s.set(&cfg, strings.TrimSpace(v)); err != nil {
-				return Config{}, fmt.Errorf("invalid -%s/--%s %q: %w", s.short, s.name, v, err)
+				return Config{}, fmt.Errorf("invalid -%s/--%s%s %q: %w", s.short, s.name, source, v, err)
 			}
 			gidGiven = gidGiven || s.name == FlagProxyGID
 		}

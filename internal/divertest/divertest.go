@@ -6,8 +6,11 @@ import (
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
 	"testing"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
 
@@ -122,4 +125,40 @@ func (a *Attached) PendingOrigDsts(tb testing.TB) int {
 		tb.Fatal(err)
 	}
 	return n
+}
+
+// AttachedPrograms counts divert's kinds of programs attached to the cgroup.
+func AttachedPrograms(tb testing.TB, cgroup string) int {
+	tb.Helper()
+	f, err := os.Open(cgroup)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer f.Close()
+	n := 0
+	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt} {
+		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
+		if err != nil {
+			tb.Fatalf("query %s programs on %s: %v", at, cgroup, err)
+		}
+		n += len(res.Programs)
+	}
+	return n
+}
+
+// AssertNothingAttached checks that the cgroup has no programs and the bpffs no pins.
+func AssertNothingAttached(tb testing.TB, cgroup string, opts loader.Options) {
+	tb.Helper()
+	if n := AttachedPrograms(tb, cgroup); n != 0 {
+		tb.Errorf("%d programs still attached to %s", n, cgroup)
+	}
+	for _, d := range []string{"divert", "divert_staging"} {
+		entries, err := os.ReadDir(filepath.Join(opts.BPFFS, d))
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			tb.Fatal(err)
+		}
+		if len(entries) != 0 {
+			tb.Errorf("%s/%s still holds %v", opts.BPFFS, d, entries)
+		}
+	}
 }

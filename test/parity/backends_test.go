@@ -3,8 +3,8 @@ package parity
 import (
 	"testing"
 
-	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/policy"
 )
 
 func backends() []backend {

@@ -11,8 +11,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -1,0 +1,144 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/test/testpod"
+)
+
+func TestMain(m *testing.M) {
+	testpod.RunHelperIfRequested()
+	os.Exit(m.Run())
+}
+
+func runCLI(t *testing.T, env map[string]string, args ...string) (stdout string, err error) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	e := env2(env, &out, &errOut)
+	err = run(context.Background(), args, e)
+	return out.String(), err
+}
+
+func env2(vars map[string]string, out, errOut *bytes.Buffer) env {
+	return env{stdout: out, stderr: errOut, getenv: func(k string) string { return vars[k] }}
+}
+
+// Bad input gets one line naming the flag, and leaves nothing attached or pinned.
+func TestAttachBadInputChangesNothing(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	base := func(extra ...string) []string {
+		return append([]string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, extra...)
+	}
+	cases := []struct {
+		name string
+		args []string
+		env  map[string]string
+		flag string // must appear in the error
+	}{
+		{"bad CIDR", base("-x", "10.0.0.0/33"), nil, "--istio-service-exclude-cidr"},
+		{"not a CIDR", base("-i", "ten.0.0.0/8"), nil, "--istio-service-cidr"},
+		{"port 0", base("-p", "0"), nil, "--envoy-port"},
+		{"port 70000", base("-q", "70000"), nil, "--istio-outbound-ports"},
+		{"bad env port", base(), map[string]string{"ENVOY_PORT": "70000"}, "--envoy-port"},
+		{"unknown mode", base("-m", "NAT"), nil, "--istio-inbound-interception-mode"},
+		{"same proxy ports", base("-p", "15006"), nil, "--envoy-port"},
+		{"missing cgroup", []string{"attach", "--pod-id", pod.Name, "--cgroup", "/sys/fs/cgroup/no-such-pod", "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--cgroup"},
+		{"not a cgroup", []string{"attach", "--pod-id", pod.Name, "--cgroup", os.TempDir(), "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--cgroup"},
+		{"not a netns", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", os.TempDir(), "--bpffs", opts.BPFFS}, nil, "--netns"},
+		{"bad pod id", []string{"attach", "--pod-id", "ns.pod", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--pod-id"},
+		{"missing pod id", []string{"attach", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--pod-id"},
+		{"bpffs not bpffs", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", t.TempDir()}, nil, "--bpffs"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := runCLI(t, c.env, c.args...)
+			if err == nil {
+				t.Fatal("attach succeeded")
+			}
+			msg := err.Error()
+			if strings.Contains(msg, "\n") || !strings.Contains(msg, c.flag) {
+				t.Errorf("error should be one line naming %s, got %q", c.flag, msg)
+			}
+			divertest.AssertNothingAttached(t, pod.CgroupPath, opts)
+		})
+	}
+}
+
+// attach, status (text and json), explain and detach, as a user runs them.
+func TestAttachStatusDetach(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	pod.Proxy(t, "proxy", netip.AddrPortFrom(netip.IPv4Unspecified(), 15001), "report", divertest.ProxyUID, divertest.ProxyUID)
+
+	out, err := runCLI(t, nil, "attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS, "-o", "3306", "-x", "203.0.113.0/24")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
+	if !strings.Contains(out, "attached "+pod.Name) {
+		t.Errorf("attach output: %q", out)
+	}
+	dst := netip.AddrPortFrom(pod.Net.Addrs[0], 80)
+	if res := pod.Dial(t, divertest.AppUID, divertest.AppUID, testpod.Target{Dst: dst})[0]; len(res.Hops) != 1 || res.Hops[0].Orig != dst.String() {
+		t.Fatalf("connection not captured after CLI attach: %+v", res)
+	}
+
+	out, err = runCLI(t, nil, "status", "--bpffs", opts.BPFFS, "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st []loader.PodStatus
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("status json: %v\n%s", err, out)
+	}
+	if len(st) != 1 || st[0].ID != pod.Name || st[0].Counters["included-cidr"] != 1 || len(st[0].Programs) != 3 {
+		t.Errorf("status: %+v", st)
+	}
+	if p := st[0].Policy; len(p.OutboundExcludePorts) != 1 || p.OutboundExcludePorts[0] != 3306 ||
+		len(p.OutboundExcludeCIDRs) != 1 || p.OutboundExcludeCIDRs[0] != "203.0.113.0/24" ||
+		len(p.LocalAddrs) != 1 || p.LocalAddrs[0] != pod.Addr {
+		t.Errorf("status policy does not read back what was attached: %+v", p)
+	}
+	if out, err = runCLI(t, nil, "status", "--bpffs", opts.BPFFS); err != nil || !strings.Contains(out, "included-cidr") {
+		t.Errorf("status text: %v\n%s", err, out)
+	}
+
+	if out, err = runCLI(t, nil, "detach", "--pod-id", pod.Name, "--bpffs", opts.BPFFS); err != nil || !strings.Contains(out, "detached") {
+		t.Fatalf("detach: %v %q", err, out)
+	}
+	if out, err = runCLI(t, nil, "detach", "--pod-id", pod.Name, "--bpffs", opts.BPFFS); err != nil || !strings.Contains(out, "not attached") {
+		t.Fatalf("second detach must succeed and say so: %v %q", err, out)
+	}
+	divertest.AssertNothingAttached(t, pod.CgroupPath, opts)
+}
+
+func TestExplain(t *testing.T) {
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--uid", "1000", "--gid", "1000", "--dst", "10.0.0.5:80"}, "redirect-outbound to port 15001 (included-cidr)"},
+		{[]string{"--uid", "1337", "--gid", "1337", "--dst", "10.0.0.5:80"}, "pass (proxy-uid)"},
+		{[]string{"--uid", "1337", "--gid", "1337", "--dst", "10.1.1.1:8080", "--pod-ip", "10.1.1.1"}, "redirect-inbound to port 15006 (proxy-hairpin)"},
+		{[]string{"-o", "80", "--uid", "1000", "--gid", "1000", "--dst", "10.0.0.5:80"}, "pass (excluded-outbound-port)"},
+		{[]string{"--direction", "inbound", "--dst", "10.1.1.1:15021"}, "pass (inbound-excluded-port)"},
+	}
+	for _, c := range cases {
+		out, err := runCLI(t, nil, append([]string{"explain"}, c.args...)...)
+		if err != nil || !strings.Contains(out, c.want) {
+			t.Errorf("explain %v: %v\n%s\nwant %q", c.args, err, out, c.want)
+		}
+	}
+	if _, err := runCLI(t, nil, "explain", "--dst", "nope"); err == nil || !strings.Contains(err.Error(), "--dst") {
+		t.Errorf("bad --dst: %v", err)
+	}
+}
