@@ -170,7 +170,13 @@ func create(dir string, opts Options, pod Pod, cfg *policy.Config, addrs []netip
 	var links []link.Link
 	defer func() {
 		for _, l := range links {
-			l.Close() // pinned links stay attached; on error they were unpinned first
+			if err != nil {
+				// Detach explicitly: dropping the last reference (unpin, close) frees a
+				// link only later, from a kernel work item, and attach must be undone
+				// by the time it returns.
+				l.Detach()
+			}
+			l.Close() // pinned links stay attached
 		}
 	}()
 	for _, p := range programs {
@@ -253,6 +259,27 @@ func Detach(id string, opts Options) error {
 	dir := PinDir(opts, id)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("pod %s: %w", id, ErrNotAttached)
+	}
+	// Detach explicitly, connect4 first so nothing new is redirected while the programs
+	// answering for redirected connections are still there. Unpinning alone would free the
+	// links only later, from a kernel work item.
+	var errs []error
+	for _, p := range slices.Backward(programs) {
+		l, err := loadPinnedLink(filepath.Join(dir, p.pin))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // a previous detach got this far
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+			errs = append(errs, fmt.Errorf("detach %s: %w", p.name, err))
+		}
+		l.Close()
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("pod %s: %w", id, err)
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("remove pins of pod %s: %w", id, err)
