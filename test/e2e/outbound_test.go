@@ -146,3 +146,21 @@ func waitListening(t *testing.T, netns string, port uint16) {
 }
 
 func itoa(p uint16) string { return strconv.Itoa(int(p)) }
+
+// UDP is not captured: a connected UDP socket keeps its destination and nothing is counted.
+func TestUDPNotCaptured(t *testing.T) {
+	pod := testpod.New(t)
+	att := divertest.Attach(t, pod, divertest.BPFFS(t), divertest.Config(t))
+	dst := netip.AddrPortFrom(pod.Net.Addrs[0], 53)
+	before := att.Counters(t)
+	out := pod.Start(t, testpod.ProcSpec{UID: appUID, GID: appUID, Args: []string{"udp", dst.String()}}).Wait(t, 5*time.Second)
+	if got := strings.TrimSpace(out); got != dst.String() {
+		t.Errorf("UDP socket connected to %q, want %s (untouched)", got, dst)
+	}
+	after := att.Counters(t)
+	for r, n := range after {
+		if n != before[r] {
+			t.Errorf("counter %s moved from %d to %d for a UDP connect", r, before[r], n)
+		}
+	}
+}

@@ -45,6 +45,7 @@ func RunHelperIfRequested() {
 		"proxy":  runProxy,
 		"client": runClient,
 		"id":     runID,
+		"udp":    runUDP,
 	}
 	run, ok := cmds[os.Args[1]]
 	if !ok {
@@ -311,4 +312,19 @@ func runID([]string) error {
 	}
 	id.NetNS = st.Ino
 	return json.NewEncoder(os.Stdout).Encode(id)
+}
+
+// runUDP connects a UDP socket to its argument and prints the peer the kernel ended up
+// with: a connect hook that rewrote the destination would show here.
+func runUDP(args []string) error {
+	if len(args) != 1 {
+		return fmt.Errorf("usage: udp ADDR:PORT")
+	}
+	c, err := net.Dial("udp4", args[0])
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	fmt.Println(c.RemoteAddr())
+	return nil
 }
