@@ -1,0 +1,284 @@
+// Package iptables is the iptables backend: it renders a policy.Config as the exact
+// iptables-restore input istio-iptables produces (the parity oracle for the eBPF backend),
+// applies and removes those rules inside a pod's network namespace, and names the rule that
+// decides a connection (for `divert explain`).
+//
+// Only what shapes IPv4 TCP capture is rendered: no DNS capture, no interface exclusions,
+// no IPv6 tables. Rule order and spelling follow istio-iptables (istio/istio
+// tools/istio-iptables/pkg/capture) rule for rule, so the kernel running these rules behaves
+// exactly as it does under istio-init.
+package iptables
+
+import (
+	"net/netip"
+	"strconv"
+	"strings"
+
+	"github.com/meshdivert/divert/policy"
+)
+
+// Tables and chains istio-iptables uses.
+const (
+	tableNat    = "nat"
+	tableMangle = "mangle"
+
+	chainInbound    = "ISTIO_INBOUND"
+	chainRedirect   = "ISTIO_REDIRECT"
+	chainInRedirect = "ISTIO_IN_REDIRECT"
+	chainOutput     = "ISTIO_OUTPUT"
+	chainDivert     = "ISTIO_DIVERT"
+	chainTProxy     = "ISTIO_TPROXY"
+
+	// chainPrefix marks every chain this package owns; Cleanup removes exactly these.
+	chainPrefix = "ISTIO_"
+)
+
+// outboundMark is the packet mark istio's TPROXY rules give the proxy's own connections to
+// the pod's addresses, so inbound capture can tell them from the app's. istio hard-codes it.
+const outboundMark = "1338"
+
+// hostLoopback is istio's --host-ipv4-loopback-cidr default, the one address the hairpin and
+// "localhost" rules leave alone.
+const hostLoopback = "127.0.0.1/32"
+
+// rule is one iptables rule in istio-iptables' order and spelling.
+type rule struct {
+	table, chain string
+	// pos > 0 inserts at that position (-I), as istio does for three mangle rules; 0 appends.
+	pos int
+	// spec is the match and target, in istio's argument order.
+	spec []string
+	// reason is the policy verdict this rule decides (ReasonNone for plumbing), with the
+	// port or prefix it is specific to, so MatchingRule can pick the right one of a list.
+	reason policy.Reason
+	port   uint16
+	prefix netip.Prefix
+}
+
+// line is the rule as istio writes it into the restore input.
+func (r rule) line() string {
+	head := "-A " + r.chain
+	if r.pos > 0 {
+		head = "-I " + r.chain + " " + strconv.Itoa(r.pos)
+	}
+	return head + " " + strings.Join(r.spec, " ")
+}
+
+// builtin reports whether chain is one of the kernel's; all others are istio's own.
+func builtin(chain string) bool { return !strings.HasPrefix(chain, chainPrefix) }
+
+// target returns the rule's -j target.
+func (r rule) target() string {
+	for i, a := range r.spec {
+		if a == "-j" && i+1 < len(r.spec) {
+			return r.spec[i+1]
+		}
+	}
+	return ""
+}
+
+type ruleSet []rule
+
+func (rs *ruleSet) add(table, chain string, spec ...string) *rule {
+	*rs = append(*rs, rule{table: table, chain: chain, spec: spec})
+	return &(*rs)[len(*rs)-1]
+}
+
+func (rs *ruleSet) insert(table, chain string, pos int, spec ...string) {
+	*rs = append(*rs, rule{table: table, chain: chain, pos: pos, spec: spec})
+}
+
+func (rs *ruleSet) decides(table, chain string, reason policy.Reason, spec ...string) *rule {
+	r := rs.add(table, chain, spec...)
+	r.reason = reason
+	return r
+}
+
+func u16(v uint16) string { return strconv.FormatUint(uint64(v), 10) }
+func u32(v uint32) string { return strconv.FormatUint(uint64(v), 10) }
+
+// rules builds istio-iptables' IPv4 rules for cfg, in the order istio appends them.
+func rules(cfg *policy.Config) ruleSet {
+	var rs ruleSet
+	tproxy := cfg.Mode == policy.TProxy
+	mark := u32(cfg.TProxyMark)
+	tunnel := u16(cfg.InboundTunnelPort)
+
+	// The tunnel port bypasses inbound capture. istio always writes this rule into the nat
+	// chain, even in TPROXY mode where nothing jumps to nat ISTIO_INBOUND.
+	rs.decides(tableNat, chainInbound, policy.ReasonInboundTunnelPort,
+		"-p", "tcp", "--dport", tunnel, "-j", "RETURN").port = cfg.InboundTunnelPort
+	rs.add(tableNat, chainRedirect, "-p", "tcp", "-j", "REDIRECT", "--to-ports", u16(cfg.ProxyPort))
+	rs.add(tableNat, chainInRedirect, "-p", "tcp", "-j", "REDIRECT", "--to-ports", u16(cfg.InboundCapturePort))
+
+	inboundRules(&rs, cfg)
+
+	// Outbound: everything a process of the pod sends goes through ISTIO_OUTPUT.
+	rs.add(tableNat, "OUTPUT", "-j", chainOutput)
+	// -o comes first so an excluded port escapes even the hairpin; istio returns UDP too.
+	for _, p := range cfg.OutboundExcludePorts {
+		rs.decides(tableNat, chainOutput, policy.ReasonExcludedOutboundPort,
+			"-p", "tcp", "--dport", u16(p), "-j", "RETURN").port = p
+		rs.add(tableNat, chainOutput, "-p", "udp", "--dport", u16(p), "-j", "RETURN")
+	}
+	rs.decides(tableNat, chainOutput, policy.ReasonInboundPassthrough,
+		"-o", "lo", "-s", policy.InboundPassthroughSource.String()+"/32", "-j", "RETURN")
+
+	// istio drops the "app talks to itself" RETURN when -i names a loopback prefix, so
+	// that loopback traffic can reach the include rules.
+	loopbackIncluded := false
+	for _, p := range cfg.OutboundCIDRs.Prefixes {
+		loopbackIncluded = loopbackIncluded || p.Addr().IsLoopback()
+	}
+	uid := u32(cfg.ProxyUID)
+	rs.decides(tableNat, chainOutput, policy.ReasonProxyHairpin,
+		"-o", "lo", "!", "-d", hostLoopback, "-p", "tcp", "!", "--dport", tunnel,
+		"-m", "owner", "--uid-owner", uid, "-j", chainInRedirect)
+	if !loopbackIncluded {
+		rs.decides(tableNat, chainOutput, policy.ReasonLocalDestination,
+			"-o", "lo", "-m", "owner", "!", "--uid-owner", uid, "-j", "RETURN")
+	}
+	rs.decides(tableNat, chainOutput, policy.ReasonProxyUID, "-m", "owner", "--uid-owner", uid, "-j", "RETURN")
+	// The gid twins of the hairpin and local-destination rules never decide anything: the
+	// uid rules before them already matched every connection that leaves through lo.
+	gid := u32(cfg.ProxyGID)
+	rs.add(tableNat, chainOutput,
+		"-o", "lo", "!", "-d", hostLoopback, "-p", "tcp", "!", "--dport", tunnel,
+		"-m", "owner", "--gid-owner", gid, "-j", chainInRedirect)
+	if !loopbackIncluded {
+		rs.add(tableNat, chainOutput, "-o", "lo", "-m", "owner", "!", "--gid-owner", gid, "-j", "RETURN")
+	}
+	rs.decides(tableNat, chainOutput, policy.ReasonProxyGID, "-m", "owner", "--gid-owner", gid, "-j", "RETURN")
+
+	rs.decides(tableNat, chainOutput, policy.ReasonLocalhost, "-d", hostLoopback, "-j", "RETURN")
+	for _, p := range cfg.IPv4OutboundExcludeCIDRs() {
+		rs.decides(tableNat, chainOutput, policy.ReasonExcludedCIDR, "-d", p.String(), "-j", "RETURN").prefix = p
+	}
+	for _, p := range cfg.OutboundPorts {
+		rs.decides(tableNat, chainOutput, policy.ReasonIncludedOutboundPort,
+			"-p", "tcp", "--dport", u16(p), "-j", chainRedirect).port = p
+	}
+	switch {
+	case cfg.OutboundCIDRs.All:
+		rs.decides(tableNat, chainOutput, policy.ReasonIncludedCIDR, "-j", chainRedirect)
+	default:
+		for _, p := range cfg.IPv4OutboundCIDRs() {
+			rs.decides(tableNat, chainOutput, policy.ReasonIncludedCIDR, "-d", p.String(), "-j", chainRedirect).prefix = p
+		}
+	}
+
+	if tproxy {
+		// Keep the mark of connections the proxy accepted through TPROXY on their replies,
+		// and mark the proxy's own connections to the pod (1338) so inbound capture skips
+		// everything else arriving on lo.
+		rs.add(tableMangle, "PREROUTING", "-p", "tcp", "-m", "mark", "--mark", mark, "-j", "CONNMARK", "--save-mark")
+		rs.add(tableMangle, "OUTPUT", "-p", "tcp", "-o", "lo", "-m", "mark", "--mark", mark, "-j", "RETURN")
+		rs.add(tableMangle, "OUTPUT", "!", "-d", hostLoopback, "-p", "tcp", "-o", "lo",
+			"-m", "owner", "--uid-owner", uid, "-j", "MARK", "--set-mark", outboundMark)
+		rs.add(tableMangle, "OUTPUT", "!", "-d", hostLoopback, "-p", "tcp", "-o", "lo",
+			"-m", "owner", "--gid-owner", gid, "-j", "MARK", "--set-mark", outboundMark)
+		rs.add(tableMangle, "OUTPUT", "-p", "tcp", "-m", "connmark", "--mark", mark, "-j", "CONNMARK", "--restore-mark")
+		rs.insert(tableMangle, chainInbound, 1, "-p", "tcp", "-m", "mark", "--mark", mark, "-j", "RETURN")
+		rs.insert(tableMangle, chainInbound, 2, "-p", "tcp", "-s", policy.InboundPassthroughSource.String()+"/32", "-i", "lo", "-j", "RETURN")
+		rs.insert(tableMangle, chainInbound, 3, "-p", "tcp", "-i", "lo", "-m", "mark", "!", "--mark", outboundMark, "-j", "RETURN")
+	}
+	return rs
+}
+
+// inboundRules adds the capture of connections arriving from outside: nat REDIRECT, or
+// mangle TPROXY (which keeps the original destination and source).
+func inboundRules(rs *ruleSet, cfg *policy.Config) {
+	if !cfg.InboundPorts.All && len(cfg.InboundPorts.Ports) == 0 {
+		return // -b "": no inbound capture at all, not even the PREROUTING jump
+	}
+	table, capture := tableNat, chainInRedirect
+	if cfg.Mode == policy.TProxy {
+		table, capture = tableMangle, chainTProxy
+		mark := u32(cfg.TProxyMark)
+		rs.add(tableMangle, chainDivert, "-j", "MARK", "--set-mark", mark)
+		rs.add(tableMangle, chainDivert, "-j", "ACCEPT")
+		rs.add(tableMangle, chainTProxy, "!", "-d", hostLoopback, "-p", "tcp", "-j", "TPROXY",
+			"--tproxy-mark", mark+"/0xffffffff", "--on-port", u16(cfg.InboundCapturePort))
+	}
+	rs.add(table, "PREROUTING", "-p", "tcp", "-j", chainInbound)
+
+	if cfg.InboundPorts.All {
+		for _, p := range cfg.InboundExcludePorts {
+			rs.decides(table, chainInbound, policy.ReasonInboundExcludedPort,
+				"-p", "tcp", "--dport", u16(p), "-j", "RETURN").port = p
+		}
+		if cfg.Mode == policy.TProxy {
+			// Packets of connections already accepted go straight to the local socket.
+			rs.add(tableMangle, chainInbound, "-p", "tcp", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", chainDivert)
+		}
+		rs.decides(table, chainInbound, policy.ReasonInboundIncludedPort, "-p", "tcp", "-j", capture)
+		return
+	}
+	for _, p := range cfg.InboundPorts.Ports {
+		if cfg.Mode == policy.TProxy {
+			rs.add(tableMangle, chainInbound, "-p", "tcp", "--dport", u16(p),
+				"-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", chainDivert)
+		}
+		rs.decides(table, chainInbound, policy.ReasonInboundIncludedPort,
+			"-p", "tcp", "--dport", u16(p), "-j", capture).port = p
+	}
+}
+
+// chains lists the chains istio creates in table, in the order of its -N lines: first the
+// chains that receive rules, in order of their first rule, then chains only jumped to.
+func (rs ruleSet) chains(table string) []string {
+	var out []string
+	seen := map[string]bool{}
+	addChain := func(c string) {
+		if !builtin(c) && !seen[c] {
+			seen[c] = true
+			out = append(out, c)
+		}
+	}
+	for _, r := range rs {
+		if r.table == table {
+			addChain(r.chain)
+		}
+	}
+	for _, r := range rs {
+		if r.table == table {
+			addChain(r.target())
+		}
+	}
+	return out
+}
+
+// tables lists the tables that receive rules, sorted as istio writes them.
+func (rs ruleSet) tables() []string {
+	var out []string
+	for _, t := range []string{tableMangle, tableNat} { // alphabetical, like istio
+		for _, r := range rs {
+			if r.table == t {
+				out = append(out, t)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// Render returns exactly the iptables-restore input istio-iptables hands to
+// `iptables-restore --noflush` for the same settings: the IPv4 nat table and, in TPROXY
+// mode, the mangle table. It has no side effects.
+func Render(cfg *policy.Config) string {
+	rs := rules(cfg)
+	var b strings.Builder
+	for _, t := range rs.tables() {
+		b.WriteString("* " + t + "\n")
+		for _, c := range rs.chains(t) {
+			b.WriteString("-N " + c + "\n")
+		}
+		for _, r := range rs {
+			if r.table == t {
+				b.WriteString(r.line() + "\n")
+			}
+		}
+		b.WriteString("COMMIT\n")
+	}
+	return b.String()
+}
