@@ -1,0 +1,33 @@
+package iptables
+
+import (
+	"github.com/meshdivert/divert/policy"
+)
+
+// MatchingRule returns the rule line, as Render writes it, that decides conn according to
+// the reason policy.Decide gives; "" when the connection falls off the end of the chains
+// (not included, or no rule for it). `divert explain` prints it beside the eBPF reason.
+//
+// The line is the first rendered rule for that reason that applies to the connection's
+// port or destination (the -o, -d, -b, -q, -x and -i lists render one rule per entry).
+// When the model names a reason for which istio renders no rule with these settings, the
+// answer is "" too; the parity suite, not this function, judges who is right.
+func MatchingRule(cfg *policy.Config, conn policy.Conn) string {
+	v := cfg.Decide(conn)
+	if v.Reason == policy.ReasonNone {
+		return ""
+	}
+	for _, r := range rules(cfg) {
+		if r.reason != v.Reason {
+			continue
+		}
+		if r.port != 0 && r.port != conn.Dst.Port() {
+			continue
+		}
+		if r.prefix.IsValid() && !r.prefix.Contains(conn.Dst.Addr()) {
+			continue
+		}
+		return r.line()
+	}
+	return ""
+}
