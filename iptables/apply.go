@@ -1,0 +1,229 @@
+package iptables
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/meshdivert/divert/policy"
+)
+
+// Options tune Apply and Cleanup. The zero value detects everything.
+type Options struct {
+	// Backend forces iptables-nft or iptables-legacy; BackendAuto detects (see BackendAuto).
+	Backend Backend
+}
+
+// Result says what Apply did.
+type Result struct {
+	// Backend is the iptables implementation that holds the rules.
+	Backend Backend
+	// Restore is the iptables-restore binary that ran; "" when the netns was up to date.
+	Restore string
+	// Input is what was fed to `iptables-restore --noflush`; "" when nothing ran.
+	Input string
+	// Changed is false when the rules and routes were already exactly as configured.
+	Changed bool
+	// TProxyRoute is true when the TPROXY policy route (ip rule fwmark <mark> lookup
+	// <table>; local 0.0.0.0/0 dev lo table <table>) is in place.
+	TProxyRoute bool
+}
+
+// Apply installs istio-iptables' rules for cfg in the network namespace at netnsPath with
+// the detected backend. See Options.Apply.
+func Apply(ctx context.Context, netnsPath string, cfg *policy.Config) (Result, error) {
+	return Options{}.Apply(ctx, netnsPath, cfg)
+}
+
+// Cleanup removes istio's rules from the network namespace at netnsPath. See
+// Options.Cleanup.
+func Cleanup(ctx context.Context, netnsPath string) error {
+	return Options{}.Cleanup(ctx, netnsPath)
+}
+
+// Apply installs istio-iptables' rules for cfg (the same rules Render prints) in the
+// network namespace at netnsPath.
+//
+// It is atomic: all iptables changes go in one `iptables-restore --noflush` run, which the
+// kernel commits as a whole. It is idempotent: the ISTIO_ chains are created or flushed and
+// refilled in that run, the rules istio puts in the kernel's own chains (the jumps from
+// PREROUTING and OUTPUT, TPROXY's mark rules) are added only if they are not already there
+// in istio's order, and ISTIO_ chains or such rules left by other settings are removed; when
+// everything is already in place nothing runs. Other rules are left alone. In TPROXY mode
+// it also installs istio's policy route (idempotent too); it is removed again if the
+// iptables step fails.
+func (o Options) Apply(ctx context.Context, netnsPath string, cfg *policy.Config) (Result, error) {
+	if cfg == nil {
+		return Result{}, errors.New("iptables: no config")
+	}
+	if err := cfg.Validate(); err != nil {
+		return Result{}, err
+	}
+	c, err := o.pick(ctx, netnsPath)
+	if err != nil {
+		return Result{}, err
+	}
+	res := Result{Backend: c.backend}
+
+	want := wantRoute(cfg)
+	routesChanged, undoRoutes, err := syncRoutes(netnsPath, want)
+	if err != nil {
+		return res, err
+	}
+	res.TProxyRoute = want != nil
+
+	input := applyInput(cfg, c.state)
+	if input != "" {
+		if _, err := run(ctx, netnsPath, input, c.restore, "--noflush", "-w"); err != nil {
+			return res, errors.Join(fmt.Errorf("apply iptables rules: %w", err), undoRoutes())
+		}
+		res.Restore, res.Input = c.restore, input
+	}
+	res.Changed = input != "" || routesChanged
+	return res, nil
+}
+
+// Cleanup removes every ISTIO_ chain, the rules in the kernel's chains that jump into them
+// and istio's TPROXY mark rules, in every table, plus istio's TPROXY policy route; other
+// rules and routes are left alone. Cleaning a clean netns changes nothing. With
+// BackendAuto it cleans every backend that works in the netns, since rules may be in either.
+func (o Options) Cleanup(ctx context.Context, netnsPath string) error {
+	cs, err := o.candidates(ctx, netnsPath)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, c := range cs {
+		if input := cleanupInput(c.state); input != "" {
+			if _, err := run(ctx, netnsPath, input, c.restore, "--noflush", "-w"); err != nil {
+				errs = append(errs, fmt.Errorf("remove iptables-%s rules: %w", c.backend, err))
+			}
+		}
+	}
+	if _, _, err := syncRoutes(netnsPath, nil); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// applyInput is the iptables-restore --noflush input that turns the tables in have into
+// what cfg renders, or "" when they already are.
+func applyInput(cfg *policy.Config, have map[string]*savedTable) string {
+	rs := rules(cfg)
+	var b strings.Builder
+	for _, table := range []string{tableMangle, tableNat} {
+		marks := istioMarks(have[table])
+		if cfg.Mode == policy.TProxy {
+			marks[hexMark(u32(cfg.TProxyMark))] = true
+		}
+		b.WriteString(tableInput(table, rs, have[table], marks))
+	}
+	return b.String()
+}
+
+func tableInput(table string, rs ruleSet, have *savedTable, marks map[string]bool) string {
+	if have == nil {
+		have = &savedTable{}
+	}
+	chains := rs.chains(table)
+	want := rs.contents(table)
+
+	var stale []string
+	for _, c := range have.chains {
+		if strings.HasPrefix(c, chainPrefix) && !slices.Contains(chains, c) {
+			stale = append(stale, c)
+		}
+	}
+	haveRules := map[string][]string{} // ISTIO_ chains: all rules; kernel chains: istio's
+	var owned []savedRule
+	for _, r := range have.rules {
+		switch {
+		case !isBuiltinChain(r.chain):
+			haveRules[r.chain] = append(haveRules[r.chain], r.line)
+		case ownedBuiltinRule(table, r, marks):
+			haveRules[r.chain] = append(haveRules[r.chain], r.line)
+			owned = append(owned, r)
+		}
+	}
+	// A kernel chain whose istio rules are not exactly the wanted ones, in order, has them
+	// all removed and re-added, so their relative order (which TPROXY's marks rely on) is
+	// istio's whatever was there before.
+	rewrite := map[string]bool{}
+	upToDate := len(stale) == 0
+	for _, c := range chains {
+		upToDate = upToDate && slices.Contains(have.chains, c) && slices.Equal(haveRules[c], want[c])
+	}
+	for _, c := range []string{"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"} {
+		if !slices.Equal(haveRules[c], want[c]) {
+			rewrite[c] = true
+			upToDate = false
+		}
+	}
+	if upToDate {
+		return ""
+	}
+
+	var b strings.Builder
+	b.WriteString("*" + table + "\n")
+	for _, c := range chains {
+		// With --noflush, a chain line creates the chain, or flushes it if it exists.
+		b.WriteString(":" + c + " - [0:0]\n")
+	}
+	for _, c := range stale {
+		b.WriteString("-F " + c + "\n")
+	}
+	for _, r := range owned {
+		if rewrite[r.chain] {
+			b.WriteString("-D" + strings.TrimPrefix(r.line, "-A") + "\n")
+		}
+	}
+	for _, c := range stale {
+		b.WriteString("-X " + c + "\n")
+	}
+	for _, r := range rs {
+		if r.table == table && (!builtin(r.chain) || rewrite[r.chain]) {
+			b.WriteString(r.line() + "\n")
+		}
+	}
+	b.WriteString("COMMIT\n")
+	return b.String()
+}
+
+// cleanupInput is the iptables-restore --noflush input that removes istio's chains and
+// rules from every table in have, or "" when there are none.
+func cleanupInput(have map[string]*savedTable) string {
+	var tables []string
+	for t := range have {
+		tables = append(tables, t)
+	}
+	slices.Sort(tables)
+	var b strings.Builder
+	for _, t := range tables {
+		var lines []string
+		marks := istioMarks(have[t])
+		for _, r := range have[t].rules {
+			if isBuiltinChain(r.chain) && ownedBuiltinRule(t, r, marks) {
+				lines = append(lines, "-D"+strings.TrimPrefix(r.line, "-A"))
+			}
+		}
+		var ours []string
+		for _, c := range have[t].chains {
+			if strings.HasPrefix(c, chainPrefix) {
+				ours = append(ours, c)
+			}
+		}
+		// Flush all before deleting any: ISTIO_ chains jump to each other.
+		for _, c := range ours {
+			lines = append(lines, "-F "+c)
+		}
+		for _, c := range ours {
+			lines = append(lines, "-X "+c)
+		}
+		if len(lines) > 0 {
+			b.WriteString("*" + t + "\n" + strings.Join(lines, "\n") + "\nCOMMIT\n")
+		}
+	}
+	return b.String()
+}

@@ -1,0 +1,216 @@
+package iptables
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/meshdivert/divert/internal/nsexec"
+)
+
+// Backend is an iptables implementation: the nf_tables one (iptables-nft) or the legacy
+// x_tables one (iptables-legacy). Rules live in one or the other, so a netns must be
+// applied and cleaned with the one that holds its rules.
+type Backend string
+
+const (
+	// BackendAuto detects: the backend that already holds ISTIO_ chains in the netns if only
+	// one does, else iptables-nft if it works there, else iptables-legacy.
+	BackendAuto Backend = ""
+	// BackendNFT is iptables-nft (nf_tables), the default of current distributions.
+	BackendNFT Backend = "nft"
+	// BackendLegacy is iptables-legacy (x_tables).
+	BackendLegacy Backend = "legacy"
+)
+
+// ParseBackend reads a --backend value: "auto" (or ""), "nft" or "legacy".
+func ParseBackend(s string) (Backend, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "", "auto":
+		return BackendAuto, nil
+	case "nft", "nf_tables":
+		return BackendNFT, nil
+	case "legacy":
+		return BackendLegacy, nil
+	}
+	return "", fmt.Errorf("unknown iptables backend %q: use auto, nft or legacy", s)
+}
+
+func (b Backend) String() string {
+	if b == BackendAuto {
+		return "auto"
+	}
+	return string(b)
+}
+
+// tool is one backend's restore and save binaries.
+type tool struct {
+	backend       Backend
+	restore, save string
+}
+
+// sbinDirs are searched when PATH lacks them (minimal init-container environments do).
+var sbinDirs = []string{"/usr/sbin", "/sbin", "/usr/local/sbin"}
+
+func lookPath(name string) (string, bool) {
+	if p, err := exec.LookPath(name); err == nil {
+		return p, true
+	}
+	for _, d := range sbinDirs {
+		p := filepath.Join(d, name)
+		if fi, err := os.Stat(p); err == nil && !fi.IsDir() && fi.Mode()&0o111 != 0 {
+			return p, true
+		}
+	}
+	return "", false
+}
+
+// findTool locates a backend's binaries: iptables-<b>-restore/-save, or the plain
+// iptables-restore/-save when `iptables --version` says they are that backend.
+func findTool(b Backend) (tool, bool) {
+	r, okR := lookPath("iptables-" + string(b) + "-restore")
+	s, okS := lookPath("iptables-" + string(b) + "-save")
+	if okR && okS {
+		return tool{b, r, s}, true
+	}
+	r, okR = lookPath("iptables-restore")
+	s, okS = lookPath("iptables-save")
+	if !okR || !okS {
+		return tool{}, false
+	}
+	out, err := exec.Command(r, "--version").CombinedOutput()
+	if err != nil {
+		return tool{}, false
+	}
+	// "iptables-restore v1.8.9 (nf_tables)"; legacy builds say "(legacy)" or nothing.
+	isNFT := strings.Contains(string(out), "nf_tables")
+	if isNFT == (b == BackendNFT) {
+		return tool{b, r, s}, true
+	}
+	return tool{}, false
+}
+
+// errNoIptables is returned when no backend's binaries exist.
+var errNoIptables = errors.New("iptables-restore not found: install the iptables package (it provides iptables-nft-restore and iptables-legacy-restore)")
+
+// run runs a command inside the netns at path, feeding it stdin, and returns its stdout.
+// The error is one line: the command and its first line of complaint.
+func run(ctx context.Context, netnsPath, stdin, name string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, name, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if stdin != "" {
+		cmd.Stdin = strings.NewReader(stdin)
+	}
+	if err := nsexec.Do(netnsPath, cmd.Run); err != nil {
+		msg := firstLine(stderr.String())
+		if msg == "" {
+			msg = err.Error()
+		}
+		return stdout.String(), fmt.Errorf("%s in netns %s: %s", filepath.Base(name), netnsPath, msg)
+	}
+	return stdout.String(), nil
+}
+
+// firstLine returns the first line that is not an iptables warning about the other backend.
+func firstLine(s string) string {
+	for _, l := range strings.Split(s, "\n") {
+		l = strings.TrimSpace(l)
+		if l != "" && !strings.HasPrefix(l, "# Warning:") {
+			return l
+		}
+	}
+	return ""
+}
+
+// dump runs the tool's iptables-save (all tables, no counters) in the netns and parses it.
+func (t tool) dump(ctx context.Context, netnsPath string) (map[string]*savedTable, error) {
+	out, err := run(ctx, netnsPath, "", t.save)
+	if err != nil {
+		return nil, err
+	}
+	return parseSave(out)
+}
+
+// hasIstio reports whether a dump holds any ISTIO_ chain.
+func hasIstio(tables map[string]*savedTable) bool {
+	for _, t := range tables {
+		for _, c := range t.chains {
+			if strings.HasPrefix(c, chainPrefix) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// candidate is a backend that works in the netns, with what it holds there now.
+type candidate struct {
+	tool
+	state map[string]*savedTable
+}
+
+// candidates returns the backends usable in the netns, nft first. With a forced backend it
+// returns that one or an error saying why it cannot be used.
+func (o Options) candidates(ctx context.Context, netnsPath string) ([]candidate, error) {
+	backends := []Backend{BackendNFT, BackendLegacy}
+	if o.Backend != BackendAuto {
+		if o.Backend != BackendNFT && o.Backend != BackendLegacy {
+			return nil, fmt.Errorf("unknown iptables backend %q: use nft or legacy", string(o.Backend))
+		}
+		backends = []Backend{o.Backend}
+	}
+	if _, err := os.Stat(netnsPath); err != nil {
+		return nil, fmt.Errorf("network namespace %s: %w; pass the pod's netns path (like /run/netns/NAME or /proc/PID/ns/net)", netnsPath, errors.Unwrap(err))
+	}
+	var out []candidate
+	var errs []string
+	found := false
+	for _, b := range backends {
+		t, ok := findTool(b)
+		if !ok {
+			continue
+		}
+		found = true
+		state, err := t.dump(ctx, netnsPath)
+		if err != nil {
+			errs = append(errs, err.Error())
+			continue
+		}
+		out = append(out, candidate{t, state})
+	}
+	switch {
+	case !found && o.Backend != BackendAuto:
+		return nil, fmt.Errorf("iptables-%s-restore not found: install the iptables package, or use another backend", o.Backend)
+	case !found:
+		return nil, errNoIptables
+	case len(out) == 0:
+		return nil, fmt.Errorf("no iptables backend works in netns %s (%s); check that the kernel has nf_tables or ip_tables", netnsPath, strings.Join(errs, "; "))
+	}
+	return out, nil
+}
+
+// pick chooses the backend Apply uses: the one that already holds ISTIO_ chains when only
+// one does (so re-applying after istio-init or an earlier run stays in one backend and
+// leaves no rules behind in the other), else the first that works (nft before legacy).
+func (o Options) pick(ctx context.Context, netnsPath string) (candidate, error) {
+	cs, err := o.candidates(ctx, netnsPath)
+	if err != nil {
+		return candidate{}, err
+	}
+	var holding []candidate
+	for _, c := range cs {
+		if hasIstio(c.state) {
+			holding = append(holding, c)
+		}
+	}
+	if len(holding) == 1 {
+		return holding[0], nil
+	}
+	return cs[0], nil
+}

@@ -1,0 +1,172 @@
+package iptables
+
+import (
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/policy"
+)
+
+// tproxyRoute is istio's TPROXY policy routing: packets marked by ISTIO_DIVERT / TPROXY
+// are looked up in their own table, which delivers everything locally through lo.
+//
+//	ip rule add fwmark <mark> lookup <table>
+//	ip route add local 0.0.0.0/0 dev lo table <table>
+type tproxyRoute struct {
+	mark, table uint32
+}
+
+// wantRoute is the policy route cfg needs: only TPROXY mode with some inbound capture, as
+// istio-iptables sets it up.
+func wantRoute(cfg *policy.Config) *tproxyRoute {
+	if cfg.Mode != policy.TProxy || (!cfg.InboundPorts.All && len(cfg.InboundPorts.Ports) == 0) {
+		return nil
+	}
+	return &tproxyRoute{mark: cfg.TProxyMark, table: cfg.TProxyRouteTable}
+}
+
+// syncRoutes makes the netns hold exactly the wanted TPROXY route (none for nil): it adds
+// what is missing and removes istio-style routes with another mark or table. A rule counts
+// as istio's when it is only "fwmark M lookup T" and table T routes local 0.0.0.0/0 via lo.
+// undo removes what this call added.
+func syncRoutes(netnsPath string, want *tproxyRoute) (changed bool, undo func() error, err error) {
+	undo = func() error { return nil }
+	var added []func(h *netlink.Handle) error
+	err = withHandle(netnsPath, func(h *netlink.Handle, loIndex int) error {
+		rules, err := h.RuleList(netlink.FAMILY_V4)
+		if err != nil {
+			return fmt.Errorf("list ip rules in netns %s: %w", netnsPath, err)
+		}
+		var errs []error
+		haveRule := false
+		for _, r := range rules {
+			if r.Mark == 0 || r.Table <= 0 || r.Src != nil || r.Dst != nil || r.IifName != "" || r.OifName != "" {
+				continue
+			}
+			route, err := localRoute(h, r.Table, loIndex)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("list routes of table %d in netns %s: %w", r.Table, netnsPath, err))
+				continue
+			}
+			if route == nil {
+				continue // somebody else's fwmark rule
+			}
+			if want != nil && r.Mark == want.mark && r.Table == int(want.table) {
+				haveRule = true
+				continue
+			}
+			if err := h.RuleDel(&r); err != nil {
+				errs = append(errs, fmt.Errorf("remove ip rule fwmark %#x lookup %d in netns %s: %w", r.Mark, r.Table, netnsPath, err))
+				continue
+			}
+			changed = true
+			if want == nil || r.Table != int(want.table) {
+				if err := h.RouteDel(route); err != nil && !errors.Is(err, unix.ESRCH) {
+					errs = append(errs, fmt.Errorf("remove local route of table %d in netns %s: %w", r.Table, netnsPath, err))
+				}
+			}
+		}
+		if len(errs) > 0 || want == nil {
+			return errors.Join(errs...)
+		}
+
+		table := int(want.table)
+		route, err := localRoute(h, table, loIndex)
+		if err != nil {
+			return fmt.Errorf("list routes of table %d in netns %s: %w", table, netnsPath, err)
+		}
+		if route == nil {
+			route = &netlink.Route{
+				Dst:       &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)},
+				Scope:     netlink.SCOPE_HOST,
+				Type:      unix.RTN_LOCAL,
+				Table:     table,
+				LinkIndex: loIndex,
+			}
+			if err := h.RouteAdd(route); err != nil {
+				return fmt.Errorf("add route local 0.0.0.0/0 dev lo table %d in netns %s: %w", table, netnsPath, err)
+			}
+			changed = true
+			added = append(added, func(h *netlink.Handle) error { return h.RouteDel(route) })
+		}
+		if !haveRule {
+			rule := netlink.NewRule()
+			rule.Family = netlink.FAMILY_V4
+			rule.Mark = want.mark
+			rule.Table = table
+			if err := h.RuleAdd(rule); err != nil {
+				return errors.Join(
+					fmt.Errorf("add ip rule fwmark %d lookup %d in netns %s: %w", want.mark, table, netnsPath, err),
+					undoAll(h, added))
+			}
+			changed = true
+			added = append(added, func(h *netlink.Handle) error { return h.RuleDel(rule) })
+		}
+		return nil
+	})
+	if err != nil || len(added) == 0 {
+		return changed, undo, err
+	}
+	undo = func() error {
+		return withHandle(netnsPath, func(h *netlink.Handle, _ int) error { return undoAll(h, added) })
+	}
+	return changed, undo, nil
+}
+
+// undoAll runs the undo steps in reverse order.
+func undoAll(h *netlink.Handle, steps []func(*netlink.Handle) error) error {
+	var errs []error
+	for i := len(steps) - 1; i >= 0; i-- {
+		if err := steps[i](h); err != nil {
+			errs = append(errs, fmt.Errorf("undo TPROXY route: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// withHandle runs fn with a netlink handle inside the netns at path and lo's index there.
+func withHandle(path string, fn func(h *netlink.Handle, loIndex int) error) error {
+	ns, err := netns.GetFromPath(path)
+	if err != nil {
+		return fmt.Errorf("open network namespace %s: %w", path, err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return fmt.Errorf("netlink in netns %s: %w", path, err)
+	}
+	defer h.Delete()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("find lo in netns %s: %w", path, err)
+	}
+	return fn(h, lo.Attrs().Index)
+}
+
+// localRoute finds "local 0.0.0.0/0 dev lo" in table.
+func localRoute(h *netlink.Handle, table, loIndex int) (*netlink.Route, error) {
+	routes, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, err
+	}
+	for i, r := range routes {
+		if r.Type == unix.RTN_LOCAL && r.LinkIndex == loIndex && isDefault(r.Dst) {
+			return &routes[i], nil
+		}
+	}
+	return nil, nil
+}
+
+// isDefault reports whether dst is 0.0.0.0/0 (netlink reports it as nil or as the prefix).
+func isDefault(dst *net.IPNet) bool {
+	if dst == nil {
+		return true
+	}
+	ones, _ := dst.Mask.Size()
+	return ones == 0 && dst.IP.IsUnspecified()
+}
