@@ -1,0 +1,149 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/meshdivert/divert/iptables"
+	"github.com/meshdivert/divert/policy"
+)
+
+// newIptablesCmd is the iptables backend: the same policy as the eBPF programs, as the
+// rules istio-iptables would install. Output goes to the command's OutOrStdout.
+func newIptablesCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "iptables",
+		Short: "Render, apply or remove istio-iptables' rules for the same policy flags",
+		Long: `The iptables backend renders the policy flags as exactly the iptables-restore input
+istio-iptables produces (IPv4 nat table; in TPROXY mode also the mangle table) and can
+apply it to a pod's network namespace. It is the fallback where eBPF cannot be used and the
+oracle the eBPF backend is compared with.
+
+Policy flags are istio-iptables' flags (short and long) and environment variables; DNS
+capture, interface exclusions and IPv6 rules are not rendered.`,
+		Args: cobra.NoArgs,
+	}
+	cmd.AddCommand(newIptablesRenderCmd(), newIptablesApplyCmd(), newIptablesCleanupCmd())
+	return cmd
+}
+
+func newIptablesRenderCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "render [policy flags]",
+		Short: "Print the iptables-restore input istio-iptables would use (dry run)",
+		Long: `render prints, without touching anything, what istio-iptables hands to
+"iptables-restore --noflush" for these flags, rule for rule and in istio's order.`,
+		Example: `  divert iptables render -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020
+  divert iptables render -m TPROXY -b 8080 | iptables-restore --test`,
+		Args: cobra.NoArgs,
+	}
+	parse := policy.Flags(cmd.Flags(), policy.Default())
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		cfg, err := parse(os.Getenv)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprint(cmd.OutOrStdout(), iptables.Render(&cfg))
+		return err
+	}
+	return cmd
+}
+
+func newIptablesApplyCmd() *cobra.Command {
+	var netnsPath, backend string
+	cmd := &cobra.Command{
+		Use:   "apply --netns PATH [--backend auto|nft|legacy] [policy flags]",
+		Short: "Install the rules (and TPROXY's policy route) in a pod's network namespace",
+		Long: `apply installs the rules render prints in the network namespace at --netns, in one atomic
+"iptables-restore --noflush" run. Applying again with the same flags changes nothing;
+with other flags it replaces istio's chains and rules and leaves everything else alone.
+In TPROXY mode it also adds "ip rule fwmark <-t> lookup <-r>" and
+"ip route add local 0.0.0.0/0 dev lo table <-r>".
+
+--backend auto uses the iptables backend that already holds ISTIO_ chains there, else
+iptables-nft when it works, else iptables-legacy.`,
+		Example: `  divert iptables apply --netns /run/netns/web-1 -u 1337 -i '*' -b '*' -d 15090,15021,15020
+  divert iptables apply --netns /proc/4242/ns/net --backend legacy -m TPROXY`,
+		Args: cobra.NoArgs,
+	}
+	addIptablesNetnsFlags(cmd.Flags(), &netnsPath, &backend)
+	parse := policy.Flags(cmd.Flags(), policy.Default())
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		cfg, err := parse(os.Getenv)
+		if err != nil {
+			return err
+		}
+		opts, err := iptablesOptions(netnsPath, backend)
+		if err != nil {
+			return err
+		}
+		res, err := opts.Apply(cmd.Context(), netnsPath, &cfg)
+		if err != nil {
+			return err
+		}
+		state := "applied"
+		if !res.Changed {
+			state = "already in place"
+		}
+		route := ""
+		if res.TProxyRoute {
+			route = fmt.Sprintf(", policy route fwmark %d lookup %d", cfg.TProxyMark, cfg.TProxyRouteTable)
+		}
+		_, err = fmt.Fprintf(cmd.OutOrStdout(), "iptables rules %s in %s (iptables-%s, %s mode%s)\n",
+			state, netnsPath, res.Backend, cfg.Mode, route)
+		return err
+	}
+	return cmd
+}
+
+func newIptablesCleanupCmd() *cobra.Command {
+	var netnsPath, backend string
+	cmd := &cobra.Command{
+		Use:   "cleanup --netns PATH [--backend auto|nft|legacy]",
+		Short: "Remove istio's chains, the jumps into them and TPROXY's policy route",
+		Long: `cleanup removes every ISTIO_ chain, the rules in the kernel's chains that jump into them,
+istio's TPROXY mark rules and its TPROXY policy route from the network namespace at
+--netns; other rules are left alone. Cleaning a clean namespace is a no-op. With --backend
+auto it cleans both iptables-nft and iptables-legacy. Policy flags are accepted, so an
+istio-iptables command line works, but not needed: whatever istio installed is removed.`,
+		Example: `  divert iptables cleanup --netns /run/netns/web-1`,
+		Args:    cobra.NoArgs,
+	}
+	addIptablesNetnsFlags(cmd.Flags(), &netnsPath, &backend)
+	parse := policy.Flags(cmd.Flags(), policy.Default())
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		if _, err := parse(os.Getenv); err != nil {
+			return err
+		}
+		opts, err := iptablesOptions(netnsPath, backend)
+		if err != nil {
+			return err
+		}
+		if err := opts.Cleanup(cmd.Context(), netnsPath); err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(cmd.OutOrStdout(), "istio iptables rules removed from %s\n", netnsPath)
+		return err
+	}
+	return cmd
+}
+
+func addIptablesNetnsFlags(fs *pflag.FlagSet, netnsPath, backend *string) {
+	fs.StringVar(netnsPath, "netns", "", "the pod's network namespace, e.g. /run/netns/NAME or /proc/PID/ns/net (required)")
+	fs.StringVar(backend, "backend", "auto", "iptables backend: auto, nft or legacy")
+}
+
+func iptablesOptions(netnsPath, backend string) (iptables.Options, error) {
+	if netnsPath == "" {
+		return iptables.Options{}, errors.New("missing --netns: give the pod's network namespace, e.g. --netns /proc/<pid>/ns/net")
+	}
+	b, err := iptables.ParseBackend(backend)
+	if err != nil {
+		return iptables.Options{}, fmt.Errorf("invalid --backend: %w", err)
+	}
+	return iptables.Options{Backend: b}, nil
+}
