@@ -66,6 +66,8 @@ struct config {
 	__u16 inbound_tunnel_port;
 	__u8 outbound_include_all; // -i '*'
 	__u8 inbound_include_all;  // -b '*'
+	__u8 capture_loopback;	   // -i names a loopback range: no "local passes" rules
+	__u8 inbound_tunnel_passes; // REDIRECT mode; TPROXY captures the tunnel port too
 };
 
 struct lpm_v4_key {
@@ -192,19 +194,27 @@ static __always_inline enum reason decide_outbound(struct config *cfg, __u32 src
 	__u32 uid = (__u32)uid_gid, gid = uid_gid >> 32;
 	__u8 pflags = port_flags(dport);
 	int local = is_local(dst);
+	// The shape of istio's hairpin rules: "-o lo ! -d 127.0.0.1/32 ! --dport <tunnel>".
+	int hairpinnable = local && dst != bpf_htonl(LOCALHOST) && dport != cfg->inbound_tunnel_port;
+	int local_returns = !cfg->capture_loopback;
 
 	if (pflags & PORT_OUTBOUND_EXCLUDE)
 		return REASON_EXCLUDED_OUTBOUND_PORT;
 	if (local && src == bpf_htonl(INBOUND_PASSTHROUGH))
 		return REASON_INBOUND_PASSTHROUGH;
-	if (local && dst != bpf_htonl(LOCALHOST) && dport != cfg->inbound_tunnel_port &&
-	    uid == cfg->proxy_uid) {
+	if (hairpinnable && uid == cfg->proxy_uid) {
 		*to_port = cfg->inbound_capture_port;
 		return REASON_PROXY_HAIRPIN;
 	}
+	if (local_returns && local && uid != cfg->proxy_uid)
+		return REASON_LOCAL_DESTINATION;
 	if (uid == cfg->proxy_uid)
 		return REASON_PROXY_UID;
-	if (local)
+	if (hairpinnable && gid == cfg->proxy_gid) {
+		*to_port = cfg->inbound_capture_port;
+		return REASON_PROXY_HAIRPIN;
+	}
+	if (local_returns && local && gid != cfg->proxy_gid)
 		return REASON_LOCAL_DESTINATION;
 	if (gid == cfg->proxy_gid)
 		return REASON_PROXY_GID;

@@ -14,14 +14,17 @@ import (
 )
 
 type DivertConfig struct {
-	_                  structs.HostLayout
-	ProxyUid           uint32
-	ProxyGid           uint32
-	ProxyPort          uint16
-	InboundCapturePort uint16
-	InboundTunnelPort  uint16
-	OutboundIncludeAll uint8
-	InboundIncludeAll  uint8
+	_                   structs.HostLayout
+	ProxyUid            uint32
+	ProxyGid            uint32
+	ProxyPort           uint16
+	InboundCapturePort  uint16
+	InboundTunnelPort   uint16
+	OutboundIncludeAll  uint8
+	InboundIncludeAll   uint8
+	CaptureLoopback     uint8
+	InboundTunnelPasses uint8
+	_                   [2]byte
 }
 
 type DivertLpmV4Key struct {

@@ -49,6 +49,9 @@ func configValue(cfg *policy.Config) bpf.DivertConfig {
 		InboundTunnelPort:  cfg.InboundTunnelPort,
 		OutboundIncludeAll: boolByte(cfg.OutboundCIDRs.All),
 		InboundIncludeAll:  boolByte(cfg.InboundPorts.All),
+		CaptureLoopback:    boolByte(cfg.CapturesLoopback()),
+		// istio returns the tunnel port only in REDIRECT mode's nat chain.
+		InboundTunnelPasses: boolByte(cfg.Mode != policy.TProxy),
 	}
 }
 

@@ -129,8 +129,13 @@ func (c *Config) Decide(conn Conn) Verdict {
 		return c.decideInbound(conn.Dst.Port())
 	}
 	pass := func(r Reason) Verdict { return Verdict{Action: Pass, Reason: r} }
+	hairpin := Verdict{Action: RedirectInbound, Reason: ReasonProxyHairpin, Port: c.InboundCapturePort}
 	dst, port := conn.Dst.Addr(), conn.Dst.Port()
-	isProxyUID := conn.UID == c.ProxyUID
+	// The shape of "-o lo ! -d 127.0.0.1/32 -p tcp ! --dport <tunnel>" in the hairpin rules.
+	hairpinnable := conn.DstLocal && dst != Localhost && port != c.InboundTunnelPort
+	// istio leaves out its "-o lo -m owner ! --uid-owner/--gid-owner -j RETURN" rules when
+	// -i names a loopback range, so that range can be captured.
+	localReturns := !c.CapturesLoopback()
 
 	// -o is rendered before everything else, so it even beats the hairpin.
 	if slices.Contains(c.OutboundExcludePorts, port) {
@@ -139,19 +144,22 @@ func (c *Config) Decide(conn Conn) Verdict {
 	if conn.DstLocal && conn.Src == InboundPassthroughSource {
 		return pass(ReasonInboundPassthrough)
 	}
-	if conn.DstLocal && dst != Localhost && port != c.InboundTunnelPort && isProxyUID {
-		return Verdict{Action: RedirectInbound, Reason: ReasonProxyHairpin, Port: c.InboundCapturePort}
+	if hairpinnable && conn.UID == c.ProxyUID {
+		return hairpin
 	}
-	// istio also renders the hairpin and "-o lo ! owner" rules for the gid, but they sit
-	// after their uid twins, which already decided every connection to a local address.
-	if conn.DstLocal {
-		if isProxyUID {
-			return pass(ReasonProxyUID)
-		}
+	if localReturns && conn.DstLocal && conn.UID != c.ProxyUID {
 		return pass(ReasonLocalDestination)
 	}
-	if isProxyUID {
+	if conn.UID == c.ProxyUID {
 		return pass(ReasonProxyUID)
+	}
+	// The gid twins of the three rules above; with localReturns, every local destination
+	// was already decided, so the gid hairpin only fires when -i captures loopback.
+	if hairpinnable && conn.GID == c.ProxyGID {
+		return hairpin
+	}
+	if localReturns && conn.DstLocal && conn.GID != c.ProxyGID {
+		return pass(ReasonLocalDestination)
 	}
 	if conn.GID == c.ProxyGID {
 		return pass(ReasonProxyGID)
@@ -172,9 +180,22 @@ func (c *Config) Decide(conn Conn) Verdict {
 	return pass(ReasonNotIncluded)
 }
 
+// CapturesLoopback reports whether -i names a loopback range (v4 or v6), which makes istio
+// drop its rules that let every local destination pass.
+func (c *Config) CapturesLoopback() bool {
+	for _, p := range c.OutboundCIDRs.Prefixes {
+		if p.Addr().IsLoopback() {
+			return true
+		}
+	}
+	return false
+}
+
 func (c *Config) decideInbound(port uint16) Verdict {
 	pass := func(r Reason) Verdict { return Verdict{Action: Pass, Reason: r} }
-	if port == c.InboundTunnelPort {
+	// istio returns the tunnel port only in the nat ISTIO_INBOUND chain, which TPROXY mode
+	// does not use: there the tunnel port is captured like any other.
+	if port == c.InboundTunnelPort && c.Mode != TProxy {
 		return pass(ReasonInboundTunnelPort)
 	}
 	// -d only applies with -b '*' (istio renders it only then).

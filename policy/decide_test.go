@@ -250,6 +250,19 @@ var orderCases = []decideCase{
 		Dst: netip.MustParseAddrPort("10.244.0.5:8080")}, toInbound(15006, policy.ReasonInboundIncludedPort)},
 	{"inbound TPROXY mode lands on the same port", []string{"-m", "TPROXY"}, in(8080),
 		toInbound(15006, policy.ReasonInboundIncludedPort)},
+	// Found by the iptables backend's kernel tests (the kernel is the oracle):
+	// -i naming a loopback range drops istio's "-o lo ! owner -j RETURN" rules.
+	{"-i loopback range captures the app's loopback connection", []string{"-i", "127.1.2.0/24"}, out(app, app, unbound, "127.1.2.3:80", true),
+		toOutbound(15001, policy.ReasonIncludedCIDR)},
+	{"-i loopback range makes the gid hairpin reachable", []string{"-i", "127.1.2.0/24"}, out(app, proxy, unbound, "10.244.0.5:8080", true),
+		toInbound(15006, policy.ReasonProxyHairpin)},
+	{"-i loopback range: app to own pod falls through to not-included", []string{"-i", "127.1.2.0/24"}, out(app, app, unbound, "10.244.0.5:8080", true),
+		pass(policy.ReasonNotIncluded)},
+	{"-i ::1/128 also counts as loopback", []string{"-i", "::1/128,10.96.0.0/12"}, out(app, app, unbound, "10.244.0.5:8080", true),
+		pass(policy.ReasonNotIncluded)},
+	// TPROXY mode returns the tunnel port only in a nat chain it does not use.
+	{"TPROXY captures the tunnel port inbound", []string{"-m", "TPROXY"}, in(15008), toInbound(15006, policy.ReasonInboundIncludedPort)},
+
 }
 
 func runDecide(t *testing.T, cases []decideCase) {

@@ -7,6 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/policy"
 )
 
@@ -65,6 +66,11 @@ that decided it. The eBPF programs count verdicts under the same reason names:
 		v := cfg.Decide(conn)
 		fmt.Fprintf(e.stdout, "verdict: %s\n", v)
 		fmt.Fprintf(e.stdout, "reason:  %s (the eBPF counter of the same name counts it)\n", v.Reason)
+		rule := iptables.MatchingRule(&cfg, conn)
+		if rule == "" {
+			rule = "(no rule matches: the chain falls through to the built-in chain's ACCEPT)"
+		}
+		fmt.Fprintf(e.stdout, "iptables: %s\n", rule)
 		return nil
 	}
 	return cmd

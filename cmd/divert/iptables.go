@@ -3,7 +3,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -14,7 +13,7 @@ import (
 
 // newIptablesCmd is the iptables backend: the same policy as the eBPF programs, as the
 // rules istio-iptables would install. Output goes to the command's OutOrStdout.
-func newIptablesCmd() *cobra.Command {
+func newIptablesCmd(e env) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "iptables",
 		Short: "Render, apply or remove istio-iptables' rules for the same policy flags",
@@ -27,11 +26,11 @@ Policy flags are istio-iptables' flags (short and long) and environment variable
 capture, interface exclusions and IPv6 rules are not rendered.`,
 		Args: cobra.NoArgs,
 	}
-	cmd.AddCommand(newIptablesRenderCmd(), newIptablesApplyCmd(), newIptablesCleanupCmd())
+	cmd.AddCommand(newIptablesRenderCmd(e), newIptablesApplyCmd(e), newIptablesCleanupCmd(e))
 	return cmd
 }
 
-func newIptablesRenderCmd() *cobra.Command {
+func newIptablesRenderCmd(e env) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "render [policy flags]",
 		Short: "Print the iptables-restore input istio-iptables would use (dry run)",
@@ -43,7 +42,7 @@ func newIptablesRenderCmd() *cobra.Command {
 	}
 	parse := policy.Flags(cmd.Flags(), policy.Default())
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
-		cfg, err := parse(os.Getenv)
+		cfg, err := parse(e.getenv)
 		if err != nil {
 			return err
 		}
@@ -53,7 +52,7 @@ func newIptablesRenderCmd() *cobra.Command {
 	return cmd
 }
 
-func newIptablesApplyCmd() *cobra.Command {
+func newIptablesApplyCmd(e env) *cobra.Command {
 	var netnsPath, backend string
 	cmd := &cobra.Command{
 		Use:   "apply --netns PATH [--backend auto|nft|legacy] [policy flags]",
@@ -73,7 +72,7 @@ iptables-nft when it works, else iptables-legacy.`,
 	addIptablesNetnsFlags(cmd.Flags(), &netnsPath, &backend)
 	parse := policy.Flags(cmd.Flags(), policy.Default())
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
-		cfg, err := parse(os.Getenv)
+		cfg, err := parse(e.getenv)
 		if err != nil {
 			return err
 		}
@@ -100,7 +99,7 @@ iptables-nft when it works, else iptables-legacy.`,
 	return cmd
 }
 
-func newIptablesCleanupCmd() *cobra.Command {
+func newIptablesCleanupCmd(e env) *cobra.Command {
 	var netnsPath, backend string
 	cmd := &cobra.Command{
 		Use:   "cleanup --netns PATH [--backend auto|nft|legacy]",
@@ -116,7 +115,7 @@ istio-iptables command line works, but not needed: whatever istio installed is r
 	addIptablesNetnsFlags(cmd.Flags(), &netnsPath, &backend)
 	parse := policy.Flags(cmd.Flags(), policy.Default())
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
-		if _, err := parse(os.Getenv); err != nil {
+		if _, err := parse(e.getenv); err != nil {
 			return err
 		}
 		opts, err := iptablesOptions(netnsPath, backend)

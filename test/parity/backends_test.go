@@ -1,14 +1,31 @@
 package parity
 
 import (
+	"context"
 	"testing"
+
+	"github.com/meshdivert/divert/iptables"
 
 	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/policy"
 )
 
 func backends() []backend {
-	return []backend{ebpfBackend()}
+	return []backend{iptablesBackend(iptables.BackendNFT), iptablesBackend(iptables.BackendLegacy), ebpfBackend()}
+}
+
+// iptablesBackend applies istio's rules with the given iptables flavour: the oracle.
+func iptablesBackend(flavour iptables.Backend) backend {
+	opts := iptables.Options{Backend: flavour}
+	return backend{
+		name:  "iptables-" + flavour.String(),
+		setup: func(t *testing.T, w *world) {},
+		apply: func(t *testing.T, w *world, cfg *policy.Config) {
+			if _, err := opts.Apply(context.Background(), w.pod.NetNSPath, cfg); err != nil {
+				t.Fatalf("apply iptables rules: %v", err)
+			}
+		},
+	}
 }
 
 // ebpfBackend attaches divert (updating in place between scenarios) and, after each

@@ -73,6 +73,9 @@ var outboundScenarios = []scenario{
 	{name: "custom -p", flags: []string{"-p", "16001", "-z", "16006"}, uid: appUID, gid: appUID, dst: "remote:80"},
 	{name: "custom -z for the hairpin", flags: []string{"-p", "16001", "-z", "16006"}, uid: proxyUID, gid: proxyUID, dst: "pod:8080"},
 	{name: "custom -e: 15008 now hairpins", flags: []string{"-e", "15009"}, uid: proxyUID, gid: proxyUID, dst: "pod:15008"},
+	{name: "-i loopback range captures the app's loopback connection", flags: []string{"-i", "127.1.2.0/24"}, uid: appUID, gid: appUID, dst: "127.1.2.3:8080"},
+	{name: "-i loopback range makes the gid hairpin reachable", flags: []string{"-i", "127.1.2.0/24"}, uid: appUID, gid: proxyUID, dst: "pod:8080"},
+	{name: "-i loopback range: app to own pod is not included", flags: []string{"-i", "127.1.2.0/24"}, uid: appUID, gid: appUID, dst: "pod:8080"},
 	{name: "nothing listening: the proxy still answers", uid: appUID, gid: appUID, dst: "remote:9"},
 	{name: "nothing listening and not captured: refused", flags: []string{"-o", "9"}, uid: appUID, gid: appUID, dst: "remote:9"},
 }
