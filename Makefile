@@ -4,7 +4,7 @@ BIN       := bin
 GOFLAGS   ?=
 TESTFLAGS ?= -count=1
 
-.PHONY: all deps generate build test unit demo check-generated clean
+.PHONY: all deps generate build test unit demo check-generated parity-soak clean
 
 all: build
 
@@ -27,6 +27,11 @@ test: deps
 # Only the tests that need no privilege.
 unit:
 	$(GO) test $(TESTFLAGS) ./policy/ ./bpf/
+
+# Many more random configs than make test runs; SEED=n replays one run.
+parity-soak: deps
+	$(GO) test -count=1 -timeout 60m ./test/parity -run TestRandomParity -v \
+		-parity.configs=$(or $(CONFIGS),300) -parity.conns=$(or $(CONNS),40) -parity.seed=$(or $(SEED),0)
 
 # Fails if `make generate` changes committed files.
 check-generated: generate

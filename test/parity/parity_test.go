@@ -215,8 +215,7 @@ func TestOutboundParity(t *testing.T) {
 					v := cfg.Decide(c)
 					want := w.expected(v, c)
 					b.apply(t, w, cfg)
-					target := testpod.Target{Dst: c.Dst, BindSrc: c.Src}
-					got := observed(w.pod.Dial(t, s.uid, s.gid, target)[0])
+					got := observed(w.pod.Dial(t, s.uid, s.gid, targetOf(c))[0])
 					if got != want {
 						t.Errorf("%s: uid %d gid %d src %q -> %s\n  model (%s): %s\n  %s: %s",
 							s.name, s.uid, s.gid, s.src, c.Dst, v, want, b.name, got)
@@ -229,3 +228,5 @@ func TestOutboundParity(t *testing.T) {
 		})
 	}
 }
+
+func targetOf(c policy.Conn) testpod.Target { return testpod.Target{Dst: c.Dst, BindSrc: c.Src} }

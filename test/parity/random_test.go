@@ -1,0 +1,131 @@
+package parity
+
+import (
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+)
+
+var (
+	seedFlag    = flag.Uint64("parity.seed", 0, "seed for TestRandomParity (0: a new one, printed)")
+	configsFlag = flag.Int("parity.configs", 20, "random configs in TestRandomParity")
+	connsFlag   = flag.Int("parity.conns", 20, "random connections per config in TestRandomParity")
+)
+
+// Pools the generator draws from; symbolic like the scenario table.
+var (
+	portPool = []string{"80", "81", "8080", "9", "15008"}
+	cidrPool = []string{"{cidrA}/26", "{cidrB}/32", "198.19.0.0/16", "198.18.0.0/24", "127.1.2.0/24", "10.0.0.0/8"}
+	idPairs  = [][2]uint32{{appUID, appUID}, {proxyUID, proxyUID}, {appUID, proxyUID}, {2000, 2000}, {proxyUID, 2000}}
+	dstPool  = []string{"remote:80", "remote:81", "cidrA:80", "cidrB:80", "pod:8080", "pod:15008", "127.0.0.1:8080", "127.0.0.2:8080", "127.1.2.3:8080", "remote:9"}
+)
+
+func pick[T any](r *rand.Rand, pool []T) T { return pool[r.IntN(len(pool))] }
+
+// subset returns a random comma-separated subset of pool, possibly empty.
+func subset(r *rand.Rand, pool []string) string {
+	var out []string
+	for _, p := range pool {
+		if r.IntN(4) == 0 {
+			out = append(out, p)
+		}
+	}
+	return strings.Join(out, ",")
+}
+
+func randomFlags(r *rand.Rand) []string {
+	var f []string
+	add := func(flag, v string) { f = append(f, flag, v) }
+	if r.IntN(2) == 0 {
+		add("-o", subset(r, portPool))
+	}
+	if r.IntN(2) == 0 {
+		add("-q", subset(r, portPool))
+	}
+	if r.IntN(2) == 0 {
+		add("-x", subset(r, cidrPool))
+	}
+	switch r.IntN(3) {
+	case 0: // default '*'
+	case 1:
+		add("-i", "")
+	case 2:
+		add("-i", subset(r, cidrPool))
+	}
+	if r.IntN(3) == 0 {
+		u := pick(r, []string{"1337", "2000"})
+		add("-u", u)
+		if r.IntN(2) == 0 {
+			add("-g", pick(r, []string{"1337", "2000"}))
+		}
+	}
+	if r.IntN(4) == 0 {
+		add("-e", "15009")
+	}
+	if r.IntN(4) == 0 {
+		add("-p", "16001")
+		add("-z", "16006")
+	}
+	return f
+}
+
+func randomScenario(r *rand.Rand, flags []string, i int) scenario {
+	ids := pick(r, idPairs)
+	s := scenario{name: fmt.Sprintf("conn %d", i), flags: flags, uid: ids[0], gid: ids[1], dst: pick(r, dstPool)}
+	// 127.0.0.6 is a loopback source: bound to it, only local destinations are routable.
+	if r.IntN(4) == 0 && (strings.HasPrefix(s.dst, "pod:") || strings.HasPrefix(s.dst, "127.")) {
+		s.src = "127.0.0.6"
+	}
+	return s
+}
+
+// TestRandomParity draws random valid configs and connections and requires the model and
+// every backend to agree. Replay a failure with -parity.seed; `make parity-soak` runs more.
+func TestRandomParity(t *testing.T) {
+	seed := *seedFlag
+	if seed == 0 {
+		seed = uint64(time.Now().UnixNano())
+	}
+	t.Logf("seed %d (replay: go test ./test/parity -run TestRandomParity -parity.seed=%d)", seed, seed)
+	bs := backends()
+	worlds := make([]*world, len(bs))
+	for i, b := range bs {
+		worlds[i] = newWorld(t)
+		b.setup(t, worlds[i])
+	}
+	r := rand.New(rand.NewPCG(seed, seed>>32|1))
+	for c := range *configsFlag {
+		flags := randomFlags(r)
+		var scenarios []scenario
+		for i := range *connsFlag {
+			scenarios = append(scenarios, randomScenario(r, flags, i))
+		}
+		for i, b := range bs {
+			w := worlds[i]
+			cfg := w.config(t, scenarios[0])
+			b.apply(t, w, cfg)
+			for _, s := range scenarios {
+				conn := w.conn(t, s)
+				v := cfg.Decide(conn)
+				want := w.expected(v, conn)
+				if b.after != nil {
+					b.apply(t, w, cfg) // re-reads the counters baseline
+				}
+				got := observed(w.pod.Dial(t, s.uid, s.gid, targetOf(conn))[0])
+				if got != want {
+					t.Errorf("seed %d config %d %s: flags %q, uid %d gid %d src %q -> %s\n  model (%s): %s\n  %s: %s",
+						seed, c, s.name, w.expand(strings.Join(flags, " ")), s.uid, s.gid, s.src, conn.Dst, v, want, b.name, got)
+				}
+				if b.after != nil {
+					b.after(t, w, v)
+				}
+			}
+			if t.Failed() {
+				t.FailNow()
+			}
+		}
+	}
+}
