@@ -159,7 +159,7 @@ func observed(r testpod.Result) outcome {
 	}
 	h := r.Hops[0]
 	if h.Who == "proxy" {
-		local, _ := netip.ParseAddrPort(h.Local)
+		local, _ := netip.ParseAddrPort(h.Listener)
 		orig := h.Orig
 		if orig == "" {
 			orig = "unreadable: " + h.OrigErr

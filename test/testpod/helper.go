@@ -61,9 +61,21 @@ func RunHelperIfRequested() {
 
 // listen opens a plain TCP listener. Go >= 1.24 makes listeners MPTCP by default, and
 // SOCKMAP (used by the eBPF inbound path) refuses MPTCP sockets.
-func listen(addr string) (net.Listener, error) {
+func listen(addr string) (net.Listener, error) { return listenWith(addr, false) }
+
+// listenWith optionally sets SO_REUSEPORT, as Envoy does with one listener per worker.
+func listenWith(addr string, reuseport bool) (net.Listener, error) {
 	var lc net.ListenConfig
 	lc.SetMultipathTCP(false)
+	if reuseport {
+		lc.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			err := rc.Control(func(fd uintptr) {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+			})
+			return errors.Join(err, serr)
+		}
+	}
 	return lc.Listen(context.Background(), "tcp4", addr)
 }
 
@@ -114,6 +126,7 @@ func runProxy(args []string) error {
 	mode := fs.String("mode", "report", "report | forward")
 	inboundSrc := fs.String("inbound-src", "", "source to bind when forwarding inbound (e.g. 127.0.0.6)")
 	inboundPort := fs.Int("inbound-port", 15006, "listener port whose connections are inbound")
+	reuseport := fs.Int("reuseport", 0, "listen this many times on each address with SO_REUSEPORT")
 	var addrs listFlag
 	fs.Var(&addrs, "listen", "ip:port (repeatable)")
 	if err := fs.Parse(args); err != nil {
@@ -130,19 +143,23 @@ func runProxy(args []string) error {
 		}
 	}
 	var lns []net.Listener
+	var index []int // which of the SO_REUSEPORT sockets of its address each listener is
 	for _, a := range addrs {
-		ln, err := listen(a)
-		if err != nil {
-			return err
+		for i := range max(*reuseport, 1) {
+			ln, err := listenWith(a, *reuseport > 0)
+			if err != nil {
+				return err
+			}
+			lns = append(lns, ln)
+			index = append(index, i)
 		}
-		lns = append(lns, ln)
 	}
 	if len(lns) == 0 {
 		return errors.New("no --listen")
 	}
 	fmt.Println(readyLine)
 	errc := make(chan error)
-	for _, ln := range lns {
+	for i, ln := range lns {
 		// Inbound is decided by the listener, not by the accepted socket's local address:
 		// with sk_lookup steering, getsockname() shows the original destination, not 15006.
 		var bind netip.Addr
@@ -156,16 +173,16 @@ func runProxy(args []string) error {
 					errc <- err
 					return
 				}
-				go proxyConn(c.(*net.TCPConn), *name, *mode == "forward", bind)
+				go proxyConn(c.(*net.TCPConn), *name, *mode == "forward", bind, ln.Addr().String(), index[i])
 			}
 		}()
 	}
 	return <-errc
 }
 
-func proxyConn(c *net.TCPConn, name string, forward bool, bindSrc netip.Addr) {
+func proxyConn(c *net.TCPConn, name string, forward bool, bindSrc netip.Addr, listener string, index int) {
 	defer c.Close()
-	hop := Hop{Who: name, Local: c.LocalAddr().String(), Peer: c.RemoteAddr().String()}
+	hop := Hop{Who: name, Listener: listener, Index: index, Local: c.LocalAddr().String(), Peer: c.RemoteAddr().String()}
 	orig, err := origDst(c)
 	if err != nil {
 		hop.OrigErr = errText(err)

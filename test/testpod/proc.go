@@ -176,6 +176,8 @@ type ProxyConfig struct {
 	// listener whose port is InboundPort (default 15006), as Envoy does with 127.0.0.6.
 	InboundSrc  netip.Addr
 	InboundPort uint16
+	// Reuseport, if > 0, opens that many SO_REUSEPORT listeners per address (Envoy style).
+	Reuseport int
 }
 
 // Proxy starts a proxy helper listening on one address and waits until it listens.
@@ -193,6 +195,9 @@ func (p *Pod) StartProxy(tb testing.TB, c ProxyConfig) *Proc {
 	}
 	if c.InboundSrc.IsValid() {
 		args = append(args, "--inbound-src", c.InboundSrc.String())
+	}
+	if c.Reuseport > 0 {
+		args = append(args, "--reuseport", strconv.Itoa(c.Reuseport))
 	}
 	if c.InboundPort != 0 {
 		args = append(args, "--inbound-port", strconv.Itoa(int(c.InboundPort)))
@@ -222,12 +227,17 @@ type Result struct {
 
 // Hop is the JSON line a listener writes for each connection it accepts.
 type Hop struct {
-	Who     string `json:"who"`
-	Local   string `json:"local"` // accepted socket's local address
-	Peer    string `json:"peer"`  // accepted socket's peer address
-	Orig    string `json:"orig,omitempty"`
-	OrigErr string `json:"orig_err,omitempty"` // SO_ORIGINAL_DST failed: errno text
-	Err     string `json:"err,omitempty"`      // forward-mode proxy could not reach Orig
+	Who string `json:"who"`
+	// Listener is the address of the proxy listener that accepted (with sk_lookup the
+	// accepted socket's Local is the original destination, not the listener's port), and
+	// Index which of its SO_REUSEPORT sockets did.
+	Listener string `json:"listener,omitempty"`
+	Index    int    `json:"index,omitempty"`
+	Local    string `json:"local"` // accepted socket's local address
+	Peer     string `json:"peer"`  // accepted socket's peer address
+	Orig     string `json:"orig,omitempty"`
+	OrigErr  string `json:"orig_err,omitempty"` // SO_ORIGINAL_DST failed: errno text
+	Err      string `json:"err,omitempty"`      // forward-mode proxy could not reach Orig
 }
 
 // Dial runs a client in the pod as uid/gid and returns one Result per target, in order.
