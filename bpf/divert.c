@@ -8,6 +8,9 @@
 //              the proxy will see, and forgets it when the client socket closes;
 //   getsockopt answers SO_ORIGINAL_DST on the proxy's accepted socket from that memory, so
 //              an unmodified proxy reads the address the app dialled, as with iptables.
+// Inbound, an sk_lookup program on the pod's netns hands connections to included ports to
+// the proxy's inbound listener without NAT: the accepted socket's local address is the
+// original destination. sockops finds that listener when the proxy calls listen().
 // Exclusions live in maps, not code: a policy change is a map update.
 
 #include <linux/bpf.h>
@@ -21,6 +24,9 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define IPPROTO_TCP 6
 #define SOL_IP 0
 #define SO_ORIGINAL_DST 80
+#define SK_DROP 0
+#define SK_PASS 1
+#define LISTENER_SLOTS 64
 #define PAGE_SIZE 4096
 #define LOCALHOST 0x7f000001		 /* 127.0.0.1, host order */
 #define INBOUND_PASSTHROUGH 0x7f000006 /* 127.0.0.6, host order */
@@ -152,6 +158,19 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
+// The proxy's inbound listeners (all sockets listening on the inbound capture port in the
+// pod's cgroup), put here by sockops when they call listen(). A closed socket leaves the map
+// by itself, so a restarted proxy is found again without the loader. Slots are chosen by
+// socket cookie: with SO_REUSEPORT any one member of the group is enough, as the kernel
+// then picks among the group; 64 slots make it very unlikely that the only surviving
+// members all lost their slot to a collision.
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, LISTENER_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} inbound_listeners SEC(".maps");
+
 static __always_inline void count(enum reason r)
 {
 	__u32 key = r;
@@ -233,6 +252,21 @@ static __always_inline enum reason decide_outbound(struct config *cfg, __u32 src
 	return REASON_NOT_INCLUDED;
 }
 
+// decide_inbound mirrors policy.Config.Decide for inbound connections: istio's
+// ISTIO_INBOUND chain.
+static __always_inline enum reason decide_inbound(struct config *cfg, __u16 port)
+{
+	if (cfg->inbound_tunnel_passes && port == cfg->inbound_tunnel_port)
+		return REASON_INBOUND_TUNNEL_PORT;
+	__u8 pflags = port_flags(port);
+	// The loader sets PORT_INBOUND_EXCLUDE only with -b '*', as istio renders -d only then.
+	if (pflags & PORT_INBOUND_EXCLUDE)
+		return REASON_INBOUND_EXCLUDED_PORT;
+	if (cfg->inbound_include_all || (pflags & PORT_INBOUND_INCLUDE))
+		return REASON_INBOUND_INCLUDED_PORT;
+	return REASON_INBOUND_NOT_INCLUDED;
+}
+
 SEC("cgroup/connect4")
 int divert_connect4(struct bpf_sock_addr *ctx)
 {
@@ -292,6 +326,14 @@ int divert_sockops(struct bpf_sock_ops *skops)
 							 BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
 	}
+	case BPF_SOCK_OPS_TCP_LISTEN_CB: {
+		struct config *cfg = get_config();
+		if (!cfg || skops->local_port != cfg->inbound_capture_port)
+			return 1;
+		__u32 slot = bpf_get_socket_cookie(skops) % LISTENER_SLOTS;
+		bpf_sock_map_update(skops, &inbound_listeners, &slot, BPF_ANY);
+		break;
+	}
 	case BPF_SOCK_OPS_STATE_CB:
 		// args[1] is the new state; the ports are still set when TCP_CLOSE is reported.
 		if (skops->args[1] == BPF_TCP_CLOSE)
@@ -320,8 +362,17 @@ int divert_getsockopt(struct bpf_sockopt *ctx)
 		.proxy_port = (__u16)sk->src_port,
 	};
 	struct orig_dst *orig = bpf_map_lookup_elem(&orig_dst_by_tuple, &t);
-	if (!orig)
-		goto passthrough; // not ours: keep the kernel's answer (conntrack's, or ENOENT)
+	struct orig_dst local = {.addr = sk->src_ip4, .port = bpf_htons((__u16)sk->src_port)};
+	if (!orig) {
+		// An inbound connection sk_lookup steered to the proxy: no NAT happened, so the
+		// original destination is the socket's own local address, as conntrack would
+		// answer. Answer only where the kernel has no answer of its own.
+		struct config *cfg = get_config();
+		if (!cfg || ctx->retval == 0 || is_local(sk->dst_ip4) ||
+		    decide_inbound(cfg, (__u16)sk->src_port) != REASON_INBOUND_INCLUDED_PORT)
+			goto passthrough;
+		orig = &local;
+	}
 
 	struct {
 		__u16 family;
@@ -346,4 +397,41 @@ passthrough:
 	// when the caller's buffer is larger than the page the program was shown.
 	ctx->optlen = 0;
 	return 1;
+}
+
+SEC("sk_lookup")
+int divert_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	// The pod's connections to itself are outbound business, decided at connect time; in
+	// iptables terms they never traverse nat PREROUTING.
+	if (is_local(ctx->remote_ip4))
+		return SK_PASS;
+	struct config *cfg = get_config();
+	if (!cfg)
+		return SK_PASS;
+
+	enum reason r = decide_inbound(cfg, (__u16)ctx->local_port);
+	count(r);
+	if (r != REASON_INBOUND_INCLUDED_PORT)
+		return SK_PASS;
+
+	// Unrolled: a counted loop whose counter is spilled to the stack looks like an infinite
+	// loop to the verifier, and bpf_loop() would need Linux 5.17.
+#pragma clang loop unroll(full)
+	for (__u32 i = 0; i < LISTENER_SLOTS; i++) {
+		__u32 slot = i;
+		struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listeners, &slot);
+		if (!sk)
+			continue;
+		// A listener left over from an older -z is not the proxy's inbound port now.
+		long err = sk->src_port == cfg->inbound_capture_port ? bpf_sk_assign(ctx, sk, 0) : -1;
+		bpf_sk_release(sk);
+		if (!err)
+			return SK_PASS;
+	}
+	// Captured but no proxy listening: refuse, as iptables' REDIRECT to a closed port
+	// does. Passing would hand the connection to the app behind the proxy's back.
+	return SK_DROP;
 }

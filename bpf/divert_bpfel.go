@@ -85,6 +85,7 @@ type DivertTuple struct {
 const (
 	DivertMapConfigMap            = "config_map"
 	DivertMapCounters             = "counters"
+	DivertMapInboundListeners     = "inbound_listeners"
 	DivertMapLocalAddrs           = "local_addrs"
 	DivertMapOrigDstByCookie      = "orig_dst_by_cookie"
 	DivertMapOrigDstByTuple       = "orig_dst_by_tuple"
@@ -93,6 +94,7 @@ const (
 	DivertMapPorts                = "ports"
 	DivertProgDivertConnect4      = "divert_connect4"
 	DivertProgDivertGetsockopt    = "divert_getsockopt"
+	DivertProgDivertSkLookup      = "divert_sk_lookup"
 	DivertProgDivertSockops       = "divert_sockops"
 	DivertVarUnusedPortFlag       = "unused_port_flag"
 	DivertVarUnusedReason         = "unused_reason"
@@ -142,6 +144,7 @@ type DivertSpecs struct {
 type DivertProgramSpecs struct {
 	DivertConnect4   *ebpf.ProgramSpec `ebpf:"divert_connect4"`
 	DivertGetsockopt *ebpf.ProgramSpec `ebpf:"divert_getsockopt"`
+	DivertSkLookup   *ebpf.ProgramSpec `ebpf:"divert_sk_lookup"`
 	DivertSockops    *ebpf.ProgramSpec `ebpf:"divert_sockops"`
 }
 
@@ -151,6 +154,7 @@ type DivertProgramSpecs struct {
 type DivertMapSpecs struct {
 	ConfigMap            *ebpf.MapSpec `ebpf:"config_map"`
 	Counters             *ebpf.MapSpec `ebpf:"counters"`
+	InboundListeners     *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalAddrs           *ebpf.MapSpec `ebpf:"local_addrs"`
 	OrigDstByCookie      *ebpf.MapSpec `ebpf:"orig_dst_by_cookie"`
 	OrigDstByTuple       *ebpf.MapSpec `ebpf:"orig_dst_by_tuple"`
@@ -189,6 +193,7 @@ func (o *DivertObjects) Close() error {
 type DivertMaps struct {
 	ConfigMap            *ebpf.Map `ebpf:"config_map"`
 	Counters             *ebpf.Map `ebpf:"counters"`
+	InboundListeners     *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalAddrs           *ebpf.Map `ebpf:"local_addrs"`
 	OrigDstByCookie      *ebpf.Map `ebpf:"orig_dst_by_cookie"`
 	OrigDstByTuple       *ebpf.Map `ebpf:"orig_dst_by_tuple"`
@@ -201,6 +206,7 @@ func (m *DivertMaps) Close() error {
 	return _DivertClose(
 		m.ConfigMap,
 		m.Counters,
+		m.InboundListeners,
 		m.LocalAddrs,
 		m.OrigDstByCookie,
 		m.OrigDstByTuple,
@@ -224,6 +230,7 @@ type DivertVariables struct {
 type DivertPrograms struct {
 	DivertConnect4   *ebpf.Program `ebpf:"divert_connect4"`
 	DivertGetsockopt *ebpf.Program `ebpf:"divert_getsockopt"`
+	DivertSkLookup   *ebpf.Program `ebpf:"divert_sk_lookup"`
 	DivertSockops    *ebpf.Program `ebpf:"divert_sockops"`
 }
 
@@ -231,6 +238,7 @@ func (p *DivertPrograms) Close() error {
 	return _DivertClose(
 		p.DivertConnect4,
 		p.DivertGetsockopt,
+		p.DivertSkLookup,
 		p.DivertSockops,
 	)
 }

@@ -58,10 +58,14 @@ type Pod struct {
 	NetNS string
 }
 
-// Options tune where state lives.
+// Options tune what is attached and where state lives.
 type Options struct {
 	// BPFFS is the bpffs mount to pin under; DefaultBPFFS if empty.
 	BPFFS string
+	// NoOutbound leaves outbound connections alone (no connect4 program).
+	NoOutbound bool
+	// NoInbound leaves inbound connections alone (no sk_lookup program).
+	NoInbound bool
 }
 
 func (o Options) root() string {
@@ -77,19 +81,60 @@ func stagingDir(opts Options) string { return filepath.Join(opts.root(), "divert
 // PinDir is the directory that holds a pod's pins.
 func PinDir(opts Options, id string) string { return filepath.Join(opts.root(), "divert", id) }
 
-// program is one attached program: its name in the collection, how it attaches, and the
-// name of its link's pin. The order is the attach order: the programs that answer for a
-// redirected connection go in before the one that starts redirecting.
+// program is one attached program: its name in the collection, how it attaches, the name of
+// its link's pin, and which directions need it. The order is the attach order: the programs
+// that answer for a redirected connection go in before the ones that start redirecting.
 type program struct {
-	name   string
-	attach ebpf.AttachType
-	pin    string
+	name              string
+	attach            ebpf.AttachType
+	pin               string
+	inbound, outbound bool
 }
 
 var programs = []program{
-	{"divert_getsockopt", ebpf.AttachCGroupGetsockopt, "link_getsockopt"},
-	{"divert_sockops", ebpf.AttachCGroupSockOps, "link_sockops"},
-	{"divert_connect4", ebpf.AttachCGroupInet4Connect, "link_connect4"},
+	{"divert_getsockopt", ebpf.AttachCGroupGetsockopt, "link_getsockopt", true, true},
+	{"divert_sockops", ebpf.AttachCGroupSockOps, "link_sockops", true, true},
+	{"divert_sk_lookup", ebpf.AttachSkLookup, "link_sk_lookup", true, false},
+	{"divert_connect4", ebpf.AttachCGroupInet4Connect, "link_connect4", false, true},
+}
+
+// wanted reports whether opts need the program.
+func (p program) wanted(opts Options) bool {
+	return (p.inbound && !opts.NoInbound) || (p.outbound && !opts.NoOutbound)
+}
+
+// attachTo attaches the program to the pod: sk_lookup to its network namespace, the rest
+// to its cgroup.
+func (p program) attachTo(pod Pod, prog *ebpf.Program) (link.Link, error) {
+	var l link.Link
+	var err error
+	if p.attach == ebpf.AttachSkLookup {
+		var ns *os.File
+		if ns, err = os.Open(pod.NetNS); err == nil {
+			l, err = link.AttachNetNs(int(ns.Fd()), prog)
+			ns.Close()
+		}
+	} else {
+		l, err = link.AttachCgroup(link.CgroupOptions{Path: pod.Cgroup, Attach: p.attach, Program: prog})
+	}
+	if err != nil {
+		return nil, attachError(p, pod, err)
+	}
+	return l, nil
+}
+
+// target identifies what a pod's links must be attached to.
+type target struct{ cgroupID, netnsIno uint64 }
+
+// belongsTo checks a pinned link is attached where this pod's links must be.
+func (t target) belongsTo(info *link.Info) bool {
+	if cg := info.Cgroup(); cg != nil {
+		return cg.CgroupId == t.cgroupID
+	}
+	if ns := info.NetNs(); ns != nil {
+		return uint64(ns.NetnsInode) == t.netnsIno
+	}
+	return false
 }
 
 // objects is what gets loaded: the programs and maps, not bpf2go's variables (they only
@@ -119,17 +164,26 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 	if !validID.MatchString(pod.ID) {
 		return &InputError{"pod-id", pod.ID, badID}
 	}
+	if opts.NoInbound && opts.NoOutbound {
+		return errors.New("nothing to attach: both directions are turned off; drop --no-inbound or --no-outbound")
+	}
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
-	cgroupID, err := cgroupID(pod.Cgroup)
-	if err != nil {
+	var tgt target
+	var err error
+	if tgt.cgroupID, err = cgroupID(pod.Cgroup); err != nil {
 		return err
 	}
 	addrs, err := LocalAddrs(pod.NetNS)
 	if err != nil {
 		return err
 	}
+	var st unix.Stat_t
+	if err := unix.Stat(pod.NetNS, &st); err != nil {
+		return &InputError{"netns", pod.NetNS, err.Error()}
+	}
+	tgt.netnsIno = st.Ino
 	unlock, err := lockState(opts)
 	if err != nil {
 		return err
@@ -138,12 +192,12 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 
 	dir := PinDir(opts, pod.ID)
 	if _, err := os.Stat(dir); err == nil {
-		return update(dir, pod, cgroupID, cfg, addrs)
+		return update(dir, pod, tgt, cfg, addrs, opts)
 	}
-	return create(dir, opts, pod, cfg, addrs)
+	return create(dir, pod, cfg, addrs, opts)
 }
 
-func create(dir string, opts Options, pod Pod, cfg *policy.Config, addrs []netip.Addr) (err error) {
+func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Options) (err error) {
 	var objs objects
 	if err := loadObjects(&objs, nil); err != nil {
 		return err
@@ -168,21 +222,14 @@ func create(dir string, opts Options, pod Pod, cfg *policy.Config, addrs []netip
 		return err
 	}
 	var links []link.Link
-	defer func() {
-		for _, l := range links {
-			if err != nil {
-				// Detach explicitly: dropping the last reference (unpin, close) frees a
-				// link only later, from a kernel work item, and attach must be undone
-				// by the time it returns.
-				l.Detach()
-			}
-			l.Close() // pinned links stay attached
-		}
-	}()
+	defer func() { closeLinks(links, err != nil) }()
 	for _, p := range programs {
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: pod.Cgroup, Attach: p.attach, Program: objs.program(p.name)})
+		if !p.wanted(opts) {
+			continue
+		}
+		l, err := p.attachTo(pod, objs.program(p.name))
 		if err != nil {
-			return attachError(p, pod, err)
+			return err
 		}
 		links = append(links, l)
 		if err := l.Pin(filepath.Join(tmp, p.pin)); err != nil {
@@ -200,7 +247,19 @@ func create(dir string, opts Options, pod Pod, cfg *policy.Config, addrs []netip
 	return nil
 }
 
-func update(dir string, pod Pod, cgroupID uint64, cfg *policy.Config, addrs []netip.Addr) error {
+// closeLinks closes link handles; with detach, it undoes the attachments first. Detach is
+// explicit because dropping the last reference (unpin, close) frees a link only later, from
+// a kernel work item, and an undone attach must be gone by the time Attach returns.
+func closeLinks(links []link.Link, detach bool) {
+	for _, l := range links {
+		if detach {
+			l.Detach()
+		}
+		l.Close() // pinned links stay attached
+	}
+}
+
+func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.Addr, opts Options) (err error) {
 	pinned, err := loadPinnedMaps(dir)
 	if err != nil {
 		return err
@@ -212,37 +271,73 @@ func update(dir string, pod Pod, cgroupID uint64, cfg *policy.Config, addrs []ne
 	}
 	defer closeAll(&objs)
 
-	// Check every link before changing anything, so a mismatch changes nothing.
-	var links []link.Link
+	// Check every pinned link before changing anything, so a mismatch changes nothing.
+	existing := make(map[string]link.Link)
 	defer func() {
-		for _, l := range links {
+		for _, l := range existing {
 			l.Close()
 		}
 	}()
 	for _, p := range programs {
 		l, err := loadPinnedLink(filepath.Join(dir, p.pin))
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
 		if err != nil {
 			return err
 		}
-		links = append(links, l)
+		existing[p.name] = l
 		info, err := l.Info()
 		if err != nil {
 			return fmt.Errorf("read %s link: %w", p.name, err)
 		}
-		if cg := info.Cgroup(); cg == nil || cg.CgroupId != cgroupID {
-			return &InputError{"cgroup", pod.Cgroup, fmt.Sprintf("pod %s is attached to another cgroup; run divert detach --pod-id %s first", pod.ID, pod.ID)}
+		if !tgt.belongsTo(info) {
+			return &InputError{"cgroup", pod.Cgroup, fmt.Sprintf("pod %s is attached to another cgroup or network namespace; run divert detach --pod-id %s first", pod.ID, pod.ID)}
 		}
 	}
 	if err := maps.Apply(&objs.DivertMaps, cfg, addrs); err != nil {
 		return err
 	}
-	// link.Update swaps the program atomically: no connection escapes during an upgrade.
-	for i, p := range programs {
-		if err := links[i].Update(objs.program(p.name)); err != nil {
-			return fmt.Errorf("replace %s program: %w", p.name, err)
+	// Programs this attach turns on are attached and pinned first (undone on error); then
+	// link.Update swaps the running ones atomically, so no connection escapes an upgrade;
+	// programs turned off go last.
+	var added []link.Link
+	defer func() { closeLinks(added, err != nil) }()
+	for _, p := range programs {
+		if _, ok := existing[p.name]; ok || !p.wanted(opts) {
+			continue
+		}
+		l, err := p.attachTo(pod, objs.program(p.name))
+		if err != nil {
+			return err
+		}
+		added = append(added, l)
+		if err := l.Pin(filepath.Join(dir, p.pin)); err != nil {
+			return fmt.Errorf("pin %s link: %w", p.name, err)
+		}
+	}
+	for _, p := range programs {
+		if l, ok := existing[p.name]; ok && p.wanted(opts) {
+			if err := l.Update(objs.program(p.name)); err != nil {
+				return fmt.Errorf("replace %s program: %w", p.name, err)
+			}
+		}
+	}
+	for _, p := range slices.Backward(programs) {
+		if l, ok := existing[p.name]; ok && !p.wanted(opts) {
+			if err := detachPinned(l, filepath.Join(dir, p.pin)); err != nil {
+				return fmt.Errorf("turn off %s: %w", p.name, err)
+			}
 		}
 	}
 	return nil
+}
+
+func detachPinned(l link.Link, pin string) error {
+	if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+		return err
+	}
+	return os.Remove(pin)
 }
 
 // Detach removes everything Attach made for the pod. Unpinning the links detaches the
@@ -267,7 +362,7 @@ func Detach(id string, opts Options) error {
 	for _, p := range slices.Backward(programs) {
 		l, err := loadPinnedLink(filepath.Join(dir, p.pin))
 		if errors.Is(err, os.ErrNotExist) {
-			continue // a previous detach got this far
+			continue // not attached in this pod, or a previous detach got this far
 		}
 		if err != nil {
 			errs = append(errs, err)

@@ -29,8 +29,8 @@ func TestAttachIsAllOrNothing(t *testing.T) {
 	loader.SetTestHookBeforeCommit(func() error {
 		// At this point the programs are live on the cgroup: prove it, so the test
 		// knows it is undoing real state.
-		if n := divertest.AttachedPrograms(t, pod.CgroupPath); n != 3 {
-			t.Errorf("before commit: %d programs attached, want 3", n)
+		if n := divertest.AttachedPrograms(t, pod); n != 4 {
+			t.Errorf("before commit: %d programs attached, want 4", n)
 		}
 		return injected
 	})
@@ -40,7 +40,7 @@ func TestAttachIsAllOrNothing(t *testing.T) {
 	if err := loader.Attach(context.Background(), lp, divertest.Config(t), opts); !errors.Is(err, injected) {
 		t.Fatalf("attach returned %v, want the injected failure", err)
 	}
-	divertest.AssertNothingAttached(t, pod.CgroupPath, opts)
+	divertest.AssertNothingAttached(t, pod, opts)
 	res := pod.Dial(t, divertest.AppUID, divertest.AppUID, testpod.Target{Dst: netip.AddrPortFrom(pod.Net.Addrs[0], 80)})[0]
 	if len(res.Hops) != 1 || res.Hops[0].Who != "remote" {
 		t.Fatalf("after a failed attach traffic must not be captured: %+v", res)
@@ -66,7 +66,7 @@ func TestDetachRemovesEverything(t *testing.T) {
 		if err := loader.Detach(pod.Name, opts); !errors.Is(err, loader.ErrNotAttached) {
 			t.Fatalf("second detach: %v, want ErrNotAttached", err)
 		}
-		divertest.AssertNothingAttached(t, pod.CgroupPath, opts)
+		divertest.AssertNothingAttached(t, pod, opts)
 	}
 }
 

@@ -1,8 +1,10 @@
 package loader
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 
@@ -28,7 +30,8 @@ type ProgramStatus struct {
 	Attach    string `json:"attach"`
 	LinkID    uint32 `json:"linkId"`
 	ProgramID uint32 `json:"programId"`
-	CgroupID  uint64 `json:"cgroupId"`
+	CgroupID  uint64 `json:"cgroupId,omitempty"`
+	NetNSIno  uint64 `json:"netnsIno,omitempty"`
 }
 
 // PolicyStatus is the policy as the maps express it.
@@ -60,6 +63,9 @@ func Status(id string, opts Options) (*PodStatus, error) {
 	st := &PodStatus{ID: id, Counters: map[string]uint64{}}
 	for _, p := range programs {
 		l, err := loadPinnedLink(filepath.Join(PinDir(opts, id), p.pin))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // that direction is turned off
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -71,6 +77,9 @@ func Status(id string, opts Options) (*PodStatus, error) {
 		ps := ProgramStatus{Name: p.name, Attach: p.attach.String(), LinkID: uint32(info.ID), ProgramID: uint32(info.Program)}
 		if cg := info.Cgroup(); cg != nil {
 			ps.CgroupID = cg.CgroupId
+		}
+		if ns := info.NetNs(); ns != nil {
+			ps.NetNSIno = uint64(ns.NetnsInode)
 		}
 		st.Programs = append(st.Programs, ps)
 	}

@@ -20,9 +20,10 @@ func newAttachCmd(e env) *cobra.Command {
 	var opts loader.Options
 	cmd := &cobra.Command{
 		Use:   "attach --pod-id ID --cgroup PATH --netns PATH [policy flags]",
-		Short: "Capture a pod's outbound TCP connections for its proxy",
-		Long: `attach loads divert's programs, attaches them to the pod's cgroup v2 directory and pins
-them under <bpffs>/divert/<pod-id>/, so capture outlives this command. It is all-or-nothing:
+		Short: "Capture a pod's TCP connections for its proxy",
+		Long: `attach loads divert's programs, attaches them to the pod's cgroup v2 directory (outbound:
+connect4, sockops, getsockopt) and network namespace (inbound: sk_lookup) and pins them under
+<bpffs>/divert/<pod-id>/, so capture outlives this command. It is all-or-nothing:
 on any error nothing is left behind. On a pod that is already attached it updates the
 policy in place and swaps in this build's programs without a gap in capture.`,
 		Example: `  divert attach --pod-id demo --cgroup /sys/fs/cgroup/unified/demo --netns /run/netns/demo \
@@ -34,6 +35,8 @@ policy in place and swaps in this build's programs without a gap in capture.`,
 	fs.StringVar(&pod.Cgroup, "cgroup", "", "the pod's cgroup v2 directory (required)")
 	fs.StringVar(&pod.NetNS, "netns", "", "the pod's network namespace, e.g. /proc/<pid>/ns/net (required; read for the pod's own addresses)")
 	addBPFFSFlag(fs, &opts)
+	fs.BoolVar(&opts.NoOutbound, "no-outbound", false, "do not capture outbound connections (no connect4 program)")
+	fs.BoolVar(&opts.NoInbound, "no-inbound", false, "do not capture inbound connections (no sk_lookup program; needs Linux 5.9+ otherwise)")
 	parse := policy.Flags(fs, policy.Default())
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		cfg, err := parse(e.getenv)
@@ -46,7 +49,12 @@ policy in place and swaps in this build's programs without a gap in capture.`,
 		if err := loader.Attach(cmd.Context(), pod, &cfg, opts); err != nil {
 			return err
 		}
-		fmt.Fprintf(e.stdout, "attached %s: outbound TCP from cgroup %s now goes to port %d\n", pod.ID, pod.Cgroup, cfg.ProxyPort)
+		if !opts.NoOutbound {
+			fmt.Fprintf(e.stdout, "attached %s: outbound TCP from cgroup %s now goes to port %d\n", pod.ID, pod.Cgroup, cfg.ProxyPort)
+		}
+		if !opts.NoInbound {
+			fmt.Fprintf(e.stdout, "attached %s: inbound TCP to ports %s of netns %s now goes to the listener on port %d\n", pod.ID, inboundPorts(&cfg), pod.NetNS, cfg.InboundCapturePort)
+		}
 		return nil
 	}
 	return cmd
@@ -79,4 +87,14 @@ func newDetachCmd(e env) *cobra.Command {
 		return nil
 	}
 	return cmd
+}
+
+func inboundPorts(cfg *policy.Config) string {
+	if !cfg.InboundPorts.All {
+		return "[" + cfg.InboundPorts.String() + "]"
+	}
+	if len(cfg.InboundExcludePorts) == 0 {
+		return "*"
+	}
+	return "* except " + policy.PortList{Ports: cfg.InboundExcludePorts}.String()
 }

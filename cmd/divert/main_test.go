@@ -68,7 +68,7 @@ func TestAttachBadInputChangesNothing(t *testing.T) {
 			if strings.Contains(msg, "\n") || !strings.Contains(msg, c.flag) {
 				t.Errorf("error should be one line naming %s, got %q", c.flag, msg)
 			}
-			divertest.AssertNothingAttached(t, pod.CgroupPath, opts)
+			divertest.AssertNothingAttached(t, pod, opts)
 		})
 	}
 }
@@ -100,7 +100,7 @@ func TestAttachStatusDetach(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatalf("status json: %v\n%s", err, out)
 	}
-	if len(st) != 1 || st[0].ID != pod.Name || st[0].Counters["included-cidr"] != 1 || len(st[0].Programs) != 3 {
+	if len(st) != 1 || st[0].ID != pod.Name || st[0].Counters["included-cidr"] != 1 || len(st[0].Programs) != 4 {
 		t.Errorf("status: %+v", st)
 	}
 	if p := st[0].Policy; len(p.OutboundExcludePorts) != 1 || p.OutboundExcludePorts[0] != 3306 ||
@@ -118,7 +118,7 @@ func TestAttachStatusDetach(t *testing.T) {
 	if out, err = runCLI(t, nil, "detach", "--pod-id", pod.Name, "--bpffs", opts.BPFFS); err != nil || !strings.Contains(out, "not attached") {
 		t.Fatalf("second detach must succeed and say so: %v %q", err, out)
 	}
-	divertest.AssertNothingAttached(t, pod.CgroupPath, opts)
+	divertest.AssertNothingAttached(t, pod, opts)
 }
 
 func TestExplain(t *testing.T) {

@@ -127,30 +127,35 @@ func (a *Attached) PendingOrigDsts(tb testing.TB) int {
 	return n
 }
 
-// AttachedPrograms counts divert's kinds of programs attached to the cgroup.
-func AttachedPrograms(tb testing.TB, cgroup string) int {
+// AttachedPrograms counts divert's kinds of programs attached to the pod: on its cgroup,
+// and sk_lookup on its network namespace.
+func AttachedPrograms(tb testing.TB, pod *testpod.Pod) int {
 	tb.Helper()
-	f, err := os.Open(cgroup)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer f.Close()
 	n := 0
-	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt} {
-		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
+	query := func(path string, types ...ebpf.AttachType) {
+		f, err := os.Open(path)
 		if err != nil {
-			tb.Fatalf("query %s programs on %s: %v", at, cgroup, err)
+			tb.Fatal(err)
 		}
-		n += len(res.Programs)
+		defer f.Close()
+		for _, at := range types {
+			res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
+			if err != nil {
+				tb.Fatalf("query %s programs on %s: %v", at, path, err)
+			}
+			n += len(res.Programs)
+		}
 	}
+	query(pod.CgroupPath, ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt)
+	query(pod.NetNSPath, ebpf.AttachSkLookup)
 	return n
 }
 
-// AssertNothingAttached checks that the cgroup has no programs and the bpffs no pins.
-func AssertNothingAttached(tb testing.TB, cgroup string, opts loader.Options) {
+// AssertNothingAttached checks that the pod has no programs and the bpffs no pins.
+func AssertNothingAttached(tb testing.TB, pod *testpod.Pod, opts loader.Options) {
 	tb.Helper()
-	if n := AttachedPrograms(tb, cgroup); n != 0 {
-		tb.Errorf("%d programs still attached to %s", n, cgroup)
+	if n := AttachedPrograms(tb, pod); n != 0 {
+		tb.Errorf("%d programs still attached to pod %s", n, pod.Name)
 	}
 	for _, d := range []string{"divert", "divert_staging"} {
 		entries, err := os.ReadDir(filepath.Join(opts.BPFFS, d))
