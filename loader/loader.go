@@ -206,6 +206,11 @@ func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Op
 	if err := maps.Apply(&objs.DivertMaps, cfg, addrs); err != nil {
 		return err
 	}
+	if !opts.NoInbound {
+		if _, err := adoptListeners(pod.NetNS, cfg.InboundCapturePort, objs.InboundListeners); err != nil {
+			return err
+		}
+	}
 
 	// Pins go to a temporary directory that is renamed into place at the end, so a crash
 	// or an error leaves either no pod directory or a complete one.
@@ -297,6 +302,12 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 	}
 	if err := maps.Apply(&objs.DivertMaps, cfg, addrs); err != nil {
 		return err
+	}
+	if !opts.NoInbound {
+		// Also after a change of -z: the listeners on the new port were never registered.
+		if _, err := adoptListeners(pod.NetNS, cfg.InboundCapturePort, objs.InboundListeners); err != nil {
+			return err
+		}
 	}
 	// Programs this attach turns on are attached and pinned first (undone on error); then
 	// link.Update swaps the running ones atomically, so no connection escapes an upgrade;

@@ -96,6 +96,8 @@ func newWorld(t *testing.T) *world {
 	}
 	pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Listen: listen, Mode: "report", UID: proxyUID, GID: proxyUID})
 	pod.Server(t, "app", netip.AddrPortFrom(any, 8080), appUID, appUID)
+	pod.Server(t, "app", netip.AddrPortFrom(any, 9090), appUID, appUID)
+	pod.Server(t, "metrics", netip.AddrPortFrom(any, 15090), proxyUID, proxyUID)
 	pod.Server(t, "tunnel", netip.AddrPortFrom(any, 15008), proxyUID, proxyUID)
 	pod.Net.Server(t, "remote", netip.AddrPortFrom(any, 80))
 	pod.Net.Server(t, "remote", netip.AddrPortFrom(any, 81))
@@ -177,8 +179,10 @@ func (w *world) expected(v policy.Verdict, c policy.Conn) outcome {
 	port := c.Dst.Port()
 	if c.DstLocal {
 		switch port {
-		case 8080:
+		case 8080, 9090:
 			return outcome{Landed: "app", At: c.Dst.String()}
+		case 15090:
+			return outcome{Landed: "metrics", At: c.Dst.String()}
 		case 15008:
 			return outcome{Landed: "tunnel", At: c.Dst.String()}
 		}
@@ -230,3 +234,44 @@ func TestOutboundParity(t *testing.T) {
 }
 
 func targetOf(c policy.Conn) testpod.Target { return testpod.Target{Dst: c.Dst, BindSrc: c.Src} }
+
+// Inbound scenarios: a client in the remote netns connects to the pod.
+var inboundScenarios = []scenario{
+	{name: "inbound to the app is captured", dst: "pod:8080"},
+	{name: "inbound to the tunnel port passes", dst: "pod:15008"},
+	{name: "inbound to an excluded port (-d default) passes", dst: "pod:15090"},
+	{name: "inbound to a port nobody listens on is captured", dst: "pod:7777"},
+	{name: "-b list captures a listed port", flags: []string{"-b", "8080"}, dst: "pod:8080"},
+	{name: "-b list leaves other ports alone", flags: []string{"-b", "8080"}, dst: "pod:9090"},
+	{name: "-b list ignores -d", flags: []string{"-b", "8080", "-d", "8080"}, dst: "pod:8080"},
+	{name: "-d excludes with -b *", flags: []string{"-d", "8080"}, dst: "pod:8080"},
+	{name: "empty -b captures nothing", flags: []string{"-b", ""}, dst: "pod:8080"},
+	{name: "custom -z", flags: []string{"-p", "16001", "-z", "16006"}, dst: "pod:8080"},
+	{name: "custom -e: 15008 is captured", flags: []string{"-e", "15009"}, dst: "pod:15008"},
+	{name: "the proxy's own outbound port is captured inbound", dst: "pod:15001"},
+}
+
+func TestInboundParity(t *testing.T) {
+	for _, b := range backends() {
+		t.Run(b.name, func(t *testing.T) {
+			w := newWorld(t)
+			b.setup(t, w)
+			for _, s := range inboundScenarios {
+				t.Run(s.name, func(t *testing.T) {
+					cfg := w.config(t, s)
+					c := policy.Conn{Direction: policy.Inbound, Dst: w.resolve(t, s.dst), DstLocal: true}
+					v := cfg.Decide(c)
+					want := w.expected(v, c)
+					b.apply(t, w, cfg)
+					got := observed(w.pod.Net.Dial(t, targetOf(c))[0])
+					if got != want {
+						t.Errorf("%s: remote -> %s\n  model (%s): %s\n  %s: %s", s.name, c.Dst, v, want, b.name, got)
+					}
+					if b.after != nil {
+						b.after(t, w, v)
+					}
+				})
+			}
+		})
+	}
+}
