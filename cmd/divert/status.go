@@ -63,7 +63,11 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 	p := st.Policy
 	fmt.Fprintf(w, "pod %s\n", st.ID)
 	for _, prog := range st.Programs {
-		fmt.Fprintf(w, "  program %-18s %-24s link %d, prog %d, cgroup %d\n", prog.Name, prog.Attach, prog.LinkID, prog.ProgramID, prog.CgroupID)
+		where := fmt.Sprintf("cgroup %d", prog.CgroupID)
+		if prog.NetNSIno != 0 {
+			where = fmt.Sprintf("netns %d", prog.NetNSIno)
+		}
+		fmt.Fprintf(w, "  program %-18s %-20s link %d, prog %d, %s\n", prog.Name, prog.Attach, prog.LinkID, prog.ProgramID, where)
 	}
 	include := strings.Join(p.OutboundCIDRs, ",")
 	if p.OutboundIncludeAll {
@@ -71,6 +75,11 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 	}
 	fmt.Fprintf(w, "  outbound -> :%d  uid %d gid %d bypass; capture -i %q -x %q -q %s -o %s\n",
 		p.ProxyPort, p.ProxyUID, p.ProxyGID, include, strings.Join(p.OutboundExcludeCIDRs, ","), ports(p.OutboundPorts), ports(p.OutboundExcludePorts))
+	inbound := ports(p.InboundPorts)
+	if p.InboundIncludeAll {
+		inbound = `"*"`
+	}
+	fmt.Fprintf(w, "  inbound  -> :%d  capture -b %s -d %s (tunnel port %d)\n", p.InboundCapturePort, inbound, ports(p.InboundExcludePorts), p.InboundTunnelPort)
 	fmt.Fprintf(w, "  pod addresses %v; open redirected connections %d\n", p.LocalAddrs, st.Connections)
 	names := make([]string, 0, len(st.Counters))
 	for name := range st.Counters {

@@ -53,10 +53,14 @@ func TestDemo(t *testing.T) {
 	any := netip.IPv4Unspecified()
 	pod.Net.Server(t, "web", netip.AddrPortFrom(any, 80))
 	pod.Net.Server(t, "db", netip.AddrPortFrom(any, 5432))
-	pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Listen: []netip.AddrPort{netip.AddrPortFrom(any, 15001)}, Mode: "forward", UID: proxyUID, GID: proxyUID})
+	pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Mode: "forward", UID: proxyUID, GID: proxyUID,
+		Listen:     []netip.AddrPort{netip.AddrPortFrom(any, 15001), netip.AddrPortFrom(any, 15006)},
+		InboundSrc: netip.MustParseAddr("127.0.0.6")})
+	pod.Server(t, "app", netip.AddrPortFrom(any, 8080), appUID, appUID)
 
 	say("== divert demo ==")
-	say("A pod %s (address %s) runs an app as uid %d and a sidecar proxy as uid %d on port 15001.", pod.Name, pod.Addr, appUID, proxyUID)
+	say("A pod %s (address %s) runs an app as uid %d (serving on :8080) and a sidecar proxy as uid %d", pod.Name, pod.Addr, appUID, proxyUID)
+	say("listening on :15001 (outbound) and :15006 (inbound).")
 	say("Outside the pod: a web server at %s and a database at %s.", web, db)
 	say("")
 	say("$ divert attach --pod-id %s --cgroup <pod cgroup> --netns <pod netns> -x %s/32", pod.Name, db.Addr())
@@ -70,8 +74,14 @@ func TestDemo(t *testing.T) {
 	say("")
 
 	story := func(who string, uid uint32, dst netip.AddrPort, wantProxy bool) {
-		res := pod.Dial(t, uid, uid, testpod.Target{Dst: dst})[0]
-		say("%s (uid %d) dials %s", who, uid, dst)
+		var res testpod.Result
+		if who == "a client outside the pod" {
+			res = pod.Net.Dial(t, testpod.Target{Dst: dst})[0]
+			say("%s dials %s", who, dst)
+		} else {
+			res = pod.Dial(t, uid, uid, testpod.Target{Dst: dst})[0]
+			say("%s (uid %d) dials %s", who, uid, dst)
+		}
 		if res.Err != "" {
 			t.Fatalf("  failed: %s", res.Err)
 		}
@@ -80,7 +90,7 @@ func TestDemo(t *testing.T) {
 			switch {
 			case h.Who == "proxy":
 				viaProxy = true
-				say("  -> landed on the proxy at %s (peer %s)", h.Local, h.Peer)
+				say("  -> landed on the proxy's listener %s (socket %s, peer %s)", h.Listener, h.Local, h.Peer)
 				say("     the proxy asked getsockopt(SO_ORIGINAL_DST) and read %s, and forwarded there", h.Orig)
 				if h.Orig != dst.String() {
 					t.Errorf("proxy read %s, the app dialled %s", h.Orig, dst)
@@ -98,6 +108,9 @@ func TestDemo(t *testing.T) {
 	say("     (%s is excluded with -x, so it went straight out)", db.Addr())
 	story("the proxy", proxyUID, web, false)
 	say("     (the proxy's own uid is never captured: no loops)")
+	story("a client outside the pod", 0, netip.AddrPortFrom(pod.Addr, 8080), true)
+	say("     (sk_lookup handed it to the :15006 listener without NAT: the socket's own address is")
+	say("      the original destination; the proxy forwarded it to the app from 127.0.0.6)")
 	say("")
 	say("$ divert status")
 	fmt.Print(indent(divert("status", "--pod-id", pod.Name)))
