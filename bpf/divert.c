@@ -364,12 +364,11 @@ int divert_getsockopt(struct bpf_sockopt *ctx)
 	struct orig_dst *orig = bpf_map_lookup_elem(&orig_dst_by_tuple, &t);
 	struct orig_dst local = {.addr = sk->src_ip4, .port = bpf_htons((__u16)sk->src_port)};
 	if (!orig) {
-		// An inbound connection sk_lookup steered to the proxy: no NAT happened, so the
-		// original destination is the socket's own local address, as conntrack would
-		// answer. Answer only where the kernel has no answer of its own.
-		struct config *cfg = get_config();
-		if (!cfg || ctx->retval == 0 || is_local(sk->dst_ip4) ||
-		    decide_inbound(cfg, (__u16)sk->src_port) != REASON_INBOUND_INCLUDED_PORT)
+		// A connection from outside the pod that was not NATed: one sk_lookup steered to
+		// the proxy, or one that reached a listener directly. Its original destination is
+		// the socket's own local address, which is what conntrack answers for it under
+		// iptables. Answer only where the kernel has no answer of its own.
+		if (ctx->retval == 0 || is_local(sk->dst_ip4))
 			goto passthrough;
 		orig = &local;
 	}

@@ -7,6 +7,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/testpod"
 )
 
 var (
@@ -17,10 +20,11 @@ var (
 
 // Pools the generator draws from; symbolic like the scenario table.
 var (
-	portPool = []string{"80", "81", "8080", "9", "15008"}
-	cidrPool = []string{"{cidrA}/26", "{cidrB}/32", "198.19.0.0/16", "198.18.0.0/24", "127.1.2.0/24", "10.0.0.0/8"}
-	idPairs  = [][2]uint32{{appUID, appUID}, {proxyUID, proxyUID}, {appUID, proxyUID}, {2000, 2000}, {proxyUID, 2000}}
-	dstPool  = []string{"remote:80", "remote:81", "cidrA:80", "cidrB:80", "pod:8080", "pod:15008", "127.0.0.1:8080", "127.0.0.2:8080", "127.1.2.3:8080", "remote:9"}
+	portPool        = []string{"80", "81", "8080", "9", "15008"}
+	cidrPool        = []string{"{cidrA}/26", "{cidrB}/32", "198.19.0.0/16", "198.18.0.0/24", "127.1.2.0/24", "10.0.0.0/8"}
+	idPairs         = [][2]uint32{{appUID, appUID}, {proxyUID, proxyUID}, {appUID, proxyUID}, {2000, 2000}, {proxyUID, 2000}}
+	inboundPortPool = []string{"8080", "9090", "15008", "15090", "15001", "7777"}
+	dstPool         = []string{"remote:80", "remote:81", "cidrA:80", "cidrB:80", "pod:8080", "pod:15008", "127.0.0.1:8080", "127.0.0.2:8080", "127.1.2.3:8080", "remote:9"}
 )
 
 func pick[T any](r *rand.Rand, pool []T) T { return pool[r.IntN(len(pool))] }
@@ -65,6 +69,16 @@ func randomFlags(r *rand.Rand) []string {
 	if r.IntN(4) == 0 {
 		add("-e", "15009")
 	}
+	switch r.IntN(3) {
+	case 0: // default '*'
+	case 1:
+		add("-b", "")
+	case 2:
+		add("-b", subset(r, inboundPortPool))
+	}
+	if r.IntN(2) == 0 {
+		add("-d", subset(r, inboundPortPool))
+	}
 	if r.IntN(4) == 0 {
 		add("-p", "16001")
 		add("-z", "16006")
@@ -73,6 +87,9 @@ func randomFlags(r *rand.Rand) []string {
 }
 
 func randomScenario(r *rand.Rand, flags []string, i int) scenario {
+	if r.IntN(4) == 0 {
+		return scenario{name: fmt.Sprintf("conn %d", i), flags: flags, inbound: true, dst: "pod:" + pick(r, inboundPortPool)}
+	}
 	ids := pick(r, idPairs)
 	s := scenario{name: fmt.Sprintf("conn %d", i), flags: flags, uid: ids[0], gid: ids[1], dst: pick(r, dstPool)}
 	// 127.0.0.6 is a loopback source: bound to it, only local destinations are routable.
@@ -109,12 +126,17 @@ func TestRandomParity(t *testing.T) {
 			b.apply(t, w, cfg)
 			for _, s := range scenarios {
 				conn := w.conn(t, s)
+				dial := func() testpod.Result { return w.pod.Dial(t, s.uid, s.gid, targetOf(conn))[0] }
+				if s.inbound {
+					conn = policy.Conn{Direction: policy.Inbound, Dst: conn.Dst, DstLocal: true}
+					dial = func() testpod.Result { return w.pod.Net.Dial(t, targetOf(conn))[0] }
+				}
 				v := cfg.Decide(conn)
 				want := w.expected(v, conn)
 				if b.after != nil {
 					b.apply(t, w, cfg) // re-reads the counters baseline
 				}
-				got := observed(w.pod.Dial(t, s.uid, s.gid, targetOf(conn))[0])
+				got := observed(dial())
 				if got != want {
 					t.Errorf("seed %d config %d %s: flags %q, uid %d gid %d src %q -> %s\n  model (%s): %s\n  %s: %s",
 						seed, c, s.name, w.expand(strings.Join(flags, " ")), s.uid, s.gid, s.src, conn.Dst, v, want, b.name, got)
