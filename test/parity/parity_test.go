@@ -85,6 +85,22 @@ var outboundScenarios = []scenario{
 type world struct {
 	pod          *testpod.Pod
 	cidrA, cidrB netip.Addr
+	procs        []*testpod.Proc // listeners that must stay up for the whole test
+}
+
+// health reports listeners of the world that died, to tell a broken world from a
+// disagreement when an outcome is off.
+func (w *world) health() string {
+	var dead []string
+	for _, p := range w.procs {
+		if e := p.Exited(); e != "" {
+			dead = append(dead, e)
+		}
+	}
+	if len(dead) == 0 {
+		return "all listeners alive"
+	}
+	return "DEAD LISTENERS: " + strings.Join(dead, "; ")
 }
 
 func newWorld(t *testing.T) *world {
@@ -95,13 +111,14 @@ func newWorld(t *testing.T) *world {
 	for _, p := range proxyPorts {
 		listen = append(listen, netip.AddrPortFrom(any, p))
 	}
-	pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Listen: listen, Mode: "report", UID: proxyUID, GID: proxyUID})
-	pod.Server(t, "app", netip.AddrPortFrom(any, 8080), appUID, appUID)
-	pod.Server(t, "app", netip.AddrPortFrom(any, 9090), appUID, appUID)
-	pod.Server(t, "metrics", netip.AddrPortFrom(any, 15090), proxyUID, proxyUID)
-	pod.Server(t, "tunnel", netip.AddrPortFrom(any, 15008), proxyUID, proxyUID)
-	pod.Net.Server(t, "remote", netip.AddrPortFrom(any, 80))
-	pod.Net.Server(t, "remote", netip.AddrPortFrom(any, 81))
+	w.procs = append(w.procs,
+		pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Listen: listen, Mode: "report", UID: proxyUID, GID: proxyUID}),
+		pod.Server(t, "app", netip.AddrPortFrom(any, 8080), appUID, appUID),
+		pod.Server(t, "app", netip.AddrPortFrom(any, 9090), appUID, appUID),
+		pod.Server(t, "metrics", netip.AddrPortFrom(any, 15090), proxyUID, proxyUID),
+		pod.Server(t, "tunnel", netip.AddrPortFrom(any, 15008), proxyUID, proxyUID),
+		pod.Net.Server(t, "remote", netip.AddrPortFrom(any, 80)),
+		pod.Net.Server(t, "remote", netip.AddrPortFrom(any, 81)))
 	return w
 }
 
@@ -224,8 +241,8 @@ func TestOutboundParity(t *testing.T) {
 					b.apply(t, w, cfg)
 					got := observed(w.pod.Dial(t, s.uid, s.gid, targetOf(c))[0])
 					if got != want {
-						t.Errorf("%s: uid %d gid %d src %q -> %s\n  model (%s): %s\n  %s: %s",
-							s.name, s.uid, s.gid, s.src, c.Dst, v, want, b.name, got)
+						t.Errorf("%s: uid %d gid %d src %q -> %s\n  model (%s): %s\n  %s: %s\n  (%s)",
+							s.name, s.uid, s.gid, s.src, c.Dst, v, want, b.name, got, w.health())
 					}
 					if b.after != nil {
 						b.after(t, w, v)
@@ -271,7 +288,7 @@ func TestInboundParity(t *testing.T) {
 					b.apply(t, w, cfg)
 					got := observed(w.pod.Net.Dial(t, targetOf(c))[0])
 					if got != want {
-						t.Errorf("%s: remote -> %s\n  model (%s): %s\n  %s: %s", s.name, c.Dst, v, want, b.name, got)
+						t.Errorf("%s: remote -> %s\n  model (%s): %s\n  %s: %s\n  (%s)", s.name, c.Dst, v, want, b.name, got, w.health())
 					}
 					if b.after != nil {
 						b.after(t, w, v)

@@ -138,8 +138,8 @@ func TestRandomParity(t *testing.T) {
 				}
 				got := observed(dial())
 				if got != want {
-					t.Errorf("seed %d config %d %s: flags %q, uid %d gid %d src %q -> %s\n  model (%s): %s\n  %s: %s",
-						seed, c, s.name, w.expand(strings.Join(flags, " ")), s.uid, s.gid, s.src, conn.Dst, v, want, b.name, got)
+					t.Errorf("seed %d config %d %s: flags %q, uid %d gid %d src %q -> %s\n  model (%s): %s\n  %s: %s\n  (%s)",
+						seed, c, s.name, w.expand(strings.Join(flags, " ")), s.uid, s.gid, s.src, conn.Dst, v, want, b.name, got, w.health())
 				}
 				if b.after != nil {
 					b.after(t, w, v)

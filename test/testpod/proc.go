@@ -110,6 +110,16 @@ func (pr *Proc) Stop() {
 	})
 }
 
+// Exited describes how the process ended, or returns "" while it runs.
+func (pr *Proc) Exited() string {
+	select {
+	case <-pr.done:
+		return fmt.Sprintf("%v exited (%v), stderr: %q", pr.Cmd.Args[1:], pr.Cmd.ProcessState, pr.stderr.String())
+	default:
+		return ""
+	}
+}
+
 // Stdout returns what the process wrote to stdout so far.
 func (pr *Proc) Stdout() string { return pr.stdout.String() }
 
