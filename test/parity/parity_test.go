@@ -77,6 +77,9 @@ var outboundScenarios = []scenario{
 	{name: "-i loopback range captures the app's loopback connection", flags: []string{"-i", "127.1.2.0/24"}, uid: appUID, gid: appUID, dst: "127.1.2.3:8080"},
 	{name: "-i loopback range makes the gid hairpin reachable", flags: []string{"-i", "127.1.2.0/24"}, uid: appUID, gid: proxyUID, dst: "pod:8080"},
 	{name: "-i loopback range: app to own pod is not included", flags: []string{"-i", "127.1.2.0/24"}, uid: appUID, gid: appUID, dst: "pod:8080"},
+	{name: "TPROXY mode: app to remote is captured", flags: []string{"-m", "TPROXY"}, uid: appUID, gid: appUID, dst: "remote:80"},
+	{name: "TPROXY mode: hairpin", flags: []string{"-m", "TPROXY"}, uid: proxyUID, gid: proxyUID, dst: "pod:8080"},
+	{name: "TPROXY mode: passthrough", flags: []string{"-m", "TPROXY"}, uid: proxyUID, gid: proxyUID, src: "127.0.0.6", dst: "pod:8080"},
 	{name: "nothing listening: the proxy still answers", uid: appUID, gid: appUID, dst: "remote:9"},
 	{name: "nothing listening and not captured: refused", flags: []string{"-o", "9"}, uid: appUID, gid: appUID, dst: "remote:9"},
 }
