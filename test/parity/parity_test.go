@@ -115,7 +115,7 @@ func newWorld(t *testing.T) *world {
 		listen = append(listen, netip.AddrPortFrom(any, p))
 	}
 	w.procs = append(w.procs,
-		pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Listen: listen, Mode: "report", UID: proxyUID, GID: proxyUID}),
+		pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Listen: listen, Mode: "report", UID: proxyUID, GID: proxyUID, Transparent: true}),
 		pod.Server(t, "app", netip.AddrPortFrom(any, 8080), appUID, appUID),
 		pod.Server(t, "app", netip.AddrPortFrom(any, 9090), appUID, appUID),
 		pod.Server(t, "metrics", netip.AddrPortFrom(any, 15090), proxyUID, proxyUID),
@@ -275,6 +275,10 @@ var inboundScenarios = []scenario{
 	// Found by TestRandomParity (seed 1795382119790340294): conntrack answers
 	// SO_ORIGINAL_DST for connections that were never NATed too.
 	{name: "uncaptured inbound straight to a proxy listener reads its own address", flags: []string{"-b", ""}, dst: "pod:15001"},
+	{name: "TPROXY mode: inbound to the app is captured", flags: []string{"-m", "TPROXY"}, dst: "pod:8080"},
+	{name: "TPROXY mode: the tunnel port is captured too", flags: []string{"-m", "TPROXY"}, dst: "pod:15008"},
+	{name: "TPROXY mode: -d excludes", flags: []string{"-m", "TPROXY"}, dst: "pod:15090"},
+	{name: "TPROXY mode: -b list", flags: []string{"-m", "TPROXY", "-b", "9090"}, dst: "pod:8080"},
 }
 
 func TestInboundParity(t *testing.T) {

@@ -61,20 +61,24 @@ func RunHelperIfRequested() {
 
 // listen opens a plain TCP listener. Go >= 1.24 makes listeners MPTCP by default, and
 // SOCKMAP (used by the eBPF inbound path) refuses MPTCP sockets.
-func listen(addr string) (net.Listener, error) { return listenWith(addr, false) }
+func listen(addr string) (net.Listener, error) { return listenWith(addr, false, false) }
 
-// listenWith optionally sets SO_REUSEPORT, as Envoy does with one listener per worker.
-func listenWith(addr string, reuseport bool) (net.Listener, error) {
+// listenWith optionally sets SO_REUSEPORT, as Envoy does with one listener per worker, and
+// IP_TRANSPARENT, which iptables TPROXY needs on the listener it delivers to.
+func listenWith(addr string, reuseport, transparent bool) (net.Listener, error) {
 	var lc net.ListenConfig
 	lc.SetMultipathTCP(false)
-	if reuseport {
-		lc.Control = func(_, _ string, rc syscall.RawConn) error {
-			var serr error
-			err := rc.Control(func(fd uintptr) {
+	lc.Control = func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		err := rc.Control(func(fd uintptr) {
+			if reuseport {
 				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-			})
-			return errors.Join(err, serr)
-		}
+			}
+			if transparent && serr == nil {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+			}
+		})
+		return errors.Join(err, serr)
 	}
 	return lc.Listen(context.Background(), "tcp4", addr)
 }
@@ -127,6 +131,7 @@ func runProxy(args []string) error {
 	inboundSrc := fs.String("inbound-src", "", "source to bind when forwarding inbound (e.g. 127.0.0.6)")
 	inboundPort := fs.Int("inbound-port", 15006, "listener port whose connections are inbound")
 	reuseport := fs.Int("reuseport", 0, "listen this many times on each address with SO_REUSEPORT")
+	transparent := fs.Bool("transparent", false, "set IP_TRANSPARENT on the listeners (TPROXY)")
 	var addrs listFlag
 	fs.Var(&addrs, "listen", "ip:port (repeatable)")
 	if err := fs.Parse(args); err != nil {
@@ -146,7 +151,7 @@ func runProxy(args []string) error {
 	var index []int // which of the SO_REUSEPORT sockets of its address each listener is
 	for _, a := range addrs {
 		for i := range max(*reuseport, 1) {
-			ln, err := listenWith(a, *reuseport > 0)
+			ln, err := listenWith(a, *reuseport > 0, *transparent)
 			if err != nil {
 				return err
 			}

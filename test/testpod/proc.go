@@ -33,6 +33,9 @@ type ProcSpec struct {
 	Args     []string
 	// Path, if set, runs that executable with Args instead of a helper (e.g. haproxy).
 	Path string
+	// Caps are ambient capabilities kept across the switch to UID (e.g. CAP_NET_ADMIN
+	// for a TPROXY proxy, as Envoy gets it).
+	Caps []uintptr
 }
 
 // Proc is a helper process started by Pod.Start or Network.Start.
@@ -86,7 +89,8 @@ func start(tb testing.TB, netnsPath, cgroupPath string, spec ProcSpec) *Proc {
 		CgroupFD:    cg,
 		// Pdeathsig fires when the forking *thread* exits. nsexec returns that thread to the
 		// pool (Go does not retire idle threads), so it only fires if the test process dies.
-		Pdeathsig: syscall.SIGKILL,
+		Pdeathsig:   syscall.SIGKILL,
+		AmbientCaps: spec.Caps,
 	}
 	must(tb, nsexec.Start(netnsPath, cmd), fmt.Sprintf("start %v", spec.Args))
 	go func() {
@@ -188,6 +192,9 @@ type ProxyConfig struct {
 	InboundPort uint16
 	// Reuseport, if > 0, opens that many SO_REUSEPORT listeners per address (Envoy style).
 	Reuseport int
+	// Transparent sets IP_TRANSPARENT on the listeners (iptables TPROXY mode needs it) and
+	// gives the proxy CAP_NET_ADMIN for that.
+	Transparent bool
 }
 
 // Proxy starts a proxy helper listening on one address and waits until it listens.
@@ -209,10 +216,15 @@ func (p *Pod) StartProxy(tb testing.TB, c ProxyConfig) *Proc {
 	if c.Reuseport > 0 {
 		args = append(args, "--reuseport", strconv.Itoa(c.Reuseport))
 	}
+	var caps []uintptr
+	if c.Transparent {
+		args = append(args, "--transparent")
+		caps = []uintptr{unix.CAP_NET_ADMIN}
+	}
 	if c.InboundPort != 0 {
 		args = append(args, "--inbound-port", strconv.Itoa(int(c.InboundPort)))
 	}
-	return p.Start(tb, ProcSpec{UID: c.UID, GID: c.GID, Args: args}).waitReady(tb)
+	return p.Start(tb, ProcSpec{UID: c.UID, GID: c.GID, Args: args, Caps: caps}).waitReady(tb)
 }
 
 // Target is one connection a client makes.
