@@ -123,3 +123,50 @@ func TestReattachOtherCgroupRefused(t *testing.T) {
 		t.Errorf("refused attach changed the policy: proxy port %d", st.Policy.ProxyPort)
 	}
 }
+
+// Directions can be turned off and on again by re-attaching; the link set follows.
+func TestDirectionToggles(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	any := netip.IPv4Unspecified()
+	pod.Net.Server(t, "remote", netip.AddrPortFrom(any, 80))
+	pod.Server(t, "app", netip.AddrPortFrom(any, 8080), divertest.AppUID, divertest.AppUID)
+	pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Mode: "report", UID: divertest.ProxyUID, GID: divertest.ProxyUID,
+		Listen: []netip.AddrPort{netip.AddrPortFrom(any, 15001), netip.AddrPortFrom(any, 15006)}})
+	out := testpod.Target{Dst: netip.AddrPortFrom(pod.Net.Addrs[0], 80)}
+	in := testpod.Target{Dst: netip.AddrPortFrom(pod.Addr, 8080)}
+	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
+	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
+
+	check := func(step string, noIn, noOut bool, programs int) {
+		t.Helper()
+		o := opts
+		o.NoInbound, o.NoOutbound = noIn, noOut
+		if err := loader.Attach(context.Background(), lp, divertest.Config(t), o); err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		if n := divertest.AttachedPrograms(t, pod); n != programs {
+			t.Errorf("%s: %d programs attached, want %d", step, n, programs)
+		}
+		wantOut, wantIn := "proxy", "proxy"
+		if noOut {
+			wantOut = "remote"
+		}
+		if noIn {
+			wantIn = "app"
+		}
+		if r := pod.Dial(t, divertest.AppUID, divertest.AppUID, out)[0]; len(r.Hops) != 1 || r.Hops[0].Who != wantOut {
+			t.Errorf("%s: outbound landed %+v, want %s", step, r, wantOut)
+		}
+		if r := pod.Net.Dial(t, in)[0]; len(r.Hops) != 1 || r.Hops[0].Who != wantIn {
+			t.Errorf("%s: inbound landed %+v, want %s", step, r, wantIn)
+		}
+	}
+	check("outbound only", true, false, 3)
+	check("both", false, false, 4)
+	check("inbound only", false, true, 3)
+	check("both again", false, false, 4)
+	if err := loader.Attach(context.Background(), lp, divertest.Config(t), loader.Options{BPFFS: opts.BPFFS, NoInbound: true, NoOutbound: true}); err == nil {
+		t.Error("attaching with both directions off must fail")
+	}
+}
