@@ -1,0 +1,137 @@
+// Package node is divert's node mode: an agent (one per node, run by a DaemonSet) that a
+// chained CNI plugin calls for every pod, and that attaches divert to the pods that run a
+// sidecar, configured from their Istio annotations. Kubernetes stays here and in cmd/; the
+// loader knows only cgroups, network namespaces and policy.
+package node
+
+import (
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/pflag"
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/meshdivert/divert/policy"
+)
+
+// Annotations and labels that decide and shape capture.
+const (
+	// AnnotationIstioStatus is set by Istio's sidecar injector on injected pods.
+	AnnotationIstioStatus = "sidecar.istio.io/status"
+	// AnnotationInterceptionMode is Istio's REDIRECT / TPROXY choice.
+	AnnotationInterceptionMode = "sidecar.istio.io/interceptionMode"
+	// LabelCapture opts a pod in (or out, with "false") without Istio.
+	LabelCapture = "divert.meshdivert.io/capture"
+	// AnnotationProxyUID and AnnotationProxyGID override the proxy's uid and gid.
+	AnnotationProxyUID = "divert.meshdivert.io/proxy-uid"
+	AnnotationProxyGID = "divert.meshdivert.io/proxy-gid"
+
+	trafficPrefix = "traffic.sidecar.istio.io/"
+	// istioProxy is the injected sidecar container's name.
+	istioProxy = "istio-proxy"
+)
+
+// trafficAnnotations maps Istio's per-pod traffic annotations to the istio-iptables flag
+// they set, exactly as Istio's injector renders them into istio-init's arguments.
+var trafficAnnotations = map[string]string{
+	trafficPrefix + "includeOutboundIPRanges": "-i",
+	trafficPrefix + "excludeOutboundIPRanges": "-x",
+	trafficPrefix + "includeOutboundPorts":    "-q",
+	trafficPrefix + "excludeOutboundPorts":    "-o",
+	trafficPrefix + "includeInboundPorts":     "-b",
+	trafficPrefix + "excludeInboundPorts":     "-d",
+}
+
+// istioInboundExcludes are always excluded inbound by Istio's injector (Prometheus
+// merge, health, agent status), whatever the annotation adds.
+const istioInboundExcludes = "15090,15021,15020"
+
+// Selected says whether divert should capture the pod, and why (for logs and events).
+func Selected(pod *corev1.Pod) (bool, string) {
+	if pod.Spec.HostNetwork {
+		return false, "host-network pod"
+	}
+	switch pod.Labels[LabelCapture] {
+	case "false":
+		return false, "label " + LabelCapture + "=false"
+	case "true":
+		return true, "label " + LabelCapture + "=true"
+	}
+	if _, ok := pod.Annotations[AnnotationIstioStatus]; ok {
+		return true, "Istio sidecar injected (" + AnnotationIstioStatus + ")"
+	}
+	return false, "no sidecar (" + AnnotationIstioStatus + " absent) and no " + LabelCapture + " label"
+}
+
+// Config is the policy for a selected pod: defaults, then its annotations, parsed by the
+// same flag parser as the CLI so every value is validated the same way. Annotations that
+// cannot be honoured come back as warnings, never silently dropped; an annotation with a
+// bad value is an error.
+func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, error) {
+	var args, warnings []string
+	keys := make([]string, 0, len(pod.Annotations))
+	for k := range pod.Annotations {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		v := pod.Annotations[k]
+		if flag, ok := trafficAnnotations[k]; ok {
+			if flag == "-d" {
+				v = strings.Trim(istioInboundExcludes+","+v, ",")
+			}
+			args = append(args, flag, v)
+			continue
+		}
+		if strings.HasPrefix(k, trafficPrefix) {
+			warnings = append(warnings, fmt.Sprintf("annotation %s is not supported by divert and was not applied", k))
+		}
+	}
+	switch mode := pod.Annotations[AnnotationInterceptionMode]; mode {
+	case "", "REDIRECT", "TPROXY":
+		if mode != "" {
+			args = append(args, "-m", mode)
+		}
+	default:
+		warnings = append(warnings, fmt.Sprintf("annotation %s=%q is not supported by divert (use REDIRECT or TPROXY); using %s",
+			AnnotationInterceptionMode, mode, defaults.Mode))
+	}
+	uid, gid := proxyIDs(pod)
+	if uid != "" {
+		args = append(args, "-u", uid)
+	}
+	if gid != "" {
+		args = append(args, "-g", gid)
+	}
+
+	fs := pflag.NewFlagSet(pod.Name, pflag.ContinueOnError)
+	parse := policy.Flags(fs, defaults)
+	if err := fs.Parse(args); err != nil {
+		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s: %w", pod.Namespace, pod.Name, err)
+	}
+	cfg, err := parse(func(string) string { return "" })
+	if err != nil {
+		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s annotations: %w", pod.Namespace, pod.Name, err)
+	}
+	return cfg, warnings, nil
+}
+
+// proxyIDs finds the proxy's uid and gid: divert's annotations, else the istio-proxy
+// container's securityContext (what Istio's injector sets), else the defaults ("").
+func proxyIDs(pod *corev1.Pod) (uid, gid string) {
+	uid, gid = pod.Annotations[AnnotationProxyUID], pod.Annotations[AnnotationProxyGID]
+	for _, c := range pod.Spec.Containers {
+		if c.Name != istioProxy || c.SecurityContext == nil {
+			continue
+		}
+		if uid == "" && c.SecurityContext.RunAsUser != nil {
+			uid = strconv.FormatInt(*c.SecurityContext.RunAsUser, 10)
+		}
+		if gid == "" && c.SecurityContext.RunAsGroup != nil {
+			gid = strconv.FormatInt(*c.SecurityContext.RunAsGroup, 10)
+		}
+	}
+	return uid, gid
+}

@@ -1,0 +1,128 @@
+package node
+
+import (
+	"strings"
+	"testing"
+	"testing/fstest"
+
+	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/meshdivert/divert/policy"
+)
+
+func pod(annotations, labels map[string]string) *corev1.Pod {
+	return &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "shop", UID: "1f2e-33", Annotations: annotations, Labels: labels}}
+}
+
+func TestSelected(t *testing.T) {
+	injected := map[string]string{AnnotationIstioStatus: `{"initContainers":null}`}
+	hostNet := pod(injected, nil)
+	hostNet.Spec.HostNetwork = true
+	cases := []struct {
+		name string
+		pod  *corev1.Pod
+		want bool
+	}{
+		{"istio injected", pod(injected, nil), true},
+		{"plain pod", pod(nil, nil), false},
+		{"opt in by label", pod(nil, map[string]string{LabelCapture: "true"}), true},
+		{"opt out beats injection", pod(injected, map[string]string{LabelCapture: "false"}), false},
+		{"host network never", hostNet, false},
+	}
+	for _, c := range cases {
+		got, why := Selected(c.pod)
+		if got != c.want || why == "" {
+			t.Errorf("%s: Selected = %v (%q), want %v", c.name, got, why, c.want)
+		}
+	}
+}
+
+func TestConfigFromAnnotations(t *testing.T) {
+	uid, gid := int64(2000), int64(3000)
+	p := pod(map[string]string{
+		AnnotationIstioStatus:                              "{}",
+		"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.96.0.0/12",
+		"traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.96.0.1/32",
+		"traffic.sidecar.istio.io/includeOutboundPorts":    "3306",
+		"traffic.sidecar.istio.io/excludeOutboundPorts":    "5432,6379",
+		"traffic.sidecar.istio.io/includeInboundPorts":     "8080,9090",
+		"traffic.sidecar.istio.io/excludeInboundPorts":     "9999",
+		AnnotationInterceptionMode:                         "TPROXY",
+		"traffic.sidecar.istio.io/kubevirtInterfaces":      "net1",
+	}, nil)
+	p.Spec.Containers = []corev1.Container{{Name: "app"}, {Name: "istio-proxy", SecurityContext: &corev1.SecurityContext{RunAsUser: &uid, RunAsGroup: &gid}}}
+	cfg, warnings, err := Config(p, policy.Default())
+	require.NoError(t, err)
+	require.Equal(t, "10.96.0.0/12", cfg.OutboundCIDRs.String())
+	require.Equal(t, "10.96.0.1/32", cfg.OutboundExcludeCIDRs[0].String())
+	require.Equal(t, []uint16{3306}, cfg.OutboundPorts)
+	require.Equal(t, []uint16{5432, 6379}, cfg.OutboundExcludePorts)
+	require.Equal(t, "8080,9090", cfg.InboundPorts.String())
+	require.Equal(t, []uint16{15090, 15021, 15020, 9999}, cfg.InboundExcludePorts)
+	require.Equal(t, policy.TProxy, cfg.Mode)
+	require.Equal(t, uint32(2000), cfg.ProxyUID)
+	require.Equal(t, uint32(3000), cfg.ProxyGID)
+	require.Len(t, warnings, 1)
+	require.Contains(t, warnings[0], "kubevirtInterfaces")
+}
+
+func TestConfigDefaultsAndErrors(t *testing.T) {
+	cfg, warnings, err := Config(pod(map[string]string{AnnotationIstioStatus: "{}"}, nil), policy.Default())
+	require.NoError(t, err)
+	require.Empty(t, warnings)
+	require.Equal(t, policy.Default(), cfg)
+
+	_, _, err = Config(pod(map[string]string{"traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/33"}, nil), policy.Default())
+	require.Error(t, err)
+	require.Contains(t, err.Error(), "istio-service-exclude-cidr")
+	require.NotContains(t, err.Error(), "\n")
+
+	_, warnings, err = Config(pod(map[string]string{AnnotationInterceptionMode: "NONE"}, nil), policy.Default())
+	require.NoError(t, err)
+	require.Len(t, warnings, 1)
+
+	_, _, err = Config(pod(map[string]string{AnnotationProxyUID: "x"}, nil), policy.Default())
+	require.ErrorContains(t, err, "proxy-uid")
+}
+
+func TestFindPodCgroup(t *testing.T) {
+	const uid = "6c4b2a1e-0d3f-4c5b-9a8e-112233445566"
+	u := strings.ReplaceAll(uid, "-", "_")
+	layouts := map[string]string{
+		"cgroupfs besteffort": "kubepods/besteffort/pod" + uid,
+		"cgroupfs burstable":  "kubepods/burstable/pod" + uid,
+		"cgroupfs guaranteed": "kubepods/pod" + uid,
+		"systemd burstable":   "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod" + u + ".slice",
+		"systemd guaranteed":  "kubepods.slice/kubepods-pod" + u + ".slice",
+		"kubelet in a slice":  "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubepods-besteffort-pod" + u + ".slice",
+	}
+	for name, dir := range layouts {
+		fsys := fstest.MapFS{
+			dir + "/cgroup.procs":                          {},
+			dir + "/0123abcd/cgroup.procs":                 {},
+			"kubepods/besteffort/podother/cgroup.procs":    {},
+			"system.slice/containerd.service/cgroup.procs": {},
+		}
+		got, err := FindPodCgroup(fsys, uid)
+		if err != nil || got != dir {
+			t.Errorf("%s: FindPodCgroup = %q, %v; want %q", name, got, err, dir)
+		}
+	}
+	_, err := FindPodCgroup(fstest.MapFS{"kubepods/besteffort/podother/x": {}}, uid)
+	require.ErrorIs(t, err, ErrNoCgroup)
+}
+
+func TestExpectedPodCgroup(t *testing.T) {
+	p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{UID: types.UID("abc")}}
+	for qos, want := range map[corev1.PodQOSClass]string{
+		corev1.PodQOSBestEffort: "kubepods/besteffort/podabc",
+		corev1.PodQOSBurstable:  "kubepods/burstable/podabc",
+		corev1.PodQOSGuaranteed: "kubepods/podabc",
+	} {
+		p.Status.QOSClass = qos
+		require.Equal(t, want, ExpectedPodCgroup(p))
+	}
+}
