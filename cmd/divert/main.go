@@ -55,6 +55,6 @@ Policy flags are istio-iptables' flags (short and long) and environment variable
 	}
 	root.SetOut(e.stdout)
 	root.SetErr(e.stderr)
-	root.AddCommand(newAttachCmd(e), newDetachCmd(e), newStatusCmd(e), newExplainCmd(e), newIptablesCmd(e))
+	root.AddCommand(newAttachCmd(e), newDetachCmd(e), newStatusCmd(e), newExplainCmd(e), newIptablesCmd(e), newNodeCmd(e))
 	return root
 }

@@ -1,0 +1,257 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/node/cniapi"
+	"github.com/meshdivert/divert/policy"
+)
+
+// Agent attaches divert to the selected pods of one node.
+type Agent struct {
+	// Client reads pods; the agent needs get and list on pods, nothing else.
+	Client kubernetes.Interface
+	// NodeName limits reconcile to this node's pods.
+	NodeName string
+	// CgroupRoot is the cgroup2 mount (as the agent sees the host's).
+	CgroupRoot string
+	// Loader says where pins live.
+	Loader loader.Options
+	// Defaults is the policy before a pod's annotations (Istio's injector values).
+	Defaults policy.Config
+	// Log receives one line per decision; warnings name the pod.
+	Log *slog.Logger
+
+	mu   sync.Mutex
+	pods map[string]podRef // attached pods by UID, for metrics and logs
+}
+
+type podRef struct{ Namespace, Name string }
+
+// Request and Response are the plugin protocol (package cniapi, kept free of Kubernetes
+// libraries so the plugin binary stays small).
+type (
+	Request  = cniapi.Request
+	Response = cniapi.Response
+)
+
+// Add captures the pod if it is selected. An error means the pod must not start: it was
+// selected, and capture could not be put in place.
+func (a *Agent) Add(ctx context.Context, req Request) (Response, error) {
+	pod, err := a.Client.CoreV1().Pods(req.PodNamespace).Get(ctx, req.PodName, metav1.GetOptions{})
+	if err != nil {
+		return Response{}, fmt.Errorf("get pod %s/%s: %w", req.PodNamespace, req.PodName, err)
+	}
+	if req.PodUID != "" && string(pod.UID) != req.PodUID {
+		return Response{}, fmt.Errorf("pod %s/%s has uid %s, CNI asked for %s", req.PodNamespace, req.PodName, pod.UID, req.PodUID)
+	}
+	selected, why := Selected(pod)
+	if !selected {
+		a.log().Info("not capturing", "pod", key(pod), "reason", why)
+		return Response{Reason: why}, nil
+	}
+	if err := a.attach(ctx, pod, req.Netns, true); err != nil {
+		return Response{}, err
+	}
+	return Response{Captured: true, Reason: why}, nil
+}
+
+// Del removes capture for the pod (whether or not it had any). It never fails for a pod
+// that is not attached: CNI DEL must be idempotent.
+func (a *Agent) Del(ctx context.Context, req Request) (Response, error) {
+	if req.PodUID == "" {
+		return Response{Reason: "no pod uid"}, nil
+	}
+	return Response{Reason: "detached"}, a.detach(req.PodUID)
+}
+
+func (a *Agent) attach(ctx context.Context, pod *corev1.Pod, netns string, create bool) error {
+	cfg, warnings, err := Config(pod, a.Defaults)
+	for _, w := range warnings {
+		a.log().Warn(w, "pod", key(pod))
+	}
+	if err != nil {
+		return err
+	}
+	cg, err := a.podCgroup(pod, create)
+	if err != nil {
+		return err
+	}
+	id := string(pod.UID)
+	if err := loader.Attach(ctx, loader.Pod{ID: id, Cgroup: cg, NetNS: netns}, &cfg, a.Loader); err != nil {
+		return fmt.Errorf("attach pod %s: %w", key(pod), err)
+	}
+	a.mu.Lock()
+	if a.pods == nil {
+		a.pods = map[string]podRef{}
+	}
+	a.pods[id] = podRef{pod.Namespace, pod.Name}
+	a.mu.Unlock()
+	a.log().Info("captured", "pod", key(pod), "uid", id, "cgroup", cg)
+	return nil
+}
+
+func (a *Agent) detach(uid string) error {
+	err := loader.Detach(uid, a.Loader)
+	a.mu.Lock()
+	ref, known := a.pods[uid]
+	delete(a.pods, uid)
+	a.mu.Unlock()
+	if errors.Is(err, loader.ErrNotAttached) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	a.log().Info("released", "pod", ref.Namespace+"/"+ref.Name, "uid", uid, "known", known)
+	return nil
+}
+
+// podCgroup finds the pod's cgroup v2 directory. At CNI ADD the first container may not
+// have made it yet (runc creates the v2 mirror of a cgroupfs-driver pod with its first
+// container); the agent then creates it where runc will, so the programs are in place
+// before any container of the pod runs.
+func (a *Agent) podCgroup(pod *corev1.Pod, create bool) (string, error) {
+	rel, err := FindPodCgroup(os.DirFS(a.CgroupRoot), string(pod.UID))
+	if err == nil {
+		return filepath.Join(a.CgroupRoot, rel), nil
+	}
+	if !errors.Is(err, ErrNoCgroup) || !create {
+		return "", err
+	}
+	dir := filepath.Join(a.CgroupRoot, ExpectedPodCgroup(pod))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("create cgroup for pod %s: %w", key(pod), err)
+	}
+	return dir, nil
+}
+
+// Reconcile makes the pins match the live pods of this node: selected pods without
+// capture get it (pods created while the agent was down), pins of pods that are gone are
+// removed. With refresh, attached pods are attached again, which updates their policy
+// and swaps in this build's programs (link.Update: no gap in capture) — done on start.
+func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
+	list, err := a.Client.CoreV1().Pods("").List(ctx, metav1.ListOptions{
+		FieldSelector: fields.OneTermEqualSelector("spec.nodeName", a.NodeName).String(),
+	})
+	if err != nil {
+		return fmt.Errorf("list pods on node %s: %w", a.NodeName, err)
+	}
+	attached, err := loader.List(a.Loader)
+	if err != nil {
+		return err
+	}
+	isAttached := map[string]bool{}
+	for _, id := range attached {
+		isAttached[id] = true
+	}
+	live := map[string]bool{}
+	var errs []error
+	for i := range list.Items {
+		pod := &list.Items[i]
+		if ok, _ := Selected(pod); !ok || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
+			continue
+		}
+		id := string(pod.UID)
+		if isAttached[id] && !refresh {
+			live[id] = true
+			continue
+		}
+		netns, err := a.podNetns(pod)
+		if errors.Is(err, ErrNoCgroup) || errors.Is(err, errNoProcess) {
+			continue // not running yet: CNI ADD will come
+		}
+		if err == nil {
+			err = a.attach(ctx, pod, netns, false)
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		live[id] = true
+	}
+	for _, id := range attached {
+		if !live[id] && !a.stillStarting(list.Items, id) {
+			if err := a.detach(id); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// stillStarting keeps the pins of a selected pod that exists but has no running process
+// yet (CNI ADD just attached it).
+func (a *Agent) stillStarting(pods []corev1.Pod, id string) bool {
+	for i := range pods {
+		if string(pods[i].UID) == id {
+			ok, _ := Selected(&pods[i])
+			return ok && pods[i].Status.Phase == corev1.PodPending
+		}
+	}
+	return false
+}
+
+var errNoProcess = errors.New("no process in the pod's cgroup")
+
+// podNetns finds the pod's network namespace through a process of the pod (the sandbox).
+func (a *Agent) podNetns(pod *corev1.Pod) (string, error) {
+	cg, err := a.podCgroup(pod, false)
+	if err != nil {
+		return "", err
+	}
+	var pid int
+	err = filepath.WalkDir(cg, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || pid != 0 || d.Name() != "cgroup.procs" {
+			return nil
+		}
+		b, _ := os.ReadFile(p)
+		if f := strings.Fields(string(b)); len(f) > 0 {
+			pid, _ = strconv.Atoi(f[0])
+		}
+		return nil
+	})
+	if err != nil || pid == 0 {
+		return "", fmt.Errorf("pod %s: %w", key(pod), errNoProcess)
+	}
+	return fmt.Sprintf("/proc/%d/ns/net", pid), nil
+}
+
+// PodNames returns namespace/name of attached pods the agent knows, by UID.
+func (a *Agent) PodNames() map[string]string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make(map[string]string, len(a.pods))
+	for id, r := range a.pods {
+		out[id] = r.Namespace + "/" + r.Name
+	}
+	return out
+}
+
+func (a *Agent) log() *slog.Logger {
+	if a.Log == nil {
+		return slog.Default()
+	}
+	return a.Log
+}
+
+func key(pod *corev1.Pod) string { return pod.Namespace + "/" + pod.Name }
+
+// IsNotFound reports whether err is the API's not-found.
+func IsNotFound(err error) bool { return apierrors.IsNotFound(err) }
