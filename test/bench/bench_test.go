@@ -1,0 +1,701 @@
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/iptables"
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/testpod"
+)
+
+var (
+	flagOut    = flag.String("bench.out", "bench-out", "directory for results.json, results.md and the plots")
+	flagDocs   = flag.String("bench.docs", "", "if set, the docs directory: write benchmarks.md and the plots there too")
+	flagQuick  = flag.Bool("bench.quick", false, "smoke run: fewer rounds, shorter runs, smaller sweeps (CI)")
+	flagRounds = flag.Int("bench.rounds", 0, "rounds per benchmark (0: 7, or 3 with -bench.quick)")
+	flagCmd    = flag.String("bench.cmd", "", "the command to record in the report (default: make bench [QUICK=1])")
+	flagOnly   = flag.String("bench.only", "", "comma-separated subset of B1,B2,B3,B4,B5 (for development)")
+	flagModes  = flag.String("bench.modes", "", "comma-separated subset of the modes (for development)")
+)
+
+func TestMain(m *testing.M) {
+	RunHelperIfRequested()
+	testpod.RunHelperIfRequested()
+	os.Exit(m.Run())
+}
+
+const (
+	appUID     = divertest.AppUID
+	proxyUID   = divertest.ProxyUID
+	serverPort = 8080
+)
+
+// params returns the run's knobs. The full run takes about ten minutes on 2 cores; the quick
+// one under two.
+func params() Params {
+	p := Params{
+		Rounds: 7, B1Conns: 1000, B1Warmup: 100,
+		B2Clients: 2, B2Duration: 3 * time.Second,
+		B3Requests: 5000, B3Warmup: 500, B3BulkBytes: 256 << 20,
+		B4Ns: []int{0, 10, 100, 1000, 10000}, B4Conns: 300, B4Warmup: 50,
+		B5Pods:  []int{1, 10, 100},
+		MsgSize: msgSize,
+	}
+	if *flagQuick {
+		p = Params{
+			Rounds: 3, B1Conns: 200, B1Warmup: 20,
+			B2Clients: 2, B2Duration: 500 * time.Millisecond,
+			B3Requests: 500, B3Warmup: 50, B3BulkBytes: 32 << 20,
+			B4Ns: []int{0, 1000}, B4Conns: 100, B4Warmup: 20,
+			B5Pods:  []int{1, 10},
+			MsgSize: msgSize,
+		}
+	}
+	if *flagRounds > 0 {
+		p.Rounds = *flagRounds
+	}
+	return p
+}
+
+// BenchmarkDivert runs B1–B5 once (use -test.benchtime=1x) and writes the report. It is a
+// benchmark so that `go test ./...` never runs it; `make bench` does.
+func BenchmarkDivert(b *testing.B) {
+	if b.N != 1 {
+		b.Fatalf("run with -test.benchtime=1x: one invocation is one complete set of rounds")
+	}
+	if *flagDocs != "" && (*flagQuick || *flagOnly != "" || *flagModes != "" || *flagRounds != 0) {
+		b.Fatalf("-bench.docs is for full runs: docs/benchmarks.md must not get quick or partial results")
+	}
+	r := &rig{b: b, p: params(), opts: divertest.BPFFS(b)}
+	cmd := *flagCmd
+	if cmd == "" {
+		cmd = "make bench"
+		if *flagQuick {
+			cmd += " QUICK=1"
+		}
+	}
+	r.res = &Results{
+		Machine: machine(), Command: cmd, Quick: *flagQuick, Params: r.p, Start: time.Now(),
+		B1Latencies: map[Mode][]float64{},
+	}
+	if *flagModes != "" {
+		var ms []Mode
+		for _, m := range strings.Split(*flagModes, ",") {
+			if !slices.Contains(AllModes, Mode(m)) {
+				b.Fatalf("-bench.modes: unknown mode %q", m)
+			}
+			ms = append(ms, Mode(m))
+		}
+		AllModes = ms
+	}
+	only := map[string]bool{}
+	for _, s := range strings.Split(*flagOnly, ",") {
+		if s != "" {
+			only[strings.ToUpper(s)] = true
+		}
+	}
+	run := func(name string, fn func()) {
+		if len(only) > 0 && !only[name] {
+			return
+		}
+		start := time.Now()
+		r.logf("%s ...", name)
+		fn()
+		r.logf("%s done in %.1fs", name, time.Since(start).Seconds())
+	}
+	run("B1", r.b1)
+	run("B2", r.b2)
+	run("B3", r.b3)
+	run("B4", r.b4)
+	run("B5", r.b5)
+	r.res.Elapsed = time.Since(r.res.Start)
+	r.res.Machine.LoadEnd = loadavg()
+	if err := Write(r.res, *flagOut, *flagDocs); err != nil {
+		b.Fatal(err)
+	}
+	r.logf("report: %s", filepath.Join(*flagOut, "results.md"))
+}
+
+// rig is one run's shared state.
+type rig struct {
+	b    *testing.B
+	p    Params
+	opts loader.Options // a private bpffs
+	res  *Results
+}
+
+func (r *rig) logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", args...)
+}
+
+// scope collects the cleanups of everything testpod and the loader create for one
+// scenario, so pods, processes and attachments go away when the scenario ends rather than
+// when the whole run does. It forwards everything else to the benchmark.
+type scope struct {
+	testing.TB
+	mu       sync.Mutex
+	cleanups []func()
+}
+
+func newScope(tb testing.TB) *scope { return &scope{TB: tb} }
+
+func (s *scope) Cleanup(f func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cleanups = append(s.cleanups, f)
+}
+
+// Close runs the cleanups, last first. Call it deferred: a fatal error exits the benchmark
+// goroutine through deferred calls.
+func (s *scope) Close() {
+	s.mu.Lock()
+	fs := s.cleanups
+	s.cleanups = nil
+	s.mu.Unlock()
+	for _, f := range slices.Backward(fs) {
+		f()
+	}
+}
+
+// network is a remote netns with the server in it.
+type network struct {
+	*testpod.Network
+	server netip.AddrPort
+}
+
+func newNetwork(s *scope) *network {
+	n := testpod.NewNetwork(s)
+	srv := n.Start(s, testpod.ProcSpec{Args: []string{cmdServer, "--listen", fmt.Sprintf("0.0.0.0:%d", serverPort)}})
+	waitReady(s, srv)
+	return &network{Network: n, server: netip.AddrPortFrom(n.Addrs[0], serverPort)}
+}
+
+func waitReady(tb testing.TB, pr *testpod.Proc) {
+	tb.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.HasPrefix(pr.Stdout(), readyLine+"\n") {
+		if time.Now().After(deadline) {
+			tb.Fatalf("%v not ready after 10s; stderr: %s", pr.Cmd.Args[1:], pr.Stderr())
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// modePod is one mode's pod: a fresh netns and cgroup with the mode's capture installed and,
+// unless direct, the proxy running in it as the proxy uid.
+type modePod struct {
+	mode  Mode
+	pod   *testpod.Pod
+	proxy *testpod.Proc
+	dst   netip.AddrPort // what the app dials
+	setup time.Duration  // eBPF attach or iptables apply
+	conns int            // connections the app completed
+	ctr0  uint64         // eBPF: the redirect counter after setup
+}
+
+// addPod makes a fresh pod for mode with policy cfg. A policy the mode cannot install is
+// returned as an error; anything else that fails ends the benchmark.
+func (r *rig) addPod(s *scope, n *network, mode Mode, cfg *policy.Config) (*modePod, error) {
+	pod := n.AddPod(s)
+	mp := &modePod{mode: mode, pod: pod, dst: n.server}
+	ctx := context.Background()
+	start := time.Now()
+	switch mode {
+	case EBPF:
+		lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
+		if err := loader.Attach(ctx, lp, cfg, r.opts); err != nil {
+			return nil, err
+		}
+		s.Cleanup(func() {
+			if err := loader.Detach(pod.Name, r.opts); err != nil {
+				s.Errorf("detach %s: %v", pod.Name, err)
+			}
+		})
+	case NFT, Legacy:
+		if _, err := iptablesOpts(mode).Apply(ctx, pod.NetNSPath, cfg); err != nil {
+			return nil, err
+		}
+		// The rules go with the netns.
+	}
+	mp.setup = time.Since(start)
+	switch mode {
+	case Direct:
+		return mp, nil
+	case Explicit:
+		mp.dst = netip.MustParseAddrPort("127.0.0.1:15001")
+		mp.proxy = pod.Start(s, testpod.ProcSpec{UID: proxyUID, GID: proxyUID,
+			Args: []string{cmdProxy, "--listen", "0.0.0.0:15001", "--upstream", n.server.String()}})
+	default:
+		mp.proxy = pod.Start(s, testpod.ProcSpec{UID: proxyUID, GID: proxyUID,
+			Args: []string{cmdProxy, "--listen", "0.0.0.0:15001"}})
+	}
+	waitReady(s, mp.proxy)
+	if mode == EBPF {
+		mp.ctr0 = r.redirects(s, mp)
+	}
+	return mp, nil
+}
+
+func defaultConfig() *policy.Config {
+	cfg := policy.Default()
+	return &cfg
+}
+
+func iptablesOpts(m Mode) iptables.Options {
+	if m == Legacy {
+		return iptables.Options{Backend: iptables.BackendLegacy}
+	}
+	return iptables.Options{Backend: iptables.BackendNFT}
+}
+
+func (r *rig) redirects(tb testing.TB, mp *modePod) uint64 {
+	return (&divertest.Attached{Pod: mp.pod, Opts: r.opts}).Counters(tb)[policy.ReasonIncludedCIDR]
+}
+
+// load runs the app (bench-load) in the pod as an ordinary uid and returns its result; any
+// failed connection or any connection on the wrong path ends the benchmark.
+func (r *rig) load(s *scope, mp *modePod, args ...string) LoadResult {
+	s.Helper()
+	full := append([]string{cmdLoad, "--dst", mp.dst.String(), "--proxied=" + strconv.FormatBool(mp.mode.Proxied())}, args...)
+	out := mp.pod.Start(s, testpod.ProcSpec{UID: appUID, GID: appUID, Args: full}).Wait(s, 3*time.Minute)
+	var res LoadResult
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		s.Fatalf("%s: bench-load output %q: %v", mp.mode, out, err)
+	}
+	mp.conns += res.Conns
+	if res.Errors > 0 {
+		time.Sleep(100 * time.Millisecond) // let the proxy's last words reach us
+		s.Fatalf("%s: %d connections or requests failed (first: %s)%s", mp.mode, res.Errors, res.FirstErr, proxyErr(mp))
+	}
+	if res.WrongPath > 0 {
+		want := "through the proxy"
+		if !mp.mode.Proxied() {
+			want = "straight to the server"
+		}
+		s.Fatalf("%s: %d of %d connections did not go %s", mp.mode, res.WrongPath, res.Conns, want)
+	}
+	return res
+}
+
+// proxyErr describes what went wrong with the pod's proxy, if anything: what it wrote to
+// stderr, and whether it is still running.
+func proxyErr(mp *modePod) string {
+	if mp.proxy == nil {
+		return ""
+	}
+	var msg []string
+	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", mp.proxy.Cmd.Process.Pid)); err != nil || strings.Contains(string(st), ") Z ") {
+		time.Sleep(50 * time.Millisecond)
+		msg = append(msg, fmt.Sprintf("the proxy has exited (%v)", mp.proxy.Cmd.ProcessState))
+	}
+	if e := mp.proxy.Stderr(); e != "" {
+		msg = append(msg, "it wrote: "+strings.TrimSpace(e))
+	}
+	if len(msg) == 0 {
+		return ""
+	}
+	return "; " + strings.Join(msg, "; ")
+}
+
+// check makes sure every mode did what it claims: the proxy saw no error, and in eBPF mode
+// the kernel counted one redirect per connection of the app.
+func (r *rig) check(s *scope, pods []*modePod) {
+	s.Helper()
+	for _, mp := range pods {
+		if e := proxyErr(mp); e != "" {
+			s.Fatalf("%s%s", mp.mode, e)
+		}
+		if mp.mode == EBPF {
+			if got := r.redirects(s, mp) - mp.ctr0; got != uint64(mp.conns) {
+				s.Fatalf("ebpf: the kernel redirected %d connections, the app made %d", got, mp.conns)
+			}
+		}
+	}
+}
+
+// rotate returns the modes in round r's order: each round starts one mode later, so no
+// mode always runs first (after a teardown) or last.
+func rotate[T any](xs []T, r int) []T {
+	k := r % len(xs)
+	return append(slices.Clone(xs[k:]), xs[:k]...)
+}
+
+// pods makes one fresh pod per mode, all on n.
+func (r *rig) pods(s *scope, n *network, cfg *policy.Config) []*modePod {
+	var out []*modePod
+	for _, m := range AllModes {
+		mp, err := r.addPod(s, n, m, cfg)
+		if err != nil {
+			s.Fatalf("%s: %v", m, err)
+		}
+		out = append(out, mp)
+	}
+	return out
+}
+
+func (r *rig) connArgs(n, warmup int) []string {
+	return []string{"--kind", "conn", "--n", strconv.Itoa(n), "--warmup", strconv.Itoa(warmup)}
+}
+
+// connRound runs one B1-style round in mp and records p50/p90/p99; it returns the latencies
+// in microseconds.
+func (r *rig) connRound(s *scope, bench string, param int, mp *modePod, round, n, warmup int) []float64 {
+	res := r.load(s, mp, r.connArgs(n, warmup)...)
+	us := make([]float64, len(res.LatNS))
+	for i, ns := range res.LatNS {
+		us[i] = float64(ns) / 1e3
+	}
+	q := Percentiles(us, 0.5, 0.9, 0.99)
+	r.res.Add(bench, P50, param, mp.mode, round, q[0])
+	r.res.Add(bench, P90, param, mp.mode, round, q[1])
+	r.res.Add(bench, P99, param, mp.mode, round, q[2])
+	return us
+}
+
+// b1: connection setup latency. One fresh pod per mode for the whole benchmark; the rounds
+// interleave the modes.
+func (r *rig) b1() {
+	s := newScope(r.b)
+	defer s.Close()
+	n := newNetwork(s)
+	pods := r.pods(s, n, defaultConfig())
+	for round := range r.p.Rounds {
+		for _, mp := range rotate(pods, round) {
+			us := r.connRound(s, B1, 0, mp, round, r.p.B1Conns, r.p.B1Warmup)
+			r.res.B1Latencies[mp.mode] = append(r.res.B1Latencies[mp.mode], us...)
+		}
+	}
+	r.check(s, pods)
+	for _, m := range AllModes {
+		r.logf("  B1 %-16s p50 %s µs", m, Summarize(r.res.Values(B1, P50, 0, m)))
+	}
+}
+
+// b2: connection rate. Thousands of connections per run, so every round gets fresh pods:
+// the proxy's side of each connection stays in TIME_WAIT for a minute.
+func (r *rig) b2() {
+	s := newScope(r.b)
+	defer s.Close()
+	n := newNetwork(s)
+	cfg := defaultConfig()
+	for round := range r.p.Rounds {
+		func() {
+			rs := newScope(s)
+			defer rs.Close()
+			pods := r.pods(rs, n, cfg)
+			for _, mp := range rotate(pods, round) {
+				res := r.load(rs, mp, "--kind", "rate", "--clients", strconv.Itoa(r.p.B2Clients),
+					"--duration", r.p.B2Duration.String())
+				r.res.Add(B2, ConnRate, 0, mp.mode, round, float64(res.Count)/res.Seconds)
+			}
+			r.check(rs, pods)
+		}()
+	}
+	for _, m := range AllModes {
+		r.logf("  B2 %-16s %s conn/s", m, Summarize(r.res.Values(B2, ConnRate, 0, m)))
+	}
+}
+
+// b3: one keep-alive connection: round trips, then bulk throughput app → proxy → server.
+func (r *rig) b3() {
+	s := newScope(r.b)
+	defer s.Close()
+	n := newNetwork(s)
+	pods := r.pods(s, n, defaultConfig())
+	for round := range r.p.Rounds {
+		for _, mp := range rotate(pods, round) {
+			res := r.load(s, mp, "--kind", "rr", "--n", strconv.Itoa(r.p.B3Requests), "--warmup", strconv.Itoa(r.p.B3Warmup))
+			us := make([]float64, len(res.LatNS))
+			for i, ns := range res.LatNS {
+				us[i] = float64(ns) / 1e3
+			}
+			q := Percentiles(us, 0.5, 0.99)
+			r.res.Add(B3, RRP50, 0, mp.mode, round, q[0])
+			r.res.Add(B3, RRP99, 0, mp.mode, round, q[1])
+		}
+		for _, mp := range rotate(pods, round) {
+			res := r.load(s, mp, "--kind", "bulk", "--bytes", strconv.FormatInt(r.p.B3BulkBytes, 10))
+			r.res.Add(B3, Bulk, 0, mp.mode, round, float64(res.Count)/(1<<20)/res.Seconds)
+		}
+	}
+	r.check(s, pods)
+	for _, m := range AllModes {
+		r.logf("  B3 %-16s rr p50 %s µs, bulk %s MiB/s", m,
+			Summarize(r.res.Values(B3, RRP50, 0, m)), Summarize(r.res.Values(B3, Bulk, 0, m)))
+	}
+}
+
+// ScaleConfig is the default policy plus n excluded CIDRs (kind B4CIDRs) or n excluded
+// outbound ports (B4Ports), none of which matches the benchmark's traffic (198.18.0.1:8080
+// and the proxy's 15001).
+func ScaleConfig(kind string, n int) *policy.Config {
+	cfg := policy.Default()
+	for i := range n {
+		switch kind {
+		case B4CIDRs:
+			// 10.0.0.0/24, 10.0.1.0/24, ...: /24s as real exclusion lists have them.
+			cfg.OutboundExcludeCIDRs = append(cfg.OutboundExcludeCIDRs,
+				netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0}), 24))
+		case B4Ports:
+			cfg.OutboundExcludePorts = append(cfg.OutboundExcludePorts, uint16(20000+i))
+		}
+	}
+	return &cfg
+}
+
+// b4: B1 as the policy grows. For each kind and N, one fresh pod per mode (installing a big
+// policy is the slow part); the rounds interleave the modes.
+func (r *rig) b4() {
+	s := newScope(r.b)
+	defer s.Close()
+	n := newNetwork(s)
+	for _, kind := range []string{B4CIDRs, B4Ports} {
+		for _, N := range r.p.B4Ns {
+			func() {
+				ps := newScope(s)
+				defer ps.Close()
+				cfg := ScaleConfig(kind, N)
+				var pods []*modePod
+				for _, m := range AllModes {
+					mp, err := r.addPod(ps, n, m, cfg)
+					if err != nil {
+						r.logf("  %s N=%d %s: cannot install the policy: %v", kind, N, m, err)
+						r.res.Failures = append(r.res.Failures, Failure{kind, N, m, err.Error()})
+						continue
+					}
+					if m == EBPF || m == NFT || m == Legacy {
+						r.res.Add(kind, SetupMS, N, m, 0, float64(mp.setup.Microseconds())/1e3)
+					}
+					pods = append(pods, mp)
+				}
+				for round := range r.p.Rounds {
+					for _, mp := range rotate(pods, round) {
+						r.connRound(ps, kind, N, mp, round, r.p.B4Conns, r.p.B4Warmup)
+					}
+				}
+				r.check(ps, pods)
+				var line []string
+				for _, mp := range pods {
+					line = append(line, fmt.Sprintf("%s %.0f", mp.mode, Summarize(r.res.Values(kind, P50, N, mp.mode)).Median))
+				}
+				r.logf("  %s N=%-5d p50 µs: %s", kind, N, strings.Join(line, ", "))
+			}()
+		}
+	}
+}
+
+// b5: per-pod cost. Pods are attached one after another up to the largest count, timing
+// each attach, and the kernel memory of all attached pods is read at each count; then they
+// are detached in reverse order. The same pods then get istio's rules with each iptables
+// backend (apply, then cleanup).
+func (r *rig) b5() {
+	s := newScope(r.b)
+	defer s.Close()
+	n := newNetwork(s)
+	total := slices.Max(r.p.B5Pods)
+	pods := make([]*testpod.Pod, total)
+	for i := range pods {
+		pods[i] = n.AddPod(s)
+	}
+	cfg := defaultConfig()
+	ctx := context.Background()
+	// Whatever an error leaves attached is detached at the end.
+	s.Cleanup(func() {
+		for _, p := range pods {
+			if err := loader.Detach(p.Name, r.opts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
+				s.Errorf("detach %s: %v", p.Name, err)
+			}
+		}
+	})
+
+	attach := make([]float64, total)
+	detach := make([]float64, total)
+	attachCPU := make([]float64, total)
+	mem := map[int][2]int64{}
+	for i, p := range pods {
+		start, cpu := time.Now(), cpuTime()
+		if err := loader.Attach(ctx, loader.Pod{ID: p.Name, Cgroup: p.CgroupPath, NetNS: p.NetNSPath}, cfg, r.opts); err != nil {
+			s.Fatalf("attach pod %d: %v", i+1, err)
+		}
+		attach[i], attachCPU[i] = ms(time.Since(start)), ms(cpuTime()-cpu)
+		if slices.Contains(r.p.B5Pods, i+1) {
+			var total [2]int64
+			for k, q := range pods[:i+1] {
+				m, pr, err := PodMemlock(r.opts, q.Name)
+				if err != nil {
+					s.Fatalf("memlock of %s: %v", q.Name, err)
+				}
+				total[0] += sum(m)
+				total[1] += sum(pr)
+				if k == 0 {
+					r.res.B5Memlock = map[string]int64{}
+					for name, v := range m {
+						r.res.B5Memlock["map "+name] = v
+					}
+					for name, v := range pr {
+						r.res.B5Memlock["program "+name] = v
+					}
+				}
+			}
+			mem[i+1] = total
+		}
+	}
+	for i := total - 1; i >= 0; i-- {
+		start := time.Now()
+		if err := loader.Detach(pods[i].Name, r.opts); err != nil {
+			s.Fatalf("detach pod %d: %v", i+1, err)
+		}
+		detach[i] = ms(time.Since(start))
+	}
+	r.addPodCosts(EBPF, attach, attachCPU, detach, mem)
+
+	for _, m := range []Mode{NFT, Legacy} {
+		o := iptablesOpts(m)
+		for i, p := range pods {
+			start, cpu := time.Now(), cpuTime()
+			if _, err := o.Apply(ctx, p.NetNSPath, cfg); err != nil {
+				s.Fatalf("%s apply pod %d: %v", m, i+1, err)
+			}
+			attach[i], attachCPU[i] = ms(time.Since(start)), ms(cpuTime()-cpu)
+		}
+		for i := total - 1; i >= 0; i-- {
+			start := time.Now()
+			if err := o.Cleanup(ctx, pods[i].NetNSPath); err != nil {
+				s.Fatalf("%s cleanup pod %d: %v", m, i+1, err)
+			}
+			detach[i] = ms(time.Since(start))
+		}
+		r.addPodCosts(m, attach, attachCPU, detach, nil)
+	}
+	for _, c := range r.res.B5 {
+		r.logf("  B5 %-16s %3d pods: attach %s ms (CPU %s ms), detach %s ms, memlock/pod %d KiB",
+			c.Mode, c.Pods, c.Attach, c.AttachCPU, c.Detach, c.Memlock/int64(c.Pods)/1024)
+	}
+}
+
+func (r *rig) addPodCosts(m Mode, attach, attachCPU, detach []float64, mem map[int][2]int64) {
+	from := 1
+	for _, k := range r.p.B5Pods {
+		c := PodCost{Mode: m, Pods: k, From: from, Attach: Summarize(attach[from-1 : k]),
+			AttachCPU: Summarize(attachCPU[from-1 : k]), Detach: Summarize(detach[from-1 : k])}
+		if mm, ok := mem[k]; ok {
+			c.MapBytes, c.ProgByte, c.Memlock = mm[0], mm[1], mm[0]+mm[1]
+		}
+		r.res.B5 = append(r.res.B5, c)
+		from = k + 1
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1e3 }
+
+// cpuTime is the CPU time (user and system) used so far by this process and by its reaped
+// children (iptables-restore, iptables-save).
+func cpuTime() time.Duration {
+	var total time.Duration
+	for _, who := range []int{unix.RUSAGE_SELF, unix.RUSAGE_CHILDREN} {
+		var ru unix.Rusage
+		if unix.Getrusage(who, &ru) == nil {
+			total += time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+		}
+	}
+	return total
+}
+
+// PodMemlock returns the kernel memory (memlock, as /proc/self/fdinfo reports it) of an
+// attached pod's maps, by map name, and of the programs its pinned links hold, by link.
+func PodMemlock(opts loader.Options, id string) (maps, progs map[string]int64, err error) {
+	m, err := loader.OpenMaps(id, opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer loader.CloseMaps(m)
+	maps, progs = map[string]int64{}, map[string]int64{}
+	v := reflect.ValueOf(m).Elem()
+	for i := range v.NumField() {
+		mp, ok := v.Field(i).Interface().(*ebpf.Map)
+		if !ok || mp == nil {
+			continue
+		}
+		b, err := fdMemlock(mp.FD())
+		if err != nil {
+			return nil, nil, err
+		}
+		maps[v.Type().Field(i).Tag.Get("ebpf")] = b
+	}
+	dir := loader.PinDir(opts, id)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), "link_") {
+			continue
+		}
+		b, err := linkProgMemlock(filepath.Join(dir, e.Name()))
+		if err != nil {
+			return nil, nil, err
+		}
+		progs[strings.TrimPrefix(e.Name(), "link_")] = b
+	}
+	return maps, progs, nil
+}
+
+func sum(m map[string]int64) int64 {
+	var n int64
+	for _, v := range m {
+		n += v
+	}
+	return n
+}
+
+func linkProgMemlock(pin string) (int64, error) {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		return 0, err
+	}
+	prog, err := ebpf.NewProgramFromID(info.Program)
+	if err != nil {
+		return 0, err
+	}
+	defer prog.Close()
+	return fdMemlock(prog.FD())
+}
+
+// fdMemlock reads the "memlock:" line of a BPF object's fdinfo.
+func fdMemlock(fd int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", fd))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "memlock:"); ok {
+			return strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("fd %d: no memlock in fdinfo", fd)
+}
