@@ -13,6 +13,7 @@ have nft || need+=(nftables)
 have ip || need+=(iproute2)
 have nsenter || need+=(util-linux)
 have haproxy || need+=(haproxy)
+[ -x /usr/lib/cni/ptp ] || need+=(containernetworking-plugins) # node-mode tests chain after ptp
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -1,0 +1,403 @@
+package node_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	types100 "github.com/containernetworking/cni/pkg/types/100"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/internal/nsexec"
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/node"
+	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/testpod"
+)
+
+func TestMain(m *testing.M) {
+	testpod.RunHelperIfRequested()
+	code := m.Run()
+	if pluginBin != "" {
+		os.RemoveAll(filepath.Dir(pluginBin))
+	}
+	os.Exit(code)
+}
+
+var (
+	buildOnce sync.Once
+	pluginBin string
+	buildErr  error
+)
+
+// pluginBinary builds divert-cni once for the package's tests.
+func pluginBinary(t *testing.T) string {
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "divert-cni-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		pluginBin = filepath.Join(dir, node.PluginType)
+		if out, err := exec.Command("go", "build", "-o", pluginBin, "github.com/meshdivert/divert/cmd/divert-cni").CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("build divert-cni: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return pluginBin
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// cgroupRoot makes a private stand-in for the host's cgroup2 root, removed (bottom-up, after
+// the test's processes are gone) at the end.
+func cgroupRoot(t *testing.T) string {
+	var mnt string
+	b, _ := os.ReadFile("/proc/self/mounts")
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 2 && f[2] == "cgroup2" {
+			mnt = f[1]
+			break
+		}
+	}
+	if mnt == "" {
+		t.Fatal("no cgroup2 mount")
+	}
+	root := filepath.Join(mnt, "divert-test", "node-"+randHex(4))
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		var dirs []string
+		filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+		for i := len(dirs) - 1; i >= 0; i-- {
+			for try := 0; try < 50 && os.Remove(dirs[i]) != nil; try++ {
+				time.Sleep(20 * time.Millisecond)
+			}
+		}
+	})
+	return root
+}
+
+func meshedPod(uid string) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "web-" + uid[:4], Namespace: "shop", UID: types.UID(uid),
+			Annotations: map[string]string{node.AnnotationIstioStatus: "{}", "traffic.sidecar.istio.io/excludeOutboundPorts": "81"}},
+		Spec:   corev1.PodSpec{NodeName: "node-1"},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, QOSClass: corev1.PodQOSBestEffort},
+	}
+}
+
+func newUID() string {
+	u := randHex(16)
+	return fmt.Sprintf("%s-%s-%s-%s-%s", u[:8], u[8:12], u[12:16], u[16:20], u[20:])
+}
+
+type cniWorld struct {
+	net     *testpod.Network
+	agent   *node.Agent
+	socket  string
+	binDir  string
+	cgroups string
+}
+
+func newCNIWorld(t *testing.T, pods ...*corev1.Pod) *cniWorld {
+	w := &cniWorld{net: testpod.NewNetwork(t), cgroups: cgroupRoot(t), binDir: t.TempDir()}
+	w.socket = filepath.Join(t.TempDir(), "cni.sock")
+	var objs []runtime.Object
+	for _, p := range pods {
+		objs = append(objs, p)
+	}
+	w.agent = &node.Agent{Client: fake.NewClientset(objs...), NodeName: "node-1", CgroupRoot: w.cgroups,
+		Loader: divertest.BPFFS(t), Defaults: policy.Default()}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.agent.Serve(ctx, w.socket) }()
+	t.Cleanup(func() { cancel(); <-done })
+	// The plugin as a runtime would find it: built, next to the reference plugins.
+	if err := os.Symlink(pluginBinary(t), filepath.Join(w.binDir, node.PluginType)); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"ptp", "host-local", "loopback"} {
+		if err := os.Symlink("/usr/lib/cni/"+p, filepath.Join(w.binDir, p)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < 100; i++ { // the socket appears once Serve listens
+		if _, err := os.Stat(w.socket); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return w
+}
+
+func (w *cniWorld) conflist(t *testing.T, socket string, failOpen bool) *libcni.NetworkConfigList {
+	subnet := fmt.Sprintf("198.18.%d.0/24", 200+int(randHex(1)[0])%50)
+	raw := fmt.Sprintf(`{"cniVersion":"1.0.0","name":"dvt-%s","plugins":[
+		{"type":"ptp","ipam":{"type":"host-local","subnet":%q,"dataDir":%q}},
+		{"type":"divert-cni","socket":%q,"failOpen":%v}]}`, randHex(3), subnet, t.TempDir(), socket, failOpen)
+	list, err := libcni.ConfListFromBytes([]byte(raw))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return list
+}
+
+// podNetns makes an empty network namespace for CNI to set up, deleted at the end.
+func podNetns(t *testing.T) string {
+	name := "dvt-cni-" + randHex(4)
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	// Runtimes bring lo up (containerd does, or the loopback plugin); the redirect target
+	// 127.0.0.1 needs it.
+	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		t.Fatalf("lo up: %v %s", err, out)
+	}
+	return "/run/netns/" + name
+}
+
+// cni runs one CNI operation the way a container runtime does, from the "host" netns
+// (the test network's remote namespace, so the host's own namespace is never touched).
+func (w *cniWorld) cni(t *testing.T, list *libcni.NetworkConfigList, op string, pod *corev1.Pod, netns string) (*types100.Result, error) {
+	cni := libcni.NewCNIConfig([]string{w.binDir}, nil)
+	rt := &libcni.RuntimeConf{ContainerID: "ctr-" + string(pod.UID)[:8], NetNS: netns, IfName: "eth0",
+		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", pod.Namespace}, {"K8S_POD_NAME", pod.Name}, {"K8S_POD_UID", string(pod.UID)}}}
+	var res *types100.Result
+	err := nsexec.Do(w.net.NetNSPath, func() error {
+		if op == "DEL" {
+			return cni.DelNetworkList(context.Background(), list, rt)
+		}
+		r, err := cni.AddNetworkList(context.Background(), list, rt)
+		if err != nil {
+			return err
+		}
+		res, err = types100.NewResultFromResult(r)
+		return err
+	})
+	return res, err
+}
+
+// A meshed pod set up through the CNI chain is captured (with its annotations applied),
+// and DEL releases it.
+func TestCNIAddCapturesMeshedPod(t *testing.T) {
+	p := meshedPod(newUID())
+	w := newCNIWorld(t, p)
+	netns := podNetns(t)
+	list := w.conflist(t, w.socket, false)
+	res, err := w.cni(t, list, "ADD", p, netns)
+	if err != nil {
+		t.Fatalf("CNI ADD: %v", err)
+	}
+	if len(res.IPs) != 1 {
+		t.Fatalf("the previous plugin's result must come back unchanged: %+v", res)
+	}
+	st, err := loader.Status(string(p.UID), w.agent.Loader)
+	if err != nil {
+		t.Fatalf("pod not attached after ADD: %v", err)
+	}
+	if len(st.Policy.OutboundExcludePorts) != 1 || st.Policy.OutboundExcludePorts[0] != 81 {
+		t.Errorf("annotation excludeOutboundPorts=81 not applied: %+v", st.Policy)
+	}
+
+	// The agent created the pod's cgroup where the runtime will put the containers; a
+	// process there, in the CNI-made netns, is captured.
+	cg := filepath.Join(w.cgroups, node.ExpectedPodCgroup(p))
+	pod := &testpod.Pod{Name: p.Name, NetNSPath: netns, CgroupPath: cg, Addr: addrOf(res), Net: w.net}
+	pod.Proxy(t, "proxy", netip.AddrPortFrom(netip.IPv4Unspecified(), 15001), "report", divertest.ProxyUID, divertest.ProxyUID)
+	dst := netip.AddrPortFrom(netip.MustParseAddr("203.0.113.9"), 80) // never reached: the proxy answers
+	if r := pod.Dial(t, divertest.AppUID, divertest.AppUID, testpod.Target{Dst: dst})[0]; len(r.Hops) != 1 || r.Hops[0].Orig != dst.String() {
+		t.Fatalf("app in the CNI-created pod not captured: %+v", r)
+	}
+
+	if _, err := w.cni(t, list, "DEL", p, netns); err != nil {
+		t.Fatalf("CNI DEL: %v", err)
+	}
+	if _, err := loader.Status(string(p.UID), w.agent.Loader); !errors.Is(err, loader.ErrNotAttached) {
+		t.Fatalf("pod still attached after DEL: %v", err)
+	}
+	if _, err := w.cni(t, list, "DEL", p, netns); err != nil {
+		t.Fatalf("a second CNI DEL must succeed: %v", err)
+	}
+}
+
+// Pods without a sidecar are left alone.
+func TestCNIAddSkipsUnmeshedPod(t *testing.T) {
+	p := meshedPod(newUID())
+	p.Annotations = nil
+	w := newCNIWorld(t, p)
+	if _, err := w.cni(t, w.conflist(t, w.socket, false), "ADD", p, podNetns(t)); err != nil {
+		t.Fatalf("CNI ADD: %v", err)
+	}
+	if ids, _ := loader.List(w.agent.Loader); len(ids) != 0 {
+		t.Fatalf("an unmeshed pod was attached: %v", ids)
+	}
+}
+
+// Without the agent, a meshed pod's creation fails, unless failOpen.
+func TestCNIFailsClosed(t *testing.T) {
+	p := meshedPod(newUID())
+	w := newCNIWorld(t, p)
+	missing := filepath.Join(t.TempDir(), "nobody.sock")
+	_, err := w.cni(t, w.conflist(t, missing, false), "ADD", p, podNetns(t))
+	if err == nil || !strings.Contains(err.Error(), "not captured") {
+		t.Fatalf("ADD without an agent must fail closed, got %v", err)
+	}
+	if _, err := w.cni(t, w.conflist(t, missing, true), "ADD", p, podNetns(t)); err != nil {
+		t.Fatalf("with failOpen ADD must succeed: %v", err)
+	}
+}
+
+func addrOf(res *types100.Result) netip.Addr {
+	a, _ := netip.AddrFromSlice(res.IPs[0].Address.IP.To4())
+	return a
+}
+
+// Reconcile attaches selected pods that have no capture (created while the agent was down),
+// keeps capture across an agent restart without a gap, and removes pins of deleted pods.
+func TestReconcile(t *testing.T) {
+	meshed, plain := meshedPod(newUID()), meshedPod(newUID())
+	plain.Annotations = nil
+	w := newCNIWorld(t, meshed, plain)
+	ctx := context.Background()
+
+	// Both pods "run": a process in each pod cgroup, in a netns of their own.
+	var pods []*testpod.Pod
+	for _, p := range []*corev1.Pod{meshed, plain} {
+		cg := filepath.Join(w.cgroups, node.ExpectedPodCgroup(p))
+		if err := os.MkdirAll(cg, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		tp := w.net.AddPod(t)
+		tp.CgroupPath = cg
+		tp.Proxy(t, "proxy", netip.AddrPortFrom(netip.IPv4Unspecified(), 15001), "report", divertest.ProxyUID, divertest.ProxyUID)
+		pods = append(pods, tp)
+	}
+	remote := testpod.Target{Dst: netip.AddrPortFrom(w.net.Addrs[0], 80)}
+	w.net.Server(t, "remote", netip.AddrPortFrom(netip.IPv4Unspecified(), 80))
+	landed := func(i int) string {
+		r := pods[i].Dial(t, divertest.AppUID, divertest.AppUID, remote)[0]
+		if len(r.Hops) != 1 {
+			t.Fatalf("dial from pod %d: %+v", i, r)
+		}
+		return r.Hops[0].Who
+	}
+	if landed(0) != "remote" {
+		t.Fatal("nothing is attached yet, the meshed pod must not be captured")
+	}
+
+	if err := w.agent.Reconcile(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if landed(0) != "proxy" || landed(1) != "remote" {
+		t.Fatal("after reconcile the meshed pod must be captured and the plain one not")
+	}
+	var metrics strings.Builder
+	w.agent.WriteMetrics(&metrics)
+	for _, want := range []string{
+		"divert_pods_attached 1",
+		fmt.Sprintf(`divert_verdicts_total{pod_uid=%q,namespace="shop",pod=%q,reason="included-cidr"} 1`, meshed.UID, meshed.Name),
+	} {
+		if !strings.Contains(metrics.String(), want) {
+			t.Errorf("metrics lack %q:\n%s", want, metrics.String())
+		}
+	}
+	before, err := loader.Status(string(meshed.UID), w.agent.Loader)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A restarted (or upgraded) agent refreshes every pin: same links, programs swapped.
+	restarted := &node.Agent{Client: w.agent.Client, NodeName: "node-1", CgroupRoot: w.cgroups, Loader: w.agent.Loader, Defaults: policy.Default()}
+	if err := restarted.Reconcile(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	after, err := loader.Status(string(meshed.UID), w.agent.Loader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range before.Programs {
+		if before.Programs[i].LinkID != after.Programs[i].LinkID {
+			t.Errorf("%s: link replaced on agent restart (%d -> %d): capture had a gap", before.Programs[i].Name, before.Programs[i].LinkID, after.Programs[i].LinkID)
+		}
+	}
+	if landed(0) != "proxy" {
+		t.Fatal("capture lost over an agent restart")
+	}
+
+	// The pod is deleted: its pins go.
+	if err := w.agent.Client.CoreV1().Pods(meshed.Namespace).Delete(ctx, meshed.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := restarted.Reconcile(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if ids, _ := loader.List(w.agent.Loader); len(ids) != 0 {
+		t.Fatalf("pins left for a deleted pod: %v", ids)
+	}
+	if landed(0) != "remote" {
+		t.Fatal("a deleted pod's capture must be gone")
+	}
+}
+
+func TestChainConflist(t *testing.T) {
+	dir := t.TempDir()
+	orig := `{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"bridge","bridge":"cni0"},{"type":"portmap"}]}`
+	if err := os.WriteFile(filepath.Join(dir, "10-bridge.conflist"), []byte(orig), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "99-other.conflist"), []byte(orig), 0o644)
+	active, err := node.ActiveConflist(dir)
+	if err != nil || filepath.Base(active) != "10-bridge.conflist" {
+		t.Fatalf("active conflist = %q, %v", active, err)
+	}
+	entry := func() map[string]any { return map[string]any{"socket": "/run/divert.sock"} }
+	if changed, err := node.Chain(active, entry()); err != nil || !changed {
+		t.Fatalf("first chain: changed=%v err=%v", changed, err)
+	}
+	if changed, err := node.Chain(active, entry()); err != nil || changed {
+		t.Fatalf("chaining again must change nothing: changed=%v err=%v", changed, err)
+	}
+	list, err := libcni.ConfListFromFile(active)
+	if err != nil || len(list.Plugins) != 3 || list.Plugins[2].Network.Type != node.PluginType || list.Plugins[0].Network.Type != "bridge" {
+		t.Fatalf("chained conflist: %+v %v", list, err)
+	}
+	if changed, err := node.Unchain(active); err != nil || !changed {
+		t.Fatalf("unchain: %v %v", changed, err)
+	}
+	if list, _ := libcni.ConfListFromFile(active); len(list.Plugins) != 2 {
+		t.Fatalf("unchain left %d plugins", len(list.Plugins))
+	}
+	if _, err := node.ActiveConflist(t.TempDir()); err == nil {
+		t.Fatal("no conflist must be an error")
+	}
+}
