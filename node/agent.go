@@ -66,7 +66,7 @@ func (a *Agent) Add(ctx context.Context, req Request) (Response, error) {
 		a.log().Info("not capturing", "pod", key(pod), "reason", why)
 		return Response{Reason: why}, nil
 	}
-	if err := a.attach(ctx, pod, req.Netns, true); err != nil {
+	if err := a.attach(ctx, pod, hostPath(req.Netns), true); err != nil {
 		return Response{}, err
 	}
 	return Response{Captured: true, Reason: why}, nil
@@ -249,6 +249,21 @@ func (a *Agent) log() *slog.Logger {
 		return slog.Default()
 	}
 	return a.Log
+}
+
+// hostPath makes a path the runtime gave (as the host sees it) usable from the agent's
+// container: with hostPID, /proc/1/root is the host's root in the host's mount namespace,
+// so a netns bind-mounted anywhere on the host is reachable without mounting its directory.
+func hostPath(p string) string {
+	if _, err := os.Stat(p); err == nil || p == "" {
+		return p
+	}
+	if alt := filepath.Join("/proc/1/root", p); alt != p {
+		if _, err := os.Stat(alt); err == nil {
+			return alt
+		}
+	}
+	return p
 }
 
 func key(pod *corev1.Pod) string { return pod.Namespace + "/" + pod.Name }
