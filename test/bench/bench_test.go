@@ -276,7 +276,8 @@ func (r *rig) redirects(tb testing.TB, mp *modePod) uint64 {
 // failed connection or any connection on the wrong path ends the benchmark.
 func (r *rig) load(s *scope, mp *modePod, args ...string) LoadResult {
 	s.Helper()
-	full := append([]string{cmdLoad, "--dst", mp.dst.String(), "--proxied=" + strconv.FormatBool(mp.mode.Proxied())}, args...)
+	full := append([]string{cmdLoad, "--dst", mp.dst.String(), "--proxied=" + strconv.FormatBool(mp.mode.Proxied()),
+		"--cgroups", mp.pod.CgroupPath + "," + mp.pod.Net.CgroupPath}, args...)
 	out := mp.pod.Start(s, testpod.ProcSpec{UID: appUID, GID: appUID, Args: full}).Wait(s, 3*time.Minute)
 	var res LoadResult
 	if err := json.Unmarshal([]byte(out), &res); err != nil {
@@ -369,6 +370,7 @@ func (r *rig) connRound(s *scope, bench string, param int, mp *modePod, round, n
 	r.res.Add(bench, P50, param, mp.mode, round, q[0])
 	r.res.Add(bench, P90, param, mp.mode, round, q[1])
 	r.res.Add(bench, P99, param, mp.mode, round, q[2])
+	r.res.Add(bench, CPUConn, param, mp.mode, round, float64(res.CPUMicros)/float64(res.Count))
 	return us
 }
 
@@ -387,7 +389,7 @@ func (r *rig) b1() {
 	}
 	r.check(s, pods)
 	for _, m := range AllModes {
-		r.logf("  B1 %-16s p50 %s µs", m, Summarize(r.res.Values(B1, P50, 0, m)))
+		r.logf("  B1 %-16s p50 %s µs, CPU %s µs/conn", m, Summarize(r.res.Values(B1, P50, 0, m)), Summarize(r.res.Values(B1, CPUConn, 0, m)))
 	}
 }
 
@@ -407,12 +409,13 @@ func (r *rig) b2() {
 				res := r.load(rs, mp, "--kind", "rate", "--clients", strconv.Itoa(r.p.B2Clients),
 					"--duration", r.p.B2Duration.String())
 				r.res.Add(B2, ConnRate, 0, mp.mode, round, float64(res.Count)/res.Seconds)
+				r.res.Add(B2, CPUConn, 0, mp.mode, round, float64(res.CPUMicros)/float64(res.Count))
 			}
 			r.check(rs, pods)
 		}()
 	}
 	for _, m := range AllModes {
-		r.logf("  B2 %-16s %s conn/s", m, Summarize(r.res.Values(B2, ConnRate, 0, m)))
+		r.logf("  B2 %-16s %s conn/s, CPU %s µs/conn", m, Summarize(r.res.Values(B2, ConnRate, 0, m)), Summarize(r.res.Values(B2, CPUConn, 0, m)))
 	}
 }
 
@@ -432,10 +435,12 @@ func (r *rig) b3() {
 			q := Percentiles(us, 0.5, 0.99)
 			r.res.Add(B3, RRP50, 0, mp.mode, round, q[0])
 			r.res.Add(B3, RRP99, 0, mp.mode, round, q[1])
+			r.res.Add(B3, CPURR, 0, mp.mode, round, float64(res.CPUMicros)/float64(res.Count))
 		}
 		for _, mp := range rotate(pods, round) {
 			res := r.load(s, mp, "--kind", "bulk", "--bytes", strconv.FormatInt(r.p.B3BulkBytes, 10))
 			r.res.Add(B3, Bulk, 0, mp.mode, round, float64(res.Count)/(1<<20)/res.Seconds)
+			r.res.Add(B3, CPUBulk, 0, mp.mode, round, float64(res.CPUMicros)/1e3/(float64(res.Count)/(1<<30)))
 		}
 	}
 	r.check(s, pods)

@@ -11,7 +11,10 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -295,6 +298,10 @@ type LoadResult struct {
 	// Count and Seconds: operations (connections or bytes) in the measured window.
 	Count   int64   `json:"count"`
 	Seconds float64 `json:"seconds"`
+	// CPUMicros is the CPU time the --cgroups used in the measured window (their
+	// cpu.stat usage_usec): the app, the proxy, the server, and the kernel's work on
+	// their behalf.
+	CPUMicros int64 `json:"cpu_us"`
 }
 
 // runLoad: the application. It runs inside the pod's cgroup as an ordinary uid and uses
@@ -313,8 +320,15 @@ func runLoad(args []string) error {
 	duration := fs.Duration("duration", 3*time.Second, "measured time (rate)")
 	warmupDur := fs.Duration("warmup-duration", 300*time.Millisecond, "discarded time first (rate)")
 	bytes := fs.Int64("bytes", 256<<20, "bytes to send (bulk)")
+	cgroups := fs.String("cgroups", "", "comma-separated cgroup v2 directories whose CPU time to report")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *cgroups != "" {
+		cpuDirs = strings.Split(*cgroups, ",")
+		if _, err := cpuUsage(); err != nil {
+			return err
+		}
 	}
 	dst, err := netip.ParseAddrPort(*dstText)
 	if err != nil {
@@ -335,6 +349,46 @@ func runLoad(args []string) error {
 		return fmt.Errorf("unknown --kind %q", *kind)
 	}
 	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// cpuDirs are the cgroups whose CPU time bench-load reports.
+var cpuDirs []string
+
+// cpuUsage sums usage_usec of cpuDirs' cpu.stat: exact scheduler time of every task in them
+// (cpu.stat has it whether or not the cpu controller is enabled), including softirq work
+// done while they ran.
+func cpuUsage() (int64, error) {
+	var total int64
+	for _, d := range cpuDirs {
+		b, err := os.ReadFile(filepath.Join(d, "cpu.stat"))
+		if err != nil {
+			return 0, err
+		}
+		found := false
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "usage_usec "); ok {
+				n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+				if err != nil {
+					return 0, err
+				}
+				total += n
+				found = true
+			}
+		}
+		if !found {
+			return 0, fmt.Errorf("%s/cpu.stat: no usage_usec", d)
+		}
+	}
+	return total, nil
+}
+
+// cpuMeter measures the CPU time of cpuDirs between start and stop.
+type cpuMeter struct{ t0 int64 }
+
+func (m *cpuMeter) start() { m.t0, _ = cpuUsage() }
+func (m *cpuMeter) stop() int64 {
+	t1, _ := cpuUsage()
+	return t1 - m.t0
 }
 
 // tally collects outcomes; it is not safe for concurrent use.
@@ -361,7 +415,11 @@ func loadConns(sa *unix.SockaddrInet4, proxied bool, warmup, n int) LoadResult {
 	t.LatNS = make([]int64, 0, n)
 	var req, resp [msgSize]byte
 	req[0] = opRR
+	var cpu cpuMeter
 	for i := range warmup + n {
+		if i == warmup {
+			cpu.start()
+		}
 		start := time.Now()
 		wrong, err := oneConn(sa, proxied, req[:], resp[:])
 		d := time.Since(start)
@@ -370,6 +428,7 @@ func loadConns(sa *unix.SockaddrInet4, proxied bool, warmup, n int) LoadResult {
 			t.LatNS = append(t.LatNS, int64(d))
 		}
 	}
+	t.CPUMicros = cpu.stop()
 	t.Count = int64(len(t.LatNS))
 	return t.LoadResult
 }
@@ -397,13 +456,16 @@ func loadRate(sa *unix.SockaddrInet4, proxied bool, clients int, warmup, duratio
 		}()
 	}
 	time.Sleep(warmup)
+	var cpu cpuMeter
+	cpu.start()
 	measuring.Store(true)
 	start := time.Now()
 	time.Sleep(duration)
 	stop.Store(true)
 	elapsed := time.Since(start)
+	cpuMicros := cpu.stop()
 	wg.Wait()
-	var res LoadResult
+	res := LoadResult{CPUMicros: cpuMicros}
 	for c := range clients {
 		res.Conns += tallies[c].Conns
 		res.Errors += tallies[c].Errors
@@ -435,7 +497,11 @@ func loadRR(sa *unix.SockaddrInet4, proxied bool, warmup, n int) LoadResult {
 	t.LatNS = make([]int64, 0, n)
 	var req, resp [msgSize]byte
 	req[0] = opRR
+	var cpu cpuMeter
 	for i := range warmup + n {
+		if i == warmup {
+			cpu.start()
+		}
 		start := time.Now()
 		err := roundTrip(fd, req[:], resp[:])
 		d := time.Since(start)
@@ -451,6 +517,7 @@ func loadRR(sa *unix.SockaddrInet4, proxied bool, warmup, n int) LoadResult {
 			t.LatNS = append(t.LatNS, int64(d))
 		}
 	}
+	t.CPUMicros = cpu.stop()
 	t.Count = int64(len(t.LatNS))
 	return t.LoadResult
 }
@@ -461,9 +528,12 @@ func loadBulk(sa *unix.SockaddrInet4, bytes int64) LoadResult {
 	runtime.LockOSThread()
 	var res LoadResult
 	for i, size := range []int64{max(bytes/16, 1<<20), bytes} {
+		var cpu cpuMeter
+		cpu.start()
 		start := time.Now()
 		got, err := bulkOnce(sa, size)
 		d := time.Since(start)
+		cpuMicros := cpu.stop()
 		if err == nil && got != size {
 			err = fmt.Errorf("server received %d of %d bytes", got, size)
 		}
@@ -474,7 +544,7 @@ func loadBulk(sa *unix.SockaddrInet4, bytes int64) LoadResult {
 		}
 		res.Conns++
 		if i == 1 {
-			res.Count, res.Seconds = size, d.Seconds()
+			res.Count, res.Seconds, res.CPUMicros = size, d.Seconds(), cpuMicros
 		}
 	}
 	return res

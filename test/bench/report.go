@@ -105,20 +105,20 @@ func Markdown(res *Results, prefix string) string {
 		w("Sequential connections: connect, %d-byte request, %d-byte response, close. %d measured connections per\n", p.MsgSize, p.MsgSize, p.B1Conns)
 		w("round after %d warm-up ones; each cell is the median over %d rounds of that round's percentile, with\n", p.B1Warmup, p.Rounds)
 		w("the lowest and highest round in brackets. Microseconds.\n\n")
-		table(&b, res, B1, 0, []string{P50, P90, P99}, modes)
+		table(&b, res, B1, 0, []string{P50, P90, P99, CPUConn}, modes)
 		w("![B1 latency distribution](%s%s)\n\n", prefix, plotB1)
 	}
 	if has(B2) {
 		w("## B2 connection rate\n\n")
 		w("%d clients in parallel, a new connection per request (same exchange as B1), for %s per round; completed\n", p.B2Clients, p.B2Duration)
 		w("connections per second. Higher is better, so a ratio above 1 favours eBPF.\n\n")
-		table(&b, res, B2, 0, []string{ConnRate}, modes)
+		table(&b, res, B2, 0, []string{ConnRate, CPUConn}, modes)
 	}
 	if has(B3) {
 		w("## B3 keep-alive connection\n\n")
 		w("One connection through the proxy: %d request/response round trips (after %d warm-up ones), then %d MiB\n", p.B3Requests, p.B3Warmup, p.B3BulkBytes>>20)
 		w("streamed app → proxy → server on a new connection, timed until the server confirms it has all of it.\n\n")
-		table(&b, res, B3, 0, []string{RRP50, RRP99, Bulk}, modes)
+		table(&b, res, B3, 0, []string{RRP50, RRP99, CPURR, Bulk, CPUBulk}, modes)
 	}
 	if has(B4CIDRs) || has(B4Ports) {
 		w("## B4 policy scaling\n\n")
@@ -264,9 +264,13 @@ func summary(res *Results) []string {
 	}
 	lower(B1, P50, 0, "B1 connection setup p50")
 	lower(B1, P99, 0, "B1 connection setup p99")
+	lower(B1, CPUConn, 0, "B1 CPU time per connection")
 	higher(B2, ConnRate, 0, "B2 connections/s")
+	lower(B2, CPUConn, 0, "B2 CPU time per connection")
 	lower(B3, RRP50, 0, "B3 keep-alive round trip p50")
+	lower(B3, CPURR, 0, "B3 CPU time per round trip")
 	higher(B3, Bulk, 0, "B3 bulk throughput")
+	lower(B3, CPUBulk, 0, "B3 CPU time per GiB of bulk")
 	if ns := res.Params.B4Ns; len(ns) > 1 {
 		first, last := ns[0], ns[len(ns)-1]
 		for _, kind := range []string{B4CIDRs, B4Ports} {
@@ -347,6 +351,13 @@ func writeMethod(b *strings.Builder, res *Results) {
   request with its peer address and an echo. Every answer is checked: a proxied mode whose connection
   reached the server without the proxy (or direct through one) fails the run, as does any error, any
   proxy error, or (eBPF) a kernel redirect count different from the app's connection count.
+- **CPU time.** Besides wall-clock figures, each run reports the CPU time used in its measured window
+  by the pod's cgroup (app and proxy) and the remote namespace's cgroup (server), from their cpu.stat
+  usage_usec: exact scheduler time, including kernel work done in those processes' context (system
+  calls, the TCP stack, netfilter or BPF, and the softirq processing of packets they send). Other jobs
+  on the machine inflate it much less than they inflate latencies and rates, so it is the steadier
+  measure of what each mode costs. Work done by kernel threads (ksoftirqd, conntrack's garbage
+  collector) is not in it.
 - **Rounds.** %d rounds; within a round every mode runs once, back to back, and each round starts with the
   next mode, so machine noise and teardown work hit all modes alike. Warm-up connections are discarded.
   Each figure is the median over rounds with the lowest and highest round in brackets; ratios are taken

@@ -51,6 +51,10 @@ const (
 	RRP99    = "round trip p99 µs"
 	Bulk     = "bulk MiB/s"
 	SetupMS  = "attach/apply ms" // B4: time to install the policy in a fresh pod
+	// CPU time of the app, proxy and server (their cgroups) per unit of work.
+	CPUConn = "CPU µs/conn"
+	CPURR   = "CPU µs/round trip"
+	CPUBulk = "CPU ms/GiB"
 )
 
 // Measurement is one figure of one round.
