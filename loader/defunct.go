@@ -1,0 +1,110 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/cilium/ebpf"
+)
+
+// Defunct returns the programs of an attached pod whose links the kernel has detached
+// because their target went away: the cgroup links when the pod's cgroup was removed, the
+// sk_lookup link when its network namespace was destroyed. The pins (and with them the
+// programs and maps) stay until someone removes them, which Detach and GC do. A link
+// whose target is gone reports cgroup id 0 or netns inode 0; that is how it is told.
+func Defunct(id string, opts Options) ([]string, error) {
+	if !validID.MatchString(id) {
+		return nil, &InputError{"pod-id", id, badID}
+	}
+	dir := PinDir(opts, id)
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("pod %s: %w", id, ErrNotAttached)
+	}
+	var gone []string
+	for _, p := range programs {
+		l, err := loadPinnedLink(filepath.Join(dir, p.pin))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // that direction is turned off
+		}
+		if err != nil {
+			return nil, err
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			return nil, fmt.Errorf("read %s link: %w", p.name, err)
+		}
+		cg, ns := info.Cgroup(), info.NetNs()
+		if (cg != nil && cg.CgroupId == 0) || (ns != nil && ns.NetnsInode == 0) {
+			gone = append(gone, p.name)
+		}
+	}
+	return gone, nil
+}
+
+// GC removes the pins of every pod with a defunct link (see Defunct) and returns their
+// ids. It is the node's clean-up for init-container mode, where no process stays around
+// to detach when a pod goes away: the kernel detaches the programs with the pod's cgroup,
+// but the pins keep the programs and maps in memory until removed.
+func GC(opts Options) ([]string, error) {
+	ids, err := List(opts)
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := lockState(opts)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	// Checking and removing under the state lock: an init container re-attaching the same
+	// pod (its sandbox was recreated) must not lose its fresh attachment to a stale check.
+	var removed []string
+	var errs []error
+	for _, id := range ids {
+		gone, err := Defunct(id, opts)
+		if errors.Is(err, ErrNotAttached) {
+			continue // removed meanwhile
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if len(gone) == 0 {
+			continue
+		}
+		if err := detachDir(PinDir(opts, id)); err != nil {
+			errs = append(errs, fmt.Errorf("pod %s: %w", id, err))
+			continue
+		}
+		removed = append(removed, id)
+	}
+	return removed, errors.Join(errs...)
+}
+
+// detachDir is Detach's work on a pin directory, for a caller that holds the state lock:
+// links are detached explicitly (a no-op for the ones the kernel already detached),
+// connect4 first, then the pins go.
+func detachDir(dir string) error {
+	var errs []error
+	for _, p := range slices.Backward(programs) {
+		l, err := loadPinnedLink(filepath.Join(dir, p.pin))
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+			errs = append(errs, fmt.Errorf("detach %s: %w", p.name, err))
+		}
+		l.Close()
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	return os.RemoveAll(dir)
+}

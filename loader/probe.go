@@ -1,0 +1,191 @@
+package loader
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
+	"golang.org/x/sys/unix"
+)
+
+// kernelNeed is one kernel feature divert's programs use, and what it is for.
+type kernelNeed struct {
+	what  string // for the one-line reason
+	probe func() error
+	// What is probed, for the test that keeps this list in step with bpf/divert.c.
+	progType ebpf.ProgramType
+	helper   asm.BuiltinFunc
+	mapType  ebpf.MapType
+}
+
+func needProgType(pt ebpf.ProgramType, what string) kernelNeed {
+	return kernelNeed{what: fmt.Sprintf("program type %s (%s)", pt, what), progType: pt,
+		probe: func() error { return features.HaveProgramType(pt) }}
+}
+
+func needHelper(pt ebpf.ProgramType, fn asm.BuiltinFunc) kernelNeed {
+	return kernelNeed{what: fmt.Sprintf("helper %s in %s programs", fn, pt), progType: pt, helper: fn,
+		probe: func() error { return features.HaveProgramHelper(pt, fn) }}
+}
+
+func needMapType(mt ebpf.MapType) kernelNeed {
+	return kernelNeed{what: fmt.Sprintf("map type %s", mt), mapType: mt,
+		probe: func() error { return features.HaveMapType(mt) }}
+}
+
+// kernelNeeds is what bpf/divert.c uses, cheapest and most telling first: a kernel that
+// lacks a program type gets that named rather than one of its helpers. Keep it in step with
+// the C file (TestProbeCoversPrograms checks it against the compiled programs).
+var kernelNeeds = []kernelNeed{
+	needProgType(ebpf.CGroupSockAddr, "cgroup/connect4: outbound capture, Linux 4.17+"),
+	needProgType(ebpf.SockOps, "sockops: original destination bookkeeping, Linux 4.13+"),
+	needProgType(ebpf.CGroupSockopt, "cgroup/getsockopt: SO_ORIGINAL_DST, Linux 5.3+"),
+	needProgType(ebpf.SkLookup, "sk_lookup: inbound capture, Linux 5.9+"),
+	needHelper(ebpf.CGroupSockAddr, asm.FnGetCurrentUidGid),
+	needHelper(ebpf.CGroupSockAddr, asm.FnGetSocketCookie),
+	needHelper(ebpf.SockOps, asm.FnGetSocketCookie),
+	needHelper(ebpf.SockOps, asm.FnSockOpsCbFlagsSet),
+	needHelper(ebpf.SockOps, asm.FnSockMapUpdate),
+	needHelper(ebpf.SkLookup, asm.FnSkAssign),
+	needHelper(ebpf.SkLookup, asm.FnSkRelease),
+	needMapType(ebpf.LPMTrie),
+	needMapType(ebpf.LRUHash),
+	needMapType(ebpf.PerCPUArray),
+	needMapType(ebpf.SockMap),
+}
+
+// probeKernel runs the feature probes once per process: a kernel does not change under it,
+// and cilium/ebpf caches the individual results anyway.
+var probeKernel = sync.OnceValue(func() error {
+	for _, n := range kernelNeeds {
+		if err := n.probe(); err != nil {
+			return notSupported(n.what, err)
+		}
+	}
+	return nil
+})
+
+// notSupported turns a probe failure into one line that wraps ebpf.ErrNotSupported, also
+// when the probe itself failed (no permission to load programs is as fatal as a missing
+// feature for the caller, who needs a yes or no).
+func notSupported(what string, err error) error {
+	msg := strings.ReplaceAll(err.Error(), "\n", " ")
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("this kernel lacks %s: %w", what, err)
+	}
+	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+		return fmt.Errorf("cannot load BPF programs here (probing %s: %s; needs CAP_BPF and CAP_NET_ADMIN, or a privileged container): %w", what, msg, ebpf.ErrNotSupported)
+	}
+	return fmt.Errorf("probing %s failed (%s): %w", what, msg, ebpf.ErrNotSupported)
+}
+
+// Probe reports whether the eBPF backend can work here: the program types, helpers and
+// map types divert's programs use, cgroup v2 (mounted: the programs hang off the pod's
+// cgroup v2 directory), a bpffs at opts.BPFFS or the right to mount one, and the kernel's
+// verifier accepting the programs themselves. It changes nothing (a bpffs it mounts to
+// test is unmounted at once).
+//
+// The error is one line naming what is missing and wraps ebpf.ErrNotSupported, so callers
+// can fall back to the iptables backend with errors.Is. Requires Linux 5.9 or later.
+func Probe(opts Options) error {
+	if err := probeKernel(); err != nil {
+		return err
+	}
+	if err := probeCgroup2(); err != nil {
+		return err
+	}
+	if err := probeBPFFS(opts.root()); err != nil {
+		return err
+	}
+	// The probes above cannot see verifier limits of older kernels; loading the real
+	// programs (and closing them again) can.
+	var objs objects
+	if err := loadObjects(&objs, nil); err != nil {
+		return fmt.Errorf("%s: %w", strings.ReplaceAll(err.Error(), "\n", " "), ebpf.ErrNotSupported)
+	}
+	closeAll(&objs)
+	return nil
+}
+
+func probeCgroup2() error {
+	if !fileHasLine("/proc/filesystems", "cgroup2") {
+		return fmt.Errorf("this kernel has no cgroup v2 (cgroup2 is not in /proc/filesystems): %w", ebpf.ErrNotSupported)
+	}
+	if !fileHasLine("/proc/self/mountinfo", "cgroup2") {
+		return fmt.Errorf("no cgroup v2 file system is mounted here (mount the host's /sys/fs/cgroup into the container): %w", ebpf.ErrNotSupported)
+	}
+	return nil
+}
+
+// probeBPFFS checks that pins can be made under root: it is a bpffs already, or one can be
+// mounted (tried on a temporary directory, which is removed again).
+func probeBPFFS(root string) error {
+	var st unix.Statfs_t
+	if unix.Statfs(root, &st) == nil && st.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	if !fileHasLine("/proc/filesystems", "bpf") {
+		return fmt.Errorf("this kernel has no bpf file system to pin programs in: %w", ebpf.ErrNotSupported)
+	}
+	dir, err := os.MkdirTemp("", "divert-bpffs-probe-")
+	if err != nil {
+		return fmt.Errorf("probe bpffs: %v: %w", err, ebpf.ErrNotSupported)
+	}
+	defer os.Remove(dir)
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("%s is not a bpffs and one cannot be mounted here (%v); mount the host's /sys/fs/bpf: %w", root, err, ebpf.ErrNotSupported)
+	}
+	return unix.Unmount(dir, unix.MNT_DETACH)
+}
+
+// fileHasLine reports whether a whitespace-separated field of some line of file is word.
+func fileHasLine(file, word string) bool {
+	f, err := os.Open(file)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		for _, field := range strings.Fields(sc.Text()) {
+			if field == word {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// ProgramPlan is one program Attach would attach, for dry runs and documentation.
+type ProgramPlan struct {
+	// Name is the program's name in bpf/divert.c.
+	Name string
+	// Attach is the attach type, e.g. "CGroupInet4Connect".
+	Attach string
+	// Target is "cgroup" (the pod's cgroup v2 directory) or "netns" (its network namespace).
+	Target string
+	// Pin is the link's pin name under the pod's pin directory.
+	Pin string
+}
+
+// Plan lists the programs Attach attaches with opts, in attach order.
+func Plan(opts Options) []ProgramPlan {
+	var out []ProgramPlan
+	for _, p := range programs {
+		if !p.wanted(opts) {
+			continue
+		}
+		target := "cgroup"
+		if p.attach == ebpf.AttachSkLookup {
+			target = "netns"
+		}
+		out = append(out, ProgramPlan{Name: p.name, Attach: p.attach.String(), Target: target, Pin: p.pin})
+	}
+	return out
+}
