@@ -1,0 +1,688 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/internal/cgroups"
+	"github.com/meshdivert/divert/iptables"
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/policy"
+)
+
+// ownNetNS is the network namespace an init container shares with its pod.
+const ownNetNS = "/proc/self/ns/net"
+
+// forceNoEBPFEnv is a test hook: set to 1, the kernel probe fails, so auto mode's iptables
+// fallback can be exercised on a kernel that supports everything.
+const forceNoEBPFEnv = "DIVERT_TEST_FORCE_NO_EBPF"
+
+// The outside world of istio-iptables mode, replaced by in-process tests.
+var (
+	probeEBPF  = loader.Probe
+	findPod    = func(f cgroups.Finder) (cgroups.Found, error) { return f.Find() }
+	podAddrs   = net.InterfaceAddrs
+	lookupUser = user.Lookup
+	// uidMapFile says whether this process is in a user namespace.
+	uidMapFile = "/proc/self/uid_map"
+)
+
+// istioIptablesDefaults is what istio-iptables does when a flag is not given, which is
+// not what Istio's injector passes (policy.Default): no inbound ports (-b ""), no inbound
+// exclusions (-d ""), no outbound CIDRs (-i ""). Only the proxy's ports and ids and the
+// TPROXY settings have defaults there. The uid default is resolved at run time, as istio
+// does: the uid of $ENVOY_USER (istio-proxy), else 1337.
+func istioIptablesDefaults() policy.Config {
+	return policy.Config{
+		ProxyPort:          15001,
+		InboundCapturePort: 15006,
+		InboundTunnelPort:  15008,
+		ProxyUID:           1337,
+		ProxyGID:           1337,
+		Mode:               policy.Redirect,
+		TProxyMark:         1337,
+		TProxyRouteTable:   133,
+	}
+}
+
+// Flag names of istio-iptables' flags that are not policy (see policy.Flag* for those).
+const (
+	flagDryRun              = "dry-run"
+	flagCleanupOnly         = "cleanup-only"
+	flagSkipRuleApply       = "skip-rule-apply"
+	flagRunValidation       = "run-validation"
+	flagProbePort           = "iptables-probe-port"
+	flagProbeTimeout        = "probe-timeout"
+	flagReconcile           = "reconcile"
+	flagForceApply          = "force-apply"
+	flagNativeNftables      = "native-nftables"
+	flagForceIptablesBinary = "force-iptables-binary"
+	flagRedirectDNS         = "redirect-dns"
+	flagCaptureAllDNS       = "capture-all-dns"
+	flagDropInvalid         = "drop-invalid"
+	flagDualStack           = "dual-stack"
+	flagTraceLogging        = "iptables-trace-logging"
+	flagCNIMode             = "cni-mode"
+	flagNetworkNamespace    = "network-namespace"
+	flagExcludeInterfaces   = "istio-exclude-interfaces"
+	flagKubeVirtInterfaces  = "kube-virt-interfaces"
+
+	// divert's own.
+	flagMode            = "mode"
+	flagCgroupRoot      = "cgroup-root"
+	flagCgroup          = "cgroup"
+	flagPodID           = "pod-id"
+	flagBPFFS           = "bpffs"
+	flagIptablesBackend = "iptables-backend"
+)
+
+// support says what divert does with an istio-iptables setting.
+type support int
+
+const (
+	// honoured: divert does what istio-iptables does with it.
+	honoured support = iota
+	// rejected: anything but the "off" value is refused with a message naming the setting.
+	rejected
+)
+
+// istioOpt is one istio-iptables flag (or environment-only setting) outside policy.
+type istioOpt struct {
+	name, short string
+	// env are the variables istio reads for it; a later one overrides an earlier one, and
+	// the flag overrides them all (istio's flag.BindEnv, then flag.AdditionalEnv).
+	env     []string
+	isBool  bool
+	def     string // the default, which for a rejected setting is its only accepted value
+	usage   string
+	support support
+	// why completes "not supported: ..." for rejected settings.
+	why string
+	// envOnly settings have no flag in istio-iptables.
+	envOnly bool
+}
+
+// istioOpts are istio-iptables' non-policy settings (istio/istio tools/istio-iptables
+// pkg/cmd/root.go and pkg/constants), each honoured or refused, never ignored.
+var istioOpts = []istioOpt{
+	{name: flagDryRun, short: "n", env: []string{"DRY_RUN"}, isBool: true, def: "false",
+		usage: "print what would be attached (or the iptables rules) and change nothing"},
+	{name: flagCleanupOnly, env: []string{"CLEANUP_ONLY"}, isBool: true, def: "false",
+		usage: "remove this pod's eBPF pins and istio's iptables rules, and install nothing"},
+	{name: flagSkipRuleApply, env: []string{"SKIP_RULE_APPLY"}, isBool: true, def: "false",
+		usage: "install nothing (with --run-validation: only validate)"},
+	{name: flagRunValidation, env: []string{"RUN_VALIDATION"}, isBool: true, def: "false",
+		usage: "afterwards, check that connections are captured (what divert validate does)"},
+	{name: flagProbePort, env: []string{"IPTABLES_PROBE_PORT"}, def: "15002",
+		usage: "port dialled on 127.0.0.6 by --run-validation"},
+	{name: flagProbeTimeout, env: []string{"PROBE_TIMEOUT"}, def: "5s",
+		usage: "how long --run-validation tries"},
+	{name: flagReconcile, env: []string{"RECONCILE"}, isBool: true, def: "false",
+		usage: "accepted: divert always reconciles (an attached pod is updated in place, istio's chains are replaced)"},
+	{name: flagForceApply, env: []string{"FORCE_APPLY"}, isBool: true, def: "false",
+		usage: "accepted: divert always applies what differs from the wanted state"},
+	{name: flagNativeNftables, env: []string{"NATIVE_NFTABLES"}, isBool: true, def: "false",
+		usage: "accepted with eBPF (no rules are written); refused when the iptables backend would be used"},
+	{name: flagForceIptablesBinary, env: []string{"FORCE_IPTABLES_BINARY"},
+		usage: "iptables binary for the iptables backend: one whose name says nft or legacy"},
+	{name: flagRedirectDNS, env: []string{"REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE"}, isBool: true, def: "false", support: rejected,
+		why: "divert captures TCP only, DNS capture (UDP and TCP port 53 to istio-agent) is not implemented; turn DNS capture off for this pod"},
+	{name: flagCaptureAllDNS, env: []string{"CAPTURE_ALL_DNS"}, isBool: true, def: "false", support: rejected,
+		why: "divert captures TCP only, DNS capture is not implemented"},
+	{name: flagDropInvalid, env: []string{"DROP_INVALID", "INVALID_DROP"}, isBool: true, def: "false", support: rejected,
+		why: "divert does not install istio's conntrack INVALID drop rule"},
+	{name: flagDualStack, env: []string{"DUAL_STACK", "ISTIO_DUAL_STACK", "ISTIO_AGENT_DUAL_STACK"}, isBool: true, def: "false", support: rejected,
+		why: "divert captures IPv4 only"},
+	{name: flagTraceLogging, env: []string{"IPTABLES_TRACE_LOGGING"}, isBool: true, def: "false", support: rejected,
+		why: "divert writes no LOG rules; use divert status (per-reason counters) and divert explain"},
+	{name: flagCNIMode, env: []string{"CNI_MODE"}, isBool: true, def: "false", support: rejected,
+		why: "divert istio-iptables runs inside the pod (init container); istio-cni mode is not implemented"},
+	{name: flagNetworkNamespace, env: []string{"NETWORK_NAMESPACE"}, support: rejected,
+		why: "divert istio-iptables works on the network namespace it runs in; use divert attach --netns from outside the pod"},
+	{name: flagExcludeInterfaces, short: "c", env: []string{"ISTIO_EXCLUDE_INTERFACES"}, support: rejected,
+		why: "excluding interfaces from capture is not implemented"},
+	{name: flagKubeVirtInterfaces, short: "k", env: []string{"KUBE_VIRT_INTERFACES"}, support: rejected,
+		why: "treating virtual interfaces' inbound traffic as outbound (KubeVirt) is not implemented"},
+	{name: "ISTIO_OUTBOUND_OWNER_GROUPS", env: []string{"ISTIO_OUTBOUND_OWNER_GROUPS"}, def: "*", support: rejected, envOnly: true,
+		why: "capturing only some groups' outbound traffic is not implemented (divert captures every group but -g's)"},
+	{name: "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", env: []string{"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE"}, support: rejected, envOnly: true,
+		why: "excluding groups' outbound traffic is not implemented (only -g's is)"},
+	{name: "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", env: []string{"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"}, def: "127.0.0.1/32", support: rejected, envOnly: true,
+		why: "divert's loopback exemption is 127.0.0.1/32, as istio's default"},
+}
+
+// logFlags are istio's logging flags (the injector passes --log_output_level). They do
+// not shape capture; divert prints one line per action whatever they say.
+var logFlags = []string{"log_output_level", "log_caller", "log_stacktrace_level", "log_target", "log_rotate",
+	"log_rotate_max_age", "log_rotate_max_size", "log_rotate_max_backups"}
+
+// istioSettings are the resolved non-policy settings.
+type istioSettings struct {
+	values  map[string]string // effective value per istioOpt name
+	sources map[string]string // where a non-default value came from, for messages
+}
+
+func (s istioSettings) bool(name string) bool { b, _ := strconv.ParseBool(s.values[name]); return b }
+
+// resolveIstioOpts computes every istioOpt's value (flag > later env > earlier env >
+// default) and refuses the unsupported ones that are not off.
+func resolveIstioOpts(fs *pflag.FlagSet, getenv func(string) string) (istioSettings, error) {
+	s := istioSettings{values: map[string]string{}, sources: map[string]string{}}
+	for _, o := range istioOpts {
+		v, src := o.def, ""
+		for _, env := range o.env {
+			ev := getenv(env)
+			if ev == "" {
+				continue
+			}
+			// Checked even when a flag overrides it: istio-iptables drops a bad value
+			// silently, and a typo in a pod's environment should not go unnoticed.
+			if _, err := strconv.ParseBool(strings.TrimSpace(ev)); o.isBool && err != nil {
+				return s, fmt.Errorf("invalid $%s %q: use true or false", env, ev)
+			}
+			v, src = ev, "$"+env
+		}
+		if !o.envOnly && fs.Changed(o.name) {
+			v, src = fs.Lookup(o.name).Value.String(), "--"+o.name
+		}
+		if o.isBool {
+			b, err := strconv.ParseBool(strings.TrimSpace(v))
+			if err != nil {
+				return s, fmt.Errorf("invalid %s %q: use true or false", src, v)
+			}
+			v = strconv.FormatBool(b)
+		}
+		s.values[o.name], s.sources[o.name] = v, src
+		if o.support == rejected && strings.TrimSpace(v) != o.def {
+			flag := "--" + o.name
+			if o.short != "" {
+				flag = "-" + o.short + "/" + flag
+			}
+			what := flag + "=" + v
+			switch {
+			case o.envOnly:
+				what = src + "=" + v
+			case strings.HasPrefix(src, "$"):
+				what = src + "=" + v + " (istio-iptables " + flag + ")"
+			}
+			return s, fmt.Errorf("%s is not supported: %s", what, o.why)
+		}
+	}
+	return s, nil
+}
+
+// captureMode is --mode.
+type captureMode string
+
+const (
+	modeAuto     captureMode = "auto"
+	modeEBPF     captureMode = "ebpf"
+	modeIptables captureMode = "iptables"
+)
+
+func parseMode(s string) (captureMode, error) {
+	switch m := captureMode(strings.ToLower(strings.TrimSpace(s))); m {
+	case modeAuto, modeEBPF, modeIptables:
+		return m, nil
+	}
+	return "", fmt.Errorf("invalid --mode %q: use auto, ebpf or iptables", s)
+}
+
+// istioRun is one resolved invocation of istio-iptables mode.
+type istioRun struct {
+	e        env
+	cfg      policy.Config
+	opts     istioSettings
+	mode     captureMode
+	lopts    loader.Options
+	backend  iptables.Backend
+	podID    string
+	cgroup   string
+	cgroupFl string // --cgroup
+	root     string // --cgroup-root
+}
+
+func newIstioIptablesCmd(e env) *cobra.Command {
+	var mode, backend string
+	r := &istioRun{e: e}
+	cmd := &cobra.Command{
+		Use:   "istio-iptables [istio-iptables flags]",
+		Short: "Drop-in for istio-init: capture this pod's TCP connections with eBPF (iptables as fallback)",
+		Long: `istio-iptables takes istio-iptables' flags and environment variables, with istio-iptables'
+defaults, and captures the pod it runs in (as the istio-init container does): it finds the
+pod's cgroup v2 directory from its own (/proc/self/cgroup: the init container's cgroup is a
+child of the pod's), attaches divert's programs there and to its network namespace, pins
+them under <bpffs>/divert/<pod uid>/ and exits; capture outlives it. Invoked through a link
+named istio-iptables it behaves the same.
+
+--mode auto probes the kernel (program types, helpers, cgroup v2, bpffs, the verifier) and
+falls back to istio's iptables rules, saying why in one line on stderr; --mode ebpf fails
+with that reason instead; --mode iptables always writes the rules.
+
+istio-iptables settings divert does not implement (DNS capture, interface exclusions,
+dual stack, CNI mode, ...) are refused with a message naming them, never ignored.`,
+		Example: `  divert istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020
+  istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020 -n
+  divert istio-iptables --cleanup-only`,
+		Args: cobra.NoArgs,
+	}
+	fs := cmd.Flags()
+	parsePolicy := policy.Flags(fs, istioIptablesDefaults())
+	for _, o := range istioOpts {
+		if o.envOnly {
+			continue
+		}
+		usage := o.usage
+		if o.support == rejected {
+			usage = "refused unless " + o.def + ": " + o.why
+			if o.def == "" {
+				usage = "refused unless empty: " + o.why
+			}
+		}
+		usage += " (env " + strings.Join(o.env, ", ") + ")"
+		if o.isBool {
+			def, _ := strconv.ParseBool(o.def)
+			fs.BoolP(o.name, o.short, def, usage)
+		} else {
+			fs.StringP(o.name, o.short, o.def, usage)
+		}
+	}
+	for _, name := range logFlags {
+		fs.String(name, "", "istio's logging flag: accepted, no effect (divert prints one line per action)")
+	}
+	fs.Bool("log_as_json", false, "istio's logging flag: accepted, no effect")
+	fs.StringVar(&mode, flagMode, "auto", "capture backend: auto (eBPF if the kernel can, else iptables), ebpf or iptables (env DIVERT_MODE)")
+	fs.StringVar(&r.root, flagCgroupRoot, "", "where the host's cgroup v2 hierarchy (or its /sys/fs/cgroup) is mounted, if not at a cgroup2 mount listed in /proc/self/mountinfo (env DIVERT_CGROUP_ROOT)")
+	fs.StringVar(&r.cgroupFl, flagCgroup, "", "the pod's cgroup v2 directory, instead of finding it from /proc/self/cgroup (env DIVERT_CGROUP)")
+	fs.StringVar(&r.podID, flagPodID, "", "name of the pod's pin directory; default: the pod UID from its cgroup path (env DIVERT_POD_ID)")
+	fs.StringVar(&r.lopts.BPFFS, flagBPFFS, loader.DefaultBPFFS, "bpffs mount to pin under; mounted there if missing (env DIVERT_BPFFS)")
+	fs.StringVar(&backend, flagIptablesBackend, "auto", "iptables backend when iptables is used: auto, nft or legacy")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		fromEnv := func(flag, env string, v *string) {
+			if !fs.Changed(flag) && e.getenv(env) != "" {
+				*v = e.getenv(env)
+			}
+		}
+		fromEnv(flagMode, "DIVERT_MODE", &mode)
+		fromEnv(flagCgroupRoot, "DIVERT_CGROUP_ROOT", &r.root)
+		fromEnv(flagCgroup, "DIVERT_CGROUP", &r.cgroupFl)
+		fromEnv(flagPodID, "DIVERT_POD_ID", &r.podID)
+		fromEnv(flagBPFFS, "DIVERT_BPFFS", &r.lopts.BPFFS)
+		var err error
+		if r.cfg, err = parsePolicy(e.getenv); err != nil {
+			return err
+		}
+		if r.opts, err = resolveIstioOpts(fs, e.getenv); err != nil {
+			return err
+		}
+		if r.mode, err = parseMode(mode); err != nil {
+			return err
+		}
+		if r.backend, err = iptablesBackend(backend, r.opts); err != nil {
+			return err
+		}
+		r.resolveProxyUser(fs)
+		return r.run(cmd.Context())
+	}
+	return cmd
+}
+
+// iptablesBackend picks the iptables flavour from --iptables-backend, or from istio's
+// --force-iptables-binary (iptables-nft, iptables-legacy, or a path to one).
+func iptablesBackend(flag string, s istioSettings) (iptables.Backend, error) {
+	b, err := iptables.ParseBackend(flag)
+	if err != nil {
+		return "", fmt.Errorf("invalid --%s: %w", flagIptablesBackend, err)
+	}
+	bin := filepath.Base(s.values[flagForceIptablesBinary])
+	switch {
+	case s.values[flagForceIptablesBinary] == "":
+		return b, nil
+	case strings.Contains(bin, "legacy"):
+		return iptables.BackendLegacy, nil
+	case strings.Contains(bin, "nft"):
+		return iptables.BackendNFT, nil
+	}
+	return "", fmt.Errorf("invalid --%s %q: name iptables-nft or iptables-legacy (divert runs their -restore and -save)", flagForceIptablesBinary, s.values[flagForceIptablesBinary])
+}
+
+// resolveProxyUser applies istio's default for -u: the uid of $ENVOY_USER (istio-proxy)
+// when that user exists, else 1337; -g follows -u unless given.
+func (r *istioRun) resolveProxyUser(fs *pflag.FlagSet) {
+	given := func(flag string) bool { return fs.Changed(flag) || r.e.getenv(policy.EnvVar(flag)) != "" }
+	if given(policy.FlagProxyUID) {
+		return
+	}
+	name := r.e.getenv("ENVOY_USER")
+	if name == "" {
+		name = "istio-proxy"
+	}
+	u, err := lookupUser(name)
+	if err != nil {
+		return
+	}
+	uid, err := strconv.ParseUint(u.Uid, 10, 32)
+	if err != nil {
+		return
+	}
+	r.cfg.ProxyUID = uint32(uid)
+	if !given(policy.FlagProxyGID) {
+		r.cfg.ProxyGID = uint32(uid)
+	}
+}
+
+func (r *istioRun) run(ctx context.Context) error {
+	out, dry := r.e.stdout, r.opts.bool(flagDryRun)
+	if dry {
+		fmt.Fprintln(out, "dry run: nothing is changed")
+	}
+	if err := r.checkFamily(); err != nil {
+		return err
+	}
+	if r.opts.bool(flagCleanupOnly) {
+		return r.cleanup(ctx, dry)
+	}
+	if r.opts.bool(flagSkipRuleApply) {
+		fmt.Fprintf(out, "--%s: nothing installed\n", flagSkipRuleApply)
+	} else if err := r.apply(ctx, dry); err != nil {
+		return err
+	}
+	if r.opts.bool(flagRunValidation) && !dry {
+		return r.validate(ctx)
+	}
+	return nil
+}
+
+// checkFamily refuses an IPv6 pod: istio-iptables decides the pod is IPv6 by its first
+// address that is neither loopback nor link-local, and then writes ip6tables rules, which
+// neither of divert's backends does.
+func (r *istioRun) checkFamily() error {
+	addrs, err := podAddrs()
+	if err != nil {
+		return fmt.Errorf("read this pod's addresses: %w", err)
+	}
+	for _, a := range addrs {
+		ipn, ok := a.(*net.IPNet)
+		if !ok {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(ipn.IP)
+		if !ok {
+			continue
+		}
+		ip = ip.Unmap()
+		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() {
+			continue
+		}
+		if ip.Is6() {
+			return fmt.Errorf("this pod's address %s is IPv6, for which istio-iptables writes ip6tables rules: divert captures IPv4 only", ip)
+		}
+		return nil
+	}
+	return nil
+}
+
+// podInputError is a pod that was found but needs the user to say more (--pod-id): an
+// error to report, not a reason to fall back to iptables.
+type podInputError struct{ err error }
+
+func (e *podInputError) Error() string { return e.err.Error() }
+func (e *podInputError) Unwrap() error { return e.err }
+
+// pod finds the pod's cgroup and pin id (--cgroup and --pod-id override).
+func (r *istioRun) pod() (loader.Pod, string, error) {
+	pod := loader.Pod{ID: r.podID, Cgroup: r.cgroupFl, NetNS: ownNetNS}
+	if pod.Cgroup != "" {
+		if pod.ID == "" {
+			if pp, ok := cgroups.ParsePath(pod.Cgroup); ok {
+				pod.ID = pp.UID
+			}
+		}
+		if pod.ID == "" {
+			return pod, "", &podInputError{fmt.Errorf("missing --%s: --%s %s names no pod UID (no kubepods pod<uid> directory)", flagPodID, flagCgroup, pod.Cgroup)}
+		}
+		return pod, fmt.Sprintf("given by --%s", flagCgroup), nil
+	}
+	found, err := findPod(cgroups.Finder{Root: r.root})
+	if err != nil {
+		return pod, "", fmt.Errorf("%w; mount the host's /sys/fs/cgroup and pass --%s, or pass --%s", err, flagCgroupRoot, flagCgroup)
+	}
+	pod.Cgroup = found.Pod
+	how := fmt.Sprintf("%s layout, this process in %s", found.Driver, found.Own)
+	if pod.ID == "" {
+		pod.ID = found.UID
+	}
+	if found.Driver == cgroups.Parent && r.podID == "" {
+		return pod, "", &podInputError{fmt.Errorf("missing --%s: this process's cgroup %s is not in a Kubernetes pod layout (kubepods/.../pod<uid>); pass --%s to capture its parent %s, or --%s",
+			flagPodID, found.Own, flagPodID, found.Pod, flagCgroup)}
+	}
+	return pod, how, nil
+}
+
+// ebpfUnavailable says why the eBPF backend cannot be used here, or nil.
+func (r *istioRun) ebpfUnavailable() error {
+	if v := r.e.getenv(forceNoEBPFEnv); v == "1" {
+		return fmt.Errorf("turned off by $%s=1 (a test hook): %w", forceNoEBPFEnv, ebpf.ErrNotSupported)
+	}
+	if inUserNS() {
+		return fmt.Errorf("this pod runs in a user namespace (hostUsers: false): the proxy's uid seen by eBPF is the host's, not -u %d: %w", r.cfg.ProxyUID, ebpf.ErrNotSupported)
+	}
+	return probeEBPF(r.lopts)
+}
+
+// inUserNS reports whether this process is in a user namespace other than the initial one,
+// whose uid map is the identity over all ids.
+func inUserNS() bool {
+	b, err := os.ReadFile(uidMapFile)
+	if err != nil {
+		return false
+	}
+	f := strings.Fields(string(b))
+	return !(len(f) == 3 && f[0] == "0" && f[1] == "0" && f[2] == "4294967295")
+}
+
+// apply captures the pod with eBPF when it can (and may), else with iptables.
+func (r *istioRun) apply(ctx context.Context, dry bool) error {
+	out := r.e.stdout
+	var reason error
+	if r.mode != modeIptables {
+		reason = r.ebpfUnavailable()
+		var pod loader.Pod
+		var how string
+		if reason == nil {
+			pod, how, reason = r.pod()
+			var in *podInputError
+			if errors.As(reason, &in) {
+				return reason // what the user must say, not something the machine lacks
+			}
+		}
+		if reason == nil {
+			if dry {
+				r.printEBPFPlan(out, pod, how)
+				return nil
+			}
+			return r.attach(ctx, pod, how)
+		}
+		if r.mode == modeEBPF {
+			return fmt.Errorf("--mode ebpf: eBPF capture is not possible here: %v", reason)
+		}
+		fmt.Fprintf(r.e.stderr, "divert: eBPF capture is not possible here (%s); using iptables\n", oneLine(reason))
+	}
+	if r.opts.bool(flagNativeNftables) {
+		return fmt.Errorf("--%s is not supported with the iptables backend: divert writes iptables rules (iptables-nft or iptables-legacy), not native nftables", flagNativeNftables)
+	}
+	if dry {
+		fmt.Fprintf(out, "backend: iptables\nwould apply in network namespace %s (iptables-restore --noflush input):\n", ownNetNS)
+		_, err := io.WriteString(out, iptables.Render(&r.cfg))
+		return err
+	}
+	res, err := iptables.Options{Backend: r.backend}.Apply(ctx, ownNetNS, &r.cfg)
+	if err != nil {
+		if reason != nil {
+			return fmt.Errorf("eBPF capture is not possible (%s), and iptables failed: %w", oneLine(reason), err)
+		}
+		return err
+	}
+	state := "applied"
+	if !res.Changed {
+		state = "already in place"
+	}
+	fmt.Fprintf(out, "iptables rules %s (iptables-%s, %s mode): outbound TCP to port %d, inbound to port %d\n",
+		state, res.Backend, r.cfg.Mode, r.cfg.ProxyPort, r.cfg.InboundCapturePort)
+	// The same pod captured by eBPF earlier (another mode, an older run) would capture twice.
+	if id := r.knownPodID(); id != "" {
+		if err := loader.Detach(id, r.lopts); err == nil {
+			fmt.Fprintf(out, "removed the eBPF attachment of pod %s, replaced by the rules\n", id)
+		} else if !errors.Is(err, loader.ErrNotAttached) && !isNoBPFFS(err) {
+			return err
+		}
+	}
+	return nil
+}
+
+// knownPodID is the pod id when it can be known without failing: --pod-id, or the UID
+// from the cgroup path.
+func (r *istioRun) knownPodID() string {
+	if r.podID != "" {
+		return r.podID
+	}
+	if pod, _, err := r.pod(); err == nil {
+		return pod.ID
+	}
+	return ""
+}
+
+func isNoBPFFS(err error) bool {
+	var ie *loader.InputError
+	return errors.As(err, &ie) && ie.Field == "bpffs"
+}
+
+func (r *istioRun) attach(ctx context.Context, pod loader.Pod, how string) error {
+	out := r.e.stdout
+	// A pin directory left by an earlier sandbox of this pod (its network namespace is gone,
+	// or its cgroup) cannot be updated in place: start afresh.
+	if gone, err := loader.Defunct(pod.ID, r.lopts); err == nil && len(gone) > 0 {
+		if err := loader.Detach(pod.ID, r.lopts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
+			return err
+		}
+		fmt.Fprintf(out, "removed a stale attachment of pod %s (%s detached by the kernel)\n", pod.ID, strings.Join(gone, ", "))
+	}
+	if !isBPFFS(r.lopts.BPFFS) {
+		// The loader mounts it. In a container that mount is only the host's if the
+		// volume propagates it back (mountPropagation: Bidirectional); otherwise the pins,
+		// and capture, end with this container.
+		fmt.Fprintf(r.e.stderr, "divert: mounting bpffs at %s: in a container it must reach the host (hostPath volume with mountPropagation: Bidirectional), or capture ends when the container exits\n", r.lopts.BPFFS)
+	}
+	if err := loader.Attach(ctx, pod, &r.cfg, r.lopts); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "attached pod %s with eBPF: cgroup %s (%s), netns %s; outbound TCP to port %d, inbound %s to port %d; pinned in %s\n",
+		pod.ID, pod.Cgroup, how, pod.NetNS, r.cfg.ProxyPort, inboundPorts(&r.cfg), r.cfg.InboundCapturePort, loader.PinDir(r.lopts, pod.ID))
+	return nil
+}
+
+func isBPFFS(dir string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(dir, &st) == nil && st.Type == unix.BPF_FS_MAGIC
+}
+
+func (r *istioRun) printEBPFPlan(w io.Writer, pod loader.Pod, how string) {
+	fmt.Fprintf(w, "backend: ebpf (the kernel supports divert's programs)\n")
+	fmt.Fprintf(w, "pod %s: cgroup %s (%s), netns %s\n", pod.ID, pod.Cgroup, how, pod.NetNS)
+	dir := loader.PinDir(r.lopts, pod.ID)
+	for _, p := range loader.Plan(r.lopts) {
+		target := pod.Cgroup
+		if p.Target == "netns" {
+			target = pod.NetNS
+		}
+		fmt.Fprintf(w, "would attach %s (%s) to %s %s, pinned as %s\n", p.Name, p.Attach, p.Target, target, filepath.Join(dir, p.Pin))
+	}
+	fmt.Fprintf(w, "policy: %s\n", strings.Join(quoteArgs(r.cfg.Args()), " "))
+}
+
+func quoteArgs(args []string) []string {
+	out := make([]string, len(args))
+	for i, a := range args {
+		if a == "" || strings.ContainsAny(a, "* ") {
+			a = "'" + a + "'"
+		}
+		out[i] = a
+	}
+	return out
+}
+
+// cleanup removes this pod's eBPF pins and istio's iptables rules, whichever exist.
+func (r *istioRun) cleanup(ctx context.Context, dry bool) error {
+	out := r.e.stdout
+	pod, _, err := r.pod()
+	if err != nil {
+		return fmt.Errorf("--%s: cannot tell which pod's pins to remove: %w", flagCleanupOnly, err)
+	}
+	if dry {
+		fmt.Fprintf(out, "would remove the eBPF pins of pod %s (%s) and istio's iptables rules in %s\n", pod.ID, loader.PinDir(r.lopts, pod.ID), ownNetNS)
+		return nil
+	}
+	var errs []error
+	switch err := loader.Detach(pod.ID, r.lopts); {
+	case err == nil:
+		fmt.Fprintf(out, "detached pod %s (eBPF)\n", pod.ID)
+	case errors.Is(err, loader.ErrNotAttached) || isNoBPFFS(err):
+		fmt.Fprintf(out, "pod %s had no eBPF attachment\n", pod.ID)
+	default:
+		errs = append(errs, err)
+	}
+	if !haveIptables() {
+		fmt.Fprintln(out, "no iptables binaries here, so no iptables rules to remove")
+	} else if err := (iptables.Options{Backend: r.backend}).Cleanup(ctx, ownNetNS); err != nil {
+		errs = append(errs, err)
+	} else {
+		fmt.Fprintf(out, "istio iptables rules removed from %s\n", ownNetNS)
+	}
+	return errors.Join(errs...)
+}
+
+// haveIptables reports whether any iptables-restore is installed (PATH or the sbin dirs
+// minimal containers leave out of it).
+func haveIptables() bool {
+	for _, name := range []string{"iptables-restore", "iptables-nft-restore", "iptables-legacy-restore"} {
+		if _, err := exec.LookPath(name); err == nil {
+			return true
+		}
+		for _, d := range []string{"/usr/sbin", "/sbin", "/usr/local/sbin"} {
+			if fi, err := os.Stat(filepath.Join(d, name)); err == nil && fi.Mode()&0o111 != 0 {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func (r *istioRun) validate(ctx context.Context) error {
+	port, err := strconv.ParseUint(r.opts.values[flagProbePort], 10, 16)
+	if err != nil || port == 0 {
+		return fmt.Errorf("invalid --%s %q: use a port between 1 and 65535", flagProbePort, r.opts.values[flagProbePort])
+	}
+	timeout, err := time.ParseDuration(r.opts.values[flagProbeTimeout])
+	if err != nil || timeout <= 0 {
+		return fmt.Errorf("invalid --%s %q: use a duration like 5s", flagProbeTimeout, r.opts.values[flagProbeTimeout])
+	}
+	return runValidation(ctx, r.e, &r.cfg, uint16(port), timeout, netip.AddrPort{}, 0, 0)
+}
+
+func oneLine(err error) string { return strings.ReplaceAll(err.Error(), "\n", " ") }

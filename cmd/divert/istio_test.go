@@ -1,0 +1,291 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/user"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/spf13/cobra"
+
+	"github.com/meshdivert/divert/internal/cgroups"
+	"github.com/meshdivert/divert/iptables"
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/policy"
+)
+
+// The injector's istio-init command line (after "istio-iptables").
+var injectorArgs = []string{"-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"}
+
+// stubWorld replaces what istio-iptables mode reads of the machine, so these tests run
+// anywhere and change nothing: an IPv4 pod, a kernel that supports eBPF, a pod cgroup.
+func stubWorld(t *testing.T) {
+	t.Helper()
+	saved := []any{probeEBPF, findPod, podAddrs, lookupUser, uidMapFile}
+	t.Cleanup(func() {
+		probeEBPF = saved[0].(func(loader.Options) error)
+		findPod = saved[1].(func(cgroups.Finder) (cgroups.Found, error))
+		podAddrs = saved[2].(func() ([]net.Addr, error))
+		lookupUser = saved[3].(func(string) (*user.User, error))
+		uidMapFile = saved[4].(string)
+	})
+	probeEBPF = func(loader.Options) error { return nil }
+	findPod = func(cgroups.Finder) (cgroups.Found, error) {
+		return cgroups.Found{Pod: "/sys/fs/cgroup/kubepods/besteffort/pod0b1c-2d", Own: "/sys/fs/cgroup/kubepods/besteffort/pod0b1c-2d/abc",
+			UID: "0b1c-2d", Driver: cgroups.Cgroupfs}, nil
+	}
+	podAddrs = func() ([]net.Addr, error) {
+		return []net.Addr{&net.IPNet{IP: net.IPv4(127, 0, 0, 1), Mask: net.CIDRMask(8, 32)}, &net.IPNet{IP: net.IPv4(10, 244, 0, 5), Mask: net.CIDRMask(24, 32)}}, nil
+	}
+	lookupUser = func(name string) (*user.User, error) { return nil, user.UnknownUserError(name) }
+	uidMapFile = "/proc/self/uid_map"
+}
+
+func runIstio(t *testing.T, vars map[string]string, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
+	return runCmd(t, newIstioIptablesCmd, vars, args...)
+}
+
+func runCmd(t *testing.T, newCmd func(env) *cobra.Command, vars map[string]string, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	cmd := newCmd(env2(vars, &out, &errOut))
+	cmd.SetArgs(args)
+	cmd.SetOut(&out)
+	cmd.SetErr(&errOut)
+	cmd.SilenceUsage, cmd.SilenceErrors = true, true
+	err = cmd.ExecuteContext(context.Background())
+	return out.String(), errOut.String(), err
+}
+
+// Without flags, istio-iptables captures nothing but what its fixed rules do: its own
+// defaults, not the injector's.
+func TestIstioIptablesDefaults(t *testing.T) {
+	stubWorld(t)
+	out, _, err := runIstio(t, nil, "--mode", "iptables", "-n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	def := istioIptablesDefaults()
+	if def.InboundPorts.All || len(def.InboundPorts.Ports) != 0 || def.OutboundCIDRs.All || len(def.OutboundCIDRs.Prefixes) != 0 || len(def.InboundExcludePorts) != 0 {
+		t.Fatalf("istio-iptables' defaults capture nothing inbound or by CIDR: %+v", def)
+	}
+	if want := iptables.Render(&def); !strings.HasSuffix(out, want) {
+		t.Fatalf("dry run with no flags should print the rules for istio-iptables' defaults:\n%s\nwant suffix:\n%s", out, want)
+	}
+	if strings.Contains(out, "-j ISTIO_IN_REDIRECT\n-A OUTPUT") || strings.Contains(out, "-A ISTIO_OUTPUT -j ISTIO_REDIRECT") {
+		t.Errorf("no flags must not capture everything:\n%s", out)
+	}
+}
+
+// The injector's command line gives exactly the injector's policy (policy.Default).
+func TestIstioIptablesInjectorLine(t *testing.T) {
+	stubWorld(t)
+	out, _, err := runIstio(t, nil, append([]string{"--mode", "iptables", "-n"}, injectorArgs...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	def := policy.Default()
+	if want := iptables.Render(&def); !strings.HasSuffix(out, want) {
+		t.Fatalf("got:\n%s\nwant the rules of policy.Default:\n%s", out, want)
+	}
+}
+
+// -u defaults to $ENVOY_USER's uid (istio-proxy), as istio-iptables does; -g follows.
+func TestIstioIptablesEnvoyUser(t *testing.T) {
+	stubWorld(t)
+	lookupUser = func(name string) (*user.User, error) {
+		if name == "envoy" {
+			return &user.User{Uid: "2000", Username: name}, nil
+		}
+		return nil, user.UnknownUserError(name)
+	}
+	out, _, err := runIstio(t, map[string]string{"ENVOY_USER": "envoy"}, "--mode", "iptables", "-n", "-i", "*")
+	if err != nil || !strings.Contains(out, "--uid-owner 2000") || !strings.Contains(out, "--gid-owner 2000") {
+		t.Fatalf("ENVOY_USER's uid should be the proxy's: %v\n%s", err, out)
+	}
+	out, _, err = runIstio(t, map[string]string{"ENVOY_USER": "envoy"}, "--mode", "iptables", "-n", "-u", "3000")
+	if err != nil || !strings.Contains(out, "--uid-owner 3000") || !strings.Contains(out, "--gid-owner 3000") {
+		t.Fatalf("-u beats ENVOY_USER: %v\n%s", err, out)
+	}
+	out, _, err = runIstio(t, nil, "--mode", "iptables", "-n")
+	if err != nil || !strings.Contains(out, "--uid-owner 1337") {
+		t.Fatalf("without the user, 1337: %v\n%s", err, out)
+	}
+}
+
+// Settings divert does not implement are refused with one line naming them, before
+// anything is probed or touched.
+func TestIstioIptablesRefuses(t *testing.T) {
+	stubWorld(t)
+	probeEBPF = func(loader.Options) error { t.Error("probed the kernel for refused input"); return nil }
+	cases := []struct {
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{[]string{"--redirect-dns"}, nil, "--redirect-dns=true"},
+		{nil, map[string]string{"ISTIO_META_DNS_CAPTURE": "true"}, "$ISTIO_META_DNS_CAPTURE=true (istio-iptables --redirect-dns)"},
+		{nil, map[string]string{"REDIRECT_DNS": "1"}, "$REDIRECT_DNS=true"},
+		{[]string{"--capture-all-dns"}, nil, "--capture-all-dns"},
+		{[]string{"-k", "eth1"}, nil, "-k/--kube-virt-interfaces=eth1"},
+		{[]string{"-c", "eth1"}, nil, "-c/--istio-exclude-interfaces=eth1"},
+		{[]string{"--dual-stack"}, nil, "--dual-stack"},
+		{nil, map[string]string{"ISTIO_DUAL_STACK": "true"}, "$ISTIO_DUAL_STACK"},
+		{[]string{"--drop-invalid"}, nil, "--drop-invalid"},
+		{nil, map[string]string{"INVALID_DROP": "true"}, "$INVALID_DROP"},
+		{[]string{"--iptables-trace-logging"}, nil, "--iptables-trace-logging"},
+		{[]string{"--cni-mode"}, nil, "--cni-mode"},
+		{[]string{"--network-namespace", "/var/run/netns/x"}, nil, "--network-namespace"},
+		{nil, map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS": "1000"}, "$ISTIO_OUTBOUND_OWNER_GROUPS=1000"},
+		{nil, map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": "1000"}, "$ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE"},
+		{nil, map[string]string{"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR": "127.0.0.0/8"}, "$ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"},
+		{nil, map[string]string{"DRY_RUN": "maybe"}, "$DRY_RUN"},
+		{[]string{"--mode", "fast"}, nil, "--mode"},
+		{[]string{"--force-iptables-binary", "iptables-foo"}, nil, "--force-iptables-binary"},
+		{[]string{"-p", "0"}, nil, "--envoy-port"},
+		{[]string{"--no-such-flag"}, nil, "--no-such-flag"},
+	}
+	for _, c := range cases {
+		t.Run(strings.Join(c.args, " ")+fmt.Sprint(c.env), func(t *testing.T) {
+			out, errOut, err := runIstio(t, c.env, append(c.args, "-n")...)
+			if err == nil {
+				t.Fatalf("accepted; stdout:\n%s", out)
+			}
+			if msg := err.Error(); strings.Contains(msg, "\n") || !strings.Contains(msg, c.want) {
+				t.Errorf("error should be one line naming %q, got %q", c.want, msg)
+			}
+			if strings.Contains(out, "would") || errOut != "" {
+				t.Errorf("refused input went on: stdout %q stderr %q", out, errOut)
+			}
+		})
+	}
+	// The off values are fine, as are the settings divert honours or has no use for.
+	for _, args := range [][]string{
+		{"--redirect-dns=false", "--dual-stack=false", "-k", "", "-c", ""},
+		{"--reconcile", "--force-apply", "--log_output_level=default:info", "--log_as_json"},
+	} {
+		if _, _, err := runIstio(t, map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS": "*"}, append(args, "-n", "--mode", "iptables")...); err != nil {
+			t.Errorf("%v: %v", args, err)
+		}
+	}
+}
+
+// auto: a failed probe means iptables, with the reason in one line on stderr; ebpf: the
+// reason is the error.
+func TestIstioIptablesProbeFallback(t *testing.T) {
+	stubWorld(t)
+	probeEBPF = func(loader.Options) error {
+		return fmt.Errorf("this kernel lacks program type SkLookup: %w", ebpf.ErrNotSupported)
+	}
+	out, errOut, err := runIstio(t, nil, append([]string{"-n"}, injectorArgs...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lines := strings.Split(strings.TrimSpace(errOut), "\n"); len(lines) != 1 || !strings.Contains(lines[0], "SkLookup") || !strings.Contains(lines[0], "using iptables") {
+		t.Errorf("want one line with the reason on stderr, got %q", errOut)
+	}
+	if !strings.Contains(out, "backend: iptables") || !strings.Contains(out, "-A ISTIO_OUTPUT") {
+		t.Errorf("dry run should print the iptables rules:\n%s", out)
+	}
+
+	_, _, err = runIstio(t, nil, append([]string{"-n", "--mode", "ebpf"}, injectorArgs...)...)
+	if err == nil || !strings.Contains(err.Error(), "SkLookup") || !strings.Contains(err.Error(), "--mode ebpf") {
+		t.Errorf("--mode ebpf should fail with the reason, got %v", err)
+	}
+
+	// The test hook fails the probe on any kernel.
+	stubWorld(t)
+	_, errOut, err = runIstio(t, map[string]string{forceNoEBPFEnv: "1"}, "-n")
+	if err != nil || !strings.Contains(errOut, forceNoEBPFEnv) {
+		t.Errorf("%s=1 should fall back: %v %q", forceNoEBPFEnv, err, errOut)
+	}
+	// --native-nftables is fine with eBPF, not with the iptables fallback.
+	if _, _, err := runIstio(t, map[string]string{forceNoEBPFEnv: "1"}, "-n", "--native-nftables"); err == nil || !strings.Contains(err.Error(), "--native-nftables") {
+		t.Errorf("--native-nftables with iptables: %v", err)
+	}
+}
+
+// The eBPF dry run names every program, its target and its pin, and the policy.
+func TestIstioIptablesDryRunEBPF(t *testing.T) {
+	stubWorld(t)
+	out, _, err := runIstio(t, nil, append([]string{"-n", "--bpffs", "/nonexistent/bpffs"}, injectorArgs...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"backend: ebpf",
+		"pod 0b1c-2d: cgroup /sys/fs/cgroup/kubepods/besteffort/pod0b1c-2d (cgroupfs layout",
+		"would attach divert_connect4 (CGroupInet4Connect) to cgroup /sys/fs/cgroup/kubepods/besteffort/pod0b1c-2d, pinned as /nonexistent/bpffs/divert/0b1c-2d/link_connect4",
+		"would attach divert_sk_lookup (SkLookup) to netns /proc/self/ns/net",
+		"policy: -p 15001 -z 15006 -e 15008 -u 1337 -g 1337 -m REDIRECT",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("dry run output lacks %q:\n%s", want, out)
+		}
+	}
+	// A layout with no pod UID needs --pod-id.
+	findPod = func(cgroups.Finder) (cgroups.Found, error) {
+		return cgroups.Found{Pod: "/sys/fs/cgroup/test/p1", Own: "/sys/fs/cgroup/test/p1/init", Driver: cgroups.Parent}, nil
+	}
+	_, _, err = runIstio(t, nil, "-n", "--mode", "ebpf")
+	if err == nil || !strings.Contains(err.Error(), "--pod-id") {
+		t.Errorf("want an error naming --pod-id, got %v", err)
+	}
+	if out, _, err = runIstio(t, nil, "-n", "--mode", "ebpf", "--pod-id", "p1"); err != nil || !strings.Contains(out, "pod p1: cgroup /sys/fs/cgroup/test/p1 (parent layout") {
+		t.Errorf("--pod-id with the parent layout: %v\n%s", err, out)
+	}
+	// Discovery failing is a reason to fall back, in auto mode.
+	findPod = func(cgroups.Finder) (cgroups.Found, error) { return cgroups.Found{}, cgroups.ErrNotFound }
+	if _, errOut, err := runIstio(t, nil, "-n"); err != nil || !strings.Contains(errOut, "--cgroup-root") {
+		t.Errorf("no pod cgroup: %v %q", err, errOut)
+	}
+}
+
+// istio-iptables would write ip6tables rules for an IPv6 pod; divert says it cannot.
+func TestIstioIptablesRefusesIPv6Pod(t *testing.T) {
+	stubWorld(t)
+	podAddrs = func() ([]net.Addr, error) {
+		return []net.Addr{&net.IPNet{IP: net.ParseIP("fe80::1"), Mask: net.CIDRMask(64, 128)}, &net.IPNet{IP: net.ParseIP("fd00::5"), Mask: net.CIDRMask(64, 128)}}, nil
+	}
+	_, _, err := runIstio(t, nil, "-n")
+	if err == nil || !strings.Contains(err.Error(), "fd00::5") {
+		t.Fatalf("want the IPv6 pod refused, got %v", err)
+	}
+}
+
+// A pod in a user namespace cannot use eBPF uid matching: auto falls back.
+func TestIstioIptablesUserNamespaceFallsBack(t *testing.T) {
+	stubWorld(t)
+	uidMapFile = writeTemp(t, "0 100000 65536\n")
+	_, errOut, err := runIstio(t, nil, "-n")
+	if err != nil || !strings.Contains(errOut, "user namespace") {
+		t.Fatalf("want a fallback naming the user namespace: %v %q", err, errOut)
+	}
+}
+
+func writeTemp(t *testing.T, content string) string {
+	t.Helper()
+	p := t.TempDir() + "/f"
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestValidateRefusesUncapturedOutbound(t *testing.T) {
+	_, _, err := runCmd(t, newValidateCmd, nil, "-i", "10.96.0.0/12", "--outbound", "192.0.2.1:80")
+	if err == nil || !strings.Contains(err.Error(), "--outbound") || !strings.Contains(err.Error(), "not-included") {
+		t.Fatalf("want --outbound refused with the model's reason, got %v", err)
+	}
+	var ve validationError
+	if errors.As(err, &ve) {
+		t.Errorf("bad input is not a validation failure (exit 126)")
+	}
+}
