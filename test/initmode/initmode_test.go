@@ -1,0 +1,647 @@
+// Package initmode tests divert as Istio's istio-init container: the binary built exactly
+// as the Dockerfile builds it runs as a pod's init container would, inside the pod's network
+// namespace and in a child cgroup of the pod's cgroup (laid out as kubelet does), with the
+// injector's istio-iptables command line; after it exits, the pod must be captured as the
+// parity suite expects.
+package initmode
+
+import (
+	"bufio"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/internal/nsexec"
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/internal/image"
+	"github.com/meshdivert/divert/test/testpod"
+)
+
+func TestMain(m *testing.M) {
+	testpod.RunHelperIfRequested()
+	code := m.Run()
+	image.Cleanup()
+	os.Exit(code)
+}
+
+const (
+	proxyUID = divertest.ProxyUID
+	appUID   = divertest.AppUID
+)
+
+var anyAddr = netip.IPv4Unspecified()
+
+// injectorArgs is the istio-init command line of Istio's sidecar injector (after
+// "istio-iptables").
+var injectorArgs = []string{"-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"}
+
+// layout is how kubelet names a pod's cgroup and its runtime a container's.
+type layout struct {
+	name      string
+	pod       func(uid string) string // relative path of the pod cgroup
+	container func(id string) string  // a container's directory name
+	initName  string                  // if set, init containers' directory name
+}
+
+var (
+	cgroupfsLayout = layout{"cgroupfs",
+		func(uid string) string { return "kubepods/besteffort/pod" + uid },
+		func(id string) string { return id }, ""}
+	systemdLayout = layout{"systemd",
+		func(uid string) string {
+			return "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod" + strings.ReplaceAll(uid, "-", "_") + ".slice"
+		},
+		func(id string) string { return "cri-containerd-" + id + ".scope" }, ""}
+)
+
+// k8sPod is a test pod whose cgroup holds kubelet's layout: the pod's cgroup is
+// <test pod cgroup>/<layout.pod(UID)>, and each "container" is a child of it.
+type k8sPod struct {
+	*testpod.Pod
+	UID    string
+	Dir    string // the pod's cgroup
+	layout layout
+}
+
+func newK8sPod(t *testing.T, l layout) *k8sPod {
+	t.Helper()
+	pod := testpod.New(t)
+	k := &k8sPod{Pod: pod, UID: newUID(t), layout: l}
+	k.Dir = mkdirs(t, pod.CgroupPath, l.pod(k.UID))
+	return k
+}
+
+// view is the pod as seen at its own cgroup: for counting programs attached there.
+func (k *k8sPod) view() *testpod.Pod {
+	v := *k.Pod
+	v.CgroupPath = k.Dir
+	return &v
+}
+
+// container makes a container cgroup in the pod and returns the pod with that cgroup, so
+// processes started through it run in that container.
+func (k *k8sPod) container(t *testing.T) *testpod.Pod {
+	t.Helper()
+	return k.containerNamed(t, k.layout.container(randHex(t, 32)))
+}
+
+func (k *k8sPod) containerNamed(t *testing.T, name string) *testpod.Pod {
+	t.Helper()
+	c := *k.Pod
+	c.CgroupPath = mkdirs(t, k.Dir, name)
+	return &c
+}
+
+// mkdirs creates rel below base one level at a time, removing them again (innermost first)
+// at the end of the test; processes started later are stopped before that.
+func mkdirs(t *testing.T, base, rel string) string {
+	t.Helper()
+	dir := base
+	for _, part := range strings.Split(rel, "/") {
+		dir = filepath.Join(dir, part)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		d := dir
+		t.Cleanup(func() { rmdirCgroup(t, d) })
+	}
+	return dir
+}
+
+// rmdirCgroup removes a cgroup, retrying while the kernel still lets go of exited
+// processes; a cgroup already gone is fine.
+func rmdirCgroup(t *testing.T, dir string) {
+	var err error
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if err = unix.Rmdir(dir); err != unix.EBUSY || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil && err != unix.ENOENT {
+		t.Errorf("rmdir %s: %v", dir, err)
+	}
+}
+
+func newUID(t *testing.T) string {
+	h := randHex(t, 32)
+	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:32]
+}
+
+func randHex(t *testing.T, n int) string {
+	b := make([]byte, n/2)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+// result is how a divert run ended.
+type result struct {
+	stdout, stderr string
+	code           int
+}
+
+// run runs the divert binary at path with args as uid/gid in container c, with the given
+// environment variables (NAME=value, no quoting needed) added. It returns however the run
+// ends: a shell around it prints the exit code, so a failure is data, not a test failure.
+func run(t *testing.T, c *testpod.Pod, uid, gid uint32, env []string, path string, args ...string) result {
+	t.Helper()
+	return runWrapped(t, c, uid, gid, nil, strings.Join(env, " ")+` "$0" "$@"`, path, args...)
+}
+
+// runWrapped is run with a command prefix (like unshare) and a shell script whose "$0" is
+// the divert binary and "$@" its arguments.
+func runWrapped(t *testing.T, c *testpod.Pod, uid, gid uint32, prefix []string, script, path string, args ...string) result {
+	t.Helper()
+	// testpod gives processes an empty environment; the shell's tools need a PATH.
+	script = "PATH=/usr/sbin:/usr/bin:/sbin:/bin; export PATH; " + script + `; echo "exit=$?"`
+	argv := append(append(append([]string{}, prefix...), "/bin/sh", "-c", script, path), args...)
+	pr := c.Start(t, testpod.ProcSpec{UID: uid, GID: gid, Path: argv[0], Args: argv[1:]})
+	out := pr.Wait(t, 90*time.Second)
+	i := strings.LastIndex(out, "exit=")
+	if i < 0 {
+		t.Fatalf("no exit status from %v: %q\nstderr: %s", argv, out, pr.Stderr())
+	}
+	code, err := strconv.Atoi(strings.TrimSpace(out[i+len("exit="):]))
+	if err != nil {
+		t.Fatalf("exit status %q: %v", out[i:], err)
+	}
+	return result{stdout: out[:i], stderr: pr.Stderr(), code: code}
+}
+
+func (r result) mustSucceed(t *testing.T, what string) {
+	t.Helper()
+	if r.code != 0 {
+		t.Fatalf("%s: exit %d\nstdout: %s\nstderr: %s", what, r.code, r.stdout, r.stderr)
+	}
+}
+
+// initContainer runs divert in a fresh container cgroup of the pod, as an init container,
+// and removes that cgroup once it exited, as the runtime does.
+func initContainer(t *testing.T, k *k8sPod, env []string, path string, args ...string) result {
+	t.Helper()
+	c := k.container(t)
+	if k.layout.initName != "" {
+		c = k.containerNamed(t, k.layout.initName)
+	}
+	r := run(t, c, 0, 0, env, path, args...)
+	if n := cgroupPrograms(t, c.CgroupPath); n != 0 {
+		t.Errorf("%d programs attached to the init container's own cgroup; they belong on the pod's", n)
+	}
+	rmdirCgroup(t, c.CgroupPath)
+	return r
+}
+
+// cgroupPrograms counts the programs attached to the cgroup dir itself (not inherited).
+func cgroupPrograms(t *testing.T, dir string) int {
+	t.Helper()
+	f, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	n := 0
+	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt} {
+		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
+		if err != nil {
+			t.Fatalf("query %s programs on %s: %v", at, dir, err)
+		}
+		n += len(res.Programs)
+	}
+	return n
+}
+
+// probe is one connection and what the model says happens to it.
+type probe struct {
+	name string
+	from string // "app", "proxy" (in the pod) or "remote"
+	dst  netip.AddrPort
+}
+
+// checkCapture runs a proxy, an app server and a remote server, makes connections that
+// exercise capture both ways and the bypasses, and requires for each what policy.Decide (the
+// reference model the parity suite holds both backends to) says for cfg: which listener
+// accepts, and the original destination the proxy reads.
+func checkCapture(t *testing.T, k *k8sPod, cfg *policy.Config) {
+	t.Helper()
+	proxy := k.container(t)
+	proxy.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Mode: "report", UID: proxyUID, GID: proxyUID,
+		Listen: []netip.AddrPort{netip.AddrPortFrom(anyAddr, cfg.ProxyPort), netip.AddrPortFrom(anyAddr, cfg.InboundCapturePort)}})
+	app := k.container(t)
+	app.Server(t, "app", netip.AddrPortFrom(anyAddr, 15021), appUID, appUID)
+	k.Net.Server(t, "remote", netip.AddrPortFrom(anyAddr, 80))
+
+	remote := netip.AddrPortFrom(k.Net.Addrs[0], 80)
+	probes := []probe{
+		{"app to a remote service", "app", remote},
+		{"the proxy to a remote service", "proxy", remote},
+		{"inbound to the app's port 8080", "remote", netip.AddrPortFrom(k.Addr, 8080)},
+		{"inbound to the excluded port 15021", "remote", netip.AddrPortFrom(k.Addr, 15021)},
+	}
+	for _, p := range probes {
+		conn := policy.Conn{Direction: policy.Outbound, UID: appUID, GID: appUID, Dst: p.dst}
+		var res testpod.Result
+		switch p.from {
+		case "app":
+			res = app.Dial(t, appUID, appUID, testpod.Target{Dst: p.dst})[0]
+		case "proxy":
+			conn.UID, conn.GID = proxyUID, proxyUID
+			res = proxy.Dial(t, proxyUID, proxyUID, testpod.Target{Dst: p.dst})[0]
+		case "remote":
+			conn = policy.Conn{Direction: policy.Inbound, Dst: p.dst, DstLocal: true}
+			res = k.Net.Dial(t, testpod.Target{Dst: p.dst})[0]
+		}
+		v := cfg.Decide(conn)
+		want := "answered by " + map[netip.AddrPort]string{remote: "remote", netip.AddrPortFrom(k.Addr, 15021): "app"}[p.dst]
+		if v.Action != policy.Pass {
+			want = fmt.Sprintf("proxy via 0.0.0.0:%d read %s", v.Port, p.dst)
+		}
+		got := res.Err
+		if len(res.Hops) == 1 {
+			h := res.Hops[0]
+			got = "answered by " + h.Who
+			if h.Listener != "" {
+				got = fmt.Sprintf("%s via %s read %s", h.Who, h.Listener, h.Orig)
+			}
+		}
+		if got != want {
+			t.Errorf("%s (%s): %s; the model says %s (%s)", p.name, p.dst, got, want, v)
+		}
+	}
+}
+
+// istioRules returns the ISTIO_ lines iptables-save (nft and legacy) shows in a netns.
+func istioRules(t *testing.T, netns string) string {
+	t.Helper()
+	var lines []string
+	for _, save := range []string{"iptables-nft-save", "iptables-legacy-save"} {
+		path, err := exec.LookPath(save)
+		if err != nil {
+			continue
+		}
+		out, err := nsexec.CombinedOutput(netns, exec.Command(path))
+		if err != nil {
+			t.Fatalf("%s: %v\n%s", save, err, out)
+		}
+		sc := bufio.NewScanner(strings.NewReader(string(out)))
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "ISTIO_") {
+				lines = append(lines, sc.Text())
+			}
+		}
+	}
+	return strings.Join(lines, "\n")
+}
+
+// cgroup2Mount finds the cgroup v2 mount from /proc/mounts.
+func cgroup2Mount(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 2 && f[2] == "cgroup2" {
+			return f[1]
+		}
+	}
+	t.Fatal("no cgroup2 mount")
+	return ""
+}
+
+func assertPinned(t *testing.T, opts loader.Options, id string) {
+	t.Helper()
+	for _, p := range loader.Plan(opts) {
+		if _, err := os.Stat(filepath.Join(loader.PinDir(opts, id), p.Pin)); err != nil {
+			t.Errorf("pin of %s: %v", p.Name, err)
+		}
+	}
+}
+
+// The injector's exact command line, invoked as istio-iptables (the image's link), in an
+// init container of a pod laid out by kubelet's cgroupfs driver: the pod's cgroup is found,
+// captured, and stays captured after the init container is gone.
+func TestInjectorCommandLine(t *testing.T) {
+	divert := image.Divert(t)
+	for _, c := range []struct {
+		layout layout
+		path   string
+		extra  func(t *testing.T) []string
+	}{
+		{cgroupfsLayout, filepath.Join(filepath.Dir(divert), "istio-iptables"), func(*testing.T) []string { return nil }},
+		// The systemd driver's names, through "divert istio-iptables", with the host's
+		// cgroup tree given as --cgroup-root (on a hybrid host: the tmpfs above "unified").
+		{systemdLayout, divert, func(t *testing.T) []string {
+			root := cgroup2Mount(t)
+			if filepath.Base(root) == "unified" {
+				root = filepath.Dir(root)
+			}
+			return []string{"--cgroup-root", root}
+		}},
+	} {
+		t.Run(c.layout.name, func(t *testing.T) {
+			k := newK8sPod(t, c.layout)
+			opts := divertest.BPFFS(t)
+			args := append(append([]string{}, injectorArgs...), "--bpffs", opts.BPFFS)
+			args = append(args, c.extra(t)...)
+			if c.path == divert {
+				args = append([]string{"istio-iptables"}, args...)
+			}
+			r := initContainer(t, k, nil, c.path, args...)
+			r.mustSucceed(t, "istio-iptables")
+			t.Cleanup(func() { loader.Detach(k.UID, opts) })
+			if !strings.Contains(r.stdout, "attached pod "+k.UID+" with eBPF: cgroup "+k.Dir+" ("+c.layout.name+" layout") {
+				t.Errorf("output should name the pod, its cgroup and the layout:\n%s", r.stdout)
+			}
+			if r.stderr != "" {
+				t.Errorf("stderr: %s", r.stderr)
+			}
+			if n := divertest.AttachedPrograms(t, k.view()); n != 4 {
+				t.Fatalf("%d programs on the pod's cgroup and netns, want 4", n)
+			}
+			assertPinned(t, opts, k.UID)
+			checkCapture(t, k, divertest.Config(t, injectorArgs...))
+		})
+	}
+}
+
+// The brief's plain layout: the init container's cgroup is a child of a cgroup that is not
+// named like a Kubernetes pod; its parent is captured only when asked to by --pod-id.
+func TestParentLayoutNeedsPodID(t *testing.T) {
+	divert := image.Divert(t)
+	pod := testpod.New(t)
+	k := &k8sPod{Pod: pod, Dir: pod.CgroupPath, layout: layout{"parent", nil, func(id string) string { return "ctr-" + id[:12] }, "init-ctr"}}
+	opts := divertest.BPFFS(t)
+	args := append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)
+
+	r := initContainer(t, k, nil, divert, args...)
+	if r.code == 0 || !strings.Contains(r.stderr, "--pod-id") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+		t.Fatalf("without --pod-id: want one line naming --pod-id, got exit %d, stderr %q", r.code, r.stderr)
+	}
+	divertest.AssertNothingAttached(t, pod, opts)
+
+	r = initContainer(t, k, nil, divert, append(args, "--pod-id", pod.Name)...)
+	r.mustSucceed(t, "istio-iptables --pod-id")
+	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
+	if n := divertest.AttachedPrograms(t, pod); n != 4 {
+		t.Fatalf("%d programs on the pod, want 4", n)
+	}
+	checkCapture(t, k, divertest.Config(t, injectorArgs...))
+}
+
+// Auto mode on a kernel "without" eBPF (the test hook fails the probe): one line on stderr
+// says why, istio's iptables rules go into the pod's netns, and capture behaves the same.
+// --run-validation then checks it from inside, as root switching one thread to uid 1337.
+func TestAutoFallsBackToIptables(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	args := append([]string{"istio-iptables", "--bpffs", opts.BPFFS, "--run-validation"}, injectorArgs...)
+	r := initContainer(t, k, []string{"DIVERT_TEST_FORCE_NO_EBPF=1"}, divert, args...)
+	r.mustSucceed(t, "istio-iptables with eBPF turned off")
+	if lines := strings.Split(strings.TrimSpace(r.stderr), "\n"); len(lines) != 1 || !strings.Contains(lines[0], "DIVERT_TEST_FORCE_NO_EBPF") || !strings.Contains(lines[0], "using iptables") {
+		t.Errorf("want one line on stderr with the reason, got %q", r.stderr)
+	}
+	if !strings.Contains(r.stdout, "iptables rules applied") || !strings.Contains(r.stdout, "validation passed") {
+		t.Errorf("stdout: %s", r.stdout)
+	}
+	divertest.AssertNothingAttached(t, k.view(), opts)
+	rules := istioRules(t, k.NetNSPath)
+	if !strings.Contains(rules, "-A ISTIO_OUTPUT") || !strings.Contains(rules, "-A PREROUTING -p tcp -j ISTIO_INBOUND") {
+		t.Fatalf("istio's rules are not in the pod's netns:\n%s", rules)
+	}
+	checkCapture(t, k, divertest.Config(t, injectorArgs...))
+
+	// --cleanup-only takes them out again.
+	r = initContainer(t, k, nil, divert, "istio-iptables", "--cleanup-only", "--bpffs", opts.BPFFS)
+	r.mustSucceed(t, "--cleanup-only")
+	if rules := istioRules(t, k.NetNSPath); rules != "" {
+		t.Errorf("rules left after --cleanup-only:\n%s", rules)
+	}
+}
+
+// --mode ebpf does not fall back: it fails with the probe's reason and changes nothing.
+func TestModeEBPFFailsWithReason(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	r := initContainer(t, k, []string{"DIVERT_TEST_FORCE_NO_EBPF=1"}, divert,
+		append([]string{"istio-iptables", "--mode", "ebpf", "--bpffs", opts.BPFFS}, injectorArgs...)...)
+	if r.code != 1 || !strings.Contains(r.stderr, "--mode ebpf") || !strings.Contains(r.stderr, "DIVERT_TEST_FORCE_NO_EBPF") ||
+		strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+		t.Fatalf("want exit 1 and one line with the reason, got %d %q", r.code, r.stderr)
+	}
+	divertest.AssertNothingAttached(t, k.view(), opts)
+	if rules := istioRules(t, k.NetNSPath); rules != "" {
+		t.Errorf("iptables rules installed:\n%s", rules)
+	}
+}
+
+// -n prints the plan (eBPF) or the rules (iptables) and changes nothing.
+func TestDryRun(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	args := append([]string{"istio-iptables", "-n", "--bpffs", opts.BPFFS}, injectorArgs...)
+
+	r := initContainer(t, k, nil, divert, args...)
+	r.mustSucceed(t, "dry run")
+	for _, want := range []string{"backend: ebpf", "would attach divert_connect4 (CGroupInet4Connect) to cgroup " + k.Dir,
+		"pinned as " + filepath.Join(loader.PinDir(opts, k.UID), "link_connect4")} {
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("dry run lacks %q:\n%s", want, r.stdout)
+		}
+	}
+	r = initContainer(t, k, []string{"DIVERT_TEST_FORCE_NO_EBPF=1"}, divert, args...)
+	r.mustSucceed(t, "dry run, iptables")
+	if !strings.Contains(r.stdout, "-A ISTIO_OUTPUT -j ISTIO_REDIRECT") {
+		t.Errorf("iptables dry run should print the rules:\n%s", r.stdout)
+	}
+	divertest.AssertNothingAttached(t, k.view(), opts)
+	if rules := istioRules(t, k.NetNSPath); rules != "" {
+		t.Errorf("a dry run installed rules:\n%s", rules)
+	}
+}
+
+// --cleanup-only removes an eBPF attachment made by an earlier init container.
+func TestCleanupOnlyEBPF(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	initContainer(t, k, nil, divert, append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)...).mustSucceed(t, "attach")
+	if n := divertest.AttachedPrograms(t, k.view()); n != 4 {
+		t.Fatalf("%d programs attached, want 4", n)
+	}
+	r := initContainer(t, k, nil, divert, "istio-iptables", "--cleanup-only", "--bpffs", opts.BPFFS)
+	r.mustSucceed(t, "--cleanup-only")
+	if !strings.Contains(r.stdout, "detached pod "+k.UID) {
+		t.Errorf("stdout: %s", r.stdout)
+	}
+	divertest.AssertNothingAttached(t, k.view(), opts)
+}
+
+// Settings divert does not implement are refused by the binary too, naming them, whether
+// they come as flags or as the environment variables istio reads.
+func TestRefusedSettings(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	for _, c := range []struct {
+		env  []string
+		args []string
+		want string
+	}{
+		{nil, []string{"--redirect-dns"}, "--redirect-dns"},
+		{[]string{"ISTIO_META_DNS_CAPTURE=true"}, nil, "$ISTIO_META_DNS_CAPTURE"},
+		{nil, []string{"-k", "eth1"}, "--kube-virt-interfaces"},
+	} {
+		args := append(append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...), c.args...)
+		r := initContainer(t, k, c.env, divert, args...)
+		if r.code != 1 || !strings.Contains(r.stderr, c.want) || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+			t.Errorf("%v %v: want exit 1 and one line naming %s, got %d %q", c.env, c.args, c.want, r.code, r.stderr)
+		}
+	}
+	divertest.AssertNothingAttached(t, k.view(), opts)
+}
+
+// divert validate (istio-validation's job) passes on a captured pod: as uid 1337 like
+// istio's validation container, with istio-validation's own command line, and as root with
+// an outbound check too; it fails with a diagnosis and exit 126 where nothing captures.
+func TestValidate(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	initContainer(t, k, nil, divert, append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)...).mustSucceed(t, "attach")
+	t.Cleanup(func() { loader.Detach(k.UID, opts) })
+
+	r := run(t, k.container(t), proxyUID, proxyUID, nil, divert, "validate")
+	r.mustSucceed(t, "validate as uid 1337")
+	if !strings.Contains(r.stdout, "ok: 127.0.0.6:15002 as uid 1337 (the proxy): captured to the inbound port 15006, SO_ORIGINAL_DST reads 127.0.0.6:15002") {
+		t.Errorf("stdout: %s", r.stdout)
+	}
+	istioValidation := append(append([]string{"istio-iptables"}, injectorArgs...), "--log_output_level=default:info", "--run-validation", "--skip-rule-apply")
+	run(t, k.container(t), proxyUID, proxyUID, nil, divert, istioValidation...).mustSucceed(t, "istio-validation's command line")
+
+	remote := netip.AddrPortFrom(k.Net.Addrs[0], 80)
+	r = run(t, k.container(t), 0, 0, nil, divert, "validate", "--outbound", remote.String())
+	r.mustSucceed(t, "validate as root with --outbound")
+	if !strings.Contains(r.stdout, "ok: "+remote.String()+" as uid 65534 (an application): captured to the outbound port 15001") {
+		t.Errorf("stdout: %s", r.stdout)
+	}
+
+	bare := newK8sPod(t, cgroupfsLayout)
+	r = run(t, bare.container(t), proxyUID, proxyUID, nil, divert, "validate", "--probe-timeout", "1s")
+	if r.code != 126 || !strings.Contains(r.stdout, "FAIL: 127.0.0.6:15002") || !strings.Contains(r.stderr, "not captured: connection refused") {
+		t.Fatalf("an uncaptured pod: want exit 126 and a diagnosis, got %d\nstdout: %s\nstderr: %s", r.code, r.stdout, r.stderr)
+	}
+}
+
+// What happens when the pod goes away. The kernel detaches the cgroup links with the pod's
+// cgroup (their info then says cgroup 0); the pins stay until divert gc removes them.
+func TestPodGoneThenGC(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	initContainer(t, k, nil, divert, append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)...).mustSucceed(t, "attach")
+	t.Cleanup(func() { loader.Detach(k.UID, opts) })
+
+	app := k.container(t)
+	proxy := app.Proxy(t, "proxy", netip.AddrPortFrom(anyAddr, 15001), "report", proxyUID, proxyUID)
+	dst := netip.AddrPortFrom(k.Net.Addrs[0], 80)
+	if res := app.Dial(t, appUID, appUID, testpod.Target{Dst: dst})[0]; len(res.Hops) != 1 || res.Hops[0].Orig != dst.String() {
+		t.Fatalf("not captured: %+v", res)
+	}
+	if gone, err := loader.Defunct(k.UID, opts); err != nil || len(gone) != 0 {
+		t.Fatalf("a live pod is not defunct: %v %v", gone, err)
+	}
+
+	// The pod ends: its processes exit and kubelet removes its cgroups.
+	proxy.Stop()
+	rmdirCgroup(t, app.CgroupPath)
+	for d := k.Dir; d != k.Pod.CgroupPath; d = filepath.Dir(d) {
+		rmdirCgroup(t, d)
+	}
+	var gone []string
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		var err error
+		if gone, err = loader.Defunct(k.UID, opts); err != nil {
+			t.Fatal(err)
+		}
+		if len(gone) == 3 {
+			break
+		}
+	}
+	if strings.Join(gone, ",") != "divert_getsockopt,divert_sockops,divert_connect4" {
+		t.Fatalf("after the pod's cgroup went, the kernel should have detached the three cgroup links, got %v", gone)
+	}
+	st, err := loader.Status(k.UID, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range st.Programs {
+		if (p.Name == "divert_sk_lookup") != (p.CgroupID == 0 && p.NetNSIno != 0) {
+			t.Errorf("%s: cgroup %d netns %d; cgroup links should report cgroup 0, sk_lookup its live netns", p.Name, p.CgroupID, p.NetNSIno)
+		}
+	}
+	assertPinned(t, opts, k.UID) // nothing removed them: that is gc's job
+
+	out, err := exec.Command(divert, "gc", "--bpffs", opts.BPFFS, "-n").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "would remove "+k.UID) {
+		t.Fatalf("gc -n: %v\n%s", err, out)
+	}
+	out, err = exec.Command(divert, "gc", "--bpffs", opts.BPFFS).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "removed "+k.UID) {
+		t.Fatalf("gc: %v\n%s", err, out)
+	}
+	divertest.AssertNothingAttached(t, k.Pod, opts) // the sk_lookup link was detached by gc
+	if out, err = exec.Command(divert, "gc", "--bpffs", opts.BPFFS).CombinedOutput(); err != nil || !strings.Contains(string(out), "nothing to remove") {
+		t.Errorf("second gc: %v\n%s", err, out)
+	}
+}
+
+// An init container in a cgroup namespace sees "0::/" in /proc/self/cgroup and its own
+// cgroup at the top of its /sys/fs/cgroup. The pod is then found by the inode of that
+// cgroup in the host's tree, mounted elsewhere and given as --cgroup-root.
+func TestCgroupNamespace(t *testing.T) {
+	divert := image.Divert(t)
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Fatalf("unshare (util-linux) is required: %v", err)
+	}
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	// Mounted only inside the init container's private mount namespace: the host's tree
+	// (as a hostPath volume would show it) and the namespace's own view of cgroup2 (as the
+	// runtime mounts a container's /sys/fs/cgroup; the kernel refuses to mount it over the
+	// host's mount of the same file system, so it goes beside it).
+	host, view := t.TempDir(), t.TempDir()
+	script := fmt.Sprintf(`mount --bind %s %s && mount -t cgroup2 cgroup2 %s && grep -q '^0::/$' /proc/self/cgroup && "$0" "$@" --cgroup-root %s`,
+		cgroup2Mount(t), host, view, host)
+	c := k.container(t)
+	r := runWrapped(t, c, 0, 0, []string{unshare, "--cgroup", "--mount", "--propagation", "private"}, script, divert,
+		append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)...)
+	r.mustSucceed(t, "istio-iptables in a cgroup namespace")
+	t.Cleanup(func() { loader.Detach(k.UID, opts) })
+	rmdirCgroup(t, c.CgroupPath)
+	if !strings.Contains(r.stdout, "attached pod "+k.UID) {
+		t.Errorf("stdout: %s", r.stdout)
+	}
+	if n := divertest.AttachedPrograms(t, k.view()); n != 4 {
+		t.Fatalf("%d programs on the pod's cgroup and netns, want 4", n)
+	}
+	checkCapture(t, k, divertest.Config(t, injectorArgs...))
+}
