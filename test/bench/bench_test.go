@@ -32,7 +32,7 @@ var (
 	flagOut    = flag.String("bench.out", "bench-out", "directory for results.json, results.md and the plots")
 	flagDocs   = flag.String("bench.docs", "", "if set, the docs directory: write benchmarks.md and the plots there too")
 	flagQuick  = flag.Bool("bench.quick", false, "smoke run: fewer rounds, shorter runs, smaller sweeps (CI)")
-	flagRounds = flag.Int("bench.rounds", 0, "rounds per benchmark (0: 7, or 3 with -bench.quick)")
+	flagRounds = flag.Int("bench.rounds", 0, "rounds per benchmark (0: 9, or 3 with -bench.quick)")
 	flagCmd    = flag.String("bench.cmd", "", "the command to record in the report (default: make bench [QUICK=1])")
 	flagOnly   = flag.String("bench.only", "", "comma-separated subset of B1,B2,B3,B4,B5 (for development)")
 	flagModes  = flag.String("bench.modes", "", "comma-separated subset of the modes (for development)")
@@ -50,12 +50,12 @@ const (
 	serverPort = 8080
 )
 
-// params returns the run's knobs. The full run takes about ten minutes on 2 cores; the quick
+// params returns the run's knobs. The full run takes about seven minutes on 2 cores; the quick
 // one under two.
 func params() Params {
 	p := Params{
-		Rounds: 7, B1Conns: 1000, B1Warmup: 100,
-		B2Clients: 2, B2Duration: 3 * time.Second,
+		Rounds: 9, B1Conns: 1000, B1Warmup: 100,
+		B2Clients: 2, B2Duration: 2 * time.Second,
 		B3Requests: 5000, B3Warmup: 500, B3BulkBytes: 256 << 20,
 		B4Ns: []int{0, 10, 100, 1000, 10000}, B4Conns: 300, B4Warmup: 50,
 		B5Pods:  []int{1, 10, 100},

@@ -41,10 +41,13 @@ func TestRatioPairsRounds(t *testing.T) {
 	if math.Abs(got.Median-0.9) > 1e-9 || math.Abs(got.Max-0.9) > 1e-9 {
 		t.Errorf("ratio = %+v, want 0.9 in every round", got)
 	}
-	if v := verdict(got, true); v != "eBPF better in every round" {
+	if v := verdict(r.Ratios(B1, P50, 0, EBPF, NFT), true, NFT); v != "eBPF better than iptables-nft in all 3 rounds" {
 		t.Errorf("verdict = %q", v)
 	}
-	if v := verdict(Summary{N: 3, Median: 1, Min: 0.9, Max: 1.1}, true); v != "within round-to-round noise" {
+	if v := verdict([]float64{0.9, 1.1, 0.8}, true, NFT); v != "eBPF better than iptables-nft in 2 of 3 rounds" {
+		t.Errorf("verdict = %q", v)
+	}
+	if v := verdict([]float64{0.9, 1.1, 0.8}, false, Explicit); v != "eBPF better than explicit in 1 of 3 rounds" {
 		t.Errorf("verdict = %q", v)
 	}
 }

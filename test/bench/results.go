@@ -170,6 +170,11 @@ func (r *Results) byRound(bench, metric string, param int, mode Mode) map[int]fl
 // Ratio summarises a/b computed round by round (the modes of a round ran back to back, so
 // pairing by round cancels most of the machine's drift).
 func (r *Results) Ratio(bench, metric string, param int, a, b Mode) Summary {
+	return Summarize(r.Ratios(bench, metric, param, a, b))
+}
+
+// Ratios returns a/b for every round that has both.
+func (r *Results) Ratios(bench, metric string, param int, a, b Mode) []float64 {
 	ra, rb := r.byRound(bench, metric, param, a), r.byRound(bench, metric, param, b)
 	var ratios []float64
 	for k, va := range ra {
@@ -177,7 +182,7 @@ func (r *Results) Ratio(bench, metric string, param int, a, b Mode) Summary {
 			ratios = append(ratios, va/vb)
 		}
 	}
-	return Summarize(ratios)
+	return ratios
 }
 
 // Failed returns the failure of a mode for a benchmark and parameter, if any.
