@@ -1,0 +1,244 @@
+// Command init is PID 1 of a vmtests guest: it prepares a minimal system, runs each test
+// binary of the Plan with a timeout, reports one result line per binary on the second serial
+// port and powers the machine off. Anything that goes wrong here ends in a missing result
+// line (a panic of PID 1 panics the kernel, and qemu runs with -no-reboot), which the host
+// counts as a failure.
+//
+// The same binary is installed as /sbin/modprobe: the kernel calls that to autoload a module
+// we did not preload, and we log the request so a missing module shows up by name.
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/vmtests"
+)
+
+func main() {
+	if filepath.Base(os.Args[0]) == "modprobe" {
+		// Mounting bpffs always asks for bpf_preload, which Debian does not build.
+		if slices.Contains(os.Args, "bpf_preload") {
+			os.Exit(1)
+		}
+		// Called by the kernel's request_module with no stdio; /dev/kmsg reaches the console.
+		if f, err := os.OpenFile("/dev/kmsg", os.O_WRONLY, 0); err == nil {
+			// <3>: KERN_ERR, so that it shows on a "quiet" console.
+			fmt.Fprintf(f, "<3>vmtest: modprobe %s: module not preloaded (add it to vmtests' module list)\n", strings.Join(os.Args[1:], " "))
+		}
+		os.Exit(1)
+	}
+	if os.Getpid() != 1 {
+		fmt.Fprintln(os.Stderr, "vmtests init: must run as PID 1 in a vmtests guest")
+		os.Exit(2)
+	}
+	run()
+	unix.Sync()
+	// Power off; should it fail, returning from PID 1 panics the kernel, and with panic=-1
+	// and qemu's -no-reboot that also ends the VM.
+	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
+}
+
+// run does everything; it logs and returns on errors so that main always powers off.
+func run() {
+	mountAll()
+	// The kernel opened /dev/console for us only if the initramfs has the node; reopen it
+	// from devtmpfs so stdio works either way.
+	if con, err := os.OpenFile("/dev/console", os.O_RDWR, 0); err == nil {
+		for fd := 0; fd < 3; fd++ {
+			_ = unix.Dup3(int(con.Fd()), fd, 0)
+		}
+	}
+	res, err := os.OpenFile(vmtests.ResultsTTY, os.O_WRONLY|unix.O_NOCTTY, 0)
+	if err != nil {
+		logf("open %s: %v (no results will reach the host)", vmtests.ResultsTTY, err)
+		return
+	}
+	var plan vmtests.Plan
+	b, err := os.ReadFile(vmtests.PlanPath)
+	if err == nil {
+		err = json.Unmarshal(b, &plan)
+	}
+	if err != nil {
+		logf("read plan: %v", err)
+		return
+	}
+	report := func(key string, fields ...string) {
+		line := strings.Join(append([]string{key, plan.Token}, fields...), " ")
+		fmt.Fprintf(res, "%s\n", line)
+		fmt.Fprintf(os.Stdout, "\n%s\n", line) // leading newline: test output may lack one
+	}
+
+	var uts unix.Utsname
+	_ = unix.Uname(&uts)
+	report(vmtests.KeyKernel, unix.ByteSliceToString(uts.Release[:]))
+	if err := loUp(); err != nil {
+		logf("bring up lo: %v", err)
+	}
+	// The kernel's module autoload requests go to our logging modprobe (see main); /sbin/modprobe
+	// is the default, but say it.
+	_ = os.WriteFile("/proc/sys/kernel/modprobe", []byte("/sbin/modprobe\n"), 0)
+	for _, m := range loadModules() {
+		report(vmtests.KeyModule, m)
+	}
+
+	for _, p := range plan.Packages {
+		outcome, secs := runTest(plan, p)
+		report(vmtests.KeyResult, p.Path, outcome, strconv.FormatFloat(secs, 'f', 1, 64))
+	}
+	report(vmtests.KeyDone)
+}
+
+// mountAll mounts what the suites use. The cgroup2 mount point matters: test/testpod finds
+// it in /proc/mounts, and divert needs a v2 hierarchy for its cgroup programs.
+func mountAll() {
+	const nosuid, nodev = unix.MS_NOSUID, unix.MS_NODEV
+	for _, m := range []struct {
+		src, dst, fstype string
+		flags            uintptr
+		data             string
+	}{
+		{"proc", "/proc", "proc", nosuid | nodev, ""},
+		{"sysfs", "/sys", "sysfs", nosuid | nodev, ""},
+		{"devtmpfs", "/dev", "devtmpfs", nosuid, "mode=0755"},
+		{"tmpfs", "/dev/shm", "tmpfs", nosuid | nodev, "mode=1777"},
+		{"tmpfs", "/tmp", "tmpfs", nosuid | nodev, "mode=1777"},
+		{"tmpfs", "/run", "tmpfs", nosuid | nodev, "mode=0755"},
+		{"cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid | nodev, ""},
+		{"bpf", "/sys/fs/bpf", "bpf", nosuid | nodev, "mode=0700"},
+	} {
+		_ = os.MkdirAll(m.dst, 0o755)
+		if err := unix.Mount(m.src, m.dst, m.fstype, m.flags, m.data); err != nil {
+			logf("mount %s on %s: %v", m.fstype, m.dst, err)
+		}
+	}
+}
+
+// loUp sets lo up in the initial netns, as any real system has it.
+func loUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return err
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	return unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
+}
+
+// loadModules loads ModuleDir's modules in file-name order (the host numbered them so that
+// dependencies come first) and returns "<name> <error>" for each that failed.
+func loadModules() []string {
+	names, _ := filepath.Glob(filepath.Join(vmtests.ModuleDir, "*.ko"))
+	sort.Strings(names)
+	var failed []string
+	for _, n := range names {
+		f, err := os.Open(n)
+		if err == nil {
+			err = unix.FinitModule(int(f.Fd()), "", 0)
+			f.Close()
+		}
+		if err != nil && err != unix.EEXIST {
+			mod := strings.TrimSuffix(filepath.Base(n), ".ko")
+			if _, after, ok := strings.Cut(mod, "-"); ok {
+				mod = after
+			}
+			failed = append(failed, fmt.Sprintf("%s %s", mod, strings.ReplaceAll(err.Error(), " ", "_")))
+		}
+	}
+	return failed
+}
+
+// runTest runs one test binary to completion or timeout and returns its outcome. Every
+// other process is killed afterwards, so nothing a package left behind meets the next.
+func runTest(plan vmtests.Plan, p vmtests.Package) (string, float64) {
+	timeout := time.Duration(plan.TimeoutSec) * time.Second
+	args := []string{filepath.Join(vmtests.BinDir, p.Name+".test"), "-test.v", "-test.count=1",
+		"-test.timeout=" + timeout.String()}
+	if plan.Run != "" {
+		args = append(args, "-test.run="+plan.Run)
+	}
+	if plan.Skip != "" {
+		args = append(args, "-test.skip="+plan.Skip)
+	}
+	dir := filepath.Join(vmtests.SrcDir, p.Dir)
+	_ = os.MkdirAll(dir, 0o755)
+	fmt.Printf("\n=== VMTEST %s: %s\n", p.Path, strings.Join(args, " "))
+	start := time.Now()
+	pid, err := syscall.ForkExec(args[0], args, &syscall.ProcAttr{
+		Dir:   dir,
+		Env:   []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "TMPDIR=/tmp"},
+		Files: []uintptr{0, 1, 2},
+		Sys:   &syscall.SysProcAttr{Setpgid: true},
+	})
+	if err != nil {
+		logf("start %s: %v", args[0], err)
+		return vmtests.Fail, 0
+	}
+	// Our own timer backs up -test.timeout, which a wedged binary may never honour.
+	var killed bool
+	hard := time.AfterFunc(timeout+time.Duration(plan.GraceSec)*time.Second, func() {
+		killed = true
+		logf("%s: no exit %ds after -test.timeout; killing it", p.Path, plan.GraceSec)
+		_ = unix.Kill(-pid, unix.SIGKILL)
+	})
+	ws := waitFor(pid)
+	hard.Stop()
+	secs := time.Since(start).Seconds()
+	killAll()
+
+	switch {
+	case killed || (!ws.Exited() || ws.ExitStatus() != 0) && time.Since(start) >= timeout:
+		return vmtests.Timeout, secs
+	case ws.Exited() && ws.ExitStatus() == 0:
+		return vmtests.Pass, secs
+	}
+	return vmtests.Fail, secs
+}
+
+// waitFor reaps children (PID 1 inherits every orphan) until pid has exited.
+func waitFor(pid int) unix.WaitStatus {
+	for {
+		var ws unix.WaitStatus
+		got, err := unix.Wait4(-1, &ws, 0, nil)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil || got == pid {
+			return ws
+		}
+	}
+}
+
+// killAll kills every process but PID 1 and reaps them.
+func killAll() {
+	_ = unix.Kill(-1, unix.SIGKILL)
+	for {
+		var ws unix.WaitStatus
+		if _, err := unix.Wait4(-1, &ws, 0, nil); err == unix.ECHILD {
+			return
+		} else if err != nil && err != unix.EINTR {
+			return
+		}
+	}
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "\nvmtest init: "+format+"\n", args...)
+}

@@ -1,0 +1,179 @@
+package vmtests
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// PackageResult is one test binary's outcome in one guest.
+type PackageResult struct {
+	Package string
+	Outcome string // Pass, Fail or Timeout
+	Seconds float64
+	Reason  string // for failures: failing tests, or why there is no result
+}
+
+// GuestResult is what one boot produced.
+type GuestResult struct {
+	Release  string // uname -r reported by the guest; empty if it never got that far
+	Packages []PackageResult
+	Done     bool     // the init reported it finished
+	Problems []string // things that fail the run besides packages: no DONE line, a panic, ...
+	Notes    []string // worth reading, not failures by themselves: modules that did not load
+}
+
+// OK reports whether every package passed and the guest finished.
+func (g GuestResult) OK() bool {
+	if !g.Done || len(g.Problems) > 0 {
+		return false
+	}
+	for _, p := range g.Packages {
+		if p.Outcome != Pass {
+			return false
+		}
+	}
+	return true
+}
+
+// ParseGuest turns the results port's lines and the console log into a GuestResult. Only
+// lines carrying token count. Every package in pkgs gets a result: one the guest did not
+// report is a TIMEOUT if the host had to kill the VM, else a FAIL. Nothing here defaults to
+// a pass.
+func ParseGuest(token string, pkgs []Package, results, console string, hostTimedOut bool) GuestResult {
+	var g GuestResult
+	got := map[string]PackageResult{}
+	for _, line := range strings.Split(results, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || f[1] != token {
+			continue
+		}
+		switch {
+		case f[0] == KeyKernel && len(f) == 3:
+			g.Release = f[2]
+		case f[0] == KeyModule && len(f) >= 3:
+			g.Notes = append(g.Notes, "module "+strings.Join(f[2:], " ")+" did not load")
+		case f[0] == KeyResult && len(f) == 5:
+			secs, err := strconv.ParseFloat(f[4], 64)
+			if err != nil || (f[3] != Pass && f[3] != Fail && f[3] != Timeout) {
+				continue
+			}
+			got[f[2]] = PackageResult{Package: f[2], Outcome: f[3], Seconds: secs}
+		case f[0] == KeyDone && len(f) == 2:
+			g.Done = true
+		}
+	}
+
+	sections := consoleSections(console)
+	for _, p := range pkgs {
+		r, ok := got[p.Path]
+		switch {
+		case ok && r.Outcome != Pass:
+			r.Reason = failReason(sections[p.Path])
+		case !ok && hostTimedOut:
+			r = PackageResult{Package: p.Path, Outcome: Timeout, Reason: "no result: the VM hit the host's hard timeout"}
+		case !ok:
+			r = PackageResult{Package: p.Path, Outcome: Fail, Reason: "no result line (guest crashed or stopped early; see the console log)"}
+		}
+		g.Packages = append(g.Packages, r)
+	}
+
+	if !g.Done {
+		g.Problems = append(g.Problems, "the guest did not report finishing")
+	}
+	if hostTimedOut {
+		g.Problems = append(g.Problems, "the host killed the VM at its hard timeout")
+	}
+	for _, l := range strings.Split(console, "\n") {
+		if i := strings.Index(l, "Kernel panic - not syncing"); i >= 0 {
+			g.Problems = append(g.Problems, strings.TrimSpace(l[i:]))
+			break
+		}
+	}
+	seen := map[string]int{}
+	var order []string
+	for _, l := range strings.Split(console, "\n") {
+		if _, after, ok := strings.Cut(l, "vmtest: modprobe "); ok {
+			req := "modprobe " + strings.TrimSpace(after)
+			if seen[req] == 0 {
+				order = append(order, req)
+			}
+			seen[req]++
+		}
+	}
+	for _, req := range order {
+		g.Notes = append(g.Notes, fmt.Sprintf("%s (%d times)", req, seen[req]))
+	}
+	return g
+}
+
+// consoleSections splits the console log at the init's "=== VMTEST <package>:" lines.
+func consoleSections(console string) map[string]string {
+	m := map[string]string{}
+	cur := ""
+	var b strings.Builder
+	flush := func() {
+		if cur != "" {
+			m[cur] = b.String()
+		}
+		b.Reset()
+	}
+	for _, l := range strings.Split(strings.ReplaceAll(console, "\r", ""), "\n") {
+		if rest, ok := strings.CutPrefix(l, "=== VMTEST "); ok {
+			flush()
+			cur, _, _ = strings.Cut(rest, ":")
+			continue
+		}
+		b.WriteString(l)
+		b.WriteByte('\n')
+	}
+	flush()
+	return m
+}
+
+// failReason names the failed top-level tests of a package's console output, or the panic.
+func failReason(out string) string {
+	var failed []string
+	for _, l := range strings.Split(out, "\n") {
+		if name, ok := strings.CutPrefix(l, "--- FAIL: "); ok {
+			name, _, _ = strings.Cut(name, " ")
+			failed = append(failed, name)
+		}
+		if strings.HasPrefix(l, "panic: test timed out") {
+			return strings.TrimSpace(l)
+		}
+	}
+	if len(failed) > 0 {
+		return "failed: " + strings.Join(failed, ", ")
+	}
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "panic: ") || strings.HasPrefix(l, "fatal error: ") {
+			return strings.TrimSpace(l)
+		}
+	}
+	return "no failing test named in the output; see the console log"
+}
+
+// Table formats results as a fixed-width text table, one row per kernel and package.
+func Table(rows [][]string) string {
+	widths := make([]int, len(rows[0]))
+	for _, r := range rows {
+		for i, c := range r {
+			if i < len(r)-1 && len(c) > widths[i] {
+				widths[i] = len(c)
+			}
+		}
+	}
+	var b strings.Builder
+	for _, r := range rows {
+		for i, c := range r {
+			if i < len(r)-1 {
+				fmt.Fprintf(&b, "%-*s  ", widths[i], c)
+			} else {
+				b.WriteString(c)
+			}
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
+}

@@ -1,0 +1,137 @@
+package vmtests
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+var testPkgs = []Package{{Path: "./a"}, {Path: "./b"}, {Path: "./c"}}
+
+func outcomes(g GuestResult) string {
+	var s []string
+	for _, p := range g.Packages {
+		s = append(s, p.Package+"="+p.Outcome)
+	}
+	return strings.Join(s, " ")
+}
+
+// The host must never turn a missing, foreign or malformed line into a pass.
+func TestParseGuest(t *testing.T) {
+	const tok = "t0k"
+	for _, tc := range []struct {
+		name, results, console string
+		timedOut               bool
+		want                   string
+		ok                     bool
+	}{
+		{
+			name:    "all pass",
+			results: "VMTEST-KERNEL t0k 6.1.0\r\nVMTEST-RESULT t0k ./a PASS 1.0\r\nVMTEST-RESULT t0k ./b PASS 2\nVMTEST-RESULT t0k ./c PASS 0.1\nVMTEST-DONE t0k\n",
+			want:    "./a=PASS ./b=PASS ./c=PASS", ok: true,
+		},
+		{
+			name:    "no DONE line",
+			results: "VMTEST-RESULT t0k ./a PASS 1\nVMTEST-RESULT t0k ./b PASS 1\nVMTEST-RESULT t0k ./c PASS 1\n",
+			want:    "./a=PASS ./b=PASS ./c=PASS", ok: false,
+		},
+		{
+			name:    "crash after the first package",
+			results: "VMTEST-RESULT t0k ./a PASS 1\n",
+			console: "[ 3.1] Kernel panic - not syncing: Attempted to kill init!\n",
+			want:    "./a=PASS ./b=FAIL ./c=FAIL",
+		},
+		{
+			name:     "host timeout",
+			results:  "VMTEST-RESULT t0k ./a PASS 1\n",
+			timedOut: true,
+			want:     "./a=PASS ./b=TIMEOUT ./c=TIMEOUT",
+		},
+		{
+			name:    "wrong token or malformed lines are ignored",
+			results: "VMTEST-RESULT other ./a PASS 1\nVMTEST-RESULT t0k ./b PASSED 1\nVMTEST-RESULT t0k ./c PASS\nVMTEST-DONE t0k\n",
+			want:    "./a=FAIL ./b=FAIL ./c=FAIL",
+		},
+		{
+			name:    "failures and timeouts",
+			results: "VMTEST-RESULT t0k ./a FAIL 1\nVMTEST-RESULT t0k ./b TIMEOUT 600\nVMTEST-RESULT t0k ./c PASS 1\nVMTEST-DONE t0k\n",
+			want:    "./a=FAIL ./b=TIMEOUT ./c=PASS",
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g := ParseGuest(tok, testPkgs, tc.results, tc.console, tc.timedOut)
+			if got := outcomes(g); got != tc.want {
+				t.Errorf("outcomes %q, want %q", got, tc.want)
+			}
+			if g.OK() != tc.ok {
+				t.Errorf("OK() = %v, want %v (problems %q)", g.OK(), tc.ok, g.Problems)
+			}
+		})
+	}
+}
+
+func TestFailReason(t *testing.T) {
+	console := "=== VMTEST ./a: /vmtest/bin/a.test -test.v\n=== RUN   TestX\n--- FAIL: TestX (0.1s)\n    --- FAIL: TestX/sub (0.1s)\n--- PASS: TestY (0s)\n--- FAIL: TestZ (2s)\nFAIL\n" +
+		"=== VMTEST ./b: /vmtest/bin/b.test -test.v\npanic: test timed out after 10m0s\n"
+	g := ParseGuest("t", testPkgs[:2], "VMTEST-RESULT t ./a FAIL 1\nVMTEST-RESULT t ./b TIMEOUT 600\nVMTEST-DONE t\n", console, false)
+	if got, want := g.Packages[0].Reason, "failed: TestX, TestZ"; got != want {
+		t.Errorf("reason %q, want %q", got, want)
+	}
+	if got, want := g.Packages[1].Reason, "panic: test timed out after 10m0s"; got != want {
+		t.Errorf("reason %q, want %q", got, want)
+	}
+}
+
+func TestReadKernels(t *testing.T) {
+	ks, err := ReadKernels("kernels.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := map[string]bool{}
+	for _, k := range ks {
+		names[k.Name] = true
+	}
+	for _, n := range []string{"5.10", "6.1", "6.12"} {
+		if !names[n] {
+			t.Errorf("kernels.txt has no %s kernel", n)
+		}
+	}
+	bad := filepath.Join(t.TempDir(), "k.txt")
+	os.WriteFile(bad, []byte("6.1 bookworm linux-image-6.1.0-50-amd64\n"), 0o644)
+	if _, err := ReadKernels(bad); err == nil {
+		t.Error("a line without =version was accepted")
+	}
+}
+
+// The archive must be one the kernel can unpack; cpio(1), when installed, reads the same
+// format and is a convenient independent check.
+func TestInitramfsRoundTrip(t *testing.T) {
+	cpio, err := exec.LookPath("cpio")
+	if err != nil {
+		t.Skip("cpio not installed")
+	}
+	r := NewInitramfs()
+	r.Bytes("/a/b/file", []byte("hello"), 0o644)
+	r.Symlink("/a/link", "b/file")
+	r.Dir("/tmp", 0o777)
+	r.CharDev("/dev/console", 5, 1, 0o600)
+	var buf bytes.Buffer
+	if _, err := r.WriteTo(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if buf.Len()%4 != 0 {
+		t.Errorf("archive length %d is not 4-aligned", buf.Len())
+	}
+	cmd := exec.Command(cpio, "-it", "--quiet")
+	cmd.Stdin = &buf
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("cpio -t: %v: %s", err, out)
+	}
+	if got, want := strings.Fields(string(out)), []string{"a", "a/b", "a/b/file", "a/link", "tmp", "dev", "dev/console"}; strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("cpio lists %q, want %q", got, want)
+	}
+}
