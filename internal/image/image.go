@@ -152,7 +152,7 @@ func FindBuild(instrs []Instruction) (BuildCommand, error) {
 // RepoRoot is the module root, found from this source file.
 func RepoRoot() string {
 	_, file, _, _ := runtime.Caller(0)
-	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", "..", ".."))
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
 }
 
 var (

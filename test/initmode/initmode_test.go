@@ -24,10 +24,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/internal/image"
 	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
-	"github.com/meshdivert/divert/test/internal/image"
 	"github.com/meshdivert/divert/test/testpod"
 )
 
