@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 
@@ -24,7 +25,12 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	e := env{stdout: os.Stdout, stderr: os.Stderr, getenv: os.Getenv}
-	if err := run(ctx, os.Args[1:], e); err != nil {
+	args := os.Args[1:]
+	// Invoked through a link named istio-iptables, divert is the drop-in for istio-init.
+	if filepath.Base(os.Args[0]) == "istio-iptables" {
+		args = append([]string{"istio-iptables"}, args...)
+	}
+	if err := run(ctx, args, e); err != nil {
 		// One line: the error names the flag and the fix.
 		fmt.Fprintln(os.Stderr, "divert: "+strings.ReplaceAll(err.Error(), "\n", " "))
 		os.Exit(1)
@@ -55,6 +61,7 @@ Policy flags are istio-iptables' flags (short and long) and environment variable
 	}
 	root.SetOut(e.stdout)
 	root.SetErr(e.stderr)
-	root.AddCommand(newAttachCmd(e), newDetachCmd(e), newStatusCmd(e), newExplainCmd(e), newIptablesCmd(e), newNodeCmd(e))
+	root.AddCommand(newAttachCmd(e), newDetachCmd(e), newStatusCmd(e), newExplainCmd(e), newIptablesCmd(e), newNodeCmd(e),
+		newIstioIptablesCmd(e), newValidateCmd(e), newGCCmd(e))
 	return root
 }
