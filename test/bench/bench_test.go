@@ -87,6 +87,15 @@ func BenchmarkDivert(b *testing.B) {
 		b.Fatalf("-bench.docs is for full runs: docs/benchmarks.md must not get quick or partial results")
 	}
 	r := &rig{b: b, p: params(), opts: divertest.BPFFS(b)}
+	// The kernel times BPF programs only while someone holds a stats fd. It adds a clock
+	// read per program run (tens of nanoseconds) for every BPF program on the machine,
+	// ours only in eBPF mode: the price of knowing what the capture programs cost.
+	if st, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME); err != nil {
+		r.logf("no BPF run time statistics: %v", err)
+	} else {
+		r.bpfStats = true
+		defer st.Close()
+	}
 	cmd := *flagCmd
 	if cmd == "" {
 		cmd = "make bench"
@@ -142,6 +151,8 @@ type rig struct {
 	p    Params
 	opts loader.Options // a private bpffs
 	res  *Results
+	// bpfStats: the kernel is collecting BPF program run times (BPF_ENABLE_STATS).
+	bpfStats bool
 }
 
 func (r *rig) logf(format string, args ...any) {
@@ -211,6 +222,8 @@ type modePod struct {
 	setup time.Duration  // eBPF attach or iptables apply
 	conns int            // connections the app completed
 	ctr0  uint64         // eBPF: the redirect counter after setup
+	// eBPF: program statistics before and after the last load run.
+	bpfBefore, bpfAfter progStats
 }
 
 // addPod makes a fresh pod for mode with policy cfg. A policy the mode cannot install is
@@ -278,7 +291,14 @@ func (r *rig) load(s *scope, mp *modePod, args ...string) LoadResult {
 	s.Helper()
 	full := append([]string{cmdLoad, "--dst", mp.dst.String(), "--proxied=" + strconv.FormatBool(mp.mode.Proxied()),
 		"--cgroups", mp.pod.CgroupPath + "," + mp.pod.Net.CgroupPath}, args...)
+	var before progStats
+	if mp.mode == EBPF && r.bpfStats {
+		before = r.progStats(s, mp)
+	}
 	out := mp.pod.Start(s, testpod.ProcSpec{UID: appUID, GID: appUID, Args: full}).Wait(s, 3*time.Minute)
+	if before != nil {
+		mp.bpfBefore, mp.bpfAfter = before, r.progStats(s, mp)
+	}
 	var res LoadResult
 	if err := json.Unmarshal([]byte(out), &res); err != nil {
 		s.Fatalf("%s: bench-load output %q: %v", mp.mode, out, err)
@@ -371,6 +391,9 @@ func (r *rig) connRound(s *scope, bench string, param int, mp *modePod, round, n
 	r.res.Add(bench, P90, param, mp.mode, round, q[1])
 	r.res.Add(bench, P99, param, mp.mode, round, q[2])
 	r.res.Add(bench, CPUConn, param, mp.mode, round, float64(res.CPUMicros)/float64(res.Count))
+	if mp.mode == EBPF {
+		r.recordBPF(bench, param, round, mp.bpfBefore, mp.bpfAfter, res.Conns)
+	}
 	return us
 }
 
@@ -410,6 +433,9 @@ func (r *rig) b2() {
 					"--duration", r.p.B2Duration.String())
 				r.res.Add(B2, ConnRate, 0, mp.mode, round, float64(res.Count)/res.Seconds)
 				r.res.Add(B2, CPUConn, 0, mp.mode, round, float64(res.CPUMicros)/float64(res.Count))
+				if mp.mode == EBPF {
+					r.recordBPF(B2, 0, round, mp.bpfBefore, mp.bpfAfter, res.Conns)
+				}
 			}
 			r.check(rs, pods)
 		}()
@@ -674,21 +700,79 @@ func sum(m map[string]int64) int64 {
 }
 
 func linkProgMemlock(pin string) (int64, error) {
+	var n int64
+	err := linkProgram(pin, func(p *ebpf.Program) (err error) {
+		n, err = fdMemlock(p.FD())
+		return err
+	})
+	return n, err
+}
+
+// linkProgram calls fn with the program a pinned link holds.
+func linkProgram(pin string, fn func(*ebpf.Program) error) error {
 	l, err := link.LoadPinnedLink(pin, nil)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	defer l.Close()
 	info, err := l.Info()
 	if err != nil {
-		return 0, err
+		return err
 	}
 	prog, err := ebpf.NewProgramFromID(info.Program)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	defer prog.Close()
-	return fdMemlock(prog.FD())
+	return fn(prog)
+}
+
+// progStats is the kernel's run time and run count of each program attached for a pod
+// (collected while BPF statistics are enabled), by link name.
+type progStats map[string]ebpf.ProgramStats
+
+func (r *rig) progStats(tb testing.TB, mp *modePod) progStats {
+	tb.Helper()
+	dir := loader.PinDir(r.opts, mp.pod.Name)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	st := progStats{}
+	for _, e := range entries {
+		name, ok := strings.CutPrefix(e.Name(), "link_")
+		if !ok {
+			continue
+		}
+		err := linkProgram(filepath.Join(dir, e.Name()), func(p *ebpf.Program) error {
+			s, err := p.Stats()
+			if err == nil {
+				st[name] = *s
+			}
+			return err
+		})
+		if err != nil {
+			tb.Fatalf("stats of %s: %v", e.Name(), err)
+		}
+	}
+	return st
+}
+
+// recordBPF records the eBPF programs' own run time per connection between two readings.
+func (r *rig) recordBPF(bench string, param, round int, before, after progStats, conns int) {
+	if !r.bpfStats || conns == 0 {
+		return
+	}
+	var total time.Duration
+	var runs uint64
+	for name, a := range after {
+		b := before[name]
+		total += a.Runtime - b.Runtime
+		runs += a.RunCount - b.RunCount
+		r.res.Add(bench, BPFProgNS+" "+name, param, EBPF, round, float64(a.Runtime-b.Runtime)/float64(conns))
+	}
+	r.res.Add(bench, BPFNS, param, EBPF, round, float64(total)/float64(conns))
+	r.res.Add(bench, BPFRuns, param, EBPF, round, float64(runs)/float64(conns))
 }
 
 // fdMemlock reads the "memlock:" line of a BPF object's fdinfo.

@@ -105,14 +105,17 @@ func Markdown(res *Results, prefix string) string {
 		w("Sequential connections: connect, %d-byte request, %d-byte response, close. %d measured connections per\n", p.MsgSize, p.MsgSize, p.B1Conns)
 		w("round after %d warm-up ones; each cell is the median over %d rounds of that round's percentile, with\n", p.B1Warmup, p.Rounds)
 		w("the lowest and highest round in brackets. Microseconds.\n\n")
-		table(&b, res, B1, 0, []string{P50, P90, P99, CPUConn}, modes)
+		table(&b, res, B1, 0, []string{P50, P90, P99, CPUConn, BPFNS, BPFRuns}, modes)
+		if line := bpfBreakdown(res, B1); line != "" {
+			w("%s\n\n", line)
+		}
 		w("![B1 latency distribution](%s%s)\n\n", prefix, plotB1)
 	}
 	if has(B2) {
 		w("## B2 connection rate\n\n")
 		w("%d clients in parallel, a new connection per request (same exchange as B1), for %s per round; completed\n", p.B2Clients, p.B2Duration)
 		w("connections per second. Higher is better, so a ratio above 1 favours eBPF.\n\n")
-		table(&b, res, B2, 0, []string{ConnRate, CPUConn}, modes)
+		table(&b, res, B2, 0, []string{ConnRate, CPUConn, BPFNS}, modes)
 	}
 	if has(B3) {
 		w("## B3 keep-alive connection\n\n")
@@ -125,7 +128,8 @@ func Markdown(res *Results, prefix string) string {
 		w("B1 (%d measured connections per round, %d warm-up) in pods whose policy also excludes N CIDRs (`-x`,\n", p.B4Conns, p.B4Warmup)
 		w("10.i.j.0/24) or N outbound ports (`-o`, 20000…), none of which matches the traffic. Median p50 in µs over\n")
 		w("%d rounds (lowest–highest round); direct and explicit ignore the policy and show the noise floor.\n", p.Rounds)
-		w("\"install\" is the time to attach (eBPF) or apply (iptables-restore) that policy in a fresh pod.\n\n")
+		w("\"install\" is the time to attach (eBPF) or apply (iptables-restore) that policy in a fresh pod;\n")
+		w("\"eBPF programs ns/conn\" is the kernel's timing of divert's programs (see B1).\n\n")
 		for _, kind := range []string{B4CIDRs, B4Ports} {
 			if has(kind) {
 				scaleTable(&b, res, kind)
@@ -183,6 +187,22 @@ func Markdown(res *Results, prefix string) string {
 	return b.String()
 }
 
+// bpfBreakdown says how the eBPF programs' run time per connection splits over programs.
+func bpfBreakdown(res *Results, bench string) string {
+	var parts []string
+	for _, prog := range []string{"connect4", "sockops", "getsockopt", "sk_lookup"} {
+		s := Summarize(res.Values(bench, BPFProgNS+" "+prog, 0, EBPF))
+		if s.N > 0 {
+			parts = append(parts, fmt.Sprintf("%s %s", prog, s))
+		}
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return "\"BPF programs ns/conn\" is the kernel's own account (BPF_ENABLE_STATS) of the time divert's programs ran,\n" +
+		"per connection of the app, the proxy's sockets included; by program, in ns: " + strings.Join(parts, ", ") + "."
+}
+
 func kib(n int64) string {
 	switch {
 	case n >= 10<<20:
@@ -220,8 +240,8 @@ func joinModes(modes []Mode) string {
 func scaleTable(b *strings.Builder, res *Results, kind string) {
 	title := map[string]string{B4CIDRs: "Excluded CIDRs (`-x`)", B4Ports: "Excluded outbound ports (`-o`)"}[kind]
 	fmt.Fprintf(b, "%s, p50 µs:\n\n", title)
-	fmt.Fprintf(b, "| N | %s | ebpf / iptables-nft | ebpf / explicit | install ms: ebpf / nft / legacy |\n", joinModes(AllModes))
-	fmt.Fprintf(b, "|---:|%s---|---|---|\n", strings.Repeat("---|", len(AllModes)))
+	fmt.Fprintf(b, "| N | %s | ebpf / iptables-nft | ebpf / explicit | eBPF programs ns/conn | install ms: ebpf / nft / legacy |\n", joinModes(AllModes))
+	fmt.Fprintf(b, "|---:|%s---|---|---|---|\n", strings.Repeat("---|", len(AllModes)))
 	for _, n := range res.Params.B4Ns {
 		fmt.Fprintf(b, "| %d |", n)
 		for _, m := range AllModes {
@@ -235,8 +255,9 @@ func scaleTable(b *strings.Builder, res *Results, kind string) {
 		for _, m := range []Mode{EBPF, NFT, Legacy} {
 			setup = append(setup, Summarize(res.Values(kind, SetupMS, n, m)).String())
 		}
-		fmt.Fprintf(b, " %s | %s | %s |\n", res.Ratio(kind, P50, n, EBPF, NFT).RatioString(),
-			res.Ratio(kind, P50, n, EBPF, Explicit).RatioString(), strings.Join(setup, " / "))
+		fmt.Fprintf(b, " %s | %s | %s | %s |\n", res.Ratio(kind, P50, n, EBPF, NFT).RatioString(),
+			res.Ratio(kind, P50, n, EBPF, Explicit).RatioString(), Summarize(res.Values(kind, BPFNS, n, EBPF)),
+			strings.Join(setup, " / "))
 	}
 	b.WriteString("\n")
 }
@@ -363,12 +384,15 @@ func writeMethod(b *strings.Builder, res *Results) {
 const readingNotes = `- **What a capture mode can save is small next to the proxy hop.** A connection through a userspace
   proxy costs two TCP handshakes and teardowns and several process wakeups; compare explicit with direct.
   Capture adds to that: with iptables, conntrack on every packet of both legs (the app's connection and
-  the proxy's upstream one) plus a walk of the nat OUTPUT chain for each new connection; with eBPF, one
-  connect4 run (a few map lookups), sockops callbacks on the redirected socket's state changes, the
-  getsockopt program on every getsockopt() in the pod (the proxy's SO_ORIGINAL_DST, but also Go's
-  SO_ERROR after each connect), and sk_lookup for new connections arriving in the pod's netns (the app's
-  connection to the proxy over lo included). Per connection these are microseconds, so B1 and B3 differ
-  by less than this machine's noise; the CPU-time rows and B2 (CPU-bound) show it best.
+  the proxy's upstream one) plus a walk of the nat OUTPUT chain for each new connection; with eBPF, a
+  connect4 run for each connect() in the pod (the app's and the proxy's), sockops runs for the TCP events
+  of every socket in the pod (it ignores most of them), the getsockopt program for every getsockopt() in
+  the pod (the proxy's SO_ORIGINAL_DST, but also Go's SO_ERROR after each connect), and sk_lookup for
+  new connections arriving in the pod's netns (the app's connection to the proxy over lo included). The
+  kernel's own timing of these programs is the "BPF programs ns/conn" row of B1 and B2: microseconds
+  per connection, about one percent of the connection's CPU time, so B1 and B3's round trips differ by
+  less than this machine's noise. The CPU-time rows and bulk transfer, where iptables pays conntrack per
+  packet and eBPF nothing, show the difference best.
 - **B4: eBPF stays flat, iptables does not.** istio-iptables renders one nat rule per excluded CIDR and two
   per excluded port (tcp and udp), and every new connection walks them in order. The port rules come
   first in ISTIO_OUTPUT, before the proxy-uid RETURN, so the proxy's upstream connection walks them too.

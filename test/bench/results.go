@@ -55,6 +55,11 @@ const (
 	CPUConn = "CPU µs/conn"
 	CPURR   = "CPU µs/round trip"
 	CPUBulk = "CPU ms/GiB"
+	// eBPF only: the kernel's run time of divert's programs (BPF_ENABLE_STATS) per app
+	// connection, in total, per program (BPFProgNS + " " + program) and how many runs.
+	BPFNS     = "BPF programs ns/conn"
+	BPFProgNS = "BPF ns/conn"
+	BPFRuns   = "BPF program runs/conn"
 )
 
 // Measurement is one figure of one round.
