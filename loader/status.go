@@ -34,6 +34,15 @@ type ProgramStatus struct {
 	NetNSIno  uint64 `json:"netnsIno,omitempty"`
 }
 
+// Defunct reports whether the kernel detached the program because its cgroup or network
+// namespace went away (the link then reports cgroup id 0, or netns inode 0).
+func (p ProgramStatus) Defunct() bool {
+	if p.Attach == "SkLookup" {
+		return p.NetNSIno == 0
+	}
+	return p.CgroupID == 0
+}
+
 // PolicyStatus is the policy as the maps express it.
 type PolicyStatus struct {
 	ProxyPort            uint16       `json:"proxyPort"`

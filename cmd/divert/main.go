@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -33,7 +34,12 @@ func main() {
 	if err := run(ctx, args, e); err != nil {
 		// One line: the error names the flag and the fix.
 		fmt.Fprintln(os.Stderr, "divert: "+strings.ReplaceAll(err.Error(), "\n", " "))
-		os.Exit(1)
+		code := 1
+		var coded interface{ ExitCode() int }
+		if errors.As(err, &coded) {
+			code = coded.ExitCode() // e.g. 126 for a failed validation, as istio-iptables
+		}
+		os.Exit(code)
 	}
 }
 

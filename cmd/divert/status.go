@@ -61,10 +61,23 @@ func newStatusCmd(e env) *cobra.Command {
 
 func printStatus(w io.Writer, st *loader.PodStatus) {
 	p := st.Policy
-	fmt.Fprintf(w, "pod %s\n", st.ID)
+	defunct := 0
+	for _, prog := range st.Programs {
+		if prog.Defunct() {
+			defunct++
+		}
+	}
+	if defunct > 0 {
+		fmt.Fprintf(w, "pod %s (defunct: %d of %d programs detached by the kernel; divert gc removes the pins)\n", st.ID, defunct, len(st.Programs))
+	} else {
+		fmt.Fprintf(w, "pod %s\n", st.ID)
+	}
 	for _, prog := range st.Programs {
 		where := fmt.Sprintf("cgroup %d", prog.CgroupID)
-		if prog.NetNSIno != 0 {
+		switch {
+		case prog.Defunct():
+			where = "detached (its cgroup or netns is gone)"
+		case prog.NetNSIno != 0:
 			where = fmt.Sprintf("netns %d", prog.NetNSIno)
 		}
 		fmt.Fprintf(w, "  program %-18s %-20s link %d, prog %d, %s\n", prog.Name, prog.Attach, prog.LinkID, prog.ProgramID, where)
