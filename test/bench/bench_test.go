@@ -36,6 +36,7 @@ var (
 	flagCmd    = flag.String("bench.cmd", "", "the command to record in the report (default: make bench [QUICK=1])")
 	flagOnly   = flag.String("bench.only", "", "comma-separated subset of B1,B2,B3,B4,B5 (for development)")
 	flagModes  = flag.String("bench.modes", "", "comma-separated subset of the modes (for development)")
+	flagFrom   = flag.String("bench.from", "", "measure nothing: render the report again from this results.json")
 )
 
 func TestMain(m *testing.M) {
@@ -82,6 +83,21 @@ func params() Params {
 func BenchmarkDivert(b *testing.B) {
 	if b.N != 1 {
 		b.Fatalf("run with -test.benchtime=1x: one invocation is one complete set of rounds")
+	}
+	if *flagFrom != "" {
+		// The numbers stay those of the run that wrote the file; only the text is redone.
+		js, err := os.ReadFile(*flagFrom)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var res Results
+		if err := json.Unmarshal(js, &res); err != nil {
+			b.Fatalf("%s: %v", *flagFrom, err)
+		}
+		if err := Write(&res, *flagOut, *flagDocs); err != nil {
+			b.Fatal(err)
+		}
+		return
 	}
 	if *flagDocs != "" && (*flagQuick || *flagOnly != "" || *flagModes != "" || *flagRounds != 0) {
 		b.Fatalf("-bench.docs is for full runs: docs/benchmarks.md must not get quick or partial results")

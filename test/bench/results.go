@@ -144,6 +144,9 @@ type Results struct {
 
 // Add records one figure.
 func (r *Results) Add(bench, metric string, param int, mode Mode, round int, v float64) {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return // nothing was measured (JSON could not hold it either)
+	}
 	r.Measurements = append(r.Measurements, Measurement{bench, metric, param, mode, round, v})
 }
 
