@@ -4,7 +4,7 @@ BIN       := bin
 GOFLAGS   ?=
 TESTFLAGS ?= -count=1
 
-.PHONY: all deps generate build test unit demo check-generated parity-soak clean
+.PHONY: all deps generate build test unit demo check-generated parity-soak bench clean
 
 all: build
 
@@ -40,6 +40,14 @@ check-generated: generate
 demo: deps build
 	$(GO) test -c -o $(BIN)/demo.test ./test/demo
 	$(BIN)/demo.test -test.run '^TestDemo$$' -divert $(abspath $(BIN)/divert)
+
+# Benchmarks: eBPF vs iptables (nft, legacy) vs the proxy alone vs no proxy, side by side
+# (test/bench, see docs/benchmarks.md). As root; writes bench-out/ and, unless QUICK=1,
+# rewrites docs/benchmarks.md and its plots. QUICK=1 (under 2 minutes) is CI's smoke run.
+bench: deps
+	$(GO) test -c -o $(BIN)/bench.test ./test/bench
+	$(BIN)/bench.test -test.run '^$$' -test.bench '^BenchmarkDivert$$' -test.benchtime 1x -test.timeout 30m \
+		-bench.out $(abspath bench-out) $(if $(QUICK),-bench.quick,-bench.docs $(abspath docs))
 
 clean:
 	rm -rf $(BIN)

@@ -102,9 +102,12 @@ struct {
 	__type(value, struct config);
 } config_map SEC(".maps");
 
+// Every port can be listed (iptables takes 10,000 -o ports too); only listed ports use
+// memory.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u16);
 	__type(value, __u8); // enum port_flag bits
 } ports SEC(".maps");
@@ -135,10 +138,11 @@ struct {
 	__type(value, __u8);
 } local_addrs SEC(".maps");
 
-// Original destination from connect until the source port is known (microseconds).
+// Original destination from connect until the source port is known (microseconds), so
+// it only ever holds the connects in flight at one instant.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 1024);
 	__type(key, __u64); // socket cookie
 	__type(value, struct orig_dst);
 } orig_dst_by_cookie SEC(".maps");

@@ -3,8 +3,11 @@ package loader_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/meshdivert/divert/internal/divertest"
@@ -168,5 +171,35 @@ func TestDirectionToggles(t *testing.T) {
 	check("both again", false, false, 4)
 	if err := loader.Attach(context.Background(), lp, divertest.Config(t), loader.Options{BPFFS: opts.BPFFS, NoInbound: true, NoOutbound: true}); err == nil {
 		t.Error("attaching with both directions off must fail")
+	}
+}
+
+// Large policies attach: 10,000 excluded ports and 10,000 excluded CIDRs (iptables takes
+// them too), and a listed port and CIDR still pass while others are captured.
+func TestLargePolicy(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	var ports, cidrs []string
+	for i := range 10000 {
+		ports = append(ports, strconv.Itoa(20000+i))
+		cidrs = append(cidrs, fmt.Sprintf("10.%d.%d.0/24", i/256, i%256))
+	}
+	cfg := divertest.Config(t, "-o", strings.Join(ports, ","), "-x", strings.Join(cidrs, ",")+","+pod.Net.Addrs[1].String()+"/32")
+	divertest.Attach(t, pod, opts, cfg)
+	any := netip.IPv4Unspecified()
+	pod.Net.Server(t, "remote", netip.AddrPortFrom(any, 80))
+	pod.Net.Server(t, "remote", netip.AddrPortFrom(any, 29999))
+	pod.Proxy(t, "proxy", netip.AddrPortFrom(any, 15001), "report", divertest.ProxyUID, divertest.ProxyUID)
+	for _, c := range []struct {
+		dst  netip.AddrPort
+		want string
+	}{
+		{netip.AddrPortFrom(pod.Net.Addrs[0], 29999), "remote"}, // excluded port
+		{netip.AddrPortFrom(pod.Net.Addrs[1], 80), "remote"},    // excluded CIDR
+		{netip.AddrPortFrom(pod.Net.Addrs[0], 80), "proxy"},     // neither
+	} {
+		if r := pod.Dial(t, divertest.AppUID, divertest.AppUID, testpod.Target{Dst: c.dst})[0]; len(r.Hops) != 1 || r.Hops[0].Who != c.want {
+			t.Errorf("%s: %+v, want %s", c.dst, r, c.want)
+		}
 	}
 }
