@@ -28,6 +28,27 @@ type Plan struct {
 	// TimeoutSec bounds each binary: -test.timeout, then SIGKILL GraceSec later.
 	TimeoutSec int
 	GraceSec   int
+
+	// Set by the vng runner, whose guest sees the host's file system: where the binaries
+	// and sources are, and a file (in a directory shared read-write) for the result lines.
+	// Empty means the initramfs layout: BinDir, SrcDir and ResultsTTY.
+	BinDir, SrcDir, Results string
+}
+
+// Dirs returns where the guest finds the test binaries and package sources, and where it
+// writes result lines.
+func (p Plan) Dirs() (bin, src, results string) {
+	bin, src, results = BinDir, SrcDir, ResultsTTY
+	if p.BinDir != "" {
+		bin = p.BinDir
+	}
+	if p.SrcDir != "" {
+		src = p.SrcDir
+	}
+	if p.Results != "" {
+		results = p.Results
+	}
+	return bin, src, results
 }
 
 // Package is one test binary.

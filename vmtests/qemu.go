@@ -43,7 +43,9 @@ func (q Qemu) Run(ctx context.Context) (timedOut bool, cpu time.Duration, err er
 		return false, 0, err
 	}
 	defer con.Close()
-	var out io.Writer = con
+	// Always a pipe, never the file itself: the child may reopen its stdout through
+	// /proc/self/fd/1 (vng does), which would start writing at offset 0 again.
+	out := io.MultiWriter(con)
 	if q.Stream != nil {
 		out = io.MultiWriter(con, q.Stream)
 	}

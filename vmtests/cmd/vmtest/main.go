@@ -10,6 +10,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -303,7 +304,7 @@ func (r *vmRun) kernel(ctx context.Context, k vmtests.Kernel, pkgs []vmtests.Pac
 	plan := vmtests.Plan{Token: token(), Packages: pkgs, Run: r.run, Skip: r.skip, TimeoutSec: int(r.timeout.Seconds()), GraceSec: 30}
 	// The host's limit only catches a wedged guest: each binary has its own timeout inside.
 	hostTimeout := 3*time.Minute + time.Duration(len(pkgs))*(r.timeout+time.Duration(plan.GraceSec+10)*time.Second)
-	var stream *os.File
+	var stream io.Writer // nil unless -v
 	if r.verbose {
 		stream = os.Stdout
 	}
@@ -326,10 +327,7 @@ func (r *vmRun) kernel(ctx context.Context, k vmtests.Kernel, pkgs []vmtests.Pac
 		defer os.Remove(initrd) // ~100 MB, rebuilt every run
 		fmt.Printf("vmtest: kernel %s: booting %s under %s\n", k.Name, filepath.Base(x.Image), r.accel)
 		q := vmtests.Qemu{Kernel: x.Image, Initrd: initrd, Accel: r.accel, MemMB: r.mem, CPUs: r.cpus,
-			Console: console, Results: results, Timeout: hostTimeout, Append: strings.TrimSpace("quiet " + r.appendArgs)}
-		if stream != nil {
-			q.Stream = stream
-		}
+			Console: console, Results: results, Timeout: hostTimeout, Append: strings.TrimSpace("quiet " + r.appendArgs), Stream: stream}
 		timedOut, cpu, err = q.Run(ctx)
 		if err != nil {
 			return g, 0, 0, "", err
