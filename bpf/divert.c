@@ -102,15 +102,22 @@ struct {
 	__type(value, struct config);
 } config_map SEC(".maps");
 
-// Every port can be listed (iptables takes 10,000 -o ports too); only listed ports use
-// memory.
+// The port lists as bitmaps, one bit per port: every port can be listed (iptables takes
+// 10,000 -o ports too) in constant memory, a lookup is one bit test, and the loader swaps
+// the whole port policy in one map update.
+struct port_sets {
+	__u64 outbound_exclude[1024]; // -o
+	__u64 outbound_include[1024]; // -q
+	__u64 inbound_exclude[1024];  // -d (set only with -b '*')
+	__u64 inbound_include[1024];  // -b list
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u16);
-	__type(value, __u8); // enum port_flag bits
-} ports SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct port_sets);
+} port_sets_map SEC(".maps");
 
 // Outbound CIDR sets; the loader inserts prefixes, connect4 looks up /32s. Two tries, not one
 // with flags, because -x must win over -i even where an -i prefix is the longer match.
@@ -148,9 +155,11 @@ struct {
 } orig_dst_by_cookie SEC(".maps");
 
 // Original destination for the life of the connection; removed when the client closes.
+// Proxies read it when they accept, so what must fit is the connections not yet accepted:
+// LRU only ever evicts the oldest, long-accepted ones.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 4096);
 	__type(key, struct tuple);
 	__type(value, struct orig_dst);
 } orig_dst_by_tuple SEC(".maps");
@@ -189,10 +198,22 @@ static __always_inline struct config *get_config(void)
 	return bpf_map_lookup_elem(&config_map, &key);
 }
 
+static __always_inline int port_in(__u64 *set, __u16 port)
+{
+	return (set[port >> 6] >> (port & 63)) & 1;
+}
+
+// port_flags says which lists a port is on, as enum port_flag bits.
 static __always_inline __u8 port_flags(__u16 port)
 {
-	__u8 *flags = bpf_map_lookup_elem(&ports, &port);
-	return flags ? *flags : 0;
+	__u32 key = 0;
+	struct port_sets *sets = bpf_map_lookup_elem(&port_sets_map, &key);
+	if (!sets)
+		return 0;
+	return (port_in(sets->outbound_exclude, port) ? PORT_OUTBOUND_EXCLUDE : 0) |
+	       (port_in(sets->outbound_include, port) ? PORT_OUTBOUND_INCLUDE : 0) |
+	       (port_in(sets->inbound_exclude, port) ? PORT_INBOUND_EXCLUDE : 0) |
+	       (port_in(sets->inbound_include, port) ? PORT_INBOUND_INCLUDE : 0);
 }
 
 static __always_inline int in_trie(void *trie, __u32 addr)

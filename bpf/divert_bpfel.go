@@ -49,6 +49,14 @@ const (
 	DivertPortFlagPORT_INBOUND_INCLUDE  DivertPortFlag = 8
 )
 
+type DivertPortSets struct {
+	_               structs.HostLayout
+	OutboundExclude [1024]uint64
+	OutboundInclude [1024]uint64
+	InboundExclude  [1024]uint64
+	InboundInclude  [1024]uint64
+}
+
 type DivertReason uint32
 
 const (
@@ -91,7 +99,7 @@ const (
 	DivertMapOrigDstByTuple       = "orig_dst_by_tuple"
 	DivertMapOutboundExcludeCidrs = "outbound_exclude_cidrs"
 	DivertMapOutboundIncludeCidrs = "outbound_include_cidrs"
-	DivertMapPorts                = "ports"
+	DivertMapPortSetsMap          = "port_sets_map"
 	DivertProgDivertConnect4      = "divert_connect4"
 	DivertProgDivertGetsockopt    = "divert_getsockopt"
 	DivertProgDivertSkLookup      = "divert_sk_lookup"
@@ -160,7 +168,7 @@ type DivertMapSpecs struct {
 	OrigDstByTuple       *ebpf.MapSpec `ebpf:"orig_dst_by_tuple"`
 	OutboundExcludeCidrs *ebpf.MapSpec `ebpf:"outbound_exclude_cidrs"`
 	OutboundIncludeCidrs *ebpf.MapSpec `ebpf:"outbound_include_cidrs"`
-	Ports                *ebpf.MapSpec `ebpf:"ports"`
+	PortSetsMap          *ebpf.MapSpec `ebpf:"port_sets_map"`
 }
 
 // DivertVariableSpecs contains global variables before they are loaded into the kernel.
@@ -199,7 +207,7 @@ type DivertMaps struct {
 	OrigDstByTuple       *ebpf.Map `ebpf:"orig_dst_by_tuple"`
 	OutboundExcludeCidrs *ebpf.Map `ebpf:"outbound_exclude_cidrs"`
 	OutboundIncludeCidrs *ebpf.Map `ebpf:"outbound_include_cidrs"`
-	Ports                *ebpf.Map `ebpf:"ports"`
+	PortSetsMap          *ebpf.Map `ebpf:"port_sets_map"`
 }
 
 func (m *DivertMaps) Close() error {
@@ -212,7 +220,7 @@ func (m *DivertMaps) Close() error {
 		m.OrigDstByTuple,
 		m.OutboundExcludeCidrs,
 		m.OutboundIncludeCidrs,
-		m.Ports,
+		m.PortSetsMap,
 	)
 }
 

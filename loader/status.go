@@ -122,26 +122,14 @@ func readPolicy(m *maps.Maps) (PolicyStatus, error) {
 		ProxyUID: c.ProxyUid, ProxyGID: c.ProxyGid,
 		OutboundIncludeAll: c.OutboundIncludeAll != 0, InboundIncludeAll: c.InboundIncludeAll != 0,
 	}
-	var port uint16
-	var flags uint8
-	it := m.Ports.Iterate()
-	for it.Next(&port, &flags) {
-		add := func(f bpf.DivertPortFlag, list *[]uint16) {
-			if flags&uint8(f) != 0 {
-				*list = append(*list, port)
-			}
-		}
-		add(bpf.DivertPortFlagPORT_OUTBOUND_EXCLUDE, &p.OutboundExcludePorts)
-		add(bpf.DivertPortFlagPORT_OUTBOUND_INCLUDE, &p.OutboundPorts)
-		add(bpf.DivertPortFlagPORT_INBOUND_EXCLUDE, &p.InboundExcludePorts)
-		add(bpf.DivertPortFlagPORT_INBOUND_INCLUDE, &p.InboundPorts)
+	var sets bpf.DivertPortSets
+	if err := m.PortSetsMap.Lookup(uint32(0), &sets); err != nil {
+		return p, fmt.Errorf("read port_sets_map: %w", err)
 	}
-	if err := it.Err(); err != nil {
-		return p, err
-	}
-	for _, l := range []*[]uint16{&p.OutboundExcludePorts, &p.OutboundPorts, &p.InboundExcludePorts, &p.InboundPorts} {
-		slices.Sort(*l)
-	}
+	p.OutboundExcludePorts = maps.Ports(&sets.OutboundExclude)
+	p.OutboundPorts = maps.Ports(&sets.OutboundInclude)
+	p.InboundExcludePorts = maps.Ports(&sets.InboundExclude)
+	p.InboundPorts = maps.Ports(&sets.InboundInclude)
 	if p.OutboundCIDRs, err = readPrefixes(m.OutboundIncludeCidrs); err != nil {
 		return p, err
 	}

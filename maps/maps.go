@@ -21,8 +21,9 @@ type Maps = bpf.DivertMaps
 // in place: entries that stay are not touched, so connections decided meanwhile see either
 // the old or the new value of each set, never an empty one.
 func Apply(m *Maps, cfg *policy.Config, localAddrs []netip.Addr) error {
-	if err := syncPorts(m.Ports, portFlags(cfg)); err != nil {
-		return fmt.Errorf("update ports map: %w", err)
+	// One update replaces every port list at once.
+	if err := m.PortSetsMap.Put(uint32(0), PortSets(cfg)); err != nil {
+		return fmt.Errorf("update port_sets_map: %w", err)
 	}
 	if err := syncPrefixes(m.OutboundExcludeCidrs, cfg.IPv4OutboundExcludeCIDRs()); err != nil {
 		return fmt.Errorf("update outbound_exclude_cidrs map: %w", err)
@@ -69,21 +70,36 @@ func boolByte(b bool) uint8 {
 	return 0
 }
 
-func portFlags(cfg *policy.Config) map[uint16]uint8 {
-	flags := map[uint16]uint8{}
-	add := func(ports []uint16, f bpf.DivertPortFlag) {
+// PortSets renders cfg's port lists as the BPF side's bitmaps.
+func PortSets(cfg *policy.Config) *bpf.DivertPortSets {
+	var sets bpf.DivertPortSets
+	set := func(bits *[1024]uint64, ports []uint16) {
 		for _, p := range ports {
-			flags[p] |= uint8(f)
+			bits[p>>6] |= 1 << (p & 63)
 		}
 	}
-	add(cfg.OutboundExcludePorts, bpf.DivertPortFlagPORT_OUTBOUND_EXCLUDE)
-	add(cfg.OutboundPorts, bpf.DivertPortFlagPORT_OUTBOUND_INCLUDE)
+	set(&sets.OutboundExclude, cfg.OutboundExcludePorts)
+	set(&sets.OutboundInclude, cfg.OutboundPorts)
 	if cfg.InboundPorts.All {
 		// -d only means something with -b '*', as in istio's rules.
-		add(cfg.InboundExcludePorts, bpf.DivertPortFlagPORT_INBOUND_EXCLUDE)
+		set(&sets.InboundExclude, cfg.InboundExcludePorts)
 	}
-	add(cfg.InboundPorts.Ports, bpf.DivertPortFlagPORT_INBOUND_INCLUDE)
-	return flags
+	set(&sets.InboundInclude, cfg.InboundPorts.Ports)
+	return &sets
+}
+
+// Ports lists the ports set in a bitmap, in order.
+func Ports(bits *[1024]uint64) []uint16 {
+	var out []uint16
+	for i, word := range bits {
+		for b := 0; word != 0; b++ {
+			if word&1 != 0 {
+				out = append(out, uint16(i*64+b))
+			}
+			word >>= 1
+		}
+	}
+	return out
 }
 
 // sync makes m hold exactly want: it puts new or changed entries, then deletes stale ones.
@@ -116,8 +132,6 @@ func sync[K comparable, V comparable](m *ebpf.Map, want map[K]V) error {
 	}
 	return nil
 }
-
-func syncPorts(m *ebpf.Map, flags map[uint16]uint8) error { return sync(m, flags) }
 
 func syncPrefixes(m *ebpf.Map, prefixes []netip.Prefix) error {
 	want := make(map[bpf.DivertLpmV4Key]uint8, len(prefixes))
