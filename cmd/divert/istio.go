@@ -546,14 +546,20 @@ func (r *istioRun) apply(ctx context.Context, dry bool) error {
 	fmt.Fprintf(out, "iptables rules %s (iptables-%s, %s mode): outbound TCP to port %d, inbound to port %d\n",
 		state, res.Backend, r.cfg.Mode, r.cfg.ProxyPort, r.cfg.InboundCapturePort)
 	// The same pod captured by eBPF earlier (another mode, an older run) would capture twice.
-	if id := r.knownPodID(); id != "" {
-		if err := loader.Detach(id, r.lopts); err == nil {
-			fmt.Fprintf(out, "removed the eBPF attachment of pod %s, replaced by the rules\n", id)
-		} else if !errors.Is(err, loader.ErrNotAttached) && !isNoBPFFS(err) {
+	if id := r.knownPodID(); id != "" && pinned(r.lopts, id) {
+		if err := loader.Detach(id, r.lopts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
 			return err
 		}
+		fmt.Fprintf(out, "removed the eBPF attachment of pod %s, replaced by the rules\n", id)
 	}
 	return nil
+}
+
+// pinned reports whether the pod has a pin directory; checked before Detach, which would
+// mount a bpffs at the default place just to find it empty.
+func pinned(opts loader.Options, id string) bool {
+	_, err := os.Stat(loader.PinDir(opts, id))
+	return err == nil
 }
 
 // knownPodID is the pod id when it can be known without failing: --pod-id, or the UID
@@ -566,11 +572,6 @@ func (r *istioRun) knownPodID() string {
 		return pod.ID
 	}
 	return ""
-}
-
-func isNoBPFFS(err error) bool {
-	var ie *loader.InputError
-	return errors.As(err, &ie) && ie.Field == "bpffs"
 }
 
 func (r *istioRun) attach(ctx context.Context, pod loader.Pod, how string) error {
@@ -630,22 +631,28 @@ func quoteArgs(args []string) []string {
 // cleanup removes this pod's eBPF pins and istio's iptables rules, whichever exist.
 func (r *istioRun) cleanup(ctx context.Context, dry bool) error {
 	out := r.e.stdout
-	pod, _, err := r.pod()
-	if err != nil {
-		return fmt.Errorf("--%s: cannot tell which pod's pins to remove: %w", flagCleanupOnly, err)
-	}
+	// A pod whose cgroup cannot be found cannot have been attached by this command either
+	// (attach finds it the same way); its iptables rules are still removed.
+	pod, _, perr := r.pod()
 	if dry {
-		fmt.Fprintf(out, "would remove the eBPF pins of pod %s (%s) and istio's iptables rules in %s\n", pod.ID, loader.PinDir(r.lopts, pod.ID), ownNetNS)
+		if perr == nil {
+			fmt.Fprintf(out, "would remove the eBPF pins of pod %s (%s)\n", pod.ID, loader.PinDir(r.lopts, pod.ID))
+		}
+		fmt.Fprintf(out, "would remove istio's iptables rules in %s\n", ownNetNS)
 		return nil
 	}
 	var errs []error
-	switch err := loader.Detach(pod.ID, r.lopts); {
-	case err == nil:
-		fmt.Fprintf(out, "detached pod %s (eBPF)\n", pod.ID)
-	case errors.Is(err, loader.ErrNotAttached) || isNoBPFFS(err):
+	switch {
+	case perr != nil:
+		fmt.Fprintf(out, "no eBPF attachment to remove: %s\n", oneLine(perr))
+	case !pinned(r.lopts, pod.ID):
 		fmt.Fprintf(out, "pod %s had no eBPF attachment\n", pod.ID)
 	default:
-		errs = append(errs, err)
+		if err := loader.Detach(pod.ID, r.lopts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
+			errs = append(errs, err)
+		} else {
+			fmt.Fprintf(out, "detached pod %s (eBPF)\n", pod.ID)
+		}
 	}
 	if !haveIptables() {
 		fmt.Fprintln(out, "no iptables binaries here, so no iptables rules to remove")

@@ -7,6 +7,7 @@ package initmode
 
 import (
 	"bufio"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
@@ -434,6 +435,30 @@ func TestAutoFallsBackToIptables(t *testing.T) {
 	}
 }
 
+// --mode iptables needs no pod cgroup, and --cleanup-only still removes the rules where no
+// pod cgroup can be named (then no eBPF attachment can have been made either).
+func TestIptablesModeWithoutPodCgroup(t *testing.T) {
+	divert := image.Divert(t)
+	pod := testpod.New(t)
+	k := &k8sPod{Pod: pod, Dir: pod.CgroupPath, layout: layout{"parent", nil, func(id string) string { return "ctr-" + id[:12] }, "init-ctr"}}
+	opts := divertest.BPFFS(t)
+	r := initContainer(t, k, nil, divert, append([]string{"istio-iptables", "--mode", "iptables", "--bpffs", opts.BPFFS}, injectorArgs...)...)
+	r.mustSucceed(t, "--mode iptables")
+	if r.stderr != "" || !strings.Contains(istioRules(t, pod.NetNSPath), "-A ISTIO_OUTPUT") {
+		t.Fatalf("rules not applied; stderr %q", r.stderr)
+	}
+	checkCapture(t, k, divertest.Config(t, injectorArgs...))
+	r = initContainer(t, k, nil, divert, "istio-iptables", "--cleanup-only", "--bpffs", opts.BPFFS)
+	r.mustSucceed(t, "--cleanup-only")
+	if !strings.Contains(r.stdout, "no eBPF attachment to remove: missing --pod-id") {
+		t.Errorf("stdout: %s", r.stdout)
+	}
+	if rules := istioRules(t, pod.NetNSPath); rules != "" {
+		t.Errorf("rules left:\n%s", rules)
+	}
+	divertest.AssertNothingAttached(t, pod, opts)
+}
+
 // --mode ebpf does not fall back: it fails with the probe's reason and changes nothing.
 func TestModeEBPFFailsWithReason(t *testing.T) {
 	divert := image.Divert(t)
@@ -598,8 +623,13 @@ func TestPodGoneThenGC(t *testing.T) {
 		}
 	}
 	assertPinned(t, opts, k.UID) // nothing removed them: that is gc's job
+	out, err := exec.Command(divert, "status", "--bpffs", opts.BPFFS, "--pod-id", k.UID).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "pod "+k.UID+" (defunct") || !strings.Contains(string(out), "divert_connect4    CGroupInet4Connect   link") ||
+		strings.Count(string(out), "detached (its cgroup or netns is gone)") != 3 {
+		t.Errorf("divert status should call the pod defunct and its three cgroup links detached: %v\n%s", err, out)
+	}
 
-	out, err := exec.Command(divert, "gc", "--bpffs", opts.BPFFS, "-n").CombinedOutput()
+	out, err = exec.Command(divert, "gc", "--bpffs", opts.BPFFS, "-n").CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "would remove "+k.UID) {
 		t.Fatalf("gc -n: %v\n%s", err, out)
 	}
@@ -611,6 +641,50 @@ func TestPodGoneThenGC(t *testing.T) {
 	if out, err = exec.Command(divert, "gc", "--bpffs", opts.BPFFS).CombinedOutput(); err != nil || !strings.Contains(string(out), "nothing to remove") {
 		t.Errorf("second gc: %v\n%s", err, out)
 	}
+}
+
+// A pod whose sandbox was recreated keeps its cgroup but gets a new network namespace, and
+// its init container runs again: the pins of the old sandbox, whose sk_lookup link the
+// kernel detached with the old namespace, are replaced rather than refused.
+func TestSandboxRecreated(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	old := "dvt-old-" + randHex(t, 8)
+	if out, err := exec.Command("ip", "netns", "add", old).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", old).Run() })
+	oldPod := loader.Pod{ID: k.UID, Cgroup: k.Dir, NetNS: "/run/netns/" + old}
+	if err := loader.Attach(context.Background(), oldPod, divertest.Config(t, injectorArgs...), opts); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loader.Detach(k.UID, opts) })
+	if out, err := exec.Command("ip", "netns", "del", old).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns del: %v %s", err, out)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		gone, err := loader.Defunct(k.UID, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(gone) == 1 && gone[0] == "divert_sk_lookup" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the old sandbox's sk_lookup link should be detached, defunct: %v", gone)
+		}
+	}
+
+	r := initContainer(t, k, nil, divert, append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)...)
+	r.mustSucceed(t, "istio-iptables in the new sandbox")
+	if !strings.Contains(r.stdout, "removed a stale attachment of pod "+k.UID+" (divert_sk_lookup detached by the kernel)") {
+		t.Errorf("stdout: %s", r.stdout)
+	}
+	if gone, err := loader.Defunct(k.UID, opts); err != nil || len(gone) != 0 {
+		t.Fatalf("after re-attach: defunct %v, %v", gone, err)
+	}
+	checkCapture(t, k, divertest.Config(t, injectorArgs...))
 }
 
 // An init container in a cgroup namespace sees "0::/" in /proc/self/cgroup and its own
