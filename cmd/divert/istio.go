@@ -252,8 +252,7 @@ type istioRun struct {
 	mode     captureMode
 	lopts    loader.Options
 	backend  iptables.Backend
-	podID    string
-	cgroup   string
+	podID    string // --pod-id
 	cgroupFl string // --cgroup
 	root     string // --cgroup-root
 }
