@@ -333,6 +333,15 @@ func assertPinned(t *testing.T, opts loader.Options, id string) {
 	}
 }
 
+// The Dockerfile's build makes a static binary: the final stage has no Go toolchain or
+// C library for it to depend on.
+func TestImageBinaryIsStatic(t *testing.T) {
+	static, err := image.IsStatic(image.Divert(t))
+	if err != nil || !static {
+		t.Fatalf("the image's divert must be statically linked (CGO_ENABLED=0): static=%v, %v", static, err)
+	}
+}
+
 // The injector's exact command line, invoked as istio-iptables (the image's link), in an
 // init container of a pod laid out by kubelet's cgroupfs driver: the pod's cgroup is found,
 // captured, and stays captured after the init container is gone.
