@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 )
 
@@ -350,6 +351,7 @@ func ListCandidates(a *Apt, suites []string, w io.Writer) error {
 	}
 	// apt-cache policy: "<pkg>:" then "     <version> <prio>" and "        <prio> <uri> <suite>/main ...".
 	var pkg, ver string
+	var lines []string
 	sc = bufio.NewScanner(bytes.NewReader(out))
 	for sc.Scan() {
 		line := sc.Text()
@@ -361,8 +363,10 @@ func ListCandidates(a *Apt, suites []string, w io.Writer) error {
 			ver = f[0]
 		case len(f) >= 4 && strings.Contains(f[1], "://"):
 			suite, _, _ := strings.Cut(f[2], "/")
-			fmt.Fprintf(w, "%-18s %s=%s\n", suite, pkg, ver)
+			lines = append(lines, fmt.Sprintf("%-18s %s=%s", suite, pkg, ver))
 		}
 	}
-	return nil
+	sort.Strings(lines)
+	_, err = fmt.Fprintln(w, strings.Join(lines, "\n"))
+	return err
 }

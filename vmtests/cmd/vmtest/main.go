@@ -34,6 +34,14 @@ var Packages = []string{
 	"./test/parity",
 }
 
+// Slow are top-level tests that -quick skips: under TCG each takes minutes, and what
+// they stress is also covered by faster tests in the same guest.
+var Slow = []string{
+	"TestNoOrigDstLeak", // test/e2e: 10,000 connections (~9 min under TCG)
+	"TestApplyCases",    // iptables: every rendering case in both backends (~4 min)
+	"TestRandomParity",  // test/parity: randomised configs, property test
+}
+
 // selftestFail always fails; VMTEST_SELFTEST_FAIL=1 adds it to a normal run.
 const selftestFail = "./vmtests/testdata/selftest/fail"
 
@@ -53,6 +61,7 @@ func main() {
 		pkgsFlag    = flag.String("packages", envOr("VMTEST_PACKAGES", ""), "comma-separated test packages (default: the built-in list); env VMTEST_PACKAGES")
 		run         = flag.String("run", envOr("VMTEST_RUN", ""), "passed as -test.run to every test binary; env VMTEST_RUN")
 		skip        = flag.String("skip", envOr("VMTEST_SKIP", ""), "passed as -test.skip to every test binary; env VMTEST_SKIP")
+		quick       = flag.Bool("quick", os.Getenv("VMTEST_QUICK") != "", "skip the slow tests listed in Slow (what CI runs); env VMTEST_QUICK=1")
 		timeout     = flag.Duration("timeout", 10*time.Minute, "per test binary inside the guest (-test.timeout; killed 30s later)")
 		runner      = flag.String("runner", envOr("RUNNER", "qemu"), "qemu or vng (virtme-ng); env RUNNER")
 		accel       = flag.String("accel", envOr("ACCEL", "tcg"), "qemu accelerator: tcg, or kvm on hosts with working hardware virtualisation; env ACCEL")
@@ -69,6 +78,14 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
+	if *quick {
+		// -test.skip matches per name level, so anchoring keeps subtests of others alone.
+		q := "^(" + strings.Join(Slow, "|") + ")$"
+		if *skip != "" {
+			q = *skip + "|" + q
+		}
+		*skip = q
+	}
 	r := &vmRun{appendArgs: *appendArgs, run: *run, skip: *skip, timeout: *timeout, runner: *runner, accel: *accel, mem: *mem, cpus: *cpus, verbose: *verbose}
 	err := r.setup(*outDir, *cacheDir)
 	if err == nil && *list {
