@@ -18,6 +18,14 @@ generate: deps
 build:
 	CGO_ENABLED=0 $(GO) build $(GOFLAGS) -o $(BIN)/divert ./cmd/divert
 
+# The image: istio-init's drop-in (docs/istio.md). Needs a Docker engine; testing what it
+# holds does not: test/initmode builds divert with the Dockerfile's own go build line and
+# runs that binary, and deploy/ checks the final stage.
+IMAGE ?= divert:latest
+.PHONY: image
+image:
+	docker build -t $(IMAGE) .
+
 # Everything, privileged tests included: run as root. Packages run one at a time so the
 # kernel-touching suites do not compete for the 2 cores and skew timeouts.
 test: deps
@@ -26,7 +34,7 @@ test: deps
 
 # Only the tests that need no privilege.
 unit:
-	$(GO) test $(TESTFLAGS) ./policy/ ./bpf/
+	$(GO) test $(TESTFLAGS) ./policy/ ./bpf/ ./internal/cgroups/ ./deploy/ ./node/cniapi/
 
 # Many more random configs than make test runs; SEED=n replays one run.
 parity-soak: deps
