@@ -2,7 +2,7 @@
 GO        ?= go
 BIN       := bin
 GOFLAGS   ?=
-TESTFLAGS ?= -count=1
+TESTFLAGS ?= -count=1 -timeout 20m
 
 .PHONY: all deps generate build test unit demo check-generated parity-soak bench clean
 
