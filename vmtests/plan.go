@@ -28,6 +28,10 @@ type Plan struct {
 	// TimeoutSec bounds each binary: -test.timeout, then SIGKILL GraceSec later.
 	TimeoutSec int
 	GraceSec   int
+	// MemlockUnlimited raises RLIMIT_MEMLOCK to infinity for the tests, as hosts with
+	// LimitMEMLOCK=infinity do. Kernels before 5.11 charge BPF maps and programs against
+	// it, and the kernel's default (64 KiB before 5.16) is too small for divert.
+	MemlockUnlimited bool
 
 	// Set by the vng runner, whose guest sees the host's file system: where the binaries
 	// and sources are, and a file (in a directory shared read-write) for the result lines.

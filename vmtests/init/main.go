@@ -115,6 +115,12 @@ func run(planPath string, pid1 bool) bool {
 		}
 	}
 
+	if plan.MemlockUnlimited {
+		inf := &unix.Rlimit{Cur: unix.RLIM_INFINITY, Max: unix.RLIM_INFINITY}
+		if err := unix.Setrlimit(unix.RLIMIT_MEMLOCK, inf); err != nil {
+			logf("raise RLIMIT_MEMLOCK: %v", err)
+		}
+	}
 	for _, p := range plan.Packages {
 		outcome, secs := runTest(plan, p, binDir, srcDir, pid1)
 		report(vmtests.KeyResult, p.Path, outcome, strconv.FormatFloat(secs, 'f', 1, 64))

@@ -62,6 +62,7 @@ func main() {
 		run         = flag.String("run", envOr("VMTEST_RUN", ""), "passed as -test.run to every test binary; env VMTEST_RUN")
 		skip        = flag.String("skip", envOr("VMTEST_SKIP", ""), "passed as -test.skip to every test binary; env VMTEST_SKIP")
 		quick       = flag.Bool("quick", os.Getenv("VMTEST_QUICK") != "", "skip the slow tests listed in Slow (what CI runs); env VMTEST_QUICK=1")
+		memlock     = flag.Bool("memlock-unlimited", os.Getenv("VMTEST_MEMLOCK_UNLIMITED") != "", "run the tests with RLIMIT_MEMLOCK=infinity instead of the kernel's default; env VMTEST_MEMLOCK_UNLIMITED=1")
 		timeout     = flag.Duration("timeout", 10*time.Minute, "per test binary inside the guest (-test.timeout; killed 30s later)")
 		runner      = flag.String("runner", envOr("RUNNER", "qemu"), "qemu or vng (virtme-ng); env RUNNER")
 		accel       = flag.String("accel", envOr("ACCEL", "tcg"), "qemu accelerator: tcg, or kvm on hosts with working hardware virtualisation; env ACCEL")
@@ -86,7 +87,7 @@ func main() {
 		}
 		*skip = q
 	}
-	r := &vmRun{appendArgs: *appendArgs, run: *run, skip: *skip, timeout: *timeout, runner: *runner, accel: *accel, mem: *mem, cpus: *cpus, verbose: *verbose}
+	r := &vmRun{memlock: *memlock, appendArgs: *appendArgs, run: *run, skip: *skip, timeout: *timeout, runner: *runner, accel: *accel, mem: *mem, cpus: *cpus, verbose: *verbose}
 	err := r.setup(*outDir, *cacheDir)
 	if err == nil && *list {
 		err = r.list()
@@ -106,6 +107,7 @@ func main() {
 type vmRun struct {
 	run, skip      string
 	appendArgs     string
+	memlock        bool
 	timeout        time.Duration
 	runner, accel  string
 	mem, cpus      int
@@ -318,7 +320,7 @@ func (r *vmRun) kernel(ctx context.Context, k vmtests.Kernel, pkgs []vmtests.Pac
 		return g, 0, 0, "", err
 	}
 	console, results := filepath.Join(dir, "console.log"), filepath.Join(dir, "results.log")
-	plan := vmtests.Plan{Token: token(), Packages: pkgs, Run: r.run, Skip: r.skip, TimeoutSec: int(r.timeout.Seconds()), GraceSec: 30}
+	plan := vmtests.Plan{Token: token(), Packages: pkgs, Run: r.run, Skip: r.skip, TimeoutSec: int(r.timeout.Seconds()), GraceSec: 30, MemlockUnlimited: r.memlock}
 	// The host's limit only catches a wedged guest: each binary has its own timeout inside.
 	hostTimeout := 3*time.Minute + time.Duration(len(pkgs))*(r.timeout+time.Duration(plan.GraceSec+10)*time.Second)
 	var stream io.Writer // nil unless -v
