@@ -84,10 +84,17 @@ func ParseGuest(token string, pkgs []Package, results, console string, hostTimed
 	if hostTimedOut {
 		g.Problems = append(g.Problems, "the host killed the VM at its hard timeout")
 	}
-	for _, l := range strings.Split(console, "\n") {
-		if i := strings.Index(l, "Kernel panic - not syncing"); i >= 0 {
-			g.Problems = append(g.Problems, strings.TrimSpace(l[i:]))
-			break
+	// The kernel's own complaints: a panic, BUG or oops fails the run even if every package
+	// passed (the tests may not have noticed); a WARNING is worth a note.
+	for _, l := range strings.Split(strings.ReplaceAll(console, "\r", ""), "\n") {
+		for _, k := range []string{"Kernel panic - not syncing", "BUG:", "Oops:", "WARNING:"} {
+			if i := strings.Index(l, k); i >= 0 && strings.HasPrefix(l, "[") {
+				if k == "WARNING:" {
+					g.Notes = append(g.Notes, "kernel: "+strings.TrimSpace(l[i:]))
+				} else {
+					g.Problems = append(g.Problems, "kernel: "+strings.TrimSpace(l[i:]))
+				}
+			}
 		}
 	}
 	seen := map[string]int{}

@@ -43,6 +43,12 @@ func TestParseGuest(t *testing.T) {
 			want:    "./a=PASS ./b=FAIL ./c=FAIL",
 		},
 		{
+			name:    "a kernel BUG fails the run even when every package passed",
+			results: "VMTEST-RESULT t0k ./a PASS 1\nVMTEST-RESULT t0k ./b PASS 1\nVMTEST-RESULT t0k ./c PASS 1\nVMTEST-DONE t0k\n",
+			console: "[   12.000000] BUG: kernel NULL pointer dereference, address: 0000000000000000\r\n",
+			want:    "./a=PASS ./b=PASS ./c=PASS",
+		},
+		{
 			name:     "host timeout",
 			results:  "VMTEST-RESULT t0k ./a PASS 1\n",
 			timedOut: true,
