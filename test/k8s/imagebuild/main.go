@@ -1,0 +1,55 @@
+// Command imagebuild builds cmd/divert exactly as the repository's Dockerfile does (its
+// single `RUN ... go build ...` line: environment, flags, package), into -o, for the
+// Kubernetes e2e suite's divert image. It reads the Dockerfile with the same parser the
+// initmode tests use, so the cluster runs the very binary the image would carry.
+//
+//	go run ./test/k8s/imagebuild -o DIR    # writes DIR/divert
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/meshdivert/divert/internal/image"
+)
+
+func main() {
+	out := flag.String("o", "", "directory to write the binary to")
+	flag.Parse()
+	if *out == "" {
+		fmt.Fprintln(os.Stderr, "imagebuild: -o DIR is required")
+		os.Exit(2)
+	}
+	if err := build(*out); err != nil {
+		fmt.Fprintln(os.Stderr, "imagebuild:", err)
+		os.Exit(1)
+	}
+}
+
+func build(dir string) error {
+	root := image.RepoRoot()
+	instrs, err := image.Parse(filepath.Join(root, "Dockerfile"))
+	if err != nil {
+		return err
+	}
+	bc, err := image.FindBuild(instrs)
+	if err != nil {
+		return err
+	}
+	dst, err := filepath.Abs(filepath.Join(dir, filepath.Base(bc.Output)))
+	if err != nil {
+		return err
+	}
+	args := append(append([]string{"build"}, bc.Flags...), "-o", dst, bc.Pkg)
+	cmd := exec.Command("go", args...)
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), bc.Env...)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s go %s: %v\n%s", strings.Join(bc.Env, " "), strings.Join(args, " "), err, b)
+	}
+	return nil
+}
