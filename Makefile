@@ -4,7 +4,7 @@ BIN       := bin
 GOFLAGS   ?=
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all deps generate build test unit demo check-generated parity-soak bench clean
+.PHONY: all deps generate build test unit demo check-generated parity-soak bench vmtest vmtest-ci vmtest-selftest e2e-k8s clean
 
 all: build
 
@@ -56,6 +56,27 @@ bench: deps
 	$(GO) test -c -o $(BIN)/bench.test ./test/bench
 	$(BIN)/bench.test -test.run '^$$' -test.bench '^BenchmarkDivert$$' -test.benchtime 1x -test.timeout 30m \
 		-bench.out $(abspath bench-out) $(if $(QUICK),-bench.quick,-bench.docs $(abspath docs))
+
+# The kernel-touching suites inside qemu guests booting Debian's kernels (vmtests/README.md):
+# every kernel in vmtests/kernels.txt, or KERNELS=6.1; RUNNER=vng uses virtme-ng.
+vmtest: deps
+	bash vmtests/deps.sh
+	$(GO) run ./vmtests/cmd/vmtest $(if $(KERNELS),-kernels $(KERNELS))
+
+# What CI can run: 6.1 and 6.12, the multi-minute stress tests skipped.
+vmtest-ci: deps
+	bash vmtests/deps.sh
+	$(GO) run ./vmtests/cmd/vmtest -kernels 6.1,6.12 -quick
+
+# Proves the runner: a failing, hanging or crashing guest test must fail the run.
+vmtest-selftest: deps
+	bash vmtests/deps.sh
+	$(GO) run ./vmtests/cmd/vmtest -kernels 6.1 -selftest
+
+# A real single-node Kubernetes here (test/k8s/README.md): divert as the pods' init container,
+# real connections through sidecar-shaped pods; prints scenario -> result.
+e2e-k8s: deps
+	cd test/k8s/e2e && $(GO) test -count=1 -timeout 60m -v .
 
 clean:
 	rm -rf $(BIN)
