@@ -152,18 +152,19 @@ func images(bins cluster.Binaries) ([]cluster.Image, error) {
 }
 
 // Pod names. mesh-a (Istio's template), mesh-b (host cgroup at /sys/fs/cgroup): eBPF;
-// mesh-ipt: the iptables backend; mesh-broken: eBPF with a proxy port nothing listens on
-// (the negative row).
+// mesh-ipt: the iptables backend; mesh-fallback: --mode auto falling back to iptables;
+// mesh-broken: eBPF with a proxy port nothing listens on (the negative row).
 const (
 	plainName  = "plain"
 	meshA      = "mesh-a"
 	meshB      = "mesh-b"
 	meshIpt    = "mesh-ipt"
+	meshAuto   = "mesh-fallback"
 	meshBroken = "mesh-broken"
 	wrongPort  = "15099"
 )
 
-var meshed = []string{meshA, meshB, meshIpt, meshBroken}
+var meshed = []string{meshA, meshB, meshIpt, meshAuto, meshBroken}
 
 // deploy starts every scenario pod at once (they come up in parallel in a few seconds)
 // and waits until each listener in them is up: a pod is Ready when its containers started,
@@ -191,6 +192,7 @@ func (e *env) deploy() error {
 		a,
 		meshedPod(meshB, ebpf, hostCgroupAtSys, outboundPrt, e.c.BPFFS),
 		meshedPod(meshIpt, iptables, istioTemplate, outboundPrt, e.c.BPFFS),
+		meshedPod(meshAuto, fallback, istioTemplate, outboundPrt, e.c.BPFFS),
 		meshedPod(meshBroken, ebpf, noValidate, wrongPort, e.c.BPFFS),
 	)
 	if _, err := e.c.KubectlIn(ctx, pods, "apply", "-f", "-"); err != nil {
@@ -292,7 +294,14 @@ func scenario(t *testing.T) *row {
 	return r
 }
 
-func (r *row) note(format string, args ...any) { r.detail = fmt.Sprintf(format, args...) }
+// note sets the row's detail, on one line and at most 160 characters (the table is one
+// line per row; the test's own output has everything).
+func (r *row) note(format string, args ...any) {
+	r.detail = strings.Join(strings.Fields(fmt.Sprintf(format, args...)), " ")
+	if len(r.detail) > 160 {
+		r.detail = r.detail[:157] + "..."
+	}
+}
 
 func printTable() {
 	rowsMu.Lock()

@@ -27,6 +27,9 @@ type backend string
 const (
 	ebpf     backend = "ebpf"     // --mode auto (Istio's command line as is), which must pick eBPF here
 	iptables backend = "iptables" // --mode iptables: the fallback backend, forced
+	// fallback is --mode auto on a node where eBPF is not possible, simulated with
+	// divert's test hook DIVERT_TEST_FORCE_NO_EBPF=1: it must fall back to iptables.
+	fallback backend = "fallback"
 )
 
 // shape is how the init container is wired into the pod.
@@ -56,10 +59,6 @@ func initArgs(b backend, proxyPort string) []string {
 }
 
 type obj = map[string]any
-
-func downward(name, field string) obj {
-	return obj{"name": name, "valueFrom": obj{"fieldRef": obj{"fieldPath": field}}}
-}
 
 func container(name string, uid int, args ...string) obj {
 	return obj{
@@ -105,6 +104,9 @@ func meshedPod(name string, b backend, sh shape, proxyPort, bpffs string) obj {
 	case istioTemplate, noValidate:
 		initc["args"] = initArgs(b, proxyPort)
 		initc["env"] = []obj{{"name": "DIVERT_CGROUP_ROOT", "value": "/host/sys/fs/cgroup"}}
+		if b == fallback {
+			initc["env"] = append(initc["env"].([]obj), obj{"name": "DIVERT_TEST_FORCE_NO_EBPF", "value": "1"})
+		}
 		initc["volumeMounts"] = []obj{{"name": "divert-host-cgroup", "mountPath": "/host/sys/fs/cgroup", "readOnly": true}, bpfMount}
 		if sh == istioTemplate {
 			inits = append(inits, obj{

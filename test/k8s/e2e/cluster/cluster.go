@@ -71,6 +71,9 @@ type Cluster struct {
 	// Debian's plugins from /usr/lib/cni), so a node agent installing a chained plugin
 	// writes there and not into the host's /etc/cni or /usr/lib/cni.
 	CNIBinDir, CNIConfDir string
+	// NetNSDir is where pod network namespaces are mounted (containerd's
+	// netns_mounts_under_state_dir), in place of /var/run/netns.
+	NetNSDir string
 
 	bins  Binaries
 	logf  func(string, ...any)
@@ -140,6 +143,7 @@ func Up(ctx context.Context, cfg Config, bins Binaries) (_ *Cluster, err error) 
 		ContainerdSock: filepath.Join(state, "containerd", "containerd.sock"),
 		CNIBinDir:      filepath.Join(state, "cni", "bin"),
 		CNIConfDir:     filepath.Join(state, "cni", "net.d"),
+		NetNSDir:       filepath.Join(state, "containerd", "state", "io.containerd.grpc.v1.cri", "netns"),
 	}
 	if c.lock, err = takeLock(ctx, c.logf); err != nil {
 		return nil, err
@@ -262,15 +266,30 @@ func (c *Cluster) recoverPrevious() error {
 	return c.teardown()
 }
 
-// hostIP is the address of the interface holding the default route: the node's
-// InternalIP, which the apiserver uses to reach the kubelet (exec, logs).
+// hostIP is the node's InternalIP, which the apiserver uses to reach the kubelet (exec,
+// logs): the source address of the default route (a UDP "connect" sends nothing), else the
+// first global IPv4 address of an interface that is up.
 func hostIP() (string, error) {
-	conn, err := net.Dial("udp4", "192.0.2.255:9") // no packet is sent for a UDP "connect"
-	if err != nil {
-		return "", fmt.Errorf("finding the host's address: %w", err)
+	if conn, err := net.Dial("udp4", "203.0.113.1:9"); err == nil {
+		defer conn.Close()
+		return conn.LocalAddr().(*net.UDPAddr).IP.String(), nil
 	}
-	defer conn.Close()
-	return conn.LocalAddr().(*net.UDPAddr).IP.String(), nil
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return "", err
+	}
+	for _, ifc := range ifs {
+		if ifc.Flags&net.FlagUp == 0 || ifc.Flags&net.FlagLoopback != 0 || ifc.Name == Bridge {
+			continue
+		}
+		addrs, _ := ifc.Addrs()
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() != nil && ipn.IP.IsGlobalUnicast() {
+				return ipn.IP.String(), nil
+			}
+		}
+	}
+	return "", errors.New("no IPv4 address for the node: no default route and no interface with a global address")
 }
 
 // mounts makes the state directory a shared mount (bind onto itself, rshared): / is a
