@@ -232,16 +232,18 @@ func (e *env) deploy() error {
 	return nil
 }
 
-// describe is what a failed wait shows: pod status and the init containers' output.
+// describe is what a failed wait shows: pod status, every container's output (the init
+// containers' first) and the namespace's latest events.
 func (e *env) describe() string {
+	if ctx.Err() != nil {
+		return "(interrupted)"
+	}
 	var b strings.Builder
 	out, _ := e.c.Kubectl(ctx, "get", "pods", "-n", namespace, "-o", "wide")
 	b.WriteString(out)
 	for _, p := range meshed {
-		for _, ctr := range []string{"istio-init", "divert-validate"} {
-			logs, err := e.c.Kubectl(ctx, "logs", "-n", namespace, p, "-c", ctr)
-			fmt.Fprintf(&b, "--- %s %s: %s%v\n", p, ctr, logs, errOrNil(err))
-		}
+		logs, err := e.c.Kubectl(ctx, "logs", "-n", namespace, p, "--all-containers", "--prefix")
+		fmt.Fprintf(&b, "--- %s:\n%s%s\n", p, logs, errOrNil(err))
 	}
 	ev, _ := e.c.Kubectl(ctx, "get", "events", "-n", namespace, "--sort-by=.lastTimestamp")
 	b.WriteString(tailLines(ev, 30))
