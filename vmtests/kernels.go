@@ -328,11 +328,13 @@ func ExtractVmlinux(bzImage, dst string) error {
 
 // ListCandidates prints, per suite, the newest linux-image-<abi>-amd64 packages the mirror
 // offers, as kernels.txt lines, for updating the pins.
-func ListCandidates(a *Apt, suites []string, w io.Writer) error {
+func ListCandidates(a *Apt, w io.Writer) error {
 	if err := a.Update(); err != nil {
 		return err
 	}
-	out, err := a.Cache("search", "--names-only", `^linux-image-[0-9.]+.*-amd64$`)
+	// ABI-numbered images (linux-image-6.1.0-50-amd64, linux-image-6.12.117+deb12-amd64),
+	// not the meta packages (linux-image-6.1-amd64) nor the cloud and rt flavours.
+	out, err := a.Cache("search", "--names-only", `^linux-image-[0-9]+\.[0-9]+\.[0-9]+[^ ]*-amd64$`)
 	if err != nil {
 		return err
 	}
@@ -340,8 +342,7 @@ func ListCandidates(a *Apt, suites []string, w io.Writer) error {
 	sc := bufio.NewScanner(bytes.NewReader(out))
 	for sc.Scan() {
 		name, _, _ := strings.Cut(sc.Text(), " ")
-		if !strings.Contains(name, "-cloud-") && !strings.Contains(name, "-rt-") && strings.Count(name, ".") >= 1 &&
-			!strings.HasPrefix(name, "linux-image-6.1-") && !strings.HasPrefix(name, "linux-image-6.12-") {
+		if !strings.HasSuffix(name, "-cloud-amd64") && !strings.HasSuffix(name, "-rt-amd64") {
 			names = append(names, name)
 		}
 	}
