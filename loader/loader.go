@@ -19,6 +19,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -424,6 +425,11 @@ func OpenMaps(id string, opts Options) (*maps.Maps, error) {
 func CloseMaps(m *maps.Maps) { closeMaps(m) }
 
 func loadObjects(objs *objects, pinned *maps.Maps) error {
+	// Kernels before 5.11 charge BPF objects to RLIMIT_MEMLOCK (64 KiB by default before
+	// 5.16): lift it. On newer kernels (memcg accounting) this does nothing.
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return fmt.Errorf("raise RLIMIT_MEMLOCK for BPF maps (needs CAP_SYS_RESOURCE on kernels before 5.11): %w", err)
+	}
 	spec, err := bpf.LoadDivert()
 	if err != nil {
 		return fmt.Errorf("load embedded BPF spec: %w", err)
