@@ -160,6 +160,10 @@ func Up(ctx context.Context, cfg Config, bins Binaries) (_ *Cluster, err error) 
 		c.unlock()
 		return nil, err
 	}
+	if err := checkStateDir(state); err != nil {
+		c.unlock()
+		return nil, err
+	}
 	if err := os.RemoveAll(state); err != nil {
 		c.unlock()
 		return nil, err
@@ -210,6 +214,21 @@ func Up(ctx context.Context, cfg Config, bins Binaries) (_ *Cluster, err error) 
 		return c, err
 	}
 	return c, nil
+}
+
+// checkStateDir refuses to wipe a directory that is not an earlier run's state (a mistyped
+// -k8s.state), or one that still has something mounted below it.
+func checkStateDir(state string) error {
+	if strings.Count(filepath.Clean(state), "/") < 2 {
+		return fmt.Errorf("state directory %s: use a dedicated directory at least two levels deep", state)
+	}
+	if names := listDir(state); len(names) > 0 && !slices.Contains(names, "logs") && !slices.Contains(names, "record.json") {
+		return fmt.Errorf("%s is not empty and is not an earlier run's state directory (no logs/ or record.json): not wiping it", state)
+	}
+	if pts, err := mountsUnder(state); err != nil || len(pts) > 0 {
+		return fmt.Errorf("%s still has mounts (%v) and no record of them; unmount them first (%v)", state, pts, err)
+	}
+	return nil
 }
 
 // takeLock serialises runs on this host: clusters would share ports, the bridge and
