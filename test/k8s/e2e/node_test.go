@@ -1,8 +1,7 @@
 package e2e
 
-import "testing"
-
-// TestNodeMode is the hook for node mode (DESIGN.md §7: the `divert node` DaemonSet agent
+// Node mode's scenarios are not written yet (issue 9). They belong in a TestNodeMode here
+// (no placeholder test is kept: CI runs no skipped tests). What they need: node mode (DESIGN.md §7: the `divert node` DaemonSet agent
 // plus the `divert-cni` chained plugin, deploy/node/divert-node.yaml), which is written
 // separately. Its scenarios go here, against the same cluster and judged by the same
 // check() as the init-container rows:
@@ -22,8 +21,3 @@ import "testing"
 //   - an unmeshed pod untouched: a dial from it reaches plain directly (one hop);
 //   - the agent restarted while a client loops: no connection escapes the proxy;
 //   - the pod deleted: its pins under suite.c.BPFFS/divert/<uid> are gone.
-func TestNodeMode(t *testing.T) {
-	r := scenario(t)
-	r.note("TODO: node-mode scenarios (hook: TestNodeMode in test/k8s/e2e/node_test.go)")
-	t.Skip("node mode (divert node + divert-cni) scenarios are not written yet; see the comment above for where they go")
-}
