@@ -262,7 +262,6 @@ var orderCases = []decideCase{
 		pass(policy.ReasonNotIncluded)},
 	// TPROXY mode returns the tunnel port only in a nat chain it does not use.
 	{"TPROXY captures the tunnel port inbound", []string{"-m", "TPROXY"}, in(15008), toInbound(15006, policy.ReasonInboundIncludedPort)},
-
 }
 
 func runDecide(t *testing.T, cases []decideCase) {
