@@ -63,7 +63,7 @@ func main() {
 		skip        = flag.String("skip", envOr("VMTEST_SKIP", ""), "passed as -test.skip to every test binary; env VMTEST_SKIP")
 		quick       = flag.Bool("quick", os.Getenv("VMTEST_QUICK") != "", "skip the slow tests listed in Slow (what CI runs); env VMTEST_QUICK=1")
 		memlock     = flag.Bool("memlock-unlimited", os.Getenv("VMTEST_MEMLOCK_UNLIMITED") != "", "run the tests with RLIMIT_MEMLOCK=infinity instead of the kernel's default; env VMTEST_MEMLOCK_UNLIMITED=1")
-		timeout     = flag.Duration("timeout", 10*time.Minute, "per test binary inside the guest (-test.timeout; killed 30s later)")
+		timeout     = flag.Duration("timeout", 20*time.Minute, "per test binary inside the guest (-test.timeout; killed 30s later); generous because TCG on a busy host is slow")
 		runner      = flag.String("runner", envOr("RUNNER", "qemu"), "qemu or vng (virtme-ng); env RUNNER")
 		accel       = flag.String("accel", envOr("ACCEL", "tcg"), "qemu accelerator: tcg, or kvm on hosts with working hardware virtualisation; env ACCEL")
 		appendArgs  = flag.String("append", envOr("VMTEST_APPEND", ""), "extra guest kernel command line; env VMTEST_APPEND")
