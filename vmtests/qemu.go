@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -23,7 +24,11 @@ type Qemu struct {
 	Console string // file receiving the first serial port: kernel and test output
 	Results string // file receiving the second serial port: the init's result lines
 	Timeout time.Duration
-	Stream  io.Writer // if set, also gets the console as it is written
+	// Stall, if set, also kills the guest when the Results file has not grown for that
+	// long: a wedged kernel is caught one package's time after the last result, not at
+	// the end of the whole run's Timeout.
+	Stall  time.Duration
+	Stream io.Writer // if set, also gets the console as it is written
 }
 
 // Run boots the guest and waits for it to power off. It reports timedOut when it had to
@@ -60,6 +65,10 @@ func (q Qemu) Run(ctx context.Context) (timedOut bool, cpu time.Duration, err er
 	}
 	ctx, cancel := context.WithTimeout(ctx, q.Timeout)
 	defer cancel()
+	var stalled atomic.Bool
+	if q.Stall > 0 {
+		go WatchStall(ctx, q.Results, q.Stall, func() { stalled.Store(true); cancel() })
+	}
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
 	cmd.Stdin = nil // /dev/null: the guest gets no input
 	cmd.Stdout, cmd.Stderr = out, out
@@ -71,7 +80,7 @@ func (q Qemu) Run(ctx context.Context) (timedOut bool, cpu time.Duration, err er
 		// CPU time, unlike wall time, hardly depends on what else the host is running.
 		cpu = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 	}
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) || stalled.Load() {
 		return true, cpu, nil
 	}
 	var exit *exec.ExitError
@@ -79,4 +88,27 @@ func (q Qemu) Run(ctx context.Context) (timedOut bool, cpu time.Duration, err er
 		return false, cpu, fmt.Errorf("qemu-system-x86_64: %w", err)
 	}
 	return false, cpu, nil
+}
+
+// WatchStall calls kill once the file at path has not grown for stall, and returns when
+// ctx ends.
+func WatchStall(ctx context.Context, path string, stall time.Duration, kill func()) {
+	var size int64 = -1
+	last := time.Now()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if fi, err := os.Stat(path); err == nil && fi.Size() != size {
+			size, last = fi.Size(), time.Now()
+		}
+		if time.Since(last) > stall {
+			kill()
+			return
+		}
+	}
 }

@@ -30,4 +30,15 @@ func TestQemuHardTimeout(t *testing.T) {
 	if b, _ := os.ReadFile(q.Console); len(b) == 0 {
 		t.Error("console log is empty; want the fake's output")
 	}
+
+	// A guest that stops reporting is killed after Stall, long before Timeout.
+	q.Timeout, q.Stall = time.Hour, 2*time.Second
+	start = time.Now()
+	timedOut, _, err = q.Run(context.Background())
+	if err != nil || !timedOut {
+		t.Fatalf("Run with Stall = timedOut %v, err %v; want a timeout", timedOut, err)
+	}
+	if d := time.Since(start); d > 15*time.Second {
+		t.Errorf("Run returned after %v, want about the 2s stall", d)
+	}
 }

@@ -71,7 +71,7 @@ func ParseGuest(token string, pkgs []Package, results, console string, hostTimed
 		case ok && r.Outcome != Pass:
 			r.Reason = failReason(sections[p.Path])
 		case !ok && hostTimedOut:
-			r = PackageResult{Package: p.Path, Outcome: Timeout, Reason: "no result: the VM hit the host's hard timeout"}
+			r = PackageResult{Package: p.Path, Outcome: Timeout, Reason: "no result: the host killed the VM (no progress, or its hard timeout)"}
 		case !ok:
 			r = PackageResult{Package: p.Path, Outcome: Fail, Reason: "no result line (guest crashed or stopped early; see the console log)"}
 		}
@@ -82,7 +82,7 @@ func ParseGuest(token string, pkgs []Package, results, console string, hostTimed
 		g.Problems = append(g.Problems, "the guest did not report finishing")
 	}
 	if hostTimedOut {
-		g.Problems = append(g.Problems, "the host killed the VM at its hard timeout")
+		g.Problems = append(g.Problems, "the host killed the VM: no result line for too long, or the run's hard timeout")
 	}
 	// The kernel's own complaints: a panic, BUG or oops fails the run even if every package
 	// passed (the tests may not have noticed); a WARNING is worth a note.

@@ -61,7 +61,7 @@ func main() {
 		pkgsFlag    = flag.String("packages", envOr("VMTEST_PACKAGES", ""), "comma-separated test packages (default: the built-in list); env VMTEST_PACKAGES")
 		run         = flag.String("run", envOr("VMTEST_RUN", ""), "passed as -test.run to every test binary; env VMTEST_RUN")
 		skip        = flag.String("skip", envOr("VMTEST_SKIP", ""), "passed as -test.skip to every test binary; env VMTEST_SKIP")
-		quick       = flag.Bool("quick", os.Getenv("VMTEST_QUICK") != "", "skip the slow tests listed in Slow (what CI runs); env VMTEST_QUICK=1")
+		quick       = flag.Bool("quick", os.Getenv("VMTEST_QUICK") != "", "skip the slow tests listed in Slow, and default -timeout to 5m (what CI runs); env VMTEST_QUICK=1")
 		memlock     = flag.Bool("memlock-unlimited", os.Getenv("VMTEST_MEMLOCK_UNLIMITED") != "", "run the tests with RLIMIT_MEMLOCK=infinity instead of the kernel's default; env VMTEST_MEMLOCK_UNLIMITED=1")
 		timeout     = flag.Duration("timeout", 20*time.Minute, "per test binary inside the guest (-test.timeout; killed 30s later); generous because TCG on a busy host is slow")
 		runner      = flag.String("runner", envOr("RUNNER", "qemu"), "qemu or vng (virtme-ng); env RUNNER")
@@ -80,6 +80,12 @@ func main() {
 	defer stop()
 
 	if *quick {
+		// CI: every binary then takes under 2 minutes, so a hang should not cost 20.
+		timeoutSet := false
+		flag.Visit(func(f *flag.Flag) { timeoutSet = timeoutSet || f.Name == "timeout" })
+		if !timeoutSet {
+			*timeout = 5 * time.Minute
+		}
 		// -test.skip matches per name level, so anchoring keeps subtests of others alone.
 		q := "^(" + strings.Join(Slow, "|") + ")$"
 		if *skip != "" {
@@ -319,6 +325,8 @@ func (r *vmRun) kernel(ctx context.Context, k vmtests.Kernel, pkgs []vmtests.Pac
 	plan := vmtests.Plan{Token: token(), Packages: pkgs, Run: r.run, Skip: r.skip, TimeoutSec: int(r.timeout.Seconds()), GraceSec: 30, MemlockUnlimited: r.memlock}
 	// The host's limit only catches a wedged guest: each binary has its own timeout inside.
 	hostTimeout := 3*time.Minute + time.Duration(len(pkgs))*(r.timeout+time.Duration(plan.GraceSec+10)*time.Second)
+	// A guest that reports nothing for longer than one binary may take (plus a boot) is wedged.
+	stall := 3*time.Minute + r.timeout + time.Duration(plan.GraceSec)*time.Second
 	var stream io.Writer // nil unless -v
 	if r.verbose {
 		stream = os.Stdout
@@ -343,6 +351,7 @@ func (r *vmRun) kernel(ctx context.Context, k vmtests.Kernel, pkgs []vmtests.Pac
 		fmt.Printf("vmtest: kernel %s: booting %s under %s\n", k.Name, filepath.Base(x.Image), r.accel)
 		q := vmtests.Qemu{Kernel: x.Image, Initrd: initrd, Accel: r.accel, MemMB: r.mem, CPUs: r.cpus,
 			Console: console, Results: results, Timeout: hostTimeout, Stream: stream,
+			Stall: stall,
 			// Kernel warnings and worse reach the console, where ParseGuest looks for them.
 			Append: strings.TrimSpace("loglevel=5 " + r.appendArgs)}
 		timedOut, cpu, err = q.Run(ctx)
@@ -350,7 +359,7 @@ func (r *vmRun) kernel(ctx context.Context, k vmtests.Kernel, pkgs []vmtests.Pac
 			return g, 0, 0, "", err
 		}
 	case "vng":
-		timedOut, cpu, err = runVng(ctx, r, x, pkgs, bins, initBin, plan, console, results, hostTimeout, stream)
+		timedOut, cpu, err = runVng(ctx, r, x, pkgs, bins, initBin, plan, console, results, hostTimeout, stall, stream)
 		if err != nil {
 			return g, 0, 0, "", err
 		}

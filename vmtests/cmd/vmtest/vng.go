@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -22,7 +23,7 @@ import (
 // kernel package (vng runs depmod on it). Our init runs as an ordinary command there and
 // writes result lines into a directory shared read-write.
 func runVng(ctx context.Context, r *vmRun, x *vmtests.Extracted, pkgs []vmtests.Package, bins map[string]string, initBin string,
-	plan vmtests.Plan, console, results string, timeout time.Duration, stream io.Writer) (timedOut bool, cpu time.Duration, err error) {
+	plan vmtests.Plan, console, results string, timeout, stall time.Duration, stream io.Writer) (timedOut bool, cpu time.Duration, err error) {
 	vng, err := exec.LookPath("vng")
 	if err != nil {
 		return false, 0, errors.New("RUNNER=vng needs virtme-ng: see vmtests/README.md")
@@ -66,6 +67,8 @@ func runVng(ctx context.Context, r *vmRun, x *vmtests.Extracted, pkgs []vmtests.
 	fmt.Fprintf(con, "# vng %q\n", args)
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	var stalled atomic.Bool
+	go vmtests.WatchStall(ctx, results, stall, func() { stalled.Store(true); cancel() })
 	cmd := exec.CommandContext(ctx, vng, args...)
 	// vng checks that a --rwdir exists in the guest with a path relative to the root but
 	// tests it relative to its working directory: run it from / so that check holds.
@@ -79,7 +82,7 @@ func runVng(ctx context.Context, r *vmRun, x *vmtests.Extracted, pkgs []vmtests.
 	if cmd.ProcessState != nil {
 		cpu = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 	}
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) || stalled.Load() {
 		return true, cpu, nil
 	}
 	var exit *exec.ExitError
