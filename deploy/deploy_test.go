@@ -349,8 +349,8 @@ func TestDockerfile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Contains(bc.Env, "CGO_ENABLED=0") || bc.Pkg != "./cmd/divert" {
-		t.Errorf("build: want CGO_ENABLED=0 go build ... ./cmd/divert, got %+v", bc)
+	if !slices.Contains(bc.Env, "CGO_ENABLED=0") || !slices.Equal(bc.Pkgs, []string{"./cmd/divert", "./cmd/divert-cni"}) {
+		t.Errorf("build: want CGO_ENABLED=0 go build ... ./cmd/divert ./cmd/divert-cni, got %+v", bc)
 	}
 	last := instrs[len(instrs)-1].Stage
 	var final []string
@@ -363,7 +363,8 @@ func TestDockerfile(t *testing.T) {
 	for _, want := range []string{
 		"FROM debian:12-slim",
 		"apt-get install -y --no-install-recommends iptables",
-		"COPY --from=build " + bc.Output + " /usr/local/bin/divert",
+		// divert node installs the divert-cni next to it (its --plugin-binary default).
+		"COPY --from=build " + bc.OutDir + "divert " + bc.OutDir + "divert-cni /usr/local/bin/",
 		"ln -s divert /usr/local/bin/istio-iptables",
 		`ENTRYPOINT ["/usr/local/bin/divert"]`,
 	} {

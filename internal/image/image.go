@@ -98,12 +98,36 @@ func Words(s string) ([]string, error) {
 }
 
 // BuildCommand is the image's `go build` step: the environment assignments before it, its
-// arguments (after "go build"), the package and the output path.
+// arguments (after "go build"), the packages and the output directory (go build writes one
+// binary per main package into it, named after the package's directory).
 type BuildCommand struct {
 	Env    []string // e.g. CGO_ENABLED=0
-	Flags  []string // everything between "build" and the package, -o and its value excluded
-	Output string   // the -o value
-	Pkg    string   // e.g. ./cmd/divert
+	Flags  []string // everything between "build" and the packages, -o and its value excluded
+	OutDir string   // the -o value, a directory: it ends in "/"
+	Pkgs   []string // e.g. ./cmd/divert ./cmd/divert-cni
+}
+
+// Binaries are the names of what the build writes into OutDir, in package order.
+func (bc BuildCommand) Binaries() []string {
+	var out []string
+	for _, p := range bc.Pkgs {
+		out = append(out, filepath.Base(p))
+	}
+	return out
+}
+
+// Run builds the packages from the module at root into dir, with the image's environment
+// and flags.
+func (bc BuildCommand) Run(root, dir string) error {
+	args := append(append([]string{"build"}, bc.Flags...), "-o", dir+"/")
+	args = append(args, bc.Pkgs...)
+	cmd := exec.Command("go", args...)
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), bc.Env...)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s go %s: %v\n%s", strings.Join(bc.Env, " "), strings.Join(args, " "), err, b)
+	}
+	return nil
 }
 
 // FindBuild returns the Dockerfile's single RUN line that runs go build.
@@ -133,18 +157,18 @@ func FindBuild(instrs []Instruction) (BuildCommand, error) {
 	for j := 0; j < len(rest); j++ {
 		switch {
 		case rest[j] == "-o" && j+1 < len(rest):
-			bc.Output = rest[j+1]
+			bc.OutDir = rest[j+1]
 			j++
 		case strings.HasPrefix(rest[j], "-o="):
-			bc.Output = strings.TrimPrefix(rest[j], "-o=")
-		case j == len(rest)-1 && !strings.HasPrefix(rest[j], "-"):
-			bc.Pkg = rest[j]
+			bc.OutDir = strings.TrimPrefix(rest[j], "-o=")
+		case strings.HasPrefix(rest[j], "./"):
+			bc.Pkgs = append(bc.Pkgs, rest[j])
 		default:
 			bc.Flags = append(bc.Flags, rest[j])
 		}
 	}
-	if bc.Pkg == "" || bc.Output == "" {
-		return BuildCommand{}, fmt.Errorf("the build line must end in -o OUTPUT PACKAGE: %q", found[0])
+	if len(bc.Pkgs) == 0 || !strings.HasSuffix(bc.OutDir, "/") {
+		return BuildCommand{}, fmt.Errorf("the build line must end in -o DIR/ ./PACKAGE...: %q", found[0])
 	}
 	return bc, nil
 }
@@ -161,9 +185,9 @@ var (
 	buildErr  error
 )
 
-// Divert builds cmd/divert with the Dockerfile's go build command (its environment and
-// flags, into a directory every uid can read) once per test process and returns the
-// binary's path. An "istio-iptables" link to it sits beside it, as in the image.
+// Divert builds the image's binaries with the Dockerfile's go build command (its environment
+// and flags, into a directory every uid can read) once per test process and returns divert's
+// path. divert-cni and an "istio-iptables" link to divert sit beside it, as in the image.
 func Divert(tb testing.TB) string {
 	tb.Helper()
 	buildOnce.Do(func() {
@@ -187,16 +211,10 @@ func Divert(tb testing.TB) string {
 			buildErr = err
 			return
 		}
-		out := filepath.Join(buildDir, filepath.Base(bc.Output))
-		args := append(append([]string{"build"}, bc.Flags...), "-o", out, bc.Pkg)
-		cmd := exec.Command("go", args...)
-		cmd.Dir = root
-		cmd.Env = append(os.Environ(), bc.Env...)
-		if b, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("%v go %s: %v\n%s", bc.Env, strings.Join(args, " "), err, b)
+		if buildErr = bc.Run(root, buildDir); buildErr != nil {
 			return
 		}
-		buildErr = os.Symlink(filepath.Base(out), filepath.Join(buildDir, "istio-iptables"))
+		buildErr = os.Symlink("divert", filepath.Join(buildDir, "istio-iptables"))
 	})
 	if buildErr != nil {
 		tb.Fatalf("build divert as the Dockerfile does: %v", buildErr)

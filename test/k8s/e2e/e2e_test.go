@@ -134,7 +134,8 @@ func run(m *testing.M) (code int) {
 // images: the pause image and the test app share the static testapp binary. The divert
 // image is laid out as the Dockerfile's final stage: iptables (Debian 12's, copied from this
 // Debian 12 host instead of apt-get install in debian:12-slim), /usr/local/bin/divert with
-// an istio-iptables link beside it, and divert as the entrypoint, so pods pass Istio's
+// divert-cni (node mode installs it on the host) and an istio-iptables link beside it, and
+// divert as the entrypoint, so pods pass Istio's
 // "istio-iptables ..." as args exactly as the injector does.
 func images(bins cluster.Binaries) ([]cluster.Image, error) {
 	ipt, err := cluster.IptablesLayer()
@@ -146,6 +147,7 @@ func images(bins cluster.Binaries) ([]cluster.Image, error) {
 		{Ref: testappRef, Layers: []cluster.FileSet{{{Path: "/testapp", Src: bins.Testapp}}}, Entrypoint: []string{"/testapp"}},
 		{Ref: divertRef, Layers: []cluster.FileSet{ipt, {
 			{Path: "/usr/local/bin/divert", Src: bins.Divert},
+			{Path: "/usr/local/bin/divert-cni", Src: bins.DivertCNI},
 			{Path: "/usr/local/bin/istio-iptables", Link: "divert"},
 		}}, Entrypoint: []string{"/usr/local/bin/divert"}},
 	}, nil

@@ -10,9 +10,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 
 	"github.com/meshdivert/divert/internal/image"
 )
@@ -40,16 +38,9 @@ func build(dir string) error {
 	if err != nil {
 		return err
 	}
-	dst, err := filepath.Abs(filepath.Join(dir, filepath.Base(bc.Output)))
+	dst, err := filepath.Abs(dir)
 	if err != nil {
 		return err
 	}
-	args := append(append([]string{"build"}, bc.Flags...), "-o", dst, bc.Pkg)
-	cmd := exec.Command("go", args...)
-	cmd.Dir = root
-	cmd.Env = append(os.Environ(), bc.Env...)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("%s go %s: %v\n%s", strings.Join(bc.Env, " "), strings.Join(args, " "), err, b)
-	}
-	return nil
+	return bc.Run(root, dst)
 }

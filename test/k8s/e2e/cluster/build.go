@@ -22,7 +22,7 @@ var kubeCommands = []string{"kube-apiserver", "kube-controller-manager", "kube-s
 // Binaries are the paths of everything the cluster and the tests run.
 type Binaries struct {
 	APIServer, ControllerManager, Scheduler, Kubelet, Kubectl string
-	Divert, Testapp                                           string
+	Divert, DivertCNI, Testapp                                string
 }
 
 // BuildResult says what a build did, for the timing table.
@@ -102,9 +102,10 @@ func Build(ctx context.Context, repo, cache, out string, logf func(string, ...an
 		return bins, res, err
 	}
 	bins.Divert = filepath.Join(out, "divert")
+	bins.DivertCNI = filepath.Join(out, "divert-cni")
 	bins.Testapp = filepath.Join(out, "testapp")
-	// divert exactly as the Dockerfile's build stage makes it (test/k8s/imagebuild reads
-	// the Dockerfile's go build line).
+	// divert and divert-cni exactly as the Dockerfile's build stage makes them
+	// (test/k8s/imagebuild reads the Dockerfile's go build line).
 	if err := goCmd(ctx, repo, "run", "./test/k8s/imagebuild", "-o", out); err != nil {
 		return bins, res, fmt.Errorf("building divert: %w", err)
 	}
