@@ -146,6 +146,10 @@ func (a *Agent) podCgroup(pod *corev1.Pod, create bool) (string, error) {
 // capture get it (pods created while the agent was down), pins of pods that are gone are
 // removed. With refresh, attached pods are attached again, which updates their policy
 // and swaps in this build's programs (link.Update: no gap in capture) — done on start.
+//
+// Pins of a pod that still runs are never removed, selected or not: an unselected pod with
+// pins was captured by someone else (istio-init running divert in the pod, while a mesh
+// migrates to node mode), and taking its capture away would let its traffic escape.
 func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 	list, err := a.Client.CoreV1().Pods("").List(ctx, metav1.ListOptions{
 		FieldSelector: fields.OneTermEqualSelector("spec.nodeName", a.NodeName).String(),
@@ -165,12 +169,12 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 	var errs []error
 	for i := range list.Items {
 		pod := &list.Items[i]
-		if ok, _ := Selected(pod); !ok || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
+		if pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
 			continue
 		}
 		id := string(pod.UID)
-		if isAttached[id] && !refresh {
-			live[id] = true
+		live[id] = true
+		if ok, _ := Selected(pod); !ok || (isAttached[id] && !refresh) {
 			continue
 		}
 		netns, err := a.podNetns(pod)
@@ -182,30 +186,16 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 		}
 		if err != nil {
 			errs = append(errs, err)
-			continue
 		}
-		live[id] = true
 	}
 	for _, id := range attached {
-		if !live[id] && !a.stillStarting(list.Items, id) {
+		if !live[id] {
 			if err := a.detach(id); err != nil {
 				errs = append(errs, err)
 			}
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// stillStarting keeps the pins of a selected pod that exists but has no running process
-// yet (CNI ADD just attached it).
-func (a *Agent) stillStarting(pods []corev1.Pod, id string) bool {
-	for i := range pods {
-		if string(pods[i].UID) == id {
-			ok, _ := Selected(&pods[i])
-			return ok && pods[i].Status.Phase == corev1.PodPending
-		}
-	}
-	return false
 }
 
 var errNoProcess = errors.New("no process in the pod's cgroup")

@@ -354,7 +354,22 @@ func TestReconcile(t *testing.T) {
 		t.Fatal("capture lost over an agent restart")
 	}
 
-	// The pod is deleted: its pins go.
+	// The unselected pod gets pins from someone else (istio-init in the pod, during a
+	// migration to node mode): reconcile must leave its capture alone while it runs.
+	if err := loader.Attach(ctx, loader.Pod{ID: string(plain.UID), Cgroup: pods[1].CgroupPath, NetNS: pods[1].NetNSPath}, ptr(policy.Default()), w.agent.Loader); err != nil {
+		t.Fatal(err)
+	}
+	if err := restarted.Reconcile(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if landed(1) != "proxy" {
+		t.Fatal("reconcile removed the capture of a running pod it did not select (attached by istio-init)")
+	}
+	if err := w.agent.Client.CoreV1().Pods(plain.Namespace).Delete(ctx, plain.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	// The pods are deleted: their pins go.
 	if err := w.agent.Client.CoreV1().Pods(meshed.Namespace).Delete(ctx, meshed.Name, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -362,7 +377,7 @@ func TestReconcile(t *testing.T) {
 		t.Fatal(err)
 	}
 	if ids, _ := loader.List(w.agent.Loader); len(ids) != 0 {
-		t.Fatalf("pins left for a deleted pod: %v", ids)
+		t.Fatalf("pins left for deleted pods: %v", ids)
 	}
 	if landed(0) != "remote" {
 		t.Fatal("a deleted pod's capture must be gone")
@@ -401,3 +416,5 @@ func TestChainConflist(t *testing.T) {
 		t.Fatal("no conflist must be an error")
 	}
 }
+
+func ptr[T any](v T) *T { return &v }
