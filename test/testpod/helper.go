@@ -251,18 +251,26 @@ func origDst(c *net.TCPConn) (netip.AddrPort, error) {
 func runClient(args []string) error {
 	fs := flag.NewFlagSet("client", flag.ContinueOnError)
 	timeout := fs.Duration("timeout", 3*time.Second, "per target: connect + read to EOF")
+	repeatFor := fs.Duration("for", 0, "dial the targets again and again until this much time has passed (0: once)")
+	interval := fs.Duration("interval", 50*time.Millisecond, "with --for: pause between rounds")
 	var targets listFlag
 	fs.Var(&targets, "target", "DST[@BINDSRC] (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	enc := json.NewEncoder(os.Stdout)
-	for _, t := range targets {
-		if err := enc.Encode(clientDial(t, *timeout)); err != nil {
-			return err
+	end := time.Now().Add(*repeatFor)
+	for {
+		for _, t := range targets {
+			if err := enc.Encode(clientDial(t, *timeout)); err != nil {
+				return err
+			}
 		}
+		if time.Now().After(end) {
+			return nil
+		}
+		time.Sleep(*interval)
 	}
-	return nil
 }
 
 func clientDial(target string, timeout time.Duration) Result {
