@@ -217,16 +217,7 @@ func (e *env) deploy() error {
 	}
 	for p, cs := range ready {
 		for _, ctr := range cs {
-			if err := e.c.WaitFor(ctx, p+"/"+ctr+" listening", 30*time.Second, func() error {
-				logs, err := e.c.Kubectl(ctx, "logs", "-n", namespace, p, "-c", ctr)
-				if err != nil {
-					return err
-				}
-				if !strings.Contains(logs, "ready") {
-					return fmt.Errorf("no ready line yet")
-				}
-				return nil
-			}); err != nil {
+			if err := waitListening(p, ctr); err != nil {
 				return err
 			}
 		}

@@ -1,23 +1,557 @@
 package e2e
 
-// Node mode's scenarios are not written yet (issue 9). They belong in a TestNodeMode here
-// (no placeholder test is kept: CI runs no skipped tests). What they need: node mode (DESIGN.md §7: the `divert node` DaemonSet agent
-// plus the `divert-cni` chained plugin, deploy/node/divert-node.yaml), which is written
-// separately. Its scenarios go here, against the same cluster and judged by the same
-// check() as the init-container rows:
-//
-//   - deploy: deploy/node/divert-node.yaml with image divertRef (images() in e2e_test.go
-//     builds it; add the divert-cni binary to its layer) and imagePullPolicy: Never, its
-//     hostPaths pointed at this cluster's own directories, all under the state directory:
-//     /opt/cni/bin -> suite.c.CNIBinDir, /etc/cni/net.d -> suite.c.CNIConfDir,
-//     /var/run/netns -> suite.c.NetNSDir, /sys/fs/bpf -> suite.c.BPFFS (so installing the
-//     plugin never touches the host's /etc/cni or /opt/cni, and pins die with the cluster).
-//     There is no kube-proxy, so the kubernetes Service's ClusterIP leads nowhere: give the
-//     agent KUBERNETES_SERVICE_HOST=suite.c.NodeIP and KUBERNETES_SERVICE_PORT=cluster.APIPort
-//     (the apiserver's certificate covers that address). The cgroup2 mount is at
-//     /sys/fs/cgroup/unified on these machines, as the manifest assumes.
-//   - a meshed pod (selected by its annotations, no init container) captured:
-//     outbound(t, pod) and inbound(t, pod, addr(pod, appPort));
-//   - an unmeshed pod untouched: a dial from it reaches plain directly (one hop);
-//   - the agent restarted while a client loops: no connection escapes the proxy;
-//   - the pod deleted: its pins under suite.c.BPFFS/divert/<uid> are gone.
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshdivert/divert/test/k8s/e2e/cluster"
+)
+
+// Node mode: deploy/node/divert-node.yaml as shipped (image and host paths pointed at this
+// cluster), then pods with no divert container at all. The agent installs divert-cni into
+// the cluster's CNI bin dir and chains it into the cluster's conflist; containerd runs the
+// plugin for every new pod and the agent captures the meshed ones.
+const (
+	agentNS     = "divert-system"
+	agentLabel  = "app=divert-node"
+	nodeMesh    = "node-mesh"
+	nodeUnmesh  = "node-plain"
+	nodeLate    = "node-late"
+	metricsPort = "15099"
+)
+
+// TestNodeMode runs its rows in order: each builds on the one before (the agent must be
+// up before the pods, the pods before the restart, the restart before the delete).
+func TestNodeMode(t *testing.T) {
+	steps := []struct {
+		name string
+		fn   func(t *testing.T)
+	}{
+		{"agent-installs-plugin", nodeAgentUp},
+		{"pods-start", nodePodsUp},
+		{"meshed/pinned", nodePinned},
+		{"meshed/outbound", func(t *testing.T) { outbound(t, nodeMesh) }},
+		{"meshed/inbound", func(t *testing.T) { inbound(t, nodeMesh, addr(nodeMesh, appPort)) }},
+		{"meshed/annotation-excludes-cidr", nodeAnnotationHonoured},
+		{"unmeshed/untouched", nodeUnmeshedUntouched},
+		{"metrics", nodeMetrics},
+		{"agent-restart-no-escape", nodeAgentRestart},
+		{"pod-deleted-pins-gone", nodePodDeleted},
+		{"agent-down-pod-fails-closed", nodeAgentDownFailsClosed},
+		{"agent-back-pod-starts-captured", nodeAgentBack},
+	}
+	for _, s := range steps {
+		if !t.Run(s.name, s.fn) {
+			t.Fatalf("%s failed; the rows after it depend on it", s.name)
+		}
+	}
+}
+
+// nodeAgentUp applies the shipped manifest with this cluster's directories and waits for
+// the agent to say it is ready; the plugin must then be in the bin dir and chained.
+func nodeAgentUp(t *testing.T) {
+	r := scenario(t)
+	manifest, err := nodeManifest(suite.c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := suite.c.KubectlIn(ctx, manifest, "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	agent := waitAgentReady(t, "")
+	bin, err := os.Lstat(filepath.Join(suite.c.CNIBinDir, "divert-cni"))
+	if err != nil || !bin.Mode().IsRegular() {
+		t.Fatalf("divert-cni not installed in the cluster's CNI bin dir: %v", err)
+	}
+	conf, err := os.ReadFile(filepath.Join(suite.c.CNIConfDir, cluster.CNIConflist))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list struct {
+		Plugins []struct {
+			Type string `json:"type"`
+		} `json:"plugins"`
+	}
+	if err := json.Unmarshal(conf, &list); err != nil {
+		t.Fatal(err)
+	}
+	var types []string
+	for _, p := range list.Plugins {
+		types = append(types, p.Type)
+	}
+	if len(types) == 0 || types[len(types)-1] != "divert-cni" {
+		t.Fatalf("divert-cni is not chained last in %s: %v", cluster.CNIConflist, types)
+	}
+	r.note("%s ready in %s; conflist %s", agent, time.Since(start).Round(time.Second), strings.Join(types, " -> "))
+}
+
+// nodeManifest is deploy/node/divert-node.yaml (converted to JSON by kubectl) with the
+// test image and this cluster's host directories. Host paths the plugin sees (socket,
+// netns) are mounted at the same path in the agent, as on a real node.
+func nodeManifest(c *cluster.Cluster) (string, error) {
+	out, err := c.Kubectl(ctx, "create", "--dry-run=client", "-o", "json", "-f", "../../../deploy/node/divert-node.yaml")
+	if err != nil {
+		return "", err
+	}
+	// One JSON object per manifest document, one after the other.
+	var list struct{ Items []obj }
+	dec := json.NewDecoder(strings.NewReader(out))
+	for dec.More() {
+		var o obj
+		if err := dec.Decode(&o); err != nil {
+			return "", fmt.Errorf("kubectl's JSON of the manifest: %w", err)
+		}
+		list.Items = append(list.Items, o)
+	}
+	cgroupRoot, err := hostCgroup2()
+	if err != nil {
+		return "", err
+	}
+	socketDir := filepath.Join(c.State, "divert-run")
+	found := false
+	for _, item := range list.Items {
+		if item["kind"] != "DaemonSet" {
+			continue
+		}
+		found = true
+		spec := item["spec"].(obj)["template"].(obj)["spec"].(obj)
+		ctr := spec["containers"].([]any)[0].(obj)
+		ctr["image"], ctr["imagePullPolicy"] = divertRef, "Never"
+		var args []any
+		for _, a := range ctr["args"].([]any) {
+			switch s := a.(string); {
+			case strings.HasPrefix(s, "--cgroup-root="):
+				args = append(args, "--cgroup-root=/host"+cgroupRoot)
+			case strings.HasPrefix(s, "--socket="):
+				args = append(args, "--socket="+filepath.Join(socketDir, "cni.sock"))
+			default:
+				args = append(args, s)
+			}
+		}
+		ctr["args"] = args
+		// No kube-proxy here: the kubernetes Service's ClusterIP leads nowhere, so the
+		// agent talks to the apiserver directly (its certificate covers the node IP).
+		ctr["env"] = append(ctr["env"].([]any),
+			obj{"name": "KUBERNETES_SERVICE_HOST", "value": c.NodeIP},
+			obj{"name": "KUBERNETES_SERVICE_PORT", "value": fmt.Sprint(cluster.APIPort)})
+		hostDirs := map[string]string{
+			"cni-bin": c.CNIBinDir, "cni-conf": c.CNIConfDir, "bpffs": c.BPFFS,
+			"socket-dir": socketDir, "netns": c.NetNSDir,
+		}
+		samePath := map[string]bool{"socket-dir": true, "netns": true}
+		for _, v := range spec["volumes"].([]any) {
+			vol := v.(obj)
+			name := vol["name"].(string)
+			if dir, ok := hostDirs[name]; ok {
+				vol["hostPath"].(obj)["path"] = dir
+			}
+		}
+		for _, m := range ctr["volumeMounts"].([]any) {
+			mnt := m.(obj)
+			if name := mnt["name"].(string); samePath[name] {
+				mnt["mountPath"] = hostDirs[name]
+			}
+		}
+	}
+	if !found {
+		return "", fmt.Errorf("no DaemonSet in deploy/node/divert-node.yaml")
+	}
+	b, err := json.Marshal(obj{"apiVersion": "v1", "kind": "List", "items": list.Items})
+	return string(b), err
+}
+
+// hostCgroup2 is where the host mounts cgroup2 (/sys/fs/cgroup, or /sys/fs/cgroup/unified
+// on a hybrid layout), as the manifest's /host/sys/fs/cgroup volume shows it to the agent.
+func hostCgroup2() (string, error) {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return "", err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) > 2 && f[2] == "cgroup2" && strings.HasPrefix(f[1], "/sys/fs/cgroup") {
+			return f[1], nil
+		}
+	}
+	return "", fmt.Errorf("no cgroup2 mount under /sys/fs/cgroup")
+}
+
+// waitAgentReady waits for an agent pod other than old to log its ready line and returns
+// its name.
+func waitAgentReady(t *testing.T, old string) string {
+	t.Helper()
+	var name string
+	err := suite.c.WaitFor(ctx, "divert node agent ready", 120*time.Second, func() error {
+		out, err := suite.c.Kubectl(ctx, "get", "pods", "-n", agentNS, "-l", agentLabel, "-o",
+			`jsonpath={range .items[*]}{.metadata.name} {.metadata.deletionTimestamp}{"\n"}{end}`)
+		if err != nil {
+			return err
+		}
+		name = ""
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			if f := strings.Fields(l); len(f) == 1 && f[0] != old {
+				name = f[0]
+			}
+		}
+		if name == "" {
+			return fmt.Errorf("no new agent pod yet: %q", out)
+		}
+		logs, err := suite.c.Kubectl(ctx, "logs", "-n", agentNS, name)
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(logs, "msg=ready") {
+			return fmt.Errorf("agent %s not ready: %s", name, tailLines(logs, 5))
+		}
+		return nil
+	})
+	if err != nil {
+		desc, _ := suite.c.Kubectl(ctx, "describe", "pods", "-n", agentNS)
+		t.Fatalf("%v\n%s", err, tailLines(desc, 40))
+	}
+	return name
+}
+
+// nodePod is a sidecar-shaped pod with no divert container: node mode must capture it
+// because of its annotations alone (meshed), or leave it alone (unmeshed).
+func nodePod(name string, meshed bool, annotations map[string]string) obj {
+	ctrs := []obj{container("app", appUID, "server", "--name", name+"-app", "--listen", "0.0.0.0:"+appPort)}
+	if meshed {
+		ctrs = append([]obj{container("proxy", proxyUID, "proxy", "--name", name+"-proxy", "--mode", "forward",
+			"--inbound-src", "127.0.0.6", "--listen", "0.0.0.0:"+outboundPrt, "--listen", "0.0.0.0:"+inboundPrt)}, ctrs...)
+		annotations["sidecar.istio.io/status"] = `{"containers":["proxy"]}` // what Istio's injector leaves
+	}
+	p := pod(name, map[string]string{"app": name}, obj{"containers": ctrs})
+	p["metadata"].(obj)["annotations"] = annotations
+	return p
+}
+
+func nodePodsUp(t *testing.T) {
+	r := scenario(t)
+	pods := list(
+		// Istio's per-pod annotation: mesh-ipt's address bypasses this pod's proxy.
+		nodePod(nodeMesh, true, map[string]string{
+			"traffic.sidecar.istio.io/excludeOutboundIPRanges": suite.ips[meshIpt] + "/32",
+		}),
+		nodePod(nodeUnmesh, false, map[string]string{}),
+	)
+	if _, err := suite.c.KubectlIn(ctx, pods, "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", nodeMesh, nodeUnmesh, "--timeout=120s"); err != nil {
+		t.Fatalf("%v\n%s", err, suite.describe())
+	}
+	out, err := suite.c.Kubectl(ctx, "get", "pods", "-n", namespace, nodeMesh, nodeUnmesh, "-o", `jsonpath={range .items[*]}{.metadata.name}={.status.podIP}={.metadata.uid}{"\n"}{end}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Fields(out) {
+		f := strings.Split(l, "=")
+		suite.ips[f[0]], suite.uids[f[0]] = f[1], f[2]
+	}
+	for p, ctrs := range map[string][]string{nodeMesh: {"proxy", "app"}, nodeUnmesh: {"app"}} {
+		for _, ctr := range ctrs {
+			if err := waitListening(p, ctr); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	r.note("%s %s, %s %s", nodeMesh, suite.ips[nodeMesh], nodeUnmesh, suite.ips[nodeUnmesh])
+}
+
+// nodePinned: the agent pinned the meshed pod's programs under its UID in the cluster's
+// bpffs; its log says so.
+func nodePinned(t *testing.T) {
+	r := scenario(t)
+	r.note("agent: %s", pinState(t, nodeMesh, true))
+}
+
+// pinState checks that the pod has pins (or none) and returns what the agent logged
+// about it.
+func pinState(t *testing.T, pod string, want bool) string {
+	t.Helper()
+	_, err := os.Stat(filepath.Join(suite.c.BPFFS, "divert", suite.uids[pod]))
+	if want && err != nil {
+		t.Fatalf("no pins for %s (uid %s): %v", pod, suite.uids[pod], err)
+	}
+	if !want && err == nil {
+		t.Fatalf("pins exist for %s (uid %s), which must not be captured", pod, suite.uids[pod])
+	}
+	logs, err := suite.c.Kubectl(ctx, "logs", "-n", agentNS, "-l", agentLabel, "--tail=-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(logs, "\n") {
+		if strings.Contains(l, "pod="+namespace+"/"+pod+" ") {
+			return strings.TrimSpace(l[strings.Index(l, "msg="):])
+		}
+	}
+	t.Fatalf("the agent's log says nothing about %s:\n%s", pod, tailLines(logs, 20))
+	return ""
+}
+
+// nodeAnnotationHonoured: the pod's excludeOutboundIPRanges annotation makes its dial to
+// mesh-ipt skip its own proxy; it enters mesh-ipt through mesh-ipt's inbound capture.
+func nodeAnnotationHonoured(t *testing.T) {
+	r := scenario(t)
+	expect(t, r, nodeMesh, "app", addr(meshIpt, appPort),
+		want{who: meshIpt + "-proxy", listener: "0.0.0.0:" + inboundPrt, orig: addr(meshIpt, appPort), local: addr(meshIpt, inboundPrt)},
+		want{who: meshIpt + "-app", peerIP: "127.0.0.6"})
+}
+
+// nodeUnmeshedUntouched: a pod without a sidecar annotation started through the same
+// chained plugin: no pins, its dial goes straight out and a dial to it straight in.
+func nodeUnmeshedUntouched(t *testing.T) {
+	r := scenario(t)
+	logged := pinState(t, nodeUnmesh, false)
+	expect(t, r, nodeUnmesh, "app", addr(plainName, appPort), want{who: plainName})
+	expect(t, r, plainName, "app", addr(nodeUnmesh, appPort), want{who: nodeUnmesh + "-app", peerIP: suite.ips[plainName]})
+	r.note("no pins, out: straight to %s, in: straight to %s; agent: %s", plainName, nodeUnmesh+"-app", logged)
+}
+
+// nodeMetrics: the agent's Prometheus endpoint (host network) counts the meshed pod's
+// verdicts under its name.
+func nodeMetrics(t *testing.T) {
+	r := scenario(t)
+	cl := &http.Client{Timeout: 5 * time.Second}
+	resp, err := cl.Get("http://" + suite.c.NodeIP + ":" + metricsPort + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	labels := fmt.Sprintf(`pod_uid=%q,namespace=%q,pod=%q`, suite.uids[nodeMesh], namespace, nodeMesh)
+	for _, want := range []string{
+		`divert_verdicts_total{` + labels + `,reason="included-cidr"}`,
+		`divert_verdicts_total{` + labels + `,reason="excluded-cidr"}`,
+	} {
+		line := ""
+		sc := bufio.NewScanner(strings.NewReader(string(body)))
+		for sc.Scan() {
+			if strings.HasPrefix(sc.Text(), want+" ") {
+				line = sc.Text()
+			}
+		}
+		if line == "" || strings.HasSuffix(line, " 0") {
+			t.Fatalf("metrics lack a non-zero %s:\n%s", want, body)
+		}
+		r.note("%s %s", r.detail, strings.TrimPrefix(line, "divert_verdicts_total{"+labels+","))
+	}
+}
+
+// nodeAgentRestart: the meshed app dials out again and again while the agent pod is
+// deleted and the DaemonSet starts a new one. Every connection must go through the proxy
+// (pins keep the programs attached while no agent runs; the new agent's refresh swaps
+// programs with link.Update), and the links must be the same ones.
+func nodeAgentRestart(t *testing.T) {
+	r := scenario(t)
+	old, err := suite.c.Kubectl(ctx, "get", "pods", "-n", agentNS, "-l", agentLabel, "-o", "jsonpath={.items[0].metadata.name}")
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := podLinks(t, old, suite.uids[nodeMesh])
+
+	type clientOut struct {
+		out string
+		err error
+	}
+	done := make(chan clientOut, 1)
+	const traffic = 15 * time.Second
+	go func() {
+		out, err := suite.c.Kubectl(ctx, "exec", "-n", namespace, nodeMesh, "-c", "app", "--",
+			"/testapp", "client", "--timeout", "3s", "--for", traffic.String(), "--interval", "20ms",
+			"--target", addr(plainName, appPort))
+		done <- clientOut{out, err}
+	}()
+	time.Sleep(time.Second)
+	start := time.Now()
+	if _, err := suite.c.Kubectl(ctx, "delete", "pod", "-n", agentNS, old, "--timeout=60s"); err != nil {
+		t.Fatal(err)
+	}
+	gone := time.Since(start)
+	agent := waitAgentReady(t, old)
+	restart := time.Since(start)
+	select {
+	case <-done:
+		t.Fatalf("the client finished before the new agent was ready (%s): lengthen its --for", restart)
+	default:
+	}
+	c := <-done
+	if c.err != nil {
+		t.Fatal(c.err)
+	}
+	n := 0
+	for _, l := range strings.Split(strings.TrimSpace(c.out), "\n") {
+		var res result
+		if err := json.Unmarshal([]byte(l), &res); err != nil {
+			t.Fatalf("client line %q: %v", l, err)
+		}
+		n++
+		if err := check(res,
+			want{who: nodeMesh + "-proxy", listener: "0.0.0.0:" + outboundPrt, orig: addr(plainName, appPort)},
+			want{who: plainName}); err != nil {
+			t.Fatalf("connection %d of the restart: %v", n, err)
+		}
+	}
+	after := podLinks(t, agent, suite.uids[nodeMesh])
+	if fmt.Sprint(before) != fmt.Sprint(after) {
+		t.Fatalf("links changed over the agent restart (capture had a gap): %v -> %v", before, after)
+	}
+	r.note("%d connections in %s, all via the proxy; old agent gone after %s, new one ready after %s; %d links unchanged",
+		n, traffic, gone.Round(100*time.Millisecond), restart.Round(100*time.Millisecond), len(after))
+}
+
+// podLinks is the pod's program -> link ID, as `divert status` in the agent pod reports.
+func podLinks(t *testing.T, agent, uid string) map[string]uint32 {
+	t.Helper()
+	out, err := suite.c.Kubectl(ctx, "exec", "-n", agentNS, agent, "--", "divert", "status", "--pod-id", uid, "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st []struct {
+		Programs []struct {
+			Name   string `json:"name"`
+			LinkID uint32 `json:"linkId"`
+		} `json:"programs"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil || len(st) != 1 {
+		t.Fatalf("divert status: %v\n%s", err, out)
+	}
+	links := map[string]uint32{}
+	for _, p := range st[0].Programs {
+		links[p.Name] = p.LinkID
+	}
+	return links
+}
+
+// nodePodDeleted: the runtime's CNI DEL reaches the agent through the plugin, which
+// removes the pod's pins (well before the periodic reconcile would).
+func nodePodDeleted(t *testing.T) {
+	r := scenario(t)
+	start := time.Now()
+	if _, err := suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, nodeMesh, "--timeout=60s"); err != nil {
+		t.Fatal(err)
+	}
+	pins := filepath.Join(suite.c.BPFFS, "divert", suite.uids[nodeMesh])
+	if err := suite.c.WaitFor(ctx, "pins of "+nodeMesh+" removed", 20*time.Second, func() error {
+		if _, err := os.Stat(pins); err == nil {
+			return fmt.Errorf("%s still exists", pins)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	logs, err := suite.c.Kubectl(ctx, "logs", "-n", agentNS, "-l", agentLabel, "--tail=-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs, "msg=released pod="+namespace+"/"+nodeMesh) {
+		t.Fatalf("the agent did not log releasing %s:\n%s", nodeMesh, tailLines(logs, 10))
+	}
+	r.note("pins gone %s after kubectl delete started; agent logged the release", time.Since(start).Round(100*time.Millisecond))
+}
+
+// nodeAgentDownFailsClosed: with the DaemonSet gone (divert-cni still chained, as after
+// an agent crash), a meshed pod must not start uncaptured: the runtime reports the
+// plugin's error and the kubelet keeps retrying.
+func nodeAgentDownFailsClosed(t *testing.T) {
+	r := scenario(t)
+	if _, err := suite.c.Kubectl(ctx, "delete", "daemonset", "-n", agentNS, "divert-node", "--cascade=foreground", "--timeout=60s"); err != nil {
+		t.Fatal(err)
+	}
+	if err := suite.c.WaitFor(ctx, "agent pods gone", 60*time.Second, func() error {
+		out, err := suite.c.Kubectl(ctx, "get", "pods", "-n", agentNS, "-l", agentLabel, "-o", "name")
+		if err == nil && strings.TrimSpace(out) != "" {
+			err = fmt.Errorf("still there: %s", out)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := suite.c.KubectlIn(ctx, list(nodePod(nodeLate, true, map[string]string{})), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	var msg string
+	if err := suite.c.WaitFor(ctx, nodeLate+"'s sandbox refused by divert-cni", 60*time.Second, func() error {
+		out, err := suite.c.Kubectl(ctx, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name="+nodeLate,
+			"-o", `jsonpath={range .items[*]}{.reason}: {.message}{"\n"}{end}`)
+		if err != nil {
+			return err
+		}
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "FailedCreatePodSandBox") && strings.Contains(l, "not captured") {
+				msg = l
+				return nil
+			}
+		}
+		return fmt.Errorf("no FailedCreatePodSandBox event from divert-cni yet: %s", tailLines(out, 3))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	phase, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, nodeLate, "-o", "jsonpath={.status.phase}")
+	if err != nil || phase != "Pending" {
+		t.Fatalf("%s: phase %q (%v), want Pending while the agent is down", nodeLate, phase, err)
+	}
+	_, rest, _ := strings.Cut(msg, "divert: ")
+	r.note("Pending; event: divert: %s", rest)
+}
+
+// nodeAgentBack: the DaemonSet is applied again; the kubelet's next sandbox attempt goes
+// through the agent and the pod starts captured.
+func nodeAgentBack(t *testing.T) {
+	r := scenario(t)
+	manifest, err := nodeManifest(suite.c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := suite.c.KubectlIn(ctx, manifest, "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	waitAgentReady(t, "")
+	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", nodeLate, "--timeout=180s"); err != nil {
+		t.Fatalf("%v\n%s", err, suite.describe())
+	}
+	started := time.Since(start)
+	out, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, nodeLate, "-o", `jsonpath={.status.podIP}={.metadata.uid}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	suite.ips[nodeLate], suite.uids[nodeLate], _ = strings.Cut(out, "=")
+	for _, ctr := range []string{"proxy", "app"} {
+		if err := waitListening(nodeLate, ctr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pinState(t, nodeLate, true)
+	expect(t, r, nodeLate, "app", addr(plainName, appPort),
+		want{who: nodeLate + "-proxy", listener: "0.0.0.0:" + outboundPrt, orig: addr(plainName, appPort)},
+		want{who: plainName})
+	r.note("Ready %s after the agent came back; %s", started.Round(time.Second), r.detail)
+}
+
+// waitListening waits for the ready line testpod's helpers print once they listen.
+func waitListening(pod, ctr string) error {
+	return suite.c.WaitFor(ctx, pod+"/"+ctr+" listening", 30*time.Second, func() error {
+		logs, err := suite.c.Kubectl(ctx, "logs", "-n", namespace, pod, "-c", ctr)
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(logs, "ready") {
+			return fmt.Errorf("no ready line yet")
+		}
+		return nil
+	})
+}

@@ -30,9 +30,9 @@ func (c *Cluster) writeConfigs() error {
 		return err
 	}
 	files := map[string]string{
-		"containerd/config.toml":           c.containerdConfig(),
-		"cni/net.d/10-divert-e2e.conflist": c.cniConfig(),
-		"kubelet/config.yaml":              c.kubeletConfig(),
+		"containerd/config.toml":   c.containerdConfig(),
+		"cni/net.d/" + CNIConflist: c.cniConfig(),
+		"kubelet/config.yaml":      c.kubeletConfig(),
 	}
 	for p, content := range files {
 		if err := os.WriteFile(c.path(p), []byte(content), 0o644); err != nil {
@@ -199,3 +199,7 @@ imageGCLowThresholdPercent: 99
 resolvConf: /etc/resolv.conf
 `, c.ContainerdSock, c.path("pod-logs"), filepath.Join(c.path("pki"), "ca.crt"))
 }
+
+// CNIConflist is the cluster's network configuration in CNIConfDir (bridge with
+// host-local addresses), the only one: node mode chains divert-cni into it.
+const CNIConflist = "10-divert-e2e.conflist"
