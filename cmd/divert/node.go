@@ -26,7 +26,8 @@ func newNodeCmd(e env) *cobra.Command {
 		agent                               node.Agent
 		kubeconfig, socket, binDir, confDir string
 		pluginBinary, metricsAddr           string
-		failOpen, uninstall                 bool
+		failOpen                            bool
+		uninstall                           string
 		interval                            time.Duration
 	)
 	cmd := &cobra.Command{
@@ -54,7 +55,7 @@ The policy flags set the defaults that annotations refine (Istio's injector valu
 	fs.StringVar(&confDir, "cni-conf-dir", "/etc/cni/net.d", "host CNI config dir whose active conflist gets divert-cni chained")
 	fs.StringVar(&pluginBinary, "plugin-binary", "", "the divert-cni binary to install (default: divert-cni next to this binary)")
 	fs.BoolVar(&failOpen, "fail-open", false, "let pods start uncaptured when the agent is unreachable (default: pod creation fails)")
-	fs.BoolVar(&uninstall, "uninstall-on-exit", false, "remove divert-cni from the conflist on clean shutdown (captured pods stay captured)")
+	fs.StringVar(&uninstall, "uninstall-on-exit", "auto", "take divert-cni out of the conflist on shutdown: auto (when the agent's DaemonSet is gone or being deleted, not on a restart or upgrade; needs $POD_NAME and $POD_NAMESPACE), always, or never. Captured pods stay captured")
 	fs.StringVar(&metricsAddr, "metrics-addr", ":15099", "address for /metrics; empty to disable")
 	fs.DurationVar(&interval, "reconcile-interval", 30*time.Second, "how often pins are compared with live pods")
 	parse := policy.Flags(fs, policy.Default())
@@ -62,6 +63,11 @@ The policy flags set the defaults that annotations refine (Istio's injector valu
 		var err error
 		if agent.Defaults, err = parse(e.getenv); err != nil {
 			return err
+		}
+		switch uninstall {
+		case "auto", "always", "never":
+		default:
+			return fmt.Errorf("invalid --uninstall-on-exit %q: use auto, always or never", uninstall)
 		}
 		if agent.NodeName == "" {
 			agent.NodeName = e.getenv("NODE_NAME")
@@ -86,12 +92,17 @@ The policy flags set the defaults that annotations refine (Istio's injector valu
 			self, _ := os.Executable()
 			pluginBinary = filepath.Join(filepath.Dir(self), node.PluginType)
 		}
-		return runNode(cmd.Context(), &agent, socket, binDir, confDir, pluginBinary, metricsAddr, failOpen, uninstall, interval)
+		self := podRef{e.getenv("POD_NAMESPACE"), e.getenv("POD_NAME")}
+		return runNode(cmd.Context(), &agent, socket, binDir, confDir, pluginBinary, metricsAddr, failOpen, uninstall, self, interval)
 	}
 	return cmd
 }
 
-func runNode(ctx context.Context, a *node.Agent, socket, binDir, confDir, plugin, metricsAddr string, failOpen, uninstall bool, interval time.Duration) error {
+// podRef names the agent's own pod (from the downward API), to tell an uninstall from a
+// restart.
+type podRef struct{ namespace, name string }
+
+func runNode(ctx context.Context, a *node.Agent, socket, binDir, confDir, plugin, metricsAddr string, failOpen bool, uninstall string, self podRef, interval time.Duration) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	errc := make(chan error, 2)
@@ -119,13 +130,29 @@ func runNode(ctx context.Context, a *node.Agent, socket, binDir, confDir, plugin
 		return fmt.Errorf("chain divert-cni into %s: %w", conflist, err)
 	}
 	a.Log.Info("ready", "conflist", conflist, "socket", socket, "node", a.NodeName)
-	if uninstall {
-		defer func() {
-			if _, err := node.Unchain(conflist); err != nil {
-				a.Log.Error("unchain", "err", err)
-			}
-		}()
-	}
+	defer func() {
+		remove, why := uninstall == "always", "--uninstall-on-exit=always"
+		switch {
+		case uninstall == "auto" && self.name != "":
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			remove, why = node.Uninstalling(ctx, a.Client, self.namespace, self.name)
+			cancel()
+		case uninstall == "auto":
+			why = "$POD_NAME unset, cannot tell an uninstall from a restart"
+		case uninstall == "never":
+			why = "--uninstall-on-exit=never"
+		}
+		if !remove {
+			a.Log.Info("leaving divert-cni chained: new pods wait for the next agent", "why", why)
+			return
+		}
+		// The binary stays: pods set up through the plugin still need it for CNI DEL.
+		if _, err := node.Unchain(conflist); err != nil {
+			a.Log.Error("unchain", "err", err)
+			return
+		}
+		a.Log.Info("uninstalled: divert-cni taken out of the conflist", "why", why, "conflist", conflist)
+	}()
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {

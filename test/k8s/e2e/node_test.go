@@ -47,6 +47,7 @@ func TestNodeMode(t *testing.T) {
 		{"pod-deleted-pins-gone", nodePodDeleted},
 		{"agent-down-pod-fails-closed", nodeAgentDownFailsClosed},
 		{"agent-back-pod-starts-captured", nodeAgentBack},
+		{"daemonset-deleted-uninstalls", nodeUninstall},
 	}
 	for _, s := range steps {
 		if !t.Run(s.name, s.fn) {
@@ -463,22 +464,19 @@ func nodePodDeleted(t *testing.T) {
 	r.note("pins gone %s after kubectl delete started; agent logged the release", time.Since(start).Round(100*time.Millisecond))
 }
 
-// nodeAgentDownFailsClosed: with the DaemonSet gone (divert-cni still chained, as after
-// an agent crash), a meshed pod must not start uncaptured: the runtime reports the
-// plugin's error and the kubelet keeps retrying.
+// nodeAgentDownFailsClosed: the agent is gone but its DaemonSet stays (as in an upgrade,
+// or a node the DaemonSet no longer matches): divert-cni stays chained, and a meshed pod
+// must not start uncaptured: the runtime reports the plugin's error and the kubelet
+// keeps retrying.
 func nodeAgentDownFailsClosed(t *testing.T) {
 	r := scenario(t)
-	if _, err := suite.c.Kubectl(ctx, "delete", "daemonset", "-n", agentNS, "divert-node", "--cascade=foreground", "--timeout=60s"); err != nil {
+	if _, err := suite.c.Kubectl(ctx, "patch", "daemonset", "-n", agentNS, "divert-node", "--type=merge",
+		"-p", `{"spec":{"template":{"spec":{"nodeSelector":{"divert.test/agent":"off"}}}}}`); err != nil {
 		t.Fatal(err)
 	}
-	if err := suite.c.WaitFor(ctx, "agent pods gone", 60*time.Second, func() error {
-		out, err := suite.c.Kubectl(ctx, "get", "pods", "-n", agentNS, "-l", agentLabel, "-o", "name")
-		if err == nil && strings.TrimSpace(out) != "" {
-			err = fmt.Errorf("still there: %s", out)
-		}
-		return err
-	}); err != nil {
-		t.Fatal(err)
+	waitNoAgent(t)
+	if !chained(t) {
+		t.Fatalf("the agent took divert-cni out of the conflist on a restart (its DaemonSet stays)")
 	}
 	if _, err := suite.c.KubectlIn(ctx, list(nodePod(nodeLate, true, map[string]string{})), "apply", "-f", "-"); err != nil {
 		t.Fatal(err)
@@ -505,18 +503,61 @@ func nodeAgentDownFailsClosed(t *testing.T) {
 		t.Fatalf("%s: phase %q (%v), want Pending while the agent is down", nodeLate, phase, err)
 	}
 	_, rest, _ := strings.Cut(msg, "divert: ")
-	r.note("Pending; event: divert: %s", rest)
+	r.note("still chained; Pending, event: divert: %s", rest)
 }
 
-// nodeAgentBack: the DaemonSet is applied again; the kubelet's next sandbox attempt goes
-// through the agent and the pod starts captured.
-func nodeAgentBack(t *testing.T) {
-	r := scenario(t)
-	manifest, err := nodeManifest(suite.c)
+// waitNoAgent waits until no agent pod exists.
+func waitNoAgent(t *testing.T) {
+	t.Helper()
+	if err := suite.c.WaitFor(ctx, "agent pods gone", 60*time.Second, func() error {
+		out, err := suite.c.Kubectl(ctx, "get", "pods", "-n", agentNS, "-l", agentLabel, "-o", "name")
+		if err == nil && strings.TrimSpace(out) != "" {
+			err = fmt.Errorf("still there: %s", out)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// chained reports whether divert-cni is in the cluster's conflist.
+func chained(t *testing.T) bool {
+	t.Helper()
+	conf, err := os.ReadFile(filepath.Join(suite.c.CNIConfDir, cluster.CNIConflist))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := suite.c.KubectlIn(ctx, manifest, "apply", "-f", "-"); err != nil {
+	return strings.Contains(string(conf), `"divert-cni"`)
+}
+
+// nodeUninstall: deleting the DaemonSet removes divert from the node: the last agent sees
+// its DaemonSet go and takes divert-cni out of the conflist (new pods start normally),
+// leaving the binary for the CNI DEL of pods set up through it; pods it captured stay
+// captured.
+func nodeUninstall(t *testing.T) {
+	r := scenario(t)
+	if _, err := suite.c.Kubectl(ctx, "delete", "daemonset", "-n", agentNS, "divert-node", "--timeout=60s"); err != nil {
+		t.Fatal(err)
+	}
+	waitNoAgent(t)
+	if chained(t) {
+		t.Fatalf("divert-cni still chained after its DaemonSet was deleted")
+	}
+	if _, err := os.Stat(filepath.Join(suite.c.CNIBinDir, "divert-cni")); err != nil {
+		t.Fatalf("the plugin binary must stay for the CNI DEL of pods set up through it: %v", err)
+	}
+	expect(t, r, nodeLate, "app", addr(plainName, appPort),
+		want{who: nodeLate + "-proxy", listener: "0.0.0.0:" + outboundPrt, orig: addr(plainName, appPort)},
+		want{who: plainName})
+	r.note("unchained, binary kept; %s still captured: %s", nodeLate, r.detail)
+}
+
+// nodeAgentBack: the DaemonSet matches the node again; the kubelet's next sandbox attempt
+// goes through the new agent and the pod starts captured.
+func nodeAgentBack(t *testing.T) {
+	r := scenario(t)
+	if _, err := suite.c.Kubectl(ctx, "patch", "daemonset", "-n", agentNS, "divert-node", "--type=json",
+		"-p", `[{"op":"remove","path":"/spec/template/spec/nodeSelector"}]`); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
