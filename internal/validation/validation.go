@@ -12,7 +12,6 @@ package validation
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -22,9 +21,10 @@ import (
 	"strings"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/internal/origdst"
 )
 
 // Config says what to check. Ports and ids follow istio-iptables' flags.
@@ -198,7 +198,7 @@ func serve(ln net.Listener, port uint16, acc chan<- accepted) {
 			return
 		}
 		a := accepted{listener: port, peer: c.RemoteAddr().(*net.TCPAddr).AddrPort()}
-		a.orig, a.origErr = origDst(c.(*net.TCPConn))
+		a.orig, a.origErr = origdst.Get(c.(*net.TCPConn))
 		_, _ = fmt.Fprint(c, a.orig.Port())
 		c.Close()
 		select {
@@ -206,33 +206,6 @@ func serve(ln net.Listener, port uint16, acc chan<- accepted) {
 		default: // nobody waits for it: an attempt already gave up
 		}
 	}
-}
-
-// soOriginalDst is SO_ORIGINAL_DST from <linux/netfilter_ipv4.h>.
-const soOriginalDst = 80
-
-// origDst reads SO_ORIGINAL_DST the way an unmodified proxy does: a 16-byte sockaddr_in.
-func origDst(c *net.TCPConn) (netip.AddrPort, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return netip.AddrPort{}, err
-	}
-	var sa [16]byte
-	size := uint32(len(sa))
-	var errno syscall.Errno
-	if err := rc.Control(func(fd uintptr) {
-		_, _, errno = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_IP, soOriginalDst,
-			uintptr(unsafe.Pointer(&sa[0])), uintptr(unsafe.Pointer(&size)), 0)
-	}); err != nil {
-		return netip.AddrPort{}, err
-	}
-	if errno != 0 {
-		return netip.AddrPort{}, errno
-	}
-	if family := binary.NativeEndian.Uint16(sa[0:2]); family != unix.AF_INET || size < 8 {
-		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST answered family %d, length %d", family, size)
-	}
-	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(sa[4:8])), binary.BigEndian.Uint16(sa[2:4])), nil
 }
 
 // dialAs connects to dst as uid/gid and returns the socket and its local address. Capture

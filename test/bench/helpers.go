@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -17,11 +16,11 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/internal/origdst"
 )
 
 // The benchmark's own helper processes. testpod starts processes in a pod as the test binary
@@ -214,7 +213,7 @@ func relay(c *net.TCPConn, fixed netip.AddrPort) error {
 	dst := fixed
 	if !dst.IsValid() {
 		var err error
-		if dst, err = origDst(c); err != nil {
+		if dst, err = origdst.Get(c); err != nil {
 			return fmt.Errorf("SO_ORIGINAL_DST of %s: %w", c.RemoteAddr(), err)
 		}
 	}
@@ -252,34 +251,6 @@ func pipe(dst, src *net.TCPConn) {
 			return
 		}
 	}
-}
-
-// soOriginalDst is SO_ORIGINAL_DST from <linux/netfilter_ipv4.h>.
-const soOriginalDst = 80
-
-// origDst reads SO_ORIGINAL_DST exactly as an unmodified proxy does: getsockopt(SOL_IP, 80)
-// into a 16-byte struct sockaddr_in.
-func origDst(c *net.TCPConn) (netip.AddrPort, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return netip.AddrPort{}, err
-	}
-	var sa [16]byte
-	size := uint32(len(sa))
-	var errno syscall.Errno
-	if err := rc.Control(func(fd uintptr) {
-		_, _, errno = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_IP, soOriginalDst,
-			uintptr(unsafe.Pointer(&sa[0])), uintptr(unsafe.Pointer(&size)), 0)
-	}); err != nil {
-		return netip.AddrPort{}, err
-	}
-	if errno != 0 {
-		return netip.AddrPort{}, errno
-	}
-	if binary.NativeEndian.Uint16(sa[0:2]) != unix.AF_INET {
-		return netip.AddrPort{}, errors.New("not AF_INET")
-	}
-	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(sa[4:8])), binary.BigEndian.Uint16(sa[2:4])), nil
 }
 
 // LoadResult is what one bench-load run prints (one JSON object).

@@ -3,7 +3,6 @@ package testpod
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -15,9 +14,10 @@ import (
 	"strings"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/internal/origdst"
 )
 
 const (
@@ -188,7 +188,7 @@ func runProxy(args []string) error {
 func proxyConn(c *net.TCPConn, name string, forward bool, bindSrc netip.Addr, listener string, index int) {
 	defer c.Close()
 	hop := Hop{Who: name, Listener: listener, Index: index, Local: c.LocalAddr().String(), Peer: c.RemoteAddr().String()}
-	orig, err := origDst(c)
+	orig, err := origdst.Get(c)
 	if err != nil {
 		hop.OrigErr = errText(err)
 	} else {
@@ -215,36 +215,6 @@ func writeHop(w io.Writer, h Hop) bool {
 	b, _ := json.Marshal(h)
 	_, err := w.Write(append(b, '\n'))
 	return err == nil
-}
-
-// soOriginalDst is SO_ORIGINAL_DST from <linux/netfilter_ipv4.h>; it answers at level
-// SOL_IP with the pre-NAT destination as a raw struct sockaddr_in.
-const soOriginalDst = 80
-
-// origDst reads SO_ORIGINAL_DST. x/sys/unix has no typed getter for a sockaddr_in result,
-// so call getsockopt directly with a 16-byte buffer (an eBPF getsockopt hook answering
-// this must see exactly what an unmodified proxy like Envoy passes).
-func origDst(c *net.TCPConn) (netip.AddrPort, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return netip.AddrPort{}, err
-	}
-	var sa [16]byte // struct sockaddr_in: family, port (big endian), addr, zero padding
-	size := uint32(len(sa))
-	var errno syscall.Errno
-	if err := rc.Control(func(fd uintptr) {
-		_, _, errno = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_IP, soOriginalDst,
-			uintptr(unsafe.Pointer(&sa[0])), uintptr(unsafe.Pointer(&size)), 0)
-	}); err != nil {
-		return netip.AddrPort{}, err
-	}
-	if errno != 0 {
-		return netip.AddrPort{}, errno
-	}
-	if family := binary.NativeEndian.Uint16(sa[0:2]); family != unix.AF_INET || size < 8 {
-		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: family %d, length %d", family, size)
-	}
-	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(sa[4:8])), binary.BigEndian.Uint16(sa[2:4])), nil
 }
 
 // client: connect to each target in turn and print one Result line per target.
