@@ -441,6 +441,9 @@ func podLinks(t *testing.T, agent, uid string) map[string]uint32 {
 // removes the pod's pins (well before the periodic reconcile would).
 func nodePodDeleted(t *testing.T) {
 	r := scenario(t)
+	if len(podCgroups(t, suite.uids[nodeMesh])) == 0 {
+		t.Fatalf("cannot find %s's cgroup v2 directory while it runs: podCgroups is wrong", nodeMesh)
+	}
 	start := time.Now()
 	if _, err := suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, nodeMesh, "--timeout=60s"); err != nil {
 		t.Fatal(err)
@@ -454,6 +457,7 @@ func nodePodDeleted(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	pinsGone := time.Since(start)
 	logs, err := suite.c.Kubectl(ctx, "logs", "-n", agentNS, "-l", agentLabel, "--tail=-1")
 	if err != nil {
 		t.Fatal(err)
@@ -461,7 +465,18 @@ func nodePodDeleted(t *testing.T) {
 	if !strings.Contains(logs, "msg=released pod="+namespace+"/"+nodeMesh) {
 		t.Fatalf("the agent did not log releasing %s:\n%s", nodeMesh, tailLines(logs, 10))
 	}
-	r.note("pins gone %s after kubectl delete started; agent logged the release", time.Since(start).Round(100*time.Millisecond))
+	// The agent may have made the pod's cgroup v2 directory at CNI ADD (before runc did):
+	// it must not outlive the pod.
+	if err := suite.c.WaitFor(ctx, nodeMesh+"'s cgroup removed", 60*time.Second, func() error {
+		if left := podCgroups(t, suite.uids[nodeMesh]); len(left) > 0 {
+			return fmt.Errorf("still there: %v", left)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	r.note("pins gone %s after kubectl delete started (agent logged the release); pod cgroup gone after %s",
+		pinsGone.Round(100*time.Millisecond), time.Since(start).Round(100*time.Millisecond))
 }
 
 // nodeAgentDownFailsClosed: the agent is gone but its DaemonSet stays (as in an upgrade,
@@ -581,6 +596,22 @@ func nodeAgentBack(t *testing.T) {
 		want{who: nodeLate + "-proxy", listener: "0.0.0.0:" + outboundPrt, orig: addr(plainName, appPort)},
 		want{who: plainName})
 	r.note("Ready %s after the agent came back; %s", started.Round(time.Second), r.detail)
+}
+
+// podCgroups lists the pod's cgroup v2 directories on the host (cgroupfs or systemd
+// driver names, any QoS class).
+func podCgroups(t *testing.T, uid string) []string {
+	t.Helper()
+	root, err := hostCgroup2()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found []string
+	for _, pattern := range []string{"kubepods*/pod" + uid, "kubepods*/*/pod" + uid, "kubepods*/*pod" + strings.ReplaceAll(uid, "-", "_") + ".slice"} {
+		m, _ := filepath.Glob(filepath.Join(root, pattern))
+		found = append(found, m...)
+	}
+	return found
 }
 
 // waitListening waits for the ready line testpod's helpers print once they listen.
