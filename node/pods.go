@@ -70,6 +70,12 @@ func Selected(pod *corev1.Pod) (bool, string) {
 // cannot be honoured come back as warnings, never silently dropped; an annotation with a
 // bad value is an error.
 func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, error) {
+	if pod.Spec.HostUsers != nil && !*pod.Spec.HostUsers {
+		// eBPF sees the proxy's uid as the host maps it, not -u: the proxy's own
+		// connections would be captured back to itself.
+		return policy.Config{}, nil, fmt.Errorf("pod %s/%s runs in a user namespace (hostUsers: false), which node mode cannot capture correctly: "+
+			"drop hostUsers: false, or use divert as the pod's init container (it falls back to iptables there)", pod.Namespace, pod.Name)
+	}
 	var args, warnings []string
 	keys := make([]string, 0, len(pod.Annotations))
 	for k := range pod.Annotations {

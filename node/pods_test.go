@@ -86,6 +86,13 @@ func TestConfigDefaultsAndErrors(t *testing.T) {
 
 	_, _, err = Config(pod(map[string]string{AnnotationProxyUID: "x"}, nil), policy.Default())
 	require.ErrorContains(t, err, "proxy-uid")
+
+	// A user namespace moves the proxy's uid as eBPF sees it: refused, not half-captured.
+	userns := pod(map[string]string{AnnotationIstioStatus: "{}"}, nil)
+	userns.Spec.HostUsers = new(false)
+	_, _, err = Config(userns, policy.Default())
+	require.ErrorContains(t, err, "hostUsers: false")
+	require.NotContains(t, err.Error(), "\n")
 }
 
 func TestFindPodCgroup(t *testing.T) {
