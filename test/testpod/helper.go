@@ -245,6 +245,7 @@ func runClient(args []string) error {
 
 func clientDial(target string, timeout time.Duration) Result {
 	res := Result{Dst: target}
+	target, mapped := strings.CutPrefix(target, v4MappedPrefix)
 	dst, srcText, _ := strings.Cut(target, "@")
 	res.Dst = dst
 	var src netip.Addr
@@ -257,7 +258,13 @@ func clientDial(target string, timeout time.Duration) Result {
 	}
 	d := dialer(timeout, src)
 	d.Deadline = time.Now().Add(timeout)
-	c, err := d.Dial("tcp4", dst)
+	var c net.Conn
+	var err error
+	if mapped {
+		c, err = dialV4Mapped(dst, src, timeout)
+	} else {
+		c, err = d.Dial("tcp4", dst)
+	}
 	if err != nil {
 		res.Err = errText(err)
 		return res
@@ -277,6 +284,43 @@ func clientDial(target string, timeout time.Duration) Result {
 		res.Err = errText(err)
 	}
 	return res
+}
+
+// dialV4Mapped connects from a dual-stack AF_INET6 socket to ::ffff:<dst>, bound to
+// ::ffff:<src> if src is set. Go's dialer cannot do this (it dials IPv4 addresses from
+// AF_INET sockets and refuses v4-mapped ones for "tcp6"), so it is done with syscalls.
+func dialV4Mapped(dst string, src netip.Addr, timeout time.Duration) (net.Conn, error) {
+	ap, err := netip.ParseAddrPort(dst)
+	if err != nil {
+		return nil, err
+	}
+	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "v4mapped")
+	defer f.Close() // net.FileConn dups it
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
+		return nil, err
+	}
+	// A blocking connect gives up after SO_SNDTIMEO (EINPROGRESS).
+	tv := unix.NsecToTimeval(timeout.Nanoseconds())
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv); err != nil {
+		return nil, err
+	}
+	if src.IsValid() {
+		if err := unix.Bind(fd, &unix.SockaddrInet6{Addr: netip.AddrFrom16(src.As16()).As16()}); err != nil {
+			return nil, err
+		}
+	}
+	err = unix.Connect(fd, &unix.SockaddrInet6{Addr: netip.AddrFrom16(ap.Addr().As16()).As16(), Port: int(ap.Port())})
+	if errors.Is(err, unix.EINPROGRESS) {
+		return nil, os.ErrDeadlineExceeded
+	}
+	if err != nil {
+		return nil, err
+	}
+	return net.FileConn(f)
 }
 
 // errText maps errors to short stable strings: "timeout", or the errno text such as

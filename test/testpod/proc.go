@@ -231,13 +231,24 @@ func (p *Pod) StartProxy(tb testing.TB, c ProxyConfig) *Proc {
 type Target struct {
 	Dst     netip.AddrPort
 	BindSrc netip.Addr // optional: bind before connect
+	// V4Mapped connects from a dual-stack AF_INET6 socket to ::ffff:<Dst> (bound to
+	// ::ffff:<BindSrc>), as Java and other dual-stack runtimes do for IPv4 destinations:
+	// IPv4 on the wire, but connect() goes through the IPv6 socket layer.
+	V4Mapped bool
 }
 
+// v4MappedPrefix marks a V4Mapped target on the client's command line.
+const v4MappedPrefix = "v4mapped:"
+
 func (t Target) String() string {
+	s := t.Dst.String()
 	if t.BindSrc.IsValid() {
-		return t.Dst.String() + "@" + t.BindSrc.String()
+		s += "@" + t.BindSrc.String()
 	}
-	return t.Dst.String()
+	if t.V4Mapped {
+		s = v4MappedPrefix + s
+	}
+	return s
 }
 
 // Result is what a client saw for one Target.
