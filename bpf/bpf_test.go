@@ -3,6 +3,8 @@ package bpf_test
 import (
 	"testing"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/meshdivert/divert/bpf"
 	"github.com/meshdivert/divert/policy"
 )
@@ -46,5 +48,23 @@ func TestCountersHoldEveryReason(t *testing.T) {
 	}
 	if n := spec.Maps["counters"].MaxEntries; n < uint32(policy.NumReasons) {
 		t.Fatalf("counters map has %d entries, need %d", n, policy.NumReasons)
+	}
+}
+
+// Sockmaps must be declared by size, not by BTF type: the kernel refuses BTF on them, and
+// cilium/ebpf's retry without BTF comes after the kernel freed the refused map, which waits
+// for an RCU grace period (tens of milliseconds on every attach).
+func TestSockmapsHaveNoBTF(t *testing.T) {
+	spec, err := bpf.LoadDivert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, m := range spec.Maps {
+		if m.Type != ebpf.SockMap && m.Type != ebpf.SockHash {
+			continue
+		}
+		if m.Key != nil || m.Value != nil {
+			t.Errorf("map %s: declare key_size and value_size instead of __type(key/value, ...)", name)
+		}
 	}
 }

@@ -177,11 +177,14 @@ struct {
 // socket cookie: with SO_REUSEPORT any one member of the group is enough, as the kernel
 // then picks among the group; 64 slots make it very unlikely that the only surviving
 // members all lost their slot to a collision.
+// Sizes, not BTF types: the kernel refuses BTF on a sockmap (ENOTSUPP), and cilium/ebpf's
+// retry without it came after the kernel had freed the refused map, which waits for an RCU
+// grace period (10-30 ms per attach here). The map the kernel ends up with is the same.
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
 	__uint(max_entries, LISTENER_SLOTS);
-	__type(key, __u32);
-	__type(value, __u64);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u64));
 } inbound_listeners SEC(".maps");
 
 static __always_inline void count(enum reason r)
