@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,6 +38,8 @@ type Agent struct {
 	Defaults policy.Config
 	// Log receives one line per decision; warnings name the pod.
 	Log *slog.Logger
+	// ExcludeNamespaces are never captured (the plugin does not even ask for them).
+	ExcludeNamespaces []string
 
 	mu   sync.Mutex
 	pods map[string]podRef // attached pods by UID, for metrics and logs
@@ -61,7 +64,7 @@ func (a *Agent) Add(ctx context.Context, req Request) (Response, error) {
 	if req.PodUID != "" && string(pod.UID) != req.PodUID {
 		return Response{}, fmt.Errorf("pod %s/%s has uid %s, CNI asked for %s", req.PodNamespace, req.PodName, pod.UID, req.PodUID)
 	}
-	selected, why := Selected(pod)
+	selected, why := a.selected(pod)
 	if !selected {
 		a.log().Info("not capturing", "pod", key(pod), "reason", why)
 		return Response{Reason: why}, nil
@@ -174,7 +177,7 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 		}
 		id := string(pod.UID)
 		live[id] = true
-		if ok, _ := Selected(pod); !ok || (isAttached[id] && !refresh) {
+		if ok, _ := a.selected(pod); !ok || (isAttached[id] && !refresh) {
 			continue
 		}
 		netns, err := a.podNetns(pod)
@@ -221,6 +224,14 @@ func (a *Agent) podNetns(pod *corev1.Pod) (string, error) {
 		return "", fmt.Errorf("pod %s: %w", key(pod), errNoProcess)
 	}
 	return fmt.Sprintf("/proc/%d/ns/net", pid), nil
+}
+
+// selected is Selected, with the agent's excluded namespaces left out.
+func (a *Agent) selected(pod *corev1.Pod) (bool, string) {
+	if slices.Contains(a.ExcludeNamespaces, pod.Namespace) {
+		return false, "namespace " + pod.Namespace + " is excluded"
+	}
+	return Selected(pod)
 }
 
 // PodNames returns namespace/name of attached pods the agent knows, by UID.

@@ -163,7 +163,7 @@ func (w *cniWorld) conflist(t *testing.T, socket string, failOpen bool) *libcni.
 	subnet := fmt.Sprintf("198.18.%d.0/24", 200+int(randHex(1)[0])%50)
 	raw := fmt.Sprintf(`{"cniVersion":"1.0.0","name":"dvt-%s","plugins":[
 		{"type":"ptp","ipam":{"type":"host-local","subnet":%q,"dataDir":%q}},
-		{"type":"divert-cni","socket":%q,"failOpen":%v}]}`, randHex(3), subnet, t.TempDir(), socket, failOpen)
+		{"type":"divert-cni","socket":%q,"failOpen":%v,"excludeNamespaces":["kube-system"]}]}`, randHex(3), subnet, t.TempDir(), socket, failOpen)
 	list, err := libcni.ConfListFromBytes([]byte(raw))
 	if err != nil {
 		t.Fatal(err)
@@ -274,6 +274,12 @@ func TestCNIFailsClosed(t *testing.T) {
 	}
 	if _, err := w.cni(t, w.conflist(t, missing, true), "ADD", p, podNetns(t)); err != nil {
 		t.Fatalf("with failOpen ADD must succeed: %v", err)
+	}
+	// Excluded namespaces (kube-system) start without the agent, fail-closed or not.
+	system := meshedPod(newUID())
+	system.Namespace = "kube-system"
+	if _, err := w.cni(t, w.conflist(t, missing, false), "ADD", system, podNetns(t)); err != nil {
+		t.Fatalf("a kube-system pod must start without the agent: %v", err)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
@@ -30,6 +31,13 @@ type pluginConf struct {
 	Socket string `json:"socket,omitempty"`
 	// FailOpen lets pods start uncaptured when the agent is unreachable.
 	FailOpen bool `json:"failOpen,omitempty"`
+	// ExcludeNamespaces are never handed to the agent, so their pods start even while
+	// the agent is down (the cluster's own components: kube-system by default).
+	ExcludeNamespaces []string `json:"excludeNamespaces,omitempty"`
+}
+
+func (c *pluginConf) excluded(namespace string) bool {
+	return slices.Contains(c.ExcludeNamespaces, namespace)
 }
 
 // k8sArgs are the CNI_ARGS a container runtime passes for Kubernetes pods.
@@ -87,7 +95,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if conf.PrevResult == nil {
 		return fmt.Errorf("divert-cni must be chained after a plugin that sets up the pod's network (no prevResult)")
 	}
-	if k.K8S_POD_NAME != "" {
+	if k.K8S_POD_NAME != "" && !conf.excluded(string(k.K8S_POD_NAMESPACE)) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		if _, err := cniapi.Call(ctx, conf.Socket, request("ADD", args, k, conf.PrevResult)); err != nil {
@@ -105,7 +113,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 // gone, and the agent's reconcile removes what a lost DEL leaves behind.
 func cmdDel(args *skel.CmdArgs) error {
 	conf, k, err := parse(args)
-	if err != nil || k.K8S_POD_UID == "" {
+	if err != nil || k.K8S_POD_UID == "" || conf.excluded(string(k.K8S_POD_NAMESPACE)) {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -55,6 +55,7 @@ The policy flags set the defaults that annotations refine (Istio's injector valu
 	fs.StringVar(&confDir, "cni-conf-dir", "/etc/cni/net.d", "host CNI config dir whose active conflist gets divert-cni chained")
 	fs.StringVar(&pluginBinary, "plugin-binary", "", "the divert-cni binary to install (default: divert-cni next to this binary)")
 	fs.BoolVar(&failOpen, "fail-open", false, "let pods start uncaptured when the agent is unreachable (default: pod creation fails)")
+	fs.StringSliceVar(&agent.ExcludeNamespaces, "exclude-namespaces", []string{"kube-system"}, "namespaces never captured; the plugin lets their pods start even while the agent is down")
 	fs.StringVar(&uninstall, "uninstall-on-exit", "auto", "take divert-cni out of the conflist on shutdown: auto (when the agent's DaemonSet is gone or being deleted, not on a restart or upgrade; needs $POD_NAME and $POD_NAMESPACE), always, or never. Captured pods stay captured")
 	fs.StringVar(&metricsAddr, "metrics-addr", ":15099", "address for /metrics; empty to disable")
 	fs.DurationVar(&interval, "reconcile-interval", 30*time.Second, "how often pins are compared with live pods")
@@ -125,6 +126,9 @@ func runNode(ctx context.Context, a *node.Agent, socket, binDir, confDir, plugin
 	entry := map[string]any{"socket": socket}
 	if failOpen {
 		entry["failOpen"] = true
+	}
+	if len(a.ExcludeNamespaces) > 0 {
+		entry["excludeNamespaces"] = a.ExcludeNamespaces
 	}
 	if _, err := node.Chain(conflist, entry); err != nil {
 		return fmt.Errorf("chain divert-cni into %s: %w", conflist, err)
