@@ -16,6 +16,7 @@ import (
 	"reflect"
 	"regexp"
 	"slices"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -424,13 +425,28 @@ func OpenMaps(id string, opts Options) (*maps.Maps, error) {
 // CloseMaps closes maps opened by OpenMaps.
 func CloseMaps(m *maps.Maps) { closeMaps(m) }
 
+// parsedSpec is the embedded collection, parsed once per process: parsing the ELF is the
+// same work for every pod (a node agent attaches hundreds).
+var parsedSpec = sync.OnceValues(bpf.LoadDivert)
+
+// divertSpec returns a copy of the embedded collection spec for one load: cilium/ebpf does
+// not promise that loading leaves a spec as it was, and loads may run concurrently (Probe
+// takes no lock).
+func divertSpec() (*ebpf.CollectionSpec, error) {
+	spec, err := parsedSpec()
+	if err != nil {
+		return nil, err
+	}
+	return spec.Copy(), nil
+}
+
 func loadObjects(objs *objects, pinned *maps.Maps) error {
 	// Kernels before 5.11 charge BPF objects to RLIMIT_MEMLOCK (64 KiB by default before
 	// 5.16): lift it. On newer kernels (memcg accounting) this does nothing.
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return fmt.Errorf("raise RLIMIT_MEMLOCK for BPF maps (needs CAP_SYS_RESOURCE on kernels before 5.11): %w", err)
 	}
-	spec, err := bpf.LoadDivert()
+	spec, err := divertSpec()
 	if err != nil {
 		return fmt.Errorf("load embedded BPF spec: %w", err)
 	}
