@@ -209,7 +209,7 @@ func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Op
 		return err
 	}
 	if !opts.NoInbound {
-		if _, err := adoptListeners(pod.NetNS, cfg.InboundCapturePort, objs.InboundListeners); err != nil {
+		if _, err := adoptListeners(pod, cfg.InboundCapturePort, objs.InboundListeners); err != nil {
 			return err
 		}
 	}
@@ -307,7 +307,7 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 	}
 	if !opts.NoInbound {
 		// Also after a change of -z: the listeners on the new port were never registered.
-		if _, err := adoptListeners(pod.NetNS, cfg.InboundCapturePort, objs.InboundListeners); err != nil {
+		if _, err := adoptListeners(pod, cfg.InboundCapturePort, objs.InboundListeners); err != nil {
 			return err
 		}
 	}
