@@ -160,7 +160,8 @@ var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$`)
 const badID = "use 1-128 letters, digits, '_' or '-' (bpffs forbids '.'), starting with a letter or digit"
 
 // Attach captures pod's traffic according to cfg. On a pod already attached it updates the
-// maps in place and swaps in the programs of this build without a gap in capture. On any
+// maps in place and, where the running programs are not this build's, swaps in this build's
+// without a gap in capture. On any
 // error nothing is left changed: no pins, links or maps of a new pod remain.
 func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) error {
 	if !validID.MatchString(pod.ID) {
@@ -272,14 +273,10 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		return err
 	}
 	defer closeMaps(pinned)
-	var objs objects
-	if err := loadObjects(&objs, pinned); err != nil {
-		return fmt.Errorf("pod %s was attached by an incompatible divert version (%w); run divert detach --pod-id %s first", pod.ID, err, pod.ID)
-	}
-	defer closeAll(&objs)
 
 	// Check every pinned link before changing anything, so a mismatch changes nothing.
 	existing := make(map[string]link.Link)
+	running := make(map[string]ebpf.ProgramID)
 	defer func() {
 		for _, l := range existing {
 			l.Close()
@@ -301,13 +298,30 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		if !tgt.belongsTo(info) {
 			return &InputError{"cgroup", pod.Cgroup, fmt.Sprintf("pod %s is attached to another cgroup or network namespace; run divert detach --pod-id %s first", pod.ID, pod.ID)}
 		}
+		running[p.name] = info.Program
 	}
-	if err := maps.Apply(&objs.DivertMaps, cfg, addrs); err != nil {
+
+	// The programs are loaded (and verified) only when something needs them: one to attach,
+	// or a running one that is not this build's. A re-attach with the programs in place,
+	// the node agent's refresh of every pod when it starts, rewrites the maps only.
+	var objs objects
+	defer closeAll(&objs)
+	current := false
+	loadErr := checkPinnedMaps(pinned)
+	if loadErr == nil {
+		if current = programsCurrent(running, pinned, opts); !current {
+			loadErr = loadObjects(&objs, pinned)
+		}
+	}
+	if loadErr != nil {
+		return fmt.Errorf("pod %s was attached by an incompatible divert version (%w); run divert detach --pod-id %s first", pod.ID, loadErr, pod.ID)
+	}
+	if err := maps.Apply(pinned, cfg, addrs); err != nil {
 		return err
 	}
 	if !opts.NoInbound {
 		// Also after a change of -z: the listeners on the new port were never registered.
-		if _, err := adoptListeners(pod, cfg.InboundCapturePort, objs.InboundListeners); err != nil {
+		if _, err := adoptListeners(pod, cfg.InboundCapturePort, pinned.InboundListeners); err != nil {
 			return err
 		}
 	}
@@ -330,7 +344,7 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		}
 	}
 	for _, p := range programs {
-		if l, ok := existing[p.name]; ok && p.wanted(opts) {
+		if l, ok := existing[p.name]; ok && p.wanted(opts) && !current {
 			if err := l.Update(objs.program(p.name)); err != nil {
 				return fmt.Errorf("replace %s program: %w", p.name, err)
 			}
@@ -440,6 +454,110 @@ func divertSpec() (*ebpf.CollectionSpec, error) {
 	return spec.Copy(), nil
 }
 
+// loadedTags holds the kernel's tags of the programs this process loaded, by program name:
+// the tags of this build's programs on this kernel. The kernel computes a tag from the
+// instructions with map references blanked, so it is the same for every pod.
+var loadedTags struct {
+	sync.Mutex
+	byName map[string]string
+}
+
+// rememberTags records the tags of freshly loaded programs, for programsCurrent, once:
+// every load of this build on this kernel gets the same ones.
+func rememberTags(o *objects) {
+	loadedTags.Lock()
+	known := loadedTags.byName != nil
+	loadedTags.Unlock()
+	if known {
+		return
+	}
+	tags := make(map[string]string, len(programs))
+	for _, p := range programs {
+		info, err := o.program(p.name).Info()
+		if err != nil {
+			return // then updates keep loading the programs, as if nothing were known
+		}
+		tags[p.name] = info.Tag
+	}
+	loadedTags.Lock()
+	loadedTags.byName = tags
+	loadedTags.Unlock()
+}
+
+// programsCurrent reports whether every program opts want runs already, as this build's
+// code on the pod's own pinned maps: the tag of its instructions is the one this process
+// got loading them, and every map it uses is one of the pinned ones. Then swapping in a
+// fresh copy would change nothing but program ids. Anything unknown answers false (load
+// and swap, as always), so the first update in a process loads the programs.
+func programsCurrent(running map[string]ebpf.ProgramID, pinned *maps.Maps, opts Options) bool {
+	loadedTags.Lock()
+	tags := loadedTags.byName
+	loadedTags.Unlock()
+	if tags == nil {
+		return false
+	}
+	mapIDs := map[ebpf.MapID]bool{}
+	ok := true
+	forEachMap(pinned, func(_ string, m *ebpf.Map) {
+		info, err := m.Info()
+		if err != nil {
+			ok = false
+			return
+		}
+		id, has := info.ID()
+		ok = ok && has
+		mapIDs[id] = true
+	})
+	if !ok {
+		return false
+	}
+	for _, p := range programs {
+		if !p.wanted(opts) {
+			continue
+		}
+		id, attached := running[p.name]
+		if !attached {
+			return false // to be attached: that needs the program
+		}
+		prog, err := ebpf.NewProgramFromID(id)
+		if err != nil {
+			return false
+		}
+		info, err := prog.Info()
+		prog.Close()
+		if err != nil || tags[p.name] == "" || info.Tag != tags[p.name] {
+			return false
+		}
+		used, has := info.MapIDs()
+		if !has {
+			return false
+		}
+		for _, id := range used {
+			if !mapIDs[id] {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// checkPinnedMaps checks that pinned maps have the layout this build's programs expect,
+// as loading the programs with them would.
+func checkPinnedMaps(pinned *maps.Maps) error {
+	spec, err := parsedSpec()
+	if err != nil {
+		return fmt.Errorf("load embedded BPF spec: %w", err)
+	}
+	forEachMap(pinned, func(name string, m *ebpf.Map) {
+		if ms := spec.Maps[name]; err == nil && ms != nil {
+			if cerr := ms.Compatible(m); cerr != nil {
+				err = fmt.Errorf("using replacement map %s: %w", name, cerr)
+			}
+		}
+	})
+	return err
+}
+
 func loadObjects(objs *objects, pinned *maps.Maps) error {
 	// Kernels before 5.11 charge BPF objects to RLIMIT_MEMLOCK (64 KiB by default before
 	// 5.16): lift it. On newer kernels (memcg accounting) this does nothing.
@@ -462,6 +580,7 @@ func loadObjects(objs *objects, pinned *maps.Maps) error {
 		}
 		return fmt.Errorf("load BPF programs: %w", err)
 	}
+	rememberTags(objs)
 	return nil
 }
 

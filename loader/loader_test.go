@@ -12,6 +12,7 @@ import (
 
 	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/testpod"
 )
 
@@ -105,6 +106,57 @@ func TestReattachUpdatesInPlace(t *testing.T) {
 	if got := after.Policy.OutboundExcludePorts; len(got) != 1 || got[0] != 80 {
 		t.Errorf("status reads back -o %v, want [80]", got)
 	}
+}
+
+// A re-attach swaps programs only when this build's differ from the running ones: with the
+// same programs it only rewrites the maps (programs, links and their ids stay); with other
+// ones (a newer divert, or a process that has not loaded them yet) every program is swapped
+// in place by link.Update and the links stay.
+func TestReattachSwapsOnlyOtherPrograms(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	pod.Net.Server(t, "remote", netip.AddrPortFrom(netip.IPv4Unspecified(), 80))
+	pod.Proxy(t, "proxy", netip.AddrPortFrom(netip.IPv4Unspecified(), 15001), "report", divertest.ProxyUID, divertest.ProxyUID)
+	dst := testpod.Target{Dst: netip.AddrPortFrom(pod.Net.Addrs[0], 80)}
+	defer loader.SetLoadedTag("", "")
+
+	divertest.Attach(t, pod, opts, divertest.Config(t))
+	status := func() *loader.PodStatus {
+		t.Helper()
+		st, err := loader.Status(pod.Name, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	first := status()
+	step := func(name string, cfg *policy.Config, swapped bool, want string) {
+		t.Helper()
+		before := status()
+		divertest.Attach(t, pod, opts, cfg)
+		after := status()
+		for i, p := range after.Programs {
+			if p.LinkID != first.Programs[i].LinkID {
+				t.Errorf("%s: %s link %d replaced by %d", name, p.Name, first.Programs[i].LinkID, p.LinkID)
+			}
+			if got := p.ProgramID != before.Programs[i].ProgramID; got != swapped {
+				t.Errorf("%s: %s program %d -> %d, want swapped=%v", name, p.Name, before.Programs[i].ProgramID, p.ProgramID, swapped)
+			}
+		}
+		if r := pod.Dial(t, divertest.AppUID, divertest.AppUID, dst)[0]; len(r.Hops) != 1 || r.Hops[0].Who != want {
+			t.Errorf("%s: connection landed %+v, want %s", name, r, want)
+		}
+	}
+	step("same programs, new config", divertest.Config(t, "-o", "80"), false, "remote")
+	loader.SetLoadedTag("divert_connect4", "0123456789abcdef")
+	step("other connect4", divertest.Config(t), true, "proxy")
+	loader.SetLoadedTag("", "")
+	step("fresh process", divertest.Config(t, "-o", "80"), true, "remote")
+	step("same programs again", divertest.Config(t), false, "proxy")
+	// What another pod's load taught the process holds for this pod too.
+	loader.SetLoadedTag("", "")
+	divertest.Attach(t, pod.Net.AddPod(t), opts, divertest.Config(t))
+	step("programs known from another pod", divertest.Config(t, "-o", "80"), false, "remote")
 }
 
 // Re-attaching a pod id to a different cgroup is refused and changes nothing.
