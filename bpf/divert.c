@@ -20,6 +20,7 @@
 char __license[] SEC("license") = "Dual MIT/GPL";
 
 #define AF_INET 2
+#define AF_INET6 10
 #define SOCK_STREAM 1
 #define IPPROTO_TCP 6
 #define SOL_IP 0
@@ -295,23 +296,20 @@ static __always_inline enum reason decide_inbound(struct config *cfg, __u16 port
 	return REASON_INBOUND_NOT_INCLUDED;
 }
 
-SEC("cgroup/connect4")
-int divert_connect4(struct bpf_sock_addr *ctx)
+// redirect_outbound decides an outbound IPv4 connect and, when it is captured, records its
+// original destination under the socket's cookie. It returns 0 to refuse the connect, 1 to
+// let it go on, and sets *to_port when the caller must rewrite the destination to
+// 127.0.0.1:*to_port.
+static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, __u32 src, __u32 dst,
+					     __u16 *to_port)
 {
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
-		return 1;
 	struct config *cfg = get_config();
 	if (!cfg)
 		return 1;
-
-	struct bpf_sock *sk = ctx->sk;
-	__u32 src = sk ? sk->src_ip4 : 0;
-	__u32 dst = ctx->user_ip4;
 	__u16 dport_be = (__u16)ctx->user_port; // the port's two bytes, as the app wrote them
-	__u16 to_port = 0;
-	enum reason r = decide_outbound(cfg, src, dst, bpf_ntohs(dport_be), &to_port);
+	enum reason r = decide_outbound(cfg, src, dst, bpf_ntohs(dport_be), to_port);
 	count(r);
-	if (!to_port)
+	if (!*to_port)
 		return 1;
 
 	struct orig_dst orig = {.addr = dst, .port = dport_be};
@@ -320,15 +318,64 @@ int divert_connect4(struct bpf_sock_addr *ctx)
 	// connection; leaving it uncaptured would silently bypass policy, so refuse it instead.
 	if (bpf_map_update_elem(&orig_dst_by_cookie, &cookie, &orig, BPF_ANY))
 		return 0;
-	ctx->user_ip4 = bpf_htonl(LOCALHOST);
-	ctx->user_port = bpf_htons(to_port);
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int divert_connect4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	__u16 to_port = 0;
+	if (!redirect_outbound(ctx, sk ? sk->src_ip4 : 0, ctx->user_ip4, &to_port))
+		return 0;
+	if (to_port) {
+		ctx->user_ip4 = bpf_htonl(LOCALHOST);
+		ctx->user_port = bpf_htons(to_port);
+	}
+	return 1;
+}
+
+// is_v4_mapped reports whether an IPv6 address (network byte order words) is ::ffff:a.b.c.d.
+static __always_inline int is_v4_mapped(__u32 w0, __u32 w1, __u32 w2)
+{
+	return w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff);
+}
+
+// A dual-stack AF_INET6 socket (Java's default, and any runtime that opens IPv6 sockets
+// for everything) connects to IPv4 destinations as ::ffff:a.b.c.d: IPv4 on the wire, so
+// istio's IPv4 rules capture it, but the kernel runs connect6 programs for it, not
+// connect4. Those connects get connect4's policy; native IPv6 is left alone (divert and
+// its iptables backend are IPv4 only).
+SEC("cgroup/connect6")
+int divert_connect6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 1;
+	if (!is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	// A v4-mapped bind (::ffff:127.0.0.6) sets the socket's IPv4 source, as bind() on an
+	// AF_INET socket does.
+	__u16 to_port = 0;
+	if (!redirect_outbound(ctx, sk ? sk->src_ip4 : 0, ctx->user_ip6[3], &to_port))
+		return 0;
+	if (to_port) {
+		ctx->user_ip6[3] = bpf_htonl(LOCALHOST);
+		ctx->user_port = bpf_htons(to_port);
+	}
 	return 1;
 }
 
 SEC("sockops")
 int divert_sockops(struct bpf_sock_ops *skops)
 {
-	if (skops->family != AF_INET)
+	// A dual-stack socket's connection to ::ffff:a.b.c.d is IPv4: its IPv4 fields are set,
+	// and the proxy's accepted (AF_INET) socket sees the same IPv4 tuple.
+	if (skops->family != AF_INET &&
+	    !(skops->family == AF_INET6 &&
+	      is_v4_mapped(skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2])))
 		return 1;
 
 	struct tuple t = {

@@ -101,6 +101,7 @@ const (
 	DivertMapOutboundIncludeCidrs = "outbound_include_cidrs"
 	DivertMapPortSetsMap          = "port_sets_map"
 	DivertProgDivertConnect4      = "divert_connect4"
+	DivertProgDivertConnect6      = "divert_connect6"
 	DivertProgDivertGetsockopt    = "divert_getsockopt"
 	DivertProgDivertSkLookup      = "divert_sk_lookup"
 	DivertProgDivertSockops       = "divert_sockops"
@@ -151,6 +152,7 @@ type DivertSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type DivertProgramSpecs struct {
 	DivertConnect4   *ebpf.ProgramSpec `ebpf:"divert_connect4"`
+	DivertConnect6   *ebpf.ProgramSpec `ebpf:"divert_connect6"`
 	DivertGetsockopt *ebpf.ProgramSpec `ebpf:"divert_getsockopt"`
 	DivertSkLookup   *ebpf.ProgramSpec `ebpf:"divert_sk_lookup"`
 	DivertSockops    *ebpf.ProgramSpec `ebpf:"divert_sockops"`
@@ -237,6 +239,7 @@ type DivertVariables struct {
 // It can be passed to LoadDivertObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DivertPrograms struct {
 	DivertConnect4   *ebpf.Program `ebpf:"divert_connect4"`
+	DivertConnect6   *ebpf.Program `ebpf:"divert_connect6"`
 	DivertGetsockopt *ebpf.Program `ebpf:"divert_getsockopt"`
 	DivertSkLookup   *ebpf.Program `ebpf:"divert_sk_lookup"`
 	DivertSockops    *ebpf.Program `ebpf:"divert_sockops"`
@@ -245,6 +248,7 @@ type DivertPrograms struct {
 func (p *DivertPrograms) Close() error {
 	return _DivertClose(
 		p.DivertConnect4,
+		p.DivertConnect6,
 		p.DivertGetsockopt,
 		p.DivertSkLookup,
 		p.DivertSockops,

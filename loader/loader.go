@@ -98,6 +98,7 @@ var programs = []program{
 	{"divert_sockops", ebpf.AttachCGroupSockOps, "link_sockops", true, true},
 	{"divert_sk_lookup", ebpf.AttachSkLookup, "link_sk_lookup", true, false},
 	{"divert_connect4", ebpf.AttachCGroupInet4Connect, "link_connect4", false, true},
+	{"divert_connect6", ebpf.AttachCGroupInet6Connect, "link_connect6", false, true},
 }
 
 // wanted reports whether opts need the program.

@@ -22,7 +22,7 @@ func newAttachCmd(e env) *cobra.Command {
 		Use:   "attach --pod-id ID --cgroup PATH --netns PATH [policy flags]",
 		Short: "Capture a pod's TCP connections for its proxy",
 		Long: `attach loads divert's programs, attaches them to the pod's cgroup v2 directory (outbound:
-connect4, sockops, getsockopt) and network namespace (inbound: sk_lookup) and pins them under
+connect4, connect6 for dual-stack sockets, sockops, getsockopt) and network namespace (inbound: sk_lookup) and pins them under
 <bpffs>/divert/<pod-id>/, so capture outlives this command. It is all-or-nothing:
 on any error nothing is left behind. On a pod that is already attached it updates the
 policy in place and swaps in this build's programs without a gap in capture.`,

@@ -100,7 +100,7 @@ func TestAttachStatusDetach(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatalf("status json: %v\n%s", err, out)
 	}
-	if len(st) != 1 || st[0].ID != pod.Name || st[0].Counters["included-cidr"] != 1 || len(st[0].Programs) != 4 {
+	if len(st) != 1 || st[0].ID != pod.Name || st[0].Counters["included-cidr"] != 1 || len(st[0].Programs) != 5 {
 		t.Errorf("status: %+v", st)
 	}
 	if p := st[0].Policy; len(p.OutboundExcludePorts) != 1 || p.OutboundExcludePorts[0] != 3306 ||

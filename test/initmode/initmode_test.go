@@ -618,12 +618,12 @@ func TestPodGoneThenGC(t *testing.T) {
 		if gone, err = loader.Defunct(k.UID, opts); err != nil {
 			t.Fatal(err)
 		}
-		if len(gone) == 3 {
+		if len(gone) == 4 {
 			break
 		}
 	}
-	if strings.Join(gone, ",") != "divert_getsockopt,divert_sockops,divert_connect4" {
-		t.Fatalf("after the pod's cgroup went, the kernel should have detached the three cgroup links, got %v", gone)
+	if strings.Join(gone, ",") != "divert_getsockopt,divert_sockops,divert_connect4,divert_connect6" {
+		t.Fatalf("after the pod's cgroup went, the kernel should have detached the four cgroup links, got %v", gone)
 	}
 	st, err := loader.Status(k.UID, opts)
 	if err != nil {
@@ -637,8 +637,8 @@ func TestPodGoneThenGC(t *testing.T) {
 	assertPinned(t, opts, k.UID) // nothing removed them: that is gc's job
 	out, err := exec.Command(divert, "status", "--bpffs", opts.BPFFS, "--pod-id", k.UID).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "pod "+k.UID+" (defunct") || !strings.Contains(string(out), "divert_connect4    CGroupInet4Connect   link") ||
-		strings.Count(string(out), "detached (its cgroup or netns is gone)") != 3 {
-		t.Errorf("divert status should call the pod defunct and its three cgroup links detached: %v\n%s", err, out)
+		strings.Count(string(out), "detached (its cgroup or netns is gone)") != 4 {
+		t.Errorf("divert status should call the pod defunct and its four cgroup links detached: %v\n%s", err, out)
 	}
 
 	out, err = exec.Command(divert, "gc", "--bpffs", opts.BPFFS, "-n").CombinedOutput()

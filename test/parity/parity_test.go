@@ -38,6 +38,9 @@ type scenario struct {
 	src      string // source to bind before connect, optional
 	dst      string // like "remote:80", "pod:8080", "127.0.0.2:8080"
 	inbound  bool   // made from outside the pod (the remote netns) to dst
+	// v4mapped: the app connects from a dual-stack AF_INET6 socket to ::ffff:dst (Java's
+	// default); still IPv4 on the wire, so iptables' IPv4 rules see it.
+	v4mapped bool
 }
 
 var outboundScenarios = []scenario{
@@ -80,6 +83,14 @@ var outboundScenarios = []scenario{
 	{name: "TPROXY mode: app to remote is captured", flags: []string{"-m", "TPROXY"}, uid: appUID, gid: appUID, dst: "remote:80"},
 	{name: "TPROXY mode: hairpin", flags: []string{"-m", "TPROXY"}, uid: proxyUID, gid: proxyUID, dst: "pod:8080"},
 	{name: "TPROXY mode: passthrough", flags: []string{"-m", "TPROXY"}, uid: proxyUID, gid: proxyUID, src: "127.0.0.6", dst: "pod:8080"},
+	{name: "v4-mapped socket: app to remote is captured", uid: appUID, gid: appUID, dst: "remote:80", v4mapped: true},
+	{name: "v4-mapped socket: proxy to remote passes", uid: proxyUID, gid: proxyUID, dst: "remote:80", v4mapped: true},
+	{name: "v4-mapped socket: excluded outbound port passes", flags: []string{"-o", "80"}, uid: appUID, gid: appUID, dst: "remote:80", v4mapped: true},
+	{name: "v4-mapped socket: excluded CIDR passes", flags: []string{"-x", "{cidrA}/26"}, uid: appUID, gid: appUID, dst: "cidrA:80", v4mapped: true},
+	{name: "v4-mapped socket: app to 127.0.0.1 passes", uid: appUID, gid: appUID, dst: "127.0.0.1:8080", v4mapped: true},
+	{name: "v4-mapped socket: proxy to own pod IP hairpins", uid: proxyUID, gid: proxyUID, dst: "pod:8080", v4mapped: true},
+	{name: "v4-mapped socket: proxy bound to 127.0.0.6 to the pod passes", uid: proxyUID, gid: proxyUID, src: "127.0.0.6", dst: "pod:8080", v4mapped: true},
+	{name: "v4-mapped socket: TPROXY mode: app to remote is captured", flags: []string{"-m", "TPROXY"}, uid: appUID, gid: appUID, dst: "remote:80", v4mapped: true},
 	{name: "nothing listening: the proxy still answers", uid: appUID, gid: appUID, dst: "remote:9"},
 	{name: "nothing listening and not captured: refused", flags: []string{"-o", "9"}, uid: appUID, gid: appUID, dst: "remote:9"},
 }
@@ -242,10 +253,10 @@ func TestOutboundParity(t *testing.T) {
 					v := cfg.Decide(c)
 					want := w.expected(v, c)
 					b.apply(t, w, cfg)
-					got := observed(w.pod.Dial(t, s.uid, s.gid, targetOf(c))[0])
+					got := observed(w.pod.Dial(t, s.uid, s.gid, targetOf(c, s.v4mapped))[0])
 					if got != want {
-						t.Errorf("%s: uid %d gid %d src %q -> %s\n  model (%s): %s\n  %s: %s\n  (%s)",
-							s.name, s.uid, s.gid, s.src, c.Dst, v, want, b.name, got, w.health())
+						t.Errorf("%s: uid %d gid %d src %q -> %s (v4-mapped %v)\n  model (%s): %s\n  %s: %s\n  (%s)",
+							s.name, s.uid, s.gid, s.src, c.Dst, s.v4mapped, v, want, b.name, got, w.health())
 					}
 					if b.after != nil {
 						b.after(t, w, v)
@@ -256,7 +267,9 @@ func TestOutboundParity(t *testing.T) {
 	}
 }
 
-func targetOf(c policy.Conn) testpod.Target { return testpod.Target{Dst: c.Dst, BindSrc: c.Src} }
+func targetOf(c policy.Conn, v4mapped bool) testpod.Target {
+	return testpod.Target{Dst: c.Dst, BindSrc: c.Src, V4Mapped: v4mapped}
+}
 
 // Inbound scenarios: a client in the remote netns connects to the pod.
 var inboundScenarios = []scenario{
@@ -293,7 +306,7 @@ func TestInboundParity(t *testing.T) {
 					v := cfg.Decide(c)
 					want := w.expected(v, c)
 					b.apply(t, w, cfg)
-					got := observed(w.pod.Net.Dial(t, targetOf(c))[0])
+					got := observed(w.pod.Net.Dial(t, targetOf(c, false))[0])
 					if got != want {
 						t.Errorf("%s: remote -> %s\n  model (%s): %s\n  %s: %s\n  (%s)", s.name, c.Dst, v, want, b.name, got, w.health())
 					}

@@ -96,6 +96,7 @@ func randomScenario(r *rand.Rand, flags []string, i int) scenario {
 	if r.IntN(4) == 0 && (strings.HasPrefix(s.dst, "pod:") || strings.HasPrefix(s.dst, "127.")) {
 		s.src = "127.0.0.6"
 	}
+	s.v4mapped = r.IntN(4) == 0
 	return s
 }
 
@@ -126,10 +127,10 @@ func TestRandomParity(t *testing.T) {
 			b.apply(t, w, cfg)
 			for _, s := range scenarios {
 				conn := w.conn(t, s)
-				dial := func() testpod.Result { return w.pod.Dial(t, s.uid, s.gid, targetOf(conn))[0] }
+				dial := func() testpod.Result { return w.pod.Dial(t, s.uid, s.gid, targetOf(conn, s.v4mapped))[0] }
 				if s.inbound {
 					conn = policy.Conn{Direction: policy.Inbound, Dst: conn.Dst, DstLocal: true}
-					dial = func() testpod.Result { return w.pod.Net.Dial(t, targetOf(conn))[0] }
+					dial = func() testpod.Result { return w.pod.Net.Dial(t, targetOf(conn, false))[0] }
 				}
 				v := cfg.Decide(conn)
 				want := w.expected(v, conn)
@@ -138,8 +139,8 @@ func TestRandomParity(t *testing.T) {
 				}
 				got := observed(dial())
 				if got != want {
-					t.Errorf("seed %d config %d %s: flags %q, uid %d gid %d src %q -> %s\n  model (%s): %s\n  %s: %s\n  (%s)",
-						seed, c, s.name, w.expand(strings.Join(flags, " ")), s.uid, s.gid, s.src, conn.Dst, v, want, b.name, got, w.health())
+					t.Errorf("seed %d config %d %s: flags %q, uid %d gid %d src %q -> %s (v4-mapped %v)\n  model (%s): %s\n  %s: %s\n  (%s)",
+						seed, c, s.name, w.expand(strings.Join(flags, " ")), s.uid, s.gid, s.src, conn.Dst, s.v4mapped, v, want, b.name, got, w.health())
 				}
 				if b.after != nil {
 					b.after(t, w, v)

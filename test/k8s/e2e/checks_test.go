@@ -118,6 +118,16 @@ func outbound(t *testing.T, meshed string) {
 		want{who: plainName})
 }
 
+// outboundV4Mapped is outbound from a dual-stack AF_INET6 socket to ::ffff:<plain IP>, as
+// Java dials IPv4 addresses: IPv4 on the wire, captured by iptables' IPv4 rules, and by
+// eBPF's connect6 program.
+func outboundV4Mapped(t *testing.T, meshed string) {
+	r := scenario(t)
+	expect(t, r, meshed, "app", "v4mapped:"+addr(plainName, appPort),
+		want{who: meshed + "-proxy", listener: "0.0.0.0:" + outboundPrt, orig: addr(plainName, appPort)},
+		want{who: plainName})
+}
+
 // inbound: a connection from outside to the app's port lands on the proxy's 15006
 // listener with the app's address as original destination; the proxy forwards from
 // 127.0.0.6 (not captured again) and the app answers. local says which backend did it:

@@ -60,6 +60,7 @@ func TestInitContainer(t *testing.T) {
 	} {
 		t.Run(p.name+"/init", func(t *testing.T) { initLog(t, p.pod, p.b) })
 		t.Run(p.name+"/outbound", func(t *testing.T) { outbound(t, p.pod) })
+		t.Run(p.name+"/outbound-v4-mapped", func(t *testing.T) { outboundV4Mapped(t, p.pod) })
 		t.Run(p.name+"/inbound", func(t *testing.T) { inbound(t, p.pod, p.inLocal) })
 	}
 }
