@@ -41,6 +41,7 @@ type scenario struct {
 	// v4mapped: the app connects from a dual-stack AF_INET6 socket to ::ffff:dst (Java's
 	// default); still IPv4 on the wire, so iptables' IPv4 rules see it.
 	v4mapped bool
+	mptcp    bool // the app connects with IPPROTO_MPTCP
 }
 
 var outboundScenarios = []scenario{
@@ -91,6 +92,10 @@ var outboundScenarios = []scenario{
 	{name: "v4-mapped socket: proxy to own pod IP hairpins", uid: proxyUID, gid: proxyUID, dst: "pod:8080", v4mapped: true},
 	{name: "v4-mapped socket: proxy bound to 127.0.0.6 to the pod passes", uid: proxyUID, gid: proxyUID, src: "127.0.0.6", dst: "pod:8080", v4mapped: true},
 	{name: "v4-mapped socket: TPROXY mode: app to remote is captured", flags: []string{"-m", "TPROXY"}, uid: appUID, gid: appUID, dst: "remote:80", v4mapped: true},
+	{name: "MPTCP socket: app to remote is captured", uid: appUID, gid: appUID, dst: "remote:80", mptcp: true},
+	{name: "MPTCP socket: proxy to remote passes", uid: proxyUID, gid: proxyUID, dst: "remote:80", mptcp: true},
+	{name: "MPTCP socket: excluded outbound port passes", flags: []string{"-o", "80"}, uid: appUID, gid: appUID, dst: "remote:80", mptcp: true},
+	{name: "MPTCP socket: proxy to own pod IP hairpins", uid: proxyUID, gid: proxyUID, dst: "pod:8080", mptcp: true},
 	{name: "nothing listening: the proxy still answers", uid: appUID, gid: appUID, dst: "remote:9"},
 	{name: "nothing listening and not captured: refused", flags: []string{"-o", "9"}, uid: appUID, gid: appUID, dst: "remote:9"},
 }
@@ -253,10 +258,10 @@ func TestOutboundParity(t *testing.T) {
 					v := cfg.Decide(c)
 					want := w.expected(v, c)
 					b.apply(t, w, cfg)
-					got := observed(w.pod.Dial(t, s.uid, s.gid, targetOf(c, s.v4mapped))[0])
+					got := observed(w.pod.Dial(t, s.uid, s.gid, s.target(c))[0])
 					if got != want {
-						t.Errorf("%s: uid %d gid %d src %q -> %s (v4-mapped %v)\n  model (%s): %s\n  %s: %s\n  (%s)",
-							s.name, s.uid, s.gid, s.src, c.Dst, s.v4mapped, v, want, b.name, got, w.health())
+						t.Errorf("%s: uid %d gid %d src %q -> %s (%s)\n  model (%s): %s\n  %s: %s\n  (%s)",
+							s.name, s.uid, s.gid, s.src, c.Dst, s.socket(), v, want, b.name, got, w.health())
 					}
 					if b.after != nil {
 						b.after(t, w, v)
@@ -267,8 +272,24 @@ func TestOutboundParity(t *testing.T) {
 	}
 }
 
-func targetOf(c policy.Conn, v4mapped bool) testpod.Target {
-	return testpod.Target{Dst: c.Dst, BindSrc: c.Src, V4Mapped: v4mapped}
+func targetOf(c policy.Conn) testpod.Target { return testpod.Target{Dst: c.Dst, BindSrc: c.Src} }
+
+// socket names the kind of socket the app connects from.
+func (s scenario) socket() string {
+	switch {
+	case s.v4mapped:
+		return "dual-stack IPv6 socket, v4-mapped"
+	case s.mptcp:
+		return "MPTCP socket"
+	}
+	return "TCP socket"
+}
+
+// target is the connection the scenario's app makes: c, from the kind of socket it names.
+func (s scenario) target(c policy.Conn) testpod.Target {
+	t := targetOf(c)
+	t.V4Mapped, t.MPTCP = s.v4mapped, s.mptcp
+	return t
 }
 
 // Inbound scenarios: a client in the remote netns connects to the pod.
@@ -306,7 +327,7 @@ func TestInboundParity(t *testing.T) {
 					v := cfg.Decide(c)
 					want := w.expected(v, c)
 					b.apply(t, w, cfg)
-					got := observed(w.pod.Net.Dial(t, targetOf(c, false))[0])
+					got := observed(w.pod.Net.Dial(t, targetOf(c))[0])
 					if got != want {
 						t.Errorf("%s: remote -> %s\n  model (%s): %s\n  %s: %s\n  (%s)", s.name, c.Dst, v, want, b.name, got, w.health())
 					}

@@ -96,7 +96,12 @@ func randomScenario(r *rand.Rand, flags []string, i int) scenario {
 	if r.IntN(4) == 0 && (strings.HasPrefix(s.dst, "pod:") || strings.HasPrefix(s.dst, "127.")) {
 		s.src = "127.0.0.6"
 	}
-	s.v4mapped = r.IntN(4) == 0
+	switch r.IntN(8) {
+	case 0, 1:
+		s.v4mapped = true
+	case 2:
+		s.mptcp = true
+	}
 	return s
 }
 
@@ -127,10 +132,10 @@ func TestRandomParity(t *testing.T) {
 			b.apply(t, w, cfg)
 			for _, s := range scenarios {
 				conn := w.conn(t, s)
-				dial := func() testpod.Result { return w.pod.Dial(t, s.uid, s.gid, targetOf(conn, s.v4mapped))[0] }
+				dial := func() testpod.Result { return w.pod.Dial(t, s.uid, s.gid, s.target(conn))[0] }
 				if s.inbound {
 					conn = policy.Conn{Direction: policy.Inbound, Dst: conn.Dst, DstLocal: true}
-					dial = func() testpod.Result { return w.pod.Net.Dial(t, targetOf(conn, false))[0] }
+					dial = func() testpod.Result { return w.pod.Net.Dial(t, targetOf(conn))[0] }
 				}
 				v := cfg.Decide(conn)
 				want := w.expected(v, conn)
@@ -139,8 +144,8 @@ func TestRandomParity(t *testing.T) {
 				}
 				got := observed(dial())
 				if got != want {
-					t.Errorf("seed %d config %d %s: flags %q, uid %d gid %d src %q -> %s (v4-mapped %v)\n  model (%s): %s\n  %s: %s\n  (%s)",
-						seed, c, s.name, w.expand(strings.Join(flags, " ")), s.uid, s.gid, s.src, conn.Dst, s.v4mapped, v, want, b.name, got, w.health())
+					t.Errorf("seed %d config %d %s: flags %q, uid %d gid %d src %q -> %s (%s)\n  model (%s): %s\n  %s: %s\n  (%s)",
+						seed, c, s.name, w.expand(strings.Join(flags, " ")), s.uid, s.gid, s.src, conn.Dst, s.socket(), v, want, b.name, got, w.health())
 				}
 				if b.after != nil {
 					b.after(t, w, v)

@@ -245,6 +245,7 @@ func runClient(args []string) error {
 
 func clientDial(target string, timeout time.Duration) Result {
 	res := Result{Dst: target}
+	target, mptcp := strings.CutPrefix(target, mptcpPrefix)
 	target, mapped := strings.CutPrefix(target, v4MappedPrefix)
 	dst, srcText, _ := strings.Cut(target, "@")
 	res.Dst = dst
@@ -258,6 +259,7 @@ func clientDial(target string, timeout time.Duration) Result {
 	}
 	d := dialer(timeout, src)
 	d.Deadline = time.Now().Add(timeout)
+	d.SetMultipathTCP(mptcp)
 	var c net.Conn
 	var err error
 	if mapped {

@@ -235,10 +235,16 @@ type Target struct {
 	// ::ffff:<BindSrc>), as Java and other dual-stack runtimes do for IPv4 destinations:
 	// IPv4 on the wire, but connect() goes through the IPv6 socket layer.
 	V4Mapped bool
+	// MPTCP connects with IPPROTO_MPTCP (Go's Dialer.SetMultipathTCP): the kernel makes
+	// the connection through a TCP subflow socket of its own.
+	MPTCP bool
 }
 
-// v4MappedPrefix marks a V4Mapped target on the client's command line.
-const v4MappedPrefix = "v4mapped:"
+// Prefixes marking V4Mapped and MPTCP targets on the client's command line.
+const (
+	v4MappedPrefix = "v4mapped:"
+	mptcpPrefix    = "mptcp:"
+)
 
 func (t Target) String() string {
 	s := t.Dst.String()
@@ -247,6 +253,9 @@ func (t Target) String() string {
 	}
 	if t.V4Mapped {
 		s = v4MappedPrefix + s
+	}
+	if t.MPTCP {
+		s = mptcpPrefix + s
 	}
 	return s
 }
