@@ -259,11 +259,10 @@ func clientDial(target string, timeout time.Duration) Result {
 	}
 	d := dialer(timeout, src)
 	d.Deadline = time.Now().Add(timeout)
-	d.SetMultipathTCP(mptcp)
 	var c net.Conn
 	var err error
-	if mapped {
-		c, err = dialV4Mapped(dst, src, timeout)
+	if mapped || mptcp {
+		c, err = dialSocket(dst, src, timeout, mapped, mptcp)
 	} else {
 		c, err = d.Dial("tcp4", dst)
 	}
@@ -288,22 +287,40 @@ func clientDial(target string, timeout time.Duration) Result {
 	return res
 }
 
-// dialV4Mapped connects from a dual-stack AF_INET6 socket to ::ffff:<dst>, bound to
-// ::ffff:<src> if src is set. Go's dialer cannot do this (it dials IPv4 addresses from
-// AF_INET sockets and refuses v4-mapped ones for "tcp6"), so it is done with syscalls.
-func dialV4Mapped(dst string, src netip.Addr, timeout time.Duration) (net.Conn, error) {
+// dialSocket connects with one connect() from the kind of socket a runtime other than Go's
+// default might use: v4mapped, a dual-stack AF_INET6 socket to ::ffff:<dst> (bound to
+// ::ffff:<src>), as Java does; mptcp, an IPPROTO_MPTCP socket. Go's dialer cannot make the
+// first (it dials IPv4 addresses from AF_INET sockets and refuses v4-mapped ones for
+// "tcp6") and, for the second, retries with plain TCP after any failure, which would make
+// two connects out of one.
+func dialSocket(dst string, src netip.Addr, timeout time.Duration, v4mapped, mptcp bool) (net.Conn, error) {
 	ap, err := netip.ParseAddrPort(dst)
 	if err != nil {
 		return nil, err
 	}
-	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	family, proto := unix.AF_INET, unix.IPPROTO_TCP
+	if v4mapped {
+		family = unix.AF_INET6
+	}
+	if mptcp {
+		proto = unix.IPPROTO_MPTCP
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, proto)
 	if err != nil {
 		return nil, err
 	}
-	f := os.NewFile(uintptr(fd), "v4mapped")
+	f := os.NewFile(uintptr(fd), "client")
 	defer f.Close() // net.FileConn dups it
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
-		return nil, err
+	sockaddr := func(a netip.Addr, port uint16) unix.Sockaddr {
+		if v4mapped {
+			return &unix.SockaddrInet6{Addr: netip.AddrFrom16(a.As16()).As16(), Port: int(port)}
+		}
+		return &unix.SockaddrInet4{Addr: a.As4(), Port: int(port)}
+	}
+	if v4mapped {
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
+			return nil, err
+		}
 	}
 	// A blocking connect gives up after SO_SNDTIMEO (EINPROGRESS).
 	tv := unix.NsecToTimeval(timeout.Nanoseconds())
@@ -311,11 +328,11 @@ func dialV4Mapped(dst string, src netip.Addr, timeout time.Duration) (net.Conn, 
 		return nil, err
 	}
 	if src.IsValid() {
-		if err := unix.Bind(fd, &unix.SockaddrInet6{Addr: netip.AddrFrom16(src.As16()).As16()}); err != nil {
+		if err := unix.Bind(fd, sockaddr(src, 0)); err != nil {
 			return nil, err
 		}
 	}
-	err = unix.Connect(fd, &unix.SockaddrInet6{Addr: netip.AddrFrom16(ap.Addr().As16()).As16(), Port: int(ap.Port())})
+	err = unix.Connect(fd, sockaddr(ap.Addr(), ap.Port()))
 	if errors.Is(err, unix.EINPROGRESS) {
 		return nil, os.ErrDeadlineExceeded
 	}
