@@ -9,7 +9,10 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/policy"
@@ -255,8 +258,7 @@ func TestOutboundParity(t *testing.T) {
 				t.Run(s.name, func(t *testing.T) {
 					cfg := w.config(t, s)
 					c := w.conn(t, s)
-					v := cfg.Decide(c)
-					want := w.expected(v, c)
+					v, want := w.verdictAndOutcome(s, cfg, c)
 					b.apply(t, w, cfg)
 					got := observed(w.pod.Dial(t, s.uid, s.gid, s.target(c))[0])
 					if got != want {
@@ -273,6 +275,31 @@ func TestOutboundParity(t *testing.T) {
 }
 
 func targetOf(c policy.Conn) testpod.Target { return testpod.Target{Dst: c.Dst, BindSrc: c.Src} }
+
+// verdictAndOutcome is the model's verdict for the connection and what the client must
+// observe. A kernel without MPTCP refuses IPPROTO_MPTCP sockets: no program runs (no
+// reason is counted) and every backend must report the same error.
+func (w *world) verdictAndOutcome(s scenario, cfg *policy.Config, c policy.Conn) (policy.Verdict, outcome) {
+	if s.mptcp && !kernelHasMPTCP() {
+		return policy.Verdict{Reason: noVerdict}, outcome{Landed: "error: protocol not supported"}
+	}
+	v := cfg.Decide(c)
+	return v, w.expected(v, c)
+}
+
+// noVerdict is a reason no program counts: for connections the kernel refuses before any
+// hook runs.
+const noVerdict = policy.NumReasons
+
+// kernelHasMPTCP reports whether this kernel makes IPPROTO_MPTCP sockets (Debian's 5.10,
+// for one, does not).
+var kernelHasMPTCP = sync.OnceValue(func() bool {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_MPTCP)
+	if err == nil {
+		unix.Close(fd)
+	}
+	return err == nil
+})
 
 // socket names the kind of socket the app connects from.
 func (s scenario) socket() string {

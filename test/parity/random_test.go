@@ -137,8 +137,7 @@ func TestRandomParity(t *testing.T) {
 					conn = policy.Conn{Direction: policy.Inbound, Dst: conn.Dst, DstLocal: true}
 					dial = func() testpod.Result { return w.pod.Net.Dial(t, targetOf(conn))[0] }
 				}
-				v := cfg.Decide(conn)
-				want := w.expected(v, conn)
+				v, want := w.verdictAndOutcome(s, cfg, conn)
 				if b.after != nil {
 					b.apply(t, w, cfg) // re-reads the counters baseline
 				}
