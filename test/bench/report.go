@@ -147,14 +147,17 @@ func Markdown(res *Results, prefix string) string {
 	if len(res.B5) > 0 {
 		w("## B5 per-pod cost\n\n")
 		w("Pods are attached one after another; \"attach\" is the time for the k-th pod while k−1 others are\n")
-		w("attached (median, fastest–slowest over the pods in the row), \"detach\" likewise in reverse order. For\n")
-		w("eBPF, kernel memory is the memlock of the pod's maps and programs (from `/proc/self/fdinfo` of the\n")
-		w("pinned objects), summed over all attached pods; for iptables, attach is `iptables-restore` through the\n")
-		w("iptables backend (rules for the default istio policy) and detach its cleanup. \"attach CPU\" is the CPU\n")
-		w("time spent (by the benchmark process and the iptables tools it ran), which other load on the machine\n")
-		w("inflates much less than the wall time. Milliseconds.\n\n")
-		w("| mode | pods | k-th pod | attach ms | attach CPU ms | detach ms | kernel memory, all pods | per pod (maps + programs) |\n")
-		w("|---|---:|---|---|---|---|---:|---|\n")
+		w("attached (median, fastest–slowest over the pods in the row), \"detach\" likewise in reverse order.\n")
+		w("\"re-attach\" attaches every pod again with the same policy once all are attached, as the node agent\n")
+		w("does for every pod when it starts (eBPF: the update path, which rewrites the maps and swaps programs\n")
+		w("only if they changed; iptables: Apply, which finds its rules in place). For eBPF, kernel memory is the\n")
+		w("memlock of the pod's maps and programs (from `/proc/self/fdinfo` of the pinned objects), summed over\n")
+		w("all attached pods; for iptables, attach is `iptables-restore` through the iptables backend (rules for\n")
+		w("the default istio policy) and detach its cleanup. \"CPU\" is the CPU time spent (by the benchmark\n")
+		w("process and the iptables tools it ran), which other load on the machine inflates much less than the\n")
+		w("wall time. Milliseconds.\n\n")
+		w("| mode | pods | k-th pod | attach ms | attach CPU ms | re-attach ms | re-attach CPU ms | detach ms | kernel memory, all pods | per pod (maps + programs) |\n")
+		w("|---|---:|---|---|---|---|---|---|---:|---|\n")
 		for _, c := range res.B5 {
 			memAll, memPer := "–", "–"
 			if c.Memlock > 0 {
@@ -166,7 +169,7 @@ func Markdown(res *Results, prefix string) string {
 			if c.From == c.Pods {
 				kth = fmt.Sprint(c.Pods)
 			}
-			w("| %s | %d | %s | %s | %s | %s | %s | %s |\n", c.Mode, c.Pods, kth, c.Attach, c.AttachCPU, c.Detach, memAll, memPer)
+			w("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |\n", c.Mode, c.Pods, kth, c.Attach, c.AttachCPU, c.Reattach, c.ReattachCPU, c.Detach, memAll, memPer)
 		}
 		w("\n")
 		if len(res.B5Memlock) > 0 {
@@ -308,11 +311,12 @@ func summary(res *Results) []string {
 	}
 	for _, c := range res.B5 {
 		if c.Mode == EBPF && c.Pods == slicesMax(res.Params.B5Pods) && c.Memlock > 0 {
-			out = append(out, fmt.Sprintf("B5 with %d pods: eBPF attach %s ms and detach %s ms per pod, %s of kernel memory per pod.",
-				c.Pods, c.Attach, c.Detach, kib(c.Memlock/int64(c.Pods))))
+			out = append(out, fmt.Sprintf("B5 with %d pods: eBPF attach %s ms (CPU %s ms), re-attach %s ms (CPU %s ms) and detach %s ms per pod, %s of kernel memory per pod.",
+				c.Pods, c.Attach, c.AttachCPU, c.Reattach, c.ReattachCPU, c.Detach, kib(c.Memlock/int64(c.Pods))))
 		}
 		if c.Mode != EBPF && c.Pods == slicesMax(res.Params.B5Pods) {
-			out = append(out, fmt.Sprintf("B5 with %d pods: %s apply %s ms, cleanup %s ms per pod.", c.Pods, c.Mode, c.Attach, c.Detach))
+			out = append(out, fmt.Sprintf("B5 with %d pods: %s apply %s ms (CPU %s ms), re-apply %s ms (CPU %s ms), cleanup %s ms per pod.",
+				c.Pods, c.Mode, c.Attach, c.AttachCPU, c.Reattach, c.ReattachCPU, c.Detach))
 		}
 	}
 	return out
@@ -401,21 +405,30 @@ const readingNotes = `- **What a capture mode can save is small next to the prox
   first in ISTIO_OUTPUT, before the proxy-uid RETURN, so the proxy's upstream connection walks them too.
   iptables-legacy matches §-d§ in the fixed rule header and is cheap per rule; iptables-nft runs each
   translated rule as nftables bytecode and pays more per rule; both pay for §--dport§ matches. divert
-  keeps CIDRs in an LPM trie and ports in a hash map, one lookup each whatever N is.
-- **Where eBPF is not ahead: -o lists over ~4,000 ports.** divert's §ports§ hash map has 4,096 entries
-  (shared with -b, -d and -q ports), so a larger list is refused at attach (E2BIG, "not installable"
-  above) while iptables takes it. A map sized for every port (65,536 entries, §BPF_F_NO_PREALLOC§ so
-  memory follows the entries used, or a 64 Ki-bit bitmap per list in an array) removes the limit.
-- **Where eBPF is not ahead: attach time and kernel memory per pod (B5).** Each attach parses the
-  embedded object, loads and verifies four programs and creates and pins nine maps for that pod alone,
-  and reads the netns's /proc/net/tcp for an inbound listener that existed before the attach;
-  iptables-restore loads 18 rules for the default policy. Most of the memory is preallocated hash and
-  LRU maps sized for busy pods (§orig_dst_by_tuple§ 16,384 entries, §orig_dst_by_cookie§ and §ports§
-  4,096 each; see the per-object table); an iptables pod's kernel state is its 18 rules and the conntrack
-  entries of its connections, not measured here. What would make eBPF cheaper per pod: load the programs
-  once per node and attach the same programs to every pod, with per-pod state in shared maps keyed by
-  cgroup id or netns cookie; size §orig_dst_by_cookie§ for the microseconds between connect() and the
-  SYN (a few hundred entries); cache the parsed collection spec; find listeners with sock_diag, which
-  filters in the kernel, instead of reading /proc/net/tcp, which walks the host-wide TCP hash tables.
+  keeps CIDRs in an LPM trie and ports in bitmaps, one lookup or bit test each whatever N is.
+- **Where eBPF is not ahead: attach time and kernel memory per pod (B5).** A new pod gets its own copy
+  of the four programs, which the kernel verifies and JIT-compiles, and of the nine maps, created and
+  pinned; iptables-restore loads 18 rules for the default policy. A CPU profile of loader.Attach
+  (§go test -bench Attach -cpuprofile§ in loader/, see BenchmarkAttach) puts about four fifths of a new
+  pod's attach in BPF_PROG_LOAD, nearly all of it the verifier on two programs: connect4, whose policy
+  branches fork the verifier's state (on this machine's kernel, 3,175 instructions processed for 225),
+  and sk_lookup, whose 64-slot listener loop is unrolled (1,571 instructions). The rest is map creation, link creation and
+  pinning, and two netlink exchanges in the pod's netns (its addresses; listeners that existed before
+  the attach, from sock_diag filtered in the kernel by state and port). The embedded object is parsed
+  once per process. A re-attach of a pod whose programs are already this build's (the node agent
+  re-attaches every pod when it starts) loads no programs: it compares the running programs' kernel
+  tags and maps with what this process loaded, rewrites the maps and adopts listeners; programs are
+  swapped with link.Update only when they differ. Most of the memory is the preallocated LRU maps that
+  remember original destinations and the port bitmaps (see the per-object table); an iptables pod's
+  kernel state is its 18 rules and the conntrack entries of its connections, not measured here.
+  What would make eBPF cheaper per pod is loading the programs once per node and attaching the same
+  programs to every pod. That is a redesign: per-pod state moves into shared maps keyed by the pod (its
+  cgroup's id or its netns cookie, read with helpers that must each be probed per program type, as some
+  are newer than 5.10); the original-destination tuple key gains the pod (two pods' loopback tuples
+  collide), the CIDR tries a pod prefix, the listener sockmap per-pod slots; Detach deletes the pod's
+  entries instead of dropping its maps; an upgrade replaces the shared programs under every pod at once
+  and migrates the shared maps. Without it, the remaining levers are fewer verifier paths in connect4
+  and sk_lookup (changes to bpf/ that the VM suite must pass on every kernel) and, in init-container
+  mode, handing the programs Probe loads to the Attach that follows instead of loading them twice.
   Detach is already cheap: one BPF_LINK_DETACH per program, the kernel frees the maps afterwards.
 `
