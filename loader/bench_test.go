@@ -15,9 +15,9 @@ import (
 )
 
 // BenchmarkAttach measures loader.Attach on one pod, as node mode pays it for every pod
-// (and again for every pod when the agent restarts). Needs root. Each iteration gets a
-// fresh pod (netns + cgroup), made and removed outside the timer; the attach itself runs
-// under the pprof label op=attach, so a CPU profile of the run can be cut down to it:
+// (and again for every pod when the agent restarts). Needs root. Pods (netns + cgroup) are
+// made, and new ones detached, outside the timer; the attach itself runs under the pprof
+// label op=attach, so a CPU profile of the run can be cut down to it:
 //
 //	go test -run '^$' -bench Attach -benchtime 100x -cpuprofile cpu.out ./loader/
 //	go tool pprof -tagfocus op=attach loader.test cpu.out
@@ -28,15 +28,18 @@ import (
 //   - new: a pod seen for the first time (create: load, pin, attach, rename into place).
 //   - new-listener: the same with the proxy already listening on the inbound port, so the
 //     listener is adopted (found in the netns and borrowed with pidfd_getfd).
-//   - update: a pod attached already (the agent's refresh): programs swapped in with
-//     link.Update, maps rewritten in place.
+//   - update: the same pod again (the agent's refresh), its programs this build's: maps
+//     rewritten in place, listeners adopted, no program loaded.
+//   - update-swap: the same, in a process that has not loaded the programs yet (the
+//     agent's first refresh, or an upgrade): programs loaded and swapped in with link.Update.
 func BenchmarkAttach(b *testing.B) {
-	b.Run("new", func(b *testing.B) { benchAttach(b, false, false) })
-	b.Run("new-listener", func(b *testing.B) { benchAttach(b, true, false) })
-	b.Run("update", func(b *testing.B) { benchAttach(b, true, true) })
+	b.Run("new", func(b *testing.B) { benchAttach(b, false, false, false) })
+	b.Run("new-listener", func(b *testing.B) { benchAttach(b, true, false, false) })
+	b.Run("update", func(b *testing.B) { benchAttach(b, true, true, false) })
+	b.Run("update-swap", func(b *testing.B) { benchAttach(b, true, true, true) })
 }
 
-func benchAttach(b *testing.B, listener, update bool) {
+func benchAttach(b *testing.B, listener, update, swap bool) {
 	opts := divertest.BPFFS(b)
 	var net *testpod.Network
 	var pods int
@@ -77,6 +80,9 @@ func benchAttach(b *testing.B, listener, update bool) {
 	for range b.N {
 		if !update {
 			p = newPod()
+		}
+		if swap {
+			loader.SetLoadedTag("", "") // as a fresh process: the running programs are not known
 		}
 		start, cpu0 := time.Now(), cpuTime()
 		b.StartTimer()
