@@ -407,12 +407,13 @@ const readingNotes = `- **What a capture mode can save is small next to the prox
   translated rule as nftables bytecode and pays more per rule; both pay for §--dport§ matches. divert
   keeps CIDRs in an LPM trie and ports in bitmaps, one lookup or bit test each whatever N is.
 - **Where eBPF is not ahead: attach time and kernel memory per pod (B5).** A new pod gets its own copy
-  of the four programs, which the kernel verifies and JIT-compiles, and of the nine maps, created and
+  of the five programs, which the kernel verifies and JIT-compiles, and of the nine maps, created and
   pinned; iptables-restore loads 18 rules for the default policy. A CPU profile of loader.Attach
   (§go test -bench Attach -cpuprofile§ in loader/, see BenchmarkAttach) puts about four fifths of a new
-  pod's attach in BPF_PROG_LOAD, nearly all of it the verifier on two programs: connect4, whose policy
-  branches fork the verifier's state (on this machine's kernel, 3,175 instructions processed for 225),
-  and sk_lookup, whose 64-slot listener loop is unrolled (1,571 instructions). The rest is map creation, link creation and
+  pod's attach in BPF_PROG_LOAD, nearly all of it the verifier on three programs: connect4 and
+  connect6, whose shared outbound policy branches fork the verifier's state (on this machine's kernel,
+  about 3,200 instructions processed for 230 each), and sk_lookup, whose 64-slot listener loop is
+  unrolled (1,571 instructions). The rest is map creation, link creation and
   pinning, and two netlink exchanges in the pod's netns (its addresses; listeners that existed before
   the attach, from sock_diag filtered in the kernel by state and port). The embedded object is parsed
   once per process. A re-attach of a pod whose programs are already this build's (the node agent
@@ -427,8 +428,9 @@ const readingNotes = `- **What a capture mode can save is small next to the prox
   are newer than 5.10); the original-destination tuple key gains the pod (two pods' loopback tuples
   collide), the CIDR tries a pod prefix, the listener sockmap per-pod slots; Detach deletes the pod's
   entries instead of dropping its maps; an upgrade replaces the shared programs under every pod at once
-  and migrates the shared maps. Without it, the remaining levers are fewer verifier paths in connect4
-  and sk_lookup (changes to bpf/ that the VM suite must pass on every kernel) and, in init-container
-  mode, handing the programs Probe loads to the Attach that follows instead of loading them twice.
+  and migrates the shared maps. Without it, the remaining levers are fewer verifier paths in connect4,
+  connect6 and sk_lookup (changes to bpf/ that the VM suite must pass on every kernel) and, in
+  init-container mode, handing the programs Probe loads to the Attach that follows instead of loading
+  them twice.
   Detach is already cheap: one BPF_LINK_DETACH per program, the kernel frees the maps afterwards.
 `
