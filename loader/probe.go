@@ -43,7 +43,7 @@ func needMapType(mt ebpf.MapType) kernelNeed {
 // lacks a program type gets that named rather than one of its helpers. Keep it in step with
 // the C file (TestProbeCoversPrograms checks it against the compiled programs).
 var kernelNeeds = []kernelNeed{
-	needProgType(ebpf.CGroupSockAddr, "cgroup/connect4: outbound capture, Linux 4.17+"),
+	needProgType(ebpf.CGroupSockAddr, "cgroup/connect4 and connect6: outbound capture, Linux 4.17+"),
 	needProgType(ebpf.SockOps, "sockops: original destination bookkeeping, Linux 4.13+"),
 	needProgType(ebpf.CGroupSockopt, "cgroup/getsockopt: SO_ORIGINAL_DST, Linux 5.3+"),
 	needProgType(ebpf.SkLookup, "sk_lookup: inbound capture, Linux 5.9+"),
