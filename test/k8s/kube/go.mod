@@ -1,16 +1,23 @@
-// Module kube builds Kubernetes' own binaries for the single-node e2e cluster (see
-// ../README.md). It is a separate module so that Kubernetes' dependency tree never enters
-// divert's go.mod: k8s.io/kubernetes is not meant to be required as a library, and its
-// staging modules are only resolvable through the replace lines below, which mirror the
-// `=> ./staging/src/...` lines of k8s.io/kubernetes' own go.mod with the matching
-// published versions (v0.X.Y for Kubernetes v1.X.Y).
+// Module kube builds Kubernetes' own commands for the single-node e2e cluster (see
+// ../README.md) as one multi-call binary, cmd/kube: kube-apiserver,
+// kube-controller-manager, kube-scheduler, kubelet and kubectl. It is a separate module so
+// that Kubernetes' dependency tree never enters divert's go.mod: k8s.io/kubernetes is not
+// meant to be required as a library, and its staging modules are only resolvable through
+// the replace lines below, which mirror the `=> ./staging/src/...` lines of
+// k8s.io/kubernetes' own go.mod with the matching published versions (v0.X.Y for
+// Kubernetes v1.X.Y).
 module github.com/meshdivert/divert/test/k8s/kube
 
 go 1.24.0
 
 godebug default=go1.24
 
-require k8s.io/kubernetes v1.34.4
+require (
+	k8s.io/client-go v0.34.4
+	k8s.io/component-base v0.34.4
+	k8s.io/kubectl v0.0.0
+	k8s.io/kubernetes v1.34.4
+)
 
 require (
 	cel.dev/expr v0.24.0 // indirect
@@ -153,10 +160,8 @@ require (
 	k8s.io/apimachinery v0.34.4 // indirect
 	k8s.io/apiserver v0.34.4 // indirect
 	k8s.io/cli-runtime v0.34.4 // indirect
-	k8s.io/client-go v0.34.4 // indirect
 	k8s.io/cloud-provider v0.34.4 // indirect
 	k8s.io/cluster-bootstrap v0.0.0 // indirect
-	k8s.io/component-base v0.34.4 // indirect
 	k8s.io/component-helpers v0.34.4 // indirect
 	k8s.io/controller-manager v0.34.4 // indirect
 	k8s.io/cri-api v0.34.4 // indirect
@@ -171,7 +176,6 @@ require (
 	k8s.io/kube-controller-manager v0.0.0 // indirect
 	k8s.io/kube-openapi v0.0.0-20250710124328-f3f2b991d03b // indirect
 	k8s.io/kube-scheduler v0.0.0 // indirect
-	k8s.io/kubectl v0.0.0 // indirect
 	k8s.io/kubelet v0.34.4 // indirect
 	k8s.io/metrics v0.34.4 // indirect
 	k8s.io/mount-utils v0.0.0 // indirect
