@@ -4,8 +4,9 @@
 # gets the host's copies.
 set -euo pipefail
 
+source "$(dirname "$0")/../scripts/apt.sh"
+
 need=()
-have() { command -v "$1" >/dev/null 2>&1; }
 have qemu-system-x86_64 || need+=(qemu-system-x86)
 have apt-get && have dpkg-deb || { echo "vmtests: needs apt-get and dpkg-deb (Debian or Ubuntu)" >&2; exit 1; }
 have xz || need+=(xz-utils)     # 6.1/5.10 vmlinuz and 6.12's modules are xz
@@ -18,14 +19,4 @@ if [ "${RUNNER:-qemu}" = vng ]; then
   have busybox || need+=(busybox-static)
 fi
 
-if [ ${#need[@]} -eq 0 ]; then
-  exit 0
-fi
-if [ "$(id -u)" -ne 0 ]; then
-  echo "vmtests: missing ${need[*]}; run as root or: sudo apt-get install -y ${need[*]}" >&2
-  exit 1
-fi
-echo "vmtests: installing ${need[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+install_missing vmtests "${need[@]}"
