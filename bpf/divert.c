@@ -3,11 +3,15 @@
 // divert: outbound capture for service-mesh sidecars, the eBPF rendering of the
 // istio-iptables ISTIO_OUTPUT chain. Three cgroup programs work together:
 //   connect4   decides per connection (same rule order as policy.Decide) and rewrites the
-//              destination to 127.0.0.1:<proxy port>, remembering the original by cookie;
-//   sockops    once the client's source port is known, re-keys that memory by the 4-tuple
-//              the proxy will see, and forgets it when the client socket closes;
-//   getsockopt answers SO_ORIGINAL_DST on the proxy's accepted socket from that memory, so
+//              destination to 127.0.0.1:<proxy port>, keeping the original in the app's
+//              socket's local storage;
+//   sockops    carries it to the proxy: the app's socket writes it as a TCP option into its
+//              handshake segments (they only ever cross loopback), and the proxy's accepted
+//              socket reads it from the segment that establishes it into its own storage;
+//   getsockopt answers SO_ORIGINAL_DST on the proxy's accepted socket from that storage, so
 //              an unmodified proxy reads the address the app dialled, as with iptables.
+// The original destination lives with the two sockets and dies with them: no table of
+// connections that could fill up, evict, or leak, whatever the burst or the number of CPUs.
 // Inbound, an sk_lookup program on the pod's netns hands connections to included ports to
 // the proxy's inbound listener without NAT: the accepted socket's local address is the
 // original destination. sockops finds that listener when the proxy calls listen().
@@ -25,6 +29,9 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define IPPROTO_TCP 6
 #define SOL_IP 0
 #define SO_ORIGINAL_DST 80
+#define TCPHDR_SYN 0x02
+#define TCPOPT_EXP 254	     /* RFC 6994 experimental option, told apart by its magic */
+#define ORIG_DST_MAGIC 0xd17e /* "divert" */
 #define SK_DROP 0
 #define SK_PASS 1
 #define LISTENER_SLOTS 64
@@ -61,9 +68,20 @@ enum port_flag {
 	PORT_INBOUND_INCLUDE = 1 << 3,	// -b
 };
 
+// What the programs give up on, counted in the drops map: every give-up is visible in
+// status and metrics, never silent.
+enum drop {
+	DROP_NO_LISTENER,	 // inbound captured, no proxy listening: refused
+	DROP_CONNECT_NO_MEMORY, // no socket storage for the original destination: connect refused
+	DROP_ORIG_DST_UNSENT,	 // the app's handshake segment had no room for the option
+	DROP_ORIG_DST_UNSTORED, // the proxy's socket got it but could not keep it
+	NUM_DROPS,
+};
+
 // Emit the enums into BTF so bpf2go generates their Go constants.
 const enum reason *unused_reason __attribute__((unused));
 const enum port_flag *unused_port_flag __attribute__((unused));
+const enum drop *unused_drop __attribute__((unused));
 
 struct config {
 	__u32 proxy_uid;
@@ -86,14 +104,6 @@ struct orig_dst {
 	__u32 addr; // network byte order
 	__u16 port; // network byte order
 	__u16 pad;
-};
-
-// A redirected connection as the proxy's accepted socket sees it (client = its peer).
-struct tuple {
-	__u32 client_addr; // network byte order
-	__u32 proxy_addr;  // network byte order
-	__u16 client_port; // host byte order
-	__u16 proxy_port;  // host byte order
 };
 
 struct {
@@ -146,24 +156,36 @@ struct {
 	__type(value, __u8);
 } local_addrs SEC(".maps");
 
-// Original destination from connect until the source port is known (microseconds), so
-// it only ever holds the connects in flight at one instant.
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u64); // socket cookie
-	__type(value, struct orig_dst);
-} orig_dst_by_cookie SEC(".maps");
+// Where a redirected connection was going, kept in the local storage of the app's socket
+// (from connect until its handshake is over) and of the proxy's accepted socket (until
+// it closes). The kernel frees it with the socket.
+enum orig_dst_side {
+	SIDE_APP = 1,	// the app's socket: still writing the option
+	SIDE_PROXY = 2, // the proxy's accepted socket: answers SO_ORIGINAL_DST
+};
 
-// Original destination for the life of the connection; removed when the client closes.
-// Proxies read it when they accept, so what must fit is the connections not yet accepted:
-// LRU only ever evicts the oldest, long-accepted ones.
+struct sock_orig_dst {
+	struct orig_dst orig;
+	__u8 side; // enum orig_dst_side
+	__u8 pad[3];
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, struct tuple);
-	__type(value, struct orig_dst);
-} orig_dst_by_tuple SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sock_orig_dst);
+} orig_dst_storage SEC(".maps");
+
+// The original destination as it travels in the app's handshake segments: an RFC 6994
+// experimental option (kind 254, 16-bit magic), 10 bytes.
+struct orig_dst_opt {
+	__u8 kind;
+	__u8 len;
+	__u16 magic; // network byte order
+	__u16 port;  // network byte order
+	__u32 addr;  // network byte order
+} __attribute__((packed));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -171,6 +193,13 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NUM_DROPS);
+	__type(key, __u32);
+	__type(value, __u64);
+} drops SEC(".maps");
 
 // The proxy's inbound listeners (all sockets listening on the inbound capture port in the
 // pod's cgroup), put here by sockops when they call listen(). A closed socket leaves the map
@@ -192,6 +221,14 @@ static __always_inline void count(enum reason r)
 {
 	__u32 key = r;
 	__u64 *n = bpf_map_lookup_elem(&counters, &key);
+	if (n)
+		*n += 1;
+}
+
+static __always_inline void count_drop(enum drop d)
+{
+	__u32 key = d;
+	__u64 *n = bpf_map_lookup_elem(&drops, &key);
 	if (n)
 		*n += 1;
 }
@@ -296,8 +333,8 @@ static __always_inline enum reason decide_inbound(struct config *cfg, __u16 port
 	return REASON_INBOUND_NOT_INCLUDED;
 }
 
-// redirect_outbound decides an outbound IPv4 connect and, when it is captured, records its
-// original destination under the socket's cookie. It returns 0 to refuse the connect, 1 to
+// redirect_outbound decides an outbound IPv4 connect and, when it is captured, keeps its
+// original destination in the socket's storage. It returns 0 to refuse the connect, 1 to
 // let it go on, and sets *to_port when the caller must rewrite the destination to
 // 127.0.0.1:*to_port.
 static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, __u32 src, __u32 dst,
@@ -312,12 +349,17 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, __u32 sr
 	if (!*to_port)
 		return 1;
 
-	struct orig_dst orig = {.addr = dst, .port = dport_be};
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	// Without a place to remember the original destination the proxy could not route the
+	// Without a place to keep the original destination the proxy could not route the
 	// connection; leaving it uncaptured would silently bypass policy, so refuse it instead.
-	if (bpf_map_update_elem(&orig_dst_by_cookie, &cookie, &orig, BPF_ANY))
+	struct sock_orig_dst *s = ctx->sk ? bpf_sk_storage_get(&orig_dst_storage, ctx->sk, 0,
+								BPF_SK_STORAGE_GET_F_CREATE) : 0;
+	if (!s) {
+		count_drop(DROP_CONNECT_NO_MEMORY);
 		return 0;
+	}
+	s->orig.addr = dst;
+	s->orig.port = dport_be;
+	s->side = SIDE_APP;
 	return 1;
 }
 
@@ -368,39 +410,90 @@ int divert_connect6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+// The app's side of a captured connection: from connect until the proxy's side is surely
+// established, every segment the app sends carries the original destination as a TCP
+// option. Normally the handshake's last ACK establishes the proxy's socket and the option is
+// read there; if that ACK is lost (the proxy's accept queue was full) or a SYN cookie stood
+// in for the request, a later segment establishes it instead, so that one needs it too
+// (a TCP Fast Open socket is established by the SYN itself). Once the proxy has acknowledged
+// data or sent some, its socket is established and the option stops.
+static __always_inline void app_handshake(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return;
+	struct sock_orig_dst *s = bpf_sk_storage_get(&orig_dst_storage, sk, 0, 0);
+	if (!s || s->side != SIDE_APP)
+		return;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							 BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+		return;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+		// The SYN-ACK's acknowledgement of our SYN counts one byte.
+		if (skops->bytes_acked > 1 || skops->bytes_received > 0) {
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
+								 ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+			return;
+		}
+		if (bpf_reserve_hdr_opt(skops, sizeof(struct orig_dst_opt), 0))
+			count_drop(DROP_ORIG_DST_UNSENT);
+		return;
+	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB: {
+		struct orig_dst_opt opt = {
+			.kind = TCPOPT_EXP,
+			.len = sizeof(opt),
+			.magic = bpf_htons(ORIG_DST_MAGIC),
+			.port = s->orig.port,
+			.addr = s->orig.addr,
+		};
+		// EEXIST: a retransmission that already carries it.
+		long err = bpf_store_hdr_opt(skops, &opt, sizeof(opt), 0);
+		if (err && err != -17)
+			count_drop(DROP_ORIG_DST_UNSENT);
+		return;
+	}
+	}
+}
+
+// The proxy's side: its accepted socket reads the option from the segment that
+// established it and keeps the original destination for getsockopt. Only connections from
+// 127.0.0.1 to 127.0.0.1, where redirects go: a peer outside the pod cannot make the proxy
+// believe another destination (the kernel drops 127/8 sources arriving on other devices).
+static __always_inline void proxy_established(struct bpf_sock_ops *skops)
+{
+	if (skops->family != AF_INET || skops->remote_ip4 != bpf_htonl(LOCALHOST) ||
+	    skops->local_ip4 != bpf_htonl(LOCALHOST))
+		return;
+	struct orig_dst_opt opt = {.kind = TCPOPT_EXP, .len = 4, .magic = bpf_htons(ORIG_DST_MAGIC)};
+	if (bpf_load_hdr_opt(skops, &opt, sizeof(opt), 0) != sizeof(opt))
+		return; // not a redirected connection
+	struct bpf_sock *sk = skops->sk;
+	struct sock_orig_dst *s =
+		sk ? bpf_sk_storage_get(&orig_dst_storage, sk, 0, BPF_SK_STORAGE_GET_F_CREATE) : 0;
+	if (!s) {
+		count_drop(DROP_ORIG_DST_UNSTORED);
+		return;
+	}
+	s->orig.addr = opt.addr;
+	s->orig.port = opt.port;
+	s->side = SIDE_PROXY;
+}
+
 SEC("sockops")
 int divert_sockops(struct bpf_sock_ops *skops)
 {
-	// A dual-stack socket's connection to ::ffff:a.b.c.d is IPv4: its IPv4 fields are set,
-	// and the proxy's accepted (AF_INET) socket sees the same IPv4 tuple.
-	if (skops->family != AF_INET &&
-	    !(skops->family == AF_INET6 &&
-	      is_v4_mapped(skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2])))
-		return 1;
-
-	struct tuple t = {
-		.client_addr = skops->local_ip4,
-		.proxy_addr = skops->remote_ip4,
-		.client_port = (__u16)skops->local_port,
-		.proxy_port = (__u16)bpf_ntohl(skops->remote_port),
-	};
-
 	switch (skops->op) {
-	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
-		// The source port is assigned and the SYN not yet sent: the proxy cannot have
-		// accepted yet, so the entry is in place before it can ask.
-		__u64 cookie = bpf_get_socket_cookie(skops);
-		struct orig_dst *orig = bpf_map_lookup_elem(&orig_dst_by_cookie, &cookie);
-		if (!orig)
-			return 1;
-		struct orig_dst copy = *orig;
-		bpf_map_delete_elem(&orig_dst_by_cookie, &cookie);
-		if (bpf_map_update_elem(&orig_dst_by_tuple, &t, &copy, BPF_ANY))
-			return 1;
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-							 BPF_SOCK_OPS_STATE_CB_FLAG);
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:
+		app_handshake(skops);
 		break;
-	}
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		proxy_established(skops);
+		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB: {
 		struct config *cfg = get_config();
 		if (!cfg || skops->local_port != cfg->inbound_capture_port)
@@ -409,11 +502,6 @@ int divert_sockops(struct bpf_sock_ops *skops)
 		bpf_sock_map_update(skops, &inbound_listeners, &slot, BPF_ANY);
 		break;
 	}
-	case BPF_SOCK_OPS_STATE_CB:
-		// args[1] is the new state; the ports are still set when TCP_CLOSE is reported.
-		if (skops->args[1] == BPF_TCP_CLOSE)
-			bpf_map_delete_elem(&orig_dst_by_tuple, &t);
-		break;
 	}
 	return 1;
 }
@@ -427,25 +515,18 @@ int divert_getsockopt(struct bpf_sockopt *ctx)
 	if (!sk || sk->family != AF_INET)
 		goto passthrough;
 
-	// A 4-byte load of dst_port works on every kernel (older ones reject a 2-byte load);
-	// its low two bytes are the port in network byte order.
-	__u32 dst_port_raw = *(volatile __u32 *)&sk->dst_port;
-	struct tuple t = {
-		.client_addr = sk->dst_ip4,
-		.proxy_addr = sk->src_ip4,
-		.client_port = bpf_ntohs((__u16)dst_port_raw),
-		.proxy_port = (__u16)sk->src_port,
-	};
-	struct orig_dst *orig = bpf_map_lookup_elem(&orig_dst_by_tuple, &t);
+	struct sock_orig_dst *s = bpf_sk_storage_get(&orig_dst_storage, sk, 0, 0);
 	struct orig_dst local = {.addr = sk->src_ip4, .port = bpf_htons((__u16)sk->src_port)};
-	if (!orig) {
+	struct orig_dst *orig = &local;
+	if (s && s->side == SIDE_PROXY) {
+		orig = &s->orig;
+	} else {
 		// A connection from outside the pod that was not NATed: one sk_lookup steered to
 		// the proxy, or one that reached a listener directly. Its original destination is
 		// the socket's own local address, which is what conntrack answers for it under
 		// iptables. Answer only where the kernel has no answer of its own.
 		if (ctx->retval == 0 || is_local(sk->dst_ip4))
 			goto passthrough;
-		orig = &local;
 	}
 
 	struct {
@@ -507,5 +588,6 @@ int divert_sk_lookup(struct bpf_sk_lookup *ctx)
 	}
 	// Captured but no proxy listening: refuse, as iptables' REDIRECT to a closed port
 	// does. Passing would hand the connection to the app behind the proxy's back.
+	count_drop(DROP_NO_LISTENER);
 	return SK_DROP;
 }

@@ -27,6 +27,16 @@ type DivertConfig struct {
 	_                   [2]byte
 }
 
+type DivertDrop uint32
+
+const (
+	DivertDropDROP_NO_LISTENER       DivertDrop = 0
+	DivertDropDROP_CONNECT_NO_MEMORY DivertDrop = 1
+	DivertDropDROP_ORIG_DST_UNSENT   DivertDrop = 2
+	DivertDropDROP_ORIG_DST_UNSTORED DivertDrop = 3
+	DivertDropNUM_DROPS              DivertDrop = 4
+)
+
 type DivertLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -79,12 +89,11 @@ const (
 	DivertReasonNUM_REASONS                   DivertReason = 16
 )
 
-type DivertTuple struct {
-	_          structs.HostLayout
-	ClientAddr uint32
-	ProxyAddr  uint32
-	ClientPort uint16
-	ProxyPort  uint16
+type DivertSockOrigDst struct {
+	_    structs.HostLayout
+	Orig DivertOrigDst
+	Side uint8
+	Pad  [3]uint8
 }
 
 // Names of all BPF objects in the ELF.
@@ -93,10 +102,10 @@ type DivertTuple struct {
 const (
 	DivertMapConfigMap            = "config_map"
 	DivertMapCounters             = "counters"
+	DivertMapDrops                = "drops"
 	DivertMapInboundListeners     = "inbound_listeners"
 	DivertMapLocalAddrs           = "local_addrs"
-	DivertMapOrigDstByCookie      = "orig_dst_by_cookie"
-	DivertMapOrigDstByTuple       = "orig_dst_by_tuple"
+	DivertMapOrigDstStorage       = "orig_dst_storage"
 	DivertMapOutboundExcludeCidrs = "outbound_exclude_cidrs"
 	DivertMapOutboundIncludeCidrs = "outbound_include_cidrs"
 	DivertMapPortSetsMap          = "port_sets_map"
@@ -105,6 +114,7 @@ const (
 	DivertProgDivertGetsockopt    = "divert_getsockopt"
 	DivertProgDivertSkLookup      = "divert_sk_lookup"
 	DivertProgDivertSockops       = "divert_sockops"
+	DivertVarUnusedDrop           = "unused_drop"
 	DivertVarUnusedPortFlag       = "unused_port_flag"
 	DivertVarUnusedReason         = "unused_reason"
 )
@@ -164,10 +174,10 @@ type DivertProgramSpecs struct {
 type DivertMapSpecs struct {
 	ConfigMap            *ebpf.MapSpec `ebpf:"config_map"`
 	Counters             *ebpf.MapSpec `ebpf:"counters"`
+	Drops                *ebpf.MapSpec `ebpf:"drops"`
 	InboundListeners     *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalAddrs           *ebpf.MapSpec `ebpf:"local_addrs"`
-	OrigDstByCookie      *ebpf.MapSpec `ebpf:"orig_dst_by_cookie"`
-	OrigDstByTuple       *ebpf.MapSpec `ebpf:"orig_dst_by_tuple"`
+	OrigDstStorage       *ebpf.MapSpec `ebpf:"orig_dst_storage"`
 	OutboundExcludeCidrs *ebpf.MapSpec `ebpf:"outbound_exclude_cidrs"`
 	OutboundIncludeCidrs *ebpf.MapSpec `ebpf:"outbound_include_cidrs"`
 	PortSetsMap          *ebpf.MapSpec `ebpf:"port_sets_map"`
@@ -177,6 +187,7 @@ type DivertMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DivertVariableSpecs struct {
+	UnusedDrop     *ebpf.VariableSpec `ebpf:"unused_drop"`
 	UnusedPortFlag *ebpf.VariableSpec `ebpf:"unused_port_flag"`
 	UnusedReason   *ebpf.VariableSpec `ebpf:"unused_reason"`
 }
@@ -203,10 +214,10 @@ func (o *DivertObjects) Close() error {
 type DivertMaps struct {
 	ConfigMap            *ebpf.Map `ebpf:"config_map"`
 	Counters             *ebpf.Map `ebpf:"counters"`
+	Drops                *ebpf.Map `ebpf:"drops"`
 	InboundListeners     *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalAddrs           *ebpf.Map `ebpf:"local_addrs"`
-	OrigDstByCookie      *ebpf.Map `ebpf:"orig_dst_by_cookie"`
-	OrigDstByTuple       *ebpf.Map `ebpf:"orig_dst_by_tuple"`
+	OrigDstStorage       *ebpf.Map `ebpf:"orig_dst_storage"`
 	OutboundExcludeCidrs *ebpf.Map `ebpf:"outbound_exclude_cidrs"`
 	OutboundIncludeCidrs *ebpf.Map `ebpf:"outbound_include_cidrs"`
 	PortSetsMap          *ebpf.Map `ebpf:"port_sets_map"`
@@ -216,10 +227,10 @@ func (m *DivertMaps) Close() error {
 	return _DivertClose(
 		m.ConfigMap,
 		m.Counters,
+		m.Drops,
 		m.InboundListeners,
 		m.LocalAddrs,
-		m.OrigDstByCookie,
-		m.OrigDstByTuple,
+		m.OrigDstStorage,
 		m.OutboundExcludeCidrs,
 		m.OutboundIncludeCidrs,
 		m.PortSetsMap,
@@ -230,6 +241,7 @@ func (m *DivertMaps) Close() error {
 //
 // It can be passed to LoadDivertObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DivertVariables struct {
+	UnusedDrop     *ebpf.Variable `ebpf:"unused_drop"`
 	UnusedPortFlag *ebpf.Variable `ebpf:"unused_port_flag"`
 	UnusedReason   *ebpf.Variable `ebpf:"unused_reason"`
 }

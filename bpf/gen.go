@@ -2,4 +2,4 @@
 // are committed, so building divert needs no clang; `make generate` rebuilds them.
 package bpf
 
-//go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror" -target bpfel -type config -type tuple -type orig_dst -type lpm_v4_key -type reason -type port_flag -type port_sets Divert divert.c -- -I/usr/include/x86_64-linux-gnu
+//go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror" -target bpfel -type config -type orig_dst -type sock_orig_dst -type drop -type lpm_v4_key -type reason -type port_flag -type port_sets Divert divert.c -- -I/usr/include/x86_64-linux-gnu

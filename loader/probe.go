@@ -44,18 +44,24 @@ func needMapType(mt ebpf.MapType) kernelNeed {
 // the C file (TestProbeCoversPrograms checks it against the compiled programs).
 var kernelNeeds = []kernelNeed{
 	needProgType(ebpf.CGroupSockAddr, "cgroup/connect4 and connect6: outbound capture, Linux 4.17+"),
-	needProgType(ebpf.SockOps, "sockops: original destination bookkeeping, Linux 4.13+"),
+	needProgType(ebpf.SockOps, "sockops: carries the original destination to the proxy, Linux 4.13+"),
 	needProgType(ebpf.CGroupSockopt, "cgroup/getsockopt: SO_ORIGINAL_DST, Linux 5.3+"),
 	needProgType(ebpf.SkLookup, "sk_lookup: inbound capture, Linux 5.9+"),
 	needHelper(ebpf.CGroupSockAddr, asm.FnGetCurrentUidGid),
-	needHelper(ebpf.CGroupSockAddr, asm.FnGetSocketCookie),
+	needHelper(ebpf.CGroupSockAddr, asm.FnSkStorageGet),
 	needHelper(ebpf.SockOps, asm.FnGetSocketCookie),
 	needHelper(ebpf.SockOps, asm.FnSockOpsCbFlagsSet),
+	needHelper(ebpf.SockOps, asm.FnSkStorageGet),
+	// The original destination travels to the proxy as a TCP option, Linux 5.10+.
+	needHelper(ebpf.SockOps, asm.FnReserveHdrOpt),
+	needHelper(ebpf.SockOps, asm.FnStoreHdrOpt),
+	needHelper(ebpf.SockOps, asm.FnLoadHdrOpt),
+	needHelper(ebpf.CGroupSockopt, asm.FnSkStorageGet),
 	needHelper(ebpf.SockOps, asm.FnSockMapUpdate),
 	needHelper(ebpf.SkLookup, asm.FnSkAssign),
 	needHelper(ebpf.SkLookup, asm.FnSkRelease),
 	needMapType(ebpf.LPMTrie),
-	needMapType(ebpf.LRUHash),
+	needMapType(ebpf.SkStorage),
 	needMapType(ebpf.PerCPUArray),
 	needMapType(ebpf.SockMap),
 }

@@ -20,8 +20,9 @@ type PodStatus struct {
 	Programs []ProgramStatus   `json:"programs"`
 	Policy   PolicyStatus      `json:"policy"`
 	Counters map[string]uint64 `json:"counters"`
-	// Connections is the number of live redirected connections (original-destination entries).
-	Connections int `json:"connections"`
+	// Drops counts what the programs gave up on, by kind (every kind listed, zero or not):
+	// a connection refused or an original destination not delivered.
+	Drops map[string]uint64 `json:"drops"`
 }
 
 // ProgramStatus describes one attached program.
@@ -104,11 +105,14 @@ func Status(id string, opts Options) (*PodStatus, error) {
 			st.Counters[r.String()] = n
 		}
 	}
-	conns, err := maps.OrigDsts(m)
+	drops, err := maps.Drops(m)
 	if err != nil {
 		return nil, err
 	}
-	st.Connections = len(conns)
+	st.Drops = make(map[string]uint64, len(drops))
+	for d, n := range drops {
+		st.Drops[d.String()] = n
+	}
 	return st, nil
 }
 

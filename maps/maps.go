@@ -186,36 +186,44 @@ func Counters(m *Maps) (map[policy.Reason]uint64, error) {
 	return out, nil
 }
 
-// OrigDst is one remembered original destination: which connection, and where it was going.
-type OrigDst struct {
-	Client, Proxy netip.AddrPort
-	Orig          netip.AddrPort
+// Drop names what the programs gave up on (bpf/divert.c's enum drop), as status and
+// metrics print it.
+type Drop uint32
+
+const (
+	DropNoListener      = Drop(bpf.DivertDropDROP_NO_LISTENER)
+	DropConnectNoMemory = Drop(bpf.DivertDropDROP_CONNECT_NO_MEMORY)
+	DropOrigDstUnsent   = Drop(bpf.DivertDropDROP_ORIG_DST_UNSENT)
+	DropOrigDstUnstored = Drop(bpf.DivertDropDROP_ORIG_DST_UNSTORED)
+	numDrops            = Drop(bpf.DivertDropNUM_DROPS)
+)
+
+var dropNames = [numDrops]string{
+	DropNoListener:      "inbound-no-listener",
+	DropConnectNoMemory: "connect-no-memory",
+	DropOrigDstUnsent:   "orig-dst-unsent",
+	DropOrigDstUnstored: "orig-dst-unstored",
 }
 
-// OrigDsts lists the original-destination entries of live redirected connections.
-func OrigDsts(m *Maps) ([]OrigDst, error) {
-	var out []OrigDst
-	var k bpf.DivertTuple
-	var v bpf.DivertOrigDst
-	it := m.OrigDstByTuple.Iterate()
-	for it.Next(&k, &v) {
-		out = append(out, OrigDst{
-			Client: netip.AddrPortFrom(AddrFromValue(k.ClientAddr), k.ClientPort),
-			Proxy:  netip.AddrPortFrom(AddrFromValue(k.ProxyAddr), k.ProxyPort),
-			Orig:   netip.AddrPortFrom(AddrFromValue(v.Addr), PortFromValue(v.Port)),
-		})
+func (d Drop) String() string {
+	if d < numDrops {
+		return dropNames[d]
 	}
-	return out, it.Err()
+	return fmt.Sprintf("drop(%d)", uint32(d))
 }
 
-// PendingOrigDsts counts entries waiting between connect and the source port assignment.
-func PendingOrigDsts(m *Maps) (int, error) {
-	n := 0
-	var k uint64
-	var v bpf.DivertOrigDst
-	it := m.OrigDstByCookie.Iterate()
-	for it.Next(&k, &v) {
-		n++
+// Drops sums the per-CPU give-up counters by kind; every kind is present, zero or not.
+func Drops(m *Maps) (map[Drop]uint64, error) {
+	out := make(map[Drop]uint64, numDrops)
+	for d := Drop(0); d < numDrops; d++ {
+		var perCPU []uint64
+		if err := m.Drops.Lookup(uint32(d), &perCPU); err != nil {
+			return nil, fmt.Errorf("read drops map: %w", err)
+		}
+		out[d] = 0
+		for _, n := range perCPU {
+			out[d] += n
+		}
 	}
-	return n, it.Err()
+	return out, nil
 }

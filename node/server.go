@@ -95,7 +95,7 @@ func (a *Agent) WriteMetrics(w io.Writer) {
 	fmt.Fprintf(w, "divert_pods_attached %d\n", len(ids))
 	fmt.Fprintln(w, "# HELP divert_verdicts_total Connections decided by divert, by pod and the rule that decided.")
 	fmt.Fprintln(w, "# TYPE divert_verdicts_total counter")
-	var conns []string
+	var drops []string
 	for _, id := range ids {
 		st, err := loader.Status(id, a.Loader)
 		if err != nil {
@@ -111,11 +111,18 @@ func (a *Agent) WriteMetrics(w io.Writer) {
 		for _, r := range reasons {
 			fmt.Fprintf(w, "divert_verdicts_total{%s,reason=%q} %d\n", labels, r, st.Counters[r])
 		}
-		conns = append(conns, fmt.Sprintf("divert_redirected_connections{%s} %d", labels, st.Connections))
+		kinds := make([]string, 0, len(st.Drops))
+		for d := range st.Drops {
+			kinds = append(kinds, d)
+		}
+		slices.Sort(kinds)
+		for _, d := range kinds {
+			drops = append(drops, fmt.Sprintf("divert_drops_total{%s,drop=%q} %d", labels, d, st.Drops[d]))
+		}
 	}
-	fmt.Fprintln(w, "# HELP divert_redirected_connections Live redirected connections (original destinations held).")
-	fmt.Fprintln(w, "# TYPE divert_redirected_connections gauge")
-	for _, c := range conns {
-		fmt.Fprintln(w, c)
+	fmt.Fprintln(w, "# HELP divert_drops_total What divert's programs gave up on, by pod and kind: connections refused, original destinations not delivered.")
+	fmt.Fprintln(w, "# TYPE divert_drops_total counter")
+	for _, d := range drops {
+		fmt.Fprintln(w, d)
 	}
 }

@@ -93,7 +93,7 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 		inbound = `"*"`
 	}
 	fmt.Fprintf(w, "  inbound  -> :%d  capture -b %s -d %s (tunnel port %d)\n", p.InboundCapturePort, inbound, ports(p.InboundExcludePorts), p.InboundTunnelPort)
-	fmt.Fprintf(w, "  pod addresses %v; open redirected connections %d\n", p.LocalAddrs, st.Connections)
+	fmt.Fprintf(w, "  pod addresses %v\n", p.LocalAddrs)
 	names := make([]string, 0, len(st.Counters))
 	for name := range st.Counters {
 		names = append(names, name)
@@ -102,6 +102,17 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 	for _, name := range names {
 		fmt.Fprintf(w, "  %-24s %d\n", name, st.Counters[name])
 	}
+	drops := make([]string, 0, len(st.Drops))
+	for name, n := range st.Drops {
+		if n > 0 {
+			drops = append(drops, fmt.Sprintf("%s %d", name, n))
+		}
+	}
+	slices.Sort(drops)
+	if len(drops) == 0 {
+		drops = append(drops, "none")
+	}
+	fmt.Fprintf(w, "  drops: %s\n", strings.Join(drops, ", "))
 }
 
 func ports(ps []uint16) string {

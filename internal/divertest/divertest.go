@@ -97,34 +97,29 @@ func (a *Attached) Counters(tb testing.TB) map[policy.Reason]uint64 {
 	return c
 }
 
-// OrigDsts reads the live original-destination entries.
-func (a *Attached) OrigDsts(tb testing.TB) []maps.OrigDst {
+// Drops reads what the pod's programs gave up on, by kind.
+func (a *Attached) Drops(tb testing.TB) map[maps.Drop]uint64 {
 	tb.Helper()
 	m, err := loader.OpenMaps(a.Pod.Name, a.Opts)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	defer loader.CloseMaps(m)
-	entries, err := maps.OrigDsts(m)
+	d, err := maps.Drops(m)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	return entries
+	return d
 }
 
-// PendingOrigDsts counts cookie-keyed entries (connect seen, source port not yet known).
-func (a *Attached) PendingOrigDsts(tb testing.TB) int {
+// NoDrops fails the test if the pod's programs gave up on anything.
+func (a *Attached) NoDrops(tb testing.TB) {
 	tb.Helper()
-	m, err := loader.OpenMaps(a.Pod.Name, a.Opts)
-	if err != nil {
-		tb.Fatal(err)
+	for d, n := range a.Drops(tb) {
+		if n != 0 {
+			tb.Errorf("drop %s counted %d times, want 0", d, n)
+		}
 	}
-	defer loader.CloseMaps(m)
-	n, err := maps.PendingOrigDsts(m)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return n
 }
 
 // AttachedPrograms counts divert's kinds of programs attached to the pod: on its cgroup,

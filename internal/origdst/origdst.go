@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -26,15 +25,19 @@ func Get(c *net.TCPConn) (netip.AddrPort, error) {
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
+	var orig netip.AddrPort
+	if cerr := rc.Control(func(fd uintptr) { orig, err = GetFD(int(fd)) }); cerr != nil {
+		return netip.AddrPort{}, cerr
+	}
+	return orig, err
+}
+
+// GetFD is Get on a raw socket descriptor.
+func GetFD(fd int) (netip.AddrPort, error) {
 	var sa [16]byte // family, port (big endian), address, zero padding
 	size := uint32(len(sa))
-	var errno syscall.Errno
-	if err := rc.Control(func(fd uintptr) {
-		_, _, errno = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_IP, soOriginalDst,
-			uintptr(unsafe.Pointer(&sa[0])), uintptr(unsafe.Pointer(&size)), 0)
-	}); err != nil {
-		return netip.AddrPort{}, err
-	}
+	_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_IP, soOriginalDst,
+		uintptr(unsafe.Pointer(&sa[0])), uintptr(unsafe.Pointer(&size)), 0)
 	if errno != 0 {
 		return netip.AddrPort{}, errno
 	}

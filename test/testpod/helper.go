@@ -46,6 +46,9 @@ func RunHelperIfRequested() {
 		"client": runClient,
 		"id":     runID,
 		"udp":    runUDP,
+
+		"burst-app":   runBurstApp,
+		"burst-proxy": runBurstProxy,
 	}
 	run, ok := cmds[os.Args[1]]
 	if !ok {

@@ -37,9 +37,9 @@ var Packages = []string{
 // Slow are top-level tests that -quick (CI) skips: under TCG each takes minutes. They
 // stress at scale what faster tests check once; make vmtest still runs them.
 var Slow = []string{
-	"TestNoOrigDstLeak", // test/e2e: 10,000 connections (~9 min under TCG)
-	"TestApplyCases",    // iptables: every rendering case in both backends (~4 min)
-	"TestRandomParity",  // test/parity: randomised configs, property test
+	"TestManyConnectionsNoDrops", // test/e2e: 10,000 connections (~9 min under TCG)
+	"TestApplyCases",             // iptables: every rendering case in both backends (~4 min)
+	"TestRandomParity",           // test/parity: randomised configs, property test
 }
 
 // selftestFail always fails; VMTEST_SELFTEST_FAIL=1 adds it to a normal run.

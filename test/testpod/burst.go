@@ -1,0 +1,305 @@
+package testpod
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/internal/nsexec"
+	"github.com/meshdivert/divert/internal/origdst"
+)
+
+// A burst: an app opens many connections at once while its proxy is slow to accept, so
+// they all wait, established, in the proxy's accept queue; then the proxy accepts them
+// and reads each one's original destination. Whatever holds the original destinations
+// must hold all of them at once.
+
+// BurstTargets are the n distinct destinations of a burst: the network's addresses, each
+// on ports from 1000 up.
+func (n *Network) BurstTargets(count int) []netip.AddrPort {
+	out := make([]netip.AddrPort, count)
+	for i := range out {
+		out[i] = netip.AddrPortFrom(n.Addrs[i%len(n.Addrs)], uint16(1000+i/len(n.Addrs)))
+	}
+	return out
+}
+
+// BurstConn is one connection of a burst: where the app dialled and from where, and what
+// the proxy saw of it (matched by the proxy's peer address, the app's local address).
+type BurstConn struct {
+	Target netip.AddrPort
+	Local  string // the app socket's local address once established; "" if it failed
+	Err    string // the app's connect failed
+	// The proxy's view, for the accepted connection whose peer is Local.
+	Orig, OrigErr string
+}
+
+// BurstResult is the outcome of Pod.Burst.
+type BurstResult struct {
+	Conns []BurstConn
+	// Accepts is what the proxy accepted; Unmatched are those whose peer is no
+	// established app socket's local address (e.g. a source port NAT rewrote).
+	Accepts   []BurstAccept
+	Unmatched []BurstAccept
+}
+
+type burstDial struct {
+	Local string `json:"local,omitempty"`
+	Err   string `json:"err,omitempty"`
+}
+
+// BurstAccept is the proxy's view of one accepted connection.
+type BurstAccept struct {
+	Peer    string `json:"peer"`
+	Orig    string `json:"orig,omitempty"`
+	OrigErr string `json:"orig_err,omitempty"`
+}
+
+const burstDone = "done"
+
+// Burst runs a proxy listening on proxyAddr (uid/gid proxyID) that does not accept until
+// an app (uid/gid appID) has connected to each of count burst targets at once; then the
+// proxy accepts everything and reports each connection's original destination.
+func (p *Pod) Burst(tb testing.TB, proxyAddr netip.AddrPort, proxyID, appID uint32, count int) BurstResult {
+	tb.Helper()
+	// The accept queue must hold the whole burst (somaxconn is per network namespace).
+	must(tb, nsexec.Do(p.NetNSPath, func() error {
+		return os.WriteFile("/proc/sys/net/core/somaxconn", []byte("65535\n"), 0)
+	}), "raise somaxconn in the pod")
+	proxy := p.Start(tb, ProcSpec{UID: proxyID, GID: proxyID, Args: []string{
+		"burst-proxy", "--listen", proxyAddr.String(), "--count", fmt.Sprint(count)}}).waitReady(tb)
+
+	addrs := make([]string, len(p.Net.Addrs))
+	for i, a := range p.Net.Addrs {
+		addrs[i] = a.String()
+	}
+	app := p.Start(tb, ProcSpec{UID: appID, GID: appID, Args: []string{
+		"burst-app", "--addrs", strings.Join(addrs, ","), "--count", fmt.Sprint(count)}})
+	dials := waitLines[burstDial](tb, app, count, 2*time.Minute)
+
+	must(tb, proxy.Cmd.Process.Signal(syscall.SIGUSR1), "tell the proxy to accept")
+	accepts := waitLines[BurstAccept](tb, proxy, -1, 2*time.Minute)
+
+	byPeer := make(map[string]BurstAccept, len(accepts))
+	for _, a := range accepts {
+		byPeer[a.Peer] = a
+	}
+	res := BurstResult{Accepts: accepts}
+	matched := make(map[string]bool)
+	for i, t := range p.Net.BurstTargets(count) {
+		c := BurstConn{Target: t, Local: dials[i].Local, Err: dials[i].Err}
+		if a, ok := byPeer[c.Local]; ok && c.Local != "" {
+			c.Orig, c.OrigErr = a.Orig, a.OrigErr
+			matched[c.Local] = true
+		}
+		res.Conns = append(res.Conns, c)
+	}
+	for _, a := range accepts {
+		if !matched[a.Peer] {
+			res.Unmatched = append(res.Unmatched, a)
+		}
+	}
+	return res
+}
+
+// waitLines waits for a helper's "done" line and decodes the JSON lines before it (want
+// of them, unless want < 0).
+func waitLines[T any](tb testing.TB, pr *Proc, want int, timeout time.Duration) []T {
+	tb.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		out := pr.Stdout()
+		if body, ok := strings.CutSuffix(out, burstDone+"\n"); ok {
+			var lines []T
+			for _, l := range strings.Split(strings.TrimSpace(body), "\n") {
+				if l == "" || l == readyLine {
+					continue
+				}
+				var v T
+				must(tb, json.Unmarshal([]byte(l), &v), "decode "+l)
+				lines = append(lines, v)
+			}
+			if want >= 0 && len(lines) != want {
+				tb.Fatalf("testpod: %v reported %d lines, want %d", pr.Cmd.Args[1:], len(lines), want)
+			}
+			return lines
+		}
+		select {
+		case <-pr.done:
+			pr.reported.Store(true)
+			tb.Fatalf("testpod: %v exited (%v); stderr:\n%s", pr.Cmd.Args[1:], pr.Cmd.ProcessState, pr.stderr)
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			pr.reported.Store(true)
+			tb.Fatalf("testpod: %v not done after %v; stderr:\n%s", pr.Cmd.Args[1:], timeout, pr.stderr)
+		}
+	}
+}
+
+// burst-app: connect to every target at once (non-blocking), wait until each connect is
+// settled, report one line per target, then hold the connections open until killed.
+func runBurstApp(args []string) error {
+	fs := flag.NewFlagSet("burst-app", flag.ContinueOnError)
+	addrList := fs.String("addrs", "", "destination addresses, comma-separated")
+	count := fs.Int("count", 0, "connections")
+	timeout := fs.Duration("timeout", time.Minute, "for all connects to settle")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var n Network
+	for _, a := range strings.Split(*addrList, ",") {
+		addr, err := netip.ParseAddr(a)
+		if err != nil {
+			return err
+		}
+		n.Addrs = append(n.Addrs, addr)
+	}
+	targets := n.BurstTargets(*count)
+	fds := make([]int, len(targets))
+	out := make([]burstDial, len(targets))
+	for i, t := range targets {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("socket %d: %w", i, err)
+		}
+		fds[i] = fd
+		sa := &unix.SockaddrInet4{Port: int(t.Port()), Addr: t.Addr().As4()}
+		if err := retryEINTR(func() error { return unix.Connect(fd, sa) }); err != nil && err != unix.EINPROGRESS {
+			out[i].Err = errText(err)
+			fds[i] = -1
+			unix.Close(fd)
+		}
+	}
+	// Wait for every pending connect to finish, one way or the other.
+	deadline := time.Now().Add(*timeout)
+	pending := make(map[int]int) // fd -> index
+	for i, fd := range fds {
+		if fd >= 0 {
+			pending[fd] = i
+		}
+	}
+	for len(pending) > 0 {
+		if time.Now().After(deadline) {
+			for _, i := range pending {
+				out[i].Err = "timeout"
+			}
+			break
+		}
+		pfds := make([]unix.PollFd, 0, len(pending))
+		for fd := range pending {
+			pfds = append(pfds, unix.PollFd{Fd: int32(fd), Events: unix.POLLOUT})
+		}
+		if _, err := unix.Poll(pfds, 200); err != nil && !errors.Is(err, unix.EINTR) {
+			return fmt.Errorf("poll: %w", err)
+		}
+		for _, pfd := range pfds {
+			if pfd.Revents == 0 {
+				continue
+			}
+			fd := int(pfd.Fd)
+			i := pending[fd]
+			delete(pending, fd)
+			if soErr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); err != nil || soErr != 0 {
+				out[i].Err = errText(errors.Join(err, syscall.Errno(soErr)))
+				continue
+			}
+			sa, err := unix.Getsockname(fd)
+			if err != nil {
+				out[i].Err = errText(err)
+				continue
+			}
+			in4 := sa.(*unix.SockaddrInet4)
+			out[i].Local = netip.AddrPortFrom(netip.AddrFrom4(in4.Addr), uint16(in4.Port)).String()
+		}
+	}
+	enc := json.NewEncoder(os.Stdout)
+	for _, d := range out {
+		if err := enc.Encode(d); err != nil {
+			return err
+		}
+	}
+	fmt.Println(burstDone)
+	select {} // hold the connections until killed
+}
+
+// burst-proxy: listen with a queue deep enough for the burst, accept nothing until
+// SIGUSR1, then accept everything that is queued and report each original destination.
+func runBurstProxy(args []string) error {
+	fs := flag.NewFlagSet("burst-proxy", flag.ContinueOnError)
+	listenAddr := fs.String("listen", "", "ip:port")
+	count := fs.Int("count", 0, "connections to expect (the queue's depth)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ap, err := netip.ParseAddrPort(*listenAddr)
+	if err != nil {
+		return err
+	}
+	go1 := make(chan os.Signal, 1)
+	signal.Notify(go1, syscall.SIGUSR1)
+	ln, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	if err := unix.SetsockoptInt(ln, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return err
+	}
+	if err := unix.Bind(ln, &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}); err != nil {
+		return err
+	}
+	if err := unix.Listen(ln, *count+64); err != nil {
+		return err
+	}
+	fmt.Println(readyLine)
+	<-go1
+	if err := unix.SetNonblock(ln, true); err != nil {
+		return err
+	}
+	enc := json.NewEncoder(os.Stdout)
+	// Everything is queued already; stop once the queue stays empty for a while.
+	idleSince := time.Now()
+	for time.Since(idleSince) < 2*time.Second {
+		fd, sa, err := unix.Accept4(ln, unix.SOCK_CLOEXEC)
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("accept: %w", err)
+		}
+		idleSince = time.Now()
+		in4 := sa.(*unix.SockaddrInet4)
+		a := BurstAccept{Peer: netip.AddrPortFrom(netip.AddrFrom4(in4.Addr), uint16(in4.Port)).String()}
+		if orig, err := origdst.GetFD(fd); err != nil {
+			a.OrigErr = errText(err)
+		} else {
+			a.Orig = orig.String()
+		}
+		if err := enc.Encode(a); err != nil {
+			return err
+		}
+		// fd stays open until the process is killed: the burst is about holding them all.
+	}
+	fmt.Println(burstDone)
+	select {}
+}
+
+// retryEINTR runs a syscall again when a signal interrupted it.
+func retryEINTR(call func() error) error {
+	for {
+		if err := call(); !errors.Is(err, unix.EINTR) {
+			return err
+		}
+	}
+}
