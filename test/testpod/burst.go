@@ -76,6 +76,16 @@ func (p *Pod) Burst(tb testing.TB, proxyAddr netip.AddrPort, proxyID, appID uint
 	must(tb, nsexec.Do(p.NetNSPath, func() error {
 		return os.WriteFile("/proc/sys/net/core/somaxconn", []byte("65535\n"), 0)
 	}), "raise somaxconn in the pod")
+	// Each side holds count sockets. The helpers inherit this process's limit and, not
+	// being root, cannot raise its hard part: raise it here where we may (a VM guest's
+	// init; not these machines, where root lacks CAP_SYS_RESOURCE and 20,000 is the cap).
+	var lim unix.Rlimit
+	must(tb, unix.Getrlimit(unix.RLIMIT_NOFILE, &lim), "read RLIMIT_NOFILE")
+	if need := uint64(count + 256); lim.Max < need {
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &unix.Rlimit{Cur: need, Max: need}); err != nil {
+			tb.Fatalf("testpod: a burst of %d needs RLIMIT_NOFILE %d, the hard limit is %d: %v", count, need, lim.Max, err)
+		}
+	}
 	proxy := p.Start(tb, ProcSpec{UID: proxyID, GID: proxyID, Args: []string{
 		"burst-proxy", "--listen", proxyAddr.String(), "--count", fmt.Sprint(count)}}).waitReady(tb)
 
