@@ -125,19 +125,50 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 }
 
 // proxyIDs finds the proxy's uid and gid: divert's annotations, else the istio-proxy
-// container's securityContext (what Istio's injector sets), else the defaults ("").
+// container's securityContext (what Istio's injector sets), else the pod's securityContext
+// (which the container inherits), else the defaults (""). The proxy is either a regular
+// container or, with Istio's native sidecars (its default on Kubernetes 1.29+), an init
+// container with restartPolicy: Always; both are read, or a proxy running as another uid
+// than 1337 (OpenShift assigns one) would have its own connections captured.
 func proxyIDs(pod *corev1.Pod) (uid, gid string) {
 	uid, gid = pod.Annotations[AnnotationProxyUID], pod.Annotations[AnnotationProxyGID]
-	for _, c := range pod.Spec.Containers {
-		if c.Name != istioProxy || c.SecurityContext == nil {
-			continue
+	var podUID, podGID *int64
+	if sc := pod.Spec.SecurityContext; sc != nil {
+		podUID, podGID = sc.RunAsUser, sc.RunAsGroup
+	}
+	for _, c := range proxyContainers(pod) {
+		ctrUID, ctrGID := podUID, podGID
+		if sc := c.SecurityContext; sc != nil {
+			if sc.RunAsUser != nil {
+				ctrUID = sc.RunAsUser
+			}
+			if sc.RunAsGroup != nil {
+				ctrGID = sc.RunAsGroup
+			}
 		}
-		if uid == "" && c.SecurityContext.RunAsUser != nil {
-			uid = strconv.FormatInt(*c.SecurityContext.RunAsUser, 10)
+		if uid == "" && ctrUID != nil {
+			uid = strconv.FormatInt(*ctrUID, 10)
 		}
-		if gid == "" && c.SecurityContext.RunAsGroup != nil {
-			gid = strconv.FormatInt(*c.SecurityContext.RunAsGroup, 10)
+		if gid == "" && ctrGID != nil {
+			gid = strconv.FormatInt(*ctrGID, 10)
 		}
 	}
 	return uid, gid
+}
+
+// proxyContainers returns the istio-proxy container: a regular one, or a native sidecar
+// (an init container that keeps running: restartPolicy Always).
+func proxyContainers(pod *corev1.Pod) []corev1.Container {
+	var out []corev1.Container
+	for _, c := range pod.Spec.InitContainers {
+		if c.Name == istioProxy && c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
+			out = append(out, c)
+		}
+	}
+	for _, c := range pod.Spec.Containers {
+		if c.Name == istioProxy {
+			out = append(out, c)
+		}
+	}
+	return out
 }
