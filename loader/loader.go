@@ -701,7 +701,8 @@ func cgroupID(path string) (uint64, error) {
 }
 
 // LocalAddrs returns the IPv4 addresses of the network namespace at path: the destinations
-// iptables would route via lo ("-o lo"), besides 127.0.0.0/8.
+// iptables would route via lo ("-o lo"), besides 127.0.0.0/8. A namespace with an IPv6
+// address (policy.CheckPodAddrs) is an InputError: its IPv6 connections would escape.
 func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 	if netnsPath == "" {
 		return nil, &InputError{"netns", netnsPath, "required: a path to the pod's network namespace, like /proc/<pid>/ns/net or /run/netns/<name>"}
@@ -713,14 +714,20 @@ func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 	if fs.Type != unix.NSFS_MAGIC {
 		return nil, &InputError{"netns", netnsPath, "not a network namespace; pass /proc/<pid>/ns/net or a bind mount of it"}
 	}
-	var addrs []netip.Addr
+	var addrs, all []netip.Addr
 	err := nsexec.Do(netnsPath, func() error {
-		list, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+		list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
 		if err != nil {
 			return err
 		}
 		for _, a := range list {
-			if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && !ip.IsLoopback() {
+			ip, ok := netip.AddrFromSlice(a.IP)
+			if !ok {
+				continue
+			}
+			ip = ip.Unmap()
+			all = append(all, ip)
+			if ip.Is4() && !ip.IsLoopback() {
 				addrs = append(addrs, ip)
 			}
 		}
@@ -728,6 +735,9 @@ func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 	})
 	if err != nil {
 		return nil, &InputError{"netns", netnsPath, err.Error()}
+	}
+	if err := policy.CheckPodAddrs(all); err != nil {
+		return nil, &InputError{"netns", netnsPath, err.Error() + "; capture only pods with IPv4 addresses"}
 	}
 	slices.SortFunc(addrs, netip.Addr.Compare)
 	return slices.Compact(addrs), nil

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 
@@ -141,4 +142,25 @@ func TestExplain(t *testing.T) {
 	if _, err := runCLI(t, nil, "explain", "--dst", "nope"); err == nil || !strings.Contains(err.Error(), "--dst") {
 		t.Errorf("bad --dst: %v", err)
 	}
+}
+
+// A dual-stack pod (IPv4 first, IPv6 second) is refused, naming --netns and the address,
+// and nothing is attached: divert would capture its IPv4 half and let IPv6 bypass the proxy.
+func TestAttachRefusesDualStackPod(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	if out, err := exec.Command("nsenter", "--net="+pod.NetNSPath, "ip", "-6", "addr", "add", "fd00:dead::5/64", "dev", "lo", "nodad").CombinedOutput(); err != nil {
+		t.Fatalf("add an IPv6 address to the pod: %v %s", err, out)
+	}
+	_, err := runCLI(t, nil, "attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS)
+	if err == nil {
+		loader.Detach(pod.Name, opts)
+		t.Fatal("a dual-stack pod was attached")
+	}
+	for _, w := range []string{"--netns", "fd00:dead::5", "IPv6"} {
+		if !strings.Contains(err.Error(), w) || strings.Contains(err.Error(), "\n") {
+			t.Errorf("error should be one line naming %s, got %q", w, err)
+		}
+	}
+	divertest.AssertNothingAttached(t, pod, opts)
 }
