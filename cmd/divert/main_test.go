@@ -128,6 +128,14 @@ func TestExplain(t *testing.T) {
 		want string
 	}{
 		{[]string{"--uid", "1000", "--gid", "1000", "--dst", "10.0.0.5:80"}, "redirect-outbound to port 15001 (included-cidr)"},
+		{[]string{"--uid", "1000", "--gid", "2000", "--dst", "10.0.0.5:80"}, "uid 1000, gid 2000,"},
+		// --gid defaults to --uid, and says so.
+		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80"}, "uid 1000, gid 1000 (--gid not given: the uid)"},
+		{[]string{"-g", "1000", "--uid", "1000", "--dst", "10.0.0.5:80"}, "pass (proxy-gid)"},
+		// Native IPv6 is not captured, whatever -i says.
+		{[]string{"--uid", "1000", "--dst", "[fd00::1]:80"}, "verdict: pass (none)"},
+		{[]string{"--uid", "1000", "--dst", "[fd00::1]:80"}, "IPv6"},
+		{[]string{"--uid", "1000", "--dst", "[::ffff:10.0.0.5]:80"}, "redirect-outbound to port 15001 (included-cidr)"},
 		{[]string{"--uid", "1337", "--gid", "1337", "--dst", "10.0.0.5:80"}, "pass (proxy-uid)"},
 		{[]string{"--uid", "1337", "--gid", "1337", "--dst", "10.1.1.1:8080", "--pod-ip", "10.1.1.1"}, "redirect-inbound to port 15006 (proxy-hairpin)"},
 		{[]string{"-o", "80", "--uid", "1000", "--gid", "1000", "--dst", "10.0.0.5:80"}, "pass (excluded-outbound-port)"},
@@ -139,8 +147,63 @@ func TestExplain(t *testing.T) {
 			t.Errorf("explain %v: %v\n%s\nwant %q", c.args, err, out, c.want)
 		}
 	}
-	if _, err := runCLI(t, nil, "explain", "--dst", "nope"); err == nil || !strings.Contains(err.Error(), "--dst") {
-		t.Errorf("bad --dst: %v", err)
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--uid", "1000", "--dst", "nope"}, "--dst"},
+		// Never silently uid 0: an outbound connection needs --uid.
+		{[]string{"--dst", "10.0.0.5:80"}, "missing --uid"},
+		{[]string{"--gid", "1000", "--dst", "10.0.0.5:80"}, "missing --uid"},
+		{[]string{"--direction", "inbound", "--uid", "1000", "--dst", "10.1.1.1:80"}, "--uid/--gid"},
+		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80", "--pod-id", "no-such-pod", "--bpffs", t.TempDir()}, "--pod-id"},
+		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80", "--pod-id", "p", "-o", "80"}, "-o/--istio-local-outbound-ports-exclude with --pod-id"},
+		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80", "--pod-id", "p", "--pod-ip", "10.1.1.1"}, "--pod-ip with --pod-id"},
+	} {
+		_, err := runCLI(t, nil, append([]string{"explain"}, c.args...)...)
+		if err == nil || !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "\n") {
+			t.Errorf("explain %v: want one line naming %q, got %v", c.args, c.want, err)
+		}
+	}
+}
+
+// explain --pod-id decides with the policy and addresses the kernel holds for the pod: its
+// own address is local there (not a redirect), its -o and -x apply.
+func TestExplainPodID(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	if _, err := runCLI(t, nil, "attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS,
+		"-o", "3306", "-x", "203.0.113.0/24", "-u", "2000", "-m", "TPROXY"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
+	explain := func(args ...string) string {
+		t.Helper()
+		out, err := runCLI(t, nil, append([]string{"explain", "--pod-id", pod.Name, "--bpffs", opts.BPFFS}, args...)...)
+		if err != nil {
+			t.Fatalf("explain %v: %v", args, err)
+		}
+		return out
+	}
+	own := netip.AddrPortFrom(pod.Addr, 8080).String()
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--uid", "1000", "--dst", own}, "pass (local-destination)"},
+		{[]string{"--uid", "1000", "--dst", own}, "(local: loopback or the pod's own address)"},
+		{[]string{"--uid", "2000", "--dst", own}, "redirect-inbound to port 15006 (proxy-hairpin)"},
+		{[]string{"--uid", "1000", "--dst", "198.51.100.7:3306"}, "pass (excluded-outbound-port)"},
+		{[]string{"--uid", "1000", "--dst", "203.0.113.9:80"}, "pass (excluded-cidr)"},
+		{[]string{"--uid", "1000", "--dst", "198.51.100.7:80"}, "redirect-outbound to port 15001 (included-cidr)"},
+		{[]string{"--uid", "2000", "--dst", "198.51.100.7:80"}, "pass (proxy-uid)"},
+		// TPROXY mode, as pinned: the tunnel port is captured inbound.
+		{[]string{"--direction", "inbound", "--dst", netip.AddrPortFrom(pod.Addr, 15008).String()}, "redirect-inbound to port 15006 (inbound-included-port)"},
+		{[]string{"--uid", "1000", "--dst", own}, "policy:  pod " + pod.Name},
+	} {
+		if out := explain(c.args...); !strings.Contains(out, c.want) {
+			t.Errorf("explain --pod-id %v:\n%s\nwant %q", c.args, out, c.want)
+		}
 	}
 }
 
