@@ -453,7 +453,7 @@ func (r *istioRun) pod() (loader.Pod, string, error) {
 	}
 	found, err := findPod(cgroups.Finder{Root: r.root})
 	if err != nil {
-		return pod, "", fmt.Errorf("%w; mount the host's /sys/fs/cgroup and pass --%s, or pass --%s", err, flagCgroupRoot, flagCgroup)
+		return pod, "", fmt.Errorf("%w; mount the host's /sys/fs/cgroup and pass --%s (or $DIVERT_CGROUP_ROOT), or pass --%s (or $DIVERT_CGROUP)", err, flagCgroupRoot, flagCgroup)
 	}
 	pod.Cgroup = found.Pod
 	how := fmt.Sprintf("%s layout, this process in %s", found.Driver, found.Own)

@@ -243,7 +243,7 @@ func TestIstioIptablesDryRunEBPF(t *testing.T) {
 	}
 	// Discovery failing is a reason to fall back, in auto mode.
 	findPod = func(cgroups.Finder) (cgroups.Found, error) { return cgroups.Found{}, cgroups.ErrNotFound }
-	if _, errOut, err := runIstio(t, nil, "-n"); err != nil || !strings.Contains(errOut, "--cgroup-root") {
+	if _, errOut, err := runIstio(t, nil, "-n"); err != nil || !strings.Contains(errOut, "--cgroup-root") || !strings.Contains(errOut, "$DIVERT_CGROUP_ROOT") {
 		t.Errorf("no pod cgroup: %v %q", err, errOut)
 	}
 }
