@@ -55,6 +55,10 @@ func TestAttachBadInputChangesNothing(t *testing.T) {
 		{"missing cgroup", []string{"attach", "--pod-id", pod.Name, "--cgroup", "/sys/fs/cgroup/no-such-pod", "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--cgroup"},
 		{"not a cgroup", []string{"attach", "--pod-id", pod.Name, "--cgroup", os.TempDir(), "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--cgroup"},
 		{"not a netns", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", os.TempDir(), "--bpffs", opts.BPFFS}, nil, "--netns"},
+		{"missing netns", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", "/run/netns/divert-no-such-pod", "--bpffs", opts.BPFFS}, nil, "/proc/<pid>/ns/net"},
+		{"space-separated -o", base("-o", "3306 5432"), nil, "separate the items with commas, like 3306,5432"},
+		{"IPv6 -i", base("-i", "fd00::/8"), nil, "IPv6 is not yet supported"},
+		{"IPv6 -x", base("-x", "10.96.0.0/12,fd00::/8"), nil, "--istio-service-exclude-cidr"},
 		{"bad pod id", []string{"attach", "--pod-id", "ns.pod", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--pod-id"},
 		{"missing pod id", []string{"attach", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--pod-id"},
 		{"bpffs not bpffs", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", t.TempDir()}, nil, "--bpffs"},
@@ -71,6 +75,66 @@ func TestAttachBadInputChangesNothing(t *testing.T) {
 			}
 			divertest.AssertNothingAttached(t, pod, opts)
 		})
+	}
+}
+
+// The hint for a missing --pod-id suggests a name attach then accepts.
+func TestAttachPodIDHintIsAccepted(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	_, err := runCLI(t, nil, "attach", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS)
+	if err == nil {
+		t.Fatal("attach without --pod-id succeeded")
+	}
+	_, hint, ok := strings.Cut(err.Error(), "e.g. --pod-id ")
+	if !ok {
+		t.Fatalf("no example in %q", err)
+	}
+	id := strings.Fields(hint)[0]
+	if _, err := runCLI(t, nil, "attach", "--pod-id", id, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS); err != nil {
+		t.Fatalf("the suggested --pod-id %s is refused: %v", id, err)
+	}
+	if err := loader.Detach(id, opts); err != nil {
+		t.Fatal(err)
+	}
+	divertest.AssertNothingAttached(t, pod, opts)
+}
+
+// status and gc on a --bpffs that is not a bpffs mount say so and fail, instead of "no pods
+// attached" (exit 0) or a raw error; explain --pod-id too.
+func TestBPFFSNotMounted(t *testing.T) {
+	notBPFFS := t.TempDir()
+	if err := os.Mkdir(notBPFFS+"/divert", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"status", "--bpffs", notBPFFS},
+		{"status", "--bpffs", notBPFFS, "-o", "json"},
+		{"status", "--bpffs", notBPFFS, "--pod-id", "web"},
+		{"gc", "--bpffs", notBPFFS},
+		{"gc", "--bpffs", notBPFFS, "--dry-run"},
+		{"gc", "--bpffs", "/etc/hostname"},
+		{"explain", "--bpffs", notBPFFS, "--pod-id", "web", "--uid", "1000", "--dst", "10.0.0.5:80"},
+	} {
+		out, err := runCLI(t, nil, args...)
+		if err == nil {
+			t.Errorf("%v succeeded: %q", args, out)
+			continue
+		}
+		if msg := err.Error(); !strings.Contains(msg, "invalid --bpffs") || !strings.Contains(msg, "mount -t bpf") || strings.Contains(msg, "\n") {
+			t.Errorf("%v: want one line naming --bpffs and the fix, got %q", args, msg)
+		}
+	}
+}
+
+// gc --help describes what status prints for a pod that went away.
+func TestGCHelpMatchesStatus(t *testing.T) {
+	out, err := runCLI(t, nil, "gc", "--help")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, detachedNote) || !strings.Contains(out, "defunct") || strings.Contains(out, "cgroup 0") {
+		t.Errorf("gc --help does not describe divert status' output (%q):\n%s", detachedNote, out)
 	}
 }
 
