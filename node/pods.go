@@ -77,6 +77,7 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 			"drop hostUsers: false, or use divert as the pod's init container (it falls back to iptables there)", pod.Namespace, pod.Name)
 	}
 	var args, warnings []string
+	var sources []string // for each flag in args, where its value came from
 	keys := make([]string, 0, len(pod.Annotations))
 	for k := range pod.Annotations {
 		keys = append(keys, k)
@@ -89,6 +90,7 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 				v = strings.Trim(istioInboundExcludes+","+v, ",")
 			}
 			args = append(args, flag, v)
+			sources = append(sources, "annotation "+k)
 			continue
 		}
 		if strings.HasPrefix(k, trafficPrefix) {
@@ -99,6 +101,7 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 	case "", "REDIRECT", "TPROXY":
 		if mode != "" {
 			args = append(args, "-m", mode)
+			sources = append(sources, "annotation "+AnnotationInterceptionMode)
 		}
 	default:
 		warnings = append(warnings, fmt.Sprintf("annotation %s=%q is not supported by divert (use REDIRECT or TPROXY); using %s",
@@ -107,9 +110,11 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 	uid, gid := proxyIDs(pod)
 	if uid != "" {
 		args = append(args, "-u", uid)
+		sources = append(sources, "the proxy's uid")
 	}
 	if gid != "" {
 		args = append(args, "-g", gid)
+		sources = append(sources, "the proxy's gid")
 	}
 
 	fs := pflag.NewFlagSet(pod.Name, pflag.ContinueOnError)
@@ -119,9 +124,24 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 	}
 	cfg, err := parse(func(string) string { return "" })
 	if err != nil {
-		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s annotations: %w", pod.Namespace, pod.Name, err)
+		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s %s: %w", pod.Namespace, pod.Name, culprit(args, sources, defaults), err)
 	}
 	return cfg, warnings, nil
+}
+
+// culprit names the setting whose value the parser refuses: each is parsed alone.
+func culprit(args, sources []string, defaults policy.Config) string {
+	for i, src := range sources {
+		fs := pflag.NewFlagSet(src, pflag.ContinueOnError)
+		parse := policy.Flags(fs, defaults)
+		if fs.Parse(args[2*i:2*i+2]) != nil {
+			return src
+		}
+		if _, err := parse(func(string) string { return "" }); err != nil {
+			return src
+		}
+	}
+	return "annotations"
 }
 
 // proxyIDs finds the proxy's uid and gid: divert's annotations, else the istio-proxy
