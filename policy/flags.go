@@ -174,9 +174,9 @@ func parseID(s string) (uint32, error) {
 	return uint32(n), nil
 }
 
-// splitList splits a comma-separated list, trimming spaces around items (istio-iptables
-// passes " 15021" on to iptables, which reads it as 15021). A space inside an item is a
-// list separated by spaces, which istio's rules refuse: say how to write it.
+// splitList splits a comma-separated list, as istio-iptables splits its lists, trimming
+// spaces around items (" 15021" is 15021). A space inside an item is a list separated by
+// spaces, never a valid port or CIDR: say how to write it.
 func splitList(s string) ([]string, error) {
 	var out []string
 	for _, f := range strings.Split(s, ",") {
