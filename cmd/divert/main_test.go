@@ -220,7 +220,7 @@ func TestExplain(t *testing.T) {
 		{[]string{"--dst", "10.0.0.5:80"}, "missing --uid"},
 		{[]string{"--gid", "1000", "--dst", "10.0.0.5:80"}, "missing --uid"},
 		{[]string{"--direction", "inbound", "--uid", "1000", "--dst", "10.1.1.1:80"}, "--uid/--gid"},
-		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80", "--pod-id", "no-such-pod", "--bpffs", t.TempDir()}, "--pod-id"},
+		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80", "--pod-id", "no-such-pod", "--bpffs", divertest.BPFFS(t).BPFFS}, "invalid --pod-id \"no-such-pod\": not attached"},
 		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80", "--pod-id", "p", "-o", "80"}, "-o/--istio-local-outbound-ports-exclude with --pod-id"},
 		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80", "--pod-id", "p", "--pod-ip", "10.1.1.1"}, "--pod-ip with --pod-id"},
 	} {
