@@ -410,8 +410,12 @@ func Detach(id string, opts Options) error {
 	return nil
 }
 
-// List returns the ids of attached pods.
+// List returns the ids of attached pods. A BPFFS that is not a bpffs mount is an
+// InputError (see readableRoot).
 func List(opts Options) ([]string, error) {
+	if mounted, err := readableRoot(opts); !mounted {
+		return nil, err
+	}
 	entries, err := os.ReadDir(filepath.Join(opts.root(), "divert"))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -430,6 +434,9 @@ func List(opts Options) ([]string, error) {
 
 // OpenMaps opens the pinned maps of an attached pod; the caller closes them (CloseMaps).
 func OpenMaps(id string, opts Options) (*maps.Maps, error) {
+	if mounted, err := readableRoot(opts); !mounted && err != nil {
+		return nil, err
+	}
 	dir := PinDir(opts, id)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("pod %s: %w", id, ErrNotAttached)
@@ -701,26 +708,33 @@ func cgroupID(path string) (uint64, error) {
 }
 
 // LocalAddrs returns the IPv4 addresses of the network namespace at path: the destinations
-// iptables would route via lo ("-o lo"), besides 127.0.0.0/8.
+// iptables would route via lo ("-o lo"), besides 127.0.0.0/8. A namespace with an IPv6
+// address (policy.CheckPodAddrs) is an InputError: its IPv6 connections would escape.
 func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 	if netnsPath == "" {
 		return nil, &InputError{"netns", netnsPath, "required: a path to the pod's network namespace, like /proc/<pid>/ns/net or /run/netns/<name>"}
 	}
 	var fs unix.Statfs_t
 	if err := unix.Statfs(netnsPath, &fs); err != nil {
-		return nil, &InputError{"netns", netnsPath, unwrapPathError(err).Error()}
+		return nil, &InputError{"netns", netnsPath, unwrapPathError(err).Error() + "; pass the pod's network namespace, like /proc/<pid>/ns/net or /run/netns/<name>"}
 	}
 	if fs.Type != unix.NSFS_MAGIC {
 		return nil, &InputError{"netns", netnsPath, "not a network namespace; pass /proc/<pid>/ns/net or a bind mount of it"}
 	}
-	var addrs []netip.Addr
+	var addrs, all []netip.Addr
 	err := nsexec.Do(netnsPath, func() error {
-		list, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+		list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
 		if err != nil {
 			return err
 		}
 		for _, a := range list {
-			if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && !ip.IsLoopback() {
+			ip, ok := netip.AddrFromSlice(a.IP)
+			if !ok {
+				continue
+			}
+			ip = ip.Unmap()
+			all = append(all, ip)
+			if ip.Is4() && !ip.IsLoopback() {
 				addrs = append(addrs, ip)
 			}
 		}
@@ -728,6 +742,9 @@ func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 	})
 	if err != nil {
 		return nil, &InputError{"netns", netnsPath, err.Error()}
+	}
+	if err := policy.CheckPodAddrs(all); err != nil {
+		return nil, &InputError{"netns", netnsPath, err.Error() + "; capture only pods with IPv4 addresses"}
 	}
 	slices.SortFunc(addrs, netip.Addr.Compare)
 	return slices.Compact(addrs), nil
@@ -764,13 +781,33 @@ func lockState(opts Options) (unlock func(), err error) {
 	return func() { f.Close() }, nil
 }
 
+// readableRoot says whether state can be read under opts' bpffs: pins exist only in a bpffs
+// mount. Anywhere else, reading would report "nothing attached" and hide a wrong --bpffs,
+// so that is an InputError; only the default place with nothing mounted is simply empty
+// (attach mounts bpffs there before pinning).
+func readableRoot(opts Options) (bool, error) {
+	root := opts.root()
+	var fs unix.Statfs_t
+	if err := unix.Statfs(root, &fs); err == nil && fs.Type == unix.BPF_FS_MAGIC {
+		return true, nil
+	}
+	if root == DefaultBPFFS {
+		return false, nil
+	}
+	return false, &InputError{"bpffs", root, notBPFFS(root)}
+}
+
+func notBPFFS(root string) string {
+	return "not a bpffs mount; pass the one divert pins under, or mount one with: mount -t bpf bpf " + root
+}
+
 func ensureBPFFS(root string, mountIfMissing bool) error {
 	var fs unix.Statfs_t
 	if err := unix.Statfs(root, &fs); err == nil && fs.Type == unix.BPF_FS_MAGIC {
 		return nil
 	}
 	if !mountIfMissing {
-		return &InputError{"bpffs", root, "not a bpffs mount; mount one with: mount -t bpf bpf " + root}
+		return &InputError{"bpffs", root, notBPFFS(root)}
 	}
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		return fmt.Errorf("create %s: %w", root, err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -69,7 +70,7 @@ func (a *Agent) Add(ctx context.Context, req Request) (Response, error) {
 		a.log().Info("not capturing", "pod", key(pod), "reason", why)
 		return Response{Reason: why}, nil
 	}
-	if err := a.attach(ctx, pod, hostPath(req.Netns), true); err != nil {
+	if err := a.attach(ctx, pod, req.IPs, hostPath(req.Netns), true); err != nil {
 		return Response{}, err
 	}
 	return Response{Captured: true, Reason: why}, nil
@@ -84,12 +85,17 @@ func (a *Agent) Del(ctx context.Context, req Request) (Response, error) {
 	return Response{Reason: "detached"}, a.detach(req.PodUID)
 }
 
-func (a *Agent) attach(ctx context.Context, pod *corev1.Pod, netns string, create bool) error {
+// attach captures a selected pod. cniIPs are the pod's addresses from the CNI result (at
+// ADD, before the API has them); the pod's status adds what the API knows.
+func (a *Agent) attach(ctx context.Context, pod *corev1.Pod, cniIPs []string, netns string, create bool) error {
 	cfg, warnings, err := Config(pod, a.Defaults)
 	for _, w := range warnings {
 		a.log().Warn(w, "pod", key(pod))
 	}
 	if err != nil {
+		return err
+	}
+	if err := checkFamily(pod, cniIPs); err != nil {
 		return err
 	}
 	cg, err := a.podCgroup(pod, create)
@@ -123,6 +129,27 @@ func (a *Agent) detach(uid string) error {
 		return err
 	}
 	a.log().Info("released", "pod", ref.Namespace+"/"+ref.Name, "uid", uid, "known", known)
+	return nil
+}
+
+// checkFamily refuses a dual-stack or IPv6 pod rather than capture half of it: its IPv6
+// connections would bypass the proxy (mTLS, policy) with nothing to say so. The pod does
+// not start; the CNI error (the kubelet's FailedCreatePodSandBox event) and the agent's log
+// say why and what to do.
+func checkFamily(pod *corev1.Pod, cniIPs []string) error {
+	ips := slices.Clone(cniIPs)
+	for _, ip := range pod.Status.PodIPs {
+		ips = append(ips, ip.IP)
+	}
+	var addrs []netip.Addr
+	for _, s := range ips {
+		if a, err := netip.ParseAddr(s); err == nil {
+			addrs = append(addrs, a)
+		}
+	}
+	if err := policy.CheckPodAddrs(addrs); err != nil {
+		return fmt.Errorf("pod %s not captured: %w; give it IPv4 addresses only, or capture it with Istio's own istio-cni and ISTIO_DUAL_STACK=true", key(pod), err)
+	}
 	return nil
 }
 
@@ -185,7 +212,7 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 			continue // not running yet: CNI ADD will come
 		}
 		if err == nil {
-			err = a.attach(ctx, pod, netns, false)
+			err = a.attach(ctx, pod, nil, netns, false)
 		}
 		if err != nil {
 			errs = append(errs, err)

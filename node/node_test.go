@@ -424,3 +424,44 @@ func TestChainConflist(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// A dual-stack (or IPv6) pod is refused, not half-captured: divert would capture its IPv4
+// connections and let its IPv6 ones bypass the proxy. The addresses come from the CNI
+// result at ADD (the API does not have them yet) and from the pod's status on reconcile.
+func TestAgentRefusesDualStackPod(t *testing.T) {
+	p := meshedPod(newUID())
+	reconciled := meshedPod(newUID())
+	reconciled.Status.PodIPs = []corev1.PodIP{{IP: "198.18.0.9"}, {IP: "fd00:10:244::9"}}
+	opts := divertest.BPFFS(t)
+	a := &node.Agent{Client: fake.NewClientset(p, reconciled), NodeName: "node-1", CgroupRoot: t.TempDir(), Loader: opts, Defaults: policy.Default()}
+	for _, c := range []struct {
+		pod  *corev1.Pod
+		ips  []string
+		want string
+	}{
+		{p, []string{"198.18.0.5", "fd00:10:244::5"}, "fd00:10:244::5"},
+		{p, []string{"fd00:10:244::5", "198.18.0.5"}, "fd00:10:244::5"},
+		{reconciled, []string{"198.18.0.9"}, "fd00:10:244::9"},
+	} {
+		_, err := a.Add(context.Background(), node.Request{Command: "ADD", Netns: "/proc/self/ns/net",
+			PodNamespace: c.pod.Namespace, PodName: c.pod.Name, PodUID: string(c.pod.UID), IPs: c.ips})
+		if err == nil {
+			t.Fatalf("pod with IPs %v (status %v) was captured", c.ips, c.pod.Status.PodIPs)
+		}
+		for _, w := range []string{c.pod.Namespace + "/" + c.pod.Name, c.want, "IPv6", "ISTIO_DUAL_STACK"} {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("error %q does not name %q", err, w)
+			}
+		}
+		if strings.Contains(err.Error(), "\n") {
+			t.Errorf("error is not one line: %q", err)
+		}
+	}
+	if ids, err := loader.List(opts); err != nil || len(ids) != 0 {
+		t.Fatalf("a refused pod left pins: %v %v", ids, err)
+	}
+	// An IPv4 pod with link-local and loopback IPv6 is not dual-stack.
+	if err := policy.CheckPodAddrs([]netip.Addr{netip.MustParseAddr("198.18.0.5"), netip.MustParseAddr("fe80::1")}); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -77,6 +77,7 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 			"drop hostUsers: false, or use divert as the pod's init container (it falls back to iptables there)", pod.Namespace, pod.Name)
 	}
 	var args, warnings []string
+	var sources []string // for each flag in args, where its value came from
 	keys := make([]string, 0, len(pod.Annotations))
 	for k := range pod.Annotations {
 		keys = append(keys, k)
@@ -89,6 +90,7 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 				v = strings.Trim(istioInboundExcludes+","+v, ",")
 			}
 			args = append(args, flag, v)
+			sources = append(sources, "annotation "+k)
 			continue
 		}
 		if strings.HasPrefix(k, trafficPrefix) {
@@ -99,6 +101,7 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 	case "", "REDIRECT", "TPROXY":
 		if mode != "" {
 			args = append(args, "-m", mode)
+			sources = append(sources, "annotation "+AnnotationInterceptionMode)
 		}
 	default:
 		warnings = append(warnings, fmt.Sprintf("annotation %s=%q is not supported by divert (use REDIRECT or TPROXY); using %s",
@@ -107,9 +110,11 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 	uid, gid := proxyIDs(pod)
 	if uid != "" {
 		args = append(args, "-u", uid)
+		sources = append(sources, "the proxy's uid")
 	}
 	if gid != "" {
 		args = append(args, "-g", gid)
+		sources = append(sources, "the proxy's gid")
 	}
 
 	fs := pflag.NewFlagSet(pod.Name, pflag.ContinueOnError)
@@ -119,25 +124,71 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 	}
 	cfg, err := parse(func(string) string { return "" })
 	if err != nil {
-		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s annotations: %w", pod.Namespace, pod.Name, err)
+		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s %s: %w", pod.Namespace, pod.Name, culprit(args, sources, defaults), err)
 	}
 	return cfg, warnings, nil
 }
 
+// culprit names the setting whose value the parser refuses: each is parsed alone.
+func culprit(args, sources []string, defaults policy.Config) string {
+	for i, src := range sources {
+		fs := pflag.NewFlagSet(src, pflag.ContinueOnError)
+		parse := policy.Flags(fs, defaults)
+		if fs.Parse(args[2*i:2*i+2]) != nil {
+			return src
+		}
+		if _, err := parse(func(string) string { return "" }); err != nil {
+			return src
+		}
+	}
+	return "annotations"
+}
+
 // proxyIDs finds the proxy's uid and gid: divert's annotations, else the istio-proxy
-// container's securityContext (what Istio's injector sets), else the defaults ("").
+// container's securityContext (what Istio's injector sets), else the pod's securityContext
+// (which the container inherits), else the defaults (""). The proxy is either a regular
+// container or, with Istio's native sidecars (its default on Kubernetes 1.29+), an init
+// container with restartPolicy: Always; both are read, or a proxy running as another uid
+// than 1337 (OpenShift assigns one) would have its own connections captured.
 func proxyIDs(pod *corev1.Pod) (uid, gid string) {
 	uid, gid = pod.Annotations[AnnotationProxyUID], pod.Annotations[AnnotationProxyGID]
-	for _, c := range pod.Spec.Containers {
-		if c.Name != istioProxy || c.SecurityContext == nil {
-			continue
+	var podUID, podGID *int64
+	if sc := pod.Spec.SecurityContext; sc != nil {
+		podUID, podGID = sc.RunAsUser, sc.RunAsGroup
+	}
+	for _, c := range proxyContainers(pod) {
+		ctrUID, ctrGID := podUID, podGID
+		if sc := c.SecurityContext; sc != nil {
+			if sc.RunAsUser != nil {
+				ctrUID = sc.RunAsUser
+			}
+			if sc.RunAsGroup != nil {
+				ctrGID = sc.RunAsGroup
+			}
 		}
-		if uid == "" && c.SecurityContext.RunAsUser != nil {
-			uid = strconv.FormatInt(*c.SecurityContext.RunAsUser, 10)
+		if uid == "" && ctrUID != nil {
+			uid = strconv.FormatInt(*ctrUID, 10)
 		}
-		if gid == "" && c.SecurityContext.RunAsGroup != nil {
-			gid = strconv.FormatInt(*c.SecurityContext.RunAsGroup, 10)
+		if gid == "" && ctrGID != nil {
+			gid = strconv.FormatInt(*ctrGID, 10)
 		}
 	}
 	return uid, gid
+}
+
+// proxyContainers returns the istio-proxy container: a regular one, or a native sidecar
+// (an init container that keeps running: restartPolicy Always).
+func proxyContainers(pod *corev1.Pod) []corev1.Container {
+	var out []corev1.Container
+	for _, c := range pod.Spec.InitContainers {
+		if c.Name == istioProxy && c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
+			out = append(out, c)
+		}
+	}
+	for _, c := range pod.Spec.Containers {
+		if c.Name == istioProxy {
+			out = append(out, c)
+		}
+	}
+	return out
 }

@@ -69,6 +69,65 @@ func TestConfigFromAnnotations(t *testing.T) {
 	require.Contains(t, warnings[0], "kubevirtInterfaces")
 }
 
+// Istio's native sidecar (its default on Kubernetes 1.29+) is istio-proxy as an init
+// container with restartPolicy: Always; a uid other than 1337 (OpenShift assigns one) must
+// come from there, or the proxy's own connections are captured back to itself.
+func TestConfigNativeSidecarProxyIDs(t *testing.T) {
+	uid, gid, podUID := int64(1000680000), int64(1000680001), int64(4000)
+	always := corev1.ContainerRestartPolicyAlways
+	native := func() *corev1.Pod {
+		p := pod(map[string]string{AnnotationIstioStatus: "{}"}, nil)
+		p.Spec.InitContainers = []corev1.Container{
+			{Name: "istio-validation"},
+			{Name: "istio-proxy", RestartPolicy: &always, SecurityContext: &corev1.SecurityContext{RunAsUser: &uid, RunAsGroup: &gid}},
+		}
+		p.Spec.Containers = []corev1.Container{{Name: "app"}}
+		return p
+	}
+	cfg, _, err := Config(native(), policy.Default())
+	require.NoError(t, err)
+	require.Equal(t, uint32(uid), cfg.ProxyUID)
+	require.Equal(t, uint32(gid), cfg.ProxyGID)
+
+	// The uid alone: the gid follows it, as with -u alone.
+	p := native()
+	p.Spec.InitContainers[1].SecurityContext.RunAsGroup = nil
+	cfg, _, err = Config(p, policy.Default())
+	require.NoError(t, err)
+	require.Equal(t, uint32(uid), cfg.ProxyUID)
+	require.Equal(t, uint32(uid), cfg.ProxyGID)
+
+	// Only the pod's securityContext sets it: the proxy runs as the pod's uid.
+	p = native()
+	p.Spec.InitContainers[1].SecurityContext = nil
+	p.Spec.SecurityContext = &corev1.PodSecurityContext{RunAsUser: &podUID}
+	cfg, _, err = Config(p, policy.Default())
+	require.NoError(t, err)
+	require.Equal(t, uint32(podUID), cfg.ProxyUID)
+
+	// The container's own setting beats the pod's.
+	p = native()
+	p.Spec.SecurityContext = &corev1.PodSecurityContext{RunAsUser: &podUID}
+	cfg, _, err = Config(p, policy.Default())
+	require.NoError(t, err)
+	require.Equal(t, uint32(uid), cfg.ProxyUID)
+
+	// divert's annotations still win.
+	p = native()
+	p.Annotations[AnnotationProxyUID] = "2222"
+	cfg, _, err = Config(p, policy.Default())
+	require.NoError(t, err)
+	require.Equal(t, uint32(2222), cfg.ProxyUID)
+	require.Equal(t, uint32(gid), cfg.ProxyGID)
+
+	// An init container that runs to completion is not the proxy, whatever its name.
+	p = native()
+	p.Spec.InitContainers[1].RestartPolicy = nil
+	cfg, _, err = Config(p, policy.Default())
+	require.NoError(t, err)
+	require.Equal(t, uint32(1337), cfg.ProxyUID)
+}
+
 func TestConfigDefaultsAndErrors(t *testing.T) {
 	cfg, warnings, err := Config(pod(map[string]string{AnnotationIstioStatus: "{}"}, nil), policy.Default())
 	require.NoError(t, err)
@@ -79,6 +138,15 @@ func TestConfigDefaultsAndErrors(t *testing.T) {
 	require.Error(t, err)
 	require.Contains(t, err.Error(), "istio-service-exclude-cidr")
 	require.NotContains(t, err.Error(), "\n")
+
+	// IPv6 ranges are refused (IPv6 not yet supported), naming the annotation they came from.
+	for _, k := range []string{"traffic.sidecar.istio.io/excludeOutboundIPRanges", "traffic.sidecar.istio.io/includeOutboundIPRanges"} {
+		_, _, err = Config(pod(map[string]string{AnnotationIstioStatus: "{}", k: "10.96.0.0/12,fd00:10:96::/112"}, nil), policy.Default())
+		require.ErrorContains(t, err, "annotation "+k)
+		require.ErrorContains(t, err, "IPv6 is not yet supported")
+		require.ErrorContains(t, err, "shop/web")
+		require.NotContains(t, err.Error(), "\n")
+	}
 
 	_, warnings, err = Config(pod(map[string]string{AnnotationInterceptionMode: "NONE"}, nil), policy.Default())
 	require.NoError(t, err)

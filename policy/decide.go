@@ -52,22 +52,22 @@ func (a Action) String() string {
 type Reason uint8
 
 const (
-	ReasonNone                 Reason = iota
-	ReasonExcludedOutboundPort        // -o
-	ReasonInboundPassthrough          // bound to 127.0.0.6, to the pod itself
-	ReasonProxyHairpin                // the proxy calling its own pod
-	ReasonLocalDestination            // the app calling its own pod
-	ReasonProxyUID                    // -u
-	ReasonProxyGID                    // -g
-	ReasonLocalhost                   // to 127.0.0.1
-	ReasonExcludedCIDR                // -x
-	ReasonIncludedOutboundPort        // -q
-	ReasonIncludedCIDR                // -i
-	ReasonNotIncluded                 // fell off the end of the outbound rules
-	ReasonInboundTunnelPort           // -e
-	ReasonInboundExcludedPort         // -d
-	ReasonInboundIncludedPort         // -b
-	ReasonInboundNotIncluded          // -b does not list the port
+	ReasonNone                 Reason = iota // no rule: a native IPv6 connection, not captured
+	ReasonExcludedOutboundPort               // -o
+	ReasonInboundPassthrough                 // bound to 127.0.0.6, to the pod itself
+	ReasonProxyHairpin                       // the proxy calling its own pod
+	ReasonLocalDestination                   // the app calling its own pod
+	ReasonProxyUID                           // -u
+	ReasonProxyGID                           // -g
+	ReasonLocalhost                          // to 127.0.0.1
+	ReasonExcludedCIDR                       // -x
+	ReasonIncludedOutboundPort               // -q
+	ReasonIncludedCIDR                       // -i
+	ReasonNotIncluded                        // fell off the end of the outbound rules
+	ReasonInboundTunnelPort                  // -e
+	ReasonInboundExcludedPort                // -d
+	ReasonInboundIncludedPort                // -b
+	ReasonInboundNotIncluded                 // -b does not list the port
 	NumReasons
 )
 
@@ -124,7 +124,15 @@ func (v Verdict) String() string {
 // Decide is the reference model: what istio-iptables' rules do with conn, first match wins.
 // The order is the order of the rules in ISTIO_OUTPUT and ISTIO_INBOUND; the kernel running
 // those rules is the oracle for this function (see test/parity).
+//
+// divert captures IPv4 only: a native IPv6 destination passes with ReasonNone, as no
+// program decides it (nothing counts it); a v4-mapped one (::ffff:a.b.c.d, dialled from a
+// dual-stack socket) is IPv4 on the wire and decided as such.
 func (c *Config) Decide(conn Conn) Verdict {
+	conn.Dst = netip.AddrPortFrom(conn.Dst.Addr().Unmap(), conn.Dst.Port())
+	if !conn.Dst.Addr().Is4() {
+		return Verdict{Action: Pass, Reason: ReasonNone}
+	}
 	if conn.Direction == Inbound {
 		return c.decideInbound(conn.Dst.Port())
 	}

@@ -216,9 +216,15 @@ var orderCases = []decideCase{
 		toOutbound(15001, policy.ReasonIncludedCIDR)},
 	{"-i bare IP", []string{"-i", "10.96.0.10"}, out(app, app, unbound, "10.96.0.11:80", false),
 		pass(policy.ReasonNotIncluded)},
-	{"IPv6 destination captured by -i *", nil, out(app, app, unbound, "[fd00::1]:80", false),
+	// Native IPv6 is not captured (connect6 leaves it alone, sk_lookup too): no rule decides
+	// it and no counter counts it. A v4-mapped destination is IPv4 on the wire.
+	{"IPv6 destination is not captured by -i *", nil, out(app, app, unbound, "[fd00::1]:80", false),
+		pass(policy.ReasonNone)},
+	{"IPv6 inbound is not captured", nil, policy.Conn{Direction: policy.Inbound, Dst: netip.MustParseAddrPort("[fd00::5]:8080"), DstLocal: true},
+		pass(policy.ReasonNone)},
+	{"v4-mapped destination is decided as IPv4", nil, out(app, app, unbound, "[::ffff:10.96.0.10]:80", false),
 		toOutbound(15001, policy.ReasonIncludedCIDR)},
-	{"IPv6 -x", []string{"-x", "fd00::/8"}, out(app, app, unbound, "[fd00::1]:80", false),
+	{"v4-mapped destination, -x", []string{"-x", "10.96.0.0/12"}, out(app, app, unbound, "[::ffff:10.96.0.10]:80", false),
 		pass(policy.ReasonExcludedCIDR)},
 
 	// Custom ports change where redirects land.
@@ -257,8 +263,6 @@ var orderCases = []decideCase{
 	{"-i loopback range makes the gid hairpin reachable", []string{"-i", "127.1.2.0/24"}, out(app, proxy, unbound, "10.244.0.5:8080", true),
 		toInbound(15006, policy.ReasonProxyHairpin)},
 	{"-i loopback range: app to own pod falls through to not-included", []string{"-i", "127.1.2.0/24"}, out(app, app, unbound, "10.244.0.5:8080", true),
-		pass(policy.ReasonNotIncluded)},
-	{"-i ::1/128 also counts as loopback", []string{"-i", "::1/128,10.96.0.0/12"}, out(app, app, unbound, "10.244.0.5:8080", true),
 		pass(policy.ReasonNotIncluded)},
 	// TPROXY mode returns the tunnel port only in a nat chain it does not use.
 	{"TPROXY captures the tunnel port inbound", []string{"-m", "TPROXY"}, in(15008), toInbound(15006, policy.ReasonInboundIncludedPort)},
@@ -305,6 +309,10 @@ func TestDecideVerdictShape(t *testing.T) {
 		cfg := mustParse(t, args...)
 		for _, conn := range conns {
 			v := cfg.Decide(conn)
+			if a := conn.Dst.Addr(); a.Is6() && !a.Is4In6() {
+				require.Equal(t, pass(policy.ReasonNone), v, "native IPv6 is never captured: %+v", conn)
+				continue
+			}
 			require.NotEqual(t, policy.ReasonNone, v.Reason, "%+v", conn)
 			switch v.Action {
 			case policy.Pass:
@@ -343,4 +351,27 @@ func TestActionAndVerdictStrings(t *testing.T) {
 	require.Equal(t, "pass (localhost)", pass(policy.ReasonLocalhost).String())
 	v := toOutbound(15001, policy.ReasonIncludedCIDR).String()
 	require.True(t, strings.Contains(v, "15001") && strings.Contains(v, "included-cidr"), v)
+}
+
+// A pod with any IPv6 address (besides loopback and link-local) is refused: its IPv6
+// connections would escape the proxy.
+func TestCheckPodAddrs(t *testing.T) {
+	addrs := func(ss ...string) []netip.Addr {
+		out := make([]netip.Addr, len(ss))
+		for i, s := range ss {
+			out[i] = netip.MustParseAddr(s)
+		}
+		return out
+	}
+	require.NoError(t, policy.CheckPodAddrs(addrs("10.244.0.5")))
+	require.NoError(t, policy.CheckPodAddrs(addrs("10.244.0.5", "127.0.0.1", "::1", "fe80::1")))
+	require.NoError(t, policy.CheckPodAddrs(addrs("::ffff:10.244.0.5")))
+	for _, a := range [][]netip.Addr{addrs("10.244.0.5", "fd00::5"), addrs("fd00::5", "10.244.0.5"), addrs("2001:db8::5")} {
+		err := policy.CheckPodAddrs(a)
+		var v6 *policy.IPv6PodError
+		require.ErrorAs(t, err, &v6, "%v", a)
+		require.Contains(t, err.Error(), "IPv6")
+		require.Contains(t, err.Error(), v6.Addr.String())
+		require.NotContains(t, err.Error(), "\n")
+	}
 }

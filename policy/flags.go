@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"unicode"
 
 	"github.com/spf13/pflag"
 )
@@ -89,10 +90,20 @@ var flagSpecs = []flagSpec{
 		func(c *Config, s string) (err error) { c.OutboundExcludePorts, err = parsePorts(s); return }},
 	{FlagOutboundCIDRs, "i", `outbound destinations to capture, CIDRs comma separated; "*" = all, "" = none`,
 		func(c *Config) string { return c.OutboundCIDRs.String() },
-		func(c *Config, s string) (err error) { c.OutboundCIDRs, err = parseCIDRList(s); return }},
+		func(c *Config, s string) (err error) {
+			if c.OutboundCIDRs, err = parseCIDRList(s); err == nil {
+				err = refuseIPv6(c.OutboundCIDRs.Prefixes, false)
+			}
+			return
+		}},
 	{FlagOutboundExcludeCIDRs, "x", "outbound destinations never captured, CIDRs comma separated",
 		func(c *Config) string { return joinPrefixes(c.OutboundExcludeCIDRs) },
-		func(c *Config, s string) (err error) { c.OutboundExcludeCIDRs, err = parseCIDRs(s); return }},
+		func(c *Config, s string) (err error) {
+			if c.OutboundExcludeCIDRs, err = parseCIDRs(s); err == nil {
+				err = refuseIPv6(c.OutboundExcludeCIDRs, true)
+			}
+			return
+		}},
 }
 
 // Flags registers every policy flag on fs with def's values as defaults, and returns the
@@ -163,19 +174,30 @@ func parseID(s string) (uint32, error) {
 	return uint32(n), nil
 }
 
-func splitList(s string) []string {
+// splitList splits a comma-separated list, as istio-iptables splits its lists, trimming
+// spaces around items (" 15021" is 15021). A space inside an item is a list separated by
+// spaces, never a valid port or CIDR: say how to write it.
+func splitList(s string) ([]string, error) {
 	var out []string
 	for _, f := range strings.Split(s, ",") {
-		if f = strings.TrimSpace(f); f != "" {
-			out = append(out, f)
+		if f = strings.TrimSpace(f); f == "" {
+			continue
 		}
+		if strings.ContainsFunc(f, unicode.IsSpace) {
+			return nil, fmt.Errorf("separate the items with commas, like %s (%q has spaces)", strings.Join(strings.Fields(f), ","), f)
+		}
+		out = append(out, f)
 	}
-	return out
+	return out, nil
 }
 
 func parsePorts(s string) ([]uint16, error) {
 	var ports []uint16
-	for _, f := range splitList(s) {
+	fields, err := splitList(s)
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range fields {
 		p, err := parsePort(f)
 		if err != nil {
 			return nil, err
@@ -195,7 +217,11 @@ func parsePortList(s string) (PortList, error) {
 
 func parseCIDRs(s string) ([]netip.Prefix, error) {
 	var out []netip.Prefix
-	for _, f := range splitList(s) {
+	fields, err := splitList(s)
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range fields {
 		p, err := netip.ParsePrefix(f)
 		if err != nil {
 			// A bare address means a host route, as iptables reads it.

@@ -44,7 +44,7 @@ policy in place and swaps in this build's programs without a gap in capture.`,
 			return err
 		}
 		if pod.ID == "" {
-			return errors.New("missing --pod-id: name the pod, e.g. --pod-id default.web-1")
+			return errors.New("missing --pod-id: name the pod's pin directory, e.g. --pod-id default-web-1 (letters, digits, '_' and '-')")
 		}
 		if err := loader.Attach(cmd.Context(), pod, &cfg, opts); err != nil {
 			return err

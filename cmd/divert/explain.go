@@ -1,45 +1,62 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/meshdivert/divert/iptables"
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
 )
 
 func newExplainCmd(e env) *cobra.Command {
 	var uid, gid uint32
-	var src, dst, direction string
+	var src, dst, direction, podID string
 	var podIPs []string
+	var opts loader.Options
 	cmd := &cobra.Command{
-		Use:   "explain [policy flags] --uid U --gid G [--src IP] --dst IP:PORT [--pod-ip IP]",
+		Use:   "explain [policy flags | --pod-id ID] --uid U [--gid G] [--src IP] --dst IP:PORT [--pod-ip IP]",
 		Short: "Say what divert (and istio-iptables) would do with one connection, and why",
 		Long: `explain runs the reference model, the same rules in the same order as istio-iptables'
 ISTIO_OUTPUT and ISTIO_INBOUND chains, on one connection and prints the verdict and the rule
-that decided it. The eBPF programs count verdicts under the same reason names:
+that decided it. The policy is the policy flags given (istio-iptables' defaults otherwise),
+or with --pod-id the policy and addresses an attached pod holds in the kernel (its pins).
+An outbound connection needs the uid of the process that makes it (--uid); its gid is the
+uid unless --gid says otherwise, and the connection line says which. The eBPF programs count
+verdicts under the same reason names:
 ` + reasonNames(),
-		Example: `  divert explain --uid 1000 --gid 1000 --dst 10.0.0.5:80
+		Example: `  divert explain --uid 1000 --dst 10.0.0.5:80
+  divert explain --pod-id demo --uid 1000 --dst 10.0.0.5:3306
   divert explain -u 1337 --uid 1337 --gid 1337 --dst 10.1.1.1:8080 --pod-ip 10.1.1.1`,
 		Args: cobra.NoArgs,
 	}
 	fs := cmd.Flags()
-	fs.Uint32Var(&uid, "uid", 0, "uid of the process making the connection")
-	fs.Uint32Var(&gid, "gid", 0, "gid of the process making the connection")
+	fs.Uint32Var(&uid, "uid", 0, "uid of the process making an outbound connection (required for outbound)")
+	fs.Uint32Var(&gid, "gid", 0, "gid of the process making an outbound connection (default: --uid)")
 	fs.StringVar(&src, "src", "", "address the socket was bound to before connect (e.g. 127.0.0.6)")
 	fs.StringVar(&dst, "dst", "", "destination IP:PORT (required)")
 	fs.StringVar(&direction, "direction", "outbound", "outbound (made in the pod) or inbound (arriving from outside)")
 	fs.StringSliceVar(&podIPs, "pod-ip", nil, "the pod's own addresses (destinations that are local, besides 127.0.0.0/8)")
+	fs.StringVar(&podID, "pod-id", "", "explain against this attached pod: its policy and addresses as pinned in bpffs (instead of policy flags and --pod-ip)")
+	addBPFFSFlag(fs, &opts)
+	own := map[string]bool{}
+	fs.VisitAll(func(f *pflag.Flag) { own[f.Name] = true })
 	parse := policy.Flags(fs, policy.Default())
-	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
-		cfg, err := parse(e.getenv)
-		if err != nil {
-			return err
+	var policyFlags []string // registered by policy.Flags
+	fs.VisitAll(func(f *pflag.Flag) {
+		if !own[f.Name] {
+			policyFlags = append(policyFlags, f.Name)
 		}
-		conn := policy.Conn{UID: uid, GID: gid}
+	})
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		conn := policy.Conn{}
 		switch direction {
 		case "outbound":
 		case "inbound":
@@ -47,6 +64,7 @@ that decided it. The eBPF programs count verdicts under the same reason names:
 		default:
 			return fmt.Errorf("invalid --direction %q: use outbound or inbound", direction)
 		}
+		var err error
 		if conn.Dst, err = netip.ParseAddrPort(dst); err != nil {
 			return fmt.Errorf("invalid --dst %q: use IP:PORT, like 10.0.0.5:80", dst)
 		}
@@ -55,16 +73,67 @@ that decided it. The eBPF programs count verdicts under the same reason names:
 				return fmt.Errorf("invalid --src %q: use an IPv4 address, like 127.0.0.6", src)
 			}
 		}
-		conn.DstLocal = conn.Dst.Addr().IsLoopback()
-		for _, s := range podIPs {
-			ip, err := netip.ParseAddr(strings.TrimSpace(s))
-			if err != nil {
-				return fmt.Errorf("invalid --pod-ip %q: use an IP address", s)
+		ids := ""
+		switch {
+		case conn.Direction == policy.Inbound && (fs.Changed("uid") || fs.Changed("gid")):
+			return errors.New("--uid/--gid apply to outbound connections only: drop them, or use --direction outbound")
+		case conn.Direction == policy.Outbound && !fs.Changed("uid"):
+			return errors.New("missing --uid: give the uid of the process making the connection, e.g. --uid 1000 (an app) or --uid 1337 (the proxy)")
+		case conn.Direction == policy.Outbound:
+			conn.UID, conn.GID = uid, uid
+			ids = fmt.Sprintf(", uid %d, gid %d (--gid not given: the uid)", uid, uid)
+			if fs.Changed("gid") {
+				conn.GID = gid
+				ids = fmt.Sprintf(", uid %d, gid %d", uid, gid)
 			}
-			conn.DstLocal = conn.DstLocal || ip == conn.Dst.Addr()
 		}
+
+		var cfg policy.Config
+		var local []netip.Addr
+		var from string
+		if podID != "" {
+			for _, name := range policyFlags {
+				if fs.Changed(name) || e.getenv(policy.EnvVar(name)) != "" {
+					return fmt.Errorf("-%s/--%s with --pod-id: the pod's policy is read from its pins; drop it (and $%s), or drop --pod-id to explain a policy given by flags",
+						fs.Lookup(name).Shorthand, name, policy.EnvVar(name))
+				}
+			}
+			if len(podIPs) > 0 {
+				return errors.New("--pod-ip with --pod-id: the pod's addresses are read from its pins; drop --pod-ip")
+			}
+			if cfg, local, err = pinnedPolicy(podID, opts); err != nil {
+				return err
+			}
+			from = fmt.Sprintf("pod %s as the kernel holds it (%s)", podID, loader.PinDir(opts, podID))
+		} else {
+			if cfg, err = parse(e.getenv); err != nil {
+				return err
+			}
+			for _, s := range podIPs {
+				ip, err := netip.ParseAddr(strings.TrimSpace(s))
+				if err != nil {
+					return fmt.Errorf("invalid --pod-ip %q: use an IP address", s)
+				}
+				local = append(local, ip)
+			}
+			from = "flags (istio-iptables' defaults for those not given)"
+		}
+		d := conn.Dst.Addr().Unmap()
+		conn.DstLocal = d.IsLoopback() || slices.Contains(local, d)
+
+		where := "not local"
+		if conn.DstLocal {
+			where = "local: loopback or the pod's own address"
+		}
+		fmt.Fprintf(e.stdout, "connection: %s%s, to %s (%s)\n", direction, ids, conn.Dst, where)
+		fmt.Fprintf(e.stdout, "policy:  %s: %s; pod addresses %v\n", from, strings.Join(quoteArgs(cfg.Args()), " "), local)
 		v := cfg.Decide(conn)
 		fmt.Fprintf(e.stdout, "verdict: %s\n", v)
+		if v.Reason == policy.ReasonNone {
+			fmt.Fprintln(e.stdout, "reason:  none: an IPv6 destination, which divert does not capture (IPv4 only, and IPv4 dialled as ::ffff:a.b.c.d); no program decides it and no counter counts it")
+			fmt.Fprintln(e.stdout, "iptables: none: divert's iptables backend writes IPv4 rules only")
+			return nil
+		}
 		fmt.Fprintf(e.stdout, "reason:  %s (the eBPF counter of the same name counts it)\n", v.Reason)
 		rule := iptables.MatchingRule(&cfg, conn)
 		if rule == "" {
@@ -74,4 +143,50 @@ that decided it. The eBPF programs count verdicts under the same reason names:
 		return nil
 	}
 	return cmd
+}
+
+// pinnedPolicy reads an attached pod's policy and addresses back from its pins: what the
+// kernel decides with, which may differ from any command line.
+func pinnedPolicy(id string, opts loader.Options) (policy.Config, []netip.Addr, error) {
+	st, err := loader.Status(id, opts)
+	if errors.Is(err, loader.ErrNotAttached) {
+		return policy.Config{}, nil, fmt.Errorf("invalid --pod-id %q: not attached under %s (see divert status --bpffs %s)", id, loader.PinDir(opts, id), opts.BPFFS)
+	}
+	if err != nil {
+		return policy.Config{}, nil, err
+	}
+	m, err := loader.OpenMaps(id, opts)
+	if err != nil {
+		return policy.Config{}, nil, err
+	}
+	defer loader.CloseMaps(m)
+	raw, err := maps.ReadConfig(m)
+	if err != nil {
+		return policy.Config{}, nil, fmt.Errorf("pod %s: read its config map: %w", id, err)
+	}
+	p := st.Policy
+	cfg := policy.Default()
+	cfg.ProxyPort, cfg.InboundCapturePort, cfg.InboundTunnelPort = p.ProxyPort, p.InboundCapturePort, p.InboundTunnelPort
+	cfg.ProxyUID, cfg.ProxyGID = p.ProxyUID, p.ProxyGID
+	cfg.Mode = policy.Redirect
+	if raw.InboundTunnelPasses == 0 {
+		cfg.Mode = policy.TProxy // the only difference TPROXY makes to capture decisions
+	}
+	cfg.InboundPorts = policy.PortList{All: p.InboundIncludeAll, Ports: p.InboundPorts}
+	cfg.InboundExcludePorts = p.InboundExcludePorts
+	cfg.OutboundPorts, cfg.OutboundExcludePorts = p.OutboundPorts, p.OutboundExcludePorts
+	cfg.OutboundCIDRs = policy.CIDRList{All: p.OutboundIncludeAll}
+	for _, list := range []struct {
+		in  []string
+		out *[]netip.Prefix
+	}{{p.OutboundCIDRs, &cfg.OutboundCIDRs.Prefixes}, {p.OutboundExcludeCIDRs, &cfg.OutboundExcludeCIDRs}} {
+		for _, s := range list.in {
+			pfx, err := netip.ParsePrefix(s)
+			if err != nil {
+				return policy.Config{}, nil, fmt.Errorf("pod %s: pinned prefix %q: %w", id, s, err)
+			}
+			*list.out = append(*list.out, pfx)
+		}
+	}
+	return cfg, p.LocalAddrs, nil
 }

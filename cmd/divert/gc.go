@@ -17,7 +17,8 @@ func newGCCmd(e env) *cobra.Command {
 		Short: "Remove the pins of pods that are gone",
 		Long: `When a pod goes away, the kernel detaches divert's programs from it by itself: a cgroup
 link whose cgroup is removed, and an sk_lookup link whose network namespace is destroyed,
-report no target any more (divert status shows cgroup 0 / netns 0). Their pins, and with
+report no target any more (divert status marks the pod defunct and each such program
+` + detachedNote + `). Their pins, and with
 them the programs and maps, stay in bpffs until removed. gc removes every pod whose links
 have lost a target; run it periodically on each node (a CronJob or the node agent's
 reconcile loop). It never touches pods whose links are all attached.`,

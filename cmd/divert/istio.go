@@ -408,31 +408,24 @@ func (r *istioRun) run(ctx context.Context) error {
 	return nil
 }
 
-// checkFamily refuses an IPv6 pod: istio-iptables decides the pod is IPv6 by its first
-// address that is neither loopback nor link-local, and then writes ip6tables rules, which
-// neither of divert's backends does.
+// checkFamily refuses an IPv6 or dual-stack pod (policy.CheckPodAddrs): istio-iptables
+// writes ip6tables rules for the first, and for the second, IPv4 rules only unless
+// ISTIO_DUAL_STACK is set; divert captures IPv4 only and will not half-capture a pod.
 func (r *istioRun) checkFamily() error {
 	addrs, err := podAddrs()
 	if err != nil {
 		return fmt.Errorf("read this pod's addresses: %w", err)
 	}
+	var ips []netip.Addr
 	for _, a := range addrs {
-		ipn, ok := a.(*net.IPNet)
-		if !ok {
-			continue
+		if ipn, ok := a.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
+				ips = append(ips, ip)
+			}
 		}
-		ip, ok := netip.AddrFromSlice(ipn.IP)
-		if !ok {
-			continue
-		}
-		ip = ip.Unmap()
-		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() {
-			continue
-		}
-		if ip.Is6() {
-			return fmt.Errorf("this pod's address %s is IPv6, for which istio-iptables writes ip6tables rules: divert captures IPv4 only", ip)
-		}
-		return nil
+	}
+	if err := policy.CheckPodAddrs(ips); err != nil {
+		return fmt.Errorf("%w; capture this pod with Istio's own istio-init (ISTIO_DUAL_STACK=true for dual stack), or give it IPv4 addresses only", err)
 	}
 	return nil
 }
@@ -460,7 +453,7 @@ func (r *istioRun) pod() (loader.Pod, string, error) {
 	}
 	found, err := findPod(cgroups.Finder{Root: r.root})
 	if err != nil {
-		return pod, "", fmt.Errorf("%w; mount the host's /sys/fs/cgroup and pass --%s, or pass --%s", err, flagCgroupRoot, flagCgroup)
+		return pod, "", fmt.Errorf("%w; mount the host's /sys/fs/cgroup and pass --%s (or $DIVERT_CGROUP_ROOT), or pass --%s (or $DIVERT_CGROUP)", err, flagCgroupRoot, flagCgroup)
 	}
 	pod.Cgroup = found.Pod
 	how := fmt.Sprintf("%s layout, this process in %s", found.Driver, found.Own)

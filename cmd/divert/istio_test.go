@@ -243,20 +243,29 @@ func TestIstioIptablesDryRunEBPF(t *testing.T) {
 	}
 	// Discovery failing is a reason to fall back, in auto mode.
 	findPod = func(cgroups.Finder) (cgroups.Found, error) { return cgroups.Found{}, cgroups.ErrNotFound }
-	if _, errOut, err := runIstio(t, nil, "-n"); err != nil || !strings.Contains(errOut, "--cgroup-root") {
+	if _, errOut, err := runIstio(t, nil, "-n"); err != nil || !strings.Contains(errOut, "--cgroup-root") || !strings.Contains(errOut, "$DIVERT_CGROUP_ROOT") {
 		t.Errorf("no pod cgroup: %v %q", err, errOut)
 	}
 }
 
-// istio-iptables would write ip6tables rules for an IPv6 pod; divert says it cannot.
+// istio-iptables would write ip6tables rules for an IPv6 pod; divert says it cannot. A
+// dual-stack pod whose first address is IPv4 is refused too: capturing its IPv4 half would
+// let its IPv6 connections bypass the proxy without a word.
 func TestIstioIptablesRefusesIPv6Pod(t *testing.T) {
-	stubWorld(t)
-	podAddrs = func() ([]net.Addr, error) {
-		return []net.Addr{&net.IPNet{IP: net.ParseIP("fe80::1"), Mask: net.CIDRMask(64, 128)}, &net.IPNet{IP: net.ParseIP("fd00::5"), Mask: net.CIDRMask(64, 128)}}, nil
-	}
-	_, _, err := runIstio(t, nil, "-n")
-	if err == nil || !strings.Contains(err.Error(), "fd00::5") {
-		t.Fatalf("want the IPv6 pod refused, got %v", err)
+	v6 := &net.IPNet{IP: net.ParseIP("fd00::5"), Mask: net.CIDRMask(64, 128)}
+	v4 := &net.IPNet{IP: net.ParseIP("10.244.0.5"), Mask: net.CIDRMask(24, 32)}
+	linkLocal := &net.IPNet{IP: net.ParseIP("fe80::1"), Mask: net.CIDRMask(64, 128)}
+	for name, addrs := range map[string][]net.Addr{"IPv6": {linkLocal, v6}, "dual stack, IPv4 first": {v4, linkLocal, v6}} {
+		t.Run(name, func(t *testing.T) {
+			stubWorld(t)
+			podAddrs = func() ([]net.Addr, error) { return addrs, nil }
+			for _, args := range [][]string{{"-n"}, {"--mode", "iptables", "-n"}} {
+				_, _, err := runIstio(t, nil, args...)
+				if err == nil || !strings.Contains(err.Error(), "fd00::5") || !strings.Contains(err.Error(), "ISTIO_DUAL_STACK") {
+					t.Fatalf("%v: want the pod refused with the fix, got %v", args, err)
+				}
+			}
+		})
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 
@@ -54,6 +55,10 @@ func TestAttachBadInputChangesNothing(t *testing.T) {
 		{"missing cgroup", []string{"attach", "--pod-id", pod.Name, "--cgroup", "/sys/fs/cgroup/no-such-pod", "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--cgroup"},
 		{"not a cgroup", []string{"attach", "--pod-id", pod.Name, "--cgroup", os.TempDir(), "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--cgroup"},
 		{"not a netns", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", os.TempDir(), "--bpffs", opts.BPFFS}, nil, "--netns"},
+		{"missing netns", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", "/run/netns/divert-no-such-pod", "--bpffs", opts.BPFFS}, nil, "/proc/<pid>/ns/net"},
+		{"space-separated -o", base("-o", "3306 5432"), nil, "separate the items with commas, like 3306,5432"},
+		{"IPv6 -i", base("-i", "fd00::/8"), nil, "IPv6 is not yet supported"},
+		{"IPv6 -x", base("-x", "10.96.0.0/12,fd00::/8"), nil, "--istio-service-exclude-cidr"},
 		{"bad pod id", []string{"attach", "--pod-id", "ns.pod", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--pod-id"},
 		{"missing pod id", []string{"attach", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--pod-id"},
 		{"bpffs not bpffs", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", t.TempDir()}, nil, "--bpffs"},
@@ -70,6 +75,66 @@ func TestAttachBadInputChangesNothing(t *testing.T) {
 			}
 			divertest.AssertNothingAttached(t, pod, opts)
 		})
+	}
+}
+
+// The hint for a missing --pod-id suggests a name attach then accepts.
+func TestAttachPodIDHintIsAccepted(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	_, err := runCLI(t, nil, "attach", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS)
+	if err == nil {
+		t.Fatal("attach without --pod-id succeeded")
+	}
+	_, hint, ok := strings.Cut(err.Error(), "e.g. --pod-id ")
+	if !ok {
+		t.Fatalf("no example in %q", err)
+	}
+	id := strings.Fields(hint)[0]
+	if _, err := runCLI(t, nil, "attach", "--pod-id", id, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS); err != nil {
+		t.Fatalf("the suggested --pod-id %s is refused: %v", id, err)
+	}
+	if err := loader.Detach(id, opts); err != nil {
+		t.Fatal(err)
+	}
+	divertest.AssertNothingAttached(t, pod, opts)
+}
+
+// status and gc on a --bpffs that is not a bpffs mount say so and fail, instead of "no pods
+// attached" (exit 0) or a raw error; explain --pod-id too.
+func TestBPFFSNotMounted(t *testing.T) {
+	notBPFFS := t.TempDir()
+	if err := os.Mkdir(notBPFFS+"/divert", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"status", "--bpffs", notBPFFS},
+		{"status", "--bpffs", notBPFFS, "-o", "json"},
+		{"status", "--bpffs", notBPFFS, "--pod-id", "web"},
+		{"gc", "--bpffs", notBPFFS},
+		{"gc", "--bpffs", notBPFFS, "--dry-run"},
+		{"gc", "--bpffs", "/etc/hostname"},
+		{"explain", "--bpffs", notBPFFS, "--pod-id", "web", "--uid", "1000", "--dst", "10.0.0.5:80"},
+	} {
+		out, err := runCLI(t, nil, args...)
+		if err == nil {
+			t.Errorf("%v succeeded: %q", args, out)
+			continue
+		}
+		if msg := err.Error(); !strings.Contains(msg, "invalid --bpffs") || !strings.Contains(msg, "mount -t bpf") || strings.Contains(msg, "\n") {
+			t.Errorf("%v: want one line naming --bpffs and the fix, got %q", args, msg)
+		}
+	}
+}
+
+// gc --help describes what status prints for a pod that went away.
+func TestGCHelpMatchesStatus(t *testing.T) {
+	out, err := runCLI(t, nil, "gc", "--help")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, detachedNote) || !strings.Contains(out, "defunct") || strings.Contains(out, "cgroup 0") {
+		t.Errorf("gc --help does not describe divert status' output (%q):\n%s", detachedNote, out)
 	}
 }
 
@@ -127,6 +192,14 @@ func TestExplain(t *testing.T) {
 		want string
 	}{
 		{[]string{"--uid", "1000", "--gid", "1000", "--dst", "10.0.0.5:80"}, "redirect-outbound to port 15001 (included-cidr)"},
+		{[]string{"--uid", "1000", "--gid", "2000", "--dst", "10.0.0.5:80"}, "uid 1000, gid 2000,"},
+		// --gid defaults to --uid, and says so.
+		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80"}, "uid 1000, gid 1000 (--gid not given: the uid)"},
+		{[]string{"-g", "1000", "--uid", "1000", "--dst", "10.0.0.5:80"}, "pass (proxy-gid)"},
+		// Native IPv6 is not captured, whatever -i says.
+		{[]string{"--uid", "1000", "--dst", "[fd00::1]:80"}, "verdict: pass (none)"},
+		{[]string{"--uid", "1000", "--dst", "[fd00::1]:80"}, "IPv6"},
+		{[]string{"--uid", "1000", "--dst", "[::ffff:10.0.0.5]:80"}, "redirect-outbound to port 15001 (included-cidr)"},
 		{[]string{"--uid", "1337", "--gid", "1337", "--dst", "10.0.0.5:80"}, "pass (proxy-uid)"},
 		{[]string{"--uid", "1337", "--gid", "1337", "--dst", "10.1.1.1:8080", "--pod-ip", "10.1.1.1"}, "redirect-inbound to port 15006 (proxy-hairpin)"},
 		{[]string{"-o", "80", "--uid", "1000", "--gid", "1000", "--dst", "10.0.0.5:80"}, "pass (excluded-outbound-port)"},
@@ -138,7 +211,83 @@ func TestExplain(t *testing.T) {
 			t.Errorf("explain %v: %v\n%s\nwant %q", c.args, err, out, c.want)
 		}
 	}
-	if _, err := runCLI(t, nil, "explain", "--dst", "nope"); err == nil || !strings.Contains(err.Error(), "--dst") {
-		t.Errorf("bad --dst: %v", err)
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--uid", "1000", "--dst", "nope"}, "--dst"},
+		// Never silently uid 0: an outbound connection needs --uid.
+		{[]string{"--dst", "10.0.0.5:80"}, "missing --uid"},
+		{[]string{"--gid", "1000", "--dst", "10.0.0.5:80"}, "missing --uid"},
+		{[]string{"--direction", "inbound", "--uid", "1000", "--dst", "10.1.1.1:80"}, "--uid/--gid"},
+		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80", "--pod-id", "no-such-pod", "--bpffs", divertest.BPFFS(t).BPFFS}, "invalid --pod-id \"no-such-pod\": not attached"},
+		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80", "--pod-id", "p", "-o", "80"}, "-o/--istio-local-outbound-ports-exclude with --pod-id"},
+		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80", "--pod-id", "p", "--pod-ip", "10.1.1.1"}, "--pod-ip with --pod-id"},
+	} {
+		_, err := runCLI(t, nil, append([]string{"explain"}, c.args...)...)
+		if err == nil || !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "\n") {
+			t.Errorf("explain %v: want one line naming %q, got %v", c.args, c.want, err)
+		}
 	}
+}
+
+// explain --pod-id decides with the policy and addresses the kernel holds for the pod: its
+// own address is local there (not a redirect), its -o and -x apply.
+func TestExplainPodID(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	if _, err := runCLI(t, nil, "attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS,
+		"-o", "3306", "-x", "203.0.113.0/24", "-u", "2000", "-m", "TPROXY"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
+	explain := func(args ...string) string {
+		t.Helper()
+		out, err := runCLI(t, nil, append([]string{"explain", "--pod-id", pod.Name, "--bpffs", opts.BPFFS}, args...)...)
+		if err != nil {
+			t.Fatalf("explain %v: %v", args, err)
+		}
+		return out
+	}
+	own := netip.AddrPortFrom(pod.Addr, 8080).String()
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--uid", "1000", "--dst", own}, "pass (local-destination)"},
+		{[]string{"--uid", "1000", "--dst", own}, "(local: loopback or the pod's own address)"},
+		{[]string{"--uid", "2000", "--dst", own}, "redirect-inbound to port 15006 (proxy-hairpin)"},
+		{[]string{"--uid", "1000", "--dst", "198.51.100.7:3306"}, "pass (excluded-outbound-port)"},
+		{[]string{"--uid", "1000", "--dst", "203.0.113.9:80"}, "pass (excluded-cidr)"},
+		{[]string{"--uid", "1000", "--dst", "198.51.100.7:80"}, "redirect-outbound to port 15001 (included-cidr)"},
+		{[]string{"--uid", "2000", "--dst", "198.51.100.7:80"}, "pass (proxy-uid)"},
+		// TPROXY mode, as pinned: the tunnel port is captured inbound.
+		{[]string{"--direction", "inbound", "--dst", netip.AddrPortFrom(pod.Addr, 15008).String()}, "redirect-inbound to port 15006 (inbound-included-port)"},
+		{[]string{"--uid", "1000", "--dst", own}, "policy:  pod " + pod.Name},
+	} {
+		if out := explain(c.args...); !strings.Contains(out, c.want) {
+			t.Errorf("explain --pod-id %v:\n%s\nwant %q", c.args, out, c.want)
+		}
+	}
+}
+
+// A dual-stack pod (IPv4 first, IPv6 second) is refused, naming --netns and the address,
+// and nothing is attached: divert would capture its IPv4 half and let IPv6 bypass the proxy.
+func TestAttachRefusesDualStackPod(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	if out, err := exec.Command("nsenter", "--net="+pod.NetNSPath, "ip", "-6", "addr", "add", "fd00:dead::5/64", "dev", "lo", "nodad").CombinedOutput(); err != nil {
+		t.Fatalf("add an IPv6 address to the pod: %v %s", err, out)
+	}
+	_, err := runCLI(t, nil, "attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS)
+	if err == nil {
+		loader.Detach(pod.Name, opts)
+		t.Fatal("a dual-stack pod was attached")
+	}
+	for _, w := range []string{"--netns", "fd00:dead::5", "IPv6"} {
+		if !strings.Contains(err.Error(), w) || strings.Contains(err.Error(), "\n") {
+			t.Errorf("error should be one line naming %s, got %q", w, err)
+		}
+	}
+	divertest.AssertNothingAttached(t, pod, opts)
 }

@@ -59,6 +59,9 @@ func newStatusCmd(e env) *cobra.Command {
 	return cmd
 }
 
+// detachedNote is what status prints for a program the kernel detached (gc's help quotes it).
+const detachedNote = "detached (its cgroup or netns is gone)"
+
 func printStatus(w io.Writer, st *loader.PodStatus) {
 	p := st.Policy
 	defunct := 0
@@ -76,7 +79,7 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 		where := fmt.Sprintf("cgroup %d", prog.CgroupID)
 		switch {
 		case prog.Defunct():
-			where = "detached (its cgroup or netns is gone)"
+			where = detachedNote
 		case prog.NetNSIno != 0:
 			where = fmt.Sprintf("netns %d", prog.NetNSIno)
 		}

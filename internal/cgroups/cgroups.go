@@ -239,7 +239,7 @@ func Locate(procCgroup string, mounts []Mount, isCgroup func(dir string) bool) (
 		return Found{}, err
 	}
 	if len(mounts) == 0 {
-		return Found{}, fmt.Errorf("%w: no cgroup2 file system is mounted here; divert needs cgroup v2 (mount the host's /sys/fs/cgroup and pass --cgroup-root)", ErrNotFound)
+		return Found{}, fmt.Errorf("%w: no cgroup2 file system is mounted in this mount namespace (under `ip netns exec`, which remounts /sys, run divert with `nsenter --net=<netns>` instead); divert needs cgroup v2", ErrNotFound)
 	}
 	paths := pc.V1
 	if pc.V2 != "" {

@@ -180,6 +180,7 @@ func TestLocate(t *testing.T) {
 		{"the path is not there (host cgroupfs not mounted)", "0::" + cfsPod + "/" + ctr + "\n", []Mount{unified},
 			fakeFS("/sys/fs/cgroup/other"), Found{}, "not below a Kubernetes pod cgroup under /sys/fs/cgroup"},
 		{"no cgroup2 at all", "0::/\n", nil, fakeFS(), Found{}, "no cgroup2 file system"},
+		{"no cgroup2: ip netns exec says how", "0::/\n", nil, fakeFS(), Found{}, "`ip netns exec`, which remounts /sys, run divert with `nsenter --net=<netns>`"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

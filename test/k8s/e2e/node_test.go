@@ -41,6 +41,7 @@ func TestNodeMode(t *testing.T) {
 		{"meshed/outbound", func(t *testing.T) { outbound(t, nodeMesh) }},
 		{"meshed/inbound", func(t *testing.T) { inbound(t, nodeMesh, addr(nodeMesh, appPort)) }},
 		{"meshed/annotation-excludes-cidr", nodeAnnotationHonoured},
+		{"native-sidecar/non-1337-uid", nodeNativeSidecar},
 		{"unmeshed/untouched", nodeUnmeshedUntouched},
 		{"metrics", nodeMetrics},
 		{"agent-restart-no-escape", nodeAgentRestart},
@@ -307,6 +308,49 @@ func nodeAnnotationHonoured(t *testing.T) {
 	expect(t, r, nodeMesh, "app", addr(meshIpt, appPort),
 		want{who: meshIpt + "-proxy", listener: "0.0.0.0:" + inboundPrt, orig: addr(meshIpt, appPort), local: addr(meshIpt, inboundPrt)},
 		want{who: meshIpt + "-app", peerIP: "127.0.0.6"})
+}
+
+// nodeNativeSidecar: Istio's native sidecar (istio-proxy as an init container with
+// restartPolicy: Always, Istio's default on Kubernetes 1.29+) running as a uid other than
+// 1337, as OpenShift assigns: the agent must take the proxy's uid from the init container,
+// or the proxy's own upstream dial is captured back to itself and never reaches the server.
+func nodeNativeSidecar(t *testing.T) {
+	r := scenario(t)
+	const name, uid = "node-native", 2000
+	always := "Always"
+	proxy := container("istio-proxy", uid, "proxy", "--name", name+"-proxy", "--mode", "forward",
+		"--inbound-src", "127.0.0.6", "--listen", "0.0.0.0:"+outboundPrt, "--listen", "0.0.0.0:"+inboundPrt)
+	proxy["restartPolicy"] = always
+	p := pod(name, map[string]string{"app": name}, obj{
+		"initContainers": []obj{proxy},
+		"containers":     []obj{container("app", appUID, "server", "--name", name+"-app", "--listen", "0.0.0.0:"+appPort)},
+	})
+	p["metadata"].(obj)["annotations"] = obj{"sidecar.istio.io/status": `{"initContainers":["istio-proxy"]}`}
+	if _, err := suite.c.KubectlIn(ctx, list(p), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, name, "--wait=false")
+	})
+	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", name, "--timeout=120s"); err != nil {
+		t.Fatalf("%v\n%s", err, suite.describe())
+	}
+	out, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, name, "-o", `jsonpath={.status.podIP}={.metadata.uid}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Split(strings.TrimSpace(out), "=")
+	suite.ips[name], suite.uids[name] = f[0], f[1]
+	for _, ctr := range []string{"istio-proxy", "app"} {
+		if err := waitListening(name, ctr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	logged := pinState(t, name, true)
+	expect(t, r, name, "app", addr(plainName, appPort),
+		want{who: name + "-proxy", listener: "0.0.0.0:" + outboundPrt, orig: addr(plainName, appPort)},
+		want{who: plainName})
+	r.note("proxy uid %d from the native sidecar; agent: %s", uid, logged)
 }
 
 // nodeUnmeshedUntouched: a pod without a sidecar annotation started through the same
