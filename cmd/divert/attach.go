@@ -47,7 +47,7 @@ policy in place and swaps in this build's programs without a gap in capture.`,
 			return errors.New("missing --pod-id: name the pod, e.g. --pod-id default.web-1")
 		}
 		if err := loader.Attach(cmd.Context(), pod, &cfg, opts); err != nil {
-			return err
+			return capturedHint(err, pod)
 		}
 		if !opts.NoOutbound {
 			fmt.Fprintf(e.stdout, "attached %s: outbound TCP from cgroup %s now goes to port %d\n", pod.ID, pod.Cgroup, cfg.ProxyPort)
@@ -87,6 +87,24 @@ func newDetachCmd(e env) *cobra.Command {
 		return nil
 	}
 	return cmd
+}
+
+// capturedHint phrases the loader's refusal to attach where another pod is captured: the
+// flag that points there, the pod that holds it, and how to free it.
+func capturedHint(err error, pod loader.Pod) error {
+	var ce *loader.CapturedError
+	if !errors.As(err, &ce) {
+		return err
+	}
+	flag, value := "cgroup", pod.Cgroup
+	if ce.Relation == "netns" {
+		flag, value = "netns", pod.NetNS
+	}
+	fix := "detach it first (divert detach --pod-id " + ce.Holder + ")"
+	if ce.Holder == "" {
+		fix = "detach the pod that holds it first (divert status --bpffs <its bpffs>)"
+	}
+	return fmt.Errorf("invalid --%s %q: %v; %s, or pass this pod's own %s", flag, value, ce, fix, flag)
 }
 
 func inboundPorts(cfg *policy.Config) string {

@@ -590,6 +590,13 @@ func (r *istioRun) attach(ctx context.Context, pod loader.Pod, how string) error
 		fmt.Fprintf(r.e.stderr, "divert: mounting bpffs at %s: in a container it must reach the host (hostPath volume with mountPropagation: Bidirectional), or capture ends when the container exits\n", r.lopts.BPFFS)
 	}
 	if err := loader.Attach(ctx, pod, &r.cfg, r.lopts); err != nil {
+		var ce *loader.CapturedError
+		if errors.As(err, &ce) && ce.Holder != "" {
+			return fmt.Errorf("pod %s (cgroup %s, %s): %v; remove that attachment on the node first (divert detach --pod-id %s), or pass --%s", pod.ID, pod.Cgroup, how, ce, ce.Holder, flagCgroup)
+		}
+		if errors.As(err, &ce) {
+			return fmt.Errorf("pod %s (cgroup %s, %s): %v; detach that pod first, or pass --%s", pod.ID, pod.Cgroup, how, ce, flagCgroup)
+		}
 		return err
 	}
 	fmt.Fprintf(out, "attached pod %s with eBPF: cgroup %s (%s), netns %s; outbound TCP to port %d, inbound %s to port %d; pinned in %s\n",

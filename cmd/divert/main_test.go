@@ -56,6 +56,7 @@ func TestAttachBadInputChangesNothing(t *testing.T) {
 		{"not a netns", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", os.TempDir(), "--bpffs", opts.BPFFS}, nil, "--netns"},
 		{"bad pod id", []string{"attach", "--pod-id", "ns.pod", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--pod-id"},
 		{"missing pod id", []string{"attach", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--pod-id"},
+		{"cgroup root", []string{"attach", "--pod-id", pod.Name, "--cgroup", divertest.Cgroup2Mount(t), "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--cgroup"},
 		{"bpffs not bpffs", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", t.TempDir()}, nil, "--bpffs"},
 	}
 	for _, c := range cases {
@@ -70,6 +71,37 @@ func TestAttachBadInputChangesNothing(t *testing.T) {
 			}
 			divertest.AssertNothingAttached(t, pod, opts)
 		})
+	}
+}
+
+// A second pod id below a captured cgroup is refused in one line naming --cgroup, the pod
+// that holds it and the fix; the same id again is an update.
+func TestAttachCapturedCgroup(t *testing.T) {
+	pod := testpod.New(t)
+	other := pod.Net.AddPod(t)
+	opts := divertest.BPFFS(t)
+	attach := func(id, cgroup, netns string) (string, error) {
+		return runCLI(t, nil, "attach", "--pod-id", id, "--cgroup", cgroup, "--netns", netns, "--bpffs", opts.BPFFS)
+	}
+	if _, err := attach(pod.Name, pod.CgroupPath, pod.NetNSPath); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
+	child := divertest.ChildCgroup(t, pod.CgroupPath, "ctr")
+	_, err := attach(other.Name, child, other.NetNSPath)
+	if err == nil {
+		loader.Detach(other.Name, opts)
+		t.Fatal("a second pod id below a captured cgroup was attached")
+	}
+	msg := err.Error()
+	for _, want := range []string{"--cgroup", "pod " + pod.Name + " already captures its ancestor " + pod.CgroupPath, "divert detach --pod-id " + pod.Name} {
+		if strings.Contains(msg, "\n") || !strings.Contains(msg, want) {
+			t.Errorf("want one line with %q, got %q", want, msg)
+		}
+	}
+	divertest.AssertNothingAttached(t, other, loader.Options{BPFFS: t.TempDir()})
+	if _, err := attach(pod.Name, pod.CgroupPath, pod.NetNSPath); err != nil {
+		t.Errorf("re-attaching the same pod id must update: %v", err)
 	}
 }
 
