@@ -84,29 +84,9 @@ func isCgroupRoot(dir string) bool {
 // only name the holder. The pod's own links (a re-attach) are not in the way.
 func checkOverlap(pod Pod, opts Options) error {
 	ours := pinnedProgramIDs(PinDir(opts, pod.ID))
-	found := func(target string, attach ebpf.AttachType, flags uint32) (ebpf.ProgramID, string, error) {
-		f, err := os.Open(target)
-		if err != nil {
-			return 0, "", err
-		}
-		defer f.Close()
-		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: attach, QueryFlags: flags})
-		if err != nil {
-			return 0, "", fmt.Errorf("query %s programs on %s: %w", attach, target, err)
-		}
-		for _, p := range res.Programs {
-			if ours[p.ID] {
-				continue
-			}
-			if name, ok := divertProgram(p.ID); ok {
-				return p.ID, name, nil
-			}
-		}
-		return 0, "", nil
-	}
 	check := func(target, relation string, flags uint32, types ...ebpf.AttachType) error {
 		for _, at := range types {
-			id, name, err := found(target, at, flags)
+			id, name, err := findDivert(target, at, flags, ours)
 			if err != nil {
 				return err
 			}
@@ -143,6 +123,43 @@ func checkOverlap(pod Pod, opts Options) error {
 		return err
 	}
 	return check(pod.NetNS, "netns", 0, ebpf.AttachSkLookup)
+}
+
+// findDivert returns one of divert's programs (not in ours) that the kernel lists for
+// target (a cgroup directory or netns path) and attach type, or id 0.
+func findDivert(target string, attach ebpf.AttachType, flags uint32, ours map[ebpf.ProgramID]bool) (ebpf.ProgramID, string, error) {
+	f, err := os.Open(target)
+	if err != nil {
+		return 0, "", err
+	}
+	defer f.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: attach, QueryFlags: flags})
+	if err != nil {
+		return 0, "", fmt.Errorf("query %s programs on %s: %w", attach, target, err)
+	}
+	for _, p := range res.Programs {
+		if ours[p.ID] {
+			continue
+		}
+		if name, ok := divertProgram(p.ID); ok {
+			return p.ID, name, nil
+		}
+	}
+	return 0, "", nil
+}
+
+// NetNSCaptured reports divert's eBPF capture of the network namespace at netnsPath: its
+// sk_lookup program, and the pod under opts' bpffs that holds it (Holder "" if none does).
+// It returns nil when there is none. A pod attached with NoInbound has no program on its
+// netns and is not seen.
+func NetNSCaptured(netnsPath string, opts Options) (*CapturedError, error) {
+	id, name, err := findDivert(netnsPath, ebpf.AttachSkLookup, 0, nil)
+	if err != nil || id == 0 {
+		return nil, err
+	}
+	var ce *CapturedError
+	errors.As(captured(opts, Pod{NetNS: netnsPath}, "netns", netnsPath, id, name), &ce)
+	return ce, nil
 }
 
 // divertProgram reports whether the program with id is one of divert's, by the name the

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/test/testpod"
 )
@@ -102,6 +103,41 @@ func TestAttachCapturedCgroup(t *testing.T) {
 	divertest.AssertNothingAttached(t, other, loader.Options{BPFFS: t.TempDir()})
 	if _, err := attach(pod.Name, pod.CgroupPath, pod.NetNSPath); err != nil {
 		t.Errorf("re-attaching the same pod id must update: %v", err)
+	}
+}
+
+// iptables apply in a netns that divert's eBPF captures is refused, naming the pod and
+// the fix, and writes no rules.
+func TestIptablesApplyRefusesEBPFPod(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
+	if err := loader.Attach(context.Background(), lp, divertest.Config(t), opts); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
+	_, err := runCLI(t, nil, "iptables", "apply", "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS)
+	if err == nil {
+		iptables.Cleanup(context.Background(), pod.NetNSPath)
+		t.Fatal("iptables apply over eBPF capture succeeded")
+	}
+	for _, want := range []string{"--netns", "pod " + pod.Name, "divert detach --pod-id " + pod.Name} {
+		if msg := err.Error(); strings.Contains(msg, "\n") || !strings.Contains(msg, want) {
+			t.Errorf("want one line with %q, got %q", want, msg)
+		}
+	}
+	if held, err := iptables.Installed(context.Background(), pod.NetNSPath); err != nil || len(held) != 0 {
+		t.Errorf("refused apply wrote rules: %v %v", held, err)
+	}
+	// Once detached, the rules go in.
+	if err := loader.Detach(pod.Name, opts); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := runCLI(t, nil, "iptables", "apply", "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS); err != nil {
+		t.Fatal(err)
+	}
+	if err := iptables.Cleanup(context.Background(), pod.NetNSPath); err != nil {
+		t.Fatal(err)
 	}
 }
 
