@@ -22,6 +22,9 @@ type PodStatus struct {
 	Counters map[string]uint64 `json:"counters"`
 	// Connections is the number of live redirected connections (original-destination entries).
 	Connections int `json:"connections"`
+	// Fallback is why the pod is captured by iptables instead (see RecordFallback); a pod
+	// with only a fallback marker has no programs, policy or counters here.
+	Fallback string `json:"iptablesFallback,omitempty"`
 }
 
 // ProgramStatus describes one attached program.

@@ -153,13 +153,14 @@ func AttachedPrograms(tb testing.TB, pod *testpod.Pod) int {
 	return n
 }
 
-// AssertNothingAttached checks that the pod has no programs and the bpffs no pins.
+// AssertNothingAttached checks that the pod has no programs and the bpffs no pins (nor
+// fallback markers).
 func AssertNothingAttached(tb testing.TB, pod *testpod.Pod, opts loader.Options) {
 	tb.Helper()
 	if n := AttachedPrograms(tb, pod); n != 0 {
 		tb.Errorf("%d programs still attached to pod %s", n, pod.Name)
 	}
-	for _, d := range []string{"divert", "divert_staging"} {
+	for _, d := range []string{"divert", "divert_staging", "divert_fallback"} {
 		entries, err := os.ReadDir(filepath.Join(opts.BPFFS, d))
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
 			tb.Fatal(err)
