@@ -75,6 +75,13 @@ func newDetachCmd(e env) *cobra.Command {
 		if id == "" {
 			return errors.New("missing --pod-id: name the pod to detach (see divert status)")
 		}
+		// A pod captured by the iptables fallback has only a marker; it goes with the pod.
+		if reasons, _ := loader.Fallbacks(opts); reasons[id] != "" {
+			if err := loader.ClearFallback(id, opts); err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "removed the iptables fallback marker of %s (its rules stay: divert iptables cleanup)\n", id)
+		}
 		err := loader.Detach(id, opts)
 		if errors.Is(err, loader.ErrNotAttached) {
 			fmt.Fprintf(e.stdout, "%s was not attached\n", id)

@@ -141,6 +141,30 @@ func TestIptablesApplyRefusesEBPFPod(t *testing.T) {
 	}
 }
 
+// A pod captured by the iptables fallback is listed by status (text and JSON) from its
+// marker alone; detach removes the marker.
+func TestStatusListsFallback(t *testing.T) {
+	opts := divertest.BPFFS(t)
+	if err := loader.RecordFallback("pod-a", "this kernel lacks program type SkLookup: not supported", opts); err != nil {
+		t.Fatal(err)
+	}
+	out, err := runCLI(t, nil, "status", "--bpffs", opts.BPFFS)
+	if err != nil || !strings.Contains(out, "pod pod-a: iptables fallback: this kernel lacks program type SkLookup") {
+		t.Errorf("status text: %v\n%s", err, out)
+	}
+	out, err = runCLI(t, nil, "status", "--bpffs", opts.BPFFS, "--pod-id", "pod-a", "-o", "json")
+	var st []loader.PodStatus
+	if err != nil || json.Unmarshal([]byte(out), &st) != nil || len(st) != 1 || st[0].ID != "pod-a" || !strings.Contains(st[0].Fallback, "SkLookup") {
+		t.Errorf("status json: %v\n%s", err, out)
+	}
+	if out, err = runCLI(t, nil, "detach", "--pod-id", "pod-a", "--bpffs", opts.BPFFS); err != nil || !strings.Contains(out, "removed the iptables fallback marker") {
+		t.Errorf("detach: %v %q", err, out)
+	}
+	if f, err := loader.Fallbacks(opts); err != nil || len(f) != 0 {
+		t.Errorf("markers after detach: %v %v", f, err)
+	}
+}
+
 // attach, status (text and json), explain and detach, as a user runs them.
 func TestAttachStatusDetach(t *testing.T) {
 	pod := testpod.New(t)

@@ -20,7 +20,7 @@ func newStatusCmd(e env) *cobra.Command {
 	var opts loader.Options
 	cmd := &cobra.Command{
 		Use:   "status [--pod-id ID] [-o text|json]",
-		Short: "Show attached pods: programs, policy as the kernel holds it, and verdict counters",
+		Short: "Show attached pods (programs, policy as the kernel holds it, verdict counters) and pods captured by the iptables fallback",
 		Args:  cobra.NoArgs,
 	}
 	cmd.Flags().StringVar(&id, "pod-id", "", "show only this pod")

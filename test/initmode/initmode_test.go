@@ -821,3 +821,32 @@ func backendRules(t *testing.T, save, netns string) int {
 	}
 	return strings.Count(string(out), "ISTIO_")
 }
+
+// The init container gets the loader's protection: a pod cgroup that another pod id's
+// divert programs capture (here its parent) is refused in one line naming that pod, and
+// nothing is attached, pinned or written; no fallback to iptables either.
+func TestCapturedCgroupRefused(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	holder := loader.Pod{ID: "holder-" + randHex(t, 8), Cgroup: k.Pod.CgroupPath, NetNS: k.Net.AddPod(t).NetNSPath}
+	if err := loader.Attach(context.Background(), holder, divertest.Config(t), opts); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loader.Detach(holder.ID, opts) })
+
+	r := initContainer(t, k, nil, divert, append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)...)
+	if r.code != 1 || !strings.Contains(r.stderr, "pod "+holder.ID+" already captures its ancestor "+k.Pod.CgroupPath) ||
+		!strings.Contains(r.stderr, "divert detach --pod-id "+holder.ID) || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+		t.Fatalf("want exit 1 and one line naming pod %s, got %d\nstdout: %s\nstderr: %s", holder.ID, r.code, r.stdout, r.stderr)
+	}
+	if _, err := os.Stat(loader.PinDir(opts, k.UID)); !os.IsNotExist(err) {
+		t.Errorf("pins made for the refused pod: %v", err)
+	}
+	if n := cgroupPrograms(t, k.Dir); n != 0 {
+		t.Errorf("%d programs attached to the refused pod's cgroup", n)
+	}
+	if rules := istioRules(t, k.NetNSPath); rules != "" {
+		t.Errorf("iptables rules written:\n%s", rules)
+	}
+}
