@@ -424,3 +424,18 @@ func TestChainConflist(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// A pod whose init container fell back to iptables is exported, with the reason, from
+// the marker it left: found without that container's log.
+func TestMetricsExportFallback(t *testing.T) {
+	a := &node.Agent{Loader: divertest.BPFFS(t)}
+	if err := loader.RecordFallback("0b1c-2d", "this kernel lacks program type SkLookup: not supported", a.Loader); err != nil {
+		t.Fatal(err)
+	}
+	var metrics strings.Builder
+	a.WriteMetrics(&metrics)
+	want := `divert_iptables_fallback{pod_uid="0b1c-2d",namespace="",pod="",reason="this kernel lacks program type SkLookup: not supported"} 1`
+	if !strings.Contains(metrics.String(), want) {
+		t.Errorf("metrics lack %q:\n%s", want, metrics.String())
+	}
+}
