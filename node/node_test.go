@@ -360,6 +360,22 @@ func TestReconcile(t *testing.T) {
 		t.Fatal("capture lost over an agent restart")
 	}
 
+	// Fallback markers (an init container's iptables fallback) live as long as their pod.
+	for _, id := range []string{string(plain.UID), "0b1c-gone"} {
+		if err := loader.RecordFallback(id, "this kernel lacks program type SkLookup", w.agent.Loader); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := restarted.Reconcile(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if f, _ := loader.Fallbacks(w.agent.Loader); len(f) != 1 || f[string(plain.UID)] == "" {
+		t.Fatalf("after reconcile, want only the running pod's fallback marker, got %v", f)
+	}
+	if err := loader.ClearFallback(string(plain.UID), w.agent.Loader); err != nil {
+		t.Fatal(err)
+	}
+
 	// The unselected pod gets pins from someone else (istio-init in the pod, during a
 	// migration to node mode): reconcile must leave its capture alone while it runs.
 	if err := loader.Attach(ctx, loader.Pod{ID: string(plain.UID), Cgroup: pods[1].CgroupPath, NetNS: pods[1].NetNSPath}, ptr(policy.Default()), w.agent.Loader); err != nil {
