@@ -272,8 +272,12 @@ them under <bpffs>/divert/<pod uid>/ and exits; capture outlives it. Invoked thr
 named istio-iptables it behaves the same.
 
 --mode auto probes the kernel (program types, helpers, cgroup v2, bpffs, the verifier) and
-falls back to istio's iptables rules, saying why in one line on stderr; --mode ebpf fails
-with that reason instead; --mode iptables always writes the rules.
+falls back to istio's iptables rules, saying why in one line on stderr and recording it in
+<bpffs>/divert_fallback/<pod uid> for divert status; only what the kernel or host lacks
+falls back: a wrong setting or mount (--cgroup-root, $DIVERT_CGROUP_ROOT), a pod cgroup that
+cannot be found or that another pod captures, fails. --mode ebpf fails with the reason
+instead; --mode iptables always writes the rules. One backend per pod: eBPF removes istio's
+rules, iptables detaches eBPF, and one iptables backend removes the other's chains.
 
 istio-iptables settings divert does not implement (DNS capture, interface exclusions,
 dual stack, CNI mode, ...) are refused with a message naming them, never ignored.`,
@@ -442,13 +446,6 @@ func (r *istioRun) checkFamily() error {
 	return nil
 }
 
-// podInputError is a pod that was found but needs the user to say more (--pod-id): an
-// error to report, not a reason to fall back to iptables.
-type podInputError struct{ err error }
-
-func (e *podInputError) Error() string { return e.err.Error() }
-func (e *podInputError) Unwrap() error { return e.err }
-
 // pod finds the pod's cgroup and pin id (--cgroup and --pod-id override).
 func (r *istioRun) pod() (loader.Pod, string, error) {
 	pod := loader.Pod{ID: r.podID, Cgroup: r.cgroupFl, NetNS: ownNetNS}
@@ -459,7 +456,7 @@ func (r *istioRun) pod() (loader.Pod, string, error) {
 			}
 		}
 		if pod.ID == "" {
-			return pod, "", &podInputError{fmt.Errorf("missing --%s: --%s %s names no pod UID (no kubepods pod<uid> directory)", flagPodID, flagCgroup, pod.Cgroup)}
+			return pod, "", fmt.Errorf("missing --%s: --%s %s names no pod UID (no kubepods pod<uid> directory)", flagPodID, flagCgroup, pod.Cgroup)
 		}
 		return pod, fmt.Sprintf("given by --%s", flagCgroup), nil
 	}
@@ -473,8 +470,8 @@ func (r *istioRun) pod() (loader.Pod, string, error) {
 		pod.ID = found.UID
 	}
 	if found.Driver == cgroups.Parent && r.podID == "" {
-		return pod, "", &podInputError{fmt.Errorf("missing --%s: this process's cgroup %s is not in a Kubernetes pod layout (kubepods/.../pod<uid>); pass --%s to capture its parent %s, or --%s",
-			flagPodID, found.Own, flagPodID, found.Pod, flagCgroup)}
+		return pod, "", fmt.Errorf("missing --%s: this process's cgroup %s is not in a Kubernetes pod layout (kubepods/.../pod<uid>); pass --%s to capture its parent %s, or --%s",
+			flagPodID, found.Own, flagPodID, found.Pod, flagCgroup)
 	}
 	return pod, how, nil
 }
