@@ -85,16 +85,31 @@ func (o Options) Apply(ctx context.Context, netnsPath string, cfg *policy.Config
 		res.Restore, res.Input = c.restore, input
 	}
 	// The new rules are in before the other backend's go, so capture has no gap.
-	var errs []error
 	for _, other := range o.othersHolding(ctx, netnsPath, c.backend) {
 		if _, err := run(ctx, netnsPath, cleanupInput(other.state), other.restore, "--noflush", "-w"); err != nil {
-			errs = append(errs, fmt.Errorf("rules applied with iptables-%s, but istio's iptables-%s rules could not be removed: %w", c.backend, other.backend, err))
-			continue
+			err = fmt.Errorf("istio's iptables-%s rules could not be removed: %w", other.backend, err)
+			if hasIstio(c.state) {
+				return res, fmt.Errorf("rules applied with iptables-%s, but %w", c.backend, err)
+			}
+			// A switch of backend that cannot finish is undone: the old rules stay alone.
+			return res, errors.Join(err, c.undoApply(ctx, netnsPath), undoRoutes())
 		}
 		res.Removed = append(res.Removed, other.backend)
 	}
 	res.Changed = input != "" || routesChanged || len(res.Removed) > 0
-	return res, errors.Join(errs...)
+	return res, nil
+}
+
+// undoApply removes istio's rules from the candidate's backend again.
+func (c candidate) undoApply(ctx context.Context, netnsPath string) error {
+	state, err := c.dump(ctx, netnsPath)
+	if err != nil {
+		return err
+	}
+	if input := cleanupInput(state); input != "" {
+		_, err = run(ctx, netnsPath, input, c.restore, "--noflush", "-w")
+	}
+	return err
 }
 
 // othersHolding returns the backends other than b that hold istio's chains in the netns.
