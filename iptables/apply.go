@@ -26,6 +26,9 @@ type Result struct {
 	Input string
 	// Changed is false when the rules and routes were already exactly as configured.
 	Changed bool
+	// Removed are the other backends whose istio chains and rules this apply removed: a
+	// netns holds istio's rules in one backend, never both (both would capture).
+	Removed []Backend
 	// TProxyRoute is true when the TPROXY policy route (ip rule fwmark <mark> lookup
 	// <table>; local 0.0.0.0/0 dev lo table <table>) is in place.
 	TProxyRoute bool
@@ -81,8 +84,67 @@ func (o Options) Apply(ctx context.Context, netnsPath string, cfg *policy.Config
 		}
 		res.Restore, res.Input = c.restore, input
 	}
-	res.Changed = input != "" || routesChanged
+	// The new rules are in before the other backend's go, so capture has no gap.
+	for _, other := range o.othersHolding(ctx, netnsPath, c.backend) {
+		if _, err := run(ctx, netnsPath, cleanupInput(other.state), other.restore, "--noflush", "-w"); err != nil {
+			err = fmt.Errorf("istio's iptables-%s rules could not be removed: %w", other.backend, err)
+			if hasIstio(c.state) {
+				return res, fmt.Errorf("rules applied with iptables-%s, but %w", c.backend, err)
+			}
+			// A switch of backend that cannot finish is undone: the old rules stay alone.
+			return res, errors.Join(err, c.undoApply(ctx, netnsPath), undoRoutes())
+		}
+		res.Removed = append(res.Removed, other.backend)
+	}
+	res.Changed = input != "" || routesChanged || len(res.Removed) > 0
 	return res, nil
+}
+
+// undoApply removes istio's rules from the candidate's backend again.
+func (c candidate) undoApply(ctx context.Context, netnsPath string) error {
+	state, err := c.dump(ctx, netnsPath)
+	if err != nil {
+		return err
+	}
+	if input := cleanupInput(state); input != "" {
+		_, err = run(ctx, netnsPath, input, c.restore, "--noflush", "-w")
+	}
+	return err
+}
+
+// othersHolding returns the backends other than b that hold istio's chains in the netns.
+// A backend that does not work there holds nothing.
+func (o Options) othersHolding(ctx context.Context, netnsPath string, b Backend) []candidate {
+	cs, err := Options{}.candidates(ctx, netnsPath)
+	if err != nil {
+		return nil
+	}
+	var out []candidate
+	for _, c := range cs {
+		if c.backend != b && hasIstio(c.state) {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// Installed returns the backends that hold istio's chains in the network namespace at
+// netnsPath (none when no iptables is installed).
+func Installed(ctx context.Context, netnsPath string) ([]Backend, error) {
+	cs, err := Options{}.candidates(ctx, netnsPath)
+	if errors.Is(err, errNoIptables) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []Backend
+	for _, c := range cs {
+		if hasIstio(c.state) {
+			out = append(out, c.backend)
+		}
+	}
+	return out, nil
 }
 
 // Cleanup removes every ISTIO_ chain, the rules in the kernel's chains that jump into them

@@ -453,6 +453,49 @@ func TestBackendDetection(t *testing.T) {
 	}
 }
 
+// TestApplySwitchesBackend: applying with one backend over istio's rules in the other (a
+// forced backend, or auto where both hold them) leaves the rules in the applying backend
+// only, and says which it removed.
+func TestApplySwitchesBackend(t *testing.T) {
+	ctx := context.Background()
+	cfg := caseConfig(t, nil)
+	for _, c := range []struct{ from, to Backend }{{BackendNFT, BackendLegacy}, {BackendLegacy, BackendNFT}} {
+		t.Run(string(c.from)+"-to-"+string(c.to), func(t *testing.T) {
+			ns := newNetNS(t)
+			if _, err := (Options{Backend: c.from}).Apply(ctx, ns, cfg); err != nil {
+				t.Fatal(err)
+			}
+			res, err := Options{Backend: c.to}.Apply(ctx, ns, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Backend != c.to || !slices.Equal(res.Removed, []Backend{c.from}) || !res.Changed {
+				t.Errorf("apply with %s over %s rules: %+v, want %s with %s removed", c.to, c.from, res, c.to, c.from)
+			}
+			if s := istioState(dump(t, c.from, ns)); len(s) > 0 {
+				t.Errorf("%s still holds istio's rules:\n  %s", c.from, strings.Join(s, "\n  "))
+			}
+			if s := istioState(dump(t, c.to, ns)); len(s) == 0 {
+				t.Errorf("%s holds no istio rules", c.to)
+			}
+			if got, err := Installed(ctx, ns); err != nil || !slices.Equal(got, []Backend{c.to}) {
+				t.Errorf("Installed: %v %v, want [%s]", got, err, c.to)
+			}
+		})
+	}
+	// auto where both hold them keeps nft's.
+	ns := newNetNS(t)
+	restore(t, BackendLegacy, ns, Render(cfg))
+	restore(t, BackendNFT, ns, Render(cfg))
+	res, err := Apply(ctx, ns, cfg)
+	if err != nil || res.Backend != BackendNFT || !slices.Equal(res.Removed, []Backend{BackendLegacy}) {
+		t.Errorf("auto over both: %+v %v, want nft with legacy removed", res, err)
+	}
+	if err := Cleanup(ctx, ns); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestApplyErrors: failures are one line that says what to do.
 func TestApplyErrors(t *testing.T) {
 	_, err := Apply(context.Background(), "/run/netns/dvt-ipt-does-not-exist", caseConfig(t, nil))

@@ -164,6 +164,11 @@ const badID = "use 1-128 letters, digits, '_' or '-' (bpffs forbids '.'), starti
 // maps in place and, where the running programs are not this build's, swaps in this build's
 // without a gap in capture. On any
 // error nothing is left changed: no pins, links or maps of a new pod remain.
+//
+// It refuses the root of the cgroup hierarchy (ErrCgroupRoot), and a cgroup or network
+// namespace where another pod's divert programs run, on the cgroup, an ancestor or a
+// descendant (a *CapturedError, ErrCaptured): the kernel would run both pods' programs for
+// the same sockets, and the proxy would read the wrong original destination or none.
 func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) error {
 	if !validID.MatchString(pod.ID) {
 		return &InputError{"pod-id", pod.ID, badID}
@@ -178,6 +183,9 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 	var err error
 	if tgt.cgroupID, err = cgroupID(pod.Cgroup); err != nil {
 		return err
+	}
+	if isCgroupRoot(pod.Cgroup) {
+		return fmt.Errorf("invalid --cgroup %q: %w; pass the pod's own cgroup", pod.Cgroup, ErrCgroupRoot)
 	}
 	addrs, err := LocalAddrs(pod.NetNS)
 	if err != nil {
@@ -194,6 +202,10 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 	}
 	defer unlock()
 
+	// Under the lock: two loaders sharing this bpffs cannot both pass.
+	if err := checkOverlap(pod, opts); err != nil {
+		return err
+	}
 	dir := PinDir(opts, pod.ID)
 	if _, err := os.Stat(dir); err == nil {
 		return update(dir, pod, tgt, cfg, addrs, opts)

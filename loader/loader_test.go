@@ -255,3 +255,80 @@ func TestLargePolicy(t *testing.T) {
 		}
 	}
 }
+
+// The root of the cgroup hierarchy holds every process on the host: refused, nothing made.
+func TestAttachRefusesCgroupRoot(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	root := divertest.Cgroup2Mount(t)
+	lp := loader.Pod{ID: pod.Name, Cgroup: root, NetNS: pod.NetNSPath}
+	err := loader.Attach(context.Background(), lp, divertest.Config(t), opts)
+	if err == nil {
+		loader.Detach(pod.Name, opts)
+		t.Fatal("attach to the cgroup root succeeded")
+	}
+	if !errors.Is(err, loader.ErrCgroupRoot) || strings.Contains(err.Error(), "\n") || !strings.Contains(err.Error(), "--cgroup") {
+		t.Errorf("want one line naming --cgroup that wraps ErrCgroupRoot, got %q", err)
+	}
+	divertest.AssertNothingAttached(t, pod, opts)
+}
+
+// One pod's programs per cgroup subtree and netns: a second pod id on the same cgroup, on a
+// child or a parent of a captured cgroup, or on the same netns is refused naming the pod
+// that holds it, and nothing of the second pod is left; the holder keeps capturing.
+func TestAttachRefusesOverlap(t *testing.T) {
+	holder := testpod.New(t)
+	other := holder.Net.AddPod(t) // a network namespace nobody captures
+	opts := divertest.BPFFS(t)
+	holder.Net.Server(t, "remote", netip.AddrPortFrom(netip.IPv4Unspecified(), 80))
+	holder.Proxy(t, "proxy", netip.AddrPortFrom(netip.IPv4Unspecified(), 15001), "report", divertest.ProxyUID, divertest.ProxyUID)
+	divertest.Attach(t, holder, opts, divertest.Config(t))
+	child := divertest.ChildCgroup(t, holder.CgroupPath, "ctr")
+
+	// A pod captured at a child cgroup, for the parent's turn.
+	nested := holder.Net.AddPod(t)
+	nestedChild := divertest.ChildCgroup(t, nested.CgroupPath, "ctr")
+	if err := loader.Attach(context.Background(), loader.Pod{ID: nested.Name, Cgroup: nestedChild, NetNS: nested.NetNSPath}, divertest.Config(t), opts); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loader.Detach(nested.Name, opts) })
+
+	for _, c := range []struct {
+		name     string
+		pod      loader.Pod
+		holder   string
+		relation string
+	}{
+		{"same cgroup", loader.Pod{ID: "second", Cgroup: holder.CgroupPath, NetNS: other.NetNSPath}, holder.Name, "cgroup"},
+		{"child cgroup", loader.Pod{ID: "second", Cgroup: child, NetNS: other.NetNSPath}, holder.Name, "ancestor"},
+		{"parent cgroup", loader.Pod{ID: "second", Cgroup: nested.CgroupPath, NetNS: other.NetNSPath}, nested.Name, "descendant"},
+		{"same netns", loader.Pod{ID: "second", Cgroup: other.CgroupPath, NetNS: holder.NetNSPath}, holder.Name, "netns"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			err := loader.Attach(context.Background(), c.pod, divertest.Config(t), opts)
+			if err == nil {
+				loader.Detach(c.pod.ID, opts)
+				t.Fatal("attach succeeded")
+			}
+			var ce *loader.CapturedError
+			if !errors.As(err, &ce) || !errors.Is(err, loader.ErrCaptured) || ce.Holder != c.holder || ce.Relation != c.relation {
+				t.Fatalf("want a CapturedError by %s (%s), got %#v: %v", c.holder, c.relation, ce, err)
+			}
+			if msg := err.Error(); strings.Contains(msg, "\n") || !strings.Contains(msg, "pod "+c.holder) {
+				t.Errorf("error should be one line naming pod %s: %q", c.holder, msg)
+			}
+			if _, err := os.Stat(loader.PinDir(opts, "second")); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("refused attach left pins: %v", err)
+			}
+			if n := divertest.AttachedPrograms(t, other); n != 0 {
+				t.Errorf("refused attach left %d programs on the other pod", n)
+			}
+		})
+	}
+	// The holder is intact and a re-attach of its own id (an update) still works.
+	divertest.Attach(t, holder, opts, divertest.Config(t, "-o", "3306"))
+	dst := netip.AddrPortFrom(holder.Net.Addrs[0], 80)
+	if r := holder.Dial(t, divertest.AppUID, divertest.AppUID, testpod.Target{Dst: dst})[0]; len(r.Hops) != 1 || r.Hops[0].Who != "proxy" || r.Hops[0].Orig != dst.String() {
+		t.Errorf("the holder lost capture: %+v", r)
+	}
+}

@@ -23,6 +23,9 @@ type PodStatus struct {
 	// Drops counts what the programs gave up on, by kind (every kind listed, zero or not):
 	// a connection refused or an original destination not delivered.
 	Drops map[string]uint64 `json:"drops"`
+	// Fallback is why the pod is captured by iptables instead (see RecordFallback); a pod
+	// with only a fallback marker has no programs, policy or counters here.
+	Fallback string `json:"iptablesFallback,omitempty"`
 }
 
 // ProgramStatus describes one attached program.

@@ -225,6 +225,18 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 			}
 		}
 	}
+	// Fallback markers of init containers (their pods captured by iptables) go with the pod.
+	fallbacks, err := loader.Fallbacks(a.Loader)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for id := range fallbacks {
+		if !live[id] {
+			if err := loader.ClearFallback(id, a.Loader); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
 	return errors.Join(errs...)
 }
 

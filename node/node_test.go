@@ -360,6 +360,22 @@ func TestReconcile(t *testing.T) {
 		t.Fatal("capture lost over an agent restart")
 	}
 
+	// Fallback markers (an init container's iptables fallback) live as long as their pod.
+	for _, id := range []string{string(plain.UID), "0b1c-gone"} {
+		if err := loader.RecordFallback(id, "this kernel lacks program type SkLookup", w.agent.Loader); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := restarted.Reconcile(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if f, _ := loader.Fallbacks(w.agent.Loader); len(f) != 1 || f[string(plain.UID)] == "" {
+		t.Fatalf("after reconcile, want only the running pod's fallback marker, got %v", f)
+	}
+	if err := loader.ClearFallback(string(plain.UID), w.agent.Loader); err != nil {
+		t.Fatal(err)
+	}
+
 	// The unselected pod gets pins from someone else (istio-init in the pod, during a
 	// migration to node mode): reconcile must leave its capture alone while it runs.
 	if err := loader.Attach(ctx, loader.Pod{ID: string(plain.UID), Cgroup: pods[1].CgroupPath, NetNS: pods[1].NetNSPath}, ptr(policy.Default()), w.agent.Loader); err != nil {
@@ -463,5 +479,20 @@ func TestAgentRefusesDualStackPod(t *testing.T) {
 	// An IPv4 pod with link-local and loopback IPv6 is not dual-stack.
 	if err := policy.CheckPodAddrs([]netip.Addr{netip.MustParseAddr("198.18.0.5"), netip.MustParseAddr("fe80::1")}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A pod whose init container fell back to iptables is exported, with the reason, from
+// the marker it left: found without that container's log.
+func TestMetricsExportFallback(t *testing.T) {
+	a := &node.Agent{Loader: divertest.BPFFS(t)}
+	if err := loader.RecordFallback("0b1c-2d", "this kernel lacks program type SkLookup: not supported", a.Loader); err != nil {
+		t.Fatal(err)
+	}
+	var metrics strings.Builder
+	a.WriteMetrics(&metrics)
+	want := `divert_iptables_fallback{pod_uid="0b1c-2d",namespace="",pod="",reason="this kernel lacks program type SkLookup: not supported"} 1`
+	if !strings.Contains(metrics.String(), want) {
+		t.Errorf("metrics lack %q:\n%s", want, metrics.String())
 	}
 }

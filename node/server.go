@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -124,5 +125,13 @@ func (a *Agent) WriteMetrics(w io.Writer) {
 	fmt.Fprintln(w, "# TYPE divert_drops_total counter")
 	for _, d := range drops {
 		fmt.Fprintln(w, d)
+	}
+	// Pods whose init container fell back to iptables are visible here, not only in its log.
+	fallbacks, _ := loader.Fallbacks(a.Loader)
+	fmt.Fprintln(w, "# HELP divert_iptables_fallback Pods captured by istio's iptables rules because eBPF was not possible here; the reason is a label.")
+	fmt.Fprintln(w, "# TYPE divert_iptables_fallback gauge")
+	for _, id := range slices.Sorted(maps.Keys(fallbacks)) {
+		ns, name, _ := strings.Cut(names[id], "/")
+		fmt.Fprintf(w, "divert_iptables_fallback{pod_uid=%q,namespace=%q,pod=%q,reason=%q} 1\n", id, ns, name, fallbacks[id])
 	}
 }

@@ -47,7 +47,7 @@ policy in place and swaps in this build's programs without a gap in capture.`,
 			return errors.New("missing --pod-id: name the pod's pin directory, e.g. --pod-id default-web-1 (letters, digits, '_' and '-')")
 		}
 		if err := loader.Attach(cmd.Context(), pod, &cfg, opts); err != nil {
-			return err
+			return capturedHint(err, pod)
 		}
 		if !opts.NoOutbound {
 			fmt.Fprintf(e.stdout, "attached %s: outbound TCP from cgroup %s now goes to port %d\n", pod.ID, pod.Cgroup, cfg.ProxyPort)
@@ -75,6 +75,13 @@ func newDetachCmd(e env) *cobra.Command {
 		if id == "" {
 			return errors.New("missing --pod-id: name the pod to detach (see divert status)")
 		}
+		// A pod captured by the iptables fallback has only a marker; it goes with the pod.
+		if reasons, _ := loader.Fallbacks(opts); reasons[id] != "" {
+			if err := loader.ClearFallback(id, opts); err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "removed the iptables fallback marker of %s (its rules stay: divert iptables cleanup)\n", id)
+		}
 		err := loader.Detach(id, opts)
 		if errors.Is(err, loader.ErrNotAttached) {
 			fmt.Fprintf(e.stdout, "%s was not attached\n", id)
@@ -87,6 +94,24 @@ func newDetachCmd(e env) *cobra.Command {
 		return nil
 	}
 	return cmd
+}
+
+// capturedHint phrases the loader's refusal to attach where another pod is captured: the
+// flag that points there, the pod that holds it, and how to free it.
+func capturedHint(err error, pod loader.Pod) error {
+	var ce *loader.CapturedError
+	if !errors.As(err, &ce) {
+		return err
+	}
+	flag, value := "cgroup", pod.Cgroup
+	if ce.Relation == "netns" {
+		flag, value = "netns", pod.NetNS
+	}
+	fix := "detach it first (divert detach --pod-id " + ce.Holder + ")"
+	if ce.Holder == "" {
+		fix = "detach the pod that holds it first (divert status --bpffs <its bpffs>)"
+	}
+	return fmt.Errorf("invalid --%s %q: %v; %s, or pass this pod's own %s", flag, value, ce, fix, flag)
 }
 
 func inboundPorts(cfg *policy.Config) string {

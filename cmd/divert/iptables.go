@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/meshdivert/divert/iptables"
+	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
 )
 
@@ -64,12 +65,16 @@ In TPROXY mode it also adds "ip rule fwmark <-t> lookup <-r>" and
 "ip route add local 0.0.0.0/0 dev lo table <-r>".
 
 --backend auto uses the iptables backend that already holds ISTIO_ chains there, else
-iptables-nft when it works, else iptables-legacy.`,
+iptables-nft when it works, else iptables-legacy. istio's chains in the other backend are
+removed once the rules are in (a pod's rules live in one backend). A network namespace
+that divert's eBPF programs capture is refused: detach that pod first.`,
 		Example: `  divert iptables apply --netns /run/netns/web-1 -u 1337 -i '*' -b '*' -d 15090,15021,15020
   divert iptables apply --netns /proc/4242/ns/net --backend legacy -m TPROXY`,
 		Args: cobra.NoArgs,
 	}
+	var lopts loader.Options
 	addIptablesNetnsFlags(cmd.Flags(), &netnsPath, &backend)
+	addBPFFSFlag(cmd.Flags(), &lopts)
 	parse := policy.Flags(cmd.Flags(), policy.Default())
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		cfg, err := parse(e.getenv)
@@ -79,6 +84,17 @@ iptables-nft when it works, else iptables-legacy.`,
 		opts, err := iptablesOptions(netnsPath, backend)
 		if err != nil {
 			return err
+		}
+		// Rules on top of divert's eBPF capture would capture twice (and the proxy would
+		// read 127.0.0.1:15001 as the original destination).
+		if ce, err := loader.NetNSCaptured(netnsPath, lopts); err != nil {
+			return fmt.Errorf("invalid --netns %q: %w", netnsPath, err)
+		} else if ce != nil {
+			holder, fix := "pod "+ce.Holder, "divert detach --pod-id "+ce.Holder
+			if ce.Holder == "" {
+				holder, fix = fmt.Sprintf("a pod pinned outside --bpffs %s (program %d)", lopts.BPFFS, ce.ProgramID), "divert detach with that pod's --bpffs"
+			}
+			return fmt.Errorf("invalid --netns %q: divert's eBPF programs capture it (%s); detach first (%s), or use divert istio-iptables --mode iptables in the pod, which replaces them", netnsPath, holder, fix)
 		}
 		res, err := opts.Apply(cmd.Context(), netnsPath, &cfg)
 		if err != nil {
@@ -92,9 +108,15 @@ iptables-nft when it works, else iptables-legacy.`,
 		if res.TProxyRoute {
 			route = fmt.Sprintf(", policy route fwmark %d lookup %d", cfg.TProxyMark, cfg.TProxyRouteTable)
 		}
-		_, err = fmt.Fprintf(cmd.OutOrStdout(), "iptables rules %s in %s (iptables-%s, %s mode%s)\n",
-			state, netnsPath, res.Backend, cfg.Mode, route)
-		return err
+		out := cmd.OutOrStdout()
+		if _, err := fmt.Fprintf(out, "iptables rules %s in %s (iptables-%s, %s mode%s)\n",
+			state, netnsPath, res.Backend, cfg.Mode, route); err != nil {
+			return err
+		}
+		for _, b := range res.Removed {
+			fmt.Fprintf(out, "removed istio's iptables-%s rules from %s (replaced by iptables-%s)\n", b, netnsPath, res.Backend)
+		}
+		return nil
 	}
 	return cmd
 }

@@ -255,6 +255,7 @@ type istioRun struct {
 	podID    string // --pod-id
 	cgroupFl string // --cgroup
 	root     string // --cgroup-root
+	rootSrc  string // where root came from, for messages: "--cgroup-root" or "$DIVERT_CGROUP_ROOT"
 }
 
 func newIstioIptablesCmd(e env) *cobra.Command {
@@ -271,8 +272,12 @@ them under <bpffs>/divert/<pod uid>/ and exits; capture outlives it. Invoked thr
 named istio-iptables it behaves the same.
 
 --mode auto probes the kernel (program types, helpers, cgroup v2, bpffs, the verifier) and
-falls back to istio's iptables rules, saying why in one line on stderr; --mode ebpf fails
-with that reason instead; --mode iptables always writes the rules.
+falls back to istio's iptables rules, saying why in one line on stderr and recording it in
+<bpffs>/divert_fallback/<pod uid> for divert status; only what the kernel or host lacks
+falls back: a wrong setting or mount (--cgroup-root, $DIVERT_CGROUP_ROOT), a pod cgroup that
+cannot be found or that another pod captures, fails. --mode ebpf fails with the reason
+instead; --mode iptables always writes the rules. One backend per pod: eBPF removes istio's
+rules, iptables detaches eBPF, and one iptables backend removes the other's chains.
 
 istio-iptables settings divert does not implement (DNS capture, interface exclusions,
 dual stack, CNI mode, ...) are refused with a message naming them, never ignored.`,
@@ -320,6 +325,10 @@ dual stack, CNI mode, ...) are refused with a message naming them, never ignored
 		}
 		fromEnv(flagMode, "DIVERT_MODE", &mode)
 		fromEnv(flagCgroupRoot, "DIVERT_CGROUP_ROOT", &r.root)
+		r.rootSrc = "--" + flagCgroupRoot
+		if !fs.Changed(flagCgroupRoot) && r.root != "" {
+			r.rootSrc = "$DIVERT_CGROUP_ROOT"
+		}
 		fromEnv(flagCgroup, "DIVERT_CGROUP", &r.cgroupFl)
 		fromEnv(flagPodID, "DIVERT_POD_ID", &r.podID)
 		fromEnv(flagBPFFS, "DIVERT_BPFFS", &r.lopts.BPFFS)
@@ -430,13 +439,6 @@ func (r *istioRun) checkFamily() error {
 	return nil
 }
 
-// podInputError is a pod that was found but needs the user to say more (--pod-id): an
-// error to report, not a reason to fall back to iptables.
-type podInputError struct{ err error }
-
-func (e *podInputError) Error() string { return e.err.Error() }
-func (e *podInputError) Unwrap() error { return e.err }
-
 // pod finds the pod's cgroup and pin id (--cgroup and --pod-id override).
 func (r *istioRun) pod() (loader.Pod, string, error) {
 	pod := loader.Pod{ID: r.podID, Cgroup: r.cgroupFl, NetNS: ownNetNS}
@@ -447,7 +449,7 @@ func (r *istioRun) pod() (loader.Pod, string, error) {
 			}
 		}
 		if pod.ID == "" {
-			return pod, "", &podInputError{fmt.Errorf("missing --%s: --%s %s names no pod UID (no kubepods pod<uid> directory)", flagPodID, flagCgroup, pod.Cgroup)}
+			return pod, "", fmt.Errorf("missing --%s: --%s %s names no pod UID (no kubepods pod<uid> directory)", flagPodID, flagCgroup, pod.Cgroup)
 		}
 		return pod, fmt.Sprintf("given by --%s", flagCgroup), nil
 	}
@@ -461,8 +463,8 @@ func (r *istioRun) pod() (loader.Pod, string, error) {
 		pod.ID = found.UID
 	}
 	if found.Driver == cgroups.Parent && r.podID == "" {
-		return pod, "", &podInputError{fmt.Errorf("missing --%s: this process's cgroup %s is not in a Kubernetes pod layout (kubepods/.../pod<uid>); pass --%s to capture its parent %s, or --%s",
-			flagPodID, found.Own, flagPodID, found.Pod, flagCgroup)}
+		return pod, "", fmt.Errorf("missing --%s: this process's cgroup %s is not in a Kubernetes pod layout (kubepods/.../pod<uid>); pass --%s to capture its parent %s, or --%s",
+			flagPodID, found.Own, flagPodID, found.Pod, flagCgroup)
 	}
 	return pod, how, nil
 }
@@ -489,19 +491,59 @@ func inUserNS() bool {
 	return !(len(f) == 3 && f[0] == "0" && f[1] == "0" && f[2] == "4294967295")
 }
 
-// apply captures the pod with eBPF when it can (and may), else with iptables.
+// checkCgroupRoot checks --cgroup-root ($DIVERT_CGROUP_ROOT): a missing or wrong path is
+// the pod spec's mistake (a hostPath volume missing or mounted elsewhere) and fails; a
+// host that has no cgroup v2 hierarchy at all (cgroup v1 only) is a reason for iptables
+// and wraps ebpf.ErrNotSupported.
+func (r *istioRun) checkCgroupRoot() error {
+	if r.root == "" {
+		return nil
+	}
+	if _, err := cgroups.RootMount(r.root); err == nil {
+		return nil
+	}
+	unified := filepath.Join(r.root, "unified")
+	entries, err := os.ReadDir(r.root)
+	if err != nil {
+		return fmt.Errorf("invalid %s %q: %v; mount the host's /sys/fs/cgroup there (a hostPath volume), or unset it", r.rootSrc, r.root, unwrapPath(err))
+	}
+	for _, e := range entries {
+		var st unix.Statfs_t
+		if e.IsDir() && unix.Statfs(filepath.Join(r.root, e.Name()), &st) == nil && st.Type == unix.CGROUP_SUPER_MAGIC {
+			return fmt.Errorf("%s %q holds cgroup v1 hierarchies only (the host has no cgroup v2, not even %s): %w", r.rootSrc, r.root, unified, ebpf.ErrNotSupported)
+		}
+	}
+	return fmt.Errorf("invalid %s %q: neither it nor %s is a cgroup v2 mount; point it at where the host's /sys/fs/cgroup is mounted", r.rootSrc, r.root, unified)
+}
+
+func unwrapPath(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
+// apply captures the pod with eBPF when it can (and may), else with iptables. It falls
+// back to iptables only on the kernel's (or host's) verdict, ebpf.ErrNotSupported; a
+// setting or a mount that is wrong fails, so a broken pod spec is fixed rather than
+// silently captured another way.
 func (r *istioRun) apply(ctx context.Context, dry bool) error {
 	out := r.e.stdout
 	var reason error
 	if r.mode != modeIptables {
-		reason = r.ebpfUnavailable()
+		reason = r.checkCgroupRoot()
+		if reason == nil {
+			reason = r.ebpfUnavailable()
+		}
+		if reason != nil && !errors.Is(reason, ebpf.ErrNotSupported) {
+			return reason
+		}
 		var pod loader.Pod
 		var how string
 		if reason == nil {
-			pod, how, reason = r.pod()
-			var in *podInputError
-			if errors.As(reason, &in) {
-				return reason // what the user must say, not something the machine lacks
+			if pod, how, reason = r.pod(); reason != nil {
+				return reason // the pod's cgroup must be found wherever the kernel can do eBPF
 			}
 		}
 		if reason == nil {
@@ -535,8 +577,16 @@ func (r *istioRun) apply(ctx context.Context, dry bool) error {
 	if !res.Changed {
 		state = "already in place"
 	}
+	if reason != nil {
+		r.recordFallback(reason)
+	} else if id := r.knownPodID(); id != "" {
+		loader.ClearFallback(id, r.lopts) // iptables by choice now, not for want of eBPF
+	}
 	fmt.Fprintf(out, "iptables rules %s (iptables-%s, %s mode): outbound TCP to port %d, inbound to port %d\n",
 		state, res.Backend, r.cfg.Mode, r.cfg.ProxyPort, r.cfg.InboundCapturePort)
+	for _, b := range res.Removed {
+		fmt.Fprintf(out, "removed istio's iptables-%s rules, replaced by iptables-%s\n", b, res.Backend)
+	}
 	// The same pod captured by eBPF earlier (another mode, an older run) would capture twice.
 	if id := r.knownPodID(); id != "" && pinned(r.lopts, id) {
 		if err := loader.Detach(id, r.lopts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
@@ -545,6 +595,22 @@ func (r *istioRun) apply(ctx context.Context, dry bool) error {
 		fmt.Fprintf(out, "removed the eBPF attachment of pod %s, replaced by the rules\n", id)
 	}
 	return nil
+}
+
+// recordFallback leaves a marker that divert status (and the node) list, so a pod captured
+// by iptables for want of eBPF is found without this container's logs. Not being able to
+// write it does not undo the capture: it is said on stderr.
+func (r *istioRun) recordFallback(reason error) {
+	id := r.knownPodID()
+	if id == "" {
+		fmt.Fprintf(r.e.stderr, "divert: the iptables fallback is not recorded for divert status: no pod id (pass --%s)\n", flagPodID)
+		return
+	}
+	if err := loader.RecordFallback(id, oneLine(reason), r.lopts); err != nil {
+		fmt.Fprintf(r.e.stderr, "divert: the iptables fallback is not recorded for divert status: %s\n", oneLine(err))
+		return
+	}
+	fmt.Fprintf(r.e.stdout, "recorded the fallback for divert status in %s\n", loader.FallbackPath(r.lopts, id))
 }
 
 // pinned reports whether the pod has a pin directory; checked before Detach, which would
@@ -582,12 +648,59 @@ func (r *istioRun) attach(ctx context.Context, pod loader.Pod, how string) error
 		// and capture, end with this container.
 		fmt.Fprintf(r.e.stderr, "divert: mounting bpffs at %s: in a container it must reach the host (hostPath volume with mountPropagation: Bidirectional), or capture ends when the container exits\n", r.lopts.BPFFS)
 	}
+	created := !pinned(r.lopts, pod.ID)
 	if err := loader.Attach(ctx, pod, &r.cfg, r.lopts); err != nil {
+		var ce *loader.CapturedError
+		if errors.As(err, &ce) && ce.Holder != "" {
+			return fmt.Errorf("pod %s (cgroup %s, %s): %v; remove that attachment on the node first (divert detach --pod-id %s), or pass --%s", pod.ID, pod.Cgroup, how, ce, ce.Holder, flagCgroup)
+		}
+		if errors.As(err, &ce) {
+			return fmt.Errorf("pod %s (cgroup %s, %s): %v; detach that pod first, or pass --%s", pod.ID, pod.Cgroup, how, ce, flagCgroup)
+		}
 		return err
 	}
 	fmt.Fprintf(out, "attached pod %s with eBPF: cgroup %s (%s), netns %s; outbound TCP to port %d, inbound %s to port %d; pinned in %s\n",
 		pod.ID, pod.Cgroup, how, pod.NetNS, r.cfg.ProxyPort, inboundPorts(&r.cfg), r.cfg.InboundCapturePort, loader.PinDir(r.lopts, pod.ID))
+	// An earlier --mode iptables run (or istio-init) left istio's rules: they would capture
+	// on top of eBPF. They go after eBPF is in, so capture has no gap; if they cannot go,
+	// a fresh attachment is undone and the pod is left as it was.
+	if err := loader.ClearFallback(pod.ID, r.lopts); err != nil {
+		fmt.Fprintf(r.e.stderr, "divert: %s\n", oneLine(err))
+	}
+	removed, err := r.removeIptables(ctx)
+	if err != nil {
+		if !created {
+			return fmt.Errorf("pod %s is captured by eBPF, but istio's iptables rules in its netns could not be removed (%v): remove them with divert istio-iptables --cleanup-only and run again", pod.ID, oneLine(err))
+		}
+		if derr := loader.Detach(pod.ID, r.lopts); derr != nil {
+			err = errors.Join(err, derr)
+		}
+		return fmt.Errorf("istio's iptables rules in this pod's netns could not be removed, so the eBPF attachment was undone: %v", oneLine(err))
+	}
+	if len(removed) > 0 {
+		fmt.Fprintf(out, "removed istio's iptables rules (%s) from %s, replaced by eBPF\n", strings.Join(removed, ", "), ownNetNS)
+	}
 	return nil
+}
+
+// removeIptables removes istio's rules from this pod's netns, returning the backends that
+// held them.
+func (r *istioRun) removeIptables(ctx context.Context) ([]string, error) {
+	if !haveIptables() {
+		return nil, nil // nothing can have written them here
+	}
+	held, err := iptables.Installed(ctx, ownNetNS)
+	if err != nil || len(held) == 0 {
+		return nil, err
+	}
+	var names []string
+	for _, b := range held {
+		if err := (iptables.Options{Backend: b}).Cleanup(ctx, ownNetNS); err != nil {
+			return nil, err
+		}
+		names = append(names, "iptables-"+b.String())
+	}
+	return names, nil
 }
 
 func isBPFFS(dir string) bool {
@@ -644,6 +757,11 @@ func (r *istioRun) cleanup(ctx context.Context, dry bool) error {
 			errs = append(errs, err)
 		} else {
 			fmt.Fprintf(out, "detached pod %s (eBPF)\n", pod.ID)
+		}
+	}
+	if perr == nil {
+		if err := loader.ClearFallback(pod.ID, r.lopts); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if !haveIptables() {

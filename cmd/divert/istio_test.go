@@ -241,10 +241,52 @@ func TestIstioIptablesDryRunEBPF(t *testing.T) {
 	if out, _, err = runIstio(t, nil, "-n", "--mode", "ebpf", "--pod-id", "p1"); err != nil || !strings.Contains(out, "pod p1: cgroup /sys/fs/cgroup/test/p1 (parent layout") {
 		t.Errorf("--pod-id with the parent layout: %v\n%s", err, out)
 	}
-	// Discovery failing is a reason to fall back, in auto mode.
-	findPod = func(cgroups.Finder) (cgroups.Found, error) { return cgroups.Found{}, cgroups.ErrNotFound }
-	if _, errOut, err := runIstio(t, nil, "-n"); err != nil || !strings.Contains(errOut, "--cgroup-root") || !strings.Contains(errOut, "$DIVERT_CGROUP_ROOT") {
-		t.Errorf("no pod cgroup: %v %q", err, errOut)
+}
+
+// auto falls back to iptables only on the kernel's verdict (ebpf.ErrNotSupported): a wrong
+// setting, a missing mount or a pod cgroup that cannot be found fails in one line naming
+// the setting and the fix, and prints no rules.
+func TestIstioIptablesAutoFailsOnInputErrors(t *testing.T) {
+	stubWorld(t)
+	notFound := func(cgroups.Finder) (cgroups.Found, error) {
+		return cgroups.Found{}, fmt.Errorf("%w: this process's cgroup \"/x\" is not below a Kubernetes pod cgroup", cgroups.ErrNotFound)
+	}
+	missing := "/nonexistent/host/sys/fs/cgroup"
+	cases := []struct {
+		name  string
+		env   map[string]string
+		args  []string
+		setup func()
+		want  []string
+	}{
+		{"cgroup root from the environment", map[string]string{"DIVERT_CGROUP_ROOT": missing}, nil, nil, []string{"$DIVERT_CGROUP_ROOT", missing, "hostPath"}},
+		{"cgroup root flag", nil, []string{"--cgroup-root", missing}, nil, []string{"--cgroup-root", missing}},
+		{"cgroup root not a cgroup mount", nil, []string{"--cgroup-root", t.TempDir()}, nil, []string{"--cgroup-root", "neither it nor"}},
+		{"cgroup root, and the kernel lacks eBPF too", map[string]string{"DIVERT_CGROUP_ROOT": missing, forceNoEBPFEnv: "1"}, nil, nil, []string{"$DIVERT_CGROUP_ROOT"}},
+		{"no pod cgroup", nil, nil, func() { findPod = notFound }, []string{"pod cgroup not found", "--cgroup-root", "$DIVERT_CGROUP_ROOT", "--cgroup"}},
+		{"a probe error that is not the kernel's verdict", nil, nil, func() {
+			probeEBPF = func(loader.Options) error { return errors.New("open /sys/fs/bpf: input/output error") }
+		}, []string{"input/output error"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			stubWorld(t)
+			if c.setup != nil {
+				c.setup()
+			}
+			out, errOut, err := runIstio(t, c.env, append(append([]string{"-n"}, c.args...), injectorArgs...)...)
+			if err == nil {
+				t.Fatalf("accepted; stdout:\n%s\nstderr: %s", out, errOut)
+			}
+			for _, want := range c.want {
+				if msg := err.Error(); strings.Contains(msg, "\n") || !strings.Contains(msg, want) {
+					t.Errorf("want one line with %q, got %q", want, msg)
+				}
+			}
+			if strings.Contains(out, "ISTIO_") || strings.Contains(errOut, "using iptables") {
+				t.Errorf("fell back: stdout %q stderr %q", out, errOut)
+			}
+		})
 	}
 }
 

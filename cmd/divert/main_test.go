@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/test/testpod"
 )
@@ -61,6 +62,7 @@ func TestAttachBadInputChangesNothing(t *testing.T) {
 		{"IPv6 -x", base("-x", "10.96.0.0/12,fd00::/8"), nil, "--istio-service-exclude-cidr"},
 		{"bad pod id", []string{"attach", "--pod-id", "ns.pod", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--pod-id"},
 		{"missing pod id", []string{"attach", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--pod-id"},
+		{"cgroup root", []string{"attach", "--pod-id", pod.Name, "--cgroup", divertest.Cgroup2Mount(t), "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--cgroup"},
 		{"bpffs not bpffs", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", t.TempDir()}, nil, "--bpffs"},
 	}
 	for _, c := range cases {
@@ -135,6 +137,96 @@ func TestGCHelpMatchesStatus(t *testing.T) {
 	}
 	if !strings.Contains(out, detachedNote) || !strings.Contains(out, "defunct") || strings.Contains(out, "cgroup 0") {
 		t.Errorf("gc --help does not describe divert status' output (%q):\n%s", detachedNote, out)
+	}
+}
+
+// A second pod id below a captured cgroup is refused in one line naming --cgroup, the pod
+// that holds it and the fix; the same id again is an update.
+func TestAttachCapturedCgroup(t *testing.T) {
+	pod := testpod.New(t)
+	other := pod.Net.AddPod(t)
+	opts := divertest.BPFFS(t)
+	attach := func(id, cgroup, netns string) (string, error) {
+		return runCLI(t, nil, "attach", "--pod-id", id, "--cgroup", cgroup, "--netns", netns, "--bpffs", opts.BPFFS)
+	}
+	if _, err := attach(pod.Name, pod.CgroupPath, pod.NetNSPath); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
+	child := divertest.ChildCgroup(t, pod.CgroupPath, "ctr")
+	_, err := attach(other.Name, child, other.NetNSPath)
+	if err == nil {
+		loader.Detach(other.Name, opts)
+		t.Fatal("a second pod id below a captured cgroup was attached")
+	}
+	msg := err.Error()
+	for _, want := range []string{"--cgroup", "pod " + pod.Name + " already captures its ancestor " + pod.CgroupPath, "divert detach --pod-id " + pod.Name} {
+		if strings.Contains(msg, "\n") || !strings.Contains(msg, want) {
+			t.Errorf("want one line with %q, got %q", want, msg)
+		}
+	}
+	divertest.AssertNothingAttached(t, other, loader.Options{BPFFS: t.TempDir()})
+	if _, err := attach(pod.Name, pod.CgroupPath, pod.NetNSPath); err != nil {
+		t.Errorf("re-attaching the same pod id must update: %v", err)
+	}
+}
+
+// iptables apply in a netns that divert's eBPF captures is refused, naming the pod and
+// the fix, and writes no rules.
+func TestIptablesApplyRefusesEBPFPod(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
+	if err := loader.Attach(context.Background(), lp, divertest.Config(t), opts); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
+	_, err := runCLI(t, nil, "iptables", "apply", "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS)
+	if err == nil {
+		iptables.Cleanup(context.Background(), pod.NetNSPath)
+		t.Fatal("iptables apply over eBPF capture succeeded")
+	}
+	for _, want := range []string{"--netns", "pod " + pod.Name, "divert detach --pod-id " + pod.Name} {
+		if msg := err.Error(); strings.Contains(msg, "\n") || !strings.Contains(msg, want) {
+			t.Errorf("want one line with %q, got %q", want, msg)
+		}
+	}
+	if held, err := iptables.Installed(context.Background(), pod.NetNSPath); err != nil || len(held) != 0 {
+		t.Errorf("refused apply wrote rules: %v %v", held, err)
+	}
+	// Once detached, the rules go in.
+	if err := loader.Detach(pod.Name, opts); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := runCLI(t, nil, "iptables", "apply", "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS); err != nil {
+		t.Fatal(err)
+	}
+	if err := iptables.Cleanup(context.Background(), pod.NetNSPath); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A pod captured by the iptables fallback is listed by status (text and JSON) from its
+// marker alone; detach removes the marker.
+func TestStatusListsFallback(t *testing.T) {
+	opts := divertest.BPFFS(t)
+	if err := loader.RecordFallback("pod-a", "this kernel lacks program type SkLookup: not supported", opts); err != nil {
+		t.Fatal(err)
+	}
+	out, err := runCLI(t, nil, "status", "--bpffs", opts.BPFFS)
+	if err != nil || !strings.Contains(out, "pod pod-a: iptables fallback: this kernel lacks program type SkLookup") {
+		t.Errorf("status text: %v\n%s", err, out)
+	}
+	out, err = runCLI(t, nil, "status", "--bpffs", opts.BPFFS, "--pod-id", "pod-a", "-o", "json")
+	var st []loader.PodStatus
+	if err != nil || json.Unmarshal([]byte(out), &st) != nil || len(st) != 1 || st[0].ID != "pod-a" || !strings.Contains(st[0].Fallback, "SkLookup") {
+		t.Errorf("status json: %v\n%s", err, out)
+	}
+	if out, err = runCLI(t, nil, "detach", "--pod-id", "pod-a", "--bpffs", opts.BPFFS); err != nil || !strings.Contains(out, "removed the iptables fallback marker") {
+		t.Errorf("detach: %v %q", err, out)
+	}
+	if f, err := loader.Fallbacks(opts); err != nil || len(f) != 0 {
+		t.Errorf("markers after detach: %v %v", f, err)
 	}
 }
 

@@ -2,8 +2,10 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strings"
 
@@ -18,7 +20,7 @@ func newStatusCmd(e env) *cobra.Command {
 	var opts loader.Options
 	cmd := &cobra.Command{
 		Use:   "status [--pod-id ID] [-o text|json]",
-		Short: "Show attached pods: programs, policy as the kernel holds it, and verdict counters",
+		Short: "Show attached pods (programs, policy as the kernel holds it, verdict counters) and pods captured by the iptables fallback",
 		Args:  cobra.NoArgs,
 	}
 	cmd.Flags().StringVar(&id, "pod-id", "", "show only this pod")
@@ -35,13 +37,28 @@ func newStatusCmd(e env) *cobra.Command {
 				return err
 			}
 		}
+		fallbacks, err := loader.Fallbacks(opts)
+		if err != nil {
+			return err
+		}
 		statuses := []*loader.PodStatus{}
 		for _, id := range ids {
 			st, err := loader.Status(id, opts)
+			if errors.Is(err, loader.ErrNotAttached) && fallbacks[id] != "" {
+				st, err = &loader.PodStatus{ID: id}, nil
+			}
 			if err != nil {
 				return err
 			}
+			st.Fallback = fallbacks[id]
+			delete(fallbacks, id)
 			statuses = append(statuses, st)
+		}
+		// Pods captured by the iptables fallback have no pins, only a marker.
+		if id == "" {
+			for _, fid := range slices.Sorted(maps.Keys(fallbacks)) {
+				statuses = append(statuses, &loader.PodStatus{ID: fid, Fallback: fallbacks[fid]})
+			}
 		}
 		if output == "json" {
 			enc := json.NewEncoder(e.stdout)
@@ -63,6 +80,10 @@ func newStatusCmd(e env) *cobra.Command {
 const detachedNote = "detached (its cgroup or netns is gone)"
 
 func printStatus(w io.Writer, st *loader.PodStatus) {
+	if st.Fallback != "" && len(st.Programs) == 0 {
+		fmt.Fprintf(w, "pod %s: iptables fallback: %s\n", st.ID, st.Fallback)
+		return
+	}
 	p := st.Policy
 	defunct := 0
 	for _, prog := range st.Programs {

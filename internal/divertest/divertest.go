@@ -7,7 +7,9 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -146,13 +148,14 @@ func AttachedPrograms(tb testing.TB, pod *testpod.Pod) int {
 	return n
 }
 
-// AssertNothingAttached checks that the pod has no programs and the bpffs no pins.
+// AssertNothingAttached checks that the pod has no programs and the bpffs no pins (nor
+// fallback markers).
 func AssertNothingAttached(tb testing.TB, pod *testpod.Pod, opts loader.Options) {
 	tb.Helper()
 	if n := AttachedPrograms(tb, pod); n != 0 {
 		tb.Errorf("%d programs still attached to pod %s", n, pod.Name)
 	}
-	for _, d := range []string{"divert", "divert_staging"} {
+	for _, d := range []string{"divert", "divert_staging", "divert_fallback"} {
 		entries, err := os.ReadDir(filepath.Join(opts.BPFFS, d))
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
 			tb.Fatal(err)
@@ -161,4 +164,43 @@ func AssertNothingAttached(tb testing.TB, pod *testpod.Pod, opts loader.Options)
 			tb.Errorf("%s/%s still holds %v", opts.BPFFS, d, entries)
 		}
 	}
+}
+
+// Cgroup2Mount finds the cgroup v2 mount from /proc/mounts (/sys/fs/cgroup/unified on a
+// hybrid host).
+func Cgroup2Mount(tb testing.TB) string {
+	tb.Helper()
+	b, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 2 && f[2] == "cgroup2" {
+			return f[1]
+		}
+	}
+	tb.Fatal("no cgroup2 mount in /proc/mounts")
+	return ""
+}
+
+// ChildCgroup creates dir/name (a container's cgroup in a test pod) and removes it at the
+// end of the test, after the cleanups registered later (detaching, stopping processes).
+func ChildCgroup(tb testing.TB, dir, name string) string {
+	tb.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.Mkdir(p, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		var err error
+		for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if err = unix.Rmdir(p); err != unix.EBUSY || time.Now().After(deadline) {
+				break
+			}
+		}
+		if err != nil && err != unix.ENOENT {
+			tb.Errorf("rmdir %s: %v", p, err)
+		}
+	})
+	return p
 }

@@ -432,7 +432,14 @@ func TestAutoFallsBackToIptables(t *testing.T) {
 	if !strings.Contains(r.stdout, "iptables rules applied") || !strings.Contains(r.stdout, "validation passed") {
 		t.Errorf("stdout: %s", r.stdout)
 	}
-	divertest.AssertNothingAttached(t, k.view(), opts)
+	if n := divertest.AttachedPrograms(t, k.view()); n != 0 {
+		t.Errorf("%d programs attached after the fallback", n)
+	}
+	// The node sees the fallback without the init container's logs.
+	out, err := exec.Command(divert, "status", "--bpffs", opts.BPFFS).CombinedOutput()
+	if want := "pod " + k.UID + ": iptables fallback: turned off by $DIVERT_TEST_FORCE_NO_EBPF=1"; err != nil || !strings.Contains(string(out), want) {
+		t.Errorf("divert status should list the fallback (%q): %v\n%s", want, err, out)
+	}
 	rules := istioRules(t, k.NetNSPath)
 	if !strings.Contains(rules, "-A ISTIO_OUTPUT") || !strings.Contains(rules, "-A PREROUTING -p tcp -j ISTIO_INBOUND") {
 		t.Fatalf("istio's rules are not in the pod's netns:\n%s", rules)
@@ -444,6 +451,27 @@ func TestAutoFallsBackToIptables(t *testing.T) {
 	r.mustSucceed(t, "--cleanup-only")
 	if rules := istioRules(t, k.NetNSPath); rules != "" {
 		t.Errorf("rules left after --cleanup-only:\n%s", rules)
+	}
+	divertest.AssertNothingAttached(t, k.view(), opts) // the marker went too
+}
+
+// Auto mode falls back only for the kernel: an invalid $DIVERT_CGROUP_ROOT (the hostPath
+// volume missing) fails the init container in one line naming it, and writes nothing.
+func TestAutoFailsOnBadCgroupRoot(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	missing := filepath.Join(t.TempDir(), "host", "sys", "fs", "cgroup")
+	for _, env := range [][]string{{"DIVERT_CGROUP_ROOT=" + missing}, {"DIVERT_CGROUP_ROOT=" + missing, "DIVERT_TEST_FORCE_NO_EBPF=1"}} {
+		r := initContainer(t, k, env, divert, append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)...)
+		if r.code != 1 || !strings.Contains(r.stderr, "$DIVERT_CGROUP_ROOT") || !strings.Contains(r.stderr, missing) ||
+			strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 || strings.Contains(r.stderr, "using iptables") {
+			t.Errorf("%v: want exit 1 and one line naming $DIVERT_CGROUP_ROOT, got %d\nstdout: %s\nstderr: %s", env, r.code, r.stdout, r.stderr)
+		}
+		divertest.AssertNothingAttached(t, k.view(), opts)
+		if rules := istioRules(t, k.NetNSPath); rules != "" {
+			t.Errorf("%v: iptables rules written:\n%s", env, rules)
+		}
 	}
 }
 
@@ -730,4 +758,95 @@ func TestCgroupNamespace(t *testing.T) {
 		t.Fatalf("%d programs on the pod's cgroup and netns, want 4", n)
 	}
 	checkCapture(t, k, divertest.Config(t, injectorArgs...))
+}
+
+// One backend per pod: --mode iptables with another iptables backend replaces the first's
+// rules, an eBPF run replaces istio's rules, and --mode iptables after eBPF detaches it.
+// Two captures at once would send a connection through the proxy twice, or lose its
+// original destination.
+func TestBackendsReplaceEachOther(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	args := append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)
+	t.Cleanup(func() { loader.Detach(k.UID, opts) })
+
+	initContainer(t, k, nil, divert, append(args, "--mode", "iptables", "--iptables-backend", "nft")...).mustSucceed(t, "--mode iptables (nft)")
+	r := initContainer(t, k, nil, divert, append(args, "--mode", "iptables", "--iptables-backend", "legacy")...)
+	r.mustSucceed(t, "--mode iptables (legacy)")
+	if !strings.Contains(r.stdout, "removed istio's iptables-nft rules, replaced by iptables-legacy") {
+		t.Errorf("stdout: %s", r.stdout)
+	}
+	if n := backendRules(t, "iptables-nft-save", k.NetNSPath); n != 0 {
+		t.Errorf("iptables-nft still holds %d istio rules after a legacy apply", n)
+	}
+	if n := backendRules(t, "iptables-legacy-save", k.NetNSPath); n == 0 {
+		t.Fatal("iptables-legacy holds no istio rules")
+	}
+
+	r = initContainer(t, k, nil, divert, args...)
+	r.mustSucceed(t, "eBPF after iptables")
+	if !strings.Contains(r.stdout, "attached pod "+k.UID) || !strings.Contains(r.stdout, "removed istio's iptables rules (iptables-legacy)") {
+		t.Errorf("stdout: %s", r.stdout)
+	}
+	if rules := istioRules(t, k.NetNSPath); rules != "" {
+		t.Errorf("istio's rules left under eBPF capture:\n%s", rules)
+	}
+	if n := divertest.AttachedPrograms(t, k.view()); n != 4 {
+		t.Fatalf("%d programs on the pod's cgroup and netns, want 4", n)
+	}
+	checkCapture(t, k, divertest.Config(t, injectorArgs...))
+
+	r = initContainer(t, k, nil, divert, append(args, "--mode", "iptables")...)
+	r.mustSucceed(t, "--mode iptables after eBPF")
+	if !strings.Contains(r.stdout, "removed the eBPF attachment of pod "+k.UID) {
+		t.Errorf("stdout: %s", r.stdout)
+	}
+	divertest.AssertNothingAttached(t, k.view(), opts)
+	if n := backendRules(t, "iptables-nft-save", k.NetNSPath); n == 0 {
+		t.Error("no istio rules after --mode iptables")
+	}
+}
+
+// backendRules counts the istio lines one iptables-save shows in a netns.
+func backendRules(t *testing.T, save, netns string) int {
+	t.Helper()
+	path, err := exec.LookPath(save)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := nsexec.CombinedOutput(netns, exec.Command(path))
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", save, err, out)
+	}
+	return strings.Count(string(out), "ISTIO_")
+}
+
+// The init container gets the loader's protection: a pod cgroup that another pod id's
+// divert programs capture (here its parent) is refused in one line naming that pod, and
+// nothing is attached, pinned or written; no fallback to iptables either.
+func TestCapturedCgroupRefused(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	holder := loader.Pod{ID: "holder-" + randHex(t, 8), Cgroup: k.Pod.CgroupPath, NetNS: k.Net.AddPod(t).NetNSPath}
+	if err := loader.Attach(context.Background(), holder, divertest.Config(t), opts); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loader.Detach(holder.ID, opts) })
+
+	r := initContainer(t, k, nil, divert, append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)...)
+	if r.code != 1 || !strings.Contains(r.stderr, "pod "+holder.ID+" already captures its ancestor "+k.Pod.CgroupPath) ||
+		!strings.Contains(r.stderr, "divert detach --pod-id "+holder.ID) || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+		t.Fatalf("want exit 1 and one line naming pod %s, got %d\nstdout: %s\nstderr: %s", holder.ID, r.code, r.stdout, r.stderr)
+	}
+	if _, err := os.Stat(loader.PinDir(opts, k.UID)); !os.IsNotExist(err) {
+		t.Errorf("pins made for the refused pod: %v", err)
+	}
+	if n := cgroupPrograms(t, k.Dir); n != 0 {
+		t.Errorf("%d programs attached to the refused pod's cgroup", n)
+	}
+	if rules := istioRules(t, k.NetNSPath); rules != "" {
+		t.Errorf("iptables rules written:\n%s", rules)
+	}
 }
