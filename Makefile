@@ -36,6 +36,13 @@ test: deps
 unit:
 	$(GO) test $(TESTFLAGS) ./policy/ ./bpf/ ./internal/cgroups/ ./deploy/ ./node/cniapi/
 
+# 1,000,000 connections through one pod at full rate, 1,000 long-lived ones held open
+# throughout (make test runs 20,000 and 500): nothing lost, nothing left (docs/benchmarks.md).
+.PHONY: soak
+soak: deps
+	$(GO) test -count=1 -timeout 2h ./test/e2e -run '^TestSoak$$' -v \
+		-soak.short=$(or $(CONNS),1000000) -soak.long=$(or $(LONG),1000) -soak.workers=$(or $(WORKERS),8)
+
 # Many more random configs than make test runs; SEED=n replays one run.
 parity-soak: deps
 	$(GO) test -count=1 -timeout 60m ./test/parity -run TestRandomParity -v \

@@ -49,6 +49,8 @@ func RunHelperIfRequested() {
 
 		"burst-app":   runBurstApp,
 		"burst-proxy": runBurstProxy,
+		"soak-app":    runSoakApp,
+		"soak-proxy":  runSoakProxy,
 	}
 	run, ok := cmds[os.Args[1]]
 	if !ok {
