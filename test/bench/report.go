@@ -185,6 +185,15 @@ func Markdown(res *Results, prefix string) string {
 			w("\n")
 		}
 	}
+	if has(B6) {
+		w("## B6 burst\n\n")
+		w("The app opens %d connections at once, each to its own destination, while the proxy accepts nothing;\n", p.B6Conns)
+		w("once every connect has settled the proxy accepts them all and reads each original destination. Percent\n")
+		w("of the burst, median over the rounds (a fresh pod each). Delivered: the proxy read the connection's own\n")
+		w("original destination. Rewritten: NAT gave the connection another source port, so the proxy's peer is\n")
+		w("not the app's address.\n\n")
+		table(&b, res, B6, 0, []string{BurstEstablished, BurstDelivered, BurstRewritten, BurstSettleMS}, []Mode{EBPF, NFT, Legacy})
+	}
 	w("## Reading the results\n\n")
 	b.WriteString(strings.ReplaceAll(readingNotes, "§", "`"))
 	return b.String()

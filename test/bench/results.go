@@ -42,6 +42,7 @@ const (
 	B3      = "B3"       // one keep-alive connection: round trips, then bulk throughput
 	B4CIDRs = "B4-cidrs" // B1 with N excluded CIDRs (-x)
 	B4Ports = "B4-ports" // B1 with N excluded outbound ports (-o)
+	B6      = "B6"       // a burst of connections waiting in the proxy's accept queue
 
 	P50      = "p50 µs"
 	P90      = "p90 µs"
@@ -51,6 +52,13 @@ const (
 	RRP99    = "round trip p99 µs"
 	Bulk     = "bulk MiB/s"
 	SetupMS  = "attach/apply ms" // B4: time to install the policy in a fresh pod
+	// B6, percent of the burst's connections: established by the app, and delivered to
+	// the proxy with their own original destination; where NAT rewrote the source port
+	// (the proxy's peer is not the app's address); and the burst's time to settle.
+	BurstEstablished = "established %"
+	BurstDelivered   = "delivered with own original destination %"
+	BurstRewritten   = "source port rewritten %"
+	BurstSettleMS    = "all connects settled ms"
 	// CPU time of the app, proxy and server (their cgroups) per unit of work.
 	CPUConn = "CPU µs/conn"
 	CPURR   = "CPU µs/round trip"
@@ -128,6 +136,7 @@ type Params struct {
 	B4Conns     int           `json:"b4_conns"`
 	B4Warmup    int           `json:"b4_warmup"`
 	B5Pods      []int         `json:"b5_pods"`
+	B6Conns     int           `json:"b6_conns"`
 	MsgSize     int           `json:"msg_size"`
 }
 

@@ -50,6 +50,7 @@ func TestSoak(t *testing.T) {
 	// The proxy may still be accepting the last ones.
 	waitHeld(t, held, loader.OrigDstsHeld{App: *soakLong, Proxy: *soakLong})
 	kernelLong := slabKiB(t)
+	soak.Continue()
 
 	soak.Phase("short-done", 2*time.Hour)
 	waitHeld(t, held, loader.OrigDstsHeld{App: *soakLong, Proxy: *soakLong})

@@ -51,6 +51,8 @@ type BurstResult struct {
 	// established app socket's local address (e.g. a source port NAT rewrote).
 	Accepts   []BurstAccept
 	Unmatched []BurstAccept
+	// Settle is how long the app took from its start until every connect had settled.
+	Settle time.Duration
 }
 
 type burstDial struct {
@@ -93,9 +95,11 @@ func (p *Pod) Burst(tb testing.TB, proxyAddr netip.AddrPort, proxyID, appID uint
 	for i, a := range p.Net.Addrs {
 		addrs[i] = a.String()
 	}
+	start := time.Now()
 	app := p.Start(tb, ProcSpec{UID: appID, GID: appID, Args: []string{
 		"burst-app", "--addrs", strings.Join(addrs, ","), "--count", fmt.Sprint(count)}})
 	dials := waitLines[burstDial](tb, app, count, 2*time.Minute)
+	settle := time.Since(start)
 
 	must(tb, proxy.Cmd.Process.Signal(syscall.SIGUSR1), "tell the proxy to accept")
 	accepts := waitLines[BurstAccept](tb, proxy, -1, 2*time.Minute)
@@ -104,7 +108,7 @@ func (p *Pod) Burst(tb testing.TB, proxyAddr netip.AddrPort, proxyID, appID uint
 	for _, a := range accepts {
 		byPeer[a.Peer] = a
 	}
-	res := BurstResult{Accepts: accepts}
+	res := BurstResult{Accepts: accepts, Settle: settle}
 	matched := make(map[string]bool)
 	for i, t := range p.Net.BurstTargets(count) {
 		c := BurstConn{Target: t, Local: dials[i].Local, Err: dials[i].Err}
@@ -279,7 +283,7 @@ func runBurstProxy(args []string) error {
 	enc := json.NewEncoder(os.Stdout)
 	// Everything is queued already; stop once the queue stays empty for a while.
 	idleSince := time.Now()
-	for time.Since(idleSince) < 2*time.Second {
+	for time.Since(idleSince) < 500*time.Millisecond {
 		fd, sa, err := unix.Accept4(ln, unix.SOCK_CLOEXEC)
 		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
 			time.Sleep(10 * time.Millisecond)

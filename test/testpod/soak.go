@@ -41,8 +41,8 @@ type SoakResult struct {
 }
 
 // Soak is a running soak: Phase waits for the app to reach a phase ("long-open" once the
-// long-lived connections are established, "short-done" once the short ones are over),
-// Finish closes the long-lived ones and returns the result.
+// long-lived connections are established, where it waits for Continue; "short-done" once
+// the short ones are over), Finish closes the long-lived ones and returns the result.
 type Soak struct {
 	app *Proc
 	tb  testing.TB
@@ -78,6 +78,12 @@ func (s *Soak) Phase(phase string, timeout time.Duration) {
 			s.tb.Fatalf("testpod: soak app not at %q after %v; stdout:\n%s\nstderr:\n%s", phase, timeout, s.app.Stdout(), s.app.stderr)
 		}
 	}
+}
+
+// Continue lets the app go on from "long-open" to the short connections.
+func (s *Soak) Continue() {
+	s.tb.Helper()
+	must(s.tb, s.app.Cmd.Process.Signal(syscall.SIGUSR1), "tell the soak app to go on")
 }
 
 // Finish has the app read and close its long-lived connections and returns its result.
@@ -204,6 +210,7 @@ func runSoakApp(args []string) error {
 		longConns[i] = c
 	}
 	fmt.Println("long-open")
+	<-finish // counted while nothing else is open
 
 	var next, ok atomic.Int64
 	next.Store(int64(*long))
