@@ -346,6 +346,10 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, __u32 sr
 	if (!cfg)
 		return 1;
 	__u16 dport_be = (__u16)ctx->user_port; // the port's two bytes, as the app wrote them
+	// connect() to 0.0.0.0 reaches this host: the kernel routes it to the bound source, or
+	// to 127.0.0.1. That is what iptables sees and what the proxy must read back.
+	if (!dst)
+		dst = src ? src : bpf_htonl(LOCALHOST);
 	enum reason r = decide_outbound(cfg, src, dst, bpf_ntohs(dport_be), to_port);
 	count(r);
 	if (!*to_port)

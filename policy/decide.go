@@ -28,6 +28,23 @@ type Conn struct {
 	DstLocal bool
 }
 
+// Routed is conn as the kernel routes it: connect() to 0.0.0.0 reaches this host, at the
+// socket's bound source if it has one, else at 127.0.0.1 (ip_route_output's rule), and
+// that is the destination istio's rules and divert's programs both decide on and the
+// proxy reads back.
+func (conn Conn) Routed() Conn {
+	if conn.Direction != Outbound || !conn.Dst.Addr().Unmap().IsUnspecified() || !conn.Dst.Addr().Unmap().Is4() {
+		return conn
+	}
+	dst := Localhost
+	if conn.Src.IsValid() && !conn.Src.IsUnspecified() {
+		dst = conn.Src.Unmap()
+	}
+	conn.Dst = netip.AddrPortFrom(dst, conn.Dst.Port())
+	conn.DstLocal = true
+	return conn
+}
+
 // Action is what happens to a connection.
 type Action uint8
 
@@ -129,6 +146,7 @@ func (v Verdict) String() string {
 // program decides it (nothing counts it); a v4-mapped one (::ffff:a.b.c.d, dialled from a
 // dual-stack socket) is IPv4 on the wire and decided as such.
 func (c *Config) Decide(conn Conn) Verdict {
+	conn = conn.Routed()
 	conn.Dst = netip.AddrPortFrom(conn.Dst.Addr().Unmap(), conn.Dst.Port())
 	if !conn.Dst.Addr().Is4() {
 		return Verdict{Action: Pass, Reason: ReasonNone}

@@ -61,6 +61,14 @@ var outboundScenarios = []scenario{
 	{name: "app to own pod IP passes", uid: appUID, gid: appUID, dst: "pod:8080"},
 	{name: "app to 127.0.0.1 passes", uid: appUID, gid: appUID, dst: "127.0.0.1:8080"},
 	{name: "app to 127.0.0.2 passes", uid: appUID, gid: appUID, dst: "127.0.0.2:8080"},
+	// connect() to 0.0.0.0 reaches the host itself: the kernel routes it as 127.0.0.1.
+	{name: "app to 0.0.0.0 passes", uid: appUID, gid: appUID, dst: "0.0.0.0:8080"},
+	{name: "proxy to 0.0.0.0 passes", uid: proxyUID, gid: proxyUID, dst: "0.0.0.0:8080"},
+	{name: "app to 0.0.0.0 with -i 127.0.0.0/8", flags: []string{"-i", "127.0.0.0/8"}, uid: appUID, gid: appUID, dst: "0.0.0.0:8080"},
+	{name: "app bound to the pod IP to 0.0.0.0 reaches the pod IP", uid: appUID, gid: appUID, src: "{pod}", dst: "0.0.0.0:8080"},
+	{name: "proxy bound to 127.0.0.6 to 0.0.0.0 passes", uid: proxyUID, gid: proxyUID, src: "127.0.0.6", dst: "0.0.0.0:8080"},
+	{name: "proxy to 0.0.0.0 with -i 127.0.0.0/8 passes", flags: []string{"-i", "127.0.0.0/8"}, uid: proxyUID, gid: proxyUID, dst: "0.0.0.0:8080"},
+	{name: "app to 0.0.0.0 excluded by -x 127.0.0.1/32", flags: []string{"-x", "127.0.0.1/32", "-i", "127.0.0.0/8"}, uid: appUID, gid: appUID, dst: "0.0.0.0:8080"},
 	{name: "proxy gid alone to remote passes", uid: appUID, gid: proxyUID, dst: "remote:80"},
 	{name: "proxy gid alone to own pod passes", uid: appUID, gid: proxyUID, dst: "pod:8080"},
 	{name: "-g differs from -u: that gid passes", flags: []string{"-g", "2000"}, uid: appUID, gid: 2000, dst: "remote:80"},
@@ -172,7 +180,9 @@ func (w *world) config(t *testing.T, s scenario) *policy.Config {
 func (w *world) conn(t *testing.T, s scenario) policy.Conn {
 	dst := w.resolve(t, s.dst)
 	c := policy.Conn{UID: s.uid, GID: s.gid, Dst: dst, DstLocal: dst.Addr().IsLoopback() || dst.Addr() == w.pod.Addr}
-	if s.src != "" {
+	if s.src == "{pod}" {
+		c.Src = w.pod.Addr
+	} else if s.src != "" {
 		c.Src = netip.MustParseAddr(s.src)
 	}
 	return c
@@ -213,6 +223,7 @@ func observed(r testpod.Result) outcome {
 
 // expected turns the model's verdict into what a client must observe in this world.
 func (w *world) expected(v policy.Verdict, c policy.Conn) outcome {
+	c = c.Routed()
 	if v.Action != policy.Pass {
 		return outcome{Landed: fmt.Sprintf("proxy:%d", v.Port), Orig: c.Dst.String()}
 	}

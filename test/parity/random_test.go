@@ -24,7 +24,7 @@ var (
 	cidrPool        = []string{"{cidrA}/26", "{cidrB}/32", "198.19.0.0/16", "198.18.0.0/24", "127.1.2.0/24", "10.0.0.0/8"}
 	idPairs         = [][2]uint32{{appUID, appUID}, {proxyUID, proxyUID}, {appUID, proxyUID}, {2000, 2000}, {proxyUID, 2000}}
 	inboundPortPool = []string{"8080", "9090", "15008", "15090", "15001", "7777"}
-	dstPool         = []string{"remote:80", "remote:81", "cidrA:80", "cidrB:80", "pod:8080", "pod:15008", "127.0.0.1:8080", "127.0.0.2:8080", "127.1.2.3:8080", "remote:9"}
+	dstPool         = []string{"remote:80", "remote:81", "cidrA:80", "cidrB:80", "pod:8080", "pod:15008", "127.0.0.1:8080", "127.0.0.2:8080", "127.1.2.3:8080", "0.0.0.0:8080", "remote:9"}
 )
 
 func pick[T any](r *rand.Rand, pool []T) T { return pool[r.IntN(len(pool))] }
