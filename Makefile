@@ -41,7 +41,8 @@ unit:
 .PHONY: soak
 soak: deps
 	$(GO) test -count=1 -timeout 2h ./test/e2e -run '^TestSoak$$' -v \
-		-soak.short=$(or $(CONNS),1000000) -soak.long=$(or $(LONG),1000) -soak.workers=$(or $(WORKERS),8)
+		-soak.short=$(or $(CONNS),1000000) -soak.long=$(or $(LONG),1000) -soak.workers=$(or $(WORKERS),8) \
+		-soak.docs=$(abspath docs/soak.md)
 
 # Many more random configs than make test runs; SEED=n replays one run.
 parity-soak: deps

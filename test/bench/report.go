@@ -194,6 +194,9 @@ func Markdown(res *Results, prefix string) string {
 		w("not the app's address.\n\n")
 		table(&b, res, B6, 0, []string{BurstEstablished, BurstDelivered, BurstRewritten, BurstSettleMS}, []Mode{EBPF, NFT, Legacy})
 	}
+	w("## Soak\n\n")
+	w("`make soak` (1,000,000 connections through one pod with long-lived ones read last) is a test, not a\n")
+	w("benchmark: its last run's figures are in [soak.md](soak.md).\n\n")
 	w("## Reading the results\n\n")
 	b.WriteString(strings.ReplaceAll(readingNotes, "§", "`"))
 	return b.String()
