@@ -140,7 +140,7 @@ func withHandle(path string, fn func(h *netlink.Handle, loIndex int) error) erro
 	if err != nil {
 		return fmt.Errorf("netlink in netns %s: %w", path, err)
 	}
-	defer h.Delete()
+	defer h.Close()
 	lo, err := h.LinkByName("lo")
 	if err != nil {
 		return fmt.Errorf("find lo in netns %s: %w", path, err)

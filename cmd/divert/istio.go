@@ -96,7 +96,9 @@ const (
 type support int
 
 const (
-	// honoured: divert does what istio-iptables does with it.
+	// honoured: divert does what istio-iptables does with it. The zero value: the table
+	// names only the settings that are refused.
+	//lint:ignore U1000 named for the reader, used as the zero value
 	honoured support = iota
 	// rejected: anything but the "off" value is refused with a message naming the setting.
 	rejected
