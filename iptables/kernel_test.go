@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/meshdivert/divert/test/testutil"
+
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -25,6 +27,7 @@ var backends = []Backend{BackendNFT, BackendLegacy}
 // the test ends, whatever happened.
 func newNetNS(tb testing.TB) string {
 	tb.Helper()
+	testutil.RequirePrivileged(tb)
 	var rnd [4]byte
 	_, _ = rand.Read(rnd[:])
 	name := "dvt-ipt-" + hex.EncodeToString(rnd[:])

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/meshdivert/divert/test/testutil"
+
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 
@@ -57,6 +59,7 @@ func TestProbeCoversPrograms(t *testing.T) {
 // This kernel has everything; the bpffs check mounts a test bpffs when the pin root is not
 // one, and leaves nothing mounted.
 func TestProbe(t *testing.T) {
+	testutil.RequirePrivileged(t)
 	dir := t.TempDir()
 	if err := Probe(Options{BPFFS: dir}); err != nil {
 		t.Fatalf("Probe on this kernel: %v", err)

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshdivert/divert/test/testutil"
+
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/spf13/pflag"
@@ -47,6 +49,7 @@ func Config(tb testing.TB, args ...string) *policy.Config {
 // and unmounts it afterwards (which also drops every pin left in it).
 func BPFFS(tb testing.TB) loader.Options {
 	tb.Helper()
+	testutil.RequirePrivileged(tb)
 	dir := tb.TempDir()
 	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
 		tb.Fatalf("mount bpffs at %s: %v", dir, err)

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshdivert/divert/test/testutil"
+
 	"golang.org/x/sys/unix"
 )
 
@@ -15,6 +17,7 @@ import (
 // it away (as netns-creating code does): they are forked from the long-lived spawner
 // thread, not from a pooled thread that may later be destroyed.
 func TestStartSurvivesDiscardedThreads(t *testing.T) {
+	testutil.RequirePrivileged(t)
 	const children, burners = 16, 64
 	var cmds []*exec.Cmd
 	exited := make(chan *exec.Cmd, children)

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/meshdivert/divert/test/testutil"
+
 	"github.com/meshdivert/divert/test/testpod"
 )
 
@@ -32,6 +34,7 @@ const (
 func say(format string, args ...any) { fmt.Printf(format+"\n", args...) }
 
 func TestDemo(t *testing.T) {
+	testutil.RequirePrivileged(t)
 	bin := *divertBin
 	if bin == "" {
 		bin = filepath.Join(t.TempDir(), "divert")

@@ -34,6 +34,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshdivert/divert/test/testutil"
+
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -83,6 +85,7 @@ func New(tb testing.TB) *Pod {
 // NewNetwork creates the remote netns; everything is removed in tb.Cleanup.
 func NewNetwork(tb testing.TB) *Network {
 	tb.Helper()
+	testutil.RequirePrivileged(tb)
 	n := &Network{base: uniqueBase(tb)}
 	n.Name = n.base + "-remote"
 	n.NetNSPath = newNetNS(tb, n.Name)

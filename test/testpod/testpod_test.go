@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/meshdivert/divert/test/testutil"
+
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
@@ -111,6 +113,7 @@ func TestTwoPodsReachEachOther(t *testing.T) {
 }
 
 func TestNoLeftovers(t *testing.T) {
+	testutil.RequirePrivileged(t)
 	var paths []string
 	t.Run("use", func(t *testing.T) {
 		n := NewNetwork(t)
