@@ -9,7 +9,6 @@ import (
 	"github.com/meshdivert/divert/test/testutil"
 )
 
-
 func TestChildRequiresPrivilege(t *testing.T) {
 	if os.Getenv("TESTUTIL_CHILD") != "1" {
 		t.Skip("run by TestRequirePrivileged only")
