@@ -128,8 +128,20 @@ func (a *Attached) PendingOrigDsts(tb testing.TB) int {
 }
 
 // AttachedPrograms counts divert's kinds of programs attached to the pod: on its cgroup,
-// and sk_lookup on its network namespace.
+// and sk_lookup on its network namespace (connect6 is not counted, see allPrograms).
 func AttachedPrograms(tb testing.TB, pod *testpod.Pod) int {
+	tb.Helper()
+	return attachedPrograms(tb, pod, ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt)
+}
+
+// allPrograms counts every kind divert attaches, connect6 included (AttachedPrograms
+// predates it and its callers count four).
+func allPrograms(tb testing.TB, pod *testpod.Pod) int {
+	tb.Helper()
+	return attachedPrograms(tb, pod, ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt)
+}
+
+func attachedPrograms(tb testing.TB, pod *testpod.Pod, cgroupTypes ...ebpf.AttachType) int {
 	tb.Helper()
 	n := 0
 	query := func(path string, types ...ebpf.AttachType) {
@@ -146,7 +158,7 @@ func AttachedPrograms(tb testing.TB, pod *testpod.Pod) int {
 			n += len(res.Programs)
 		}
 	}
-	query(pod.CgroupPath, ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt)
+	query(pod.CgroupPath, cgroupTypes...)
 	query(pod.NetNSPath, ebpf.AttachSkLookup)
 	return n
 }
@@ -154,7 +166,7 @@ func AttachedPrograms(tb testing.TB, pod *testpod.Pod) int {
 // AssertNothingAttached checks that the pod has no programs and the bpffs no pins.
 func AssertNothingAttached(tb testing.TB, pod *testpod.Pod, opts loader.Options) {
 	tb.Helper()
-	if n := AttachedPrograms(tb, pod); n != 0 {
+	if n := allPrograms(tb, pod); n != 0 {
 		tb.Errorf("%d programs still attached to pod %s", n, pod.Name)
 	}
 	for _, d := range []string{"divert", "divert_staging"} {
@@ -164,6 +176,56 @@ func AssertNothingAttached(tb testing.TB, pod *testpod.Pod, opts loader.Options)
 		}
 		if len(entries) != 0 {
 			tb.Errorf("%s/%s still holds %v", opts.BPFFS, d, entries)
+		}
+	}
+}
+
+// HoldLinks opens every link pinned for the pod, as a concurrent reader of the pins
+// (`divert status`, a second agent) holds them, and keeps them open until the returned
+// function is called (at the latest, at the end of the test). A link that is only unpinned
+// while someone holds it stays attached: with these references held, Detach must detach
+// each link itself. The returned function checks that every held link is detached (the
+// kernel reports no cgroup or network namespace for it) and closes them.
+func HoldLinks(tb testing.TB, opts loader.Options, id string) (checkDetached func()) {
+	tb.Helper()
+	dir := loader.PinDir(opts, id)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	held := map[string]link.Link{}
+	release := func() {
+		for _, l := range held {
+			l.Close()
+		}
+		clear(held)
+	}
+	tb.Cleanup(release)
+	for _, e := range entries {
+		l, err := link.LoadPinnedLink(filepath.Join(dir, e.Name()), nil)
+		if err != nil {
+			continue // a map
+		}
+		held[e.Name()] = l
+	}
+	if len(held) == 0 {
+		tb.Fatalf("no links pinned in %s: nothing to hold", dir)
+	}
+	return func() {
+		tb.Helper()
+		defer release()
+		for name, l := range held {
+			info, err := l.Info()
+			if err != nil {
+				tb.Errorf("held link %s: %v", name, err)
+				continue
+			}
+			if cg := info.Cgroup(); cg != nil && cg.CgroupId != 0 {
+				tb.Errorf("held link %s (program %d) still attached to cgroup %d after detach", name, info.Program, cg.CgroupId)
+			}
+			if ns := info.NetNs(); ns != nil && ns.NetnsInode != 0 {
+				tb.Errorf("held link %s (program %d) still attached to netns %d after detach", name, info.Program, ns.NetnsInode)
+			}
 		}
 	}
 }
