@@ -417,8 +417,12 @@ func runID([]string) error {
 	return json.NewEncoder(os.Stdout).Encode(id)
 }
 
-// runUDP connects a UDP socket to its argument and prints the peer the kernel ended up
-// with: a connect hook that rewrote the destination would show here.
+// UDPPayload is the datagram the udp helper sends.
+const UDPPayload = "testpod udp"
+
+// runUDP connects a UDP socket to its argument, sends one datagram (UDPPayload) and prints
+// the peer the kernel ended up with: a connect hook that rewrote the destination would show
+// here, and the datagram goes through the pod's netfilter rules as any first packet does.
 func runUDP(args []string) error {
 	if len(args) != 1 {
 		return fmt.Errorf("usage: udp ADDR:PORT")
@@ -428,6 +432,9 @@ func runUDP(args []string) error {
 		return err
 	}
 	defer c.Close()
+	if _, err := c.Write([]byte(UDPPayload)); err != nil {
+		return err
+	}
 	fmt.Println(c.RemoteAddr())
 	return nil
 }
