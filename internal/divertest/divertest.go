@@ -202,9 +202,15 @@ func HoldLinks(tb testing.TB, opts loader.Options, id string) (checkDetached fun
 	}
 	tb.Cleanup(release)
 	for _, e := range entries {
-		l, err := link.LoadPinnedLink(filepath.Join(dir, e.Name()), nil)
+		pin := filepath.Join(dir, e.Name())
+		l, err := link.LoadPinnedLink(pin, nil)
 		if err != nil {
-			continue // a map
+			m, mapErr := ebpf.LoadPinnedMap(pin, nil)
+			if mapErr != nil {
+				tb.Fatalf("pin %s is neither a link (%v) nor a map (%v)", pin, err, mapErr)
+			}
+			m.Close()
+			continue
 		}
 		held[e.Name()] = l
 	}
