@@ -74,6 +74,23 @@ func dialUnderSignals(t *testing.T, v4mapped, mptcp bool) error {
 	if err := unix.Connect(filler, &unix.SockaddrInet4{Addr: lo, Port: port}); err != nil {
 		return err
 	}
+	// The filler's connect returns on the SYN-ACK; the listener queues it only once its
+	// ACK is processed, which a slow guest may not have done yet. Wait until the listener
+	// is readable (its accept queue holds the filler), so the dial's first SYN is dropped.
+	for {
+		pfd := []unix.PollFd{{Fd: int32(lfd), Events: unix.POLLIN}}
+		n, err := unix.Poll(pfd, 5000)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return errors.New("the filler connection never reached the accept queue")
+		}
+		break
+	}
 
 	pid, tid := unix.Getpid(), unix.Gettid()
 	stop := make(chan struct{})
