@@ -51,7 +51,8 @@ func TestAttachIsAllOrNothing(t *testing.T) {
 	}
 }
 
-// Detach removes everything and is idempotent; attach after detach works again.
+// Detach removes everything and is idempotent, also while another process holds the
+// links; attach after detach works again.
 func TestDetachRemovesEverything(t *testing.T) {
 	pod := testpod.New(t)
 	opts := divertest.BPFFS(t)
@@ -64,9 +65,13 @@ func TestDetachRemovesEverything(t *testing.T) {
 		if err := loader.Attach(context.Background(), lp, cfg, opts); err != nil { // update path
 			t.Fatal(err)
 		}
+		// A concurrent reader holds the links: Detach must detach them, not only unpin.
+		checkDetached := divertest.HoldLinks(t, opts, pod.Name)
 		if err := loader.Detach(pod.Name, opts); err != nil {
 			t.Fatal(err)
 		}
+		divertest.AssertNothingAttached(t, pod, opts)
+		checkDetached()
 		if err := loader.Detach(pod.Name, opts); !errors.Is(err, loader.ErrNotAttached) {
 			t.Fatalf("second detach: %v, want ErrNotAttached", err)
 		}

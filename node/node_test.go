@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -33,6 +34,9 @@ import (
 
 func TestMain(m *testing.M) {
 	testpod.RunHelperIfRequested()
+	if plan := os.Getenv(restartedAgentEnv); plan != "" {
+		os.Exit(runRestartedAgent(plan))
+	}
 	code := m.Run()
 	if pluginBin != "" {
 		os.RemoveAll(filepath.Dir(pluginBin))
@@ -289,7 +293,8 @@ func addrOf(res *types100.Result) netip.Addr {
 }
 
 // Reconcile attaches selected pods that have no capture (created while the agent was down),
-// keeps capture across an agent restart without a gap, and removes pins of deleted pods.
+// refreshes every pod when the agent restarts (the pod's current policy and the new
+// process's programs, swapped without a gap), and removes pins of deleted pods.
 func TestReconcile(t *testing.T) {
 	meshed, plain := meshedPod(newUID()), meshedPod(newUID())
 	plain.Annotations = nil
@@ -297,26 +302,11 @@ func TestReconcile(t *testing.T) {
 	ctx := context.Background()
 
 	// Both pods "run": a process in each pod cgroup, in a netns of their own.
-	var pods []*testpod.Pod
-	for _, p := range []*corev1.Pod{meshed, plain} {
-		cg := filepath.Join(w.cgroups, node.ExpectedPodCgroup(p))
-		if err := os.MkdirAll(cg, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		tp := w.net.AddPod(t)
-		tp.CgroupPath = cg
-		tp.Proxy(t, "proxy", netip.AddrPortFrom(netip.IPv4Unspecified(), 15001), "report", divertest.ProxyUID, divertest.ProxyUID)
-		pods = append(pods, tp)
-	}
-	remote := testpod.Target{Dst: netip.AddrPortFrom(w.net.Addrs[0], 80)}
+	pods := []*testpod.Pod{runningPod(t, w, meshed), runningPod(t, w, plain)}
+	port80, port81 := netip.AddrPortFrom(w.net.Addrs[0], 80), netip.AddrPortFrom(w.net.Addrs[0], 81)
 	w.net.Server(t, "remote", netip.AddrPortFrom(netip.IPv4Unspecified(), 80))
-	landed := func(i int) string {
-		r := pods[i].Dial(t, divertest.AppUID, divertest.AppUID, remote)[0]
-		if len(r.Hops) != 1 {
-			t.Fatalf("dial from pod %d: %+v", i, r)
-		}
-		return r.Hops[0].Who
-	}
+	w.net.Server(t, "remote", netip.AddrPortFrom(netip.IPv4Unspecified(), 81))
+	landed := func(i int) string { return landedAt(t, pods[i], port80) }
 	if landed(0) != "remote" {
 		t.Fatal("nothing is attached yet, the meshed pod must not be captured")
 	}
@@ -337,28 +327,48 @@ func TestReconcile(t *testing.T) {
 			t.Errorf("metrics lack %q:\n%s", want, metrics.String())
 		}
 	}
+	if got := landedAt(t, pods[0], port81); got != "remote" {
+		t.Fatalf("excludeOutboundPorts=81: a dial to port 81 landed at %s", got)
+	}
 	before, err := loader.Status(string(meshed.UID), w.agent.Loader)
 	if err != nil {
 		t.Fatal(err)
 	}
 
-	// A restarted (or upgraded) agent refreshes every pin: same links, programs swapped.
-	restarted := &node.Agent{Client: w.agent.Client, NodeName: "node-1", CgroupRoot: w.cgroups, Loader: w.agent.Loader, Defaults: policy.Default()}
-	if err := restarted.Reconcile(ctx, true); err != nil {
+	// While the agent is down the pod's policy changes (81 no longer excluded, 80 is). A
+	// restarted (or upgraded) agent refreshes every pin: the kernel holds the new policy and
+	// the new process's programs, swapped into the same links.
+	meshed.Annotations["traffic.sidecar.istio.io/excludeOutboundPorts"] = "80"
+	if _, err := w.agent.Client.CoreV1().Pods(meshed.Namespace).Update(ctx, meshed, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	restartAgent(t, w)
 	after, err := loader.Status(string(meshed.UID), w.agent.Loader)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if got := after.Policy.OutboundExcludePorts; len(got) != 1 || got[0] != 80 {
+		t.Errorf("after the restart the kernel holds excluded outbound ports %v, want the pod's new [80]", got)
+	}
+	if len(after.Programs) != len(before.Programs) || len(before.Programs) == 0 {
+		t.Fatalf("programs before the restart %+v, after %+v", before.Programs, after.Programs)
+	}
 	for i := range before.Programs {
-		if before.Programs[i].LinkID != after.Programs[i].LinkID {
-			t.Errorf("%s: link replaced on agent restart (%d -> %d): capture had a gap", before.Programs[i].Name, before.Programs[i].LinkID, after.Programs[i].LinkID)
+		b, a := before.Programs[i], after.Programs[i]
+		if b.LinkID != a.LinkID {
+			t.Errorf("%s: link replaced on agent restart (%d -> %d): capture had a gap", b.Name, b.LinkID, a.LinkID)
+		}
+		if b.ProgramID == a.ProgramID {
+			t.Errorf("%s: program %d kept over the restart: the new agent's programs were not swapped in", b.Name, b.ProgramID)
 		}
 	}
-	if landed(0) != "proxy" {
-		t.Fatal("capture lost over an agent restart")
+	if got := landedAt(t, pods[0], port81); got != "proxy" {
+		t.Fatalf("after the restart a dial to port 81 landed at %s: capture lost, or the old policy still excludes it", got)
 	}
+	if landed(0) != "remote" {
+		t.Fatal("after the restart port 80 must pass: the pod's new policy excludes it")
+	}
+	restarted := &node.Agent{Client: w.agent.Client, NodeName: "node-1", CgroupRoot: w.cgroups, Loader: w.agent.Loader, Defaults: policy.Default()}
 
 	// Fallback markers (an init container's iptables fallback) live as long as their pod.
 	for _, id := range []string{string(plain.UID), "0b1c-gone"} {
@@ -401,9 +411,84 @@ func TestReconcile(t *testing.T) {
 	if ids, _ := loader.List(w.agent.Loader); len(ids) != 0 {
 		t.Fatalf("pins left for deleted pods: %v", ids)
 	}
-	if landed(0) != "remote" {
+	if landedAt(t, pods[0], port81) != "remote" || landed(1) != "remote" {
 		t.Fatal("a deleted pod's capture must be gone")
 	}
+}
+
+// Completed pods (Succeeded, Failed) are not live: reconcile removes the pins of one that
+// was captured while it ran, and never captures one, even while a process of it is still
+// in its cgroup (a sandbox not yet torn down), with or without refresh.
+func TestReconcileCompletedPods(t *testing.T) {
+	done, failed := meshedPod(newUID()), meshedPod(newUID())
+	failed.Status.Phase = corev1.PodFailed
+	w := newCNIWorld(t, done, failed)
+	ctx := context.Background()
+	pods := []*testpod.Pod{runningPod(t, w, done), runningPod(t, w, failed)}
+	dst := netip.AddrPortFrom(w.net.Addrs[0], 80)
+	w.net.Server(t, "remote", netip.AddrPortFrom(netip.IPv4Unspecified(), 80))
+
+	if err := w.agent.Reconcile(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if ids, _ := loader.List(w.agent.Loader); len(ids) != 1 || ids[0] != string(done.UID) {
+		t.Fatalf("attached %v, want only the running pod %s", ids, done.UID)
+	}
+	if landedAt(t, pods[0], dst) != "proxy" {
+		t.Fatal("the running pod must be captured")
+	}
+
+	done.Status.Phase = corev1.PodSucceeded
+	if _, err := w.agent.Client.CoreV1().Pods(done.Namespace).UpdateStatus(ctx, done, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, refresh := range []bool{false, true} {
+		if err := w.agent.Reconcile(ctx, refresh); err != nil {
+			t.Fatal(err)
+		}
+		if ids, _ := loader.List(w.agent.Loader); len(ids) != 0 {
+			t.Fatalf("reconcile (refresh %v) left pins of completed pods: %v", refresh, ids)
+		}
+		for i, p := range pods {
+			if got := landedAt(t, p, dst); got != "remote" {
+				t.Errorf("reconcile (refresh %v): completed pod %d's dial landed at %s", refresh, i, got)
+			}
+		}
+	}
+}
+
+// The agent's excluded namespaces are never captured, meshed or not: not by reconcile
+// (with or without refresh), not by a CNI ADD that reaches the agent anyway.
+func TestExcludedNamespaceNotCaptured(t *testing.T) {
+	system := meshedPod(newUID())
+	system.Namespace = "kube-system"
+	w := newCNIWorld(t, system)
+	ctx := context.Background()
+	agent := &node.Agent{Client: w.agent.Client, NodeName: "node-1", CgroupRoot: w.cgroups, Loader: w.agent.Loader,
+		Defaults: policy.Default(), ExcludeNamespaces: []string{"kube-public", "kube-system"}}
+	pod := runningPod(t, w, system)
+	dst := netip.AddrPortFrom(w.net.Addrs[0], 80)
+	w.net.Server(t, "remote", netip.AddrPortFrom(netip.IPv4Unspecified(), 80))
+	check := func(step string) {
+		t.Helper()
+		if ids, _ := loader.List(w.agent.Loader); len(ids) != 0 {
+			t.Errorf("%s: pins for a pod in an excluded namespace: %v", step, ids)
+		}
+		if got := landedAt(t, pod, dst); got != "remote" {
+			t.Errorf("%s: the excluded pod's dial landed at %s, want the remote directly", step, got)
+		}
+	}
+	for _, refresh := range []bool{false, true} {
+		if err := agent.Reconcile(ctx, refresh); err != nil {
+			t.Fatal(err)
+		}
+		check(fmt.Sprintf("reconcile (refresh %v)", refresh))
+	}
+	res, err := agent.Add(ctx, node.Request{Command: "ADD", Netns: pod.NetNSPath, PodNamespace: system.Namespace, PodName: system.Name, PodUID: string(system.UID)})
+	if err != nil || res.Captured {
+		t.Errorf("ADD for a pod in an excluded namespace: %+v, %v", res, err)
+	}
+	check("ADD")
 }
 
 func TestChainConflist(t *testing.T) {
@@ -495,4 +580,85 @@ func TestMetricsExportFallback(t *testing.T) {
 	if !strings.Contains(metrics.String(), want) {
 		t.Errorf("metrics lack %q:\n%s", want, metrics.String())
 	}
+}
+
+// restartedAgentEnv names the plan file that makes the test binary a restarted agent.
+const restartedAgentEnv = "DIVERT_NODE_TEST_RESTARTED_AGENT"
+
+// agentPlan is what a restarted agent process gets: the node's pods as the API serves
+// them now, and where cgroups and pins are.
+type agentPlan struct {
+	NodeName, CgroupRoot, BPFFS string
+	Pods                        []corev1.Pod
+}
+
+// restartAgent runs the agent's start (Reconcile with refresh) in a new process, as a
+// restarted or upgraded DaemonSet pod does: a process that has loaded no programs yet, so
+// the refresh swaps in freshly loaded ones. It sees the pods w's clientset holds now.
+func restartAgent(t *testing.T, w *cniWorld) {
+	t.Helper()
+	list, err := w.agent.Client.CoreV1().Pods("").List(context.Background(), metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(agentPlan{NodeName: w.agent.NodeName, CgroupRoot: w.cgroups, BPFFS: w.agent.Loader.BPFFS, Pods: list.Items})
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan := filepath.Join(t.TempDir(), "plan.json")
+	if err := os.WriteFile(plan, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), restartedAgentEnv+"="+plan)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("restarted agent: %v\n%s", err, out)
+	}
+}
+
+func runRestartedAgent(planFile string) int {
+	var plan agentPlan
+	b, err := os.ReadFile(planFile)
+	if err == nil {
+		err = json.Unmarshal(b, &plan)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	var objs []runtime.Object
+	for i := range plan.Pods {
+		objs = append(objs, &plan.Pods[i])
+	}
+	a := &node.Agent{Client: fake.NewClientset(objs...), NodeName: plan.NodeName, CgroupRoot: plan.CgroupRoot,
+		Loader: loader.Options{BPFFS: plan.BPFFS}, Defaults: policy.Default()}
+	if err := a.Reconcile(context.Background(), true); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// runningPod gives p a process (a proxy on 15001) in its pod cgroup, in a netns of its
+// own on w's network, as a pod whose sandbox runs.
+func runningPod(t *testing.T, w *cniWorld, p *corev1.Pod) *testpod.Pod {
+	t.Helper()
+	cg := filepath.Join(w.cgroups, node.ExpectedPodCgroup(p))
+	if err := os.MkdirAll(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	tp := w.net.AddPod(t)
+	tp.CgroupPath = cg
+	tp.Proxy(t, "proxy", netip.AddrPortFrom(netip.IPv4Unspecified(), 15001), "report", divertest.ProxyUID, divertest.ProxyUID)
+	return tp
+}
+
+// landedAt dials dst from pod as the app and returns who answered.
+func landedAt(t *testing.T, pod *testpod.Pod, dst netip.AddrPort) string {
+	t.Helper()
+	r := pod.Dial(t, divertest.AppUID, divertest.AppUID, testpod.Target{Dst: dst})[0]
+	if len(r.Hops) != 1 {
+		t.Fatalf("dial %s from %s: %+v", dst, pod.Name, r)
+	}
+	return r.Hops[0].Who
 }

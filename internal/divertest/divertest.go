@@ -128,8 +128,20 @@ func (a *Attached) NoDrops(tb testing.TB) {
 }
 
 // AttachedPrograms counts divert's kinds of programs attached to the pod: on its cgroup,
-// and sk_lookup on its network namespace.
+// and sk_lookup on its network namespace (connect6 is not counted, see allPrograms).
 func AttachedPrograms(tb testing.TB, pod *testpod.Pod) int {
+	tb.Helper()
+	return attachedPrograms(tb, pod, ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt)
+}
+
+// allPrograms counts every kind divert attaches, connect6 included (AttachedPrograms
+// predates it and its callers count four).
+func allPrograms(tb testing.TB, pod *testpod.Pod) int {
+	tb.Helper()
+	return attachedPrograms(tb, pod, ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt)
+}
+
+func attachedPrograms(tb testing.TB, pod *testpod.Pod, cgroupTypes ...ebpf.AttachType) int {
 	tb.Helper()
 	n := 0
 	query := func(path string, types ...ebpf.AttachType) {
@@ -146,7 +158,7 @@ func AttachedPrograms(tb testing.TB, pod *testpod.Pod) int {
 			n += len(res.Programs)
 		}
 	}
-	query(pod.CgroupPath, ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt)
+	query(pod.CgroupPath, cgroupTypes...)
 	query(pod.NetNSPath, ebpf.AttachSkLookup)
 	return n
 }
@@ -155,7 +167,7 @@ func AttachedPrograms(tb testing.TB, pod *testpod.Pod) int {
 // fallback markers).
 func AssertNothingAttached(tb testing.TB, pod *testpod.Pod, opts loader.Options) {
 	tb.Helper()
-	if n := AttachedPrograms(tb, pod); n != 0 {
+	if n := allPrograms(tb, pod); n != 0 {
 		tb.Errorf("%d programs still attached to pod %s", n, pod.Name)
 	}
 	for _, d := range []string{"divert", "divert_staging", "divert_fallback"} {
@@ -206,4 +218,60 @@ func ChildCgroup(tb testing.TB, dir, name string) string {
 		}
 	})
 	return p
+}
+
+// HoldLinks opens every link pinned for the pod, as a concurrent reader of the pins
+// (`divert status`, a second agent) holds them, and keeps them open until the returned
+// function is called (at the latest, at the end of the test). A link that is only unpinned
+// while someone holds it stays attached: with these references held, Detach must detach
+// each link itself. The returned function checks that every held link is detached (the
+// kernel reports no cgroup or network namespace for it) and closes them.
+func HoldLinks(tb testing.TB, opts loader.Options, id string) (checkDetached func()) {
+	tb.Helper()
+	dir := loader.PinDir(opts, id)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	held := map[string]link.Link{}
+	release := func() {
+		for _, l := range held {
+			l.Close()
+		}
+		clear(held)
+	}
+	tb.Cleanup(release)
+	for _, e := range entries {
+		pin := filepath.Join(dir, e.Name())
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			m, mapErr := ebpf.LoadPinnedMap(pin, nil)
+			if mapErr != nil {
+				tb.Fatalf("pin %s is neither a link (%v) nor a map (%v)", pin, err, mapErr)
+			}
+			m.Close()
+			continue
+		}
+		held[e.Name()] = l
+	}
+	if len(held) == 0 {
+		tb.Fatalf("no links pinned in %s: nothing to hold", dir)
+	}
+	return func() {
+		tb.Helper()
+		defer release()
+		for name, l := range held {
+			info, err := l.Info()
+			if err != nil {
+				tb.Errorf("held link %s: %v", name, err)
+				continue
+			}
+			if cg := info.Cgroup(); cg != nil && cg.CgroupId != 0 {
+				tb.Errorf("held link %s (program %d) still attached to cgroup %d after detach", name, info.Program, cg.CgroupId)
+			}
+			if ns := info.NetNs(); ns != nil && ns.NetnsInode != 0 {
+				tb.Errorf("held link %s (program %d) still attached to netns %d after detach", name, info.Program, ns.NetnsInode)
+			}
+		}
+	}
 }
