@@ -23,7 +23,7 @@ import (
 // ClientTimeout bounds each target of a Dial: connect plus reading until EOF. Inside the
 // vmtests guests (VMTEST_GUEST=1) it is 10 s: under TCG on a busy host the guest's vCPUs
 // can go unscheduled for seconds (6.12's console logged "clocksource: Long readout
-// interval ... cs_nsec: 3172122193" right before one of TestNoOrigDstLeak's 10,000
+// interval ... cs_nsec: 3172122193" right before one of TestManyConnectionsNoDrops's 10,000
 // connections timed out at 3 s), which is no difference worth failing a suite over.
 var ClientTimeout = clientTimeout()
 
