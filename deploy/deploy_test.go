@@ -316,6 +316,56 @@ func TestExamplePod(t *testing.T) {
 	}
 }
 
+// The node agent's DaemonSet: --cgroup-root is where the host's /sys/fs/cgroup is mounted,
+// never a path below it that only one cgroup layout has (divert finds the cgroup2 mount
+// there, or below it on a hybrid host); bpffs at /sys/fs/bpf with Bidirectional propagation.
+func TestNodeDaemonSet(t *testing.T) {
+	objs, _ := manifests(t)
+	const path = "node/divert-node.yaml"
+	var ds *appsv1.DaemonSet
+	for _, obj := range objs[path] {
+		if o, ok := obj.(*appsv1.DaemonSet); ok {
+			ds = o
+		}
+	}
+	if ds == nil {
+		t.Fatalf("%s: no DaemonSet", path)
+	}
+	spec := ds.Spec.Template.Spec
+	c := spec.Containers[0]
+	if !slices.Equal(c.Command, []string{"/usr/local/bin/divert", "node"}) {
+		t.Errorf("%s: command %v, want divert node", path, c.Command)
+	}
+	var cgroupRoot string
+	for _, a := range c.Args {
+		if v, ok := strings.CutPrefix(a, "--cgroup-root="); ok {
+			cgroupRoot = v
+		}
+	}
+	hostPaths := map[string]string{}
+	for _, v := range spec.Volumes {
+		if v.HostPath != nil {
+			hostPaths[v.Name] = v.HostPath.Path
+		}
+	}
+	var cgroupMount string
+	var bpffsOK bool
+	for _, m := range c.VolumeMounts {
+		switch hostPaths[m.Name] {
+		case "/sys/fs/cgroup":
+			cgroupMount = m.MountPath
+		case "/sys/fs/bpf":
+			bpffsOK = m.MountPath == "/sys/fs/bpf" && m.MountPropagation != nil && *m.MountPropagation == corev1.MountPropagationBidirectional
+		}
+	}
+	if cgroupMount == "" || cgroupMount == "/sys/fs/cgroup" || cgroupRoot != cgroupMount {
+		t.Errorf("%s: --cgroup-root=%q must be where the host's /sys/fs/cgroup is mounted (%q), not over the container's own nor a layout's subdirectory", path, cgroupRoot, cgroupMount)
+	}
+	if !bpffsOK {
+		t.Errorf("%s: the host's /sys/fs/bpf must be mounted at /sys/fs/bpf with mountPropagation Bidirectional", path)
+	}
+}
+
 // The gc DaemonSet runs divert gc on every node, seeing the host's bpffs.
 func TestGCDaemonSet(t *testing.T) {
 	objs, _ := manifests(t)

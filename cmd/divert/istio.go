@@ -501,21 +501,17 @@ func (r *istioRun) checkCgroupRoot() error {
 	if r.root == "" {
 		return nil
 	}
-	if _, err := cgroups.RootMount(r.root); err == nil {
-		return nil
-	}
-	unified := filepath.Join(r.root, "unified")
-	entries, err := os.ReadDir(r.root)
-	if err != nil {
+	if _, err := os.Stat(r.root); err != nil {
 		return fmt.Errorf("invalid %s %q: %v; mount the host's /sys/fs/cgroup there (a hostPath volume), or unset it", r.rootSrc, r.root, unwrapPath(err))
 	}
-	for _, e := range entries {
-		var st unix.Statfs_t
-		if e.IsDir() && unix.Statfs(filepath.Join(r.root, e.Name()), &st) == nil && st.Type == unix.CGROUP_SUPER_MAGIC {
-			return fmt.Errorf("%s %q holds cgroup v1 hierarchies only (the host has no cgroup v2, not even %s): %w", r.rootSrc, r.root, unified, ebpf.ErrNotSupported)
-		}
+	_, err := cgroups.RootMount(r.root, "")
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, cgroups.ErrV1Only):
+		return fmt.Errorf("%s %q: %v: %w", r.rootSrc, r.root, err, ebpf.ErrNotSupported)
 	}
-	return fmt.Errorf("invalid %s %q: neither it nor %s is a cgroup v2 mount; point it at where the host's /sys/fs/cgroup is mounted", r.rootSrc, r.root, unified)
+	return fmt.Errorf("invalid %s %q: %v; point it at where the host's /sys/fs/cgroup is mounted", r.rootSrc, r.root, err)
 }
 
 func unwrapPath(err error) error {

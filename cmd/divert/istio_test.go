@@ -261,7 +261,7 @@ func TestIstioIptablesAutoFailsOnInputErrors(t *testing.T) {
 	}{
 		{"cgroup root from the environment", map[string]string{"DIVERT_CGROUP_ROOT": missing}, nil, nil, []string{"$DIVERT_CGROUP_ROOT", missing, "hostPath"}},
 		{"cgroup root flag", nil, []string{"--cgroup-root", missing}, nil, []string{"--cgroup-root", missing}},
-		{"cgroup root not a cgroup mount", nil, []string{"--cgroup-root", t.TempDir()}, nil, []string{"--cgroup-root", "neither it nor"}},
+		{"cgroup root not a cgroup mount", nil, []string{"--cgroup-root", t.TempDir()}, nil, []string{"--cgroup-root", "no cgroup2 file system is mounted at or below it"}},
 		{"cgroup root, and the kernel lacks eBPF too", map[string]string{"DIVERT_CGROUP_ROOT": missing, forceNoEBPFEnv: "1"}, nil, nil, []string{"$DIVERT_CGROUP_ROOT"}},
 		{"no pod cgroup", nil, nil, func() { findPod = notFound }, []string{"pod cgroup not found", "--cgroup-root", "$DIVERT_CGROUP_ROOT", "--cgroup"}},
 		{"a probe error that is not the kernel's verdict", nil, nil, func() {

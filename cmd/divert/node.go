@@ -16,6 +16,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/meshdivert/divert/internal/cgroups"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/node"
 	"github.com/meshdivert/divert/policy"
@@ -48,7 +49,7 @@ The policy flags set the defaults that annotations refine (Istio's injector valu
 	fs := cmd.Flags()
 	fs.StringVar(&agent.NodeName, "node-name", "", "this node's name (default $NODE_NAME)")
 	fs.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster config)")
-	fs.StringVar(&agent.CgroupRoot, "cgroup-root", "", "the host's cgroup2 mount as the agent sees it (default: from /proc/self/mounts)")
+	fs.StringVar(&agent.CgroupRoot, "cgroup-root", "", "where the host's /sys/fs/cgroup is mounted as the agent sees it: its cgroup2 mount is found there or below it, from /proc/self/mountinfo (a hybrid host's \"unified\"); default: the first cgroup2 mount in /proc/self/mounts")
 	fs.StringVar(&agent.Loader.BPFFS, "bpffs", loader.DefaultBPFFS, "the host's bpffs")
 	fs.StringVar(&socket, "socket", "/var/run/divert/cni.sock", "unix socket the CNI plugin calls")
 	fs.StringVar(&binDir, "cni-bin-dir", "/opt/cni/bin", "host CNI bin dir to install divert-cni into")
@@ -76,10 +77,8 @@ The policy flags set the defaults that annotations refine (Istio's injector valu
 		if agent.NodeName == "" {
 			return errors.New("missing --node-name: set it or $NODE_NAME (the DaemonSet passes spec.nodeName)")
 		}
-		if agent.CgroupRoot == "" {
-			if agent.CgroupRoot, err = cgroup2Mount(); err != nil {
-				return err
-			}
+		if agent.CgroupRoot, err = nodeCgroupRoot(agent.CgroupRoot, "/proc/self/mountinfo"); err != nil {
+			return err
 		}
 		cfg, err := kubeConfig(kubeconfig)
 		if err != nil {
@@ -186,6 +185,21 @@ func kubeConfig(path string) (*rest.Config, error) {
 		return nil, fmt.Errorf("invalid --kubeconfig %q: %w", path, err)
 	}
 	return cfg, nil
+}
+
+// nodeCgroupRoot turns --cgroup-root into the cgroup2 mount the agent works in: found at or
+// below it in mountinfo (the DaemonSet mounts the host's /sys/fs/cgroup, which is the cgroup2
+// mount on a cgroup v2 host and holds it, as "unified", on a hybrid one); without the flag,
+// the first cgroup2 mount.
+func nodeCgroupRoot(flag, mountinfo string) (string, error) {
+	if flag == "" {
+		return cgroup2Mount()
+	}
+	m, err := cgroups.RootMount(flag, mountinfo)
+	if err != nil {
+		return "", fmt.Errorf("invalid --cgroup-root %q: %v; pass where the host's /sys/fs/cgroup is mounted", flag, err)
+	}
+	return m.Point, nil
 }
 
 // cgroup2Mount finds where cgroup v2 is mounted (hybrid hosts mount it below

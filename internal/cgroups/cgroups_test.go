@@ -2,7 +2,11 @@ package cgroups
 
 import (
 	"errors"
+	"fmt"
+	"io/fs"
+	"os"
 	"path"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -191,6 +195,94 @@ func TestLocate(t *testing.T) {
 				}
 				return
 			}
+			if err != nil || got != c.want {
+				t.Fatalf("got %+v, %v\nwant %+v", got, err, c.want)
+			}
+		})
+	}
+}
+
+// --cgroup-root names where the host's /sys/fs/cgroup is mounted; the cgroup2 mount is
+// found there or below it from mountinfo, whatever its name, never by guessing "unified".
+// Each case lays out a fake root directory and the mountinfo a container would see.
+func TestRootMount(t *testing.T) {
+	cases := []struct {
+		name   string
+		dirs   []string // below the fake root
+		mounts []string // "<root in the hierarchy> <point below the fake root> <fstype>"
+		arg    string   // --cgroup-root, below the fake root
+		want   Mount    // Point below the fake root
+		errIs  []error
+		errHas string
+	}{
+		{"cgroup v2 host: the mount itself", []string{"host/sys/fs/cgroup/kubepods"},
+			[]string{"/ host/sys/fs/cgroup cgroup2"}, "host/sys/fs/cgroup",
+			Mount{Root: "/", Point: "host/sys/fs/cgroup", FSType: "cgroup2"}, nil, ""},
+		{"hybrid host: unified below the tmpfs", []string{"host/sys/fs/cgroup/unified", "host/sys/fs/cgroup/memory", "host/sys/fs/cgroup/cpu,cpuacct"},
+			[]string{"/ host/sys/fs/cgroup tmpfs", "/ host/sys/fs/cgroup/memory cgroup", "/ host/sys/fs/cgroup/cpu,cpuacct cgroup", "/ host/sys/fs/cgroup/unified cgroup2"},
+			"host/sys/fs/cgroup", Mount{Root: "/", Point: "host/sys/fs/cgroup/unified", FSType: "cgroup2"}, nil, ""},
+		{"hybrid host: found by type, not by the name unified", []string{"host/cg/v2", "host/cg/unified"},
+			[]string{"/ host/cg tmpfs", "/ host/cg/v2 cgroup2"},
+			"host/cg", Mount{Root: "/", Point: "host/cg/v2", FSType: "cgroup2"}, nil, ""},
+		{"hybrid host: the unified mount given outright", []string{"host/sys/fs/cgroup/unified"},
+			[]string{"/ host/sys/fs/cgroup tmpfs", "/ host/sys/fs/cgroup/unified cgroup2"},
+			"host/sys/fs/cgroup/unified", Mount{Root: "/", Point: "host/sys/fs/cgroup/unified", FSType: "cgroup2"}, nil, ""},
+		{"seen from a cgroup namespace: outside it, taken as the top", []string{"host/sys/fs/cgroup"},
+			[]string{"/../../.. host/sys/fs/cgroup cgroup2"}, "host/sys/fs/cgroup",
+			Mount{Root: "/", Point: "host/sys/fs/cgroup", FSType: "cgroup2"}, nil, ""},
+		{"a subtree mounted: its root kept", []string{"host/kubepods"},
+			[]string{"/kubepods host/kubepods cgroup2"}, "host/kubepods",
+			Mount{Root: "/kubepods", Point: "host/kubepods", FSType: "cgroup2"}, nil, ""},
+		{"the shallowest mount below wins", []string{"host/cg/unified/inner"},
+			[]string{"/ host/cg tmpfs", "/ host/cg/unified cgroup2", "/x host/cg/unified/inner cgroup2"},
+			"host/cg", Mount{Root: "/", Point: "host/cg/unified", FSType: "cgroup2"}, nil, ""},
+		{"a later mount hides an earlier one at the same point", []string{"host/cg"},
+			[]string{"/ host/cg cgroup2", "/ host/cg tmpfs"}, "host/cg",
+			Mount{}, []error{ErrNoCgroup2}, ""},
+		{"cgroup v1 only", []string{"host/cg/memory"},
+			[]string{"/ host/cg tmpfs", "/ host/cg/memory cgroup"}, "host/cg",
+			Mount{}, []error{ErrNoCgroup2, ErrV1Only}, ""},
+		{"nothing mounted (the hostPath volume missing)", []string{"host/cg"}, nil, "host/cg",
+			Mount{}, []error{ErrNoCgroup2}, ""},
+		{"a directory inside the mount", []string{"host/cg/kubepods"},
+			[]string{"/ host/cg cgroup2"}, "host/cg/kubepods",
+			Mount{}, nil, "inside the cgroup2 mount"},
+		{"two mounts side by side", []string{"host/cg/a", "host/cg/b"},
+			[]string{"/ host/cg tmpfs", "/ host/cg/a cgroup2", "/ host/cg/b cgroup2"}, "host/cg",
+			Mount{}, nil, "several cgroup2 mounts"},
+		{"missing", nil, nil, "host/nope", Mount{}, []error{fs.ErrNotExist}, ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			tmp := t.TempDir()
+			for _, d := range c.dirs {
+				if err := os.MkdirAll(filepath.Join(tmp, d), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// A mount of the real root first: the fake root lies below it and is no cgroup2.
+			info := "20 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+			for i, m := range c.mounts {
+				f := strings.Fields(m)
+				info += fmt.Sprintf("%d 20 0:%d %s %s rw,relatime shared:%d - %s %s rw\n", 30+i, 30+i, f[0], filepath.Join(tmp, f[1]), 30+i, f[2], f[2])
+			}
+			mi := filepath.Join(tmp, "mountinfo")
+			if err := os.WriteFile(mi, []byte(info), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			got, err := RootMount(filepath.Join(tmp, c.arg), mi)
+			if c.errIs != nil || c.errHas != "" {
+				for _, want := range c.errIs {
+					if !errors.Is(err, want) {
+						t.Errorf("want an error wrapping %v, got %+v, %v", want, got, err)
+					}
+				}
+				if err == nil || !strings.Contains(err.Error(), c.errHas) {
+					t.Errorf("want an error with %q, got %+v, %v", c.errHas, got, err)
+				}
+				return
+			}
+			c.want.Point = filepath.Join(tmp, c.want.Point)
 			if err != nil || got != c.want {
 				t.Fatalf("got %+v, %v\nwant %+v", got, err, c.want)
 			}

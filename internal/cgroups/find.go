@@ -7,6 +7,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -15,9 +16,9 @@ import (
 // Finder locates the pod cgroup of the calling process on this machine.
 type Finder struct {
 	// Root, if set, is where the host's cgroup v2 hierarchy is mounted (--cgroup-root), for
-	// containers whose /sys/fs/cgroup is their own view. A directory that holds the
-	// hierarchy as "unified" (a hybrid host's /sys/fs/cgroup) works too. Empty: every
-	// cgroup2 mount in Mountinfo is tried.
+	// containers whose /sys/fs/cgroup is their own view. A directory with the cgroup2 mount
+	// below it (a hybrid host's /sys/fs/cgroup, holding it as "unified") works too: see
+	// MountAt. Empty: every cgroup2 mount in Mountinfo is tried.
 	Root string
 	// ProcCgroup is read for this process's cgroups; /proc/self/cgroup if empty.
 	ProcCgroup string
@@ -35,15 +36,109 @@ func IsCgroup2Dir(dir string) bool {
 	return err == nil && fi.IsDir()
 }
 
-// RootMount turns a --cgroup-root value into the mount it stands for: the directory
-// itself when it is a cgroup2 mount, else its "unified" subdirectory (hybrid layout).
-func RootMount(root string) (Mount, error) {
-	for _, dir := range []string{root, filepath.Join(root, "unified")} {
-		if IsCgroup2Dir(dir) {
-			return Mount{Root: "/", Point: path.Clean(dir), FSType: "cgroup2"}, nil
+// ErrNoCgroup2 is wrapped by MountAt's and RootMount's errors when no cgroup2 file system is
+// mounted at or below the root they were given; ErrV1Only is wrapped as well when cgroup v1
+// hierarchies are (a host without cgroup v2, a cause for iptables rather than a mistake).
+var (
+	ErrNoCgroup2 = errors.New("no cgroup2 file system is mounted at or below it")
+	ErrV1Only    = errors.New("cgroup v1 hierarchies only: the host has no cgroup v2")
+)
+
+// MountAt finds the cgroup2 mount that root, a --cgroup-root value (absolute, free of
+// symlinks), stands for among mounts (mountinfo, in order): a cgroup2 mount at root itself (a
+// cgroup v2 host's /sys/fs/cgroup, mounted as a hostPath volume), else the one closest below
+// root (a hybrid host's /sys/fs/cgroup is a tmpfs holding the v1 hierarchies and the cgroup2
+// one, as "unified" on systemd hosts; whatever its name, mountinfo says which it is). A later
+// mount at the same point hides an earlier one. The mount's Root is mountinfo's, or "/" where
+// mountinfo can only say that it lies outside this process's cgroup namespace (a hostPath
+// mount of the host's tree seen from a container's namespace): root is taken to be the top of
+// the host's hierarchy then.
+func MountAt(root string, mounts []Mount) (Mount, error) {
+	root = path.Clean(root)
+	last := map[string]Mount{}
+	var order []string
+	for _, m := range mounts {
+		p := path.Clean(m.Point)
+		if _, seen := last[p]; !seen {
+			order = append(order, p)
+		}
+		last[p] = m
+	}
+	at := func(m Mount, p string) Mount {
+		r := m.Root
+		if r == "" || r == "/.." || strings.HasPrefix(r, "/../") {
+			r = "/"
+		}
+		return Mount{Root: r, Point: p, FSType: m.FSType}
+	}
+	if m, ok := last[root]; ok && m.FSType == "cgroup2" {
+		return at(m, root), nil
+	}
+	var below []string
+	v1 := false
+	for _, p := range order {
+		if root != "/" && !strings.HasPrefix(p, root+"/") || p == root {
+			continue
+		}
+		switch last[p].FSType {
+		case "cgroup2":
+			below = append(below, p)
+		case "cgroup":
+			v1 = true
 		}
 	}
-	return Mount{}, fmt.Errorf("invalid --cgroup-root %q: neither it nor %s is a cgroup v2 mount; pass where the host's cgroup2 hierarchy (or its /sys/fs/cgroup) is mounted", root, filepath.Join(root, "unified"))
+	depth := func(p string) int { return strings.Count(p, "/") }
+	slices.SortStableFunc(below, func(a, b string) int { return depth(a) - depth(b) })
+	switch {
+	case len(below) > 1 && depth(below[0]) == depth(below[1]):
+		return Mount{}, fmt.Errorf("it has several cgroup2 mounts below it (%s, %s): pass the one that shows the host's hierarchy", below[0], below[1])
+	case len(below) > 0:
+		return at(last[below[0]], below[0]), nil
+	}
+	for p := path.Dir(root); last[root] == (Mount{}); p = path.Dir(p) {
+		if m, ok := last[p]; ok {
+			if m.FSType == "cgroup2" {
+				return Mount{}, fmt.Errorf("it is a directory inside the cgroup2 mount %s, not a mount: pass %s", p, p)
+			}
+			break
+		}
+		if p == "/" {
+			break
+		}
+	}
+	if v1 {
+		return Mount{}, fmt.Errorf("%w (%w)", ErrNoCgroup2, ErrV1Only)
+	}
+	return Mount{}, ErrNoCgroup2
+}
+
+// RootMount turns a --cgroup-root value into the cgroup2 mount it stands for (MountAt), read
+// from mountinfo (/proc/self/mountinfo if empty). root must exist; symlinks in it are
+// resolved, as mountinfo names mounts by their real paths.
+func RootMount(root, mountinfo string) (Mount, error) {
+	if mountinfo == "" {
+		mountinfo = "/proc/self/mountinfo"
+	}
+	info, err := os.ReadFile(mountinfo)
+	if err != nil {
+		return Mount{}, err
+	}
+	all, err := ParseMountinfo(string(info))
+	if err != nil {
+		return Mount{}, err
+	}
+	return rootMount(root, all)
+}
+
+func rootMount(root string, all []Mount) (Mount, error) {
+	abs, err := filepath.Abs(root)
+	if err == nil {
+		abs, err = filepath.EvalSymlinks(abs)
+	}
+	if err != nil {
+		return Mount{}, err
+	}
+	return MountAt(abs, all)
 }
 
 // Find locates the pod's cgroup. See Locate for the rules; in addition, a process inside
@@ -71,9 +166,9 @@ func (f Finder) Find() (Found, error) {
 	}
 	mounts := Cgroup2Mounts(all)
 	if f.Root != "" {
-		m, err := RootMount(f.Root)
+		m, err := rootMount(f.Root, all)
 		if err != nil {
-			return Found{}, err
+			return Found{}, fmt.Errorf("invalid --cgroup-root %q: %w", f.Root, err)
 		}
 		mounts = []Mount{m}
 	}
