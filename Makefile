@@ -20,11 +20,19 @@ build:
 
 # The image: istio-init's drop-in (docs/istio.md). Needs a Docker engine; testing what it
 # holds does not: test/initmode builds divert with the Dockerfile's own go build line and
-# runs that binary, and deploy/ checks the final stage.
-IMAGE ?= divert:latest
-.PHONY: image
+# runs that binary, and deploy/ checks the final stage. Every manifest under deploy/ names
+# this very reference (deploy's test checks): bump VERSION, then make manifests.
+VERSION ?= 0.1.0
+IMAGE ?= ghcr.io/meshdivert/divert:$(VERSION)
+.PHONY: image manifests
 image:
 	docker build -t $(IMAGE) .
+
+# deploy/'s manifests with divert's image set to IMAGE, and deploy/istio/istio-operator.yaml
+# made from the injection template (its one source). In place by default; for your registry,
+# a copy: make manifests IMAGE=registry.example.com/divert:0.1.0 OUT=my-deploy
+manifests:
+	$(GO) run ./internal/manifests/gen -image $(IMAGE) -in deploy -out $(or $(OUT),deploy)
 
 # Everything, privileged tests included: run as root. Packages run one at a time so the
 # kernel-touching suites do not compete for the 2 cores and skew timeouts.

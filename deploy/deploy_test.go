@@ -25,6 +25,7 @@ import (
 	"k8s.io/client-go/kubernetes/scheme"
 
 	"github.com/meshdivert/divert/internal/image"
+	gen "github.com/meshdivert/divert/internal/manifests"
 )
 
 // injectorArgs is Istio's istio-init command line, which the example pod uses verbatim.
@@ -138,8 +139,115 @@ func stripComments(doc []byte) []byte {
 	return out
 }
 
-// imageRef is the image the Dockerfile makes, as every manifest names it.
-const imageRef = "divert:latest"
+// imageRef is the image the Dockerfile makes, as the Makefile's IMAGE names it (make image,
+// make manifests) and every manifest and doc must.
+var imageRef = makefileImage()
+
+// makefileImage expands the Makefile's default IMAGE (IMAGE ?= ...$(VERSION)).
+func makefileImage() string {
+	b, err := os.ReadFile(filepath.Join(image.RepoRoot(), "Makefile"))
+	if err != nil {
+		panic(err)
+	}
+	vars := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, "?="); ok && (strings.TrimSpace(k) == "VERSION" || strings.TrimSpace(k) == "IMAGE") {
+			vars[strings.TrimSpace(k)] = strings.TrimSpace(v)
+		}
+	}
+	return strings.ReplaceAll(vars["IMAGE"], "$(VERSION)", vars["VERSION"])
+}
+
+// The image is versioned, and one reference is used everywhere: the Makefile, every image
+// field of every manifest (the injection template inside the IstioOperator included), and
+// the docs' examples. A floating tag with IfNotPresent would leave each node on whichever
+// build it pulled first.
+func TestImageNamesAgree(t *testing.T) {
+	repo, tag, ok := strings.Cut(imageRef, ":")
+	if !ok || tag == "" || tag == "latest" || strings.Contains(tag, "$") || !gen.IsDivert(repo) {
+		t.Fatalf("Makefile: IMAGE %q, want a versioned divert image (<registry>/divert:<VERSION>)", imageRef)
+	}
+	files := []string{"../README.md", "../docs/istio.md"}
+	err := filepath.WalkDir(".", func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && strings.HasSuffix(p, ".yaml") {
+			files = append(files, p)
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, ref := range gen.Images(b) {
+			if gen.IsDivert(ref) {
+				n++
+				if ref != imageRef {
+					t.Errorf("%s: image %s, want the Makefile's %s (make manifests sets it everywhere)", f, ref, imageRef)
+				}
+			}
+		}
+		if n == 0 && !strings.HasSuffix(f, ".md") {
+			t.Errorf("%s: no divert image", f)
+		}
+		if bytes.Contains(b, []byte("divert:latest")) {
+			t.Errorf("%s: names divert:latest", f)
+		}
+	}
+	// The pod specs, as decoded (the template inside the IstioOperator too).
+	objs, ops := manifests(t)
+	for p, op := range ops {
+		gvk := podGVK
+		obj, _, err := decoder.Decode([]byte(op.Spec.Values.SidecarInjectorWebhook.Templates["divert"]), &gvk, nil)
+		if err != nil {
+			t.Fatalf("%s: templates.divert is not a strict Pod fragment: %v", p, err)
+		}
+		objs[p+" templates.divert"] = []runtime.Object{obj}
+	}
+	n := 0
+	for path, list := range objs {
+		for _, obj := range list {
+			spec := podSpec(obj)
+			if spec == nil {
+				continue
+			}
+			for _, c := range append(slices.Clone(spec.InitContainers), spec.Containers...) {
+				if gen.IsDivert(c.Image) {
+					n++
+					if c.Image != imageRef {
+						t.Errorf("%s: container %s uses %s, want %s", path, c.Name, c.Image, imageRef)
+					}
+				}
+			}
+		}
+	}
+	if n < 6 {
+		t.Errorf("found %d divert containers, want at least 6 (template, operator, example pod's two, gc, node)", n)
+	}
+}
+
+// The injection template has one source, divert-init-template.yaml: the IstioOperator is
+// generated from it, byte for byte (make manifests).
+func TestOperatorGeneratedFromTemplate(t *testing.T) {
+	tmpl, err := os.ReadFile(gen.TemplatePath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	op, err := os.ReadFile(gen.OperatorPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := gen.Operator(tmpl); !bytes.Equal(op, want) {
+		t.Errorf("%s is not what make manifests generates from %s: run make manifests", gen.OperatorPath, gen.TemplatePath)
+	}
+	if !bytes.Contains(op, []byte("make manifests")) {
+		t.Errorf("%s must say how it is regenerated", gen.OperatorPath)
+	}
+}
 
 // ours are the manifests of init-container mode; they need no hostPath but these two.
 var ours = []string{"examples/pod.yaml", "gc-daemonset.yaml", "istio/divert-init-template.yaml"}
@@ -168,7 +276,7 @@ func TestManifestsParseStrictly(t *testing.T) {
 					sc.AllowPrivilegeEscalation != nil && !*sc.AllowPrivilegeEscalation {
 					t.Errorf("%s: container %s is privileged with allowPrivilegeEscalation: false", path, c.Name)
 				}
-				if strings.Contains(c.Image, "divert") && c.Image != imageRef {
+				if gen.IsDivert(c.Image) && c.Image != imageRef {
 					t.Errorf("%s: container %s uses %s, want %s", path, c.Name, c.Image, imageRef)
 				}
 			}
