@@ -531,3 +531,55 @@ func TestDockerfile(t *testing.T) {
 		}
 	}
 }
+
+// The install commands the docs give change divert's template and nothing else: helm
+// pinned to the installed istiod chart (without --version, helm upgrade takes the newest
+// chart and upgrades istiod), istioctl given the user's installation before divert's
+// overlay (alone, the overlay reinstalls Istio's default profile). The privileges are
+// stated: the Pod Security level the init container needs, and node mode as the way out.
+func TestDocsInstallCommands(t *testing.T) {
+	for _, f := range []string{"../README.md", "../docs/istio.md"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		text := strings.ReplaceAll(string(b), "\\\n", " ")
+		var helm, istioctl int
+		for _, l := range strings.Split(text, "\n") {
+			if i := strings.Index(l, "helm upgrade istiod"); i >= 0 {
+				helm++
+				if !strings.Contains(l[i:], "--version ") {
+					t.Errorf("%s: %q: helm upgrade without --version upgrades istiod to the newest chart", f, strings.TrimSpace(l))
+				}
+			}
+			if i := strings.Index(l, "istioctl install"); i >= 0 && strings.Contains(l, gen.OperatorPath) {
+				istioctl++
+				cmd := strings.Fields(l[i:])
+				var files []string
+				for j, w := range cmd {
+					if w == "-f" && j+1 < len(cmd) {
+						files = append(files, cmd[j+1])
+					}
+				}
+				if len(files) < 2 || !strings.HasSuffix(files[len(files)-1], gen.OperatorPath) {
+					t.Errorf("%s: %q: istioctl install needs the user's installation first and divert's overlay last (%v)", f, strings.TrimSpace(l), files)
+				}
+			}
+		}
+		if helm == 0 || istioctl == 0 {
+			t.Errorf("%s: want the helm and istioctl install commands, found %d and %d", f, helm, istioctl)
+		}
+		for _, want := range []string{"privileged", "NET_ADMIN", "pod-security.kubernetes.io/enforce=privileged", "node mode"} {
+			if !strings.Contains(strings.ToLower(text), strings.ToLower(want)) {
+				t.Errorf("%s: the privileges are not stated: no %q", f, want)
+			}
+		}
+	}
+	op, err := os.ReadFile(gen.OperatorPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(op, []byte("istioctl install -f <your IstioOperator> -f deploy/"+gen.OperatorPath)) {
+		t.Errorf("%s: its comment must show istioctl install with the user's installation first", gen.OperatorPath)
+	}
+}
