@@ -1,6 +1,6 @@
 // Command gen writes divert's manifests (make manifests): every YAML file under -in with
-// divert's image set to -image, into -out (the same directory by default), and the
-// IstioOperator generated from the injection template.
+// divert's image (a repository named divert) set to -image, into -out (the same directory
+// by default), and the IstioOperator generated from the injection template.
 //
 //	go run ./internal/manifests/gen -image ghcr.io/meshdivert/divert:0.1.0 -in deploy -out deploy
 package main
@@ -21,12 +21,14 @@ func main() {
 	in := flag.String("in", "deploy", "the manifests to read")
 	out := flag.String("out", "", "where to write them (default: -in, in place)")
 	flag.Parse()
-	if *image == "" || !manifests.IsDivert(*image) {
-		fmt.Fprintf(os.Stderr, "gen: -image %q: pass divert's image reference, a repository named divert (e.g. ghcr.io/meshdivert/divert:0.1.0)\n", *image)
-		os.Exit(2)
-	}
 	if *out == "" {
 		*out = *in
+	}
+	// In place, the name must stay recognisable as divert's for the next run to find it;
+	// a copy elsewhere may name the image anything.
+	if *image == "" || (filepath.Clean(*out) == filepath.Clean(*in) && !manifests.IsDivert(*image)) {
+		fmt.Fprintf(os.Stderr, "gen: -image %q: pass divert's image reference; in place (-out = -in) its repository must be named divert (e.g. ghcr.io/meshdivert/divert:0.1.0), in a copy (OUT=dir) anything goes\n", *image)
+		os.Exit(2)
 	}
 	if err := run(*image, *in, *out); err != nil {
 		fmt.Fprintln(os.Stderr, "gen:", err)
