@@ -86,7 +86,9 @@ const (
 	DivertReasonREASON_INBOUND_EXCLUDED_PORT  DivertReason = 13
 	DivertReasonREASON_INBOUND_INCLUDED_PORT  DivertReason = 14
 	DivertReasonREASON_INBOUND_NOT_INCLUDED   DivertReason = 15
-	DivertReasonNUM_REASONS                   DivertReason = 16
+	DivertReasonREASON_DNS_CAPTURED           DivertReason = 16
+	DivertReasonREASON_DNS_NOT_CAPTURED       DivertReason = 17
+	DivertReasonNUM_REASONS                   DivertReason = 18
 )
 
 type DivertSockOrigDst struct {

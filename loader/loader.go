@@ -179,6 +179,10 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
+	// Until the programs render DNS capture, refuse it rather than attach without it.
+	if cfg.CapturesDNS() {
+		return errors.New("--" + policy.FlagRedirectDNS + " is not supported by the eBPF backend yet; use the iptables backend (--mode iptables)")
+	}
 	var tgt target
 	var err error
 	if tgt.cgroupID, err = cgroupID(pod.Cgroup); err != nil {
