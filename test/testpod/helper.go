@@ -47,6 +47,9 @@ func RunHelperIfRequested() {
 		"id":     runID,
 		"udp":    runUDP,
 
+		"udp-server": runUDPServer,
+		"query":      runQuery,
+
 		"burst-app":   runBurstApp,
 		"burst-proxy": runBurstProxy,
 	}
