@@ -1,6 +1,7 @@
 package testpod
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -84,6 +85,42 @@ func (p *Pod) Query(tb testing.TB, uid, gid uint32, q Query) QueryResult {
 		tb.Fatalf("testpod: query %s printed %q: %v", q, out, err)
 	}
 	return r
+}
+
+// GoResolve runs Go's pure resolver in the pod as uid/gid for name, asking nameserver (what
+// resolv.conf would name) over UDP, or TCP with tcp, and returns its answer or error text.
+func (p *Pod) GoResolve(tb testing.TB, uid, gid uint32, name string, nameserver netip.AddrPort, tcp bool) string {
+	tb.Helper()
+	args := []string{"resolve", name, nameserver.String()}
+	if tcp {
+		args = append(args, "tcp")
+	}
+	return strings.TrimSpace(p.Start(tb, ProcSpec{UID: uid, GID: gid, Args: args}).Wait(tb, ClientTimeout+readyTimeout))
+}
+
+// resolve NAME NS:PORT [tcp]: Go's pure resolver (message IDs, the question checked, a
+// connected socket per query), with the nameserver given instead of read from resolv.conf.
+func runResolve(args []string) error {
+	if len(args) < 2 {
+		return errors.New("usage: resolve NAME NS:PORT [tcp]")
+	}
+	network := "udp4"
+	if len(args) > 2 && args[2] == "tcp" {
+		network = "tcp4"
+	}
+	r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, args[1])
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), ClientTimeout)
+	defer cancel()
+	addrs, err := r.LookupHost(ctx, args[0])
+	if err != nil {
+		fmt.Println("error: " + err.Error())
+		return nil
+	}
+	fmt.Println(strings.Join(addrs, " "))
+	return nil
 }
 
 // udp-server NAME ADDR:PORT: answer every datagram with NAME.

@@ -49,6 +49,7 @@ func RunHelperIfRequested() {
 
 		"udp-server": runUDPServer,
 		"query":      runQuery,
+		"resolve":    runResolve,
 
 		"burst-app":   runBurstApp,
 		"burst-proxy": runBurstProxy,
