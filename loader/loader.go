@@ -290,6 +290,10 @@ func closeLinks(links []link.Link, detach bool) {
 
 func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.Addr, opts Options) (err error) {
 	pinned, err := loadPinnedMaps(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		// A map this build has and the pod's pins lack (dns_servers came with DNS capture).
+		return fmt.Errorf("pod %s was attached by an incompatible divert version (%w); run divert detach --pod-id %s first", pod.ID, err, pod.ID)
+	}
 	if err != nil {
 		return err
 	}
