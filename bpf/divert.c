@@ -492,6 +492,12 @@ int divert_sendmsg4(struct bpf_sock_addr *ctx)
 	if (sock_proto(ctx) != 1)
 		return 1;
 	struct bpf_sock *sk = ctx->sk;
+	// A dual-stack socket connected to ::ffff:a.b.c.d runs this for each send(), with its
+	// peer as the address (udpv6_sendmsg hands udp_sendmsg a sockaddr_in): connect6 decided
+	// that peer already, and deciding again would count it twice.
+	if (sk && sk->family == AF_INET6 && sk->state == BPF_TCP_ESTABLISHED &&
+	    sk->dst_ip4 == ctx->user_ip4)
+		return 1;
 	__u32 src = ctx->msg_src_ip4 ? ctx->msg_src_ip4 : (sk ? sk->src_ip4 : 0);
 	__u16 to_port = 0;
 	if (!redirect_outbound(ctx, 1, 0, src, ctx->user_ip4, &to_port))
@@ -503,7 +509,9 @@ int divert_sendmsg4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-// sendmsg4's twin for dual-stack sockets sending to ::ffff:a.b.c.d.
+// sendmsg4's twin for dual-stack sockets sending to ::ffff:a.b.c.d. The kernels here hand
+// such sends to udp_sendmsg before the IPv6 hook, so sendmsg4 decides them; this keeps a
+// kernel that runs the IPv6 hook first deciding them the same.
 SEC("cgroup/sendmsg6")
 int divert_sendmsg6(struct bpf_sock_addr *ctx)
 {

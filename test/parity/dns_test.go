@@ -1,9 +1,12 @@
 package parity
 
 import (
+	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/testpod"
@@ -43,6 +46,9 @@ var dnsScenarios = []dnsScenario{
 	{name: "capture-all: the proxy uid's query passes", flags: []string{"--capture-all-dns"}, uid: proxyUID, gid: proxyUID, kind: testpod.UDPUnconnected, dst: "other:53"},
 	{name: "v4-mapped unconnected UDP to the nameserver", uid: appUID, gid: appUID, kind: testpod.UDPUnconnected, dst: "ns1:53", v4mapped: true},
 	{name: "v4-mapped connected UDP to the nameserver", uid: appUID, gid: appUID, kind: testpod.UDPConnected, dst: "ns1:53", v4mapped: true},
+	// Found by TestRandomDNSParity (seed 1796540991789556785): the kernel runs sendmsg4 for
+	// each send() of such a socket; the verdict must be counted once, at connect.
+	{name: "v4-mapped connected UDP of the proxy gid passes, decided once", uid: appUID, gid: proxyUID, kind: testpod.UDPConnected, dst: "ns1:53", v4mapped: true},
 	{name: "v4-mapped UDP to a non-nameserver passes", uid: appUID, gid: appUID, kind: testpod.UDPUnconnected, dst: "other:53", v4mapped: true},
 	{name: "one unconnected socket asks ns1, then ns2: ns2's answer comes from ns2", uid: appUID, gid: appUID, kind: testpod.UDPUnconnected, first: "ns1:53", dst: "ns2:53"},
 	{name: "one unconnected socket asks ns1, then a non-nameserver: its own answer", uid: appUID, gid: appUID, kind: testpod.UDPUnconnected, first: "ns1:53", dst: "other:53"},
@@ -156,5 +162,105 @@ func TestDNSParity(t *testing.T) {
 				})
 			}
 		})
+	}
+}
+
+// randomDNSFlags draws a DNS capture config: on or off, by nameserver (a random subset) or
+// for every destination, with the TCP settings that interact with it (-o, -x, -i, -q, -u,
+// -g).
+func (w *dnsWorld) randomDNSFlags(r *rand.Rand) []string {
+	var f []string
+	add := func(v ...string) { f = append(f, v...) }
+	ns1, ns2, other := w.servers["ns1"].String(), w.servers["ns2"].String(), w.servers["other"].String()
+	switch r.IntN(4) {
+	case 0: // off
+	case 1:
+		add("--redirect-dns", "--capture-all-dns")
+	default:
+		add("--redirect-dns", "--dns-servers", pick(r, []string{ns1, ns2, ns1 + "," + ns2, ns2 + "," + other}))
+	}
+	if r.IntN(4) == 0 {
+		add("--capture-all-dns=" + pick(r, []string{"true", "false"}))
+	}
+	if r.IntN(3) == 0 {
+		add("-o", pick(r, []string{"53", "80,53", "80"}))
+	}
+	if r.IntN(3) == 0 {
+		add("-x", pick(r, []string{ns1 + "/32", other + "/32", "198.19.0.0/16", ""}))
+	}
+	if r.IntN(3) == 0 {
+		add("-i", pick(r, []string{"", ns1 + "/32", "198.19.0.0/16"}))
+	}
+	if r.IntN(4) == 0 {
+		add("-q", "53")
+	}
+	if r.IntN(4) == 0 {
+		add("-u", pick(r, []string{"1337", "2000"}), "-g", pick(r, []string{"1337", "2000"}))
+	}
+	return f
+}
+
+// TestRandomDNSParity draws random DNS capture configs and queries and requires the model
+// and every backend to agree on who answers and the addresses the app sees. Replay a
+// failure with -parity.seed.
+func TestRandomDNSParity(t *testing.T) {
+	seed := *seedFlag
+	if seed == 0 {
+		seed = uint64(time.Now().UnixNano())
+	}
+	t.Logf("seed %d (replay: go test ./test/parity -run TestRandomDNSParity -parity.seed=%d)", seed, seed)
+	bs := backends()
+	worlds := make([]*dnsWorld, len(bs))
+	for i, b := range bs {
+		worlds[i] = newDNSWorld(t)
+		b.setup(t, worlds[i].world)
+	}
+	r := rand.New(rand.NewPCG(seed, seed>>32|1))
+	for c := range *configsFlag / 2 {
+		flags := worlds[0].randomDNSFlags(r)
+		var scenarios []dnsScenario
+		for i := range *connsFlag / 2 {
+			ids := pick(r, idPairs)
+			scenarios = append(scenarios, dnsScenario{name: fmt.Sprintf("query %d", i), uid: ids[0], gid: ids[1],
+				kind:     pick(r, []testpod.QueryKind{testpod.UDPUnconnected, testpod.UDPConnected, testpod.TCPQuery}),
+				dst:      pick(r, []string{"ns1:53", "ns2:53", "other:53"}),
+				v4mapped: r.IntN(4) == 0})
+		}
+		for i, b := range bs {
+			w := worlds[i]
+			// Flags as drawn (not on top of dnsWorld.config's defaults); the names are
+			// the same in every world of this process (one network counter each).
+			cfg := w.world.config(t, scenario{flags: flags})
+			b.apply(t, w.world, cfg)
+			for _, s := range scenarios {
+				dst := w.resolve(s.dst)
+				conn := policy.Conn{UID: s.uid, GID: s.gid, Dst: dst, Proto: policy.UDP}
+				if s.kind == testpod.TCPQuery {
+					conn.Proto = policy.TCP
+				}
+				v := cfg.Decide(conn)
+				want := w.expected(s, v, dst)
+				if b.after != nil {
+					b.apply(t, w.world, cfg) // re-reads the counters baseline
+				}
+				got := w.pod.Query(t, s.uid, s.gid, testpod.Query{Kind: s.kind, Dst: dst, V4Mapped: s.v4mapped})
+				if v.Action == policy.RedirectOutbound {
+					got = testpod.QueryResult{Who: got.Who, Err: got.Err}
+				}
+				if got != want {
+					t.Errorf("seed %d config %d %s: flags %q, uid %d gid %d %s to %s (v4-mapped %v)\n  model (%s): %+v\n  %s: %+v\n  (%s)",
+						seed, c, s.name, strings.Join(flags, " "), s.uid, s.gid, s.kind, dst, s.v4mapped, v, want, b.name, got, w.health())
+				}
+				if b.after != nil {
+					if v.Reason == policy.ReasonNone {
+						v.Reason = noVerdict
+					}
+					b.after(t, w.world, v)
+				}
+			}
+			if t.Failed() {
+				t.FailNow()
+			}
+		}
 	}
 }
