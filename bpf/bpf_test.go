@@ -28,6 +28,8 @@ func TestReasonsMatchPolicy(t *testing.T) {
 		bpf.DivertReasonREASON_INBOUND_EXCLUDED_PORT:  policy.ReasonInboundExcludedPort,
 		bpf.DivertReasonREASON_INBOUND_INCLUDED_PORT:  policy.ReasonInboundIncludedPort,
 		bpf.DivertReasonREASON_INBOUND_NOT_INCLUDED:   policy.ReasonInboundNotIncluded,
+		bpf.DivertReasonREASON_DNS_CAPTURED:           policy.ReasonDNSCaptured,
+		bpf.DivertReasonREASON_DNS_NOT_CAPTURED:       policy.ReasonDNSNotCaptured,
 		bpf.DivertReasonNUM_REASONS:                   policy.NumReasons,
 	}
 	for c, g := range pairs {

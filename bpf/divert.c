@@ -15,6 +15,10 @@
 // Inbound, an sk_lookup program on the pod's netns hands connections to included ports to
 // the proxy's inbound listener without NAT: the accepted socket's local address is the
 // original destination. sockops finds that listener when the proxy calls listen().
+// DNS capture (istio's --redirect-dns): connect4 (UDP and TCP) and sendmsg4 (unconnected
+// UDP) send queries to a nameserver's port 53 to the agent on 127.0.0.1:15053, keeping the
+// nameserver in the app socket's storage; recvmsg4 and getpeername4 show the app the
+// nameserver wherever the kernel would show it the agent, as iptables' conntrack does.
 // Exclusions live in maps, not code: a policy change is a map update.
 
 #include <linux/bpf.h>
@@ -26,7 +30,10 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define AF_INET 2
 #define AF_INET6 10
 #define SOCK_STREAM 1
+#define SOCK_DGRAM 2
 #define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define DNS_PORT 53
 #define SOL_IP 0
 #define SO_ORIGINAL_DST 80
 #define TCPHDR_SYN 0x02
@@ -57,6 +64,8 @@ enum reason {
 	REASON_INBOUND_EXCLUDED_PORT,
 	REASON_INBOUND_INCLUDED_PORT,
 	REASON_INBOUND_NOT_INCLUDED,
+	REASON_DNS_CAPTURED,
+	REASON_DNS_NOT_CAPTURED,
 	NUM_REASONS,
 };
 
@@ -72,7 +81,8 @@ enum port_flag {
 // status and metrics, never silent.
 enum drop {
 	DROP_NO_LISTENER,	 // inbound captured, no proxy listening: refused
-	DROP_CONNECT_NO_MEMORY, // no socket storage for the original destination: connect refused
+	DROP_CONNECT_NO_MEMORY, // no socket storage for the original destination (or the DNS
+				// query's nameserver): connect or send refused
 	DROP_ORIG_DST_UNSENT,	 // the app's handshake segment had no room for the option
 	DROP_ORIG_DST_UNSTORED, // the proxy's socket got it but could not keep it
 	NUM_DROPS,
@@ -93,6 +103,9 @@ struct config {
 	__u8 inbound_include_all;  // -b '*'
 	__u8 capture_loopback;	   // -i names a loopback range: no "local passes" rules
 	__u8 inbound_tunnel_passes; // REDIRECT mode; TPROXY captures the tunnel port too
+	__u8 dns_capture;	    // --redirect-dns (with nameservers, or capture-all)
+	__u8 dns_capture_all;	    // --capture-all-dns: every destination's port 53
+	__u16 dns_agent_port;	    // where captured queries go on 127.0.0.1 (15053)
 };
 
 struct lpm_v4_key {
@@ -158,12 +171,29 @@ struct {
 	__type(value, __u8);
 } local_addrs SEC(".maps");
 
+// The pod's nameservers (network byte order) for DNS capture by nameserver.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64); // policy.MaxDNSServers
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, __u8);
+} dns_servers SEC(".maps");
+
 // Where a redirected connection was going, kept in the local storage of the app's socket
 // (from connect until its handshake is over) and of the proxy's accepted socket (until
 // it closes). The kernel frees it with the socket.
 enum orig_dst_side {
 	SIDE_APP = 1,	// the app's socket: still writing the option
 	SIDE_PROXY = 2, // the proxy's accepted socket: answers SO_ORIGINAL_DST
+	// The app's socket whose DNS query went to the agent: orig is the nameserver it asked,
+	// shown as the source of the agent's replies and as the peer. An unconnected socket
+	// keeps the nameserver of its latest query: the hooks see addresses, not payloads, so
+	// replies cannot be told apart by query; resolvers ask one nameserver at a time per
+	// socket (glibc and Go connect a socket per nameserver, glibc's parallel A and AAAA
+	// go to the same one), and one that asks several in parallel from one socket (musl)
+	// gets each reply from one of its nameservers, which is what it checks.
+	SIDE_DNS = 3,
 };
 
 struct sock_orig_dst {
@@ -274,22 +304,28 @@ static __always_inline int is_local(__u32 addr)
 
 // decide_outbound mirrors policy.Config.Decide for outbound connections: istio's
 // ISTIO_OUTPUT chain, first match wins. It sets *to_port for redirects.
-static __always_inline enum reason decide_outbound(struct config *cfg, __u32 src, __u32 dst,
-						   __u16 dport, __u16 *to_port)
+// UDP is only decided for DNS queries (the callers check dns_query first).
+static __always_inline enum reason decide_outbound(struct config *cfg, int udp, __u32 src,
+						   __u32 dst, __u16 dport, __u16 *to_port)
 {
 	__u64 uid_gid = bpf_get_current_uid_gid();
 	__u32 uid = (__u32)uid_gid, gid = uid_gid >> 32;
 	__u8 pflags = port_flags(dport);
 	int local = is_local(dst);
-	// The shape of istio's hairpin rules: "-o lo ! -d 127.0.0.1/32 ! --dport <tunnel>".
-	int hairpinnable = local && dst != bpf_htonl(LOCALHOST) && dport != cfg->inbound_tunnel_port;
-	int local_returns = !cfg->capture_loopback;
+	int dns = cfg->dns_capture && dport == DNS_PORT;
+	// The shape of istio's hairpin rules: "-o lo ! -d 127.0.0.1/32 -p tcp ! --dport <tunnel>".
+	int hairpinnable =
+		!udp && local && dst != bpf_htonl(LOCALHOST) && dport != cfg->inbound_tunnel_port;
+	// With DNS capture istio's "local destination" returns are "-p tcp ! --dport 53" and
+	// its uid hairpin leaves 53 alone, so queries to a nameserver on the pod reach the DNS
+	// rules; its gid hairpin keeps 53.
+	int local_returns = !cfg->capture_loopback && !udp && !dns;
 
 	if (pflags & PORT_OUTBOUND_EXCLUDE)
 		return REASON_EXCLUDED_OUTBOUND_PORT;
 	if (local && src == bpf_htonl(INBOUND_PASSTHROUGH))
 		return REASON_INBOUND_PASSTHROUGH;
-	if (hairpinnable && uid == cfg->proxy_uid) {
+	if (hairpinnable && !dns && uid == cfg->proxy_uid) {
 		*to_port = cfg->inbound_capture_port;
 		return REASON_PROXY_HAIRPIN;
 	}
@@ -305,10 +341,17 @@ static __always_inline enum reason decide_outbound(struct config *cfg, __u32 src
 		return REASON_LOCAL_DESTINATION;
 	if (gid == cfg->proxy_gid)
 		return REASON_PROXY_GID;
+	// istio's ISTIO_OUTPUT_DNS: after the proxy's own traffic, before everything else.
+	if (dns && (cfg->dns_capture_all || bpf_map_lookup_elem(&dns_servers, &dst))) {
+		*to_port = cfg->dns_agent_port;
+		return REASON_DNS_CAPTURED;
+	}
 	if (dst == bpf_htonl(LOCALHOST))
 		return REASON_LOCALHOST;
 	if (in_trie(&outbound_exclude_cidrs, dst))
 		return REASON_EXCLUDED_CIDR;
+	if (udp) // istio's -q and ISTIO_REDIRECT are "-p tcp"
+		return REASON_DNS_NOT_CAPTURED;
 	if (pflags & PORT_OUTBOUND_INCLUDE) {
 		*to_port = cfg->proxy_port;
 		return REASON_INCLUDED_OUTBOUND_PORT;
@@ -339,8 +382,11 @@ static __always_inline enum reason decide_inbound(struct config *cfg, __u16 port
 // original destination in the socket's storage. It returns 0 to refuse the connect, 1 to
 // let it go on, and sets *to_port when the caller must rewrite the destination to
 // 127.0.0.1:*to_port.
-static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, __u32 src, __u32 dst,
-					     __u16 *to_port)
+// For UDP (and for TCP with DNS capture on) it also keeps or forgets the nameserver a
+// socket's replies must come from: reconnect says whether this decision replaces the
+// socket's peer (connect) rather than adding a datagram (sendmsg).
+static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, int udp, int reconnect,
+					     __u32 src, __u32 dst, __u16 *to_port)
 {
 	struct config *cfg = get_config();
 	if (!cfg)
@@ -350,13 +396,26 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, __u32 sr
 	// to 127.0.0.1. That is what iptables sees and what the proxy must read back.
 	if (!dst)
 		dst = src ? src : bpf_htonl(LOCALHOST);
-	enum reason r = decide_outbound(cfg, src, dst, bpf_ntohs(dport_be), to_port);
-	count(r);
-	if (!*to_port)
+	__u16 dport = bpf_ntohs(dport_be);
+	enum reason r = REASON_NONE;
+	if (!udp || (cfg->dns_capture && dport == DNS_PORT)) {
+		r = decide_outbound(cfg, udp, src, dst, dport, to_port);
+		count(r);
+	}
+	if (!*to_port) {
+		// A UDP socket connected anew no longer talks to the agent: forget the nameserver
+		// so its peer is shown as it is.
+		if (udp && reconnect && ctx->sk) {
+			struct sock_orig_dst *old = bpf_sk_storage_get(&orig_dst_storage, ctx->sk, 0, 0);
+			if (old && old->side == SIDE_DNS)
+				old->side = 0;
+		}
 		return 1;
+	}
 
 	// Without a place to keep the original destination the proxy could not route the
-	// connection; leaving it uncaptured would silently bypass policy, so refuse it instead.
+	// connection (nor the app accept the agent's answers); leaving it uncaptured would
+	// silently bypass policy, so refuse it instead.
 	struct sock_orig_dst *s = ctx->sk ? bpf_sk_storage_get(&orig_dst_storage, ctx->sk, 0,
 								BPF_SK_STORAGE_GET_F_CREATE) : 0;
 	if (!s) {
@@ -365,18 +424,29 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, __u32 sr
 	}
 	s->orig.addr = dst;
 	s->orig.port = dport_be;
-	s->side = SIDE_APP;
+	s->side = r == REASON_DNS_CAPTURED ? SIDE_DNS : SIDE_APP;
 	return 1;
+}
+
+// sock_proto tells TCP (0) from UDP (1); anything else (-1) is not divert's business.
+static __always_inline int sock_proto(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type == SOCK_STREAM && ctx->protocol == IPPROTO_TCP)
+		return 0;
+	if (ctx->type == SOCK_DGRAM && ctx->protocol == IPPROTO_UDP)
+		return 1;
+	return -1;
 }
 
 SEC("cgroup/connect4")
 int divert_connect4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+	int udp = sock_proto(ctx);
+	if (udp < 0)
 		return 1;
 	struct bpf_sock *sk = ctx->sk;
 	__u16 to_port = 0;
-	if (!redirect_outbound(ctx, sk ? sk->src_ip4 : 0, ctx->user_ip4, &to_port))
+	if (!redirect_outbound(ctx, udp, 1, sk ? sk->src_ip4 : 0, ctx->user_ip4, &to_port))
 		return 0;
 	if (to_port) {
 		ctx->user_ip4 = bpf_htonl(LOCALHOST);
@@ -399,7 +469,8 @@ static __always_inline int is_v4_mapped(__u32 w0, __u32 w1, __u32 w2)
 SEC("cgroup/connect6")
 int divert_connect6(struct bpf_sock_addr *ctx)
 {
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+	int udp = sock_proto(ctx);
+	if (udp < 0)
 		return 1;
 	if (!is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
 		return 1;
@@ -407,7 +478,7 @@ int divert_connect6(struct bpf_sock_addr *ctx)
 	// A v4-mapped bind (::ffff:127.0.0.6) sets the socket's IPv4 source, as bind() on an
 	// AF_INET socket does.
 	__u16 to_port = 0;
-	if (!redirect_outbound(ctx, sk ? sk->src_ip4 : 0, ctx->user_ip6[3], &to_port))
+	if (!redirect_outbound(ctx, udp, 1, sk ? sk->src_ip4 : 0, ctx->user_ip6[3], &to_port))
 		return 0;
 	if (to_port) {
 		ctx->user_ip6[3] = bpf_htonl(LOCALHOST);
@@ -415,6 +486,106 @@ int divert_connect6(struct bpf_sock_addr *ctx)
 	}
 	return 1;
 }
+
+// An unconnected UDP socket's datagram (sendto, sendmsg with an address): DNS queries to a
+// nameserver go to the agent. The source is the one given with IP_PKTINFO, else the bound
+// one. The kernel does not run this for a connected socket's send(): connect4 decided it.
+SEC("cgroup/sendmsg4")
+int divert_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	if (sock_proto(ctx) != 1)
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	// A dual-stack socket connected to ::ffff:a.b.c.d runs this for each send(), with its
+	// peer as the address (udpv6_sendmsg hands udp_sendmsg a sockaddr_in): connect6 decided
+	// that peer already, and deciding again would count it twice.
+	if (sk && sk->family == AF_INET6 && sk->state == BPF_TCP_ESTABLISHED &&
+	    sk->dst_ip4 == ctx->user_ip4)
+		return 1;
+	__u32 src = ctx->msg_src_ip4 ? ctx->msg_src_ip4 : (sk ? sk->src_ip4 : 0);
+	__u16 to_port = 0;
+	if (!redirect_outbound(ctx, 1, 0, src, ctx->user_ip4, &to_port))
+		return 0;
+	if (to_port) {
+		ctx->user_ip4 = bpf_htonl(LOCALHOST);
+		ctx->user_port = bpf_htons(to_port);
+	}
+	return 1;
+}
+
+// sendmsg4's twin for dual-stack sockets sending to ::ffff:a.b.c.d. The kernels here hand
+// such sends to udp_sendmsg before the IPv6 hook, so sendmsg4 decides them; this keeps a
+// kernel that runs the IPv6 hook first deciding them the same.
+SEC("cgroup/sendmsg6")
+int divert_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	if (sock_proto(ctx) != 1)
+		return 1;
+	if (!is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	__u16 to_port = 0;
+	if (!redirect_outbound(ctx, 1, 0, sk ? sk->src_ip4 : 0, ctx->user_ip6[3], &to_port))
+		return 0;
+	if (to_port) {
+		ctx->user_ip6[3] = bpf_htonl(LOCALHOST);
+		ctx->user_port = bpf_htons(to_port);
+	}
+	return 1;
+}
+
+// dns_peer returns the nameserver to show in place of 127.0.0.1:<agent port> on a socket
+// whose DNS query went to the agent, or 0 where the address is to be left as it is.
+static __always_inline struct orig_dst *dns_peer(struct bpf_sock_addr *ctx, __u32 addr)
+{
+	if (addr != bpf_htonl(LOCALHOST) || !ctx->sk)
+		return 0;
+	struct config *cfg = get_config();
+	if (!cfg || (__u16)ctx->user_port != bpf_htons(cfg->dns_agent_port))
+		return 0;
+	struct sock_orig_dst *s = bpf_sk_storage_get(&orig_dst_storage, ctx->sk, 0, 0);
+	if (!s || s->side != SIDE_DNS)
+		return 0;
+	return &s->orig;
+}
+
+// The agent's reply, as recvfrom/recvmsg report its source, and the socket's peer, as
+// getpeername reports it: the nameserver the app asked, never the agent (glibc, dig and
+// Go drop answers from an address they did not query). The return value is ignored by the
+// kernel for these hooks; 1 is the documented one.
+static __always_inline int show_nameserver4(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *ns = dns_peer(ctx, ctx->user_ip4);
+	if (ns) {
+		ctx->user_ip4 = ns->addr;
+		ctx->user_port = ns->port;
+	}
+	return 1;
+}
+
+static __always_inline int show_nameserver6(struct bpf_sock_addr *ctx)
+{
+	if (!is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
+		return 1;
+	struct orig_dst *ns = dns_peer(ctx, ctx->user_ip6[3]);
+	if (ns) {
+		ctx->user_ip6[3] = ns->addr;
+		ctx->user_port = ns->port;
+	}
+	return 1;
+}
+
+SEC("cgroup/recvmsg4")
+int divert_recvmsg4(struct bpf_sock_addr *ctx) { return show_nameserver4(ctx); }
+
+SEC("cgroup/recvmsg6")
+int divert_recvmsg6(struct bpf_sock_addr *ctx) { return show_nameserver6(ctx); }
+
+SEC("cgroup/getpeername4")
+int divert_getpeername4(struct bpf_sock_addr *ctx) { return show_nameserver4(ctx); }
+
+SEC("cgroup/getpeername6")
+int divert_getpeername6(struct bpf_sock_addr *ctx) { return show_nameserver6(ctx); }
 
 // The app's side of a captured connection: from connect until the proxy's side is surely
 // established, every segment the app sends carries the original destination as a TCP

@@ -24,6 +24,9 @@ type DivertConfig struct {
 	InboundIncludeAll   uint8
 	CaptureLoopback     uint8
 	InboundTunnelPasses uint8
+	DnsCapture          uint8
+	DnsCaptureAll       uint8
+	DnsAgentPort        uint16
 	_                   [2]byte
 }
 
@@ -86,7 +89,9 @@ const (
 	DivertReasonREASON_INBOUND_EXCLUDED_PORT  DivertReason = 13
 	DivertReasonREASON_INBOUND_INCLUDED_PORT  DivertReason = 14
 	DivertReasonREASON_INBOUND_NOT_INCLUDED   DivertReason = 15
-	DivertReasonNUM_REASONS                   DivertReason = 16
+	DivertReasonREASON_DNS_CAPTURED           DivertReason = 16
+	DivertReasonREASON_DNS_NOT_CAPTURED       DivertReason = 17
+	DivertReasonNUM_REASONS                   DivertReason = 18
 )
 
 type DivertSockOrigDst struct {
@@ -102,6 +107,7 @@ type DivertSockOrigDst struct {
 const (
 	DivertMapConfigMap            = "config_map"
 	DivertMapCounters             = "counters"
+	DivertMapDnsServers           = "dns_servers"
 	DivertMapDrops                = "drops"
 	DivertMapInboundListeners     = "inbound_listeners"
 	DivertMapLocalAddrs           = "local_addrs"
@@ -111,7 +117,13 @@ const (
 	DivertMapPortSetsMap          = "port_sets_map"
 	DivertProgDivertConnect4      = "divert_connect4"
 	DivertProgDivertConnect6      = "divert_connect6"
+	DivertProgDivertGetpeername4  = "divert_getpeername4"
+	DivertProgDivertGetpeername6  = "divert_getpeername6"
 	DivertProgDivertGetsockopt    = "divert_getsockopt"
+	DivertProgDivertRecvmsg4      = "divert_recvmsg4"
+	DivertProgDivertRecvmsg6      = "divert_recvmsg6"
+	DivertProgDivertSendmsg4      = "divert_sendmsg4"
+	DivertProgDivertSendmsg6      = "divert_sendmsg6"
 	DivertProgDivertSkLookup      = "divert_sk_lookup"
 	DivertProgDivertSockops       = "divert_sockops"
 	DivertVarUnusedDrop           = "unused_drop"
@@ -161,11 +173,17 @@ type DivertSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DivertProgramSpecs struct {
-	DivertConnect4   *ebpf.ProgramSpec `ebpf:"divert_connect4"`
-	DivertConnect6   *ebpf.ProgramSpec `ebpf:"divert_connect6"`
-	DivertGetsockopt *ebpf.ProgramSpec `ebpf:"divert_getsockopt"`
-	DivertSkLookup   *ebpf.ProgramSpec `ebpf:"divert_sk_lookup"`
-	DivertSockops    *ebpf.ProgramSpec `ebpf:"divert_sockops"`
+	DivertConnect4     *ebpf.ProgramSpec `ebpf:"divert_connect4"`
+	DivertConnect6     *ebpf.ProgramSpec `ebpf:"divert_connect6"`
+	DivertGetpeername4 *ebpf.ProgramSpec `ebpf:"divert_getpeername4"`
+	DivertGetpeername6 *ebpf.ProgramSpec `ebpf:"divert_getpeername6"`
+	DivertGetsockopt   *ebpf.ProgramSpec `ebpf:"divert_getsockopt"`
+	DivertRecvmsg4     *ebpf.ProgramSpec `ebpf:"divert_recvmsg4"`
+	DivertRecvmsg6     *ebpf.ProgramSpec `ebpf:"divert_recvmsg6"`
+	DivertSendmsg4     *ebpf.ProgramSpec `ebpf:"divert_sendmsg4"`
+	DivertSendmsg6     *ebpf.ProgramSpec `ebpf:"divert_sendmsg6"`
+	DivertSkLookup     *ebpf.ProgramSpec `ebpf:"divert_sk_lookup"`
+	DivertSockops      *ebpf.ProgramSpec `ebpf:"divert_sockops"`
 }
 
 // DivertMapSpecs contains maps before they are loaded into the kernel.
@@ -174,6 +192,7 @@ type DivertProgramSpecs struct {
 type DivertMapSpecs struct {
 	ConfigMap            *ebpf.MapSpec `ebpf:"config_map"`
 	Counters             *ebpf.MapSpec `ebpf:"counters"`
+	DnsServers           *ebpf.MapSpec `ebpf:"dns_servers"`
 	Drops                *ebpf.MapSpec `ebpf:"drops"`
 	InboundListeners     *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalAddrs           *ebpf.MapSpec `ebpf:"local_addrs"`
@@ -214,6 +233,7 @@ func (o *DivertObjects) Close() error {
 type DivertMaps struct {
 	ConfigMap            *ebpf.Map `ebpf:"config_map"`
 	Counters             *ebpf.Map `ebpf:"counters"`
+	DnsServers           *ebpf.Map `ebpf:"dns_servers"`
 	Drops                *ebpf.Map `ebpf:"drops"`
 	InboundListeners     *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalAddrs           *ebpf.Map `ebpf:"local_addrs"`
@@ -227,6 +247,7 @@ func (m *DivertMaps) Close() error {
 	return _DivertClose(
 		m.ConfigMap,
 		m.Counters,
+		m.DnsServers,
 		m.Drops,
 		m.InboundListeners,
 		m.LocalAddrs,
@@ -250,18 +271,30 @@ type DivertVariables struct {
 //
 // It can be passed to LoadDivertObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DivertPrograms struct {
-	DivertConnect4   *ebpf.Program `ebpf:"divert_connect4"`
-	DivertConnect6   *ebpf.Program `ebpf:"divert_connect6"`
-	DivertGetsockopt *ebpf.Program `ebpf:"divert_getsockopt"`
-	DivertSkLookup   *ebpf.Program `ebpf:"divert_sk_lookup"`
-	DivertSockops    *ebpf.Program `ebpf:"divert_sockops"`
+	DivertConnect4     *ebpf.Program `ebpf:"divert_connect4"`
+	DivertConnect6     *ebpf.Program `ebpf:"divert_connect6"`
+	DivertGetpeername4 *ebpf.Program `ebpf:"divert_getpeername4"`
+	DivertGetpeername6 *ebpf.Program `ebpf:"divert_getpeername6"`
+	DivertGetsockopt   *ebpf.Program `ebpf:"divert_getsockopt"`
+	DivertRecvmsg4     *ebpf.Program `ebpf:"divert_recvmsg4"`
+	DivertRecvmsg6     *ebpf.Program `ebpf:"divert_recvmsg6"`
+	DivertSendmsg4     *ebpf.Program `ebpf:"divert_sendmsg4"`
+	DivertSendmsg6     *ebpf.Program `ebpf:"divert_sendmsg6"`
+	DivertSkLookup     *ebpf.Program `ebpf:"divert_sk_lookup"`
+	DivertSockops      *ebpf.Program `ebpf:"divert_sockops"`
 }
 
 func (p *DivertPrograms) Close() error {
 	return _DivertClose(
 		p.DivertConnect4,
 		p.DivertConnect6,
+		p.DivertGetpeername4,
+		p.DivertGetpeername6,
 		p.DivertGetsockopt,
+		p.DivertRecvmsg4,
+		p.DivertRecvmsg6,
+		p.DivertSendmsg4,
+		p.DivertSendmsg6,
 		p.DivertSkLookup,
 		p.DivertSockops,
 	)

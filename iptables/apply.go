@@ -175,7 +175,7 @@ func (o Options) Cleanup(ctx context.Context, netnsPath string) error {
 func applyInput(cfg *policy.Config, have map[string]*savedTable) string {
 	rs := rules(cfg)
 	var b strings.Builder
-	for _, table := range []string{tableMangle, tableNat} {
+	for _, table := range []string{tableMangle, tableNat, tableRaw} {
 		marks := istioMarks(have[table])
 		if cfg.Mode == policy.TProxy {
 			marks[hexMark(u32(cfg.TProxyMark))] = true

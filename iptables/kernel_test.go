@@ -175,7 +175,7 @@ func oracle(tb testing.TB, b Backend, input string) []string {
 // predicted is what saveForm says iptables-save prints for rs.
 func predicted(rs ruleSet) []string {
 	var out []string
-	for _, t := range []string{tableMangle, tableNat} {
+	for _, t := range []string{tableMangle, tableNat, tableRaw} {
 		chains := rs.chains(t)
 		slices.Sort(chains) // iptables-save lists chains by name
 		for _, c := range chains {

@@ -24,7 +24,13 @@ func MatchingRule(cfg *policy.Config, conn policy.Conn) string {
 		if r.port != 0 && r.port != conn.Dst.Port() {
 			continue
 		}
-		if r.prefix.IsValid() && !r.prefix.Contains(conn.Dst.Addr()) {
+		if r.gidOwner == (conn.UID == cfg.ProxyUID) && r.reason == policy.ReasonProxyHairpin {
+			continue // the uid rule decides the proxy uid's connections, the gid one the rest
+		}
+		if r.proto != "" && r.proto != conn.Proto.String() {
+			continue
+		}
+		if r.prefix.IsValid() && !r.prefix.Contains(conn.Dst.Addr().Unmap()) {
 			continue
 		}
 		return r.line()

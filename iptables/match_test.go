@@ -63,6 +63,23 @@ func conns(cfg *policy.Config) []policy.Conn {
 	// 127.0.0.1 as the model may be asked about it: not marked local.
 	cs = append(cs, out(app.uid, app.gid, netip.Addr{}, "127.0.0.1:8080", false))
 
+	// UDP: the same connections to port 53 (DNS capture) and to another port, to the
+	// nameservers too.
+	for _, ns := range cfg.DNSServers {
+		for _, p := range []uint16{53, 80} {
+			dst := netip.AddrPortFrom(ns, p).String()
+			cs = append(cs, out(app.uid, app.gid, netip.Addr{}, dst, false),
+				out(cfg.ProxyUID, cfg.ProxyGID, netip.Addr{}, dst, false),
+				out(app.uid, cfg.ProxyGID, netip.Addr{}, dst, false))
+		}
+	}
+	for _, c := range slices.Clone(cs) {
+		if p := c.Dst.Port(); c.Direction == policy.Outbound && (p == 53 || p == 80) {
+			c.Proto = policy.UDP
+			cs = append(cs, c)
+		}
+	}
+
 	in := append([]uint16{80, 8080, 22, cfg.InboundTunnelPort, 15090, 15021, 15020}, cfg.InboundExcludePorts...)
 	in = append(in, cfg.InboundPorts.Ports...)
 	for _, p := range in {
@@ -102,8 +119,11 @@ func simulate(t testing.TB, cfg *policy.Config, conn policy.Conn) (policy.Action
 			case target == "RETURN":
 				return policy.Pass, r.line(), builtin(chain) // back to the caller, or accepted
 			case target == "REDIRECT" || target == "TPROXY":
-				port := opts[slices.Index(opts, map[string]string{"REDIRECT": "--to-ports", "TPROXY": "--on-port"}[target])+1]
+				i := slices.IndexFunc(opts, func(o string) bool { return o == "--to-ports" || o == "--to-port" || o == "--on-port" })
+				port := opts[i+1]
 				switch port {
+				case u16(policy.DNSAgentPort):
+					return policy.RedirectDNS, r.line(), true
 				case u16(cfg.ProxyPort):
 					return policy.RedirectOutbound, r.line(), true
 				case u16(cfg.InboundCapturePort):
@@ -131,8 +151,8 @@ func simulate(t testing.TB, cfg *policy.Config, conn policy.Conn) (policy.Action
 	return a, line
 }
 
-// matches evaluates a rule's match part against conn. Only TCP connections are asked
-// about; an inbound connection is new, unmarked and arrives on a real interface.
+// matches evaluates a rule's match part against conn (TCP or UDP); an inbound connection
+// is new, unmarked and arrives on a real interface.
 func matches(t testing.TB, spec []string, c policy.Conn) bool {
 	t.Helper()
 	neg := false
@@ -151,7 +171,7 @@ func matches(t testing.TB, spec []string, c policy.Conn) bool {
 			continue
 		case "-p":
 			i++
-			ok = spec[i] == "tcp"
+			ok = spec[i] == c.Proto.String()
 		case "-o":
 			i++
 			ok = c.Direction == policy.Outbound && c.DstLocal // lo is the way to local addresses
@@ -170,6 +190,9 @@ func matches(t testing.TB, spec []string, c policy.Conn) bool {
 			i++
 			n, _ := strconv.Atoi(spec[i])
 			ok = int(c.Dst.Port()) == n
+		case "--dports": // multiport
+			i++
+			ok = slices.Contains(strings.Split(spec[i], ","), strconv.Itoa(int(c.Dst.Port())))
 		case "--uid-owner", "--gid-owner":
 			i++
 			n, _ := strconv.ParseUint(spec[i], 10, 32)
@@ -241,6 +264,9 @@ func TestDecideAgainstRules(t *testing.T) {
 				t.Errorf("%s: %+v: rules %s by %q, Decide %s", tc.name, c, action, line, v)
 				continue
 			}
+			if v.Reason == policy.ReasonNone {
+				continue // UDP that is not a DNS query: no rule of the model decides it
+			}
 			if got := MatchingRule(cfg, c); got != line {
 				t.Errorf("%s: %+v (%s): MatchingRule %q, rules decided by %q", tc.name, c, v, got, line)
 			}
@@ -263,7 +289,7 @@ func TestMatchingRuleEveryReason(t *testing.T) {
 			reached[v.Reason] = true
 			line := MatchingRule(cfg, c)
 			switch v.Reason {
-			case policy.ReasonNotIncluded, policy.ReasonInboundNotIncluded:
+			case policy.ReasonNotIncluded, policy.ReasonInboundNotIncluded, policy.ReasonDNSNotCaptured, policy.ReasonNone:
 				if line != "" {
 					t.Errorf("%s: %+v (%s): got %q, want no rule", tc.name, c, v, line)
 				}

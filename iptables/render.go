@@ -3,8 +3,8 @@
 // applies and removes those rules inside a pod's network namespace, and names the rule that
 // decides a connection (for `divert explain`).
 //
-// Only what shapes IPv4 TCP capture is rendered: no DNS capture, no interface exclusions,
-// no IPv6 tables. Rule order and spelling follow istio-iptables (istio/istio
+// Only what shapes IPv4 capture is rendered: TCP, and DNS capture (nat plus the raw table's
+// conntrack zones); no interface exclusions, no IPv6 tables. Rule order and spelling follow istio-iptables (istio/istio
 // tools/istio-iptables/pkg/capture) rule for rule, so the kernel running these rules behaves
 // exactly as it does under istio-init.
 package iptables
@@ -21,6 +21,7 @@ import (
 const (
 	tableNat    = "nat"
 	tableMangle = "mangle"
+	tableRaw    = "raw"
 
 	chainInbound    = "ISTIO_INBOUND"
 	chainRedirect   = "ISTIO_REDIRECT"
@@ -28,6 +29,7 @@ const (
 	chainOutput     = "ISTIO_OUTPUT"
 	chainDivert     = "ISTIO_DIVERT"
 	chainTProxy     = "ISTIO_TPROXY"
+	chainOutputDNS  = "ISTIO_OUTPUT_DNS"
 
 	// chainPrefix marks every chain this package owns; Cleanup removes exactly these.
 	chainPrefix = "ISTIO_"
@@ -53,6 +55,12 @@ type rule struct {
 	reason policy.Reason
 	port   uint16
 	prefix netip.Prefix
+	// proto is the protocol a deciding rule is specific to ("-p udp"); MatchingRule skips
+	// it for the other. Unset for rules that match any protocol or only ever see TCP.
+	proto string
+	// gidOwner marks the gid twin of a uid rule with the same reason: it decides only
+	// connections of the proxy gid that are not the proxy uid's.
+	gidOwner bool
 }
 
 // line is the rule as istio writes it into the restore input.
@@ -117,9 +125,12 @@ func rules(cfg *policy.Config) ruleSet {
 	rs.add(tableNat, "OUTPUT", "-j", chainOutput)
 	// -o comes first so an excluded port escapes even the hairpin; istio returns UDP too.
 	for _, p := range cfg.OutboundExcludePorts {
-		rs.decides(tableNat, chainOutput, policy.ReasonExcludedOutboundPort,
-			"-p", "tcp", "--dport", u16(p), "-j", "RETURN").port = p
-		rs.add(tableNat, chainOutput, "-p", "udp", "--dport", u16(p), "-j", "RETURN")
+		r := rs.decides(tableNat, chainOutput, policy.ReasonExcludedOutboundPort,
+			"-p", "tcp", "--dport", u16(p), "-j", "RETURN")
+		r.port, r.proto = p, "tcp"
+		r = rs.decides(tableNat, chainOutput, policy.ReasonExcludedOutboundPort,
+			"-p", "udp", "--dport", u16(p), "-j", "RETURN")
+		r.port, r.proto = p, "udp"
 	}
 	rs.decides(tableNat, chainOutput, policy.ReasonInboundPassthrough,
 		"-o", "lo", "-s", policy.InboundPassthroughSource.String()+"/32", "-j", "RETURN")
@@ -130,25 +141,45 @@ func rules(cfg *policy.Config) ruleSet {
 	for _, p := range cfg.OutboundCIDRs.Prefixes {
 		loopbackIncluded = loopbackIncluded || p.Addr().IsLoopback()
 	}
+	// With DNS capture, port 53 is left out of the uid hairpin and of the "local
+	// destination" returns, so queries to a nameserver on the pod reach ISTIO_OUTPUT_DNS.
+	dns := cfg.CapturesDNS()
+	dnsPort := u16(policy.DNSPort)
+	localReturn := func(owner, id string) []string {
+		if dns {
+			return []string{"-o", "lo", "-p", "tcp", "!", "--dport", dnsPort, "-m", "owner", "!", owner, id, "-j", "RETURN"}
+		}
+		return []string{"-o", "lo", "-m", "owner", "!", owner, id, "-j", "RETURN"}
+	}
 	uid := u32(cfg.ProxyUID)
-	rs.decides(tableNat, chainOutput, policy.ReasonProxyHairpin,
-		"-o", "lo", "!", "-d", hostLoopback, "-p", "tcp", "!", "--dport", tunnel,
-		"-m", "owner", "--uid-owner", uid, "-j", chainInRedirect)
+	if dns {
+		rs.decides(tableNat, chainOutput, policy.ReasonProxyHairpin,
+			"-o", "lo", "!", "-d", hostLoopback, "-p", "tcp", "-m", "multiport", "!", "--dports", dnsPort+","+tunnel,
+			"-m", "owner", "--uid-owner", uid, "-j", chainInRedirect)
+	} else {
+		rs.decides(tableNat, chainOutput, policy.ReasonProxyHairpin,
+			"-o", "lo", "!", "-d", hostLoopback, "-p", "tcp", "!", "--dport", tunnel,
+			"-m", "owner", "--uid-owner", uid, "-j", chainInRedirect)
+	}
 	if !loopbackIncluded {
-		rs.decides(tableNat, chainOutput, policy.ReasonLocalDestination,
-			"-o", "lo", "-m", "owner", "!", "--uid-owner", uid, "-j", "RETURN")
+		rs.decides(tableNat, chainOutput, policy.ReasonLocalDestination, localReturn("--uid-owner", uid)...)
 	}
 	rs.decides(tableNat, chainOutput, policy.ReasonProxyUID, "-m", "owner", "--uid-owner", uid, "-j", "RETURN")
-	// The gid twins of the hairpin and local-destination rules never decide anything: the
-	// uid rules before them already matched every connection that leaves through lo.
+	// The gid twins of the hairpin and local-destination rules: the uid rules before them
+	// already matched every connection that leaves through lo, except (with DNS capture) TCP
+	// to port 53, which the gid hairpin (istio keeps 53 in it) then takes.
 	gid := u32(cfg.ProxyGID)
-	rs.add(tableNat, chainOutput,
+	rs.decides(tableNat, chainOutput, policy.ReasonProxyHairpin,
 		"-o", "lo", "!", "-d", hostLoopback, "-p", "tcp", "!", "--dport", tunnel,
-		"-m", "owner", "--gid-owner", gid, "-j", chainInRedirect)
+		"-m", "owner", "--gid-owner", gid, "-j", chainInRedirect).gidOwner = true
 	if !loopbackIncluded {
-		rs.add(tableNat, chainOutput, "-o", "lo", "-m", "owner", "!", "--gid-owner", gid, "-j", "RETURN")
+		// Never decides: the uid twin returned every such connection but the proxy uid's.
+		rs.add(tableNat, chainOutput, localReturn("--gid-owner", gid)...)
 	}
 	rs.decides(tableNat, chainOutput, policy.ReasonProxyGID, "-m", "owner", "--gid-owner", gid, "-j", "RETURN")
+	if dns {
+		dnsRules(&rs, cfg)
+	}
 
 	rs.decides(tableNat, chainOutput, policy.ReasonLocalhost, "-d", hostLoopback, "-j", "RETURN")
 	for _, p := range cfg.IPv4OutboundExcludeCIDRs() {
@@ -183,6 +214,43 @@ func rules(cfg *policy.Config) ruleSet {
 		rs.insert(tableMangle, chainInbound, 3, "-p", "tcp", "-i", "lo", "-m", "mark", "!", "--mark", outboundMark, "-j", "RETURN")
 	}
 	return rs
+}
+
+// dnsRules adds istio's DNS capture (its SetupDNSRedir): the nat redirects to the agent
+// (TCP then UDP, per nameserver or for every destination), and the raw table's conntrack
+// zones that keep the agent's upstream queries (zone 1) apart from the app's redirected
+// ones (zone 2), so their UDP conntrack entries never clash.
+func dnsRules(rs *ruleSet, cfg *policy.Config) {
+	dnsPort, agent := u16(policy.DNSPort), u16(policy.DNSAgentPort)
+	rs.add(tableRaw, "OUTPUT", "-j", chainOutputDNS)
+	rs.add(tableNat, chainOutput, "-j", chainOutputDNS)
+	// istio spells the TCP target --to-ports and the UDP one --to-port.
+	for _, p := range []struct{ proto, toPorts string }{{"tcp", "--to-ports"}, {"udp", "--to-port"}} {
+		if cfg.CaptureAllDNS {
+			rs.decides(tableNat, chainOutputDNS, policy.ReasonDNSCaptured,
+				"-p", p.proto, "--dport", dnsPort, "-j", "REDIRECT", p.toPorts, agent).proto = p.proto
+			continue
+		}
+		for _, ns := range cfg.DNSServers {
+			r := rs.decides(tableNat, chainOutputDNS, policy.ReasonDNSCaptured,
+				"-p", p.proto, "--dport", dnsPort, "-d", ns.String()+"/32", "-j", "REDIRECT", p.toPorts, agent)
+			r.proto, r.prefix = p.proto, netip.PrefixFrom(ns, 32)
+		}
+	}
+	for _, owner := range []struct{ match, id string }{{"--uid-owner", u32(cfg.ProxyUID)}, {"--gid-owner", u32(cfg.ProxyGID)}} {
+		rs.add(tableRaw, chainOutputDNS, "-p", "udp", "--dport", dnsPort, "-m", "owner", owner.match, owner.id, "-j", "CT", "--zone", "1")
+		rs.add(tableRaw, chainOutputDNS, "-p", "udp", "--sport", agent, "-m", "owner", owner.match, owner.id, "-j", "CT", "--zone", "2")
+	}
+	rs.add(tableRaw, "PREROUTING", "-j", chainInbound)
+	if cfg.CaptureAllDNS {
+		rs.add(tableRaw, chainOutputDNS, "-p", "udp", "--dport", dnsPort, "-j", "CT", "--zone", "2")
+		rs.add(tableRaw, chainInbound, "-p", "udp", "--sport", dnsPort, "-j", "CT", "--zone", "1")
+		return
+	}
+	for _, ns := range cfg.DNSServers {
+		rs.add(tableRaw, chainOutputDNS, "-p", "udp", "--dport", dnsPort, "-d", ns.String()+"/32", "-j", "CT", "--zone", "2")
+		rs.add(tableRaw, chainInbound, "-p", "udp", "--sport", dnsPort, "-s", ns.String()+"/32", "-j", "CT", "--zone", "1")
+	}
 }
 
 // inboundRules adds the capture of connections arriving from outside: nat REDIRECT, or
@@ -251,7 +319,7 @@ func (rs ruleSet) chains(table string) []string {
 // tables lists the tables that receive rules, sorted as istio writes them.
 func (rs ruleSet) tables() []string {
 	var out []string
-	for _, t := range []string{tableMangle, tableNat} { // alphabetical, like istio
+	for _, t := range []string{tableMangle, tableNat, tableRaw} { // alphabetical, like istio
 		for _, r := range rs {
 			if r.table == t {
 				out = append(out, t)
@@ -263,8 +331,8 @@ func (rs ruleSet) tables() []string {
 }
 
 // Render returns exactly the iptables-restore input istio-iptables hands to
-// `iptables-restore --noflush` for the same settings: the IPv4 nat table and, in TPROXY
-// mode, the mangle table. It has no side effects.
+// `iptables-restore --noflush` for the same settings: the IPv4 nat table, in TPROXY mode
+// the mangle table, with DNS capture the raw table. It has no side effects.
 func Render(cfg *policy.Config) string {
 	rs := rules(cfg)
 	var b strings.Builder

@@ -43,6 +43,40 @@ func TestRenderReference(t *testing.T) {
 	}
 }
 
+// TestRenderDNSReference: DNS capture is byte for byte what istio-iptables hands to
+// iptables-restore (shared/reference: dns.rules, dns-capture-all.rules, and the IPv4 part of
+// dual-stack-dns-exclusions.rules). Those files were captured from istio's dry run, which
+// heads the input with a comment and writes "*nat" where reference-default.rules (the
+// restore input itself) has "* nat"; only that header differs, the rules are compared as is.
+func TestRenderDNSReference(t *testing.T) {
+	for file, args := range map[string][]string{
+		"reference-dns.rules":                 {"--redirect-dns", "--dns-servers", "10.96.0.10"},
+		"reference-dns-capture-all.rules":     {"--redirect-dns", "--capture-all-dns"},
+		"reference-dns-exclusions-ipv4.rules": {"--redirect-dns", "--dns-servers", "10.96.0.10", "-x", "10.0.0.0/8", "-o", "3306"},
+	} {
+		t.Run(file, func(t *testing.T) {
+			raw, err := os.ReadFile(filepath.Join("testdata", file))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var lines []string
+			for _, l := range strings.SplitAfter(string(raw), "\n") {
+				if strings.HasPrefix(l, "# iptables-restore") {
+					continue
+				}
+				if strings.HasPrefix(l, "*") && !strings.HasPrefix(l, "* ") {
+					l = "* " + l[1:]
+				}
+				lines = append(lines, l)
+			}
+			want := strings.Join(lines, "")
+			if got := Render(caseConfig(t, args)); got != want {
+				t.Errorf("Render(%q) differs from istio's output:\n%s", args, lineDiff(want, got))
+			}
+		})
+	}
+}
+
 // TestGoldenFilesHaveCases catches a golden file left behind by a renamed case.
 func TestGoldenFilesHaveCases(t *testing.T) {
 	names := map[string]bool{}

@@ -94,6 +94,11 @@ func saveTarget(t []string) []string {
 	out := []string{"-j", t[0]}
 	opts := t[1:]
 	switch t[0] {
+	case "REDIRECT":
+		// istio writes --to-port for UDP DNS; iptables takes it as --to-ports.
+		if len(opts) == 2 && opts[0] == "--to-port" {
+			return append(out, "--to-ports", opts[1])
+		}
 	case "MARK":
 		// --set-mark X is --set-xmark X/0xffffffff.
 		if len(opts) == 2 && opts[0] == "--set-mark" {

@@ -97,8 +97,16 @@ var programs = []program{
 	{"divert_getsockopt", ebpf.AttachCGroupGetsockopt, "link_getsockopt", true, true},
 	{"divert_sockops", ebpf.AttachCGroupSockOps, "link_sockops", true, true},
 	{"divert_sk_lookup", ebpf.AttachSkLookup, "link_sk_lookup", true, false},
+	// DNS capture: the hooks that show the app its nameserver go in before the ones that
+	// send its queries to the agent.
+	{"divert_recvmsg4", ebpf.AttachCGroupUDP4Recvmsg, "link_recvmsg4", false, true},
+	{"divert_recvmsg6", ebpf.AttachCGroupUDP6Recvmsg, "link_recvmsg6", false, true},
+	{"divert_getpeername4", ebpf.AttachCgroupInet4GetPeername, "link_getpeername4", false, true},
+	{"divert_getpeername6", ebpf.AttachCgroupInet6GetPeername, "link_getpeername6", false, true},
 	{"divert_connect4", ebpf.AttachCGroupInet4Connect, "link_connect4", false, true},
 	{"divert_connect6", ebpf.AttachCGroupInet6Connect, "link_connect6", false, true},
+	{"divert_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, "link_sendmsg4", false, true},
+	{"divert_sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, "link_sendmsg6", false, true},
 }
 
 // wanted reports whether opts need the program.
@@ -282,6 +290,10 @@ func closeLinks(links []link.Link, detach bool) {
 
 func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.Addr, opts Options) (err error) {
 	pinned, err := loadPinnedMaps(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		// A map this build has and the pod's pins lack (dns_servers came with DNS capture).
+		return fmt.Errorf("pod %s was attached by an incompatible divert version (%w); run divert detach --pod-id %s first", pod.ID, err, pod.ID)
+	}
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -181,6 +182,22 @@ func TestReattachOtherCgroupRefused(t *testing.T) {
 	}
 	if st.Policy.ProxyPort != 15001 {
 		t.Errorf("refused attach changed the policy: proxy port %d", st.Policy.ProxyPort)
+	}
+}
+
+// A pod whose pins lack a map this build has (attached before DNS capture: no dns_servers)
+// is refused with the way out, not a raw "no such file".
+func TestReattachMissingMapSaysIncompatible(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	divertest.Attach(t, pod, opts, divertest.Config(t))
+	if err := os.Remove(filepath.Join(loader.PinDir(opts, pod.Name), "dns_servers")); err != nil {
+		t.Fatal(err)
+	}
+	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
+	err := loader.Attach(context.Background(), lp, divertest.Config(t, "--redirect-dns", "--capture-all-dns"), opts)
+	if err == nil || !strings.Contains(err.Error(), "attached by an incompatible divert version") || !strings.Contains(err.Error(), "divert detach --pod-id "+pod.Name) {
+		t.Fatalf("re-attach over old pins: %v", err)
 	}
 }
 

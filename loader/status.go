@@ -63,6 +63,12 @@ type PolicyStatus struct {
 	InboundPorts         []uint16     `json:"inboundPorts,omitempty"`
 	InboundExcludePorts  []uint16     `json:"inboundExcludePorts,omitempty"`
 	LocalAddrs           []netip.Addr `json:"localAddrs"`
+	// DNS capture: off, to the nameservers, or (DNSCaptureAll) every destination's port 53,
+	// sent to 127.0.0.1:DNSAgentPort.
+	DNSCapture    bool         `json:"dnsCapture"`
+	DNSCaptureAll bool         `json:"dnsCaptureAll,omitempty"`
+	DNSServers    []netip.Addr `json:"dnsServers,omitempty"`
+	DNSAgentPort  uint16       `json:"dnsAgentPort,omitempty"`
 }
 
 // Status reads an attached pod's programs, policy and counters.
@@ -128,6 +134,13 @@ func readPolicy(m *maps.Maps) (PolicyStatus, error) {
 		ProxyPort: c.ProxyPort, InboundCapturePort: c.InboundCapturePort, InboundTunnelPort: c.InboundTunnelPort,
 		ProxyUID: c.ProxyUid, ProxyGID: c.ProxyGid,
 		OutboundIncludeAll: c.OutboundIncludeAll != 0, InboundIncludeAll: c.InboundIncludeAll != 0,
+		DNSCapture: c.DnsCapture != 0, DNSCaptureAll: c.DnsCaptureAll != 0,
+	}
+	if p.DNSCapture {
+		p.DNSAgentPort = c.DnsAgentPort
+	}
+	if p.DNSServers, err = maps.DNSServers(m); err != nil {
+		return p, err
 	}
 	var sets bpf.DivertPortSets
 	if err := m.PortSetsMap.Lookup(uint32(0), &sets); err != nil {

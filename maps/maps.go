@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 
 	"github.com/cilium/ebpf"
 
@@ -34,6 +35,9 @@ func Apply(m *Maps, cfg *policy.Config, localAddrs []netip.Addr) error {
 	if err := syncLocalAddrs(m.LocalAddrs, localAddrs); err != nil {
 		return fmt.Errorf("update local_addrs map: %w", err)
 	}
+	if err := syncAddrs(m.DnsServers, cfg.DNSServers); err != nil {
+		return fmt.Errorf("update dns_servers map: %w", err)
+	}
 	// The scalar settings go last: a new include-all flag must not run ahead of the sets.
 	if err := m.ConfigMap.Put(uint32(0), configValue(cfg)); err != nil {
 		return fmt.Errorf("update config_map: %w", err)
@@ -53,6 +57,9 @@ func configValue(cfg *policy.Config) bpf.DivertConfig {
 		CaptureLoopback:    boolByte(cfg.CapturesLoopback()),
 		// istio returns the tunnel port only in REDIRECT mode's nat chain.
 		InboundTunnelPasses: boolByte(cfg.Mode != policy.TProxy),
+		DnsCapture:          boolByte(cfg.CapturesDNS()),
+		DnsCaptureAll:       boolByte(cfg.CaptureAllDNS),
+		DnsAgentPort:        policy.DNSAgentPort,
 	}
 }
 
@@ -139,6 +146,25 @@ func syncPrefixes(m *ebpf.Map, prefixes []netip.Prefix) error {
 		want[bpf.DivertLpmV4Key{Prefixlen: uint32(p.Bits()), Addr: AddrValue(p.Addr())}] = 1
 	}
 	return sync(m, want)
+}
+
+// syncAddrs makes a set of IPv4 addresses (the nameservers) hold exactly addrs.
+func syncAddrs(m *ebpf.Map, addrs []netip.Addr) error { return syncLocalAddrs(m, addrs) }
+
+// DNSServers returns the nameservers the kernel captures queries to, in address order.
+func DNSServers(m *Maps) ([]netip.Addr, error) {
+	var out []netip.Addr
+	var k uint32
+	var v uint8
+	it := m.DnsServers.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, AddrFromValue(k))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read dns_servers map: %w", err)
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out, nil
 }
 
 func syncLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {

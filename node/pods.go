@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/pflag"
 	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/yaml"
 
 	"github.com/meshdivert/divert/policy"
 )
@@ -27,6 +28,12 @@ const (
 	// AnnotationProxyUID and AnnotationProxyGID override the proxy's uid and gid.
 	AnnotationProxyUID = "divert.meshdivert.io/proxy-uid"
 	AnnotationProxyGID = "divert.meshdivert.io/proxy-gid"
+
+	// AnnotationProxyConfig is Istio's per-pod ProxyConfig (YAML or JSON); its
+	// proxyMetadata holds environment variables for the proxy, such as DNSCaptureEnv.
+	AnnotationProxyConfig = "proxy.istio.io/config"
+	// DNSCaptureEnv turns on istio-agent's DNS proxy, and so DNS capture.
+	DNSCaptureEnv = "ISTIO_META_DNS_CAPTURE"
 
 	trafficPrefix = "traffic.sidecar.istio.io/"
 	// istioProxy is the injected sidecar container's name.
@@ -107,6 +114,15 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 		warnings = append(warnings, fmt.Sprintf("annotation %s=%q is not supported by divert (use REDIRECT or TPROXY); using %s",
 			AnnotationInterceptionMode, mode, defaults.Mode))
 	}
+	dns, dnsSource, err := dnsCapture(pod)
+	if err != nil {
+		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s: %w", pod.Namespace, pod.Name, err)
+	}
+	if dns {
+		// As istio-cni: it reads no resolv.conf, so every destination's port 53 is captured.
+		args = append(args, "--"+policy.FlagRedirectDNS+"=true", "--"+policy.FlagCaptureAllDNS+"=true")
+		sources = append(sources, dnsSource)
+	}
 	uid, gid := proxyIDs(pod)
 	if uid != "" {
 		args = append(args, "-u", uid)
@@ -142,6 +158,41 @@ func culprit(args, sources []string, defaults policy.Config) string {
 		}
 	}
 	return "annotations"
+}
+
+// dnsCapture decides DNS capture as istio-cni does: ISTIO_META_DNS_CAPTURE in the
+// istio-proxy container's environment (where the injector puts the mesh's proxyMetadata),
+// overridden by the pod's proxy.istio.io/config proxyMetadata. It returns where the value
+// came from; a value that is not a boolean is an error naming it (istio-cni logs it and
+// leaves capture off).
+func dnsCapture(pod *corev1.Pod) (bool, string, error) {
+	value, source := "", ""
+	for _, c := range proxyContainers(pod) {
+		for _, e := range c.Env {
+			if e.Name == DNSCaptureEnv {
+				value, source = e.Value, fmt.Sprintf("env %s of container %s", DNSCaptureEnv, c.Name)
+			}
+		}
+	}
+	if raw, ok := pod.Annotations[AnnotationProxyConfig]; ok {
+		var pc struct {
+			ProxyMetadata map[string]string `json:"proxyMetadata"`
+		}
+		if err := yaml.Unmarshal([]byte(raw), &pc); err != nil {
+			return false, "", fmt.Errorf("annotation %s is not a ProxyConfig: %v; fix its YAML", AnnotationProxyConfig, err)
+		}
+		if v, ok := pc.ProxyMetadata[DNSCaptureEnv]; ok {
+			value, source = v, fmt.Sprintf("annotation %s proxyMetadata %s", AnnotationProxyConfig, DNSCaptureEnv)
+		}
+	}
+	if source == "" {
+		return false, "", nil
+	}
+	on, err := strconv.ParseBool(strings.TrimSpace(value))
+	if err != nil {
+		return false, "", fmt.Errorf("%s=%q: use true or false", source, value)
+	}
+	return on, source, nil
 }
 
 // proxyIDs finds the proxy's uid and gid: divert's annotations, else the istio-proxy

@@ -100,6 +100,15 @@ type Config struct {
 	OutboundCIDRs CIDRList
 	// OutboundExcludeCIDRs are destinations never captured outbound (-x).
 	OutboundExcludeCIDRs []netip.Prefix
+	// RedirectDNS turns DNS capture on (--redirect-dns, $REDIRECT_DNS,
+	// $ISTIO_META_DNS_CAPTURE): queries to DNSServers' port 53 go to DNSAgentPort.
+	RedirectDNS bool
+	// CaptureAllDNS captures every destination's port 53, not only DNSServers'
+	// (--capture-all-dns, $CAPTURE_ALL_DNS). Alone it does nothing, as in istio-iptables.
+	CaptureAllDNS bool
+	// DNSServers are the pod's IPv4 nameservers (--dns-servers, else its resolv.conf),
+	// read only when RedirectDNS is on without CaptureAllDNS.
+	DNSServers []netip.Addr
 }
 
 // Default is what Istio's sidecar injector asks of istio-iptables for a standard pod:
@@ -129,6 +138,12 @@ func (c *Config) Validate() error {
 		if p.port == 0 {
 			return fmt.Errorf("invalid --%s: port 0; use a port between 1 and 65535", p.flag)
 		}
+	}
+	if c.RedirectDNS && !c.CaptureAllDNS && len(c.DNSServers) == 0 {
+		return fmt.Errorf("invalid --%s: no nameserver to capture; list the pod's with --%s, or use --%s", FlagRedirectDNS, FlagDNSServers, FlagCaptureAllDNS)
+	}
+	if err := checkDNSServers(c.DNSServers); err != nil {
+		return fmt.Errorf("invalid --%s: %w", FlagDNSServers, err)
 	}
 	if c.ProxyPort == c.InboundCapturePort {
 		return fmt.Errorf("invalid -p/--%s %d: it is also the inbound capture port (-z/--%s); use two different ports",

@@ -14,9 +14,27 @@ const (
 	Inbound                   // arriving from outside the pod
 )
 
-// Conn describes one new TCP connection as the kernel sees it when capture is decided.
+// Protocol is the transport of a connection (TCP unless said otherwise).
+type Protocol uint8
+
+const (
+	TCP Protocol = iota
+	UDP          // only queries to port 53 are ever captured (DNS capture)
+)
+
+func (p Protocol) String() string {
+	if p == UDP {
+		return "udp"
+	}
+	return "tcp"
+}
+
+// Conn describes one new TCP connection (or UDP datagram, or UDP connect) as the kernel
+// sees it when capture is decided.
 type Conn struct {
 	Direction Direction
+	// Proto is TCP or UDP.
+	Proto Protocol
 	// UID and GID of the process that made an outbound connection.
 	UID, GID uint32
 	// Src is the address an outbound socket was bound to before connect (invalid if unbound).
@@ -52,6 +70,7 @@ const (
 	Pass             Action = iota // untouched
 	RedirectOutbound               // to the proxy's outbound port (-p)
 	RedirectInbound                // to the proxy's inbound capture port (-z)
+	RedirectDNS                    // to istio-agent's DNS proxy (DNSAgentPort)
 )
 
 func (a Action) String() string {
@@ -60,6 +79,8 @@ func (a Action) String() string {
 		return "redirect-outbound"
 	case RedirectInbound:
 		return "redirect-inbound"
+	case RedirectDNS:
+		return "redirect-dns"
 	}
 	return "pass"
 }
@@ -85,6 +106,8 @@ const (
 	ReasonInboundExcludedPort                // -d
 	ReasonInboundIncludedPort                // -b
 	ReasonInboundNotIncluded                 // -b does not list the port
+	ReasonDNSCaptured                        // a query to a nameserver (or any, -capture-all-dns)
+	ReasonDNSNotCaptured                     // a UDP query to port 53 of another address
 	NumReasons
 )
 
@@ -105,6 +128,8 @@ var reasonNames = [NumReasons]string{
 	ReasonInboundExcludedPort:  "inbound-excluded-port",
 	ReasonInboundIncludedPort:  "inbound-included-port",
 	ReasonInboundNotIncluded:   "inbound-not-included",
+	ReasonDNSCaptured:          "dns-captured",
+	ReasonDNSNotCaptured:       "dns-not-captured",
 }
 
 func (r Reason) String() string {
@@ -144,11 +169,17 @@ func (v Verdict) String() string {
 //
 // divert captures IPv4 only: a native IPv6 destination passes with ReasonNone, as no
 // program decides it (nothing counts it); a v4-mapped one (::ffff:a.b.c.d, dialled from a
-// dual-stack socket) is IPv4 on the wire and decided as such.
+// dual-stack socket) is IPv4 on the wire and decided as such. UDP is only ever captured for
+// DNS: any other UDP passes with ReasonNone too (no program decides it), and inbound UDP is
+// never captured.
 func (c *Config) Decide(conn Conn) Verdict {
 	conn = conn.Routed()
 	conn.Dst = netip.AddrPortFrom(conn.Dst.Addr().Unmap(), conn.Dst.Port())
 	if !conn.Dst.Addr().Is4() {
+		return Verdict{Action: Pass, Reason: ReasonNone}
+	}
+	udp := conn.Proto == UDP
+	if udp && (conn.Direction == Inbound || !c.dnsPortSpecial(conn.Dst.Port())) {
 		return Verdict{Action: Pass, Reason: ReasonNone}
 	}
 	if conn.Direction == Inbound {
@@ -158,10 +189,15 @@ func (c *Config) Decide(conn Conn) Verdict {
 	hairpin := Verdict{Action: RedirectInbound, Reason: ReasonProxyHairpin, Port: c.InboundCapturePort}
 	dst, port := conn.Dst.Addr(), conn.Dst.Port()
 	// The shape of "-o lo ! -d 127.0.0.1/32 -p tcp ! --dport <tunnel>" in the hairpin rules.
-	hairpinnable := conn.DstLocal && dst != Localhost && port != c.InboundTunnelPort
+	hairpinnable := !udp && conn.DstLocal && dst != Localhost && port != c.InboundTunnelPort
 	// istio leaves out its "-o lo -m owner ! --uid-owner/--gid-owner -j RETURN" rules when
-	// -i names a loopback range, so that range can be captured.
-	localReturns := !c.CapturesLoopback()
+	// -i names a loopback range, so that range can be captured. With DNS capture they are
+	// "-p tcp ! --dport 53", so a query to a nameserver on the pod's own address reaches the
+	// DNS rules (UDP here is always a DNS query).
+	localReturns := !c.CapturesLoopback() && !udp && !c.dnsPortSpecial(port)
+	// With DNS capture the uid hairpin leaves port 53 alone too ("! --dports 53,<tunnel>");
+	// istio does not change the gid hairpin.
+	uidHairpinnable := hairpinnable && !c.dnsPortSpecial(port)
 
 	// -o is rendered before everything else, so it even beats the hairpin.
 	if slices.Contains(c.OutboundExcludePorts, port) {
@@ -170,7 +206,7 @@ func (c *Config) Decide(conn Conn) Verdict {
 	if conn.DstLocal && conn.Src == InboundPassthroughSource {
 		return pass(ReasonInboundPassthrough)
 	}
-	if hairpinnable && conn.UID == c.ProxyUID {
+	if uidHairpinnable && conn.UID == c.ProxyUID {
 		return hairpin
 	}
 	if localReturns && conn.DstLocal && conn.UID != c.ProxyUID {
@@ -190,11 +226,19 @@ func (c *Config) Decide(conn Conn) Verdict {
 	if conn.GID == c.ProxyGID {
 		return pass(ReasonProxyGID)
 	}
+	// ISTIO_OUTPUT_DNS: after the proxy's own traffic, before everything else.
+	if c.dnsPortSpecial(port) && c.DNSCaptures(dst) {
+		return Verdict{Action: RedirectDNS, Reason: ReasonDNSCaptured, Port: DNSAgentPort}
+	}
 	if dst == Localhost {
 		return pass(ReasonLocalhost)
 	}
 	if containsAddr(c.OutboundExcludeCIDRs, dst) {
 		return pass(ReasonExcludedCIDR)
+	}
+	// -q and ISTIO_REDIRECT are "-p tcp": the rest of UDP passes.
+	if udp {
+		return pass(ReasonDNSNotCaptured)
 	}
 	redirect := func(r Reason) Verdict { return Verdict{Action: RedirectOutbound, Reason: r, Port: c.ProxyPort} }
 	if slices.Contains(c.OutboundPorts, port) {

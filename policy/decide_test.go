@@ -286,7 +286,7 @@ func TestDecideOrder(t *testing.T) { runDecide(t, orderCases) }
 // TestDecideReachesEveryReason checks the tables above exercise every verdict reason.
 func TestDecideReachesEveryReason(t *testing.T) {
 	seen := map[policy.Reason]bool{}
-	for _, tt := range append(append([]decideCase{}, ruleCases...), orderCases...) {
+	for _, tt := range append(append(append([]decideCase{}, ruleCases...), orderCases...), dnsCases...) {
 		seen[tt.want.Reason] = true
 	}
 	for _, r := range policy.Reasons() {

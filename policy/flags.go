@@ -1,8 +1,10 @@
 package policy
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"unicode"
@@ -27,12 +29,50 @@ const (
 	FlagOutboundExcludePorts = "istio-local-outbound-ports-exclude" // -o
 	FlagOutboundCIDRs        = "istio-service-cidr"                 // -i
 	FlagOutboundExcludeCIDRs = "istio-service-exclude-cidr"         // -x
+	FlagRedirectDNS          = "redirect-dns"                       // also $ISTIO_META_DNS_CAPTURE
+	FlagCaptureAllDNS        = "capture-all-dns"
+	// divert's own: where the nameservers come from (istio-iptables reads /etc/resolv.conf).
+	FlagDNSServers = "dns-servers"
+	FlagResolvConf = "resolv-conf"
 )
 
 type flagSpec struct {
 	name, short, usage string
 	get                func(*Config) string
 	set                func(*Config, string) error
+}
+
+// flagExtra is what only some flags have.
+type flagExtra struct {
+	// moreEnv are read after EnvVar(name) and override it (istio's flag.AdditionalEnv).
+	moreEnv []string
+	// noEnv: divert's own flag, no environment variable.
+	noEnv bool
+	// boolean flags may be given bare (--redirect-dns), as istio-iptables' bool flags.
+	boolean bool
+}
+
+var flagExtras = map[string]flagExtra{
+	FlagRedirectDNS:   {moreEnv: []string{"ISTIO_META_DNS_CAPTURE"}, boolean: true},
+	FlagCaptureAllDNS: {boolean: true},
+	FlagDNSServers:    {noEnv: true},
+}
+
+// display is how messages name the flag: "-p/--envoy-port" or "--redirect-dns".
+func (s flagSpec) display() string {
+	if s.short == "" {
+		return "--" + s.name
+	}
+	return "-" + s.short + "/--" + s.name
+}
+
+// envs are the variables read for the flag, a later one overriding an earlier one.
+func (s flagSpec) envs() []string {
+	x := flagExtras[s.name]
+	if x.noEnv {
+		return nil
+	}
+	return append([]string{EnvVar(s.name)}, x.moreEnv...)
 }
 
 // EnvVar is the environment variable istio-iptables reads for a flag (viper's automatic
@@ -104,6 +144,15 @@ var flagSpecs = []flagSpec{
 			}
 			return
 		}},
+	{FlagRedirectDNS, "", "capture DNS: UDP and TCP to port 53 of the pod's nameservers go to istio-agent on 127.0.0.1:15053",
+		func(c *Config) string { return strconv.FormatBool(c.RedirectDNS) },
+		func(c *Config, s string) (err error) { c.RedirectDNS, err = parseBool(s); return }},
+	{FlagCaptureAllDNS, "", "with --" + FlagRedirectDNS + ", capture port 53 of every destination, not only the nameservers'",
+		func(c *Config) string { return strconv.FormatBool(c.CaptureAllDNS) },
+		func(c *Config, s string) (err error) { c.CaptureAllDNS, err = parseBool(s); return }},
+	{FlagDNSServers, "", "the pod's nameservers for --" + FlagRedirectDNS + ", comma separated (default: read from --" + FlagResolvConf + ")",
+		func(c *Config) string { return joinAddrs(c.DNSServers) },
+		func(c *Config, s string) (err error) { c.DNSServers, err = parseAddrs(s); return }},
 }
 
 // Flags registers every policy flag on fs with def's values as defaults, and returns the
@@ -112,29 +161,48 @@ var flagSpecs = []flagSpec{
 func Flags(fs *pflag.FlagSet, def Config) func(getenv func(string) string) (Config, error) {
 	values := make(map[string]*string, len(flagSpecs))
 	for _, s := range flagSpecs {
-		usage := fmt.Sprintf("%s (env %s)", s.usage, EnvVar(s.name))
+		usage := s.usage
+		if envs := s.envs(); len(envs) > 0 {
+			usage = fmt.Sprintf("%s (env %s)", s.usage, strings.Join(envs, ", "))
+		}
 		values[s.name] = fs.StringP(s.name, s.short, s.get(&def), usage)
+		if flagExtras[s.name].boolean {
+			fs.Lookup(s.name).NoOptDefVal = "true"
+		}
 	}
+	resolvConf := fs.String(FlagResolvConf, DefaultResolvConf, "the pod's resolv.conf, read for --"+FlagDNSServers+
+		" when --"+FlagRedirectDNS+" is on without --"+FlagCaptureAllDNS+" (divert attach: pass the pod's)")
 	return func(getenv func(string) string) (Config, error) {
 		cfg := def
-		gidGiven := false
+		gidGiven, dnsServersGiven := false, false
 		for _, s := range flagSpecs {
 			v, given, source := *values[s.name], fs.Changed(s.name), ""
 			if !given {
-				if env := getenv(EnvVar(s.name)); env != "" {
-					v, given, source = env, true, " (from $"+EnvVar(s.name)+")"
+				for _, env := range s.envs() {
+					if ev := getenv(env); ev != "" {
+						v, given, source = ev, true, " (from $"+env+")"
+					}
 				}
 			}
 			if !given {
 				continue
 			}
 			if err := s.set(&cfg, strings.TrimSpace(v)); err != nil {
-				return Config{}, fmt.Errorf("invalid -%s/--%s%s %q: %w", s.short, s.name, source, v, err)
+				return Config{}, fmt.Errorf("invalid %s%s %q: %w", s.display(), source, v, err)
 			}
 			gidGiven = gidGiven || s.name == FlagProxyGID
+			dnsServersGiven = dnsServersGiven || s.name == FlagDNSServers
 		}
 		if !gidGiven {
 			cfg.ProxyGID = cfg.ProxyUID
+		}
+		// istio-iptables reads the nameservers only when it captures by nameserver.
+		if cfg.RedirectDNS && !cfg.CaptureAllDNS && !dnsServersGiven {
+			servers, err := readResolvConf(*resolvConf)
+			if err != nil {
+				return Config{}, err
+			}
+			cfg.DNSServers = servers
 		}
 		if err := cfg.Validate(); err != nil {
 			return Config{}, err
@@ -151,9 +219,51 @@ func (c *Config) Args() []string {
 		if s.name == FlagProxyGID {
 			v = itoa(c.ProxyGID)
 		}
+		if s.short == "" {
+			args = append(args, "--"+s.name+"="+v)
+			continue
+		}
 		args = append(args, "-"+s.short, v)
 	}
 	return args
+}
+
+// readResolvConf reads the pod's nameservers, with errors that name where they came from and
+// what to do instead.
+func readResolvConf(path string) ([]netip.Addr, error) {
+	fix := fmt.Sprintf("pass the pod's resolv.conf with --%s, its nameservers with --%s, or use --%s", FlagResolvConf, FlagDNSServers, FlagCaptureAllDNS)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("invalid --%s %q for --%s: %w; %s", FlagResolvConf, path, FlagRedirectDNS, unwrapPath(err), fix)
+	}
+	servers, err := ParseResolvConf(data)
+	if err != nil {
+		return nil, fmt.Errorf("invalid --%s %q: %w; %s", FlagResolvConf, path, err, fix)
+	}
+	if len(servers) == 0 {
+		return nil, fmt.Errorf("invalid --%s %q for --%s: it lists no nameserver; %s", FlagResolvConf, path, FlagRedirectDNS, fix)
+	}
+	if err := checkDNSServers(servers); err != nil {
+		return nil, fmt.Errorf("invalid --%s %q: %w", FlagResolvConf, path, err)
+	}
+	return servers, nil
+}
+
+// unwrapPath drops the path an *os.PathError repeats.
+func unwrapPath(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
+func parseBool(s string) (bool, error) {
+	b, err := strconv.ParseBool(s)
+	if err != nil {
+		return false, fmt.Errorf("use true or false")
+	}
+	return b, nil
 }
 
 func itoa[T uint16 | uint32](v T) string { return strconv.FormatUint(uint64(v), 10) }

@@ -14,6 +14,8 @@ have nft || need+=(nftables)
 have ip || need+=(iproute2)
 have nsenter || need+=(util-linux)
 have haproxy || need+=(haproxy)
+have dig || need+=(bind9-dnsutils)  # DNS capture tests: a real resolver
+have dnsmasq || need+=(dnsmasq-base) # and a real forwarder as the agent (-base: no host service)
 [ -x /usr/lib/cni/ptp ] || need+=(containernetworking-plugins) # node-mode tests chain after ptp
 
 install_missing deps "${need[@]}"

@@ -34,6 +34,7 @@ var Modules = []string{
 	// What istio-iptables' rules use (see iptables/testdata).
 	"nf_conntrack", "nf_nat", "xt_owner", "xt_REDIRECT", "xt_mark", "xt_connmark", "xt_conntrack",
 	"xt_TPROXY", "xt_socket", "xt_multiport", "xt_comment", "xt_tcpudp",
+	"xt_CT", // DNS capture's conntrack zones (raw table)
 	"nf_tproxy_ipv4", "nf_tproxy_ipv6", "nf_socket_ipv4", "nf_socket_ipv6",
 }
 

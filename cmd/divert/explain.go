@@ -19,6 +19,7 @@ import (
 func newExplainCmd(e env) *cobra.Command {
 	var uid, gid uint32
 	var src, dst, direction, podID string
+	var udp bool
 	var podIPs []string
 	var opts loader.Options
 	cmd := &cobra.Command{
@@ -43,6 +44,7 @@ verdicts under the same reason names:
 	fs.StringVar(&src, "src", "", "address the socket was bound to before connect (e.g. 127.0.0.6)")
 	fs.StringVar(&dst, "dst", "", "destination IP:PORT (required)")
 	fs.StringVar(&direction, "direction", "outbound", "outbound (made in the pod) or inbound (arriving from outside)")
+	fs.BoolVar(&udp, "udp", false, "a UDP datagram (or UDP connect) rather than a TCP connection: only DNS queries are ever captured")
 	fs.StringSliceVar(&podIPs, "pod-ip", nil, "the pod's own addresses (destinations that are local, besides 127.0.0.0/8)")
 	fs.StringVar(&podID, "pod-id", "", "explain against this attached pod: its policy and addresses as pinned in bpffs (instead of policy flags and --pod-ip)")
 	addBPFFSFlag(fs, &opts)
@@ -57,6 +59,9 @@ verdicts under the same reason names:
 	})
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		conn := policy.Conn{}
+		if udp {
+			conn.Proto = policy.UDP
+		}
 		switch direction {
 		case "outbound":
 		case "inbound":
@@ -94,8 +99,12 @@ verdicts under the same reason names:
 		if podID != "" {
 			for _, name := range policyFlags {
 				if fs.Changed(name) || e.getenv(policy.EnvVar(name)) != "" {
-					return fmt.Errorf("-%s/--%s with --pod-id: the pod's policy is read from its pins; drop it (and $%s), or drop --pod-id to explain a policy given by flags",
-						fs.Lookup(name).Shorthand, name, policy.EnvVar(name))
+					flag := "--" + name
+					if sh := fs.Lookup(name).Shorthand; sh != "" {
+						flag = "-" + sh + "/" + flag
+					}
+					return fmt.Errorf("%s with --pod-id: the pod's policy is read from its pins; drop it (and $%s), or drop --pod-id to explain a policy given by flags",
+						flag, policy.EnvVar(name))
 				}
 			}
 			if len(podIPs) > 0 {
@@ -125,10 +134,14 @@ verdicts under the same reason names:
 		if conn.DstLocal {
 			where = "local: loopback or the pod's own address"
 		}
-		fmt.Fprintf(e.stdout, "connection: %s%s, to %s (%s)\n", direction, ids, conn.Dst, where)
+		fmt.Fprintf(e.stdout, "connection: %s %s%s, to %s (%s)\n", direction, conn.Proto, ids, conn.Dst, where)
 		fmt.Fprintf(e.stdout, "policy:  %s: %s; pod addresses %v\n", from, strings.Join(quoteArgs(cfg.Args()), " "), local)
 		v := cfg.Decide(conn)
 		fmt.Fprintf(e.stdout, "verdict: %s\n", v)
+		if v.Reason == policy.ReasonNone && conn.Proto == policy.UDP {
+			fmt.Fprintln(e.stdout, "reason:  none: UDP is only captured for DNS (port 53, with --redirect-dns); no program decides it and no counter counts it")
+			return nil
+		}
 		if v.Reason == policy.ReasonNone {
 			fmt.Fprintln(e.stdout, "reason:  none: an IPv6 destination, which divert does not capture (IPv4 only, and IPv4 dialled as ::ffff:a.b.c.d); no program decides it and no counter counts it")
 			fmt.Fprintln(e.stdout, "iptables: none: divert's iptables backend writes IPv4 rules only")
@@ -188,5 +201,7 @@ func pinnedPolicy(id string, opts loader.Options) (policy.Config, []netip.Addr, 
 			*list.out = append(*list.out, pfx)
 		}
 	}
+	cfg.RedirectDNS, cfg.CaptureAllDNS = p.DNSCapture, p.DNSCaptureAll
+	cfg.DNSServers = p.DNSServers
 	return cfg, p.LocalAddrs, nil
 }

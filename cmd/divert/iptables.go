@@ -19,12 +19,13 @@ func newIptablesCmd(e env) *cobra.Command {
 		Use:   "iptables",
 		Short: "Render, apply or remove istio-iptables' rules for the same policy flags",
 		Long: `The iptables backend renders the policy flags as exactly the iptables-restore input
-istio-iptables produces (IPv4 nat table; in TPROXY mode also the mangle table) and can
+istio-iptables produces (IPv4 nat table; in TPROXY mode also the mangle table; with DNS
+capture the raw table's conntrack zones too) and can
 apply it to a pod's network namespace. It is the fallback where eBPF cannot be used and the
 oracle the eBPF backend is compared with.
 
-Policy flags are istio-iptables' flags (short and long) and environment variables; DNS
-capture, interface exclusions and IPv6 rules are not rendered.`,
+Policy flags are istio-iptables' flags (short and long) and environment variables;
+interface exclusions and IPv6 rules are not rendered.`,
 		Args: cobra.NoArgs,
 	}
 	cmd.AddCommand(newIptablesRenderCmd(e), newIptablesApplyCmd(e), newIptablesCleanupCmd(e))

@@ -73,8 +73,6 @@ const (
 	flagForceApply          = "force-apply"
 	flagNativeNftables      = "native-nftables"
 	flagForceIptablesBinary = "force-iptables-binary"
-	flagRedirectDNS         = "redirect-dns"
-	flagCaptureAllDNS       = "capture-all-dns"
 	flagDropInvalid         = "drop-invalid"
 	flagDualStack           = "dual-stack"
 	flagTraceLogging        = "iptables-trace-logging"
@@ -143,10 +141,6 @@ var istioOpts = []istioOpt{
 		usage: "accepted with eBPF (no rules are written); refused when the iptables backend would be used"},
 	{name: flagForceIptablesBinary, env: []string{"FORCE_IPTABLES_BINARY"},
 		usage: "iptables binary for the iptables backend: one whose name says nft or legacy"},
-	{name: flagRedirectDNS, env: []string{"REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE"}, isBool: true, def: "false", support: rejected,
-		why: "divert captures TCP only, DNS capture (UDP and TCP port 53 to istio-agent) is not implemented; turn DNS capture off for this pod"},
-	{name: flagCaptureAllDNS, env: []string{"CAPTURE_ALL_DNS"}, isBool: true, def: "false", support: rejected,
-		why: "divert captures TCP only, DNS capture is not implemented"},
 	{name: flagDropInvalid, env: []string{"DROP_INVALID", "INVALID_DROP"}, isBool: true, def: "false", support: rejected,
 		why: "divert does not install istio's conntrack INVALID drop rule"},
 	{name: flagDualStack, env: []string{"DUAL_STACK", "ISTIO_DUAL_STACK", "ISTIO_AGENT_DUAL_STACK"}, isBool: true, def: "false", support: rejected,
@@ -281,7 +275,7 @@ cannot be found or that another pod captures, fails. --mode ebpf fails with the 
 instead; --mode iptables always writes the rules. One backend per pod: eBPF removes istio's
 rules, iptables detaches eBPF, and one iptables backend removes the other's chains.
 
-istio-iptables settings divert does not implement (DNS capture, interface exclusions,
+istio-iptables settings divert does not implement (interface exclusions,
 dual stack, CNI mode, ...) are refused with a message naming them, never ignored.`,
 		Example: `  divert istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020
   istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020 -n

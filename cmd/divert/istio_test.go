@@ -130,10 +130,8 @@ func TestIstioIptablesRefuses(t *testing.T) {
 		env  map[string]string
 		want string
 	}{
-		{[]string{"--redirect-dns"}, nil, "--redirect-dns=true"},
-		{nil, map[string]string{"ISTIO_META_DNS_CAPTURE": "true"}, "$ISTIO_META_DNS_CAPTURE=true (istio-iptables --redirect-dns)"},
-		{nil, map[string]string{"REDIRECT_DNS": "1"}, "$REDIRECT_DNS=true"},
-		{[]string{"--capture-all-dns"}, nil, "--capture-all-dns"},
+		{[]string{"--redirect-dns", "--resolv-conf", "/nonexistent"}, nil, "--resolv-conf"},
+		{nil, map[string]string{"ISTIO_META_DNS_CAPTURE": "on"}, "$ISTIO_META_DNS_CAPTURE"},
 		{[]string{"-k", "eth1"}, nil, "-k/--kube-virt-interfaces=eth1"},
 		{[]string{"-c", "eth1"}, nil, "-c/--istio-exclude-interfaces=eth1"},
 		{[]string{"--dual-stack"}, nil, "--dual-stack"},

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 
@@ -257,7 +258,7 @@ func TestAttachStatusDetach(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatalf("status json: %v\n%s", err, out)
 	}
-	if len(st) != 1 || st[0].ID != pod.Name || st[0].Counters["included-cidr"] != 1 || len(st[0].Programs) != 5 {
+	if len(st) != 1 || st[0].ID != pod.Name || st[0].Counters["included-cidr"] != 1 || len(st[0].Programs) != 11 {
 		t.Errorf("status: %+v", st)
 	}
 	if p := st[0].Policy; len(p.OutboundExcludePorts) != 1 || p.OutboundExcludePorts[0] != 3306 ||
@@ -276,6 +277,70 @@ func TestAttachStatusDetach(t *testing.T) {
 		t.Fatalf("second detach must succeed and say so: %v %q", err, out)
 	}
 	divertest.AssertNothingAttached(t, pod, opts)
+}
+
+// status and explain --pod-id show the DNS capture the kernel holds: the nameservers, or
+// every destination's port 53.
+func TestStatusExplainDNS(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	attach := func(extra ...string) {
+		t.Helper()
+		args := append([]string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, extra...)
+		if out, err := runCLI(t, nil, args...); err != nil {
+			t.Fatalf("attach %v: %v\n%s", extra, err, out)
+		}
+	}
+	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
+	status := func() (string, loader.PolicyStatus) {
+		t.Helper()
+		text, err := runCLI(t, nil, "status", "--bpffs", opts.BPFFS)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := runCLI(t, nil, "status", "--bpffs", opts.BPFFS, "-o", "json")
+		var st []loader.PodStatus
+		if err != nil || json.Unmarshal([]byte(out), &st) != nil || len(st) != 1 {
+			t.Fatalf("status json: %v\n%s", err, out)
+		}
+		return text, st[0].Policy
+	}
+	explain := func(args ...string) string {
+		t.Helper()
+		out, err := runCLI(t, nil, append([]string{"explain", "--pod-id", pod.Name, "--bpffs", opts.BPFFS, "--uid", "1000"}, args...)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+
+	attach()
+	if text, p := status(); !strings.Contains(text, "dns      off") || p.DNSCapture {
+		t.Errorf("DNS off: %+v\n%s", p, text)
+	}
+	attach("--redirect-dns", "--dns-servers", "10.96.0.11,10.96.0.10")
+	ns := []netip.Addr{netip.MustParseAddr("10.96.0.10"), netip.MustParseAddr("10.96.0.11")}
+	if text, p := status(); !strings.Contains(text, "dns      -> 127.0.0.1:15053  capture port 53 of nameservers [10.96.0.10 10.96.0.11]") ||
+		!p.DNSCapture || p.DNSCaptureAll || !slices.Equal(p.DNSServers, ns) {
+		t.Errorf("DNS by nameserver: %+v\n%s", p, text)
+	}
+	if out := explain("--udp", "--dst", "10.96.0.11:53"); !strings.Contains(out, "verdict: redirect-dns to port 15053 (dns-captured)") ||
+		!strings.Contains(out, "iptables: -A ISTIO_OUTPUT_DNS -p udp --dport 53 -d 10.96.0.11/32 -j REDIRECT --to-port 15053") {
+		t.Errorf("explain a query to a nameserver:\n%s", out)
+	}
+	if out := explain("--udp", "--dst", "10.96.0.12:53"); !strings.Contains(out, "verdict: pass (dns-not-captured)") {
+		t.Errorf("explain a query to another address:\n%s", out)
+	}
+	if out := explain("--udp", "--dst", "10.96.0.10:123"); !strings.Contains(out, "UDP is only captured for DNS") {
+		t.Errorf("explain UDP that is not DNS:\n%s", out)
+	}
+	attach("--redirect-dns", "--capture-all-dns")
+	if text, p := status(); !strings.Contains(text, "capture port 53 of every destination") || !p.DNSCaptureAll || len(p.DNSServers) != 0 {
+		t.Errorf("DNS capture-all: %+v\n%s", p, text)
+	}
+	if out := explain("--dst", "10.96.0.12:53"); !strings.Contains(out, "verdict: redirect-dns to port 15053 (dns-captured)") {
+		t.Errorf("explain a TCP query with capture-all:\n%s", out)
+	}
 }
 
 func TestExplain(t *testing.T) {

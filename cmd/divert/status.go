@@ -118,6 +118,14 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 	}
 	fmt.Fprintf(w, "  inbound  -> :%d  capture -b %s -d %s (tunnel port %d)\n", p.InboundCapturePort, inbound, ports(p.InboundExcludePorts), p.InboundTunnelPort)
 	fmt.Fprintf(w, "  pod addresses %v\n", p.LocalAddrs)
+	switch {
+	case !p.DNSCapture:
+		fmt.Fprintf(w, "  dns      off\n")
+	case p.DNSCaptureAll:
+		fmt.Fprintf(w, "  dns      -> 127.0.0.1:%d  capture port 53 of every destination (--capture-all-dns)\n", p.DNSAgentPort)
+	default:
+		fmt.Fprintf(w, "  dns      -> 127.0.0.1:%d  capture port 53 of nameservers %v\n", p.DNSAgentPort, p.DNSServers)
+	}
 	names := make([]string, 0, len(st.Counters))
 	for name := range st.Counters {
 		names = append(names, name)

@@ -559,8 +559,8 @@ func TestCleanupOnlyEBPF(t *testing.T) {
 	divertest.AssertNothingAttached(t, k.view(), opts)
 }
 
-// Settings divert does not implement are refused by the binary too, naming them, whether
-// they come as flags or as the environment variables istio reads.
+// Settings divert does not implement, and bad ones, are refused by the binary too, naming
+// them, whether they come as flags or as the environment variables istio reads.
 func TestRefusedSettings(t *testing.T) {
 	divert := image.Divert(t)
 	k := newK8sPod(t, cgroupfsLayout)
@@ -570,8 +570,8 @@ func TestRefusedSettings(t *testing.T) {
 		args []string
 		want string
 	}{
-		{nil, []string{"--redirect-dns"}, "--redirect-dns"},
-		{[]string{"ISTIO_META_DNS_CAPTURE=true"}, nil, "$ISTIO_META_DNS_CAPTURE"},
+		{nil, []string{"--redirect-dns", "--resolv-conf", "/nonexistent"}, "--resolv-conf"},
+		{[]string{"ISTIO_META_DNS_CAPTURE=maybe"}, nil, "$ISTIO_META_DNS_CAPTURE"},
 		{nil, []string{"-k", "eth1"}, "--kube-virt-interfaces"},
 	} {
 		args := append(append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...), c.args...)

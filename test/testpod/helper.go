@@ -47,6 +47,10 @@ func RunHelperIfRequested() {
 		"id":     runID,
 		"udp":    runUDP,
 
+		"udp-server": runUDPServer,
+		"query":      runQuery,
+		"resolve":    runResolve,
+
 		"burst-app":   runBurstApp,
 		"burst-proxy": runBurstProxy,
 		"soak-app":    runSoakApp,
