@@ -59,6 +59,9 @@ func GC(opts Options) ([]string, error) {
 		return nil, err
 	}
 	defer unlock()
+	if err := cleanStaging(opts); err != nil {
+		return nil, err
+	}
 	// Checking and removing under the state lock: an init container re-attaching the same
 	// pod (its sandbox was recreated) must not lose its fresh attachment to a stale check.
 	var removed []string
@@ -92,7 +95,7 @@ func detachDir(dir string) error {
 	for _, p := range slices.Backward(programs) {
 		l, err := loadPinnedLink(filepath.Join(dir, p.pin))
 		if errors.Is(err, os.ErrNotExist) {
-			continue
+			continue // not attached in this pod, or a previous detach got this far
 		}
 		if err != nil {
 			errs = append(errs, err)
@@ -102,6 +105,7 @@ func detachDir(dir string) error {
 			errs = append(errs, fmt.Errorf("detach %s: %w", p.name, err))
 		}
 		l.Close()
+		step("detach " + p.name)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return err

@@ -18,6 +18,7 @@ import (
 
 func TestMain(m *testing.M) {
 	testpod.RunHelperIfRequested()
+	runCrashChildIfRequested()
 	os.Exit(m.Run())
 }
 

@@ -1,0 +1,174 @@
+package loader_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/spf13/pflag"
+
+	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/testpod"
+)
+
+const crashChildEnv = "DIVERT_LOADER_CRASH_CHILD"
+
+// crashJob is one Attach or Detach run by a child process that kills itself (SIGKILL)
+// right after its KillAt-th step (see testHookStep), or finishes if it has fewer.
+type crashJob struct {
+	Op     string // "attach" or "detach"
+	Pod    loader.Pod
+	BPFFS  string
+	Flags  []string // policy flags, for attach
+	KillAt int
+}
+
+func runCrashChildIfRequested() {
+	v := os.Getenv(crashChildEnv)
+	if v == "" {
+		return
+	}
+	var job crashJob
+	if err := json.Unmarshal([]byte(v), &job); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	n := 0
+	loader.SetTestHookStep(func(step string) {
+		n++
+		fmt.Println(step)
+		if n == job.KillAt {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {}
+		}
+	})
+	opts := loader.Options{BPFFS: job.BPFFS}
+	var err error
+	if job.Op == "detach" {
+		err = loader.Detach(job.Pod.ID, opts)
+	} else {
+		var cfg policy.Config
+		if cfg, err = parseFlags(job.Flags); err == nil {
+			err = loader.Attach(context.Background(), job.Pod, &cfg, opts)
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+func parseFlags(args []string) (policy.Config, error) {
+	fs := pflag.NewFlagSet("crash", pflag.ContinueOnError)
+	parse := policy.Flags(fs, policy.Default())
+	if err := fs.Parse(args); err != nil {
+		return policy.Config{}, err
+	}
+	return parse(func(string) string { return "" })
+}
+
+// runCrashJob runs job in a child and returns the steps it passed; killed says whether
+// it died at step KillAt (else it finished).
+func runCrashJob(t *testing.T, job crashJob) (steps []string, killed bool) {
+	t.Helper()
+	b, _ := json.Marshal(job)
+	cmd := exec.Command("/proc/self/exe")
+	cmd.Env = append(os.Environ(), crashChildEnv+"="+string(b))
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	steps = strings.Fields(strings.ReplaceAll(strings.TrimSpace(out.String()), " ", "_"))
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
+			return steps, true
+		}
+		t.Fatalf("crash child %s: %v: %s", job.Op, err, errOut.String())
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return steps, false
+}
+
+// A loader killed (SIGKILL) after any step of a create, an update or a detach leaves the
+// pod captured whole or not at all, and the same call run again repairs it: attached once
+// with the new policy as the kernel holds it, or nothing left. Every step is tried, in a
+// child process that kills itself there.
+func TestCrashAtEveryStep(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	probe := divertest.NewCrashProbe(t, pod)
+	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
+	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
+	a := []string{}
+	b := []string{"-o", "3306", "-x", "10.96.0.0/12", "-d", "15090,15021,15020,9000"}
+	cfgB := divertest.Config(t, b...)
+	ctx := context.Background()
+
+	for _, tc := range []struct {
+		name, op string
+		from     []string // attached with these flags before, nil: not attached
+	}{
+		{"create", "attach", nil},
+		{"update", "attach", a},
+		{"detach", "detach", a},
+	} {
+		k := 1
+		for ; ; k++ {
+			if tc.from == nil {
+				if err := loader.Detach(pod.Name, opts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
+					t.Fatal(err)
+				}
+			} else if err := loader.Attach(ctx, lp, divertest.Config(t, tc.from...), opts); err != nil {
+				t.Fatal(err)
+			}
+			steps, killed := runCrashJob(t, crashJob{Op: tc.op, Pod: lp, BPFFS: opts.BPFFS, Flags: b, KillAt: k})
+			if !killed {
+				break
+			}
+			at := fmt.Sprintf("%s killed after step %d (%s)", tc.name, k, steps[len(steps)-1])
+			failed := false
+			fail := func(format string, args ...any) {
+				t.Errorf(at+": "+format, args...)
+				failed = true
+			}
+			if _, err := probe.Captured(t); err != nil {
+				fail("%v", err)
+			}
+			if tc.op == "detach" {
+				if err := loader.Detach(pod.Name, opts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
+					fail("detach again: %v", err)
+				} else if err := divertest.CheckNothingLeft(pod, opts); err != nil {
+					fail("after detach again: %v", err)
+				}
+			} else {
+				if err := loader.Attach(ctx, lp, cfgB, opts); err != nil {
+					fail("attach again: %v", err)
+				} else if err := divertest.CheckAttachedOnce(pod, opts, pod.Name); err != nil {
+					fail("after attach again: %v", err)
+				} else if err := divertest.CheckPolicy(opts, pod.Name, cfgB); err != nil {
+					fail("after attach again: %v", err)
+				} else if c, err := probe.Captured(t); err != nil || !c {
+					fail("after attach again: captured %v, %v", c, err)
+				}
+			}
+			if failed {
+				if err := divertest.ForceClean(opts); err != nil {
+					t.Fatalf("clean up after a failed iteration: %v", err)
+				}
+			}
+		}
+		t.Logf("%s: killed after each of its %d steps", tc.name, k-1)
+	}
+}
