@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/meshdivert/divert/internal/crashpoint"
 	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
@@ -43,14 +44,14 @@ func runCrashChildIfRequested() {
 		os.Exit(2)
 	}
 	n := 0
-	loader.SetTestHookStep(func(step string) {
+	crashpoint.Hook = func(step string) {
 		n++
 		fmt.Println(step)
 		if n == job.KillAt {
 			syscall.Kill(os.Getpid(), syscall.SIGKILL)
 			select {}
 		}
-	})
+	}
 	opts := loader.Options{BPFFS: job.BPFFS}
 	var err error
 	if job.Op == "detach" {

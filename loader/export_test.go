@@ -19,6 +19,3 @@ func SetLoadedTag(name, tag string) {
 	tags[name] = tag
 	loadedTags.byName = tags
 }
-
-// SetTestHookStep runs fn after every change Attach and Detach make, with its name.
-func SetTestHookStep(fn func(step string)) { testHookStep = fn }

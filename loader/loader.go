@@ -25,6 +25,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/bpf"
+	"github.com/meshdivert/divert/internal/crashpoint"
 	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
@@ -156,15 +157,9 @@ func (o *objects) program(name string) *ebpf.Program {
 // and before the pins are moved into place, to prove a late failure leaves nothing behind.
 var testHookBeforeCommit func() error
 
-// testHookStep, when set by a test, runs after every change Attach and Detach make to the
-// kernel or the bpffs, named; the crash tests kill the process there, step by step.
-var testHookStep func(step string)
-
-func step(name string) {
-	if testHookStep != nil {
-		testHookStep(name)
-	}
-}
+// step names a change Attach or Detach just made to the kernel or the bpffs: the crash
+// tests kill the process there (internal/crashpoint).
+func step(name string) { crashpoint.Step(name) }
 
 var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$`)
 

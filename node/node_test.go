@@ -33,6 +33,7 @@ import (
 
 func TestMain(m *testing.M) {
 	testpod.RunHelperIfRequested()
+	runAgentChildIfRequested()
 	code := m.Run()
 	if pluginBin != "" {
 		os.RemoveAll(filepath.Dir(pluginBin))

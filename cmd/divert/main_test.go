@@ -18,6 +18,7 @@ import (
 
 func TestMain(m *testing.M) {
 	testpod.RunHelperIfRequested()
+	runCLIChildIfRequested()
 	os.Exit(m.Run())
 }
 

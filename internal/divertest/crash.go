@@ -3,15 +3,20 @@ package divertest
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	"github.com/meshdivert/divert/internal/crashpoint"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/testpod"
@@ -223,4 +228,61 @@ func ForceClean(opts loader.Options) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// KillPlan spreads the kills of one command (a child process that calls
+// crashpoint.ArmFromEnv). The machine's load moves a command's steps in time, so three
+// kills in four are placed by step: at a random one of its steps, or a random moment
+// (under a millisecond) after it, the command going on meanwhile; the rest come from
+// outside (SIGKILL) at a random time of its run.
+type KillPlan struct {
+	Steps int           // steps of a whole run
+	Total time.Duration // shortest whole run
+}
+
+// Observe widens the plan with a whole run: its time and its output.
+func (k *KillPlan) Observe(total time.Duration, output string) {
+	n, _ := crashpoint.Steps(output)
+	k.Steps = max(k.Steps, n)
+	if k.Total == 0 || total < k.Total {
+		k.Total = total
+	}
+}
+
+// Kill runs cmd (not started yet) and kills it where the plan says; it returns whether
+// the kill came before cmd ended and where it was aimed.
+func (k KillPlan) Kill(rng *rand.Rand, cmd *exec.Cmd) (killed bool, aim string, err error) {
+	var wait time.Duration
+	if k.Steps > 0 && rng.IntN(4) > 0 {
+		n := 1 + rng.IntN(k.Steps)
+		var d int64
+		if rng.IntN(3) > 0 {
+			d = rng.Int64N(int64(time.Millisecond))
+		}
+		cmd.Env = append(cmd.Env, fmt.Sprintf("%s=%d,%d", crashpoint.Env, n, d))
+		aim = fmt.Sprintf("%v after step %d", time.Duration(d), n)
+	} else {
+		cmd.Env = append(cmd.Env, crashpoint.Env+"=0,0")
+		wait = time.Duration(rng.Int64N(int64(k.Total)*6/5 + 1))
+		aim = fmt.Sprintf("from outside %v in", wait)
+	}
+	if err := cmd.Start(); err != nil {
+		return false, aim, err
+	}
+	if wait > 0 {
+		time.Sleep(wait)
+		cmd.Process.Signal(syscall.SIGKILL)
+	}
+	err = cmd.Wait()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
+			return true, aim, nil
+		}
+	}
+	return false, aim, err
+}
+
+func (k KillPlan) String() string {
+	return fmt.Sprintf("%d steps in %v", k.Steps, k.Total.Round(time.Millisecond/10))
 }
