@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -210,4 +212,93 @@ func TestAgentKilled(t *testing.T) {
 	}
 	slices.Sort(lines)
 	t.Logf("%d kills in %v\n%s", *crashKills, time.Since(begin).Round(time.Millisecond), strings.Join(lines, "\n"))
+}
+
+// A CNI ADD storm: -storm.pods meshed pods set up at once through the CNI chain (ptp, then
+// divert-cni in real network namespaces). Every pod is captured, once, none is refused;
+// one of them is checked with real traffic; a DEL storm then leaves nothing.
+func TestCNIAddStorm(t *testing.T) {
+	n := *stormPods
+	var pods []*corev1.Pod
+	for i := range n {
+		p := meshedPod(newUID())
+		p.Name = fmt.Sprintf("storm-%d", i) // meshedPod's names may collide among 100
+		pods = append(pods, p)
+	}
+	w := newCNIWorld(t, pods...)
+	w.agent.Log = slog.New(slog.DiscardHandler)
+	list := w.conflist(t, w.socket, false)
+	opts := w.agent.Loader
+	tps := make([]*testpod.Pod, n)
+	for i, p := range pods {
+		tps[i] = &testpod.Pod{Name: p.Name, NetNSPath: podNetns(t), CgroupPath: filepath.Join(w.cgroups, node.ExpectedPodCgroup(p)), Net: w.net}
+	}
+	t.Cleanup(func() {
+		for _, p := range pods {
+			loader.Detach(string(p.UID), opts)
+		}
+	})
+
+	storm := func(op string) time.Duration {
+		start := time.Now()
+		var wg sync.WaitGroup
+		errs := make([]error, n)
+		for i, p := range pods {
+			wg.Go(func() {
+				res, err := w.cni(t, list, op, p, tps[i].NetNSPath)
+				if err == nil && op == "ADD" {
+					tps[i].Addr = addrOf(res)
+				}
+				errs[i] = err
+			})
+		}
+		wg.Wait()
+		if err := errors.Join(errs...); err != nil {
+			t.Fatalf("CNI %s storm of %d pods: %v", op, n, err)
+		}
+		return time.Since(start)
+	}
+
+	add := storm("ADD")
+	for i, p := range pods {
+		if err := divertest.CheckPolicy(opts, string(p.UID), mustConfig(t, p)); err != nil {
+			t.Errorf("pod %d: %v", i, err)
+		}
+		kinds, err := divertest.ProgramsByKind(tps[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, at := range divertest.Kinds {
+			if kinds[at] != 1 {
+				t.Errorf("pod %d: programs attached %v, want one of each", i, kinds)
+				break
+			}
+		}
+	}
+	if ids, _ := loader.List(opts); len(ids) != n {
+		t.Errorf("%d pods attached after %d ADDs", len(ids), n)
+	}
+	if got, _ := os.ReadDir(filepath.Join(opts.BPFFS, "divert_staging")); len(got) != 0 {
+		t.Errorf("staging left behind: %v", got)
+	}
+	probe := divertest.NewCrashProbe(t, tps[n/2])
+	if captured, err := probe.Captured(t); err != nil || !captured {
+		t.Errorf("pod %d after the storm: captured %v, %v", n/2, captured, err)
+	}
+
+	del := storm("DEL")
+	for i := range tps {
+		if err := divertest.CheckNothingLeft(tps[i], opts); err != nil {
+			t.Errorf("pod %d after DEL: %v", i, err)
+		}
+	}
+	t.Logf("%d pods: ADD storm %v, DEL storm %v", n, add.Round(time.Millisecond), del.Round(time.Millisecond))
+}
+
+func mustConfig(t *testing.T, p *corev1.Pod) *policy.Config {
+	cfg, _, err := node.Config(p, policy.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &cfg
 }
