@@ -72,6 +72,25 @@ func disarmPinned(dir string) error {
 	return nil
 }
 
+func inert(m *maps.Maps) (bool, error) {
+	var sets bpf.DivertPortSets
+	if err := m.PortSetsMap.Lookup(uint32(0), &sets); err != nil {
+		return false, fmt.Errorf("read port_sets_map: %w", err)
+	}
+	return sets == *inertPortSets(), nil
+}
+
+// Inert reports whether pod id is attached but inert: its attach or detach was killed
+// midway, and attaching it again finishes the job.
+func Inert(id string, opts Options) (bool, error) {
+	m, err := OpenMaps(id, opts)
+	if err != nil {
+		return false, err
+	}
+	defer closeMaps(m)
+	return inert(m)
+}
+
 // retireDir moves a pod's pin directory into staging, where it is taken apart: from then
 // on the pod is not attached, whatever happens to this process.
 func retireDir(opts Options, id string) (string, error) {

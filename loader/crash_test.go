@@ -144,8 +144,15 @@ func TestCrashAtEveryStep(t *testing.T) {
 				t.Errorf(at+": "+format, args...)
 				failed = true
 			}
-			if _, err := probe.Captured(t); err != nil {
+			captured, err := probe.Captured(t)
+			if err != nil {
 				fail("%v", err)
+			}
+			// A pod directory left behind says whether it is captured: inert or not.
+			if _, err := os.Stat(loader.PinDir(opts, pod.Name)); err == nil {
+				if inert, err := loader.Inert(pod.Name, opts); err != nil || inert == captured {
+					fail("captured %v, and its pins say inert %v (%v)", captured, inert, err)
+				}
 			}
 			if tc.op == "detach" {
 				if err := loader.Detach(pod.Name, opts); err != nil && !errors.Is(err, loader.ErrNotAttached) {

@@ -164,6 +164,39 @@ func TestAgentKilled(t *testing.T) {
 		t.Logf("%s: %v", name, p)
 	}
 
+	// An agent killed between moving a new pod's pins into place and arming them leaves
+	// the pod inert; the periodic reconcile (no refresh) must finish it, not skip it as
+	// attached.
+	reconcile := func() error {
+		a := &node.Agent{Client: fake.NewClientset(podWith(0)), NodeName: "node-1", CgroupRoot: root,
+			Loader: opts, Defaults: policy.Default(), Log: slog.New(slog.DiscardHandler)}
+		return a.Reconcile(context.Background(), false)
+	}
+	cmd, out := agentCmd(cycle[0].job)
+	cmd.Env = append(cmd.Env, fmt.Sprintf("%s=%d,0", crashpoint.Env, plans["add"].Steps-1))
+	if err := cmd.Run(); err == nil {
+		t.Fatalf("agent not killed before arming:\n%s", out)
+	}
+	if _, last := crashpoint.Steps(out.String()); last != "commit" {
+		t.Fatalf("agent killed after %q, want after commit", last)
+	}
+	if inert, err := loader.Inert(string(p.UID), opts); err != nil || !inert {
+		t.Fatalf("killed before arming: inert %v, %v", inert, err)
+	}
+	if err := reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	cfg0, _, _ := node.Config(podWith(0), policy.Default())
+	if err := errors.Join(divertest.CheckAttachedOnce(tp, opts, string(p.UID)), divertest.CheckPolicy(opts, string(p.UID), &cfg0)); err != nil {
+		t.Fatalf("reconcile of an inert pod: %v", err)
+	}
+	if captured, err := probe.Captured(t); err != nil || !captured {
+		t.Fatalf("reconcile of an inert pod: captured %v, %v", captured, err)
+	}
+	if err := loader.Detach(string(p.UID), opts); err != nil {
+		t.Fatal(err)
+	}
+
 	outcome := map[string]int{}
 	begin := time.Now()
 	for i := range *crashKills {
@@ -185,8 +218,13 @@ func TestAgentKilled(t *testing.T) {
 		}
 		outcome[fmt.Sprintf("%s: killed=%v captured=%v", s.name, killed, captured)]++
 
-		// The next agent makes the same call.
-		if err := s.job.run(context.Background()); err != nil {
+		// The next agent makes the same call; for every other ADD, the agent's periodic
+		// reconcile (no refresh) repairs instead, as when the runtime gave up on the pod.
+		if s.name == "add" && i%8 == 4 {
+			if err := reconcile(); err != nil {
+				t.Fatalf("%s: reconcile: %v", at, err)
+			}
+		} else if err := s.job.run(context.Background()); err != nil {
 			t.Fatalf("%s: run again: %v", at, err)
 		}
 		if s.name == "del" {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/meshdivert/divert/internal/crashpoint"
 	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/test/testpod"
 )
 
@@ -122,6 +123,11 @@ func TestCLIKilled(t *testing.T) {
 		captured, err := probe.Captured(t)
 		if err != nil {
 			t.Fatalf("%s: %v", at, err)
+		}
+		if _, err := os.Stat(loader.PinDir(opts, pod.Name)); err == nil && !captured {
+			if out, err := runCLI(t, nil, "status", "--pod-id", pod.Name, "--bpffs", opts.BPFFS); err != nil || !strings.Contains(out, "inert") {
+				t.Fatalf("%s: divert status of an uncaptured pod with pins must say it is inert: %v\n%s", at, err, out)
+			}
 		}
 		if c.name == "update" && !captured {
 			t.Fatalf("%s: an interrupted update left the pod uncaptured", at)
