@@ -23,6 +23,9 @@ import (
 //     outbound and inbound, and every program lets every connection pass. One map update,
 //     arm, turns capture on in both directions at once; disarm, the first step of Detach,
 //     turns it off.
+//   - Turning outbound on or off on an attached pod adds or removes connect4 and connect6,
+//     two links: the maps go in with outbound alone inert (outboundInert), the links
+//     change, then arm.
 //   - An attach in progress pins into <bpffs>/divert_staging/ and renames into place; a
 //     detach renames the pod's directory there before taking it apart. Anything found in
 //     staging under the state lock belongs to a loader that died (they all hold the lock
@@ -52,6 +55,17 @@ func arm(m *maps.Maps, cfg *policy.Config) error {
 		return fmt.Errorf("arm: update port_sets_map: %w", err)
 	}
 	return nil
+}
+
+// outboundInert is cfg with every port excluded outbound: connect4 and connect6 let every
+// connection pass, inbound is cfg's.
+func outboundInert(cfg *policy.Config) *policy.Config {
+	c := *cfg
+	c.OutboundExcludePorts = make([]uint16, 1<<16)
+	for i := range c.OutboundExcludePorts {
+		c.OutboundExcludePorts[i] = uint16(i)
+	}
+	return &c
 }
 
 // disarmPinned disarms the pod whose pins are in dir. Without a pinned port_sets_map

@@ -30,6 +30,7 @@ type crashJob struct {
 	Pod    loader.Pod
 	BPFFS  string
 	Flags  []string // policy flags, for attach
+	NoOut  bool     // attach without outbound capture
 	KillAt int
 }
 
@@ -52,7 +53,7 @@ func runCrashChildIfRequested() {
 			select {}
 		}
 	}
-	opts := loader.Options{BPFFS: job.BPFFS}
+	opts := loader.Options{BPFFS: job.BPFFS, NoOutbound: job.NoOut}
 	var err error
 	if job.Op == "detach" {
 		err = loader.Detach(job.Pod.ID, opts)
@@ -118,23 +119,27 @@ func TestCrashAtEveryStep(t *testing.T) {
 	ctx := context.Background()
 
 	for _, tc := range []struct {
-		name, op string
-		from     []string // attached with these flags before, nil: not attached
+		name, op      string
+		from          []string // attached with these flags before, nil: not attached
+		fromNoOut, to bool     // outbound off before; after (attach only)
 	}{
-		{"create", "attach", nil},
-		{"update", "attach", a},
-		{"detach", "detach", a},
+		{"create", "attach", nil, false, false},
+		{"update", "attach", a, false, false},
+		{"detach", "detach", a, false, false},
+		{"outbound on", "attach", a, true, false},
+		{"outbound off", "attach", a, false, true},
 	} {
+		toOpts := loader.Options{BPFFS: opts.BPFFS, NoOutbound: tc.to}
 		k := 1
 		for ; ; k++ {
 			if tc.from == nil {
 				if err := loader.Detach(pod.Name, opts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
 					t.Fatal(err)
 				}
-			} else if err := loader.Attach(ctx, lp, divertest.Config(t, tc.from...), opts); err != nil {
+			} else if err := loader.Attach(ctx, lp, divertest.Config(t, tc.from...), loader.Options{BPFFS: opts.BPFFS, NoOutbound: tc.fromNoOut}); err != nil {
 				t.Fatal(err)
 			}
-			steps, killed := runCrashJob(t, crashJob{Op: tc.op, Pod: lp, BPFFS: opts.BPFFS, Flags: b, KillAt: k})
+			steps, killed := runCrashJob(t, crashJob{Op: tc.op, Pod: lp, BPFFS: opts.BPFFS, Flags: b, NoOut: tc.to, KillAt: k})
 			if !killed {
 				break
 			}
@@ -144,8 +149,17 @@ func TestCrashAtEveryStep(t *testing.T) {
 				t.Errorf(at+": "+format, args...)
 				failed = true
 			}
-			captured, err := probe.Captured(t)
-			if err != nil {
+			var captured bool
+			var err error
+			if tc.fromNoOut || tc.to {
+				// A direction turned on or off: inbound stays captured, outbound is
+				// captured whole or not at all.
+				var in bool
+				if captured, in, _, err = probe.Directions(t); err != nil || !in {
+					fail("inbound captured %v, %v", in, err)
+				}
+				captured = captured || in
+			} else if captured, err = probe.Captured(t); err != nil {
 				fail("%v", err)
 			}
 			// A pod directory left behind says whether it is captured: inert or not.
@@ -161,14 +175,14 @@ func TestCrashAtEveryStep(t *testing.T) {
 					fail("after detach again: %v", err)
 				}
 			} else {
-				if err := loader.Attach(ctx, lp, cfgB, opts); err != nil {
+				if err := loader.Attach(ctx, lp, cfgB, toOpts); err != nil {
 					fail("attach again: %v", err)
-				} else if err := divertest.CheckAttachedOnce(pod, opts, pod.Name); err != nil {
+				} else if err := divertest.CheckAttachedOnce(pod, toOpts, pod.Name); err != nil {
 					fail("after attach again: %v", err)
 				} else if err := divertest.CheckPolicy(opts, pod.Name, cfgB); err != nil {
 					fail("after attach again: %v", err)
-				} else if c, err := probe.Captured(t); err != nil || !c {
-					fail("after attach again: captured %v, %v", c, err)
+				} else if out, in, _, err := probe.Directions(t); err != nil || !in || out == tc.to {
+					fail("after attach again: outbound captured %v, inbound %v, %v", out, in, err)
 				}
 			}
 			if failed {

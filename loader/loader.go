@@ -351,7 +351,19 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 	if loadErr != nil {
 		return fmt.Errorf("pod %s was attached by an incompatible divert version (%w); run divert detach --pod-id %s first", pod.ID, loadErr, pod.ID)
 	}
-	if err := maps.Apply(pinned, cfg, addrs); err != nil {
+	// Turning outbound on or off adds or removes connect4 and connect6 one at a time: the
+	// maps go in with outbound inert, and arm turns it on once both are in (crash.go).
+	outChange := false
+	for _, p := range programs {
+		if _, has := existing[p.name]; p.outbound && !p.inbound && has != p.wanted(opts) {
+			outChange = true
+		}
+	}
+	applied := cfg
+	if outChange {
+		applied = outboundInert(cfg)
+	}
+	if err := maps.Apply(pinned, applied, addrs); err != nil {
 		return err
 	}
 	step("apply maps")
@@ -396,6 +408,12 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 			}
 			step("turn off " + p.name)
 		}
+	}
+	if outChange {
+		if err := arm(pinned, cfg); err != nil {
+			return err
+		}
+		step("arm")
 	}
 	return nil
 }

@@ -76,17 +76,33 @@ func NewCrashProbe(tb testing.TB, pod *testpod.Pod) *CrashProbe {
 // one direction without the other, a program attached twice, a connection that failed.
 func (c *CrashProbe) Captured(tb testing.TB) (bool, error) {
 	tb.Helper()
-	kinds, err := ProgramsByKind(c.Pod)
+	out, in, kinds, err := c.Directions(tb)
 	if err != nil {
 		return false, err
 	}
+	if out != in {
+		return false, fmt.Errorf("half captured: outbound captured %v, inbound captured %v (programs %v)", out, in, kinds)
+	}
+	return out, nil
+}
+
+// Directions reports which directions are captured, each whole: outbound only with
+// connect4 and connect6 both attached (and getsockopt, sockops), inbound only with
+// sk_lookup (and getsockopt, sockops); an error for a program attached twice, a failed
+// connection, or a direction captured without all its programs.
+func (c *CrashProbe) Directions(tb testing.TB) (out, in bool, kinds map[ebpf.AttachType]int, err error) {
+	tb.Helper()
+	kinds, err = ProgramsByKind(c.Pod)
+	if err != nil {
+		return false, false, nil, err
+	}
 	for at, n := range kinds {
 		if n > 1 {
-			return false, fmt.Errorf("%d %s programs attached: %v", n, at, kinds)
+			return false, false, kinds, fmt.Errorf("%d %s programs attached: %v", n, at, kinds)
 		}
 	}
-	out := c.Pod.Dial(tb, AppUID, AppUID, c.Out)[0]
-	in := c.Pod.Net.Dial(tb, c.In)[0]
+	outR := c.Pod.Dial(tb, AppUID, AppUID, c.Out)[0]
+	inR := c.Pod.Net.Dial(tb, c.In)[0]
 	who := func(r testpod.Result, proxy, bypass string) (bool, error) {
 		if len(r.Hops) != 1 {
 			return false, fmt.Errorf("connection to %s: %+v", r.Dst, r)
@@ -100,25 +116,20 @@ func (c *CrashProbe) Captured(tb testing.TB) (bool, error) {
 			return false, fmt.Errorf("connection to %s reached %s with original destination %q", r.Dst, h.Who, h.Orig)
 		}
 	}
-	outCaptured, err := who(out, "proxy", "remote")
-	if err != nil {
-		return false, err
+	if out, err = who(outR, "proxy", "remote"); err != nil {
+		return false, false, kinds, err
 	}
-	inCaptured, err := who(in, "proxy", "app")
-	if err != nil {
-		return false, err
+	if in, err = who(inR, "proxy", "app"); err != nil {
+		return false, false, kinds, err
 	}
-	if outCaptured != inCaptured {
-		return false, fmt.Errorf("half captured: outbound captured %v, inbound captured %v (programs %v)", outCaptured, inCaptured, kinds)
+	shared := kinds[ebpf.AttachCGroupSockOps] == 1 && kinds[ebpf.AttachCGroupGetsockopt] == 1
+	if out && !(shared && kinds[ebpf.AttachCGroupInet4Connect] == 1 && kinds[ebpf.AttachCGroupInet6Connect] == 1) {
+		return out, in, kinds, fmt.Errorf("outbound captured without every program: %v", kinds)
 	}
-	if outCaptured {
-		for _, at := range Kinds {
-			if kinds[at] != 1 {
-				return true, fmt.Errorf("captured without every program: %v", kinds)
-			}
-		}
+	if in && !(shared && kinds[ebpf.AttachSkLookup] == 1) {
+		return out, in, kinds, fmt.Errorf("inbound captured without every program: %v", kinds)
 	}
-	return outCaptured, nil
+	return out, in, kinds, nil
 }
 
 // CheckAttachedOnce checks that id is the only pod under opts' bpffs, attached exactly
@@ -129,12 +140,22 @@ func CheckAttachedOnce(pod *testpod.Pod, opts loader.Options, id string) error {
 	if err != nil {
 		return err
 	}
+	// What opts turn off is not attached, and has no pin.
+	want := append(loader.MapNames(), "link_getsockopt", "link_sockops")
+	wantKinds := map[ebpf.AttachType]int{ebpf.AttachCGroupSockOps: 1, ebpf.AttachCGroupGetsockopt: 1}
+	if !opts.NoOutbound {
+		want = append(want, "link_connect4", "link_connect6")
+		wantKinds[ebpf.AttachCGroupInet4Connect], wantKinds[ebpf.AttachCGroupInet6Connect] = 1, 1
+	}
+	if !opts.NoInbound {
+		want = append(want, "link_sk_lookup")
+		wantKinds[ebpf.AttachSkLookup] = 1
+	}
 	for _, at := range Kinds {
-		if kinds[at] != 1 {
-			return fmt.Errorf("programs attached %v, want one of each", kinds)
+		if kinds[at] != wantKinds[at] {
+			return fmt.Errorf("programs attached %v, want %v", kinds, wantKinds)
 		}
 	}
-	want := append(loader.MapNames(), "link_connect4", "link_connect6", "link_getsockopt", "link_sk_lookup", "link_sockops")
 	slices.Sort(want)
 	if got := names(filepath.Join(opts.BPFFS, "divert", id)); !slices.Equal(got, want) {
 		return fmt.Errorf("pins of %s: %v, want %v", id, got, want)
