@@ -8,10 +8,12 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"github.com/spf13/pflag"
 
 	"github.com/meshdivert/divert/internal/crashpoint"
@@ -192,5 +194,32 @@ func TestCrashAtEveryStep(t *testing.T) {
 			}
 		}
 		t.Logf("%s: killed after each of its %d steps", tc.name, k-1)
+	}
+}
+
+// divert gc also clears what a killed attach left in staging (links pinned there keep
+// their programs attached, inert), whichever pod it was for.
+func TestGCClearsStaging(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
+	t.Cleanup(func() { divertest.ForceClean(opts) })
+	steps, _ := runCrashJob(t, crashJob{Op: "attach", Pod: lp, BPFFS: opts.BPFFS})
+	if err := loader.Detach(pod.Name, opts); err != nil {
+		t.Fatal(err)
+	}
+	at := slices.Index(steps, "pin_divert_sk_lookup") + 1
+	if at == 0 {
+		t.Fatalf("no step pin_divert_sk_lookup in %v", steps)
+	}
+	runCrashJob(t, crashJob{Op: "attach", Pod: lp, BPFFS: opts.BPFFS, KillAt: at})
+	if kinds, _ := divertest.ProgramsByKind(pod); kinds[ebpf.AttachSkLookup] != 1 {
+		t.Fatalf("the killed attach left %v attached, want sk_lookup among them", kinds)
+	}
+	if _, err := loader.GC(opts); err != nil {
+		t.Fatal(err)
+	}
+	if err := divertest.CheckNothingLeft(pod, opts); err != nil {
+		t.Fatalf("after gc: %v", err)
 	}
 }

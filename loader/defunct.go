@@ -51,8 +51,11 @@ func Defunct(id string, opts Options) ([]string, error) {
 // but the pins keep the programs and maps in memory until removed.
 func GC(opts Options) ([]string, error) {
 	ids, err := List(opts)
-	if err != nil || len(ids) == 0 {
-		return nil, err // and no bpffs mounted just to find it empty
+	if err != nil {
+		return nil, err
+	}
+	if staged, _ := os.ReadDir(stagingDir(opts)); len(ids) == 0 && len(staged) == 0 {
+		return nil, nil // and no bpffs mounted just to find it empty
 	}
 	unlock, err := lockState(opts)
 	if err != nil {
