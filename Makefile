@@ -67,6 +67,14 @@ parity-soak: deps
 	$(GO) test -count=1 -timeout 60m ./test/parity -run TestRandomParity -v \
 		-parity.configs=$(or $(CONFIGS),300) -parity.conns=$(or $(CONNS),40) -parity.seed=$(or $(SEED),0)
 
+# The CLI and the node agent killed many more times than make test does; SEED=n replays.
+.PHONY: crash-soak
+crash-soak: deps
+	$(GO) test -count=1 -timeout 60m ./cmd/divert -run '^TestCLIKilled$$' -v \
+		-crash.kills=$(or $(KILLS),2000) -crash.seed=$(or $(SEED),0)
+	$(GO) test -count=1 -timeout 60m ./node -run '^(TestAgentKilled|TestCNIAddStorm)$$' -v \
+		-crash.kills=$(or $(KILLS),2000) -crash.seed=$(or $(SEED),0) -storm.pods=$(or $(PODS),100)
+
 # Fails if `make generate` changes committed files.
 check-generated: generate
 	@git diff --exit-code -- bpf/ || { echo "bpf2go outputs are stale: run make generate and commit" >&2; exit 1; }

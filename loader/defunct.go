@@ -51,14 +51,20 @@ func Defunct(id string, opts Options) ([]string, error) {
 // but the pins keep the programs and maps in memory until removed.
 func GC(opts Options) ([]string, error) {
 	ids, err := List(opts)
-	if err != nil || len(ids) == 0 {
-		return nil, err // and no bpffs mounted just to find it empty
+	if err != nil {
+		return nil, err
+	}
+	if staged, _ := os.ReadDir(stagingDir(opts)); len(ids) == 0 && len(staged) == 0 {
+		return nil, nil // and no bpffs mounted just to find it empty
 	}
 	unlock, err := lockState(opts)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
+	if err := cleanStaging(opts); err != nil {
+		return nil, err
+	}
 	// Checking and removing under the state lock: an init container re-attaching the same
 	// pod (its sandbox was recreated) must not lose its fresh attachment to a stale check.
 	var removed []string
@@ -92,7 +98,7 @@ func detachDir(dir string) error {
 	for _, p := range slices.Backward(programs) {
 		l, err := loadPinnedLink(filepath.Join(dir, p.pin))
 		if errors.Is(err, os.ErrNotExist) {
-			continue
+			continue // not attached in this pod, or a previous detach got this far
 		}
 		if err != nil {
 			errs = append(errs, err)
@@ -102,6 +108,7 @@ func detachDir(dir string) error {
 			errs = append(errs, fmt.Errorf("detach %s: %w", p.name, err))
 		}
 		l.Close()
+		step("detach " + p.name)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return err

@@ -25,6 +25,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/bpf"
+	"github.com/meshdivert/divert/internal/crashpoint"
 	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
@@ -164,6 +165,10 @@ func (o *objects) program(name string) *ebpf.Program {
 // and before the pins are moved into place, to prove a late failure leaves nothing behind.
 var testHookBeforeCommit func() error
 
+// step names a change Attach or Detach just made to the kernel or the bpffs: the crash
+// tests kill the process there (internal/crashpoint).
+func step(name string) { crashpoint.Step(name) }
+
 var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$`)
 
 const badID = "use 1-128 letters, digits, '_' or '-' (bpffs forbids '.'), starting with a letter or digit"
@@ -210,6 +215,9 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 	}
 	defer unlock()
 
+	if err := cleanStaging(opts); err != nil {
+		return err
+	}
 	// Under the lock: two loaders sharing this bpffs cannot both pass.
 	if err := checkOverlap(pod, opts); err != nil {
 		return err
@@ -230,6 +238,10 @@ func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Op
 	if err := maps.Apply(&objs.DivertMaps, cfg, addrs); err != nil {
 		return err
 	}
+	// Inert until every link is pinned in place (crash.go).
+	if err := disarm(&objs.DivertMaps); err != nil {
+		return err
+	}
 	if !opts.NoInbound {
 		if _, err := adoptListeners(pod, cfg.InboundCapturePort, objs.InboundListeners); err != nil {
 			return err
@@ -242,6 +254,7 @@ func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Op
 	if err != nil {
 		return fmt.Errorf("create pin directory: %w", err)
 	}
+	step("staging dir")
 	defer func() {
 		if err != nil {
 			os.RemoveAll(tmp)
@@ -261,9 +274,11 @@ func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Op
 			return err
 		}
 		links = append(links, l)
+		step("attach " + p.name)
 		if err := l.Pin(filepath.Join(tmp, p.pin)); err != nil {
 			return fmt.Errorf("pin %s link: %w", p.name, err)
 		}
+		step("pin " + p.name)
 	}
 	if testHookBeforeCommit != nil {
 		if err := testHookBeforeCommit(); err != nil {
@@ -273,6 +288,13 @@ func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Op
 	if err := os.Rename(tmp, dir); err != nil {
 		return fmt.Errorf("move pins into %s: %w", dir, err)
 	}
+	step("commit")
+	if err := arm(&objs.DivertMaps, cfg); err != nil {
+		closeLinks(links, false)
+		links = nil
+		return errors.Join(err, detachDir(dir))
+	}
+	step("arm")
 	return nil
 }
 
@@ -341,9 +363,22 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 	if loadErr != nil {
 		return fmt.Errorf("pod %s was attached by an incompatible divert version (%w); run divert detach --pod-id %s first", pod.ID, loadErr, pod.ID)
 	}
-	if err := maps.Apply(pinned, cfg, addrs); err != nil {
+	// Turning outbound on or off adds or removes connect4 and connect6 one at a time: the
+	// maps go in with outbound inert, and arm turns it on once both are in (crash.go).
+	outChange := false
+	for _, p := range programs {
+		if _, has := existing[p.name]; p.outbound && !p.inbound && has != p.wanted(opts) {
+			outChange = true
+		}
+	}
+	applied := cfg
+	if outChange {
+		applied = outboundInert(cfg)
+	}
+	if err := maps.Apply(pinned, applied, addrs); err != nil {
 		return err
 	}
+	step("apply maps")
 	if !opts.NoInbound {
 		// Also after a change of -z: the listeners on the new port were never registered.
 		if _, err := adoptListeners(pod, cfg.InboundCapturePort, pinned.InboundListeners); err != nil {
@@ -364,15 +399,18 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 			return err
 		}
 		added = append(added, l)
+		step("attach " + p.name)
 		if err := l.Pin(filepath.Join(dir, p.pin)); err != nil {
 			return fmt.Errorf("pin %s link: %w", p.name, err)
 		}
+		step("pin " + p.name)
 	}
 	for _, p := range programs {
 		if l, ok := existing[p.name]; ok && p.wanted(opts) && !current {
 			if err := l.Update(objs.program(p.name)); err != nil {
 				return fmt.Errorf("replace %s program: %w", p.name, err)
 			}
+			step("swap " + p.name)
 		}
 	}
 	for _, p := range slices.Backward(programs) {
@@ -380,7 +418,14 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 			if err := detachPinned(l, filepath.Join(dir, p.pin)); err != nil {
 				return fmt.Errorf("turn off %s: %w", p.name, err)
 			}
+			step("turn off " + p.name)
 		}
+	}
+	if outChange {
+		if err := arm(pinned, cfg); err != nil {
+			return err
+		}
+		step("arm")
 	}
 	return nil
 }
@@ -403,33 +448,26 @@ func Detach(id string, opts Options) error {
 		return err
 	}
 	defer unlock()
+	if err := cleanStaging(opts); err != nil {
+		return err
+	}
 	dir := PinDir(opts, id)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("pod %s: %w", id, ErrNotAttached)
 	}
-	// Detach explicitly, connect4 first so nothing new is redirected while the programs
-	// answering for redirected connections are still there. Unpinning alone would free the
-	// links only later, from a kernel work item.
-	var errs []error
-	for _, p := range slices.Backward(programs) {
-		l, err := loadPinnedLink(filepath.Join(dir, p.pin))
-		if errors.Is(err, os.ErrNotExist) {
-			continue // not attached in this pod, or a previous detach got this far
-		}
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
-			errs = append(errs, fmt.Errorf("detach %s: %w", p.name, err))
-		}
-		l.Close()
-	}
-	if err := errors.Join(errs...); err != nil {
+	// Capture stops in both directions at once, then the pins move aside: a kill after
+	// either leaves the pod uncaptured, and the next run finishes (crash.go).
+	if err := disarmPinned(dir); err != nil {
 		return fmt.Errorf("pod %s: %w", id, err)
 	}
-	if err := os.RemoveAll(dir); err != nil {
-		return fmt.Errorf("remove pins of pod %s: %w", id, err)
+	step("disarm")
+	retired, err := retireDir(opts, id)
+	if err != nil {
+		return err
+	}
+	step("retire")
+	if err := detachDir(retired); err != nil {
+		return fmt.Errorf("pod %s: %w", id, err)
 	}
 	return nil
 }
@@ -621,7 +659,9 @@ func pinMaps(m *maps.Maps, dir string) (err error) {
 		if err == nil {
 			if perr := mp.Pin(filepath.Join(dir, name)); perr != nil {
 				err = fmt.Errorf("pin map %s: %w", name, perr)
+				return
 			}
+			step("pin map " + name)
 		}
 	})
 	return err

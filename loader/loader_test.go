@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -19,6 +20,7 @@ import (
 
 func TestMain(m *testing.M) {
 	testpod.RunHelperIfRequested()
+	runCrashChildIfRequested()
 	os.Exit(m.Run())
 }
 
@@ -352,5 +354,29 @@ func TestAttachRefusesOverlap(t *testing.T) {
 	dst := netip.AddrPortFrom(holder.Net.Addrs[0], 80)
 	if r := holder.Dial(t, divertest.AppUID, divertest.AppUID, testpod.Target{Dst: dst})[0]; len(r.Hops) != 1 || r.Hops[0].Who != "proxy" || r.Hops[0].Orig != dst.String() {
 		t.Errorf("the holder lost capture: %+v", r)
+	}
+}
+
+// An update to a prefix inside one the pod had (-x 10.0.0.0/8, then -x 10.96.0.0/12, and
+// back) holds exactly the new one: an LPM trie's lookup of the new prefix finds the old
+// one, which must not pass for "already there".
+func TestReattachNestedCIDRs(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	for _, x := range []string{"10.0.0.0/8", "10.96.0.0/12", "10.0.0.0/8", "10.96.0.0/12,10.0.0.0/8", "10.96.0.0/12"} {
+		cfg := divertest.Config(t, "-x", x, "-i", x+",192.168.0.0/16", "-q", "80")
+		divertest.Attach(t, pod, opts, cfg)
+		if err := divertest.CheckPolicy(opts, pod.Name, cfg); err != nil {
+			t.Errorf("-x %s: %v", x, err)
+		}
+		st, err := loader.Status(pod.Name, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := strings.Split(x+",192.168.0.0/16", ",")
+		slices.Sort(want)
+		if !slices.Equal(st.Policy.OutboundCIDRs, want) {
+			t.Errorf("-i %s: kernel holds %v", x, st.Policy.OutboundCIDRs)
+		}
 	}
 }

@@ -23,6 +23,9 @@ type PodStatus struct {
 	// Drops counts what the programs gave up on, by kind (every kind listed, zero or not):
 	// a connection refused or an original destination not delivered.
 	Drops map[string]uint64 `json:"drops"`
+	// Inert says the pod's programs let everything pass: an attach or detach was killed
+	// midway (see crash.go), and running it again finishes it. Its port lists are not shown.
+	Inert bool `json:"inert,omitempty"`
 	// Fallback is why the pod is captured by iptables instead (see RecordFallback); a pod
 	// with only a fallback marker has no programs, policy or counters here.
 	Fallback string `json:"iptablesFallback,omitempty"`
@@ -104,6 +107,12 @@ func Status(id string, opts Options) (*PodStatus, error) {
 	}
 	if st.Policy, err = readPolicy(m); err != nil {
 		return nil, err
+	}
+	if st.Inert, err = inert(m); err != nil {
+		return nil, err
+	}
+	if st.Inert {
+		st.Policy.OutboundExcludePorts, st.Policy.InboundExcludePorts = nil, nil
 	}
 	counters, err := maps.Counters(m)
 	if err != nil {

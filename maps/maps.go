@@ -110,10 +110,21 @@ func Ports(bits *[1024]uint64) []uint16 {
 }
 
 // sync makes m hold exactly want: it puts new or changed entries, then deletes stale ones.
+// What m holds is read by iterating, not by Lookup: in an LPM trie a lookup of 10.96.0.0/12
+// finds 10.0.0.0/8, and the new prefix would never be put.
 func sync[K comparable, V comparable](m *ebpf.Map, want map[K]V) error {
+	have := map[K]V{}
+	var k K
+	var v V
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		have[k] = v
+	}
+	if err := it.Err(); err != nil {
+		return err
+	}
 	for k, v := range want {
-		var cur V
-		if err := m.Lookup(k, &cur); err == nil && cur == v {
+		if cur, ok := have[k]; ok && cur == v {
 			continue
 		}
 		if err := m.Put(k, v); err != nil {
@@ -121,16 +132,10 @@ func sync[K comparable, V comparable](m *ebpf.Map, want map[K]V) error {
 		}
 	}
 	var stale []K
-	var k K
-	var v V
-	it := m.Iterate()
-	for it.Next(&k, &v) {
+	for k := range have {
 		if _, ok := want[k]; !ok {
 			stale = append(stale, k)
 		}
-	}
-	if err := it.Err(); err != nil {
-		return err
 	}
 	for _, k := range stale {
 		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {

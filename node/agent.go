@@ -204,8 +204,15 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 		}
 		id := string(pod.UID)
 		live[id] = true
-		if ok, _ := a.selected(pod); !ok || (isAttached[id] && !refresh) {
+		if ok, _ := a.selected(pod); !ok {
 			continue
+		}
+		if isAttached[id] && !refresh {
+			// An inert pod's attach was killed midway (an agent killed during CNI ADD):
+			// attaching again finishes it.
+			if inert, err := loader.Inert(id, a.Loader); err == nil && !inert {
+				continue
+			}
 		}
 		netns, err := a.podNetns(pod)
 		if errors.Is(err, ErrNoCgroup) || errors.Is(err, errNoProcess) {

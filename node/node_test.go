@@ -37,6 +37,7 @@ func TestMain(m *testing.M) {
 	if plan := os.Getenv(restartedAgentEnv); plan != "" {
 		os.Exit(runRestartedAgent(plan))
 	}
+	runAgentChildIfRequested()
 	code := m.Run()
 	if pluginBin != "" {
 		os.RemoveAll(filepath.Dir(pluginBin))

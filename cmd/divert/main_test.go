@@ -19,6 +19,7 @@ import (
 
 func TestMain(m *testing.M) {
 	testpod.RunHelperIfRequested()
+	runCLIChildIfRequested()
 	os.Exit(m.Run())
 }
 

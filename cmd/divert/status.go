@@ -91,9 +91,12 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 			defunct++
 		}
 	}
-	if defunct > 0 {
+	switch {
+	case defunct > 0:
 		fmt.Fprintf(w, "pod %s (defunct: %d of %d programs detached by the kernel; divert gc removes the pins)\n", st.ID, defunct, len(st.Programs))
-	} else {
+	case st.Inert:
+		fmt.Fprintf(w, "pod %s (inert: nothing captured, an attach or detach was interrupted; run it again)\n", st.ID)
+	default:
 		fmt.Fprintf(w, "pod %s\n", st.ID)
 	}
 	for _, prog := range st.Programs {
