@@ -29,6 +29,14 @@ type PodStatus struct {
 	// Fallback is why the pod is captured by iptables instead (see RecordFallback); a pod
 	// with only a fallback marker has no programs, policy or counters here.
 	Fallback string `json:"iptablesFallback,omitempty"`
+	// Defunct says the kernel detached programs because the pod's cgroup or netns went.
+	Defunct bool `json:"defunct"`
+	// Listeners counts the proxy's inbound listeners sk_lookup can hand connections to
+	// (absent when inbound capture is off).
+	Listeners *int `json:"listeners,omitempty"`
+	// Health is one line for an operator: "healthy", or "degraded: ..." / "defunct: ..."
+	// / "iptables fallback: ..." with the reason and the fix (see Assess).
+	Health string `json:"health"`
 }
 
 // ProgramStatus describes one attached program.
@@ -131,6 +139,14 @@ func Status(id string, opts Options) (*PodStatus, error) {
 	for d, n := range drops {
 		st.Drops[d.String()] = n
 	}
+	if st.HasProgram("divert_sk_lookup") {
+		n, err := countListeners(m)
+		if err != nil {
+			return nil, err
+		}
+		st.Listeners = &n
+	}
+	st.Assess()
 	return st, nil
 }
 

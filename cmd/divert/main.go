@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/meshdivert/divert/internal/version"
+
 	"github.com/spf13/cobra"
 )
 
@@ -64,7 +66,9 @@ but with eBPF programs attached to the pod's cgroup instead of nat rules:
 Policy flags are istio-iptables' flags (short and long) and environment variables.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       version.String(),
 	}
+	root.SetVersionTemplate("{{.Version}}\n")
 	root.SetOut(e.stdout)
 	root.SetErr(e.stderr)
 	root.AddCommand(newAttachCmd(e), newDetachCmd(e), newStatusCmd(e), newExplainCmd(e), newIptablesCmd(e), newNodeCmd(e),

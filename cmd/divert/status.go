@@ -99,6 +99,7 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 	default:
 		fmt.Fprintf(w, "pod %s\n", st.ID)
 	}
+	fmt.Fprintf(w, "  health   %s\n", st.Health)
 	for _, prog := range st.Programs {
 		where := fmt.Sprintf("cgroup %d", prog.CgroupID)
 		switch {
@@ -113,13 +114,22 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 	if p.OutboundIncludeAll {
 		include = "*"
 	}
-	fmt.Fprintf(w, "  outbound -> :%d  uid %d gid %d bypass; capture -i %q -x %q -q %s -o %s\n",
-		p.ProxyPort, p.ProxyUID, p.ProxyGID, include, strings.Join(p.OutboundExcludeCIDRs, ","), ports(p.OutboundPorts), ports(p.OutboundExcludePorts))
+	if st.HasProgram("divert_connect4") {
+		fmt.Fprintf(w, "  outbound -> :%d  uid %d gid %d bypass; capture -i %q -x %q -q %s -o %s\n",
+			p.ProxyPort, p.ProxyUID, p.ProxyGID, include, strings.Join(p.OutboundExcludeCIDRs, ","), ports(p.OutboundPorts), ports(p.OutboundExcludePorts))
+	} else {
+		fmt.Fprintf(w, "  outbound off (attached with --no-outbound)\n")
+	}
 	inbound := ports(p.InboundPorts)
 	if p.InboundIncludeAll {
 		inbound = `"*"`
 	}
-	fmt.Fprintf(w, "  inbound  -> :%d  capture -b %s -d %s (tunnel port %d)\n", p.InboundCapturePort, inbound, ports(p.InboundExcludePorts), p.InboundTunnelPort)
+	if st.Listeners != nil {
+		fmt.Fprintf(w, "  inbound  -> :%d  capture -b %s -d %s (tunnel port %d); %d proxy listener(s)\n",
+			p.InboundCapturePort, inbound, ports(p.InboundExcludePorts), p.InboundTunnelPort, *st.Listeners)
+	} else {
+		fmt.Fprintf(w, "  inbound  off (attached with --no-inbound)\n")
+	}
 	fmt.Fprintf(w, "  pod addresses %v\n", p.LocalAddrs)
 	switch {
 	case !p.DNSCapture:
