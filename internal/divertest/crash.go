@@ -23,8 +23,23 @@ import (
 )
 
 // Kinds are divert's attach points: four on the pod's cgroup, sk_lookup on its netns.
-var Kinds = []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect,
-	ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt, ebpf.AttachSkLookup}
+var Kinds = func() []ebpf.AttachType {
+	var out []ebpf.AttachType
+	for _, l := range loader.Links(loader.Options{}) {
+		out = append(out, l.Attach)
+	}
+	return out
+}()
+
+// directionWhole reports whether every program the direction needs is attached once.
+func directionWhole(kinds map[ebpf.AttachType]int, inbound bool) bool {
+	for _, l := range loader.Links(loader.Options{}) {
+		if (inbound && l.Inbound || !inbound && l.Outbound) && kinds[l.Attach] != 1 {
+			return false
+		}
+	}
+	return true
+}
 
 // ProgramsByKind counts the programs the kernel runs for the pod at each of Kinds, by
 // querying its cgroup and netns (whoever attached them, pinned or not).
@@ -122,11 +137,10 @@ func (c *CrashProbe) Directions(tb testing.TB) (out, in bool, kinds map[ebpf.Att
 	if in, err = who(inR, "proxy", "app"); err != nil {
 		return false, false, kinds, err
 	}
-	shared := kinds[ebpf.AttachCGroupSockOps] == 1 && kinds[ebpf.AttachCGroupGetsockopt] == 1
-	if out && !(shared && kinds[ebpf.AttachCGroupInet4Connect] == 1 && kinds[ebpf.AttachCGroupInet6Connect] == 1) {
+	if out && !directionWhole(kinds, false) {
 		return out, in, kinds, fmt.Errorf("outbound captured without every program: %v", kinds)
 	}
-	if in && !(shared && kinds[ebpf.AttachSkLookup] == 1) {
+	if in && !directionWhole(kinds, true) {
 		return out, in, kinds, fmt.Errorf("inbound captured without every program: %v", kinds)
 	}
 	return out, in, kinds, nil
@@ -134,22 +148,18 @@ func (c *CrashProbe) Directions(tb testing.TB) (out, in bool, kinds map[ebpf.Att
 
 // CheckAttachedOnce checks that id is the only pod under opts' bpffs, attached exactly
 // once: every kind of program once on the pod, its pin directory holds exactly the maps
-// and the five links, and no attach is left staged.
+// and the links opts want (loader.Links), and no attach is left staged.
 func CheckAttachedOnce(pod *testpod.Pod, opts loader.Options, id string) error {
 	kinds, err := ProgramsByKind(pod)
 	if err != nil {
 		return err
 	}
 	// What opts turn off is not attached, and has no pin.
-	want := append(loader.MapNames(), "link_getsockopt", "link_sockops")
-	wantKinds := map[ebpf.AttachType]int{ebpf.AttachCGroupSockOps: 1, ebpf.AttachCGroupGetsockopt: 1}
-	if !opts.NoOutbound {
-		want = append(want, "link_connect4", "link_connect6")
-		wantKinds[ebpf.AttachCGroupInet4Connect], wantKinds[ebpf.AttachCGroupInet6Connect] = 1, 1
-	}
-	if !opts.NoInbound {
-		want = append(want, "link_sk_lookup")
-		wantKinds[ebpf.AttachSkLookup] = 1
+	want := loader.MapNames()
+	wantKinds := map[ebpf.AttachType]int{}
+	for _, l := range loader.Links(opts) {
+		want = append(want, l.Pin)
+		wantKinds[l.Attach] = 1
 	}
 	for _, at := range Kinds {
 		if kinds[at] != wantKinds[at] {
