@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"slices"
 	"time"
@@ -49,6 +50,12 @@ type k8sArgs struct {
 	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString //nolint:revive
 }
 
+// The plugin's outside world, replaced by the fuzz test: the agent and stdout.
+var (
+	callAgent           = cniapi.Call
+	stdout    io.Writer = os.Stdout
+)
+
 func main() {
 	skel.PluginMainFuncs(skel.CNIFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck}, version.All, "divert-cni: hands pods to the divert node agent")
 }
@@ -63,6 +70,19 @@ func parse(args *skel.CmdArgs) (*pluginConf, *k8sArgs, error) {
 	}
 	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
 		return nil, nil, fmt.Errorf("divert-cni: parse prevResult: %w", err)
+	}
+	// An address the agent cannot read would be skipped by its IPv6 check, and echoing it
+	// would hand the runtime a result it cannot parse: refuse it here (found by FuzzPlugin).
+	if conf.PrevResult != nil {
+		res, err := current.NewResultFromResult(conf.PrevResult)
+		if err != nil {
+			return nil, nil, fmt.Errorf("divert-cni: parse prevResult: %w", err)
+		}
+		for i, ip := range res.IPs {
+			if ip.Address.IP == nil {
+				return nil, nil, fmt.Errorf("divert-cni: prevResult: ips[%d] has no address", i)
+			}
+		}
 	}
 	k := &k8sArgs{}
 	k.IgnoreUnknown = true
@@ -98,7 +118,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if k.K8S_POD_NAME != "" && !conf.excluded(string(k.K8S_POD_NAMESPACE)) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if _, err := cniapi.Call(ctx, conf.Socket, request("ADD", args, k, conf.PrevResult)); err != nil {
+		if _, err := callAgent(ctx, conf.Socket, request("ADD", args, k, conf.PrevResult)); err != nil {
 			if !conf.FailOpen {
 				return fmt.Errorf("divert: pod %s/%s not captured: %v (the pod is not started uncaptured; set failOpen in the divert-cni config to allow that)",
 					k.K8S_POD_NAMESPACE, k.K8S_POD_NAME, err)
@@ -106,7 +126,12 @@ func cmdAdd(args *skel.CmdArgs) error {
 			fmt.Fprintf(os.Stderr, "divert-cni: pod %s/%s starts uncaptured (failOpen): %v\n", k.K8S_POD_NAMESPACE, k.K8S_POD_NAME, err)
 		}
 	}
-	return types.PrintResult(conf.PrevResult, conf.CNIVersion)
+	// The previous plugin's result, unchanged but for the version the runtime asked for.
+	res, err := conf.PrevResult.GetAsVersion(conf.CNIVersion)
+	if err != nil {
+		return err
+	}
+	return res.PrintTo(stdout)
 }
 
 // cmdDel asks the agent to detach. It never fails: DEL must succeed even when the agent is
@@ -118,7 +143,7 @@ func cmdDel(args *skel.CmdArgs) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := cniapi.Call(ctx, conf.Socket, request("DEL", args, k, nil)); err != nil {
+	if _, err := callAgent(ctx, conf.Socket, request("DEL", args, k, nil)); err != nil {
 		fmt.Fprintf(os.Stderr, "divert-cni: detach pod %s/%s: %v (reconcile will clean up)\n", k.K8S_POD_NAMESPACE, k.K8S_POD_NAME, err)
 	}
 	return nil
