@@ -32,6 +32,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	runCNICallIfRequested()
 	testpod.RunHelperIfRequested()
 	code := m.Run()
 	if pluginBin != "" {
