@@ -27,7 +27,8 @@ const fuzzPrev = `"prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0
 //   - ADD asks the agent only for a named pod outside the excluded namespaces, once, with
 //     the pod's identity from CNI_ARGS, the runtime's netns and the previous result's
 //     addresses, each a valid IP (the agent refuses IPv6 pods from them);
-//   - ADD that succeeds prints the previous result unchanged (chained plugins must);
+//   - ADD that succeeds prints the previous result unchanged (chained plugins must), and
+//     one that would not parse back is refused before the agent is asked;
 //   - ADD fails when the agent fails, unless failOpen; it never fails because the pod is
 //     skipped;
 //   - DEL never fails (the runtime would retry it forever).
@@ -92,6 +93,12 @@ func FuzzPlugin(f *testing.F) {
 			}
 			return
 		}
+		if _, perr := printable(conf); perr != nil {
+			if err == nil || len(calls) != 0 {
+				t.Fatalf("ADD of an invalid prevResult (%v): err %v, calls %+v", perr, err, calls)
+			}
+			return
+		}
 		wantCall := k.K8S_POD_NAME != "" && !conf.excluded(string(k.K8S_POD_NAMESPACE))
 		if !wantCall {
 			if len(calls) != 0 {
@@ -114,11 +121,7 @@ func FuzzPlugin(f *testing.F) {
 			}
 		}
 		if err != nil {
-			// Only converting the previous result to the runtime's version may fail.
-			if _, verr := conf.PrevResult.GetAsVersion(conf.CNIVersion); verr == nil {
-				t.Fatalf("ADD failed for a pod it should pass or capture: %v", err)
-			}
-			return
+			t.Fatalf("ADD failed for a pod it should pass or capture: %v", err)
 		}
 		printed, err := version.NewResult(conf.CNIVersion, out.Bytes())
 		if err != nil {

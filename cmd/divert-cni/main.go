@@ -6,6 +6,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -71,19 +72,6 @@ func parse(args *skel.CmdArgs) (*pluginConf, *k8sArgs, error) {
 	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
 		return nil, nil, fmt.Errorf("divert-cni: parse prevResult: %w", err)
 	}
-	// An address the agent cannot read would be skipped by its IPv6 check, and echoing it
-	// would hand the runtime a result it cannot parse: refuse it here (found by FuzzPlugin).
-	if conf.PrevResult != nil {
-		res, err := current.NewResultFromResult(conf.PrevResult)
-		if err != nil {
-			return nil, nil, fmt.Errorf("divert-cni: parse prevResult: %w", err)
-		}
-		for i, ip := range res.IPs {
-			if ip.Address.IP == nil {
-				return nil, nil, fmt.Errorf("divert-cni: prevResult: ips[%d] has no address", i)
-			}
-		}
-	}
 	k := &k8sArgs{}
 	k.IgnoreUnknown = true
 	if err := types.LoadArgs(args.Args, k); err != nil {
@@ -115,6 +103,10 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if conf.PrevResult == nil {
 		return fmt.Errorf("divert-cni must be chained after a plugin that sets up the pod's network (no prevResult)")
 	}
+	res, err := printable(conf)
+	if err != nil {
+		return err
+	}
 	if k.K8S_POD_NAME != "" && !conf.excluded(string(k.K8S_POD_NAMESPACE)) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
@@ -126,12 +118,26 @@ func cmdAdd(args *skel.CmdArgs) error {
 			fmt.Fprintf(os.Stderr, "divert-cni: pod %s/%s starts uncaptured (failOpen): %v\n", k.K8S_POD_NAMESPACE, k.K8S_POD_NAME, err)
 		}
 	}
-	// The previous plugin's result, unchanged but for the version the runtime asked for.
+	return res.PrintTo(stdout)
+}
+
+// printable is the previous plugin's result, unchanged but for the version the runtime asked
+// for. The CNI library accepts results it then prints as "<nil>" (an IP or a route without
+// an address: found by FuzzPlugin); one that does not parse back is refused here, before the
+// agent sees its addresses, rather than handed to the runtime.
+func printable(conf *pluginConf) (types.Result, error) {
 	res, err := conf.PrevResult.GetAsVersion(conf.CNIVersion)
 	if err != nil {
-		return err
+		return nil, fmt.Errorf("divert-cni: prevResult as version %s: %w", conf.CNIVersion, err)
 	}
-	return res.PrintTo(stdout)
+	var buf bytes.Buffer
+	if err := res.PrintTo(&buf); err != nil {
+		return nil, err
+	}
+	if _, err := version.NewResult(conf.CNIVersion, buf.Bytes()); err != nil {
+		return nil, fmt.Errorf("divert-cni: invalid prevResult: %w", err)
+	}
+	return res, nil
 }
 
 // cmdDel asks the agent to detach. It never fails: DEL must succeed even when the agent is
