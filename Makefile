@@ -4,7 +4,7 @@ BIN       := bin
 GOFLAGS   ?=
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all deps generate build test unit demo check-generated parity-soak bench vmtest vmtest-ci vmtest-selftest e2e-k8s clean
+.PHONY: all deps generate build test unit fuzz demo check-generated parity-soak bench vmtest vmtest-ci vmtest-selftest e2e-k8s clean
 
 all: build
 
@@ -35,6 +35,19 @@ test: deps
 # Only the tests that need no privilege.
 unit:
 	$(GO) test $(TESTFLAGS) ./policy/ ./bpf/ ./internal/cgroups/ ./deploy/ ./node/cniapi/
+
+# Go native fuzzing: each target for FUZZTIME (go test -fuzztime: 10s, or 1000x), one after
+# the other (go test fuzzes one target at a time). Their committed seed corpora
+# (testdata/fuzz/, f.Add) already run in make test; inputs that fail are written to
+# testdata/fuzz/<target>/ for committing with the fix. As root: FuzzServer mounts a bpffs.
+FUZZTIME ?= 10s
+FUZZ_TARGETS := ./policy:FuzzFlags ./node:FuzzConfig ./node:FuzzServer ./cmd/divert-cni:FuzzPlugin
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; fn=$${t#*:}; s=$$(date +%s); \
+		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg; \
+		echo "fuzz: $$fn ($$pkg) took $$(( $$(date +%s) - s )) s"; \
+	done
 
 # Many more random configs than make test runs; SEED=n replays one run.
 parity-soak: deps
