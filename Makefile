@@ -36,17 +36,26 @@ test: deps
 unit:
 	$(GO) test $(TESTFLAGS) ./policy/ ./bpf/ ./internal/cgroups/ ./deploy/ ./node/cniapi/
 
-# Go native fuzzing: each target for FUZZTIME (go test -fuzztime: 10s, or 1000x), one after
-# the other (go test fuzzes one target at a time). Their committed seed corpora
-# (testdata/fuzz/, f.Add) already run in make test; inputs that fail are written to
-# testdata/fuzz/<target>/ for committing with the fix. As root: FuzzServer mounts a bpffs.
-FUZZTIME ?= 10s
-FUZZ_TARGETS := ./policy:FuzzFlags ./node:FuzzConfig ./node:FuzzServer ./cmd/divert-cni:FuzzPlugin
+# Go native fuzzing: every fuzz target of FUZZ_PKGS for FUZZTIME (-fuzztime: 10s, or 1000x),
+# one after the other (fuzzing runs one target at a time). Each package is built once with
+# the fuzzer's instrumentation (go test -c -fuzz), then each of its targets runs from that
+# binary, with go test's corpus cache. The committed seed corpora (testdata/fuzz/, f.Add)
+# already run in make test; an input that fails is written to testdata/fuzz/<target>/ for
+# committing with the fix. As root: FuzzServer mounts a bpffs.
+FUZZTIME  ?= 10s
+FUZZ_PKGS := policy cmd/divert node cmd/divert-cni
 fuzz:
-	@set -e; for t in $(FUZZ_TARGETS); do \
-		pkg=$${t%%:*}; fn=$${t#*:}; s=$$(date +%s); \
-		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg; \
-		echo "fuzz: $$fn ($$pkg) took $$(( $$(date +%s) - s )) s"; \
+	@set -e; mkdir -p $(BIN)/fuzz; cache=$$($(GO) env GOCACHE)/fuzz; \
+	for pkg in $(FUZZ_PKGS); do \
+		s=$$(date +%s); bin=$(abspath $(BIN))/fuzz/$$(echo $$pkg | tr / _).test; ipath=$$($(GO) list ./$$pkg); \
+		$(GO) test -c -fuzz . -o $$bin ./$$pkg; \
+		echo "fuzz: $$pkg built with instrumentation in $$(( $$(date +%s) - s )) s"; \
+		for fn in $$($$bin -test.list '^Fuzz'); do \
+			s=$$(date +%s); \
+			(cd $$pkg && $$bin -test.run '^$$' -test.fuzz "^$$fn$$" -test.fuzztime $(FUZZTIME) \
+				-test.fuzzcachedir $$cache/$$ipath/$$fn); \
+			echo "fuzz: $$fn ($$pkg) took $$(( $$(date +%s) - s )) s"; \
+		done; \
 	done
 
 # Many more random configs than make test runs; SEED=n replays one run.
