@@ -41,7 +41,7 @@ unit:
 # the fuzzer's instrumentation (go test -c -fuzz), then each of its targets runs from that
 # binary, with go test's corpus cache. The committed seed corpora (testdata/fuzz/, f.Add)
 # already run in make test; an input that fails is written to testdata/fuzz/<target>/ for
-# committing with the fix. As root: FuzzServer mounts a bpffs.
+# committing with the fix.
 FUZZTIME  ?= 10s
 FUZZ_PKGS := policy cmd/divert node cmd/divert-cni
 fuzz:
