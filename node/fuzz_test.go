@@ -128,7 +128,7 @@ func FuzzConfig(f *testing.F) {
 
 // FuzzServer sends the agent's CNI socket anything: a whole raw request (bytes as they come,
 // HTTP or not), or a body POSTed to the CNI endpoint. The agent has no pods and a private
-// bpffs, so nothing it could do touches the host. Whatever arrives:
+// state directory, so nothing it could do touches the host. Whatever arrives:
 //   - a request it answers is answered with an error (a 4xx, or a JSON Response whose
 //     Error is set), unless it is a well-formed DEL (idempotent: nothing to detach);
 //   - it keeps serving: a well-formed DEL right after is answered.
