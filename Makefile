@@ -34,7 +34,7 @@ test: deps
 
 # Only the tests that need no privilege.
 unit:
-	$(GO) test $(TESTFLAGS) ./policy/ ./bpf/ ./internal/cgroups/ ./deploy/ ./node/cniapi/
+	$(GO) test $(TESTFLAGS) ./policy/ ./bpf/ ./internal/cgroups/ ./deploy/ ./node/cniapi/ ./cmd/divert-cni/
 
 # Go native fuzzing: every fuzz target of FUZZ_PKGS for FUZZTIME (-fuzztime: 10s, or 1000x),
 # one after the other (fuzzing runs one target at a time). Each package is built once with
