@@ -4,7 +4,7 @@ BIN       := bin
 GOFLAGS   ?=
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all deps generate build test unit demo check-generated parity-soak bench vmtest vmtest-ci vmtest-many-cpus vmtest-selftest e2e-k8s clean
+.PHONY: all deps generate build test unit fuzz demo check-generated parity-soak bench vmtest vmtest-ci vmtest-many-cpus vmtest-selftest e2e-k8s clean
 
 all: build
 
@@ -61,6 +61,28 @@ soak: deps
 	$(GO) test -count=1 -timeout 2h ./test/e2e -run '^TestSoak$$' -v \
 		-soak.short=$(or $(CONNS),1000000) -soak.long=$(or $(LONG),1000) -soak.workers=$(or $(WORKERS),8) \
 		-soak.docs=$(abspath docs/soak.md)
+
+# Go native fuzzing: every fuzz target of FUZZ_PKGS for FUZZTIME (-fuzztime: 10s, or 1000x),
+# one after the other (fuzzing runs one target at a time). Each package is built once with
+# the fuzzer's instrumentation (go test -c -fuzz), then each of its targets runs from that
+# binary, with go test's corpus cache. The committed seed corpora (testdata/fuzz/, f.Add)
+# already run in make test; an input that fails is written to testdata/fuzz/<target>/ for
+# committing with the fix.
+FUZZTIME  ?= 10s
+FUZZ_PKGS := policy cmd/divert node cmd/divert-cni
+fuzz:
+	@set -e; mkdir -p $(BIN)/fuzz; cache=$$($(GO) env GOCACHE)/fuzz; \
+	for pkg in $(FUZZ_PKGS); do \
+		s=$$(date +%s); bin=$(abspath $(BIN))/fuzz/$$(echo $$pkg | tr / _).test; ipath=$$($(GO) list ./$$pkg); \
+		$(GO) test -c -fuzz . -o $$bin ./$$pkg; \
+		echo "fuzz: $$pkg built with instrumentation in $$(( $$(date +%s) - s )) s"; \
+		for fn in $$($$bin -test.list '^Fuzz'); do \
+			s=$$(date +%s); \
+			(cd $$pkg && $$bin -test.run '^$$' -test.fuzz "^$$fn$$" -test.fuzztime $(FUZZTIME) \
+				-test.fuzzcachedir $$cache/$$ipath/$$fn); \
+			echo "fuzz: $$fn ($$pkg) took $$(( $$(date +%s) - s )) s"; \
+		done; \
+	done
 
 # Many more random configs than make test runs; SEED=n replays one run.
 parity-soak: deps

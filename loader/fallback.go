@@ -33,8 +33,8 @@ func RecordFallback(id, reason string, opts Options) error {
 		return err
 	}
 	defer unlock()
-	if err := os.MkdirAll(fallbackDir(opts), 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", fallbackDir(opts), err)
+	if err := mkdirPrivate(fallbackDir(opts)); err != nil {
+		return err
 	}
 	reason = strings.ReplaceAll(reason, "\n", " ")
 	if len(reason) > maxReason {

@@ -830,8 +830,8 @@ func lockState(opts Options) (unlock func(), err error) {
 	}
 	dir := filepath.Join(root, "divert")
 	for _, d := range []string{dir, stagingDir(opts)} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			return nil, fmt.Errorf("create %s: %w", d, err)
+		if err := mkdirPrivate(d); err != nil {
+			return nil, err
 		}
 	}
 	f, err := os.Open(dir)
@@ -843,6 +843,19 @@ func lockState(opts Options) (unlock func(), err error) {
 		return nil, fmt.Errorf("lock %s: %w", dir, err)
 	}
 	return func() { f.Close() }, nil
+}
+
+// mkdirPrivate makes d root's alone (0700): pins are opened by path, and a directory only
+// root can search keeps every other uid (root in a pod's user namespace too) from the pins.
+// One that exists, made by hand or by an older version, is tightened.
+func mkdirPrivate(d string) error {
+	if err := os.MkdirAll(d, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", d, err)
+	}
+	if err := os.Chmod(d, 0o700); err != nil {
+		return fmt.Errorf("make %s private: %w", d, err)
+	}
+	return nil
 }
 
 // readableRoot says whether state can be read under opts' bpffs: pins exist only in a bpffs

@@ -33,6 +33,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	runCNICallIfRequested()
 	testpod.RunHelperIfRequested()
 	if plan := os.Getenv(restartedAgentEnv); plan != "" {
 		os.Exit(runRestartedAgent(plan))

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"maps"
 	"net"
 	"net/http"
@@ -14,6 +15,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/node/cniapi"
@@ -33,6 +36,7 @@ func (a *Agent) Serve(ctx context.Context, socket string) error {
 		ln.Close()
 		return err
 	}
+	ln = rootPeersOnly{ln.(*net.UnixListener), a.log()}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+cniapi.Path, func(w http.ResponseWriter, r *http.Request) {
 		var req Request
@@ -66,6 +70,63 @@ func (a *Agent) Serve(ctx context.Context, socket string) error {
 		return nil
 	}
 	return err
+}
+
+// rootPeersOnly hands out only connections whose peer is root (uid 0 in the agent's user
+// namespace), as the kernel recorded it at connect (SO_PEERCRED). The socket's mode (0600)
+// is the first guard; this one holds when the socket file is exposed anyway (a hostPath
+// mount into a pod, a chmod): root in a pod's user namespace is another uid here. Checked
+// as a uid, not capabilities: a peer's capabilities cannot be read without a race on its pid.
+type rootPeersOnly struct {
+	*net.UnixListener
+	log *slog.Logger
+}
+
+func (l rootPeersOnly) Accept() (net.Conn, error) {
+	for {
+		c, err := l.UnixListener.AcceptUnix()
+		if err != nil {
+			return nil, err
+		}
+		cred, err := peerCred(c)
+		if err == nil && cred.Uid == 0 {
+			return c, nil
+		}
+		msg := "the divert agent serves root only"
+		if err != nil {
+			l.log.Warn("refused a connection on the CNI socket: no peer credentials", "err", err)
+		} else {
+			l.log.Warn("refused a connection on the CNI socket from a non-root peer", "uid", cred.Uid, "pid", cred.Pid)
+			msg += fmt.Sprintf(", not uid %d", cred.Uid)
+		}
+		go refuse(c, msg)
+	}
+}
+
+// refuse answers one HTTP 403, so the client's error says why instead of "EOF", and reads
+// what the client sends until it is done (a close before its request is written would give
+// it EPIPE instead), for a second at most.
+func refuse(c *net.UnixConn, msg string) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(time.Second))
+	fmt.Fprintf(c, "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s\n", len(msg)+1, msg)
+	c.CloseWrite()
+	io.Copy(io.Discard, io.LimitReader(c, 1<<20))
+}
+
+func peerCred(c *net.UnixConn) (*unix.Ucred, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return nil, err
+	}
+	return cred, credErr
 }
 
 // ServeMetrics exports the per-pod verdict counters in Prometheus' text format.

@@ -6,9 +6,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"slices"
 	"time"
@@ -48,6 +50,12 @@ type k8sArgs struct {
 	K8S_POD_UID                types.UnmarshallableString //nolint:revive
 	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString //nolint:revive
 }
+
+// The plugin's outside world, replaced by the fuzz test: the agent and stdout.
+var (
+	callAgent           = cniapi.Call
+	stdout    io.Writer = os.Stdout
+)
 
 func main() {
 	skel.PluginMainFuncs(skel.CNIFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck}, version.All, "divert-cni: hands pods to the divert node agent")
@@ -95,10 +103,14 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if conf.PrevResult == nil {
 		return fmt.Errorf("divert-cni must be chained after a plugin that sets up the pod's network (no prevResult)")
 	}
+	res, err := printable(conf)
+	if err != nil {
+		return err
+	}
 	if k.K8S_POD_NAME != "" && !conf.excluded(string(k.K8S_POD_NAMESPACE)) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if _, err := cniapi.Call(ctx, conf.Socket, request("ADD", args, k, conf.PrevResult)); err != nil {
+		if _, err := callAgent(ctx, conf.Socket, request("ADD", args, k, conf.PrevResult)); err != nil {
 			if !conf.FailOpen {
 				return fmt.Errorf("divert: pod %s/%s not captured: %v (the pod is not started uncaptured; set failOpen in the divert-cni config to allow that)",
 					k.K8S_POD_NAMESPACE, k.K8S_POD_NAME, err)
@@ -106,7 +118,26 @@ func cmdAdd(args *skel.CmdArgs) error {
 			fmt.Fprintf(os.Stderr, "divert-cni: pod %s/%s starts uncaptured (failOpen): %v\n", k.K8S_POD_NAMESPACE, k.K8S_POD_NAME, err)
 		}
 	}
-	return types.PrintResult(conf.PrevResult, conf.CNIVersion)
+	return res.PrintTo(stdout)
+}
+
+// printable is the previous plugin's result, unchanged but for the version the runtime asked
+// for. The CNI library accepts results it then prints as "<nil>" (an IP or a route without
+// an address: found by FuzzPlugin); one that does not parse back is refused here, before the
+// agent sees its addresses, rather than handed to the runtime.
+func printable(conf *pluginConf) (types.Result, error) {
+	res, err := conf.PrevResult.GetAsVersion(conf.CNIVersion)
+	if err != nil {
+		return nil, fmt.Errorf("divert-cni: prevResult as version %s: %w", conf.CNIVersion, err)
+	}
+	var buf bytes.Buffer
+	if err := res.PrintTo(&buf); err != nil {
+		return nil, err
+	}
+	if _, err := version.NewResult(conf.CNIVersion, buf.Bytes()); err != nil {
+		return nil, fmt.Errorf("divert-cni: invalid prevResult: %w", err)
+	}
+	return res, nil
 }
 
 // cmdDel asks the agent to detach. It never fails: DEL must succeed even when the agent is
@@ -118,7 +149,7 @@ func cmdDel(args *skel.CmdArgs) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := cniapi.Call(ctx, conf.Socket, request("DEL", args, k, nil)); err != nil {
+	if _, err := callAgent(ctx, conf.Socket, request("DEL", args, k, nil)); err != nil {
 		fmt.Fprintf(os.Stderr, "divert-cni: detach pod %s/%s: %v (reconcile will clean up)\n", k.K8S_POD_NAMESPACE, k.K8S_POD_NAME, err)
 	}
 	return nil

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 
 	"github.com/cilium/ebpf"
 	"github.com/spf13/cobra"
@@ -210,12 +211,16 @@ func resolveIstioOpts(fs *pflag.FlagSet, getenv func(string) string) (istioSetti
 			if o.short != "" {
 				flag = "-" + o.short + "/" + flag
 			}
-			what := flag + "=" + v
+			shown := v // quoted when it would not read as one word (a newline, spaces)
+			if strings.ContainsFunc(v, func(r rune) bool { return !unicode.IsGraphic(r) || unicode.IsSpace(r) }) {
+				shown = strconv.Quote(v)
+			}
+			what := flag + "=" + shown
 			switch {
 			case o.envOnly:
-				what = src + "=" + v
+				what = src + "=" + shown
 			case strings.HasPrefix(src, "$"):
-				what = src + "=" + v + " (istio-iptables " + flag + ")"
+				what = src + "=" + shown + " (istio-iptables " + flag + ")"
 			}
 			return s, fmt.Errorf("%s is not supported: %s", what, o.why)
 		}

@@ -38,7 +38,10 @@ type Response struct {
 // Call sends one request to the agent's socket (used by the CNI plugin).
 func Call(ctx context.Context, socket string, req Request) (Response, error) {
 	body, _ := json.Marshal(req)
+	// One connection per call: a Transport kept per call would keep an idle connection
+	// (and a goroutine on each side) open for every call a long-lived caller makes.
 	client := &http.Client{Transport: &http.Transport{
+		DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", socket)
 		},
