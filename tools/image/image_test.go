@@ -288,6 +288,9 @@ func TestBuiltImage(t *testing.T) {
 			f.Close()
 		}
 		if ai.arch != "amd64" {
+			// Not run here: every library iptables loads must be in the image, for its arch.
+			checkLibs(t, root, "usr/sbin/xtables-nft-multi", machine)
+			checkLibs(t, root, "usr/sbin/xtables-legacy-multi", machine)
 			continue
 		}
 		run := func(want string, name string, args ...string) {
@@ -354,4 +357,53 @@ type testWriter struct{ t *testing.T }
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
 	return len(p), nil
+}
+
+// checkLibs checks that the ELF interpreter and every DT_NEEDED library of bin, recursively,
+// are in the image at root (in /usr/lib/<triplet>, where Debian's ld.so looks) and built for
+// machine.
+func checkLibs(t *testing.T, root, bin string, machine elf.Machine) {
+	t.Helper()
+	seen := map[string]bool{}
+	var visit func(p string)
+	visit = func(p string) {
+		f, err := elf.Open(filepath.Join(root, p))
+		if err != nil {
+			t.Errorf("%s: %v", p, err)
+			return
+		}
+		defer f.Close()
+		if f.Machine != machine {
+			t.Errorf("%s is for %s, want %s", p, f.Machine, machine)
+		}
+		for _, prog := range f.Progs {
+			if prog.Type == elf.PT_INTERP {
+				b, _ := io.ReadAll(prog.Open())
+				interp := strings.TrimRight(string(b), "\x00")
+				if _, err := os.Stat(filepath.Join(root, interp)); err != nil {
+					t.Errorf("%s: its interpreter %s is not in the image", p, interp)
+				}
+			}
+		}
+		libs, err := f.ImportedLibraries()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		for _, lib := range libs {
+			if seen[lib] {
+				continue
+			}
+			seen[lib] = true
+			m, _ := filepath.Glob(filepath.Join(root, "usr/lib/*-linux-gnu", lib))
+			if len(m) != 1 {
+				t.Errorf("%s needs %s: %d copies in the image", p, lib, len(m))
+				continue
+			}
+			rel, _ := filepath.Rel(root, m[0])
+			visit(rel)
+		}
+	}
+	visit(bin)
+	t.Logf("%s: %d libraries, all in the image for %s", bin, len(seen), machine)
 }
