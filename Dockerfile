@@ -1,9 +1,12 @@
 # divert's image: a drop-in for Istio's istio-init container (docs/istio.md).
 #
-# No Docker engine is needed to test what this builds: test/initmode runs the very
-# `go build` command of the build stage below (read from this file) and tests those binaries,
-# and deploy/ checks the final stage. Keep the build in one RUN line of this shape:
-# [VAR=value ...] go build [flags] -o /out/ ./cmd/... (internal/image parses it).
+# No Docker engine is needed to build or test this image: `make image` (tools/image)
+# rebuilds the final stage below for linux/amd64 and linux/arm64 from this file, and
+# test/initmode runs the very `go build` command of the build stage (read from this file)
+# and tests those binaries. Keep the build in one RUN line of this shape:
+# [VAR=value ...] go build [flags] -o /out/ ./cmd/... (internal/image parses it), and the
+# final stage to steps internal/image.FinalStage knows (apt-get install, COPY --from=build,
+# ln -s, ENTRYPOINT): make test fails on any other. `make docker-image` runs docker build.
 
 FROM golang:1.26-bookworm AS build
 WORKDIR /src

@@ -18,14 +18,25 @@ generate: deps
 build:
 	CGO_ENABLED=0 $(GO) build $(GOFLAGS) -o $(BIN)/divert ./cmd/divert
 
-# The image: istio-init's drop-in (docs/istio.md). Needs a Docker engine; testing what it
-# holds does not: test/initmode builds divert with the Dockerfile's own go build line and
-# runs that binary, and deploy/ checks the final stage. Every manifest under deploy/ names
-# this very reference (deploy's test checks): bump VERSION, then make manifests.
+# The image: istio-init's drop-in (docs/istio.md, docs/install.md). make image builds it
+# without Docker (tools/image, its own module: go-containerregistry): the Dockerfile's final
+# stage for linux/amd64 and linux/arm64, written to IMAGE_OUT as an OCI layout (oci/) and
+# docker-archives (divert-<arch>.tar); it prints how to load or push them. It needs the Go
+# module proxy and a Debian mirror (iptables' .debs, cached in ~/.cache/divert-image).
+# make docker-image builds the same contents from the Dockerfile with a Docker engine.
+# make image-check builds the amd64 image and runs divert and iptables from it (root).
+# Every manifest under deploy/ names this very reference (deploy's test checks): bump
+# VERSION, then make manifests.
 VERSION ?= 0.1.0
 IMAGE ?= ghcr.io/meshdivert/divert:$(VERSION)
-.PHONY: image manifests
+IMAGE_OUT ?= $(BIN)/image
+IMAGE_ARCHS ?= amd64,arm64
+.PHONY: image image-check docker-image manifests
 image:
+	cd tools/image && $(GO) run . -o $(abspath $(IMAGE_OUT)) -ref $(IMAGE) -arch $(IMAGE_ARCHS)
+image-check:
+	cd tools/image && $(GO) test -count=1 -run '^TestBuiltImage$$' -v -image.real -image.arch $(IMAGE_ARCHS)
+docker-image:
 	docker build -t $(IMAGE) .
 
 # deploy/'s manifests with divert's image set to IMAGE, and deploy/istio/istio-operator.yaml
@@ -40,6 +51,7 @@ manifests:
 test: deps
 	$(GO) vet ./...
 	CI=$${CI:-true} $(GO) test $(TESTFLAGS) -p 1 ./...
+	cd tools/image && $(GO) vet ./... && $(GO) test $(TESTFLAGS) ./...
 
 # gofmt over every tracked Go file; staticcheck (pinned here, run from the module proxy, so
 # go.mod lists no tool the product does not need) over the root module.

@@ -118,14 +118,18 @@ func (bc BuildCommand) Binaries() []string {
 
 // Run builds the packages from the module at root into dir, with the image's environment
 // and flags.
-func (bc BuildCommand) Run(root, dir string) error {
+func (bc BuildCommand) Run(root, dir string) error { return bc.RunEnv(root, dir) }
+
+// RunEnv is Run with more environment (GOOS=linux GOARCH=arm64 to cross-compile), set
+// after the image's own.
+func (bc BuildCommand) RunEnv(root, dir string, env ...string) error {
 	args := append(append([]string{"build"}, bc.Flags...), "-o", dir+"/")
 	args = append(args, bc.Pkgs...)
 	cmd := exec.Command("go", args...)
 	cmd.Dir = root
-	cmd.Env = append(os.Environ(), bc.Env...)
+	cmd.Env = append(append(os.Environ(), bc.Env...), env...)
 	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("%s go %s: %v\n%s", strings.Join(bc.Env, " "), strings.Join(args, " "), err, b)
+		return fmt.Errorf("%s go %s: %v\n%s", strings.Join(append(bc.Env, env...), " "), strings.Join(args, " "), err, b)
 	}
 	return nil
 }
