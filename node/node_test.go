@@ -324,6 +324,7 @@ func TestReconcile(t *testing.T) {
 	for _, want := range []string{
 		"divert_pods_attached 1",
 		fmt.Sprintf(`divert_verdicts_total{pod_uid=%q,namespace="shop",pod=%q,reason="included-cidr"} 1`, meshed.UID, meshed.Name),
+		fmt.Sprintf(`divert_pod_healthy{pod_uid=%q,namespace="shop",pod=%q,health=`, meshed.UID, meshed.Name),
 	} {
 		if !strings.Contains(metrics.String(), want) {
 			t.Errorf("metrics lack %q:\n%s", want, metrics.String())

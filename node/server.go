@@ -157,7 +157,7 @@ func (a *Agent) WriteMetrics(w io.Writer) {
 	fmt.Fprintf(w, "divert_pods_attached %d\n", len(ids))
 	fmt.Fprintln(w, "# HELP divert_verdicts_total Connections decided by divert, by pod and the rule that decided.")
 	fmt.Fprintln(w, "# TYPE divert_verdicts_total counter")
-	var drops []string
+	var drops, health []string
 	for _, id := range ids {
 		st, err := loader.Status(id, a.Loader)
 		if err != nil {
@@ -181,6 +181,16 @@ func (a *Agent) WriteMetrics(w io.Writer) {
 		for _, d := range kinds {
 			drops = append(drops, fmt.Sprintf("divert_drops_total{%s,drop=%q} %d", labels, d, st.Drops[d]))
 		}
+		healthy := 0
+		if st.Health == "healthy" {
+			healthy = 1
+		}
+		health = append(health, fmt.Sprintf("divert_pod_healthy{%s,health=%q} %d", labels, st.Health, healthy))
+	}
+	fmt.Fprintln(w, "# HELP divert_pod_healthy 1 when divert status calls the pod healthy, else 0; the health label is status' line (the reason and the fix).")
+	fmt.Fprintln(w, "# TYPE divert_pod_healthy gauge")
+	for _, h := range health {
+		fmt.Fprintln(w, h)
 	}
 	fmt.Fprintln(w, "# HELP divert_drops_total What divert's programs gave up on, by pod and kind: connections refused, original destinations not delivered.")
 	fmt.Fprintln(w, "# TYPE divert_drops_total counter")
