@@ -47,16 +47,15 @@ func Apply(m *Maps, cfg *policy.Config, localAddrs []netip.Addr) error {
 
 func configValue(cfg *policy.Config) bpf.DivertConfig {
 	return bpf.DivertConfig{
-		ProxyUid:           cfg.ProxyUID,
-		ProxyGid:           cfg.ProxyGID,
-		ProxyPort:          cfg.ProxyPort,
-		InboundCapturePort: cfg.InboundCapturePort,
-		InboundTunnelPort:  cfg.InboundTunnelPort,
-		OutboundIncludeAll: boolByte(cfg.OutboundCIDRs.All),
-		InboundIncludeAll:  boolByte(cfg.InboundPorts.All),
-		CaptureLoopback:    boolByte(cfg.CapturesLoopback()),
-		// istio returns the tunnel port only in REDIRECT mode's nat chain.
-		InboundTunnelPasses: boolByte(cfg.Mode != policy.TProxy),
+		ProxyUid:            cfg.ProxyUID,
+		ProxyGid:            cfg.ProxyGID,
+		ProxyPort:           cfg.ProxyPort,
+		InboundCapturePort:  cfg.InboundCapturePort,
+		InboundTunnelPort:   cfg.InboundTunnelPort,
+		OutboundIncludeAll:  boolByte(cfg.OutboundCIDRs.All),
+		InboundIncludeAll:   boolByte(cfg.InboundPorts.All),
+		CaptureLoopback:     boolByte(cfg.CapturesLoopback()),
+		InboundTunnelPasses: boolByte(cfg.InboundTunnelPasses()),
 		DnsCapture:          boolByte(cfg.CapturesDNS()),
 		DnsCaptureAll:       boolByte(cfg.CaptureAllDNS),
 		DnsAgentPort:        policy.DNSAgentPort,
@@ -87,10 +86,7 @@ func PortSets(cfg *policy.Config) *bpf.DivertPortSets {
 	}
 	set(&sets.OutboundExclude, cfg.OutboundExcludePorts)
 	set(&sets.OutboundInclude, cfg.OutboundPorts)
-	if cfg.InboundPorts.All {
-		// -d only means something with -b '*', as in istio's rules.
-		set(&sets.InboundExclude, cfg.InboundExcludePorts)
-	}
+	set(&sets.InboundExclude, cfg.InboundExcludes())
 	set(&sets.InboundInclude, cfg.InboundPorts.Ports)
 	return &sets
 }
