@@ -211,6 +211,18 @@ func Flags(fs *pflag.FlagSet, def Config) func(getenv func(string) string) (Conf
 	}
 }
 
+// ParseArgs turns an istio-iptables command line into a validated Config, as Flags does on
+// a flag set of its own, over def and without the environment: for a policy written as
+// arguments by a program (the node agent's annotations, test tables) rather than typed.
+func ParseArgs(def Config, args ...string) (Config, error) {
+	fs := pflag.NewFlagSet("istio-iptables", pflag.ContinueOnError)
+	parse := Flags(fs, def)
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	return parse(func(string) string { return "" })
+}
+
 // Args renders cfg as istio-iptables flags, the inverse of Flags (used by explain and docs).
 func (c *Config) Args() []string {
 	var args []string

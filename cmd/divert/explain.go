@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -127,8 +126,7 @@ verdicts under the same reason names:
 			}
 			from = "flags (istio-iptables' defaults for those not given)"
 		}
-		d := conn.Dst.Addr().Unmap()
-		conn.DstLocal = d.IsLoopback() || slices.Contains(local, d)
+		conn.DstLocal = policy.DstLocal(conn.Dst.Addr(), local)
 
 		where := "not local"
 		if conn.DstLocal {
