@@ -197,14 +197,23 @@ func syncPrefixes(m *ebpf.Map, prefixes []netip.Prefix) error {
 
 // readPrefixes is the inverse of syncPrefixes, sorted as text.
 func readPrefixes(m *ebpf.Map) ([]netip.Prefix, error) {
-	var out []netip.Prefix
-	var k bpf.DivertLpmV4Key
+	out, err := readSet(m, func(k bpf.DivertLpmV4Key) netip.Prefix {
+		return netip.PrefixFrom(AddrFromValue(k.Addr), int(k.Prefixlen))
+	})
+	slices.SortFunc(out, func(a, b netip.Prefix) int { return strings.Compare(a.String(), b.String()) })
+	return out, err
+}
+
+// readSet returns the keys of a set that sync wrote (each key's value is 1), as elem makes
+// them.
+func readSet[K, E any](m *ebpf.Map, elem func(K) E) ([]E, error) {
+	var out []E
+	var k K
 	var v uint8
 	it := m.Iterate()
 	for it.Next(&k, &v) {
-		out = append(out, netip.PrefixFrom(AddrFromValue(k.Addr), int(k.Prefixlen)))
+		out = append(out, elem(k))
 	}
-	slices.SortFunc(out, func(a, b netip.Prefix) int { return strings.Compare(a.String(), b.String()) })
 	return out, it.Err()
 }
 
@@ -222,15 +231,9 @@ func syncAddrs(m *ebpf.Map, addrs []netip.Addr) error {
 
 // readAddrs is the inverse of syncAddrs, in address order.
 func readAddrs(m *ebpf.Map) ([]netip.Addr, error) {
-	var out []netip.Addr
-	var k uint32
-	var v uint8
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		out = append(out, AddrFromValue(k))
-	}
+	out, err := readSet(m, AddrFromValue)
 	slices.SortFunc(out, netip.Addr.Compare)
-	return out, it.Err()
+	return out, err
 }
 
 // AddrValue is an IPv4 address as the BPF side stores it: network byte order in a __u32.

@@ -32,7 +32,7 @@ const (
 	// proxyMetadata holds environment variables for the proxy, such as DNSCaptureEnv.
 	AnnotationProxyConfig = "proxy.istio.io/config"
 	// DNSCaptureEnv turns on istio-agent's DNS proxy, and so DNS capture.
-	DNSCaptureEnv = "ISTIO_META_DNS_CAPTURE"
+	DNSCaptureEnv = policy.EnvDNSCapture
 
 	trafficPrefix = "traffic.sidecar.istio.io/"
 	// istioProxy is the injected sidecar container's name.

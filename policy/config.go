@@ -154,7 +154,7 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("invalid --%s: port 0; use a port between 1 and 65535", p.flag)
 		}
 	}
-	if c.RedirectDNS && !c.CaptureAllDNS && len(c.DNSServers) == 0 {
+	if c.capturesByNameserver() && len(c.DNSServers) == 0 {
 		return fmt.Errorf("invalid --%s: no nameserver to capture; list the pod's with --%s, or use --%s", FlagRedirectDNS, FlagDNSServers, FlagCaptureAllDNS)
 	}
 	if err := checkDNSServers(c.DNSServers); err != nil {
