@@ -3,8 +3,6 @@ package iptables
 import (
 	"testing"
 
-	"github.com/spf13/pflag"
-
 	"github.com/meshdivert/divert/policy"
 )
 
@@ -63,16 +61,11 @@ var cases = []struct {
 	}},
 }
 
-// caseConfig parses a case's flags exactly as the CLI does (policy.Flags over
-// policy.Default, no environment).
+// caseConfig parses a case's flags exactly as the CLI does (policy.ParseArgs: policy.Flags
+// over policy.Default, no environment).
 func caseConfig(tb testing.TB, args []string) *policy.Config {
 	tb.Helper()
-	fs := pflag.NewFlagSet("istio-iptables", pflag.ContinueOnError)
-	parse := policy.Flags(fs, policy.Default())
-	if err := fs.Parse(append(append([]string{}, referenceArgs...), args...)); err != nil {
-		tb.Fatalf("parse %q: %v", args, err)
-	}
-	cfg, err := parse(func(string) string { return "" })
+	cfg, err := policy.ParseArgs(policy.Default(), append(append([]string{}, referenceArgs...), args...)...)
 	if err != nil {
 		tb.Fatalf("config %q: %v", args, err)
 	}

@@ -40,8 +40,8 @@ const (
 const outboundMark = "1338"
 
 // hostLoopback is istio's --host-ipv4-loopback-cidr default, the one address the hairpin and
-// "localhost" rules leave alone.
-const hostLoopback = "127.0.0.1/32"
+// "localhost" rules leave alone: policy.Localhost.
+var hostLoopback = netip.PrefixFrom(policy.Localhost, 32).String()
 
 // rule is one iptables rule in istio-iptables' order and spelling.
 type rule struct {
@@ -137,10 +137,7 @@ func rules(cfg *policy.Config) ruleSet {
 
 	// istio drops the "app talks to itself" RETURN when -i names a loopback prefix, so
 	// that loopback traffic can reach the include rules.
-	loopbackIncluded := false
-	for _, p := range cfg.OutboundCIDRs.Prefixes {
-		loopbackIncluded = loopbackIncluded || p.Addr().IsLoopback()
-	}
+	loopbackIncluded := cfg.CapturesLoopback()
 	// With DNS capture, port 53 is left out of the uid hairpin and of the "local
 	// destination" returns, so queries to a nameserver on the pod reach ISTIO_OUTPUT_DNS.
 	dns := cfg.CapturesDNS()
@@ -256,7 +253,7 @@ func dnsRules(rs *ruleSet, cfg *policy.Config) {
 // inboundRules adds the capture of connections arriving from outside: nat REDIRECT, or
 // mangle TPROXY (which keeps the original destination and source).
 func inboundRules(rs *ruleSet, cfg *policy.Config) {
-	if !cfg.InboundPorts.All && len(cfg.InboundPorts.Ports) == 0 {
+	if !cfg.CapturesInbound() {
 		return // -b "": no inbound capture at all, not even the PREROUTING jump
 	}
 	table, capture := tableNat, chainInRedirect
@@ -270,11 +267,11 @@ func inboundRules(rs *ruleSet, cfg *policy.Config) {
 	}
 	rs.add(table, "PREROUTING", "-p", "tcp", "-j", chainInbound)
 
+	for _, p := range cfg.InboundExcludes() {
+		rs.decides(table, chainInbound, policy.ReasonInboundExcludedPort,
+			"-p", "tcp", "--dport", u16(p), "-j", "RETURN").port = p
+	}
 	if cfg.InboundPorts.All {
-		for _, p := range cfg.InboundExcludePorts {
-			rs.decides(table, chainInbound, policy.ReasonInboundExcludedPort,
-				"-p", "tcp", "--dport", u16(p), "-j", "RETURN").port = p
-		}
 		if cfg.Mode == policy.TProxy {
 			// Packets of connections already accepted go straight to the local socket.
 			rs.add(tableMangle, chainInbound, "-p", "tcp", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", chainDivert)

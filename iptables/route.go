@@ -24,7 +24,7 @@ type tproxyRoute struct {
 // wantRoute is the policy route cfg needs: only TPROXY mode with some inbound capture, as
 // istio-iptables sets it up.
 func wantRoute(cfg *policy.Config) *tproxyRoute {
-	if cfg.Mode != policy.TProxy || (!cfg.InboundPorts.All && len(cfg.InboundPorts.Ports) == 0) {
+	if cfg.Mode != policy.TProxy || !cfg.CapturesInbound() {
 		return nil
 	}
 	return &tproxyRoute{mark: cfg.TProxyMark, table: cfg.TProxyRouteTable}

@@ -14,7 +14,6 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
-	"github.com/spf13/pflag"
 
 	"github.com/meshdivert/divert/internal/crashpoint"
 	"github.com/meshdivert/divert/internal/divertest"
@@ -73,12 +72,7 @@ func runCrashChildIfRequested() {
 }
 
 func parseFlags(args []string) (policy.Config, error) {
-	fs := pflag.NewFlagSet("crash", pflag.ContinueOnError)
-	parse := policy.Flags(fs, policy.Default())
-	if err := fs.Parse(args); err != nil {
-		return policy.Config{}, err
-	}
-	return parse(func(string) string { return "" })
+	return policy.ParseArgs(policy.Default(), args...)
 }
 
 // runCrashJob runs job in a child and returns the steps it passed; killed says whether

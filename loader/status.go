@@ -6,11 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 
-	"github.com/cilium/ebpf"
-
-	"github.com/meshdivert/divert/bpf"
 	"github.com/meshdivert/divert/maps"
 )
 
@@ -150,55 +146,36 @@ func Status(id string, opts Options) (*PodStatus, error) {
 	return st, nil
 }
 
+// readPolicy is the policy the maps hold (maps.ReadPolicy), as status shows it.
 func readPolicy(m *maps.Maps) (PolicyStatus, error) {
-	c, err := maps.ReadConfig(m)
+	cfg, local, err := maps.ReadPolicy(m)
 	if err != nil {
-		return PolicyStatus{}, fmt.Errorf("read config_map: %w", err)
+		return PolicyStatus{}, err
 	}
 	p := PolicyStatus{
-		ProxyPort: c.ProxyPort, InboundCapturePort: c.InboundCapturePort, InboundTunnelPort: c.InboundTunnelPort,
-		ProxyUID: c.ProxyUid, ProxyGID: c.ProxyGid,
-		OutboundIncludeAll: c.OutboundIncludeAll != 0, InboundIncludeAll: c.InboundIncludeAll != 0,
-		DNSCapture: c.DnsCapture != 0, DNSCaptureAll: c.DnsCaptureAll != 0,
+		ProxyPort: cfg.ProxyPort, InboundCapturePort: cfg.InboundCapturePort, InboundTunnelPort: cfg.InboundTunnelPort,
+		ProxyUID: cfg.ProxyUID, ProxyGID: cfg.ProxyGID,
+		OutboundIncludeAll: cfg.OutboundCIDRs.All, InboundIncludeAll: cfg.InboundPorts.All,
+		OutboundPorts: cfg.OutboundPorts, OutboundExcludePorts: cfg.OutboundExcludePorts,
+		InboundPorts: cfg.InboundPorts.Ports, InboundExcludePorts: cfg.InboundExcludePorts,
+		OutboundCIDRs: prefixStrings(cfg.OutboundCIDRs.Prefixes), OutboundExcludeCIDRs: prefixStrings(cfg.OutboundExcludeCIDRs),
+		LocalAddrs: local,
+		DNSCapture: cfg.RedirectDNS, DNSCaptureAll: cfg.CaptureAllDNS, DNSServers: cfg.DNSServers,
 	}
 	if p.DNSCapture {
+		c, err := maps.ReadConfig(m) // the port the kernel sends queries to
+		if err != nil {
+			return p, fmt.Errorf("read config_map: %w", err)
+		}
 		p.DNSAgentPort = c.DnsAgentPort
 	}
-	if p.DNSServers, err = maps.DNSServers(m); err != nil {
-		return p, err
-	}
-	var sets bpf.DivertPortSets
-	if err := m.PortSetsMap.Lookup(uint32(0), &sets); err != nil {
-		return p, fmt.Errorf("read port_sets_map: %w", err)
-	}
-	p.OutboundExcludePorts = maps.Ports(&sets.OutboundExclude)
-	p.OutboundPorts = maps.Ports(&sets.OutboundInclude)
-	p.InboundExcludePorts = maps.Ports(&sets.InboundExclude)
-	p.InboundPorts = maps.Ports(&sets.InboundInclude)
-	if p.OutboundCIDRs, err = readPrefixes(m.OutboundIncludeCidrs); err != nil {
-		return p, err
-	}
-	if p.OutboundExcludeCIDRs, err = readPrefixes(m.OutboundExcludeCidrs); err != nil {
-		return p, err
-	}
-	var addr uint32
-	var one uint8
-	ait := m.LocalAddrs.Iterate()
-	for ait.Next(&addr, &one) {
-		p.LocalAddrs = append(p.LocalAddrs, maps.AddrFromValue(addr))
-	}
-	slices.SortFunc(p.LocalAddrs, netip.Addr.Compare)
-	return p, ait.Err()
+	return p, nil
 }
 
-func readPrefixes(m *ebpf.Map) ([]string, error) {
+func prefixStrings(prefixes []netip.Prefix) []string {
 	var out []string
-	var k bpf.DivertLpmV4Key
-	var v uint8
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		out = append(out, netip.PrefixFrom(maps.AddrFromValue(k.Addr), int(k.Prefixlen)).String())
+	for _, p := range prefixes {
+		out = append(out, p.String())
 	}
-	slices.Sort(out)
-	return out, it.Err()
+	return out
 }

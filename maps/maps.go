@@ -1,5 +1,5 @@
 // Package maps gives typed access to divert's BPF maps: it turns a policy.Config into map
-// contents, and reads counters and original-destination entries back.
+// contents (Apply) and reads it back (ReadPolicy), with the counters and drops.
 package maps
 
 import (
@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/cilium/ebpf"
 
@@ -32,7 +33,7 @@ func Apply(m *Maps, cfg *policy.Config, localAddrs []netip.Addr) error {
 	if err := syncPrefixes(m.OutboundIncludeCidrs, cfg.IPv4OutboundCIDRs()); err != nil {
 		return fmt.Errorf("update outbound_include_cidrs map: %w", err)
 	}
-	if err := syncLocalAddrs(m.LocalAddrs, localAddrs); err != nil {
+	if err := syncAddrs(m.LocalAddrs, localAddrs); err != nil {
 		return fmt.Errorf("update local_addrs map: %w", err)
 	}
 	if err := syncAddrs(m.DnsServers, cfg.DNSServers); err != nil {
@@ -47,16 +48,15 @@ func Apply(m *Maps, cfg *policy.Config, localAddrs []netip.Addr) error {
 
 func configValue(cfg *policy.Config) bpf.DivertConfig {
 	return bpf.DivertConfig{
-		ProxyUid:           cfg.ProxyUID,
-		ProxyGid:           cfg.ProxyGID,
-		ProxyPort:          cfg.ProxyPort,
-		InboundCapturePort: cfg.InboundCapturePort,
-		InboundTunnelPort:  cfg.InboundTunnelPort,
-		OutboundIncludeAll: boolByte(cfg.OutboundCIDRs.All),
-		InboundIncludeAll:  boolByte(cfg.InboundPorts.All),
-		CaptureLoopback:    boolByte(cfg.CapturesLoopback()),
-		// istio returns the tunnel port only in REDIRECT mode's nat chain.
-		InboundTunnelPasses: boolByte(cfg.Mode != policy.TProxy),
+		ProxyUid:            cfg.ProxyUID,
+		ProxyGid:            cfg.ProxyGID,
+		ProxyPort:           cfg.ProxyPort,
+		InboundCapturePort:  cfg.InboundCapturePort,
+		InboundTunnelPort:   cfg.InboundTunnelPort,
+		OutboundIncludeAll:  boolByte(cfg.OutboundCIDRs.All),
+		InboundIncludeAll:   boolByte(cfg.InboundPorts.All),
+		CaptureLoopback:     boolByte(cfg.CapturesLoopback()),
+		InboundTunnelPasses: boolByte(cfg.InboundTunnelPasses()),
 		DnsCapture:          boolByte(cfg.CapturesDNS()),
 		DnsCaptureAll:       boolByte(cfg.CaptureAllDNS),
 		DnsAgentPort:        policy.DNSAgentPort,
@@ -68,6 +68,51 @@ func ReadConfig(m *Maps) (bpf.DivertConfig, error) {
 	var c bpf.DivertConfig
 	err := m.ConfigMap.Lookup(uint32(0), &c)
 	return c, err
+}
+
+// ReadPolicy is Apply's inverse: the policy the maps express and the pod's own addresses
+// (in address order), what the programs decide with, whatever any command line says.
+// It gives back cfg as Apply rendered it: -d only with -b '*' (Config.InboundExcludes), -i
+// and -x as their IPv4 prefixes (sorted as text, as divert status lists them), port lists
+// and nameservers in order, REDIRECT or TPROXY by the one difference TPROXY makes to capture
+// (Config.InboundTunnelPasses). What the maps do not hold, the TPROXY mark and route table,
+// is Default's.
+func ReadPolicy(m *Maps) (policy.Config, []netip.Addr, error) {
+	c, err := ReadConfig(m)
+	if err != nil {
+		return policy.Config{}, nil, fmt.Errorf("read config_map: %w", err)
+	}
+	var sets bpf.DivertPortSets
+	if err := m.PortSetsMap.Lookup(uint32(0), &sets); err != nil {
+		return policy.Config{}, nil, fmt.Errorf("read port_sets_map: %w", err)
+	}
+	cfg := policy.Default()
+	cfg.ProxyPort, cfg.InboundCapturePort, cfg.InboundTunnelPort = c.ProxyPort, c.InboundCapturePort, c.InboundTunnelPort
+	cfg.ProxyUID, cfg.ProxyGID = c.ProxyUid, c.ProxyGid
+	cfg.Mode = policy.Redirect
+	if c.InboundTunnelPasses == 0 {
+		cfg.Mode = policy.TProxy
+	}
+	cfg.InboundPorts = policy.PortList{All: c.InboundIncludeAll != 0, Ports: Ports(&sets.InboundInclude)}
+	cfg.InboundExcludePorts = Ports(&sets.InboundExclude)
+	cfg.OutboundPorts = Ports(&sets.OutboundInclude)
+	cfg.OutboundExcludePorts = Ports(&sets.OutboundExclude)
+	cfg.OutboundCIDRs = policy.CIDRList{All: c.OutboundIncludeAll != 0}
+	if cfg.OutboundCIDRs.Prefixes, err = readPrefixes(m.OutboundIncludeCidrs); err != nil {
+		return policy.Config{}, nil, fmt.Errorf("read outbound_include_cidrs map: %w", err)
+	}
+	if cfg.OutboundExcludeCIDRs, err = readPrefixes(m.OutboundExcludeCidrs); err != nil {
+		return policy.Config{}, nil, fmt.Errorf("read outbound_exclude_cidrs map: %w", err)
+	}
+	cfg.RedirectDNS, cfg.CaptureAllDNS = c.DnsCapture != 0, c.DnsCaptureAll != 0
+	if cfg.DNSServers, err = readAddrs(m.DnsServers); err != nil {
+		return policy.Config{}, nil, fmt.Errorf("read dns_servers map: %w", err)
+	}
+	local, err := readAddrs(m.LocalAddrs)
+	if err != nil {
+		return policy.Config{}, nil, fmt.Errorf("read local_addrs map: %w", err)
+	}
+	return cfg, local, nil
 }
 
 func boolByte(b bool) uint8 {
@@ -87,10 +132,7 @@ func PortSets(cfg *policy.Config) *bpf.DivertPortSets {
 	}
 	set(&sets.OutboundExclude, cfg.OutboundExcludePorts)
 	set(&sets.OutboundInclude, cfg.OutboundPorts)
-	if cfg.InboundPorts.All {
-		// -d only means something with -b '*', as in istio's rules.
-		set(&sets.InboundExclude, cfg.InboundExcludePorts)
-	}
+	set(&sets.InboundExclude, cfg.InboundExcludes())
 	set(&sets.InboundInclude, cfg.InboundPorts.Ports)
 	return &sets
 }
@@ -153,26 +195,31 @@ func syncPrefixes(m *ebpf.Map, prefixes []netip.Prefix) error {
 	return sync(m, want)
 }
 
-// syncAddrs makes a set of IPv4 addresses (the nameservers) hold exactly addrs.
-func syncAddrs(m *ebpf.Map, addrs []netip.Addr) error { return syncLocalAddrs(m, addrs) }
-
-// DNSServers returns the nameservers the kernel captures queries to, in address order.
-func DNSServers(m *Maps) ([]netip.Addr, error) {
-	var out []netip.Addr
-	var k uint32
-	var v uint8
-	it := m.DnsServers.Iterate()
-	for it.Next(&k, &v) {
-		out = append(out, AddrFromValue(k))
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read dns_servers map: %w", err)
-	}
-	slices.SortFunc(out, netip.Addr.Compare)
-	return out, nil
+// readPrefixes is the inverse of syncPrefixes, sorted as text.
+func readPrefixes(m *ebpf.Map) ([]netip.Prefix, error) {
+	out, err := readSet(m, func(k bpf.DivertLpmV4Key) netip.Prefix {
+		return netip.PrefixFrom(AddrFromValue(k.Addr), int(k.Prefixlen))
+	})
+	slices.SortFunc(out, func(a, b netip.Prefix) int { return strings.Compare(a.String(), b.String()) })
+	return out, err
 }
 
-func syncLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
+// readSet returns the keys of a set that sync wrote (each key's value is 1), as elem makes
+// them.
+func readSet[K, E any](m *ebpf.Map, elem func(K) E) ([]E, error) {
+	var out []E
+	var k K
+	var v uint8
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, elem(k))
+	}
+	return out, it.Err()
+}
+
+// syncAddrs makes a set of IPv4 addresses (the pod's own, the nameservers) hold exactly
+// the IPv4 ones of addrs.
+func syncAddrs(m *ebpf.Map, addrs []netip.Addr) error {
 	want := make(map[uint32]uint8, len(addrs))
 	for _, a := range addrs {
 		if a.Is4() {
@@ -180,6 +227,13 @@ func syncLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
 		}
 	}
 	return sync(m, want)
+}
+
+// readAddrs is the inverse of syncAddrs, in address order.
+func readAddrs(m *ebpf.Map) ([]netip.Addr, error) {
+	out, err := readSet(m, AddrFromValue)
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out, err
 }
 
 // AddrValue is an IPv4 address as the BPF side stores it: network byte order in a __u32.

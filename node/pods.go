@@ -10,7 +10,6 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/spf13/pflag"
 	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
 
@@ -33,7 +32,7 @@ const (
 	// proxyMetadata holds environment variables for the proxy, such as DNSCaptureEnv.
 	AnnotationProxyConfig = "proxy.istio.io/config"
 	// DNSCaptureEnv turns on istio-agent's DNS proxy, and so DNS capture.
-	DNSCaptureEnv = "ISTIO_META_DNS_CAPTURE"
+	DNSCaptureEnv = policy.EnvDNSCapture
 
 	trafficPrefix = "traffic.sidecar.istio.io/"
 	// istioProxy is the injected sidecar container's name.
@@ -50,10 +49,6 @@ var trafficAnnotations = map[string]string{
 	trafficPrefix + "includeInboundPorts":     "-b",
 	trafficPrefix + "excludeInboundPorts":     "-d",
 }
-
-// istioInboundExcludes are always excluded inbound by Istio's injector (Prometheus
-// merge, health, agent status), whatever the annotation adds.
-const istioInboundExcludes = "15090,15021,15020"
 
 // Selected says whether divert should capture the pod, and why (for logs and events).
 func Selected(pod *corev1.Pod) (bool, string) {
@@ -94,7 +89,8 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 		v := pod.Annotations[k]
 		if flag, ok := trafficAnnotations[k]; ok {
 			if flag == "-d" {
-				v = strings.Trim(istioInboundExcludes+","+v, ",")
+				// Istio's injector always excludes its own ports, whatever the annotation adds.
+				v = strings.Trim(policy.PortList{Ports: policy.InjectorInboundExcludePorts()}.String()+","+v, ",")
 			}
 			args = append(args, flag, v)
 			sources = append(sources, "annotation "+k)
@@ -133,12 +129,7 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 		sources = append(sources, "the proxy's gid")
 	}
 
-	fs := pflag.NewFlagSet(pod.Name, pflag.ContinueOnError)
-	parse := policy.Flags(fs, defaults)
-	if err := fs.Parse(args); err != nil {
-		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s: %w", pod.Namespace, pod.Name, err)
-	}
-	cfg, err := parse(func(string) string { return "" })
+	cfg, err := policy.ParseArgs(defaults, args...)
 	if err != nil {
 		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s %s: %w", pod.Namespace, pod.Name, culprit(args, sources, defaults), err)
 	}
@@ -148,12 +139,7 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 // culprit names the setting whose value the parser refuses: each is parsed alone.
 func culprit(args, sources []string, defaults policy.Config) string {
 	for i, src := range sources {
-		fs := pflag.NewFlagSet(src, pflag.ContinueOnError)
-		parse := policy.Flags(fs, defaults)
-		if fs.Parse(args[2*i:2*i+2]) != nil {
-			return src
-		}
-		if _, err := parse(func(string) string { return "" }); err != nil {
+		if _, err := policy.ParseArgs(defaults, args[2*i:2*i+2]...); err != nil {
 			return src
 		}
 	}

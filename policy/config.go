@@ -111,22 +111,37 @@ type Config struct {
 	DNSServers []netip.Addr
 }
 
+// IstioIptablesDefaults is what istio-iptables does when a flag is not given, which is not
+// what Istio's injector passes (Default): no inbound ports (-b ""), no inbound exclusions
+// (-d ""), no outbound CIDRs (-i ""). Only the proxy's ports and ids and the TPROXY settings
+// have defaults there. (istio resolves the uid default at run time: the uid of $ENVOY_USER,
+// istio-proxy, else 1337; that lookup is the CLI's.)
+func IstioIptablesDefaults() Config {
+	return Config{
+		ProxyPort:          15001,
+		InboundCapturePort: 15006,
+		InboundTunnelPort:  15008,
+		ProxyUID:           1337,
+		ProxyGID:           1337,
+		Mode:               Redirect,
+		TProxyMark:         1337,
+		TProxyRouteTable:   133,
+	}
+}
+
+// InjectorInboundExcludePorts are the inbound ports Istio's injector always excludes (-d):
+// Prometheus merge (15090), health (15021) and agent status (15020), whatever a pod's
+// annotations add.
+func InjectorInboundExcludePorts() []uint16 { return []uint16{15090, 15021, 15020} }
+
 // Default is what Istio's sidecar injector asks of istio-iptables for a standard pod:
 // -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020.
 func Default() Config {
-	return Config{
-		ProxyPort:           15001,
-		InboundCapturePort:  15006,
-		InboundTunnelPort:   15008,
-		ProxyUID:            1337,
-		ProxyGID:            1337,
-		Mode:                Redirect,
-		TProxyMark:          1337,
-		TProxyRouteTable:    133,
-		InboundPorts:        PortList{All: true},
-		InboundExcludePorts: []uint16{15090, 15021, 15020},
-		OutboundCIDRs:       CIDRList{All: true},
-	}
+	c := IstioIptablesDefaults()
+	c.InboundPorts = PortList{All: true}
+	c.InboundExcludePorts = InjectorInboundExcludePorts()
+	c.OutboundCIDRs = CIDRList{All: true}
+	return c
 }
 
 // Validate checks the relations between settings that parsing alone cannot see.
@@ -139,7 +154,7 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("invalid --%s: port 0; use a port between 1 and 65535", p.flag)
 		}
 	}
-	if c.RedirectDNS && !c.CaptureAllDNS && len(c.DNSServers) == 0 {
+	if c.capturesByNameserver() && len(c.DNSServers) == 0 {
 		return fmt.Errorf("invalid --%s: no nameserver to capture; list the pod's with --%s, or use --%s", FlagRedirectDNS, FlagDNSServers, FlagCaptureAllDNS)
 	}
 	if err := checkDNSServers(c.DNSServers); err != nil {

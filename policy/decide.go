@@ -250,26 +250,12 @@ func (c *Config) Decide(conn Conn) Verdict {
 	return pass(ReasonNotIncluded)
 }
 
-// CapturesLoopback reports whether -i names a loopback range (v4 or v6), which makes istio
-// drop its rules that let every local destination pass.
-func (c *Config) CapturesLoopback() bool {
-	for _, p := range c.OutboundCIDRs.Prefixes {
-		if p.Addr().IsLoopback() {
-			return true
-		}
-	}
-	return false
-}
-
 func (c *Config) decideInbound(port uint16) Verdict {
 	pass := func(r Reason) Verdict { return Verdict{Action: Pass, Reason: r} }
-	// istio returns the tunnel port only in the nat ISTIO_INBOUND chain, which TPROXY mode
-	// does not use: there the tunnel port is captured like any other.
-	if port == c.InboundTunnelPort && c.Mode != TProxy {
+	if port == c.InboundTunnelPort && c.InboundTunnelPasses() {
 		return pass(ReasonInboundTunnelPort)
 	}
-	// -d only applies with -b '*' (istio renders it only then).
-	if c.InboundPorts.All && slices.Contains(c.InboundExcludePorts, port) {
+	if slices.Contains(c.InboundExcludes(), port) {
 		return pass(ReasonInboundExcludedPort)
 	}
 	if c.InboundPorts.Contains(port) {

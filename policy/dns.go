@@ -26,6 +26,15 @@ const MaxDNSServers = 64
 // and --dns-servers is not given: in the init container, the pod's own.
 const DefaultResolvConf = "/etc/resolv.conf"
 
+// EnvDNSCapture is the environment variable that turns DNS capture on besides
+// $REDIRECT_DNS: istio-agent's own switch for its DNS proxy, which istio-iptables and
+// istio-cni read too (from the proxy's environment or its ProxyConfig's proxyMetadata).
+const EnvDNSCapture = "ISTIO_META_DNS_CAPTURE"
+
+// capturesByNameserver reports whether DNS capture takes only the nameservers' queries,
+// the nameservers then being required (from --dns-servers, else resolv.conf).
+func (c *Config) capturesByNameserver() bool { return c.RedirectDNS && !c.CaptureAllDNS }
+
 // CapturesDNS reports whether DNS capture is on. istio-iptables ignores --capture-all-dns
 // without --redirect-dns, and so does divert.
 func (c *Config) CapturesDNS() bool {

@@ -53,7 +53,7 @@ type flagExtra struct {
 }
 
 var flagExtras = map[string]flagExtra{
-	FlagRedirectDNS:   {moreEnv: []string{"ISTIO_META_DNS_CAPTURE"}, boolean: true},
+	FlagRedirectDNS:   {moreEnv: []string{EnvDNSCapture}, boolean: true},
 	FlagCaptureAllDNS: {boolean: true},
 	FlagDNSServers:    {noEnv: true},
 }
@@ -144,7 +144,7 @@ var flagSpecs = []flagSpec{
 			}
 			return
 		}},
-	{FlagRedirectDNS, "", "capture DNS: UDP and TCP to port 53 of the pod's nameservers go to istio-agent on 127.0.0.1:15053",
+	{FlagRedirectDNS, "", fmt.Sprintf("capture DNS: UDP and TCP to port %d of the pod's nameservers go to istio-agent on %s:%d", DNSPort, Localhost, DNSAgentPort),
 		func(c *Config) string { return strconv.FormatBool(c.RedirectDNS) },
 		func(c *Config, s string) (err error) { c.RedirectDNS, err = parseBool(s); return }},
 	{FlagCaptureAllDNS, "", "with --" + FlagRedirectDNS + ", capture port 53 of every destination, not only the nameservers'",
@@ -197,7 +197,7 @@ func Flags(fs *pflag.FlagSet, def Config) func(getenv func(string) string) (Conf
 			cfg.ProxyGID = cfg.ProxyUID
 		}
 		// istio-iptables reads the nameservers only when it captures by nameserver.
-		if cfg.RedirectDNS && !cfg.CaptureAllDNS && !dnsServersGiven {
+		if cfg.capturesByNameserver() && !dnsServersGiven {
 			servers, err := readResolvConf(*resolvConf)
 			if err != nil {
 				return Config{}, err
@@ -209,6 +209,18 @@ func Flags(fs *pflag.FlagSet, def Config) func(getenv func(string) string) (Conf
 		}
 		return cfg, nil
 	}
+}
+
+// ParseArgs turns an istio-iptables command line into a validated Config, as Flags does on
+// a flag set of its own, over def and without the environment: for a policy written as
+// arguments by a program (the node agent's annotations, test tables) rather than typed.
+func ParseArgs(def Config, args ...string) (Config, error) {
+	fs := pflag.NewFlagSet("istio-iptables", pflag.ContinueOnError)
+	parse := Flags(fs, def)
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	return parse(func(string) string { return "" })
 }
 
 // Args renders cfg as istio-iptables flags, the inverse of Flags (used by explain and docs).

@@ -410,3 +410,26 @@ func TestModeString(t *testing.T) {
 	require.Equal(t, "REDIRECT", policy.Redirect.String())
 	require.Equal(t, "TPROXY", policy.TProxy.String())
 }
+
+// ParseArgs is Flags over its own flag set: the injector's command line over istio-iptables'
+// own defaults is the injector's policy, and a bad flag or value is the same error.
+func TestParseArgs(t *testing.T) {
+	injector := []string{"-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
+		"-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"}
+	got, err := policy.ParseArgs(policy.IstioIptablesDefaults(), injector...)
+	require.NoError(t, err)
+	require.Equal(t, policy.Default(), got)
+
+	got, err = policy.ParseArgs(policy.Default(), "-u", "1000", "-b", "8080")
+	require.NoError(t, err)
+	want, err := parse([]string{"-u", "1000", "-b", "8080"}, nil)
+	require.NoError(t, err)
+	require.Equal(t, want, got)
+
+	for _, args := range [][]string{{"--no-such-flag"}, {"-p", "0"}, {"-p", "15006"}} {
+		_, err := policy.ParseArgs(policy.Default(), args...)
+		_, want := parse(args, nil)
+		require.Error(t, err, "%q", args)
+		require.Equal(t, want.Error(), err.Error(), "%q", args)
+	}
+}

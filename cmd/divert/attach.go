@@ -118,8 +118,8 @@ func inboundPorts(cfg *policy.Config) string {
 	if !cfg.InboundPorts.All {
 		return "[" + cfg.InboundPorts.String() + "]"
 	}
-	if len(cfg.InboundExcludePorts) == 0 {
+	if len(cfg.InboundExcludes()) == 0 {
 		return "*"
 	}
-	return "* except " + policy.PortList{Ports: cfg.InboundExcludePorts}.String()
+	return "* except " + policy.PortList{Ports: cfg.InboundExcludes()}.String()
 }

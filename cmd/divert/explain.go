@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -127,8 +126,7 @@ verdicts under the same reason names:
 			}
 			from = "flags (istio-iptables' defaults for those not given)"
 		}
-		d := conn.Dst.Addr().Unmap()
-		conn.DstLocal = d.IsLoopback() || slices.Contains(local, d)
+		conn.DstLocal = policy.DstLocal(conn.Dst.Addr(), local)
 
 		where := "not local"
 		if conn.DstLocal {
@@ -173,35 +171,14 @@ func pinnedPolicy(id string, opts loader.Options) (policy.Config, []netip.Addr, 
 		return policy.Config{}, nil, err
 	}
 	defer loader.CloseMaps(m)
-	raw, err := maps.ReadConfig(m)
+	cfg, local, err := maps.ReadPolicy(m)
 	if err != nil {
-		return policy.Config{}, nil, fmt.Errorf("pod %s: read its config map: %w", id, err)
+		return policy.Config{}, nil, fmt.Errorf("pod %s: %w", id, err)
 	}
-	p := st.Policy
-	cfg := policy.Default()
-	cfg.ProxyPort, cfg.InboundCapturePort, cfg.InboundTunnelPort = p.ProxyPort, p.InboundCapturePort, p.InboundTunnelPort
-	cfg.ProxyUID, cfg.ProxyGID = p.ProxyUID, p.ProxyGID
-	cfg.Mode = policy.Redirect
-	if raw.InboundTunnelPasses == 0 {
-		cfg.Mode = policy.TProxy // the only difference TPROXY makes to capture decisions
+	if st.Inert {
+		// As divert status shows an inert pod: its exclusions are the disarmed state (every
+		// port), not its policy.
+		cfg.OutboundExcludePorts, cfg.InboundExcludePorts = nil, nil
 	}
-	cfg.InboundPorts = policy.PortList{All: p.InboundIncludeAll, Ports: p.InboundPorts}
-	cfg.InboundExcludePorts = p.InboundExcludePorts
-	cfg.OutboundPorts, cfg.OutboundExcludePorts = p.OutboundPorts, p.OutboundExcludePorts
-	cfg.OutboundCIDRs = policy.CIDRList{All: p.OutboundIncludeAll}
-	for _, list := range []struct {
-		in  []string
-		out *[]netip.Prefix
-	}{{p.OutboundCIDRs, &cfg.OutboundCIDRs.Prefixes}, {p.OutboundExcludeCIDRs, &cfg.OutboundExcludeCIDRs}} {
-		for _, s := range list.in {
-			pfx, err := netip.ParsePrefix(s)
-			if err != nil {
-				return policy.Config{}, nil, fmt.Errorf("pod %s: pinned prefix %q: %w", id, s, err)
-			}
-			*list.out = append(*list.out, pfx)
-		}
-	}
-	cfg.RedirectDNS, cfg.CaptureAllDNS = p.DNSCapture, p.DNSCaptureAll
-	cfg.DNSServers = p.DNSServers
-	return cfg, p.LocalAddrs, nil
+	return cfg, local, nil
 }

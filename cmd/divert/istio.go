@@ -44,24 +44,6 @@ var (
 	uidMapFile = "/proc/self/uid_map"
 )
 
-// istioIptablesDefaults is what istio-iptables does when a flag is not given, which is
-// not what Istio's injector passes (policy.Default): no inbound ports (-b ""), no inbound
-// exclusions (-d ""), no outbound CIDRs (-i ""). Only the proxy's ports and ids and the
-// TPROXY settings have defaults there. The uid default is resolved at run time, as istio
-// does: the uid of $ENVOY_USER (istio-proxy), else 1337.
-func istioIptablesDefaults() policy.Config {
-	return policy.Config{
-		ProxyPort:          15001,
-		InboundCapturePort: 15006,
-		InboundTunnelPort:  15008,
-		ProxyUID:           1337,
-		ProxyGID:           1337,
-		Mode:               policy.Redirect,
-		TProxyMark:         1337,
-		TProxyRouteTable:   133,
-	}
-}
-
 // Flag names of istio-iptables' flags that are not policy (see policy.Flag* for those).
 const (
 	flagDryRun              = "dry-run"
@@ -288,7 +270,7 @@ dual stack, CNI mode, ...) are refused with a message naming them, never ignored
 		Args: cobra.NoArgs,
 	}
 	fs := cmd.Flags()
-	parsePolicy := policy.Flags(fs, istioIptablesDefaults())
+	parsePolicy := policy.Flags(fs, policy.IstioIptablesDefaults())
 	for _, o := range istioOpts {
 		if o.envOnly {
 			continue

@@ -72,7 +72,7 @@ func TestIstioIptablesDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	def := istioIptablesDefaults()
+	def := policy.IstioIptablesDefaults()
 	if def.InboundPorts.All || len(def.InboundPorts.Ports) != 0 || def.OutboundCIDRs.All || len(def.OutboundCIDRs.Prefixes) != 0 || len(def.InboundExcludePorts) != 0 {
 		t.Fatalf("istio-iptables' defaults capture nothing inbound or by CIDR: %+v", def)
 	}

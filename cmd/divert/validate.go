@@ -85,13 +85,8 @@ diagnosis when capture does not work.`,
 // outboundCaptured refuses an --outbound check the policy itself would not capture: it
 // would fail for the wrong reason.
 func outboundCaptured(cfg *policy.Config, dst netip.AddrPort, uid, gid uint32) error {
-	local := dst.Addr().IsLoopback()
-	if addrs, err := loader.LocalAddrs(ownNetNS); err == nil {
-		for _, a := range addrs {
-			local = local || a == dst.Addr()
-		}
-	}
-	v := cfg.Decide(policy.Conn{Direction: policy.Outbound, UID: uid, GID: gid, Dst: dst, DstLocal: local})
+	addrs, _ := loader.LocalAddrs(ownNetNS) // none known: only loopback is local
+	v := cfg.Decide(policy.Conn{Direction: policy.Outbound, UID: uid, GID: gid, Dst: dst, DstLocal: policy.DstLocal(dst.Addr(), addrs)})
 	if v.Action != policy.RedirectOutbound {
 		return fmt.Errorf("invalid --outbound %s: the policy does not capture it for uid %d gid %d (%s); pick a destination and --app-uid it captures (see divert explain)", dst, uid, gid, v)
 	}

@@ -223,15 +223,11 @@ func CheckPolicy(opts loader.Options, id string, cfg *policy.Config) error {
 		cidrs = append(cidrs, c.String())
 	}
 	slices.Sort(cidrs)
-	inEx := cfg.InboundExcludePorts
-	if !cfg.InboundPorts.All {
-		inEx = nil
-	}
 	sorted := func(p []uint16) []uint16 { p = slices.Clone(p); slices.Sort(p); return p }
 	if p.ProxyPort != cfg.ProxyPort || p.InboundCapturePort != cfg.InboundCapturePort ||
 		p.OutboundIncludeAll != cfg.OutboundCIDRs.All || p.InboundIncludeAll != cfg.InboundPorts.All ||
 		!slices.Equal(p.OutboundExcludePorts, sorted(cfg.OutboundExcludePorts)) ||
-		!slices.Equal(p.InboundExcludePorts, sorted(inEx)) ||
+		!slices.Equal(p.InboundExcludePorts, sorted(cfg.InboundExcludes())) ||
 		!slices.Equal(p.OutboundExcludeCIDRs, cidrs) {
 		return fmt.Errorf("kernel holds %+v, want the policy %+v", p, cfg)
 	}

@@ -15,7 +15,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/loader"
@@ -33,12 +32,7 @@ const AppUID = 1000
 // Config parses istio-iptables flags (with divert's defaults) or fails the test.
 func Config(tb testing.TB, args ...string) *policy.Config {
 	tb.Helper()
-	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
-	parse := policy.Flags(fs, policy.Default())
-	if err := fs.Parse(args); err != nil {
-		tb.Fatalf("parse %q: %v", args, err)
-	}
-	cfg, err := parse(func(string) string { return "" })
+	cfg, err := policy.ParseArgs(policy.Default(), args...)
 	if err != nil {
 		tb.Fatalf("parse %q: %v", args, err)
 	}

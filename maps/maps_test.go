@@ -1,0 +1,88 @@
+package maps_test
+
+import (
+	"net/netip"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/meshdivert/divert/bpf"
+	"github.com/meshdivert/divert/maps"
+	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/testutil"
+)
+
+// newMaps creates one pod's maps, without programs.
+func newMaps(tb testing.TB) *maps.Maps {
+	tb.Helper()
+	testutil.RequirePrivileged(tb)
+	var m bpf.DivertMaps
+	if err := bpf.LoadDivertObjects(&m, nil); err != nil {
+		tb.Fatalf("create maps: %v", err)
+	}
+	tb.Cleanup(func() { m.Close() })
+	return &m
+}
+
+// ReadPolicy gives back what Apply wrote, as Apply renders it (see ReadPolicy's doc), and
+// an update in place reads back as the new policy alone.
+func TestReadPolicyInvertsApply(t *testing.T) {
+	m := newMaps(t)
+	local := []netip.Addr{netip.MustParseAddr("10.1.0.7"), netip.MustParseAddr("10.1.0.5")}
+	for _, args := range [][]string{
+		nil,
+		{"-b", "8080,443", "-d", "9090", "-q", "5432,22", "-o", "3306", "-i", "10.0.0.0/8,9.0.0.0/8,127.1.2.3/32", "-x", "10.96.0.0/12"},
+		{"-m", "TPROXY", "-p", "16001", "-z", "16006", "-e", "16008", "-u", "1000", "-g", "2000", "-b", ""},
+		{"--redirect-dns", "--dns-servers", "10.96.0.11,10.96.0.10"},
+		{"--redirect-dns", "--capture-all-dns", "-i", ""},
+		{"--capture-all-dns"},
+		nil,
+	} {
+		cfg, err := policy.ParseArgs(policy.Default(), args...)
+		if err != nil {
+			t.Fatalf("%q: %v", args, err)
+		}
+		if err := maps.Apply(m, &cfg, local); err != nil {
+			t.Fatalf("%q: apply: %v", args, err)
+		}
+		got, gotLocal, err := maps.ReadPolicy(m)
+		if err != nil {
+			t.Fatalf("%q: read back: %v", args, err)
+		}
+		want := cfg
+		sorted := func(p []uint16) []uint16 {
+			if len(p) == 0 {
+				return nil
+			}
+			p = slices.Clone(p)
+			slices.Sort(p)
+			return p
+		}
+		want.InboundPorts.Ports = sorted(want.InboundPorts.Ports)
+		want.InboundExcludePorts = sorted(cfg.InboundExcludes())
+		want.OutboundPorts, want.OutboundExcludePorts = sorted(want.OutboundPorts), sorted(want.OutboundExcludePorts)
+		byText := func(a, b netip.Prefix) int { return strings.Compare(a.String(), b.String()) }
+		want.OutboundCIDRs.Prefixes = cfg.IPv4OutboundCIDRs()
+		slices.SortFunc(want.OutboundCIDRs.Prefixes, byText)
+		want.OutboundExcludeCIDRs = cfg.IPv4OutboundExcludeCIDRs()
+		slices.SortFunc(want.OutboundExcludeCIDRs, byText)
+		if len(want.DNSServers) == 0 {
+			want.DNSServers = nil
+		}
+		want.DNSServers = slices.Clone(want.DNSServers)
+		slices.SortFunc(want.DNSServers, netip.Addr.Compare)
+		def := policy.Default()
+		want.TProxyMark, want.TProxyRouteTable = def.TProxyMark, def.TProxyRouteTable
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%q: read back\n %+v\nwant\n %+v", args, got, want)
+		}
+		if wantLocal := []netip.Addr{local[1], local[0]}; !slices.Equal(gotLocal, wantLocal) {
+			t.Errorf("%q: local addresses %v, want %v", args, gotLocal, wantLocal)
+		}
+		if got.Decide(policy.Conn{Direction: policy.Inbound, Dst: netip.MustParseAddrPort("10.1.0.5:8080"), DstLocal: true}) !=
+			cfg.Decide(policy.Conn{Direction: policy.Inbound, Dst: netip.MustParseAddrPort("10.1.0.5:8080"), DstLocal: true}) {
+			t.Errorf("%q: the policy read back decides otherwise", args)
+		}
+	}
+}
