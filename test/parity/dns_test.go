@@ -195,7 +195,12 @@ func (w *dnsWorld) randomDNSFlags(r *rand.Rand) []string {
 		add("-q", "53")
 	}
 	if r.IntN(4) == 0 {
-		add("-u", pick(r, []string{"1337", "2000"}), "-g", pick(r, []string{"1337", "2000"}))
+		// The agent is the proxy (uid and gid 1337 here): istio's conntrack zones pair its
+		// replies with the app's queries only by its uid or gid, so a config where it is
+		// neither (-u 2000 -g 2000) is one no mesh runs — iptables then never NATs the reply
+		// back (the app times out) while divert still shows the nameserver.
+		ug := pick(r, [][2]string{{"1337", "2000"}, {"2000", "1337"}, {"1337", "1337"}})
+		add("-u", ug[0], "-g", ug[1])
 	}
 	return f
 }
