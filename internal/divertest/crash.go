@@ -134,21 +134,24 @@ func (c *CrashProbe) Directions(tb testing.TB) (out, in bool, kinds map[ebpf.Att
 
 // CheckAttachedOnce checks that id is the only pod under opts' bpffs, attached exactly
 // once: every kind of program once on the pod, its pin directory holds exactly the maps
-// and the five links, and no attach is left staged.
+// and the links Plan lists, and no attach is left staged.
 func CheckAttachedOnce(pod *testpod.Pod, opts loader.Options, id string) error {
 	kinds, err := ProgramsByKind(pod)
 	if err != nil {
 		return err
 	}
-	// What opts turn off is not attached, and has no pin.
-	want := append(loader.MapNames(), "link_getsockopt", "link_sockops")
-	wantKinds := map[ebpf.AttachType]int{ebpf.AttachCGroupSockOps: 1, ebpf.AttachCGroupGetsockopt: 1}
+	// What opts turn off is not attached, and has no pin: the links are the ones Plan lists
+	// (DNS capture's recvmsg, getpeername and sendmsg come with outbound).
+	want := loader.MapNames()
+	wantKinds := map[ebpf.AttachType]int{}
+	for _, p := range loader.Plan(opts) {
+		want = append(want, p.Pin)
+	}
+	wantKinds[ebpf.AttachCGroupSockOps], wantKinds[ebpf.AttachCGroupGetsockopt] = 1, 1
 	if !opts.NoOutbound {
-		want = append(want, "link_connect4", "link_connect6")
 		wantKinds[ebpf.AttachCGroupInet4Connect], wantKinds[ebpf.AttachCGroupInet6Connect] = 1, 1
 	}
 	if !opts.NoInbound {
-		want = append(want, "link_sk_lookup")
 		wantKinds[ebpf.AttachSkLookup] = 1
 	}
 	for _, at := range Kinds {
