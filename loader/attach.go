@@ -171,7 +171,7 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 	if err != nil {
 		return err
 	}
-	defer closeMaps(pinned)
+	defer pinned.Close()
 
 	// Check every pinned link before changing anything, so a mismatch changes nothing.
 	existing := make(map[string]link.Link)

@@ -99,6 +99,6 @@ func Inert(id string, opts Options) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	defer closeMaps(m)
+	defer m.Close()
 	return inert(m)
 }

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"reflect"
 	"slices"
 	"strconv"
 	"time"
@@ -123,7 +122,7 @@ func OpenMaps(id string, opts Options) (*maps.Maps, error) {
 }
 
 // CloseMaps closes maps opened by OpenMaps.
-func CloseMaps(m *maps.Maps) { closeMaps(m) }
+func CloseMaps(m *maps.Maps) { m.Close() }
 
 func pinMaps(m *maps.Maps, dir string) (err error) {
 	forEachMap(m, func(name string, mp *ebpf.Map) {
@@ -140,23 +139,13 @@ func pinMaps(m *maps.Maps, dir string) (err error) {
 
 func loadPinnedMaps(dir string) (*maps.Maps, error) {
 	m := &maps.Maps{}
-	var err error
-	v := reflect.ValueOf(m).Elem()
-	for i := range v.NumField() {
-		name := v.Type().Field(i).Tag.Get("ebpf")
-		if name == "" {
-			continue
+	for _, f := range mapFields(m) {
+		mp, err := ebpf.LoadPinnedMap(filepath.Join(dir, f.name), nil)
+		if err != nil {
+			m.Close()
+			return nil, fmt.Errorf("open pinned map %s: %w", f.name, err)
 		}
-		mp, lerr := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
-		if lerr != nil {
-			err = fmt.Errorf("open pinned map %s: %w", name, lerr)
-			break
-		}
-		v.Field(i).Set(reflect.ValueOf(mp))
-	}
-	if err != nil {
-		closeMaps(m)
-		return nil, err
+		*f.ptr = mp
 	}
 	return m, nil
 }
@@ -168,30 +157,6 @@ func loadPinnedLink(path string) (link.Link, error) {
 	}
 	return l, nil
 }
-
-func forEachMap(m *maps.Maps, fn func(name string, mp *ebpf.Map)) {
-	v := reflect.ValueOf(m).Elem()
-	for i := range v.NumField() {
-		name := v.Type().Field(i).Tag.Get("ebpf")
-		if mp, ok := v.Field(i).Interface().(*ebpf.Map); ok && name != "" && mp != nil {
-			fn(name, mp)
-		}
-	}
-}
-
-// MapNames lists the pinned map names, in struct order.
-func MapNames() []string {
-	var names []string
-	t := reflect.TypeFor[maps.Maps]()
-	for i := range t.NumField() {
-		if name := t.Field(i).Tag.Get("ebpf"); name != "" {
-			names = append(names, name)
-		}
-	}
-	return names
-}
-
-func closeMaps(m *maps.Maps) { forEachMap(m, func(_ string, mp *ebpf.Map) { mp.Close() }) }
 
 // retireDir moves a pod's pin directory into staging, where it is taken apart: from then
 // on the pod is not attached, whatever happens to this process.

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"reflect"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -76,8 +75,14 @@ type objects struct {
 	bpf.DivertMaps
 }
 
+// program returns the loaded program of that name, or nil.
 func (o *objects) program(name string) *ebpf.Program {
-	return reflectByTag[*ebpf.Program](&o.DivertPrograms, name)
+	for _, f := range programFields(&o.DivertPrograms) {
+		if f.name == name {
+			return *f.ptr
+		}
+	}
+	return nil
 }
 
 // parsedSpec is the embedded collection, parsed once per process: parsing the ELF is the
@@ -121,13 +126,10 @@ func loadObjects(objs *objects, pinned *maps.Maps) error {
 	return nil
 }
 
+// closeAll closes what was loaded (bpf2go's Close skips the nil fields of a failed load).
 func closeAll(o *objects) {
-	closeMaps(&o.DivertMaps)
-	for _, p := range programs {
-		if prog := o.program(p.name); prog != nil {
-			prog.Close()
-		}
-	}
+	o.DivertMaps.Close()
+	o.DivertPrograms.Close()
 }
 
 func attachError(p program, pod Pod, err error) error {
@@ -135,15 +137,4 @@ func attachError(p program, pod Pod, err error) error {
 		return fmt.Errorf("attach %s to cgroup %s: this kernel lacks cgroup BPF %s support (%v); use --mode iptables", p.name, pod.Cgroup, p.attach, err)
 	}
 	return fmt.Errorf("attach %s to cgroup %s: %w", p.name, pod.Cgroup, err)
-}
-
-func reflectByTag[T any](structPtr any, tag string) T {
-	v := reflect.ValueOf(structPtr).Elem()
-	for i := range v.NumField() {
-		if v.Type().Field(i).Tag.Get("ebpf") == tag {
-			return v.Field(i).Interface().(T)
-		}
-	}
-	var zero T
-	return zero
 }
