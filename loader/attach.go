@@ -39,7 +39,7 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 		return &InputError{"pod-id", pod.ID, badID}
 	}
 	if opts.NoInbound && opts.NoOutbound {
-		return errors.New("nothing to attach: both directions are turned off; drop --no-inbound or --no-outbound")
+		return errors.New("nothing to attach: both directions are turned off (NoInbound and NoOutbound)")
 	}
 	if err := cfg.Validate(); err != nil {
 		return err
@@ -166,7 +166,7 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 	pinned, err := loadPinnedMaps(dir)
 	if errors.Is(err, os.ErrNotExist) {
 		// A map this build has and the pod's pins lack (dns_servers came with DNS capture).
-		return fmt.Errorf("pod %s was attached by an incompatible divert version (%w); run divert detach --pod-id %s first", pod.ID, err, pod.ID)
+		return fmt.Errorf("pod %s: %w (%w)", pod.ID, ErrIncompatible, err)
 	}
 	if err != nil {
 		return err
@@ -195,7 +195,7 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 			return fmt.Errorf("read %s link: %w", p.name, err)
 		}
 		if !tgt.belongsTo(info) {
-			return &InputError{"cgroup", pod.Cgroup, fmt.Sprintf("pod %s is attached to another cgroup or network namespace; run divert detach --pod-id %s first", pod.ID, pod.ID)}
+			return &InputError{"cgroup", pod.Cgroup, fmt.Sprintf("pod %s is attached to another cgroup or network namespace; detach it first", pod.ID)}
 		}
 		running[p.name] = info.Program
 	}
@@ -213,7 +213,7 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		}
 	}
 	if loadErr != nil {
-		return fmt.Errorf("pod %s was attached by an incompatible divert version (%w); run divert detach --pod-id %s first", pod.ID, loadErr, pod.ID)
+		return fmt.Errorf("pod %s: %w (%w)", pod.ID, ErrIncompatible, loadErr)
 	}
 	// Turning outbound on or off adds or removes connect4 and connect6 one at a time: the
 	// maps go in with outbound inert, and arm turns it on once both are in (crash.go).

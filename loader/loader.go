@@ -26,6 +26,10 @@ const DefaultBPFFS = "/sys/fs/bpf"
 var (
 	// ErrNotAttached is returned by Detach and Status for a pod with no pins.
 	ErrNotAttached = errors.New("not attached")
+	// ErrIncompatible is wrapped by Attach's error for a pod whose pins an older or newer
+	// divert made and this build cannot update in place (a map missing, or of another
+	// layout): detaching it and attaching again is the way out.
+	ErrIncompatible = errors.New("attached by an incompatible divert version")
 )
 
 // InputError is a problem with what the caller asked for, named by the setting at fault

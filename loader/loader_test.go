@@ -188,7 +188,7 @@ func TestReattachOtherCgroupRefused(t *testing.T) {
 }
 
 // A pod whose pins lack a map this build has (attached before DNS capture: no dns_servers)
-// is refused with the way out, not a raw "no such file".
+// is refused as ErrIncompatible (the CLI adds the way out), not a raw "no such file".
 func TestReattachMissingMapSaysIncompatible(t *testing.T) {
 	pod := testpod.New(t)
 	opts := divertest.BPFFS(t)
@@ -198,7 +198,7 @@ func TestReattachMissingMapSaysIncompatible(t *testing.T) {
 	}
 	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
 	err := loader.Attach(context.Background(), lp, divertest.Config(t, "--redirect-dns", "--capture-all-dns"), opts)
-	if err == nil || !strings.Contains(err.Error(), "attached by an incompatible divert version") || !strings.Contains(err.Error(), "divert detach --pod-id "+pod.Name) {
+	if !errors.Is(err, loader.ErrIncompatible) || !strings.Contains(err.Error(), "pod "+pod.Name+": attached by an incompatible divert version") || !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("re-attach over old pins: %v", err)
 	}
 }

@@ -187,11 +187,7 @@ func Plan(opts Options) []ProgramPlan {
 		if !p.wanted(opts) {
 			continue
 		}
-		target := "cgroup"
-		if p.attach == ebpf.AttachSkLookup {
-			target = "netns"
-		}
-		out = append(out, ProgramPlan{Name: p.name, Attach: p.attach.String(), Target: target, Pin: p.pin})
+		out = append(out, ProgramPlan{Name: p.name, Attach: p.attach.String(), Target: p.target(), Pin: p.pin})
 	}
 	return out
 }

@@ -132,9 +132,23 @@ func closeAll(o *objects) {
 	o.DivertPrograms.Close()
 }
 
-func attachError(p program, pod Pod, err error) error {
-	if errors.Is(err, ebpf.ErrNotSupported) {
-		return fmt.Errorf("attach %s to cgroup %s: this kernel lacks cgroup BPF %s support (%v); use --mode iptables", p.name, pod.Cgroup, p.attach, err)
+// target is what the program attaches to: "netns" (sk_lookup) or "cgroup" (the rest).
+func (p program) target() string {
+	if p.attach == ebpf.AttachSkLookup {
+		return "netns"
 	}
-	return fmt.Errorf("attach %s to cgroup %s: %w", p.name, pod.Cgroup, err)
+	return "cgroup"
+}
+
+// attachError names the program and where it was to go. A kernel without the attach type
+// wraps ebpf.ErrNotSupported, for the caller to offer another backend.
+func attachError(p program, pod Pod, err error) error {
+	where := pod.Cgroup
+	if p.target() == "netns" {
+		where = pod.NetNS
+	}
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("attach %s to %s %s: this kernel lacks BPF %s support: %w", p.name, p.target(), where, p.attach, err)
+	}
+	return fmt.Errorf("attach %s to %s %s: %w", p.name, p.target(), where, err)
 }

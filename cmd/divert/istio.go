@@ -649,7 +649,10 @@ func (r *istioRun) attach(ctx context.Context, pod loader.Pod, how string) error
 		if errors.As(err, &ce) {
 			return fmt.Errorf("pod %s (cgroup %s, %s): %v; detach that pod first, or pass --%s", pod.ID, pod.Cgroup, how, ce, flagCgroup)
 		}
-		return err
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			return fmt.Errorf("%w; use --mode iptables", err)
+		}
+		return incompatibleHint(err, pod.ID)
 	}
 	fmt.Fprintf(out, "attached pod %s with eBPF: cgroup %s (%s), netns %s; outbound TCP to port %d, inbound %s to port %d; pinned in %s\n",
 		pod.ID, pod.Cgroup, how, pod.NetNS, r.cfg.ProxyPort, inboundPorts(&r.cfg), r.cfg.InboundCapturePort, loader.PinDir(r.lopts, pod.ID))
