@@ -27,7 +27,8 @@ var testHookBeforeCommit func() error
 
 // Attach captures pod's traffic according to cfg. On a pod already attached it updates the
 // maps in place and, where the running programs are not this build's, swaps in this build's
-// without a gap in capture. On any
+// without a gap in capture; pins whose links the kernel detached (see Defunct: an earlier
+// sandbox of the pod) are replaced. On any
 // error nothing is left changed: no pins, links or maps of a new pod remain.
 //
 // It refuses the root of the cgroup hierarchy (ErrCgroupRoot), and a cgroup or network
@@ -76,7 +77,19 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 	}
 	dir := PinDir(opts, pod.ID)
 	if _, err := os.Stat(dir); err == nil {
-		return update(dir, pod, tgt, cfg, addrs, opts)
+		// Pins an earlier sandbox of this pod left, with links the kernel detached when their
+		// cgroup or netns went away, cannot be updated in place: they go, and the pod is
+		// attached afresh.
+		gone, err := Defunct(pod.ID, opts)
+		if err != nil {
+			return err
+		}
+		if len(gone) == 0 {
+			return update(dir, pod, tgt, cfg, addrs, opts)
+		}
+		if err := teardown(opts, pod.ID); err != nil {
+			return err
+		}
 	}
 	return create(dir, pod, cfg, addrs, opts)
 }
@@ -307,19 +320,5 @@ func Detach(id string, opts Options) error {
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("pod %s: %w", id, ErrNotAttached)
 	}
-	// Capture stops in both directions at once, then the pins move aside: a kill after
-	// either leaves the pod uncaptured, and the next run finishes (crash.go).
-	if err := disarmPinned(dir); err != nil {
-		return fmt.Errorf("pod %s: %w", id, err)
-	}
-	step("disarm")
-	retired, err := retireDir(opts, id)
-	if err != nil {
-		return err
-	}
-	step("retire")
-	if err := detachDir(retired); err != nil {
-		return fmt.Errorf("pod %s: %w", id, err)
-	}
-	return nil
+	return teardown(opts, id)
 }

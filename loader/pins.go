@@ -168,6 +168,26 @@ func retireDir(opts Options, id string) (string, error) {
 	return to, nil
 }
 
+// teardown takes an attached pod's pin directory apart, for a caller that holds the state
+// lock: capture stops in both directions at once, then the pins move aside (retireDir), and
+// then the links are detached and the pins removed (detachDir). A kill after either of the
+// first two leaves the pod uncaptured, and the next run finishes (crash.go).
+func teardown(opts Options, id string) error {
+	if err := disarmPinned(PinDir(opts, id)); err != nil {
+		return fmt.Errorf("pod %s: %w", id, err)
+	}
+	step("disarm")
+	retired, err := retireDir(opts, id)
+	if err != nil {
+		return err
+	}
+	step("retire")
+	if err := detachDir(retired); err != nil {
+		return fmt.Errorf("pod %s: %w", id, err)
+	}
+	return nil
+}
+
 // cleanStaging detaches and removes what dead loaders left in staging. The caller holds
 // the state lock.
 func cleanStaging(opts Options) error {
