@@ -37,7 +37,7 @@ var testHookBeforeCommit func() error
 // the same sockets, and the proxy would read the wrong original destination or none.
 func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) error {
 	if !validID.MatchString(pod.ID) {
-		return &InputError{"pod-id", pod.ID, badID}
+		return &InputError{Field: "pod-id", Value: pod.ID, Msg: badID}
 	}
 	if opts.NoInbound && opts.NoOutbound {
 		return errors.New("nothing to attach: both directions are turned off (NoInbound and NoOutbound)")
@@ -51,7 +51,7 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 		return err
 	}
 	if isCgroupRoot(pod.Cgroup) {
-		return fmt.Errorf("invalid --cgroup %q: %w; pass the pod's own cgroup", pod.Cgroup, ErrCgroupRoot)
+		return &InputError{Field: "cgroup", Value: pod.Cgroup, Msg: ErrCgroupRoot.Error() + "; pass the pod's own cgroup", Err: ErrCgroupRoot}
 	}
 	addrs, err := LocalAddrs(pod.NetNS)
 	if err != nil {
@@ -59,7 +59,7 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 	}
 	var st unix.Stat_t
 	if err := unix.Stat(pod.NetNS, &st); err != nil {
-		return &InputError{"netns", pod.NetNS, err.Error()}
+		return &InputError{Field: "netns", Value: pod.NetNS, Msg: err.Error()}
 	}
 	tgt.netnsIno = st.Ino
 	unlock, err := lockState(opts)
@@ -208,7 +208,7 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 			return fmt.Errorf("read %s link: %w", p.name, err)
 		}
 		if !tgt.belongsTo(info) {
-			return &InputError{"cgroup", pod.Cgroup, fmt.Sprintf("pod %s is attached to another cgroup or network namespace; detach it first", pod.ID)}
+			return &InputError{Field: "cgroup", Value: pod.Cgroup, Msg: fmt.Sprintf("pod %s is attached to another cgroup or network namespace; detach it first", pod.ID)}
 		}
 		running[p.name] = info.Program
 	}
@@ -306,7 +306,7 @@ func detachPinned(l link.Link, pin string) error {
 // programs; the maps go with their last reference.
 func Detach(id string, opts Options) error {
 	if !validID.MatchString(id) {
-		return &InputError{"pod-id", id, badID}
+		return &InputError{Field: "pod-id", Value: id, Msg: badID}
 	}
 	unlock, err := lockState(opts)
 	if err != nil {

@@ -14,7 +14,7 @@ import (
 // whose target is gone reports cgroup id 0 or netns inode 0; that is how it is told.
 func Defunct(id string, opts Options) ([]string, error) {
 	if !validID.MatchString(id) {
-		return nil, &InputError{"pod-id", id, badID}
+		return nil, &InputError{Field: "pod-id", Value: id, Msg: badID}
 	}
 	dir := PinDir(opts, id)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {

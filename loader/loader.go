@@ -32,17 +32,20 @@ var (
 	ErrIncompatible = errors.New("attached by an incompatible divert version")
 )
 
-// InputError is a problem with what the caller asked for, named by the setting at fault
-// (the CLI flag of the same name), so it can be reported in one line with the fix.
+// InputError is a problem with what the caller asked for, named by the setting at fault,
+// so it can be reported in one line with the fix. The CLI names its flag of the same name.
 type InputError struct {
 	Field string // "pod-id", "cgroup", "netns", "bpffs"
 	Value string
-	Msg   string
+	Msg   string // what is wrong, and the fix
+	Err   error  // a sentinel the problem is, if any (ErrCgroupRoot)
 }
 
 func (e *InputError) Error() string {
-	return fmt.Sprintf("invalid --%s %q: %s", e.Field, e.Value, e.Msg)
+	return fmt.Sprintf("invalid %s %q: %s", e.Field, e.Value, e.Msg)
 }
+
+func (e *InputError) Unwrap() error { return e.Err }
 
 // Pod is what the loader needs to know about a pod.
 type Pod struct {

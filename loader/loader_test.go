@@ -293,8 +293,9 @@ func TestAttachRefusesCgroupRoot(t *testing.T) {
 		loader.Detach(pod.Name, opts)
 		t.Fatal("attach to the cgroup root succeeded")
 	}
-	if !errors.Is(err, loader.ErrCgroupRoot) || strings.Contains(err.Error(), "\n") || !strings.Contains(err.Error(), "--cgroup") {
-		t.Errorf("want one line naming --cgroup that wraps ErrCgroupRoot, got %q", err)
+	var ie *loader.InputError
+	if !errors.Is(err, loader.ErrCgroupRoot) || strings.Contains(err.Error(), "\n") || !errors.As(err, &ie) || ie.Field != "cgroup" || !strings.HasPrefix(err.Error(), "invalid cgroup ") {
+		t.Errorf("want one line naming the cgroup that wraps ErrCgroupRoot, got %q", err)
 	}
 	divertest.AssertNothingAttached(t, pod, opts)
 }

@@ -63,7 +63,7 @@ func readableRoot(opts Options) (bool, error) {
 	if root == DefaultBPFFS {
 		return false, nil
 	}
-	return false, &InputError{"bpffs", root, notBPFFS(root)}
+	return false, &InputError{Field: "bpffs", Value: root, Msg: notBPFFS(root)}
 }
 
 func notBPFFS(root string) string {
@@ -76,7 +76,7 @@ func ensureBPFFS(root string, mountIfMissing bool) error {
 		return nil
 	}
 	if !mountIfMissing {
-		return &InputError{"bpffs", root, notBPFFS(root)}
+		return &InputError{Field: "bpffs", Value: root, Msg: notBPFFS(root)}
 	}
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		return fmt.Errorf("create %s: %w", root, err)

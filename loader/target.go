@@ -35,21 +35,21 @@ func (t target) belongsTo(info *link.Info) bool {
 // cgroupID checks that path is a cgroup v2 directory and returns its id (the inode number).
 func cgroupID(path string) (uint64, error) {
 	if path == "" {
-		return 0, &InputError{"cgroup", path, "required: the pod's cgroup v2 directory"}
+		return 0, &InputError{Field: "cgroup", Value: path, Msg: "required: the pod's cgroup v2 directory"}
 	}
 	var fs unix.Statfs_t
 	if err := unix.Statfs(path, &fs); err != nil {
-		return 0, &InputError{"cgroup", path, fmt.Sprintf("%v; pass the pod's cgroup v2 directory", unwrapPathError(err))}
+		return 0, &InputError{Field: "cgroup", Value: path, Msg: fmt.Sprintf("%v; pass the pod's cgroup v2 directory", unwrapPathError(err))}
 	}
 	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
-		return 0, &InputError{"cgroup", path, "not on a cgroup v2 file system; pass a directory under the cgroup2 mount (see /proc/mounts)"}
+		return 0, &InputError{Field: "cgroup", Value: path, Msg: "not on a cgroup v2 file system; pass a directory under the cgroup2 mount (see /proc/mounts)"}
 	}
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
-		return 0, &InputError{"cgroup", path, unwrapPathError(err).Error()}
+		return 0, &InputError{Field: "cgroup", Value: path, Msg: unwrapPathError(err).Error()}
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-		return 0, &InputError{"cgroup", path, "not a directory; pass the pod's cgroup v2 directory"}
+		return 0, &InputError{Field: "cgroup", Value: path, Msg: "not a directory; pass the pod's cgroup v2 directory"}
 	}
 	return st.Ino, nil
 }
@@ -59,14 +59,14 @@ func cgroupID(path string) (uint64, error) {
 // address (policy.CheckPodAddrs) is an InputError: its IPv6 connections would escape.
 func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 	if netnsPath == "" {
-		return nil, &InputError{"netns", netnsPath, "required: a path to the pod's network namespace, like /proc/<pid>/ns/net or /run/netns/<name>"}
+		return nil, &InputError{Field: "netns", Value: netnsPath, Msg: "required: a path to the pod's network namespace, like /proc/<pid>/ns/net or /run/netns/<name>"}
 	}
 	var fs unix.Statfs_t
 	if err := unix.Statfs(netnsPath, &fs); err != nil {
-		return nil, &InputError{"netns", netnsPath, unwrapPathError(err).Error() + "; pass the pod's network namespace, like /proc/<pid>/ns/net or /run/netns/<name>"}
+		return nil, &InputError{Field: "netns", Value: netnsPath, Msg: unwrapPathError(err).Error() + "; pass the pod's network namespace, like /proc/<pid>/ns/net or /run/netns/<name>"}
 	}
 	if fs.Type != unix.NSFS_MAGIC {
-		return nil, &InputError{"netns", netnsPath, "not a network namespace; pass /proc/<pid>/ns/net or a bind mount of it"}
+		return nil, &InputError{Field: "netns", Value: netnsPath, Msg: "not a network namespace; pass /proc/<pid>/ns/net or a bind mount of it"}
 	}
 	var addrs, all []netip.Addr
 	err := nsexec.Do(netnsPath, func() error {
@@ -88,10 +88,10 @@ func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, &InputError{"netns", netnsPath, err.Error()}
+		return nil, &InputError{Field: "netns", Value: netnsPath, Msg: err.Error()}
 	}
 	if err := policy.CheckPodAddrs(all); err != nil {
-		return nil, &InputError{"netns", netnsPath, err.Error() + "; capture only pods with IPv4 addresses"}
+		return nil, &InputError{Field: "netns", Value: netnsPath, Msg: err.Error() + "; capture only pods with IPv4 addresses"}
 	}
 	slices.SortFunc(addrs, netip.Addr.Compare)
 	return slices.Compact(addrs), nil

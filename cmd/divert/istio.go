@@ -795,4 +795,4 @@ func (r *istioRun) validate(ctx context.Context) error {
 	return runValidation(ctx, r.e, &r.cfg, uint16(port), timeout, netip.AddrPort{}, 0, 0)
 }
 
-func oneLine(err error) string { return strings.ReplaceAll(err.Error(), "\n", " ") }
+func oneLine(err error) string { return strings.ReplaceAll(flagNamed(err).Error(), "\n", " ") }
