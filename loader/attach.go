@@ -213,20 +213,11 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		running[p.name] = info.Program
 	}
 
-	// The programs are loaded (and verified) only when something needs them: one to attach,
-	// or a running one that is not this build's. A re-attach with the programs in place,
-	// the node agent's refresh of every pod when it starts, rewrites the maps only.
 	var objs objects
 	defer closeAll(&objs)
-	current := false
-	loadErr := checkPinnedMaps(pinned)
-	if loadErr == nil {
-		if current = programsCurrent(running, pinned, opts); !current {
-			loadErr = loadObjects(&objs, pinned)
-		}
-	}
-	if loadErr != nil {
-		return fmt.Errorf("pod %s: %w (%w)", pod.ID, ErrIncompatible, loadErr)
+	current, err := loadForUpdate(&objs, running, pinned, opts)
+	if err != nil {
+		return fmt.Errorf("pod %s: %w (%w)", pod.ID, ErrIncompatible, err)
 	}
 	// Turning outbound on or off adds or removes connect4 and connect6 one at a time: the
 	// maps go in with outbound inert, and arm turns it on once both are in (crash.go).
@@ -270,12 +261,9 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		}
 		step("pin " + p.name)
 	}
-	for _, p := range programs {
-		if l, ok := existing[p.name]; ok && p.wanted(opts) && !current {
-			if err := l.Update(objs.program(p.name)); err != nil {
-				return fmt.Errorf("replace %s program: %w", p.name, err)
-			}
-			step("swap " + p.name)
+	if !current {
+		if err := swapPrograms(existing, &objs, opts); err != nil {
+			return err
 		}
 	}
 	for _, p := range slices.Backward(programs) {

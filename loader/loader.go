@@ -7,9 +7,10 @@
 //
 // One job per file: attach.go (Attach, update in place, Detach), pins.go (pin directories,
 // the bpffs lock, staging and its clean-up), programs.go (the program table and loading),
-// upgrade.go (whether running programs are this build's), target.go (checks of the pod's
-// cgroup and netns), crash.go (arming), overlap.go (another pod in the way), listeners.go,
-// defunct.go (GC), status.go, probe.go, fallback.go and storage.go.
+// upgrade.go (whether running programs are this build's, and swapping them), names.go
+// (bpf2go's maps and programs by name), target.go (checks of the pod's cgroup and netns),
+// crash.go (arming), overlap.go (another pod in the way), listeners.go, defunct.go (GC),
+// status.go, probe.go, fallback.go and storage.go.
 package loader
 
 import (

@@ -51,7 +51,7 @@ func lockState(opts Options) (unlock func(), err error) {
 }
 
 // readableRoot says whether state can be read under opts' bpffs: pins exist only in a bpffs
-// mount. Anywhere else, reading would report "nothing attached" and hide a wrong --bpffs,
+// mount. Anywhere else, reading would report "nothing attached" and hide a wrong BPFFS,
 // so that is an InputError; only the default place with nothing mounted is simply empty
 // (attach mounts bpffs there before pinning).
 func readableRoot(opts Options) (bool, error) {

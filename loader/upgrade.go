@@ -1,6 +1,7 @@
 // Program upgrade: whether the programs running for a pod are this build's (the kernel's
 // program tags) on the pod's own pinned maps, and whether pinned maps fit this build's
-// programs. update (attach.go) swaps in this build's programs with link.Update when not.
+// programs; loading this build's programs for an update when they are not, and swapping
+// them in with link.Update.
 
 package loader
 
@@ -9,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 
 	"github.com/meshdivert/divert/maps"
 )
@@ -115,4 +117,34 @@ func checkPinnedMaps(pinned *maps.Maps) error {
 		}
 	})
 	return err
+}
+
+// loadForUpdate loads this build's programs for a pod being updated, onto its pinned maps,
+// only when something needs them: one to attach, or a running one (running: by name) that
+// is not this build's. A re-attach with the programs in place, the node agent's refresh of
+// every pod when it starts, rewrites the maps only: then it reports current and loads
+// nothing. An error means the pins do not fit this build.
+func loadForUpdate(objs *objects, running map[string]ebpf.ProgramID, pinned *maps.Maps, opts Options) (current bool, err error) {
+	if err := checkPinnedMaps(pinned); err != nil {
+		return false, err
+	}
+	if programsCurrent(running, pinned, opts) {
+		return true, nil
+	}
+	return false, loadObjects(objs, pinned)
+}
+
+// swapPrograms replaces the program behind each of the pod's links (existing: by program
+// name) that opts keep with objs' own. link.Update swaps atomically, so no connection
+// escapes an upgrade.
+func swapPrograms(existing map[string]link.Link, objs *objects, opts Options) error {
+	for _, p := range programs {
+		if l, ok := existing[p.name]; ok && p.wanted(opts) {
+			if err := l.Update(objs.program(p.name)); err != nil {
+				return fmt.Errorf("replace %s program: %w", p.name, err)
+			}
+			step("swap " + p.name)
+		}
+	}
+	return nil
 }
