@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
-	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -101,32 +99,6 @@ func Inert(id string, opts Options) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	defer closeMaps(m)
+	defer m.Close()
 	return inert(m)
-}
-
-// retireDir moves a pod's pin directory into staging, where it is taken apart: from then
-// on the pod is not attached, whatever happens to this process.
-func retireDir(opts Options, id string) (string, error) {
-	to := filepath.Join(stagingDir(opts), id+"-detach-"+strconv.FormatInt(time.Now().UnixNano(), 36))
-	if err := os.Rename(PinDir(opts, id), to); err != nil {
-		return "", fmt.Errorf("move pins of pod %s aside: %w", id, err)
-	}
-	return to, nil
-}
-
-// cleanStaging detaches and removes what dead loaders left in staging. The caller holds
-// the state lock.
-func cleanStaging(opts Options) error {
-	entries, err := os.ReadDir(stagingDir(opts))
-	if err != nil {
-		return err
-	}
-	var errs []error
-	for _, e := range entries {
-		if err := detachDir(filepath.Join(stagingDir(opts), e.Name())); err != nil {
-			errs = append(errs, fmt.Errorf("remove what an interrupted attach or detach left in %s: %w", e.Name(), err))
-		}
-	}
-	return errors.Join(errs...)
 }

@@ -5,9 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
-
-	"github.com/cilium/ebpf"
 )
 
 // Defunct returns the programs of an attached pod whose links the kernel has detached
@@ -17,7 +14,7 @@ import (
 // whose target is gone reports cgroup id 0 or netns inode 0; that is how it is told.
 func Defunct(id string, opts Options) ([]string, error) {
 	if !validID.MatchString(id) {
-		return nil, &InputError{"pod-id", id, badID}
+		return nil, &InputError{Field: "pod-id", Value: id, Msg: badID}
 	}
 	dir := PinDir(opts, id)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
@@ -88,30 +85,4 @@ func GC(opts Options) ([]string, error) {
 		removed = append(removed, id)
 	}
 	return removed, errors.Join(errs...)
-}
-
-// detachDir is Detach's work on a pin directory, for a caller that holds the state lock:
-// links are detached explicitly (a no-op for the ones the kernel already detached),
-// connect4 first, then the pins go.
-func detachDir(dir string) error {
-	var errs []error
-	for _, p := range slices.Backward(programs) {
-		l, err := loadPinnedLink(filepath.Join(dir, p.pin))
-		if errors.Is(err, os.ErrNotExist) {
-			continue // not attached in this pod, or a previous detach got this far
-		}
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
-			errs = append(errs, fmt.Errorf("detach %s: %w", p.name, err))
-		}
-		l.Close()
-		step("detach " + p.name)
-	}
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	return os.RemoveAll(dir)
 }

@@ -26,7 +26,7 @@ const maxReason = 1024
 // A marker already there is replaced.
 func RecordFallback(id, reason string, opts Options) error {
 	if !validID.MatchString(id) {
-		return &InputError{"pod-id", id, badID}
+		return &InputError{Field: "pod-id", Value: id, Msg: badID}
 	}
 	unlock, err := lockState(opts)
 	if err != nil {
@@ -53,7 +53,7 @@ func RecordFallback(id, reason string, opts Options) error {
 // ClearFallback removes pod id's fallback marker, if any; it mounts nothing to find none.
 func ClearFallback(id string, opts Options) error {
 	if !validID.MatchString(id) {
-		return &InputError{"pod-id", id, badID}
+		return &InputError{Field: "pod-id", Value: id, Msg: badID}
 	}
 	err := os.Remove(filepath.Join(fallbackDir(opts), id))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -18,10 +18,6 @@ import (
 	"github.com/meshdivert/divert/internal/nsexec"
 )
 
-// listenerSlots matches LISTENER_SLOTS in bpf/divert.c: a socket's slot is its cookie
-// modulo this, on both sides.
-const listenerSlots = 64
-
 // adoptListeners puts sockets that already listen on port in the pod's network namespace
 // into the inbound listener map. sockops registers listeners when they call listen(); this
 // covers a proxy that was listening before divert was attached (or re-attached). The
@@ -40,6 +36,9 @@ func adoptListeners(pod Pod, port uint16, m *ebpf.Map) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	// A socket's slot is its cookie modulo the map's size, on both sides (sockops and
+	// sk_lookup use LISTENER_SLOTS, the map's max_entries, in bpf/divert.c).
+	slots := uint64(m.MaxEntries())
 	adopted := 0
 	for _, o := range owners {
 		fd, err := borrowFD(o.pid, o.fd)
@@ -48,7 +47,7 @@ func adoptListeners(pod Pod, port uint16, m *ebpf.Map) (int, error) {
 		}
 		cookie, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
 		if err == nil {
-			err = m.Update(uint32(cookie%listenerSlots), uint64(fd), ebpf.UpdateAny)
+			err = m.Update(uint32(cookie%slots), uint64(fd), ebpf.UpdateAny)
 		}
 		unix.Close(fd)
 		if err != nil {

@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/loader"
@@ -188,7 +190,7 @@ func TestReattachOtherCgroupRefused(t *testing.T) {
 }
 
 // A pod whose pins lack a map this build has (attached before DNS capture: no dns_servers)
-// is refused with the way out, not a raw "no such file".
+// is refused as ErrIncompatible (the CLI adds the way out), not a raw "no such file".
 func TestReattachMissingMapSaysIncompatible(t *testing.T) {
 	pod := testpod.New(t)
 	opts := divertest.BPFFS(t)
@@ -198,7 +200,7 @@ func TestReattachMissingMapSaysIncompatible(t *testing.T) {
 	}
 	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
 	err := loader.Attach(context.Background(), lp, divertest.Config(t, "--redirect-dns", "--capture-all-dns"), opts)
-	if err == nil || !strings.Contains(err.Error(), "attached by an incompatible divert version") || !strings.Contains(err.Error(), "divert detach --pod-id "+pod.Name) {
+	if !errors.Is(err, loader.ErrIncompatible) || !strings.Contains(err.Error(), "pod "+pod.Name+": attached by an incompatible divert version") || !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("re-attach over old pins: %v", err)
 	}
 }
@@ -291,8 +293,9 @@ func TestAttachRefusesCgroupRoot(t *testing.T) {
 		loader.Detach(pod.Name, opts)
 		t.Fatal("attach to the cgroup root succeeded")
 	}
-	if !errors.Is(err, loader.ErrCgroupRoot) || strings.Contains(err.Error(), "\n") || !strings.Contains(err.Error(), "--cgroup") {
-		t.Errorf("want one line naming --cgroup that wraps ErrCgroupRoot, got %q", err)
+	var ie *loader.InputError
+	if !errors.Is(err, loader.ErrCgroupRoot) || strings.Contains(err.Error(), "\n") || !errors.As(err, &ie) || ie.Field != "cgroup" || !strings.HasPrefix(err.Error(), "invalid cgroup ") {
+		t.Errorf("want one line naming the cgroup that wraps ErrCgroupRoot, got %q", err)
 	}
 	divertest.AssertNothingAttached(t, pod, opts)
 }
@@ -378,5 +381,48 @@ func TestReattachNestedCIDRs(t *testing.T) {
 		if !slices.Equal(st.Policy.OutboundCIDRs, want) {
 			t.Errorf("-i %s: kernel holds %v", x, st.Policy.OutboundCIDRs)
 		}
+	}
+}
+
+// Pins whose sk_lookup link the kernel detached with the pod's old network namespace (its
+// sandbox was recreated) are replaced by Attach, for every caller, not refused as another
+// pod's.
+func TestAttachReplacesStalePins(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	old := fmt.Sprintf("dvt-stale-%d", os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", old).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", old).Run() })
+	oldPod := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: "/run/netns/" + old}
+	if err := loader.Attach(context.Background(), oldPod, divertest.Config(t), opts); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
+	if out, err := exec.Command("ip", "netns", "del", old).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns del: %v %s", err, out)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		gone, err := loader.Defunct(pod.Name, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if slices.Equal(gone, []string{"divert_sk_lookup"}) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the old netns's sk_lookup link should be detached, defunct: %v", gone)
+		}
+	}
+	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
+	if err := loader.Attach(context.Background(), lp, divertest.Config(t), opts); err != nil {
+		t.Fatalf("re-attach over stale pins: %v", err)
+	}
+	if gone, err := loader.Defunct(pod.Name, opts); err != nil || len(gone) != 0 {
+		t.Fatalf("after re-attach: defunct %v, %v", gone, err)
+	}
+	if err := divertest.CheckAttachedOnce(pod, opts, pod.Name); err != nil {
+		t.Fatal(err)
 	}
 }

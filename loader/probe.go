@@ -178,6 +178,10 @@ type ProgramPlan struct {
 	Target string
 	// Pin is the link's pin name under the pod's pin directory.
 	Pin string
+	// AttachType is Attach as cilium/ebpf names it, for checks against the kernel.
+	AttachType ebpf.AttachType
+	// Inbound and Outbound say which directions need it (getsockopt and sockops: both).
+	Inbound, Outbound bool
 }
 
 // Plan lists the programs Attach attaches with opts, in attach order.
@@ -187,11 +191,8 @@ func Plan(opts Options) []ProgramPlan {
 		if !p.wanted(opts) {
 			continue
 		}
-		target := "cgroup"
-		if p.attach == ebpf.AttachSkLookup {
-			target = "netns"
-		}
-		out = append(out, ProgramPlan{Name: p.name, Attach: p.attach.String(), Target: target, Pin: p.pin})
+		out = append(out, ProgramPlan{Name: p.name, Attach: p.attach.String(), Target: p.target(), Pin: p.pin,
+			AttachType: p.attach, Inbound: p.inbound, Outbound: p.outbound})
 	}
 	return out
 }

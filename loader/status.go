@@ -84,7 +84,7 @@ func Status(id string, opts Options) (*PodStatus, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer closeMaps(m)
+	defer m.Close()
 
 	st := &PodStatus{ID: id, Counters: map[string]uint64{}}
 	for _, p := range programs {

@@ -46,8 +46,11 @@ policy in place and swaps in this build's programs without a gap in capture.`,
 		if pod.ID == "" {
 			return errors.New("missing --pod-id: name the pod's pin directory, e.g. --pod-id default-web-1 (letters, digits, '_' and '-')")
 		}
+		if opts.NoInbound && opts.NoOutbound {
+			return errors.New("nothing to attach: both directions are turned off; drop --no-inbound or --no-outbound")
+		}
 		if err := loader.Attach(cmd.Context(), pod, &cfg, opts); err != nil {
-			return capturedHint(err, pod)
+			return incompatibleHint(capturedHint(err, pod), pod.ID)
 		}
 		if !opts.NoOutbound {
 			fmt.Fprintf(e.stdout, "attached %s: outbound TCP from cgroup %s now goes to port %d\n", pod.ID, pod.Cgroup, cfg.ProxyPort)
@@ -112,6 +115,14 @@ func capturedHint(err error, pod loader.Pod) error {
 		fix = "detach the pod that holds it first (divert status --bpffs <its bpffs>)"
 	}
 	return fmt.Errorf("invalid --%s %q: %v; %s, or pass this pod's own %s", flag, value, ce, fix, flag)
+}
+
+// incompatibleHint adds the way out of pins this build cannot update (loader.ErrIncompatible).
+func incompatibleHint(err error, podID string) error {
+	if errors.Is(err, loader.ErrIncompatible) {
+		return fmt.Errorf("%w; run divert detach --pod-id %s first", err, podID)
+	}
+	return err
 }
 
 func inboundPorts(cfg *policy.Config) string {

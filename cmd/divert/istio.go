@@ -613,21 +613,16 @@ func (r *istioRun) knownPodID() string {
 
 func (r *istioRun) attach(ctx context.Context, pod loader.Pod, how string) error {
 	out := r.e.stdout
-	// A pin directory left by an earlier sandbox of this pod (its network namespace is gone,
-	// or its cgroup) cannot be updated in place: start afresh.
-	if gone, err := loader.Defunct(pod.ID, r.lopts); err == nil && len(gone) > 0 {
-		if err := loader.Detach(pod.ID, r.lopts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
-			return err
-		}
-		fmt.Fprintf(out, "removed a stale attachment of pod %s (%s detached by the kernel)\n", pod.ID, strings.Join(gone, ", "))
-	}
+	// Attach replaces a pin directory left by an earlier sandbox of this pod (its network
+	// namespace is gone, or its cgroup); it is only said here.
+	gone, _ := loader.Defunct(pod.ID, r.lopts)
 	if !isBPFFS(r.lopts.BPFFS) {
 		// The loader mounts it. In a container that mount is only the host's if the
 		// volume propagates it back (mountPropagation: Bidirectional); otherwise the pins,
 		// and capture, end with this container.
 		fmt.Fprintf(r.e.stderr, "divert: mounting bpffs at %s: in a container it must reach the host (hostPath volume with mountPropagation: Bidirectional), or capture ends when the container exits\n", r.lopts.BPFFS)
 	}
-	created := !pinned(r.lopts, pod.ID)
+	created := !pinned(r.lopts, pod.ID) || len(gone) > 0
 	if err := loader.Attach(ctx, pod, &r.cfg, r.lopts); err != nil {
 		var ce *loader.CapturedError
 		if errors.As(err, &ce) && ce.Holder != "" {
@@ -636,7 +631,13 @@ func (r *istioRun) attach(ctx context.Context, pod loader.Pod, how string) error
 		if errors.As(err, &ce) {
 			return fmt.Errorf("pod %s (cgroup %s, %s): %v; detach that pod first, or pass --%s", pod.ID, pod.Cgroup, how, ce, flagCgroup)
 		}
-		return err
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			return fmt.Errorf("%w; use --mode iptables", err)
+		}
+		return incompatibleHint(err, pod.ID)
+	}
+	if len(gone) > 0 {
+		fmt.Fprintf(out, "removed a stale attachment of pod %s (%s detached by the kernel)\n", pod.ID, strings.Join(gone, ", "))
 	}
 	fmt.Fprintf(out, "attached pod %s with eBPF: cgroup %s (%s), netns %s; outbound TCP to port %d, inbound %s to port %d; pinned in %s\n",
 		pod.ID, pod.Cgroup, how, pod.NetNS, r.cfg.ProxyPort, inboundPorts(&r.cfg), r.cfg.InboundCapturePort, loader.PinDir(r.lopts, pod.ID))
@@ -781,4 +782,4 @@ func (r *istioRun) validate(ctx context.Context) error {
 	return runValidation(ctx, r.e, &r.cfg, uint16(port), timeout, netip.AddrPort{}, 0, 0)
 }
 
-func oneLine(err error) string { return strings.ReplaceAll(err.Error(), "\n", " ") }
+func oneLine(err error) string { return strings.ReplaceAll(flagNamed(err).Error(), "\n", " ") }

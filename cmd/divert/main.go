@@ -16,6 +16,8 @@ import (
 	"github.com/meshdivert/divert/internal/version"
 
 	"github.com/spf13/cobra"
+
+	"github.com/meshdivert/divert/loader"
 )
 
 // env is everything the CLI touches of the outside world, so tests can drive it in-process.
@@ -48,8 +50,29 @@ func main() {
 func run(ctx context.Context, args []string, e env) error {
 	root := newRootCmd(e)
 	root.SetArgs(args)
-	return root.ExecuteContext(ctx)
+	return flagNamed(root.ExecuteContext(ctx))
 }
+
+// flagNamed phrases the loader's InputError, which names the setting at fault, as the
+// flag of the same name: "invalid cgroup ..." reads "invalid --cgroup ..." here.
+func flagNamed(err error) error {
+	var ie *loader.InputError
+	if !errors.As(err, &ie) {
+		return err
+	}
+	return &flaggedError{err, ie}
+}
+
+type flaggedError struct {
+	err error
+	ie  *loader.InputError
+}
+
+func (f *flaggedError) Error() string {
+	return strings.Replace(f.err.Error(), f.ie.Error(), fmt.Sprintf("invalid --%s %q: %s", f.ie.Field, f.ie.Value, f.ie.Msg), 1)
+}
+
+func (f *flaggedError) Unwrap() error { return f.err }
 
 func newRootCmd(e env) *cobra.Command {
 	root := &cobra.Command{

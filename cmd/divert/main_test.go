@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -448,4 +450,21 @@ func TestAttachRefusesDualStackPod(t *testing.T) {
 		}
 	}
 	divertest.AssertNothingAttached(t, pod, opts)
+}
+
+// The loader names the setting at fault ("invalid cgroup"); the CLI names its flag, also
+// inside a wrapped error, and keeps the error's type for errors.As and errors.Is.
+func TestInputErrorsNameTheFlag(t *testing.T) {
+	ie := &loader.InputError{Field: "cgroup", Value: "/", Msg: loader.ErrCgroupRoot.Error() + "; pass the pod's own cgroup", Err: loader.ErrCgroupRoot}
+	err := flagNamed(fmt.Errorf("pod p: %w", ie))
+	want := `pod p: invalid --cgroup "/": ` + loader.ErrCgroupRoot.Error() + "; pass the pod's own cgroup"
+	if err.Error() != want || !errors.Is(err, loader.ErrCgroupRoot) || !errors.As(err, new(*loader.InputError)) {
+		t.Errorf("got %q, want %q wrapping the InputError", err, want)
+	}
+	if got := oneLine(ie); got != `invalid --cgroup "/": `+ie.Msg {
+		t.Errorf("oneLine: %q", got)
+	}
+	if plain := errors.New("x"); flagNamed(plain) != plain {
+		t.Error("an error without an InputError is changed")
+	}
 }

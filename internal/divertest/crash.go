@@ -25,16 +25,16 @@ import (
 // Kinds are divert's attach points: four on the pod's cgroup, sk_lookup on its netns.
 var Kinds = func() []ebpf.AttachType {
 	var out []ebpf.AttachType
-	for _, l := range loader.Links(loader.Options{}) {
-		out = append(out, l.Attach)
+	for _, l := range loader.Plan(loader.Options{}) {
+		out = append(out, l.AttachType)
 	}
 	return out
 }()
 
 // directionWhole reports whether every program the direction needs is attached once.
 func directionWhole(kinds map[ebpf.AttachType]int, inbound bool) bool {
-	for _, l := range loader.Links(loader.Options{}) {
-		if (inbound && l.Inbound || !inbound && l.Outbound) && kinds[l.Attach] != 1 {
+	for _, l := range loader.Plan(loader.Options{}) {
+		if (inbound && l.Inbound || !inbound && l.Outbound) && kinds[l.AttachType] != 1 {
 			return false
 		}
 	}
@@ -148,7 +148,7 @@ func (c *CrashProbe) Directions(tb testing.TB) (out, in bool, kinds map[ebpf.Att
 
 // CheckAttachedOnce checks that id is the only pod under opts' bpffs, attached exactly
 // once: every kind of program once on the pod, its pin directory holds exactly the maps
-// and the links opts want (loader.Links), and no attach is left staged.
+// and the links opts want (loader.Plan), and no attach is left staged.
 func CheckAttachedOnce(pod *testpod.Pod, opts loader.Options, id string) error {
 	kinds, err := ProgramsByKind(pod)
 	if err != nil {
@@ -157,9 +157,9 @@ func CheckAttachedOnce(pod *testpod.Pod, opts loader.Options, id string) error {
 	// What opts turn off is not attached, and has no pin.
 	want := loader.MapNames()
 	wantKinds := map[ebpf.AttachType]int{}
-	for _, l := range loader.Links(opts) {
+	for _, l := range loader.Plan(opts) {
 		want = append(want, l.Pin)
-		wantKinds[l.Attach] = 1
+		wantKinds[l.AttachType] = 1
 	}
 	for _, at := range Kinds {
 		if kinds[at] != wantKinds[at] {

@@ -1,0 +1,312 @@
+// Attach, update in place and Detach: the orchestration. Each step that changes the kernel
+// or the bpffs is a named crashpoint (step); the pins, programs and targets it works with
+// are in pins.go, programs.go, upgrade.go and target.go, arming in crash.go.
+
+package loader
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/maps"
+	"github.com/meshdivert/divert/policy"
+)
+
+// testHookBeforeCommit, when set by a test, runs after every link is attached and pinned
+// and before the pins are moved into place, to prove a late failure leaves nothing behind.
+var testHookBeforeCommit func() error
+
+// Attach captures pod's traffic according to cfg. On a pod already attached it updates the
+// maps in place and, where the running programs are not this build's, swaps in this build's
+// without a gap in capture; pins whose links the kernel detached (see Defunct: an earlier
+// sandbox of the pod) are replaced. On any
+// error nothing is left changed: no pins, links or maps of a new pod remain.
+//
+// It refuses the root of the cgroup hierarchy (ErrCgroupRoot), and a cgroup or network
+// namespace where another pod's divert programs run, on the cgroup, an ancestor or a
+// descendant (a *CapturedError, ErrCaptured): the kernel would run both pods' programs for
+// the same sockets, and the proxy would read the wrong original destination or none.
+func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) error {
+	if !validID.MatchString(pod.ID) {
+		return &InputError{Field: "pod-id", Value: pod.ID, Msg: badID}
+	}
+	if opts.NoInbound && opts.NoOutbound {
+		return errors.New("nothing to attach: both directions are turned off (NoInbound and NoOutbound)")
+	}
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	var tgt target
+	var err error
+	if tgt.cgroupID, err = cgroupID(pod.Cgroup); err != nil {
+		return err
+	}
+	if isCgroupRoot(pod.Cgroup) {
+		return &InputError{Field: "cgroup", Value: pod.Cgroup, Msg: ErrCgroupRoot.Error() + "; pass the pod's own cgroup", Err: ErrCgroupRoot}
+	}
+	addrs, err := LocalAddrs(pod.NetNS)
+	if err != nil {
+		return err
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(pod.NetNS, &st); err != nil {
+		return &InputError{Field: "netns", Value: pod.NetNS, Msg: err.Error()}
+	}
+	tgt.netnsIno = st.Ino
+	unlock, err := lockState(opts)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+
+	if err := cleanStaging(opts); err != nil {
+		return err
+	}
+	// Under the lock: two loaders sharing this bpffs cannot both pass.
+	if err := checkOverlap(pod, opts); err != nil {
+		return err
+	}
+	dir := PinDir(opts, pod.ID)
+	if _, err := os.Stat(dir); err == nil {
+		// Pins an earlier sandbox of this pod left, with links the kernel detached when their
+		// cgroup or netns went away, cannot be updated in place: they go, and the pod is
+		// attached afresh.
+		gone, err := Defunct(pod.ID, opts)
+		if err != nil {
+			return err
+		}
+		if len(gone) == 0 {
+			return update(dir, pod, tgt, cfg, addrs, opts)
+		}
+		if err := teardown(opts, pod.ID); err != nil {
+			return err
+		}
+	}
+	return create(dir, pod, cfg, addrs, opts)
+}
+
+func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Options) (err error) {
+	var objs objects
+	if err := loadObjects(&objs, nil); err != nil {
+		return err
+	}
+	defer closeAll(&objs)
+	if err := maps.Apply(&objs.DivertMaps, cfg, addrs); err != nil {
+		return err
+	}
+	// Inert until every link is pinned in place (crash.go).
+	if err := disarm(&objs.DivertMaps); err != nil {
+		return err
+	}
+	if !opts.NoInbound {
+		if _, err := adoptListeners(pod, cfg.InboundCapturePort, objs.InboundListeners); err != nil {
+			return err
+		}
+	}
+
+	// Pins go to a temporary directory that is renamed into place at the end, so a crash
+	// or an error leaves either no pod directory or a complete one.
+	tmp, err := os.MkdirTemp(stagingDir(opts), pod.ID+"-")
+	if err != nil {
+		return fmt.Errorf("create pin directory: %w", err)
+	}
+	step("staging dir")
+	defer func() {
+		if err != nil {
+			os.RemoveAll(tmp)
+		}
+	}()
+	if err := pinMaps(&objs.DivertMaps, tmp); err != nil {
+		return err
+	}
+	var links []link.Link
+	defer func() { closeLinks(links, err != nil) }()
+	for _, p := range programs {
+		if !p.wanted(opts) {
+			continue
+		}
+		l, err := p.attachTo(pod, objs.program(p.name))
+		if err != nil {
+			return err
+		}
+		links = append(links, l)
+		step("attach " + p.name)
+		if err := l.Pin(filepath.Join(tmp, p.pin)); err != nil {
+			return fmt.Errorf("pin %s link: %w", p.name, err)
+		}
+		step("pin " + p.name)
+	}
+	if testHookBeforeCommit != nil {
+		if err := testHookBeforeCommit(); err != nil {
+			return err
+		}
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		return fmt.Errorf("move pins into %s: %w", dir, err)
+	}
+	step("commit")
+	if err := arm(&objs.DivertMaps, cfg); err != nil {
+		closeLinks(links, false)
+		links = nil
+		return errors.Join(err, detachDir(dir))
+	}
+	step("arm")
+	return nil
+}
+
+// closeLinks closes link handles; with detach, it undoes the attachments first. Detach is
+// explicit because dropping the last reference (unpin, close) frees a link only later, from
+// a kernel work item, and an undone attach must be gone by the time Attach returns.
+func closeLinks(links []link.Link, detach bool) {
+	for _, l := range links {
+		if detach {
+			l.Detach()
+		}
+		l.Close() // pinned links stay attached
+	}
+}
+
+func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.Addr, opts Options) (err error) {
+	pinned, err := loadPinnedMaps(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		// A map this build has and the pod's pins lack (dns_servers came with DNS capture).
+		return fmt.Errorf("pod %s: %w (%w)", pod.ID, ErrIncompatible, err)
+	}
+	if err != nil {
+		return err
+	}
+	defer pinned.Close()
+
+	// Check every pinned link before changing anything, so a mismatch changes nothing.
+	existing := make(map[string]link.Link)
+	running := make(map[string]ebpf.ProgramID)
+	defer func() {
+		for _, l := range existing {
+			l.Close()
+		}
+	}()
+	for _, p := range programs {
+		l, err := loadPinnedLink(filepath.Join(dir, p.pin))
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		existing[p.name] = l
+		info, err := l.Info()
+		if err != nil {
+			return fmt.Errorf("read %s link: %w", p.name, err)
+		}
+		if !tgt.belongsTo(info) {
+			return &InputError{Field: "cgroup", Value: pod.Cgroup, Msg: fmt.Sprintf("pod %s is attached to another cgroup or network namespace; detach it first", pod.ID)}
+		}
+		running[p.name] = info.Program
+	}
+
+	var objs objects
+	defer closeAll(&objs)
+	current, err := loadForUpdate(&objs, running, pinned, opts)
+	if err != nil {
+		return fmt.Errorf("pod %s: %w (%w)", pod.ID, ErrIncompatible, err)
+	}
+	// Turning outbound on or off adds or removes connect4 and connect6 one at a time: the
+	// maps go in with outbound inert, and arm turns it on once both are in (crash.go).
+	outChange := false
+	for _, p := range programs {
+		if _, has := existing[p.name]; p.outbound && !p.inbound && has != p.wanted(opts) {
+			outChange = true
+		}
+	}
+	applied := cfg
+	if outChange {
+		applied = outboundInert(cfg)
+	}
+	if err := maps.Apply(pinned, applied, addrs); err != nil {
+		return err
+	}
+	step("apply maps")
+	if !opts.NoInbound {
+		// Also after a change of -z: the listeners on the new port were never registered.
+		if _, err := adoptListeners(pod, cfg.InboundCapturePort, pinned.InboundListeners); err != nil {
+			return err
+		}
+	}
+	// Programs this attach turns on are attached and pinned first (undone on error); then
+	// link.Update swaps the running ones atomically, so no connection escapes an upgrade;
+	// programs turned off go last.
+	var added []link.Link
+	defer func() { closeLinks(added, err != nil) }()
+	for _, p := range programs {
+		if _, ok := existing[p.name]; ok || !p.wanted(opts) {
+			continue
+		}
+		l, err := p.attachTo(pod, objs.program(p.name))
+		if err != nil {
+			return err
+		}
+		added = append(added, l)
+		step("attach " + p.name)
+		if err := l.Pin(filepath.Join(dir, p.pin)); err != nil {
+			return fmt.Errorf("pin %s link: %w", p.name, err)
+		}
+		step("pin " + p.name)
+	}
+	if !current {
+		if err := swapPrograms(existing, &objs, opts); err != nil {
+			return err
+		}
+	}
+	for _, p := range slices.Backward(programs) {
+		if l, ok := existing[p.name]; ok && !p.wanted(opts) {
+			if err := detachPinned(l, filepath.Join(dir, p.pin)); err != nil {
+				return fmt.Errorf("turn off %s: %w", p.name, err)
+			}
+			step("turn off " + p.name)
+		}
+	}
+	if outChange {
+		if err := arm(pinned, cfg); err != nil {
+			return err
+		}
+		step("arm")
+	}
+	return nil
+}
+
+func detachPinned(l link.Link, pin string) error {
+	if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+		return err
+	}
+	return os.Remove(pin)
+}
+
+// Detach removes everything Attach made for the pod. Unpinning the links detaches the
+// programs; the maps go with their last reference.
+func Detach(id string, opts Options) error {
+	if !validID.MatchString(id) {
+		return &InputError{Field: "pod-id", Value: id, Msg: badID}
+	}
+	unlock, err := lockState(opts)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if err := cleanStaging(opts); err != nil {
+		return err
+	}
+	dir := PinDir(opts, id)
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("pod %s: %w", id, ErrNotAttached)
+	}
+	return teardown(opts, id)
+}

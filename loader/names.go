@@ -1,0 +1,70 @@
+// The names bpf2go's structs give their fields, listed by hand instead of read by
+// reflection: the maps by their names in the ELF (which are their pin names), the programs
+// by theirs (the program table's). TestNameListsMatchGenerated fails when bpf2go's output
+// gains, loses or reorders a map or program the lists do not, so none can be forgotten.
+
+package loader
+
+import (
+	"github.com/cilium/ebpf"
+
+	"github.com/meshdivert/divert/bpf"
+	"github.com/meshdivert/divert/maps"
+)
+
+// field is one field of a bpf2go struct and its `ebpf` tag.
+type field[T any] struct {
+	name string
+	ptr  **T
+}
+
+// mapFields lists m's maps in bpf.DivertMaps' order.
+func mapFields(m *maps.Maps) []field[ebpf.Map] {
+	return []field[ebpf.Map]{
+		{"config_map", &m.ConfigMap},
+		{"counters", &m.Counters},
+		{"dns_servers", &m.DnsServers},
+		{"drops", &m.Drops},
+		{"inbound_listeners", &m.InboundListeners},
+		{"local_addrs", &m.LocalAddrs},
+		{"orig_dst_storage", &m.OrigDstStorage},
+		{"outbound_exclude_cidrs", &m.OutboundExcludeCidrs},
+		{"outbound_include_cidrs", &m.OutboundIncludeCidrs},
+		{"port_sets_map", &m.PortSetsMap},
+	}
+}
+
+// programFields lists p's programs in bpf.DivertPrograms' order.
+func programFields(p *bpf.DivertPrograms) []field[ebpf.Program] {
+	return []field[ebpf.Program]{
+		{"divert_connect4", &p.DivertConnect4},
+		{"divert_connect6", &p.DivertConnect6},
+		{"divert_getpeername4", &p.DivertGetpeername4},
+		{"divert_getpeername6", &p.DivertGetpeername6},
+		{"divert_getsockopt", &p.DivertGetsockopt},
+		{"divert_recvmsg4", &p.DivertRecvmsg4},
+		{"divert_recvmsg6", &p.DivertRecvmsg6},
+		{"divert_sendmsg4", &p.DivertSendmsg4},
+		{"divert_sendmsg6", &p.DivertSendmsg6},
+		{"divert_sk_lookup", &p.DivertSkLookup},
+		{"divert_sockops", &p.DivertSockops},
+	}
+}
+
+// forEachMap calls fn with each map m holds (nil fields are skipped) and its name.
+func forEachMap(m *maps.Maps, fn func(name string, mp *ebpf.Map)) {
+	for _, f := range mapFields(m) {
+		if *f.ptr != nil {
+			fn(f.name, *f.ptr)
+		}
+	}
+}
+
+// MapNames lists the pinned map names, in struct order.
+func MapNames() []string {
+	var names []string
+	for _, f := range mapFields(&maps.Maps{}) {
+		names = append(names, f.name)
+	}
+	return names
+}
