@@ -199,11 +199,20 @@ func newNetNS(tb testing.TB, name string) string {
 	must(tb, <-errc, "create netns "+name)
 	tb.Cleanup(func() {
 		// Unmounting drops the last reference once no process lives in it; the veth goes
-		// with the namespace.
+		// with the namespace. The bind mount can be stacked: `ip netns add` (which some
+		// tests run) turns /run/netns into a recursive bind of itself the first time, which
+		// copies every netns mount below it. Unmount until the path is no mountpoint.
 		if err := unix.Unmount(path, unix.MNT_DETACH); err != nil {
 			tb.Errorf("testpod: unmount %s: %v", path, err)
 		}
-		if err := os.Remove(path); err != nil {
+		err := os.Remove(path)
+		for i := 0; i < 8 && errors.Is(err, unix.EBUSY); i++ {
+			if uerr := unix.Unmount(path, unix.MNT_DETACH); uerr != nil {
+				break
+			}
+			err = os.Remove(path)
+		}
+		if err != nil {
 			tb.Errorf("testpod: %v", err)
 		}
 	})
