@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -18,6 +18,7 @@ import (
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/testpod"
+	"golang.org/x/sys/unix"
 )
 
 func TestMain(m *testing.M) {
@@ -390,19 +391,41 @@ func TestReattachNestedCIDRs(t *testing.T) {
 func TestAttachReplacesStalePins(t *testing.T) {
 	pod := testpod.New(t)
 	opts := divertest.BPFFS(t)
-	old := fmt.Sprintf("dvt-stale-%d", os.Getpid())
-	if out, err := exec.Command("ip", "netns", "add", old).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v %s", err, out)
+	// The old sandbox's netns, bind-mounted on a file of the test's own (not with `ip netns
+	// add`, which re-binds /run/netns on itself the first time and so stacks every other
+	// test's netns mounts below it).
+	old := filepath.Join(t.TempDir(), "old-netns")
+	if err := os.WriteFile(old, nil, 0o600); err != nil {
+		t.Fatal(err)
 	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", old).Run() })
-	oldPod := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: "/run/netns/" + old}
+	errc := make(chan error)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread leaves the test's netns and dies with the goroutine
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			errc <- err
+			return
+		}
+		errc <- unix.Mount("/proc/thread-self/ns/net", old, "", unix.MS_BIND, "")
+	}()
+	if err := <-errc; err != nil {
+		t.Fatalf("make the old netns: %v", err)
+	}
+	unmounted := false
+	t.Cleanup(func() {
+		if !unmounted {
+			unix.Unmount(old, unix.MNT_DETACH)
+		}
+	})
+	oldPod := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: old}
 	if err := loader.Attach(context.Background(), oldPod, divertest.Config(t), opts); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
-	if out, err := exec.Command("ip", "netns", "del", old).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns del: %v %s", err, out)
+	// The sandbox goes: its netns with it (nothing else holds it).
+	if err := unix.Unmount(old, unix.MNT_DETACH); err != nil {
+		t.Fatalf("remove the old netns: %v", err)
 	}
+	unmounted = true
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		gone, err := loader.Defunct(pod.Name, opts)
 		if err != nil {
