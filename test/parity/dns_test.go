@@ -175,7 +175,9 @@ func (w *dnsWorld) randomDNSFlags(r *rand.Rand) []string {
 	switch r.IntN(4) {
 	case 0: // off
 	case 1:
-		add("--redirect-dns", "--capture-all-dns")
+		// Nameservers too: a later --capture-all-dns=false must not fall back to this
+		// machine's /etc/resolv.conf (absent in the VM guests, and not the test's to read).
+		add("--redirect-dns", "--capture-all-dns", "--dns-servers", ns1)
 	default:
 		add("--redirect-dns", "--dns-servers", pick(r, []string{ns1, ns2, ns1 + "," + ns2, ns2 + "," + other}))
 	}
