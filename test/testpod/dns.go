@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -212,7 +213,9 @@ func exchange(fd int, kind QueryKind, dst netip.AddrPort, v4mapped bool) (r Quer
 		sa = &unix.SockaddrInet6{Addr: netip.AddrFrom16(dst.Addr().As16()).As16(), Port: int(dst.Port())}
 	}
 	if kind != UDPUnconnected {
-		if err := unix.Connect(fd, sa); err != nil {
+		// connectOnce: a signal must not turn the handshake into "interrupted system call"
+		// (issue 23), nor issue a second connect the hooks would count.
+		if err := connectOnce(fd, sa, time.Now().Add(ClientTimeout)); err != nil {
 			return fail(err)
 		}
 		peer, err := unix.Getpeername(fd)
@@ -223,7 +226,8 @@ func exchange(fd int, kind QueryKind, dst netip.AddrPort, v4mapped bool) (r Quer
 	}
 	if kind == TCPQuery {
 		buf := make([]byte, 4096)
-		n, err := unix.Read(fd, buf)
+		var n int
+		err := retryEINTR(func() (err error) { n, err = unix.Read(fd, buf); return err })
 		if err != nil {
 			return fail(err)
 		}
@@ -235,17 +239,22 @@ func exchange(fd int, kind QueryKind, dst netip.AddrPort, v4mapped bool) (r Quer
 		r.Who = h.Who
 		return r
 	}
-	var err error
-	if kind == UDPUnconnected {
-		err = unix.Sendto(fd, []byte("q"), 0, sa)
-	} else {
-		_, err = unix.Write(fd, []byte("q"))
-	}
+	// With SO_RCVTIMEO/SO_SNDTIMEO set, a signal interrupts these with EINTR (they are
+	// never restarted); nothing was sent or received then, so asking again is the same query.
+	err := retryEINTR(func() error {
+		if kind == UDPUnconnected {
+			return unix.Sendto(fd, []byte("q"), 0, sa)
+		}
+		_, err := unix.Write(fd, []byte("q"))
+		return err
+	})
 	if err != nil {
 		return fail(err)
 	}
 	buf := make([]byte, 512)
-	n, from, err := unix.Recvfrom(fd, buf, 0)
+	var n int
+	var from unix.Sockaddr
+	err = retryEINTR(func() (err error) { n, from, err = unix.Recvfrom(fd, buf, 0); return err })
 	if err != nil {
 		if errors.Is(err, unix.EAGAIN) {
 			return fail(os.ErrDeadlineExceeded)
