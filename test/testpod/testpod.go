@@ -170,41 +170,11 @@ func uniqueBase(tb testing.TB) string {
 	return ""
 }
 
-// netnsDirMounted makes /run/netns a shared bind mount of itself, once, as the first `ip
-// netns add` on a machine does. Done before any netns is mounted below it: when ip does it
-// later (a test or a tool running it), its recursive bind copies every netns mount already
-// there, and those copies hide the originals from their cleanup (EBUSY on removal).
-var netnsDirMounted = sync.OnceValue(func() error {
-	mounted, err := isMountpoint(netnsDir)
-	if err != nil || mounted {
-		return err
-	}
-	if err := unix.Mount(netnsDir, netnsDir, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-		return err
-	}
-	return unix.Mount("", netnsDir, "", unix.MS_SHARED|unix.MS_REC, "")
-})
-
-// isMountpoint reports whether dir is a mount point (in /proc/self/mountinfo).
-func isMountpoint(dir string) (bool, error) {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return false, err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && f[4] == dir {
-			return true, nil
-		}
-	}
-	return false, nil
-}
-
 // newNetNS creates a named netns (like `ip netns add`) and registers its deletion.
 func newNetNS(tb testing.TB, name string) string {
 	tb.Helper()
 	path := filepath.Join(netnsDir, name)
 	must(tb, os.MkdirAll(netnsDir, 0o755), "create "+netnsDir)
-	must(tb, netnsDirMounted(), "make "+netnsDir+" a mount as ip netns does")
 	errc := make(chan error, 1)
 	go func() {
 		// unshare changes only this thread; it is never unlocked, so the runtime throws the
@@ -336,3 +306,9 @@ func must(tb testing.TB, err error, what string) {
 		tb.Fatalf("testpod: %s: %v", what, err)
 	}
 }
+
+// The main goroutine keeps the main thread: testpod (and tests) unshare a network namespace
+// on threads locked for good, and a goroutine that did that on the main thread would leave
+// it, the thread group leader, in the pod's netns — /proc/<pid>/ns/net would then name the
+// wrong namespace for the whole process (seen as TestSocketOwners failing in a guest).
+func init() { runtime.LockOSThread() }
