@@ -144,10 +144,21 @@ func inetDiagListeners(fd int, port uint16, found func(ino uint64)) error {
 	// id.idiag_sport: the kernel skips listeners on other ports (and, with only LISTEN
 	// asked for, never walks the established hash).
 	binary.BigEndian.PutUint16(r[8:], port)
+	return diagDump(fd, req, func(d []byte) {
+		if len(d) < sizeofInetDiagMsg || d[1] != tcpListen || binary.BigEndian.Uint16(d[inetDiagMsgSport:]) != port {
+			return // the kernel filtered already; this only guards the layout
+		}
+		found(uint64(binary.NativeEndian.Uint32(d[inetDiagMsgInode:])))
+	})
+}
+
+// diagDump sends a sock_diag dump request on fd and calls each with every answered
+// socket's message (struct inet_diag_msg and its attributes), until the dump is done.
+func diagDump(fd int, req []byte, each func(data []byte)) error {
 	if err := unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return fmt.Errorf("sock_diag request: %w", err)
 	}
-	buf := make([]byte, 32<<10)
+	buf := make([]byte, 64<<10)
 	for {
 		n, _, err := unix.Recvfrom(fd, buf, 0)
 		if errors.Is(err, unix.EINTR) {
@@ -172,11 +183,7 @@ func inetDiagListeners(fd int, port uint16, found func(ino uint64)) error {
 				}
 				return nil // an ack
 			case unix.SOCK_DIAG_BY_FAMILY:
-				d := m.Data
-				if len(d) < sizeofInetDiagMsg || d[1] != tcpListen || binary.BigEndian.Uint16(d[inetDiagMsgSport:]) != port {
-					continue // the kernel filtered already; this only guards the layout
-				}
-				found(uint64(binary.NativeEndian.Uint32(d[inetDiagMsgInode:])))
+				each(m.Data)
 			}
 		}
 	}

@@ -2,9 +2,7 @@ package loader
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"syscall"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
@@ -90,47 +88,18 @@ func diagStorages(fd int, family uint8, mapFD int, found func(value []byte)) err
 	binary.NativeEndian.PutUint16(a[4:], 8)
 	binary.NativeEndian.PutUint16(a[6:], skDiagBPFStorageReqMapFD)
 	binary.NativeEndian.PutUint32(a[8:], uint32(mapFD))
-	if err := unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return fmt.Errorf("sock_diag request: %w", err)
-	}
-	buf := make([]byte, 64<<10)
-	for {
-		n, _, err := unix.Recvfrom(fd, buf, 0)
-		if errors.Is(err, unix.EINTR) {
-			continue
+	return diagDump(fd, req, func(d []byte) {
+		if len(d) < sizeofInetDiagMsg {
+			return
 		}
-		if err != nil {
-			return fmt.Errorf("sock_diag answer: %w", err)
-		}
-		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
-		if err != nil {
-			return fmt.Errorf("sock_diag answer: %w", err)
-		}
-		for _, m := range msgs {
-			switch m.Header.Type {
-			case unix.NLMSG_DONE:
-				return nil
-			case unix.NLMSG_ERROR:
-				if len(m.Data) >= 4 {
-					if errno := -int32(binary.NativeEndian.Uint32(m.Data)); errno != 0 {
-						return fmt.Errorf("sock_diag: %w", unix.Errno(errno))
-					}
-				}
-				return nil
-			case unix.SOCK_DIAG_BY_FAMILY:
-				if len(m.Data) < sizeofInetDiagMsg {
-					continue
-				}
-				for _, st := range attrs(m.Data[sizeofInetDiagMsg:], inetDiagSkBPFStorages) {
-					for _, one := range attrs(st, skDiagBPFStorage) {
-						for _, v := range attrs(one, skDiagBPFStorageMapValue) {
-							found(v)
-						}
-					}
+		for _, st := range attrs(d[sizeofInetDiagMsg:], inetDiagSkBPFStorages) {
+			for _, one := range attrs(st, skDiagBPFStorage) {
+				for _, v := range attrs(one, skDiagBPFStorageMapValue) {
+					found(v)
 				}
 			}
 		}
-	}
+	})
 }
 
 // attrs returns the payloads of the netlink attributes of type typ in b.
