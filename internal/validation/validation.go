@@ -24,6 +24,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/meshdivert/divert/internal/sockio"
+
 	"github.com/meshdivert/divert/internal/origdst"
 )
 
@@ -142,7 +144,7 @@ func attempt(ctx context.Context, acc chan accepted, uid, gid uint32, src netip.
 		switch {
 		case errors.As(err, &errno) && errno == unix.ECONNREFUSED:
 			return fmt.Sprintf("not captured: connection refused by %s itself (nothing was redirected to port %d); %s", dst, wantPort, notCapturedHint(kind))
-		case errors.As(err, &errno) && (errno == unix.EAGAIN || errno == unix.EINPROGRESS || errno == unix.ETIMEDOUT):
+		case errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &errno) && (errno == unix.EAGAIN || errno == unix.ETIMEDOUT):
 			return fmt.Sprintf("not captured: connecting timed out (nothing was redirected to port %d); %s", wantPort, notCapturedHint(kind))
 		}
 		return fmt.Sprintf("cannot connect: %v", err)
@@ -296,12 +298,7 @@ func connect(src netip.Addr, dst netip.AddrPort, timeout time.Duration) (int, ne
 		err = unix.Bind(fd, &unix.SockaddrInet4{Addr: src.As4()})
 	}
 	if err == nil {
-		for {
-			err = unix.Connect(fd, &unix.SockaddrInet4{Addr: dst.Addr().As4(), Port: int(dst.Port())})
-			if err != unix.EINTR {
-				break
-			}
-		}
+		err = sockio.ConnectOnce(fd, &unix.SockaddrInet4{Addr: dst.Addr().As4(), Port: int(dst.Port())}, time.Now().Add(timeout))
 	}
 	var local netip.AddrPort
 	if err == nil {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/internal/origdst"
+	"github.com/meshdivert/divert/internal/sockio"
 )
 
 // A burst: an app opens many connections at once while its proxy is slow to accept, so
@@ -189,7 +190,7 @@ func runBurstApp(args []string) error {
 		}
 		fds[i] = fd
 		sa := &unix.SockaddrInet4{Port: int(t.Port()), Addr: t.Addr().As4()}
-		if err := retryEINTR(func() error { return unix.Connect(fd, sa) }); err != nil && err != unix.EINPROGRESS {
+		if err := sockio.RetryEINTR(func() error { return unix.Connect(fd, sa) }); err != nil && err != unix.EINPROGRESS {
 			out[i].Err = errText(err)
 			fds[i] = -1
 			unix.Close(fd)
@@ -307,13 +308,4 @@ func runBurstProxy(args []string) error {
 	}
 	fmt.Println(burstDone)
 	select {}
-}
-
-// retryEINTR runs a syscall again when a signal interrupted it.
-func retryEINTR(call func() error) error {
-	for {
-		if err := call(); !errors.Is(err, unix.EINTR) {
-			return err
-		}
-	}
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshdivert/divert/internal/sockio"
 	"golang.org/x/sys/unix"
 )
 
@@ -213,9 +214,9 @@ func exchange(fd int, kind QueryKind, dst netip.AddrPort, v4mapped bool) (r Quer
 		sa = &unix.SockaddrInet6{Addr: netip.AddrFrom16(dst.Addr().As16()).As16(), Port: int(dst.Port())}
 	}
 	if kind != UDPUnconnected {
-		// connectOnce: a signal must not turn the handshake into "interrupted system call"
+		// sockio.ConnectOnce: a signal must not turn the handshake into "interrupted system call"
 		// (issue 23), nor issue a second connect the hooks would count.
-		if err := connectOnce(fd, sa, time.Now().Add(ClientTimeout)); err != nil {
+		if err := sockio.ConnectOnce(fd, sa, time.Now().Add(ClientTimeout)); err != nil {
 			return fail(err)
 		}
 		peer, err := unix.Getpeername(fd)
@@ -227,7 +228,7 @@ func exchange(fd int, kind QueryKind, dst netip.AddrPort, v4mapped bool) (r Quer
 	if kind == TCPQuery {
 		buf := make([]byte, 4096)
 		var n int
-		err := retryEINTR(func() (err error) { n, err = unix.Read(fd, buf); return err })
+		err := sockio.RetryEINTR(func() (err error) { n, err = unix.Read(fd, buf); return err })
 		if err != nil {
 			return fail(err)
 		}
@@ -241,7 +242,7 @@ func exchange(fd int, kind QueryKind, dst netip.AddrPort, v4mapped bool) (r Quer
 	}
 	// With SO_RCVTIMEO/SO_SNDTIMEO set, a signal interrupts these with EINTR (they are
 	// never restarted); nothing was sent or received then, so asking again is the same query.
-	err := retryEINTR(func() error {
+	err := sockio.RetryEINTR(func() error {
 		if kind == UDPUnconnected {
 			return unix.Sendto(fd, []byte("q"), 0, sa)
 		}
@@ -254,7 +255,7 @@ func exchange(fd int, kind QueryKind, dst netip.AddrPort, v4mapped bool) (r Quer
 	buf := make([]byte, 512)
 	var n int
 	var from unix.Sockaddr
-	err = retryEINTR(func() (err error) { n, from, err = unix.Recvfrom(fd, buf, 0); return err })
+	err = sockio.RetryEINTR(func() (err error) { n, from, err = unix.Recvfrom(fd, buf, 0); return err })
 	if err != nil {
 		if errors.Is(err, unix.EAGAIN) {
 			return fail(os.ErrDeadlineExceeded)

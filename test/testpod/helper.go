@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/origdst"
+	"github.com/meshdivert/divert/internal/sockio"
 )
 
 const (
@@ -342,53 +343,10 @@ func dialSocket(dst string, src netip.Addr, timeout time.Duration, v4mapped, mpt
 			return nil, err
 		}
 	}
-	if err := connectOnce(fd, sockaddr(ap.Addr(), ap.Port()), deadline); err != nil {
+	if err := sockio.ConnectOnce(fd, sockaddr(ap.Addr(), ap.Port()), deadline); err != nil {
 		return nil, err
 	}
 	return net.FileConn(f)
-}
-
-// connectOnce makes one blocking connect() on fd, which has SO_SNDTIMEO set, and waits
-// for its outcome until deadline, whatever signals arrive. With a send timeout the kernel
-// never restarts an interrupted connect (signal(7), SA_RESTART or not): it fails with EINTR
-// while the handshake goes on in the background. The Go runtime signals its threads
-// (SIGURG preemption, SIGCHLD, profiling), so under a slow clock (TCG) that happens. The
-// outcome is then read as for a non-blocking connect: poll for POLLOUT, then SO_ERROR. A
-// second connect() is never issued, so the connect hooks run once per dial, as the parity
-// suite counts them.
-func connectOnce(fd int, sa unix.Sockaddr, deadline time.Time) error {
-	err := unix.Connect(fd, sa)
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, unix.EINPROGRESS): // SO_SNDTIMEO expired
-		return os.ErrDeadlineExceeded
-	case !errors.Is(err, unix.EINTR):
-		return err
-	}
-	for {
-		left := time.Until(deadline)
-		if left <= 0 {
-			return os.ErrDeadlineExceeded
-		}
-		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
-		// poll is never restarted after a signal either.
-		n, err := unix.Poll(pfd, int(left.Milliseconds())+1)
-		if errors.Is(err, unix.EINTR) || (err == nil && n == 0) {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		soErr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
-		if err != nil {
-			return err
-		}
-		if soErr != 0 {
-			return unix.Errno(soErr)
-		}
-		return nil
-	}
 }
 
 // errText maps errors to short stable strings: "timeout", or the errno text such as
