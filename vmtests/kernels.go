@@ -5,15 +5,15 @@ import (
 	"bytes"
 	"debug/elf"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"github.com/meshdivert/divert/internal/debapt"
 )
 
 // Kernel is one line of kernels.txt.
@@ -49,160 +49,11 @@ func ReadKernels(path string) ([]Kernel, error) {
 	return ks, nil
 }
 
-// Apt runs apt-get/apt-cache with a private configuration under Dir: its own sources list,
-// package lists, archive cache and an empty dpkg status, so the system's apt state is
-// neither read for sources nor changed. Only the mirror hosts come from the system.
-type Apt struct {
-	Dir      string
-	Mirror   string // e.g. http://deb.debian.org/debian
-	Security string // e.g. http://deb.debian.org/debian-security
-	Log      io.Writer
-}
-
-// NewApt picks the mirrors: $VMTEST_MIRROR / $VMTEST_SECURITY_MIRROR, else the ones the
-// system's apt sources already use (the only Debian hosts some machines can reach).
-func NewApt(dir string, log io.Writer) (*Apt, error) {
-	a := &Apt{Dir: dir, Mirror: os.Getenv("VMTEST_MIRROR"), Security: os.Getenv("VMTEST_SECURITY_MIRROR"), Log: log}
-	if a.Mirror == "" || a.Security == "" {
-		main, sec := systemMirrors()
-		a.Mirror = first(a.Mirror, main)
-		a.Security = first(a.Security, sec)
-	}
-	if a.Mirror == "" {
-		return nil, errors.New("no Debian mirror in /etc/apt/sources.list{,.d}: set VMTEST_MIRROR=http://<host>/debian")
-	}
-	if a.Security == "" {
-		if u, err := url.Parse(a.Mirror); err == nil {
-			u.Path = "/debian-security"
-			a.Security = u.String()
-		}
-	}
-	return a, nil
-}
-
-func first(s ...string) string {
-	for _, x := range s {
-		if x != "" {
-			return x
-		}
-	}
-	return ""
-}
-
-// systemMirrors returns the first .../debian and .../debian-security URIs found in the
-// system's one-line (.list) or deb822 (.sources) apt sources.
-func systemMirrors() (main, security string) {
-	files := []string{"/etc/apt/sources.list"}
-	for _, pat := range []string{"*.list", "*.sources"} {
-		m, _ := filepath.Glob(filepath.Join("/etc/apt/sources.list.d", pat))
-		files = append(files, m...)
-	}
-	for _, f := range files {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			continue
-		}
-		for _, line := range strings.Split(string(b), "\n") {
-			if strings.HasPrefix(strings.TrimSpace(line), "#") {
-				continue
-			}
-			for _, w := range strings.Fields(line) {
-				u, err := url.Parse(w)
-				if err != nil || (u.Scheme != "http" && u.Scheme != "https") {
-					continue
-				}
-				p := strings.TrimSuffix(u.Path, "/")
-				switch {
-				case strings.HasSuffix(p, "/debian-security") && security == "":
-					security = strings.TrimSuffix(w, "/")
-				case strings.HasSuffix(p, "/debian") && main == "":
-					main = strings.TrimSuffix(w, "/")
-				}
-			}
-		}
-	}
-	return main, security
-}
-
-func (a *Apt) sourcesPath() string { return filepath.Join(a.Dir, "sources.list") }
-
-// args are the -o options that make apt private to Dir.
-func (a *Apt) args() []string {
-	o := func(k, v string) []string { return []string{"-o", k + "=" + v} }
-	var args []string
-	for _, kv := range [][2]string{
-		{"Dir::Etc::SourceList", a.sourcesPath()},
-		{"Dir::Etc::SourceParts", filepath.Join(a.Dir, "sources.list.d")},
-		{"Dir::Etc::PreferencesParts", filepath.Join(a.Dir, "preferences.d")},
-		{"Dir::Etc::Preferences", filepath.Join(a.Dir, "preferences")},
-		{"Dir::State::Lists", filepath.Join(a.Dir, "lists")},
-		{"Dir::State::status", filepath.Join(a.Dir, "status")},
-		{"Dir::Cache", filepath.Join(a.Dir, "cache")},
-		{"APT::Sandbox::User", "root"}, // _apt cannot write into a root-owned cache dir
-		{"Acquire::Languages", "none"},
-	} {
-		args = append(args, o(kv[0], kv[1])...)
-	}
-	return args
-}
-
-// Setup writes the private sources list for the suites and reports whether it changed.
-func (a *Apt) Setup(suites []string) (changed bool, err error) {
-	for _, d := range []string{"sources.list.d", "preferences.d", "lists/partial", "cache/archives/partial"} {
-		if err := os.MkdirAll(filepath.Join(a.Dir, d), 0o755); err != nil {
-			return false, err
-		}
-	}
-	if _, err := os.Stat(filepath.Join(a.Dir, "status")); err != nil {
-		if err := os.WriteFile(filepath.Join(a.Dir, "status"), nil, 0o644); err != nil {
-			return false, err
-		}
-	}
-	var b strings.Builder
-	seen := map[string]bool{}
-	for _, s := range suites {
-		if seen[s] {
-			continue
-		}
-		seen[s] = true
-		uri := a.Mirror
-		if strings.HasSuffix(s, "-security") {
-			uri = a.Security
-		}
-		fmt.Fprintf(&b, "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s %s main\n", uri, s)
-	}
-	old, _ := os.ReadFile(a.sourcesPath())
-	if string(old) == b.String() {
-		return false, nil
-	}
-	return true, os.WriteFile(a.sourcesPath(), []byte(b.String()), 0o644)
-}
-
-// Update refreshes the private package lists.
-func (a *Apt) Update() error {
-	return a.run("", "apt-get", append(a.args(), "-q", "update")...)
-}
-
-// Download fetches pkg=version into dir.
-func (a *Apt) Download(dir, pkgVersion string) error {
-	return a.run(dir, "apt-get", append(a.args(), "-q", "download", pkgVersion)...)
-}
-
-// Cache runs apt-cache (search, policy, ...) under the private configuration.
-func (a *Apt) Cache(args ...string) ([]byte, error) {
-	cmd := exec.Command("apt-cache", append(a.args(), args...)...)
-	cmd.Stderr = a.Log
-	return cmd.Output()
-}
-
-func (a *Apt) run(dir, name string, args ...string) error {
-	cmd := exec.Command(name, args...)
-	cmd.Dir = dir
-	cmd.Stdout, cmd.Stderr = a.Log, a.Log
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("%s %s: %w", name, args[len(args)-1], err)
-	}
-	return nil
+// NewApt is the private apt configuration (internal/debapt) under dir that fetches the
+// guests' kernels; the mirrors are $VMTEST_MIRROR / $VMTEST_SECURITY_MIRROR, else the
+// system's.
+func NewApt(dir string, log io.Writer) (*debapt.Apt, error) {
+	return debapt.New(dir, "", "VMTEST_MIRROR", "VMTEST_SECURITY_MIRROR", log)
 }
 
 // Extracted is a kernel package unpacked in the cache.
@@ -215,7 +66,7 @@ type Extracted struct {
 // Fetch returns the kernel extracted under cacheDir/kernels, downloading it with apt if
 // this exact package version is not there yet. A finished extraction is marked by a
 // ".complete" file, so an interrupted one is redone rather than trusted.
-func Fetch(a *Apt, k Kernel, cacheDir string) (*Extracted, error) {
+func Fetch(a *debapt.Apt, k Kernel, cacheDir string) (*Extracted, error) {
 	root := filepath.Join(cacheDir, "kernels", k.Package+"_"+k.Version)
 	done := filepath.Join(root, ".complete")
 	if _, err := os.Stat(done); err != nil {
@@ -238,7 +89,7 @@ func Fetch(a *Apt, k Kernel, cacheDir string) (*Extracted, error) {
 	return x, nil
 }
 
-func fetch(a *Apt, k Kernel, root string) error {
+func fetch(a *debapt.Apt, k Kernel, root string) error {
 	if err := os.RemoveAll(root); err != nil {
 		return err
 	}
@@ -328,13 +179,13 @@ func ExtractVmlinux(bzImage, dst string) error {
 
 // ListCandidates prints, per suite, the newest linux-image-<abi>-amd64 packages the mirror
 // offers, as kernels.txt lines, for updating the pins.
-func ListCandidates(a *Apt, w io.Writer) error {
+func ListCandidates(a *debapt.Apt, w io.Writer) error {
 	if err := a.Update(); err != nil {
 		return err
 	}
 	// ABI-numbered images (linux-image-6.1.0-50-amd64, linux-image-6.12.117+deb12-amd64),
 	// not the meta packages (linux-image-6.1-amd64) nor the cloud and rt flavours.
-	out, err := a.Cache("search", "--names-only", `^linux-image-[0-9]+\.[0-9]+\.[0-9]+[^ ]*-amd64$`)
+	out, err := a.Output("apt-cache", "search", "--names-only", `^linux-image-[0-9]+\.[0-9]+\.[0-9]+[^ ]*-amd64$`)
 	if err != nil {
 		return err
 	}
@@ -346,7 +197,7 @@ func ListCandidates(a *Apt, w io.Writer) error {
 			names = append(names, name)
 		}
 	}
-	out, err = a.Cache(append([]string{"policy"}, names...)...)
+	out, err = a.Output("apt-cache", append([]string{"policy"}, names...)...)
 	if err != nil {
 		return err
 	}

@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/meshdivert/divert/internal/debapt"
 	"github.com/meshdivert/divert/vmtests"
 )
 
@@ -134,7 +135,7 @@ type vmRun struct {
 	repo, out     string
 	cache         string
 	kernels       []vmtests.Kernel
-	apt           *vmtests.Apt
+	apt           *debapt.Apt
 }
 
 func (r *vmRun) setup(outDir, cacheDir string) error {
@@ -166,9 +167,9 @@ func (r *vmRun) setup(outDir, cacheDir string) error {
 	for _, k := range r.kernels {
 		suites = append(suites, k.Suite)
 	}
-	changed, err := r.apt.Setup(suites)
-	if err == nil && changed {
-		err = r.apt.Update() // new suites or mirror: the old lists would not match
+	stale, err := r.apt.Setup(suites)
+	if err == nil && stale {
+		err = r.apt.Update() // first use, new suites or mirror: the old lists would not match
 	}
 	return err
 }
