@@ -8,7 +8,6 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -99,12 +98,7 @@ func agentCmd(job agentJob) (*exec.Cmd, *bytes.Buffer) {
 // uncaptures it), and the same call by the next agent repairs: attached once with the
 // annotations' policy as the kernel holds it, or nothing left.
 func TestAgentKilled(t *testing.T) {
-	seed := *crashSeed
-	if seed == 0 {
-		seed = uint64(time.Now().UnixNano())
-	}
-	t.Logf("seed %d (replay with -crash.seed=%d)", seed, seed)
-	rng := rand.New(rand.NewPCG(seed, seed))
+	rng, seed := divertest.CrashRand(t, *crashSeed, "crash.seed")
 
 	net := testpod.NewNetwork(t)
 	tp := net.AddPod(t)
@@ -144,25 +138,11 @@ func TestAgentKilled(t *testing.T) {
 		{"del", job("del", podWith(1))},
 	}
 
-	// Two whole runs of each, their steps listed.
-	plans := map[string]*divertest.KillPlan{}
-	for range 2 {
-		for _, s := range cycle {
-			cmd, out := agentCmd(s.job)
-			cmd.Env = append(cmd.Env, crashpoint.Env+"=0,0")
-			start := time.Now()
-			if err := cmd.Run(); err != nil {
-				t.Fatalf("%s: %v\n%s", s.name, err, out)
-			}
-			if plans[s.name] == nil {
-				plans[s.name] = &divertest.KillPlan{}
-			}
-			plans[s.name].Observe(time.Since(start), out.String())
-		}
+	var names []string
+	for _, s := range cycle {
+		names = append(names, s.name)
 	}
-	for name, p := range plans {
-		t.Logf("%s: %v", name, p)
-	}
+	plans := divertest.KillPlans(t, names, func(i int) (*exec.Cmd, *bytes.Buffer) { return agentCmd(cycle[i].job) })
 
 	// An agent killed between moving a new pod's pins into place and arming them leaves
 	// the pod inert; the periodic reconcile (no refresh) must finish it, not skip it as

@@ -5,7 +5,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"slices"
@@ -54,12 +53,7 @@ func cliCmd(args []string) (*exec.Cmd, *bytes.Buffer) {
 // the same command run again repairs: attached once with its policy as the kernel holds
 // it, or nothing left.
 func TestCLIKilled(t *testing.T) {
-	seed := *crashSeed
-	if seed == 0 {
-		seed = uint64(time.Now().UnixNano())
-	}
-	t.Logf("seed %d (replay with -crash.seed=%d)", seed, seed)
-	rng := rand.New(rand.NewPCG(seed, seed))
+	rng, seed := divertest.CrashRand(t, *crashSeed, "crash.seed")
 
 	pod := testpod.New(t)
 	opts := divertest.BPFFS(t)
@@ -82,27 +76,12 @@ func TestCLIKilled(t *testing.T) {
 		{"detach", []string{"detach", "--pod-id", pod.Name, "--bpffs", opts.BPFFS}, nil},
 	}
 
-	// How long each command takes uninterrupted (the faster of two runs), child process
-	// start included: kills are spread over that much time and a little more.
-	// Two whole runs of each, their steps listed.
-	plans := map[string]*divertest.KillPlan{}
-	for range 2 {
-		for _, c := range cycle {
-			cmd, out := cliCmd(c.args)
-			cmd.Env = append(cmd.Env, crashpoint.Env+"=0,0")
-			start := time.Now()
-			if err := cmd.Run(); err != nil {
-				t.Fatalf("%s: %v\n%s", c.name, err, out)
-			}
-			if plans[c.name] == nil {
-				plans[c.name] = &divertest.KillPlan{}
-			}
-			plans[c.name].Observe(time.Since(start), out.String())
-		}
+	// How long each command takes uninterrupted and its steps: kills are spread over that.
+	var names []string
+	for _, c := range cycle {
+		names = append(names, c.name)
 	}
-	for name, p := range plans {
-		t.Logf("%s: %v", name, p)
-	}
+	plans := divertest.KillPlans(t, names, func(i int) (*exec.Cmd, *bytes.Buffer) { return cliCmd(cycle[i].args) })
 
 	ended := 0                  // kills that came before the command ended
 	outcome := map[string]int{} // what the kills left, by command

@@ -1,6 +1,7 @@
 package divertest
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -312,4 +313,41 @@ func (k KillPlan) Kill(rng *rand.Rand, cmd *exec.Cmd) (killed bool, aim string, 
 
 func (k KillPlan) String() string {
 	return fmt.Sprintf("%d steps in %v", k.Steps, k.Total.Round(time.Millisecond/10))
+}
+
+// KillPlans runs each named command to its end twice, crash points counting only, and
+// returns a plan per name from the faster run: how many steps it passes and how long it
+// takes, child process start included, so kills are spread over all of it. command(i)
+// is the i-th command, not started yet, and where its output goes.
+func KillPlans(tb testing.TB, names []string, command func(i int) (*exec.Cmd, *bytes.Buffer)) map[string]*KillPlan {
+	tb.Helper()
+	plans := map[string]*KillPlan{}
+	for range 2 {
+		for i, name := range names {
+			cmd, out := command(i)
+			cmd.Env = append(cmd.Env, crashpoint.Env+"=0,0")
+			start := time.Now()
+			if err := cmd.Run(); err != nil {
+				tb.Fatalf("%s: %v\n%s", name, err, out)
+			}
+			if plans[name] == nil {
+				plans[name] = &KillPlan{}
+			}
+			plans[name].Observe(time.Since(start), out.String())
+		}
+	}
+	for name, p := range plans {
+		tb.Logf("%s: %v", name, p)
+	}
+	return plans
+}
+
+// CrashRand is the random source of a kill test: seeded with seed, or a new seed (logged
+// with how to replay it, as flag replays) when seed is 0.
+func CrashRand(tb testing.TB, seed uint64, flag string) (*rand.Rand, uint64) {
+	if seed == 0 {
+		seed = uint64(time.Now().UnixNano())
+	}
+	tb.Logf("seed %d (replay with -%s=%d)", seed, flag, seed)
+	return rand.New(rand.NewPCG(seed, seed)), seed
 }
