@@ -70,6 +70,17 @@ func lookPath(name string) (string, bool) {
 	return "", false
 }
 
+// Available reports whether any iptables-restore is installed (PATH or the sbin dirs
+// minimal containers leave out of it).
+func Available() bool {
+	for _, name := range []string{"iptables-restore", "iptables-nft-restore", "iptables-legacy-restore"} {
+		if _, ok := lookPath(name); ok {
+			return true
+		}
+	}
+	return false
+}
+
 // findTool locates a backend's binaries: iptables-<b>-restore/-save, or the plain
 // iptables-restore/-save when `iptables --version` says they are that backend.
 func findTool(b Backend) (tool, bool) {

@@ -69,8 +69,7 @@ func mkdirPrivate(d string) error {
 // (attach mounts bpffs there before pinning).
 func readableRoot(opts Options) (bool, error) {
 	root := opts.root()
-	var fs unix.Statfs_t
-	if err := unix.Statfs(root, &fs); err == nil && fs.Type == unix.BPF_FS_MAGIC {
+	if IsBPFFS(root) {
 		return true, nil
 	}
 	if root == DefaultBPFFS {
@@ -79,13 +78,18 @@ func readableRoot(opts Options) (bool, error) {
 	return false, &InputError{Field: "bpffs", Value: root, Msg: notBPFFS(root)}
 }
 
+// IsBPFFS reports whether dir is a bpffs mount, where pins can live.
+func IsBPFFS(dir string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(dir, &st) == nil && st.Type == unix.BPF_FS_MAGIC
+}
+
 func notBPFFS(root string) string {
 	return "not a bpffs mount; pass the one divert pins under, or mount one with: mount -t bpf bpf " + root
 }
 
 func ensureBPFFS(root string, mountIfMissing bool) error {
-	var fs unix.Statfs_t
-	if err := unix.Statfs(root, &fs); err == nil && fs.Type == unix.BPF_FS_MAGIC {
+	if IsBPFFS(root) {
 		return nil
 	}
 	if !mountIfMissing {

@@ -132,8 +132,7 @@ func probeCgroup2() error {
 // probeBPFFS checks that pins can be made under root: it is a bpffs already, or one can be
 // mounted (tried on a temporary directory, which is removed again).
 func probeBPFFS(root string) error {
-	var st unix.Statfs_t
-	if unix.Statfs(root, &st) == nil && st.Type == unix.BPF_FS_MAGIC {
+	if IsBPFFS(root) {
 		return nil
 	}
 	if !fileHasLine("/proc/filesystems", "bpf") {

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strconv"
@@ -19,7 +18,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
-	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/cgroups"
 	"github.com/meshdivert/divert/iptables"
@@ -616,7 +614,7 @@ func (r *istioRun) attach(ctx context.Context, pod loader.Pod, how string) error
 	// Attach replaces a pin directory left by an earlier sandbox of this pod (its network
 	// namespace is gone, or its cgroup); it is only said here.
 	gone, _ := loader.Defunct(pod.ID, r.lopts)
-	if !isBPFFS(r.lopts.BPFFS) {
+	if !loader.IsBPFFS(r.lopts.BPFFS) {
 		// The loader mounts it. In a container that mount is only the host's if the
 		// volume propagates it back (mountPropagation: Bidirectional); otherwise the pins,
 		// and capture, end with this container.
@@ -666,7 +664,7 @@ func (r *istioRun) attach(ctx context.Context, pod loader.Pod, how string) error
 // removeIptables removes istio's rules from this pod's netns, returning the backends that
 // held them.
 func (r *istioRun) removeIptables(ctx context.Context) ([]string, error) {
-	if !haveIptables() {
+	if !iptables.Available() {
 		return nil, nil // nothing can have written them here
 	}
 	held, err := iptables.Installed(ctx, ownNetNS)
@@ -681,11 +679,6 @@ func (r *istioRun) removeIptables(ctx context.Context) ([]string, error) {
 		names = append(names, "iptables-"+b.String())
 	}
 	return names, nil
-}
-
-func isBPFFS(dir string) bool {
-	var st unix.Statfs_t
-	return unix.Statfs(dir, &st) == nil && st.Type == unix.BPF_FS_MAGIC
 }
 
 func (r *istioRun) printEBPFPlan(w io.Writer, pod loader.Pod, how string) {
@@ -744,7 +737,7 @@ func (r *istioRun) cleanup(ctx context.Context, dry bool) error {
 			errs = append(errs, err)
 		}
 	}
-	if !haveIptables() {
+	if !iptables.Available() {
 		fmt.Fprintln(out, "no iptables binaries here, so no iptables rules to remove")
 	} else if err := (iptables.Options{Backend: r.backend}).Cleanup(ctx, ownNetNS); err != nil {
 		errs = append(errs, err)
@@ -752,22 +745,6 @@ func (r *istioRun) cleanup(ctx context.Context, dry bool) error {
 		fmt.Fprintf(out, "istio iptables rules removed from %s\n", ownNetNS)
 	}
 	return errors.Join(errs...)
-}
-
-// haveIptables reports whether any iptables-restore is installed (PATH or the sbin dirs
-// minimal containers leave out of it).
-func haveIptables() bool {
-	for _, name := range []string{"iptables-restore", "iptables-nft-restore", "iptables-legacy-restore"} {
-		if _, err := exec.LookPath(name); err == nil {
-			return true
-		}
-		for _, d := range []string{"/usr/sbin", "/sbin", "/usr/local/sbin"} {
-			if fi, err := os.Stat(filepath.Join(d, name)); err == nil && fi.Mode()&0o111 != 0 {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 func (r *istioRun) validate(ctx context.Context) error {

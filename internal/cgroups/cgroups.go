@@ -21,6 +21,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"os"
 	"path"
 	"regexp"
 	"strconv"
@@ -274,4 +275,22 @@ func Locate(procCgroup string, mounts []Mount, isCgroup func(dir string) bool) (
 		points = append(points, m.Point)
 	}
 	return Found{}, fmt.Errorf("%w: this process's cgroup %q is not below a Kubernetes pod cgroup under %s", ErrNotFound, pc.V2, strings.Join(points, ", "))
+}
+
+// Mountpoint is where this process sees cgroup v2 mounted: the first cgroup2 mount in
+// /proc/self/mountinfo. It is /sys/fs/cgroup on a cgroup v2 host and e.g.
+// /sys/fs/cgroup/unified on a hybrid one, so it is never assumed.
+func Mountpoint() (string, error) {
+	info, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	all, err := ParseMountinfo(string(info))
+	if err != nil {
+		return "", err
+	}
+	if m := Cgroup2Mounts(all); len(m) > 0 {
+		return m[0].Point, nil
+	}
+	return "", errors.New("no cgroup2 mount in /proc/self/mountinfo: divert needs cgroup v2")
 }

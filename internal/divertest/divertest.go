@@ -7,10 +7,10 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
+	"github.com/meshdivert/divert/internal/cgroups"
 	"github.com/meshdivert/divert/test/testutil"
 
 	"github.com/cilium/ebpf"
@@ -175,21 +175,14 @@ func AssertNothingAttached(tb testing.TB, pod *testpod.Pod, opts loader.Options)
 	}
 }
 
-// Cgroup2Mount finds the cgroup v2 mount from /proc/mounts (/sys/fs/cgroup/unified on a
-// hybrid host).
+// Cgroup2Mount finds the cgroup v2 mount (/sys/fs/cgroup/unified on a hybrid host).
 func Cgroup2Mount(tb testing.TB) string {
 	tb.Helper()
-	b, err := os.ReadFile("/proc/mounts")
+	m, err := cgroups.Mountpoint()
 	if err != nil {
 		tb.Fatal(err)
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) > 2 && f[2] == "cgroup2" {
-			return f[1]
-		}
-	}
-	tb.Fatal("no cgroup2 mount in /proc/mounts")
-	return ""
+	return m
 }
 
 // ChildCgroup creates dir/name (a container's cgroup in a test pod) and removes it at the

@@ -309,22 +309,6 @@ func istioRules(t *testing.T, netns string) string {
 	return strings.Join(lines, "\n")
 }
 
-// cgroup2Mount finds the cgroup v2 mount from /proc/mounts.
-func cgroup2Mount(t *testing.T) string {
-	t.Helper()
-	b, err := os.ReadFile("/proc/mounts")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) > 2 && f[2] == "cgroup2" {
-			return f[1]
-		}
-	}
-	t.Fatal("no cgroup2 mount")
-	return ""
-}
-
 func assertPinned(t *testing.T, opts loader.Options, id string) {
 	t.Helper()
 	for _, p := range loader.Plan(opts) {
@@ -360,7 +344,7 @@ func TestInjectorCommandLine(t *testing.T) {
 		// The systemd driver's names, through "divert istio-iptables", with the host's
 		// cgroup tree given as --cgroup-root (on a hybrid host: the tmpfs above "unified").
 		{systemdLayout, divert, func(t *testing.T) []string {
-			root := cgroup2Mount(t)
+			root := divertest.Cgroup2Mount(t)
 			if filepath.Base(root) == "unified" {
 				root = filepath.Dir(root)
 			}
@@ -758,7 +742,7 @@ func TestCgroupNamespace(t *testing.T) {
 	// host's mount of the same file system, so it goes beside it).
 	host, view := t.TempDir(), t.TempDir()
 	script := fmt.Sprintf(`mount --bind %s %s && mount -t cgroup2 cgroup2 %s && grep -q '^0::/$' /proc/self/cgroup && "$0" "$@" --cgroup-root %s`,
-		cgroup2Mount(t), host, view, host)
+		divertest.Cgroup2Mount(t), host, view, host)
 	c := k.container(t)
 	r := runWrapped(t, c, 0, 0, []string{unshare, "--cgroup", "--mount", "--propagation", "private"}, script, divert,
 		append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)...)

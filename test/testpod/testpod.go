@@ -18,7 +18,6 @@
 package testpod
 
 import (
-	"bufio"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -28,7 +27,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -40,6 +38,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/meshdivert/divert/internal/cgroups"
 	"github.com/meshdivert/divert/internal/nsexec"
 )
 
@@ -225,25 +224,12 @@ var (
 	cgroupErr  error
 )
 
-// cgroupRoot finds the cgroup v2 mount from /proc/mounts: it is /sys/fs/cgroup on unified
-// hosts but e.g. /sys/fs/cgroup/unified on hybrid ones.
+// cgroupRoot is the cgroup v2 mount: /sys/fs/cgroup on unified hosts but e.g.
+// /sys/fs/cgroup/unified on hybrid ones.
 func cgroupRoot(tb testing.TB) string {
 	tb.Helper()
 	cgroupOnce.Do(func() {
-		f, err := os.Open("/proc/mounts")
-		if err != nil {
-			cgroupErr = err
-			return
-		}
-		defer f.Close()
-		sc := bufio.NewScanner(f)
-		for sc.Scan() {
-			if fields := strings.Fields(sc.Text()); len(fields) > 2 && fields[2] == "cgroup2" {
-				cgroupMnt = fields[1]
-				return
-			}
-		}
-		cgroupErr = errors.New("no cgroup2 mount in /proc/mounts")
+		cgroupMnt, cgroupErr = cgroups.Mountpoint()
 	})
 	must(tb, cgroupErr, "find cgroup v2 mount")
 	return cgroupMnt
