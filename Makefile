@@ -52,14 +52,18 @@ test: deps
 	$(GO) vet ./...
 	CI=$${CI:-true} $(GO) test $(TESTFLAGS) -p 1 ./...
 	cd tools/image && $(GO) vet ./... && $(GO) test $(TESTFLAGS) ./...
+	cd test/bench && $(GO) vet ./... && CI=$${CI:-true} $(GO) test $(TESTFLAGS) -run 'Test' ./...
 
 # gofmt over every tracked Go file; staticcheck (pinned here, run from the module proxy, so
-# go.mod lists no tool the product does not need) over the root module.
+# go.mod lists no tool the product does not need) over the root module, test/bench and
+# tools/image.
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 .PHONY: lint
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:" $$out >&2; exit 1; fi
 	GOFLAGS= $(GO) run $(STATICCHECK) ./...
+	cd test/bench && GOFLAGS= $(GO) run $(STATICCHECK) ./...
+	cd tools/image && GOFLAGS= $(GO) run $(STATICCHECK) ./...
 
 # Only the tests that need no privilege: the privileged ones skip (test/testutil), as they
 # do in a contributor's plain `go test ./...` without root.
@@ -121,7 +125,7 @@ demo: deps build
 # (test/bench, see docs/benchmarks.md). As root; writes bench-out/ and, unless QUICK=1,
 # rewrites docs/benchmarks.md and its plots. QUICK=1 (under 2 minutes) is CI's smoke run.
 bench: deps
-	$(GO) test -c -o $(BIN)/bench.test ./test/bench
+	cd test/bench && $(GO) test -c -o $(abspath $(BIN))/bench.test .
 	$(BIN)/bench.test -test.run '^$$' -test.bench '^BenchmarkDivert$$' -test.benchtime 1x -test.timeout 30m \
 		-bench.out $(abspath bench-out) $(if $(QUICK),-bench.quick,-bench.docs $(abspath docs))
 
