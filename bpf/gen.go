@@ -1,5 +1,6 @@
 // Package bpf holds divert's eBPF programs and their bpf2go bindings. The generated files
-// are committed, so building divert needs no clang; `make generate` rebuilds them.
+// are committed, so building divert needs no clang; `make generate` rebuilds them with the
+// pinned clang-14 against the vendored headers in include/ (include/README.md).
 package bpf
 
-//go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror" -target bpfel -type config -type orig_dst -type sock_orig_dst -type drop -type lpm_v4_key -type reason -type port_flag -type port_sets Divert divert.c -- -I/usr/include/x86_64-linux-gnu
+//go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -nostdinc -Iinclude" -target bpfel -type config -type orig_dst -type sock_orig_dst -type drop -type lpm_v4_key -type reason -type port_flag -type port_sets Divert divert.c

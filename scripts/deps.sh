@@ -5,9 +5,8 @@ set -euo pipefail
 source "$(dirname "$0")/apt.sh"
 
 need=()
-have clang || need+=(clang)
+have clang-14 || need+=(clang-14) # bpf/gen.go pins it: Debian 12's clang
 have llvm-strip || need+=(llvm)
-[ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 have bpftool || need+=(bpftool)
 have iptables || need+=(iptables)
 have nft || need+=(nftables)
