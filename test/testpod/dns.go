@@ -37,8 +37,8 @@ const (
 // Query is one DNS-like exchange.
 type Query struct {
 	Kind QueryKind
-	Dst  netip.AddrPort
-	// V4Mapped sends from a dual-stack AF_INET6 socket to ::ffff:<Dst>.
+	Dst  netip.AddrPort // IPv6 Dsts are asked from an AF_INET6 socket
+	// V4Mapped sends from a dual-stack AF_INET6 socket to ::ffff:<Dst> (an IPv4 Dst).
 	V4Mapped bool
 	// Then, if valid, is asked next from the same socket (sendto it, or connect it there
 	// anew), and the result is that second exchange's.
@@ -106,9 +106,16 @@ func runResolve(args []string) error {
 	if len(args) < 2 {
 		return errors.New("usage: resolve NAME NS:PORT [tcp]")
 	}
+	ns, err := netip.ParseAddrPort(args[1])
+	if err != nil {
+		return err
+	}
 	network := "udp4"
 	if len(args) > 2 && args[2] == "tcp" {
 		network = "tcp4"
+	}
+	if !ns.Addr().Is4() {
+		network = network[:3] + "6"
 	}
 	r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
@@ -130,7 +137,15 @@ func runUDPServer(args []string) error {
 	if len(args) != 2 {
 		return errors.New("usage: udp-server NAME ADDR:PORT")
 	}
-	pc, err := net.ListenPacket("udp4", args[1])
+	ap, err := netip.ParseAddrPort(args[1])
+	if err != nil {
+		return err
+	}
+	network := "udp4"
+	if !ap.Addr().Is4() {
+		network = "udp6"
+	}
+	pc, err := net.ListenPacket(network, args[1])
 	if err != nil {
 		return err
 	}
@@ -172,8 +187,10 @@ func query(kind QueryKind, dsts []netip.AddrPort, v4mapped bool) (r QueryResult)
 		return r
 	}
 	family, typ := unix.AF_INET, unix.SOCK_DGRAM
-	if v4mapped {
-		family = unix.AF_INET6
+	for _, d := range dsts {
+		if v4mapped || d.Addr().Is6() {
+			family = unix.AF_INET6
+		}
 	}
 	if kind == TCPQuery {
 		typ = unix.SOCK_STREAM
@@ -195,7 +212,7 @@ func query(kind QueryKind, dsts []netip.AddrPort, v4mapped bool) (r QueryResult)
 		}
 	}
 	for i, dst := range dsts {
-		if r = exchange(fd, kind, dst, v4mapped); r.Err != "" && i < len(dsts)-1 {
+		if r = exchange(fd, kind, dst, family == unix.AF_INET6); r.Err != "" && i < len(dsts)-1 {
 			r.Err = "first query: " + r.Err
 			return r
 		}
@@ -203,15 +220,15 @@ func query(kind QueryKind, dsts []netip.AddrPort, v4mapped bool) (r QueryResult)
 	return r
 }
 
-// exchange asks dst once on fd.
-func exchange(fd int, kind QueryKind, dst netip.AddrPort, v4mapped bool) (r QueryResult) {
+// exchange asks dst once on fd, an AF_INET6 socket if inet6 (IPv4 dsts then as ::ffff:a).
+func exchange(fd int, kind QueryKind, dst netip.AddrPort, inet6 bool) (r QueryResult) {
 	fail := func(err error) QueryResult {
 		r.Err = errText(err)
 		return r
 	}
-	sa := unix.Sockaddr(&unix.SockaddrInet4{Addr: dst.Addr().As4(), Port: int(dst.Port())})
-	if v4mapped {
-		sa = &unix.SockaddrInet6{Addr: netip.AddrFrom16(dst.Addr().As16()).As16(), Port: int(dst.Port())}
+	var sa unix.Sockaddr = &unix.SockaddrInet6{Addr: dst.Addr().As16(), Port: int(dst.Port())}
+	if !inet6 {
+		sa = &unix.SockaddrInet4{Addr: dst.Addr().As4(), Port: int(dst.Port())}
 	}
 	if kind != UDPUnconnected {
 		// sockio.ConnectOnce: a signal must not turn the handshake into "interrupted system call"

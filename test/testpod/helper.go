@@ -1,7 +1,6 @@
 package testpod
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -18,7 +17,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/origdst"
-	"github.com/meshdivert/divert/internal/sockio"
 )
 
 const (
@@ -71,11 +69,26 @@ func RunHelperIfRequested() {
 
 // listen opens a plain TCP listener. Go >= 1.24 makes listeners MPTCP by default, and
 // SOCKMAP (used by the eBPF inbound path) refuses MPTCP sockets.
-func listen(addr string) (net.Listener, error) { return listenWith(addr, false, false) }
+func listen(addr string) (net.Listener, error) { return listenWith(addr, false, false, false) }
 
 // listenWith optionally sets SO_REUSEPORT, as Envoy does with one listener per worker, and
-// IP_TRANSPARENT, which iptables TPROXY needs on the listener it delivers to.
-func listenWith(addr string, reuseport, transparent bool) (net.Listener, error) {
+// IP_TRANSPARENT (IPV6_TRANSPARENT on IPv6 sockets), which iptables TPROXY needs on the
+// listener it delivers to. An IPv4 address gets an AF_INET socket; [::] a dual-stack
+// AF_INET6 socket (IPV6_V6ONLY off: IPv4 clients arrive as ::ffff:a.b.c.d), unless
+// v6only, as Envoy's [::] listener next to a 0.0.0.0 one on the same port; any other IPv6
+// address an AF_INET6 socket.
+func listenWith(addr string, reuseport, transparent, v6only bool) (net.Listener, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	network := "tcp4"
+	switch {
+	case ap.Addr().Is6() && (v6only || !ap.Addr().IsUnspecified()):
+		network = "tcp6" // Go sets IPV6_V6ONLY on "tcp6" sockets
+	case ap.Addr().Is6():
+		network = "tcp" // Go's dual-stack wildcard listener
+	}
 	var lc net.ListenConfig
 	lc.SetMultipathTCP(false)
 	lc.Control = func(_, _ string, rc syscall.RawConn) error {
@@ -85,12 +98,25 @@ func listenWith(addr string, reuseport, transparent bool) (net.Listener, error) 
 				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
 			}
 			if transparent && serr == nil {
-				serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+				if ap.Addr().Is6() {
+					serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+				} else {
+					serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+				}
 			}
 		})
 		return errors.Join(err, serr)
 	}
-	return lc.Listen(context.Background(), "tcp4", addr)
+	return lc.Listen(context.Background(), network, addr)
+}
+
+// tcpNetwork is Go's network name for a plain dial to a: "tcp4" or "tcp6" (an AF_INET6
+// socket with IPV6_V6ONLY set, as Go makes them).
+func tcpNetwork(a netip.Addr) string {
+	if a.Is4() || a.Is4In6() {
+		return "tcp4"
+	}
+	return "tcp6"
 }
 
 // dialer returns a plain-TCP dialer (never MPTCP, so cgroup hooks see ordinary TCP).
@@ -138,10 +164,12 @@ func runProxy(args []string) error {
 	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
 	name := fs.String("name", "proxy", "who to report")
 	mode := fs.String("mode", "report", "report | forward")
-	inboundSrc := fs.String("inbound-src", "", "source to bind when forwarding inbound (e.g. 127.0.0.6)")
+	var inboundSrc listFlag
+	fs.Var(&inboundSrc, "inbound-src", "source to bind when forwarding inbound (e.g. 127.0.0.6, ::6; repeatable, one per family)")
 	inboundPort := fs.Int("inbound-port", 15006, "listener port whose connections are inbound")
 	reuseport := fs.Int("reuseport", 0, "listen this many times on each address with SO_REUSEPORT")
 	transparent := fs.Bool("transparent", false, "set IP_TRANSPARENT on the listeners (TPROXY)")
+	v6only := fs.Bool("v6only", false, "make [::] listeners IPv6-only (IPV6_V6ONLY)")
 	var addrs listFlag
 	fs.Var(&addrs, "listen", "ip:port (repeatable)")
 	if err := fs.Parse(args); err != nil {
@@ -150,18 +178,19 @@ func runProxy(args []string) error {
 	if *mode != "report" && *mode != "forward" {
 		return fmt.Errorf("bad --mode %q", *mode)
 	}
-	var src netip.Addr
-	if *inboundSrc != "" {
-		var err error
-		if src, err = netip.ParseAddr(*inboundSrc); err != nil {
+	var srcs []netip.Addr
+	for _, a := range inboundSrc {
+		src, err := netip.ParseAddr(a)
+		if err != nil {
 			return err
 		}
+		srcs = append(srcs, src)
 	}
 	var lns []net.Listener
 	var index []int // which of the SO_REUSEPORT sockets of its address each listener is
 	for _, a := range addrs {
 		for i := range max(*reuseport, 1) {
-			ln, err := listenWith(a, *reuseport > 0, *transparent)
+			ln, err := listenWith(a, *reuseport > 0, *transparent, *v6only)
 			if err != nil {
 				return err
 			}
@@ -177,9 +206,9 @@ func runProxy(args []string) error {
 	for i, ln := range lns {
 		// Inbound is decided by the listener, not by the accepted socket's local address:
 		// with sk_lookup steering, getsockname() shows the original destination, not 15006.
-		var bind netip.Addr
+		var bind []netip.Addr
 		if ln.Addr().(*net.TCPAddr).Port == *inboundPort {
-			bind = src
+			bind = srcs
 		}
 		go func() {
 			for {
@@ -195,7 +224,10 @@ func runProxy(args []string) error {
 	return <-errc
 }
 
-func proxyConn(c *net.TCPConn, name string, forward bool, bindSrc netip.Addr, listener string, index int) {
+// proxyConn reports (and in forward mode relays) one accepted connection. When forwarding,
+// it binds the one of bindSrcs in the original destination's family, as Envoy binds
+// 127.0.0.6 or ::6 for inbound passthrough.
+func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr, listener string, index int) {
 	defer c.Close()
 	hop := Hop{Who: name, Listener: listener, Index: index, Local: c.LocalAddr().String(), Peer: c.RemoteAddr().String()}
 	orig, err := origdst.Get(c)
@@ -208,7 +240,13 @@ func proxyConn(c *net.TCPConn, name string, forward bool, bindSrc netip.Addr, li
 	if forward && err == nil {
 		// The proxy must run as the excluded uid (1337), or its own dial is redirected back
 		// to itself.
-		if up, err = dialer(3*time.Second, bindSrc).Dial("tcp4", hop.Orig); err != nil {
+		var bindSrc netip.Addr
+		for _, a := range bindSrcs {
+			if a.Is4() == orig.Addr().Is4() {
+				bindSrc = a
+			}
+		}
+		if up, err = dialer(3*time.Second, bindSrc).Dial(tcpNetwork(orig.Addr()), hop.Orig); err != nil {
 			hop.Err = errText(err)
 		}
 	}
@@ -225,128 +263,6 @@ func writeHop(w io.Writer, h Hop) bool {
 	b, _ := json.Marshal(h)
 	_, err := w.Write(append(b, '\n'))
 	return err == nil
-}
-
-// client: connect to each target in turn and print one Result line per target.
-func runClient(args []string) error {
-	fs := flag.NewFlagSet("client", flag.ContinueOnError)
-	timeout := fs.Duration("timeout", 3*time.Second, "per target: connect + read to EOF")
-	repeatFor := fs.Duration("for", 0, "dial the targets again and again until this much time has passed (0: once)")
-	interval := fs.Duration("interval", 50*time.Millisecond, "with --for: pause between rounds")
-	var targets listFlag
-	fs.Var(&targets, "target", "DST[@BINDSRC] (repeatable)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	enc := json.NewEncoder(os.Stdout)
-	end := time.Now().Add(*repeatFor)
-	for {
-		for _, t := range targets {
-			if err := enc.Encode(clientDial(t, *timeout)); err != nil {
-				return err
-			}
-		}
-		if time.Now().After(end) {
-			return nil
-		}
-		time.Sleep(*interval)
-	}
-}
-
-func clientDial(target string, timeout time.Duration) Result {
-	res := Result{Dst: target}
-	target, mptcp := strings.CutPrefix(target, mptcpPrefix)
-	target, mapped := strings.CutPrefix(target, v4MappedPrefix)
-	dst, srcText, _ := strings.Cut(target, "@")
-	res.Dst = dst
-	var src netip.Addr
-	if srcText != "" {
-		var err error
-		if src, err = netip.ParseAddr(srcText); err != nil {
-			res.Err = err.Error()
-			return res
-		}
-	}
-	d := dialer(timeout, src)
-	d.Deadline = time.Now().Add(timeout)
-	var c net.Conn
-	var err error
-	if mapped || mptcp {
-		c, err = dialSocket(dst, src, timeout, mapped, mptcp)
-	} else {
-		c, err = d.Dial("tcp4", dst)
-	}
-	if err != nil {
-		res.Err = errText(err)
-		return res
-	}
-	defer c.Close()
-	_ = c.SetDeadline(d.Deadline)
-	sc := bufio.NewScanner(c)
-	for sc.Scan() {
-		var h Hop
-		if err := json.Unmarshal(sc.Bytes(), &h); err != nil {
-			res.Err = fmt.Sprintf("garbled line %q", sc.Text())
-			return res
-		}
-		res.Hops = append(res.Hops, h)
-	}
-	if err := sc.Err(); err != nil {
-		res.Err = errText(err)
-	}
-	return res
-}
-
-// dialSocket connects with one connect() from the kind of socket a runtime other than Go's
-// default might use: v4mapped, a dual-stack AF_INET6 socket to ::ffff:<dst> (bound to
-// ::ffff:<src>), as Java does; mptcp, an IPPROTO_MPTCP socket. Go's dialer cannot make the
-// first (it dials IPv4 addresses from AF_INET sockets and refuses v4-mapped ones for
-// "tcp6") and, for the second, retries with plain TCP after any failure, which would make
-// two connects out of one.
-func dialSocket(dst string, src netip.Addr, timeout time.Duration, v4mapped, mptcp bool) (net.Conn, error) {
-	ap, err := netip.ParseAddrPort(dst)
-	if err != nil {
-		return nil, err
-	}
-	family, proto := unix.AF_INET, unix.IPPROTO_TCP
-	if v4mapped {
-		family = unix.AF_INET6
-	}
-	if mptcp {
-		proto = unix.IPPROTO_MPTCP
-	}
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, proto)
-	if err != nil {
-		return nil, err
-	}
-	f := os.NewFile(uintptr(fd), "client")
-	defer f.Close() // net.FileConn dups it
-	sockaddr := func(a netip.Addr, port uint16) unix.Sockaddr {
-		if v4mapped {
-			return &unix.SockaddrInet6{Addr: netip.AddrFrom16(a.As16()).As16(), Port: int(port)}
-		}
-		return &unix.SockaddrInet4{Addr: a.As4(), Port: int(port)}
-	}
-	if v4mapped {
-		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
-			return nil, err
-		}
-	}
-	deadline := time.Now().Add(timeout)
-	// A blocking connect gives up after SO_SNDTIMEO (EINPROGRESS).
-	tv := unix.NsecToTimeval(timeout.Nanoseconds())
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv); err != nil {
-		return nil, err
-	}
-	if src.IsValid() {
-		if err := unix.Bind(fd, sockaddr(src, 0)); err != nil {
-			return nil, err
-		}
-	}
-	if err := sockio.ConnectOnce(fd, sockaddr(ap.Addr(), ap.Port()), deadline); err != nil {
-		return nil, err
-	}
-	return net.FileConn(f)
 }
 
 // errText maps errors to short stable strings: "timeout", or the errno text such as
@@ -394,7 +310,15 @@ func runUDP(args []string) error {
 	if len(args) != 1 {
 		return fmt.Errorf("usage: udp ADDR:PORT")
 	}
-	c, err := net.Dial("udp4", args[0])
+	ap, err := netip.ParseAddrPort(args[0])
+	if err != nil {
+		return err
+	}
+	network := "udp4"
+	if !ap.Addr().Is4() {
+		network = "udp6"
+	}
+	c, err := net.Dial(network, args[0])
 	if err != nil {
 		return err
 	}

@@ -193,14 +193,21 @@ func serverArgs(name string, listen netip.AddrPort) []string {
 
 // ProxyConfig describes a proxy helper; see Pod.Proxy for the common case.
 type ProxyConfig struct {
-	Name     string
-	Listen   []netip.AddrPort // e.g. 0.0.0.0:15001 and 0.0.0.0:15006
-	Mode     string           // "report" or "forward"
+	Name string
+	// Listen: e.g. 0.0.0.0:15001 and 0.0.0.0:15006; [::]:15001 is a dual-stack listener
+	// (IPv4 clients as ::ffff:a.b.c.d) unless V6Only.
+	Listen   []netip.AddrPort
+	Mode     string // "report" or "forward"
 	UID, GID uint32
 	// InboundSrc, if valid, is bound as source when forwarding connections accepted on a
-	// listener whose port is InboundPort (default 15006), as Envoy does with 127.0.0.6.
+	// listener whose port is InboundPort (default 15006), as Envoy does with 127.0.0.6;
+	// InboundSrc6 (e.g. ::6) likewise for IPv6 original destinations.
 	InboundSrc  netip.Addr
+	InboundSrc6 netip.Addr
 	InboundPort uint16
+	// V6Only makes [::] listeners IPv6-only, so they can share their port with a 0.0.0.0
+	// listener, as Envoy's additional [::] addresses do in dual stack.
+	V6Only bool
 	// Reuseport, if > 0, opens that many SO_REUSEPORT listeners per address (Envoy style).
 	Reuseport int
 	// Transparent sets IP_TRANSPARENT on the listeners (iptables TPROXY mode needs it) and
@@ -221,8 +228,13 @@ func (p *Pod) StartProxy(tb testing.TB, c ProxyConfig) *Proc {
 	for _, l := range c.Listen {
 		args = append(args, "--listen", l.String())
 	}
-	if c.InboundSrc.IsValid() {
-		args = append(args, "--inbound-src", c.InboundSrc.String())
+	for _, a := range []netip.Addr{c.InboundSrc, c.InboundSrc6} {
+		if a.IsValid() {
+			args = append(args, "--inbound-src", a.String())
+		}
+	}
+	if c.V6Only {
+		args = append(args, "--v6only")
 	}
 	if c.Reuseport > 0 {
 		args = append(args, "--reuseport", strconv.Itoa(c.Reuseport))
@@ -246,15 +258,20 @@ type Target struct {
 	// ::ffff:<BindSrc>), as Java and other dual-stack runtimes do for IPv4 destinations:
 	// IPv4 on the wire, but connect() goes through the IPv6 socket layer.
 	V4Mapped bool
+	// DualStack connects from that same kind of socket (AF_INET6, IPV6_V6ONLY off) whatever
+	// Dst's family: an IPv6 Dst natively, an IPv4 one as V4Mapped does. Without it (and
+	// without V4Mapped) an IPv6 Dst is dialled as Go does, from an IPV6_V6ONLY socket.
+	DualStack bool
 	// MPTCP connects with IPPROTO_MPTCP (Go's Dialer.SetMultipathTCP): the kernel makes
 	// the connection through a TCP subflow socket of its own.
 	MPTCP bool
 }
 
-// Prefixes marking V4Mapped and MPTCP targets on the client's command line.
+// Prefixes marking V4Mapped, DualStack and MPTCP targets on the client's command line.
 const (
-	v4MappedPrefix = "v4mapped:"
-	mptcpPrefix    = "mptcp:"
+	v4MappedPrefix  = "v4mapped:"
+	dualStackPrefix = "dual:"
+	mptcpPrefix     = "mptcp:"
 )
 
 func (t Target) String() string {
@@ -264,6 +281,9 @@ func (t Target) String() string {
 	}
 	if t.V4Mapped {
 		s = v4MappedPrefix + s
+	}
+	if t.DualStack {
+		s = dualStackPrefix + s
 	}
 	if t.MPTCP {
 		s = mptcpPrefix + s

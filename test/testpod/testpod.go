@@ -15,6 +15,11 @@
 // 198.19.X.{1,65,129,193}, X being a per-process network counter. All addresses live inside
 // namespaces created here, so tests running in parallel processes cannot collide; only the
 // /run/netns names are global and carry a random part.
+//
+// Pods can be dual-stack or IPv6-only (NewStack, AddStackPod; see ipv6.go for the IPv6
+// addressing, in fd00::/8, the unique-local range). IPv4-only pods, the default, look
+// exactly as described above: nothing IPv6 is configured for them beyond the kernel's own
+// defaults.
 package testpod
 
 import (
@@ -59,8 +64,15 @@ type Network struct {
 	CgroupPath string       // cgroup for processes started in the remote netns, never a pod's
 	Addrs      []netip.Addr // PrimaryAddr, then 198.19.X.1, .65, .129, .193 (all on lo)
 
+	// Addrs6 are the IPv6 counterparts of Addrs (PrimaryAddr6, then fd00:19:0:X::1,
+	// fd00:19:0:X:4000::1, :8000::1 and :c000::1, all on lo), empty until the first pod
+	// with IPv6 is added: only then is IPv6 configured in the remote netns.
+	Addrs6 []netip.Addr
+
 	base string       // dvt-<rand>
-	pods atomic.Int32 // pods added so far; pod k uses 198.18.k.0/24
+	x    byte         // this network's X in 198.19.X.0/24 and fd00:19:0:X::/64
+	pods atomic.Int32 // pods added so far; pod k uses 198.18.k.0/24 (and fd00:18:0:k::/64)
+	v6mu sync.Mutex   // guards Addrs6 while the first IPv6 pod sets the remote up
 }
 
 // Pod is a network namespace with eth0 towards its Network and its own cgroup.
@@ -68,17 +80,26 @@ type Pod struct {
 	Name       string
 	NetNSPath  string
 	CgroupPath string     // <cgroup2 mount>/divert-test/<Name>
-	Addr       netip.Addr // eth0, 198.18.k.2
-	Gateway    netip.Addr // remote end of the veth, 198.18.k.1
+	Addr       netip.Addr // eth0, 198.18.k.2; invalid in an IPv6-only pod
+	Gateway    netip.Addr // remote end of the veth, 198.18.k.1; invalid in an IPv6-only pod
+	Addr6      netip.Addr // eth0, fd00:18:0:k::2; valid only in dual-stack and IPv6-only pods
+	Gateway6   netip.Addr // remote end of the veth, fd00:18:0:k::1 (valid with Addr6)
+	Stack      Stack
 	Net        *Network
 }
 
 var netCount atomic.Uint32 // gives each Network of this process its 198.19.X.0/24
 
-// New creates a Network with a single Pod, for the common single-pod test.
+// New creates a Network with a single IPv4-only Pod, for the common single-pod test.
 func New(tb testing.TB) *Pod {
 	tb.Helper()
 	return NewNetwork(tb).AddPod(tb)
+}
+
+// NewStack creates a Network with a single Pod with the address families of s.
+func NewStack(tb testing.TB, s Stack) *Pod {
+	tb.Helper()
+	return NewNetwork(tb).AddStackPod(tb, s)
 }
 
 // NewNetwork creates the remote netns; everything is removed in tb.Cleanup.
@@ -90,10 +111,10 @@ func NewNetwork(tb testing.TB) *Network {
 	n.NetNSPath = newNetNS(tb, n.Name)
 	n.CgroupPath = newCgroup(tb, n.Name)
 
-	x := byte(netCount.Add(1)%254 + 1)
+	n.x = byte(netCount.Add(1)%254 + 1)
 	n.Addrs = []netip.Addr{PrimaryAddr}
 	for _, last := range []byte{1, 65, 129, 193} {
-		n.Addrs = append(n.Addrs, netip.AddrFrom4([4]byte{198, 19, x, last}))
+		n.Addrs = append(n.Addrs, netip.AddrFrom4([4]byte{198, 19, n.x, last}))
 	}
 
 	h := handle(tb, n.NetNSPath)
@@ -109,21 +130,33 @@ func NewNetwork(tb testing.TB) *Network {
 	return n
 }
 
-// AddPod creates a pod netns and cgroup and wires it to the Network.
+// AddPod creates an IPv4-only pod netns and cgroup and wires it to the Network.
 func (n *Network) AddPod(tb testing.TB) *Pod {
+	tb.Helper()
+	return n.AddStackPod(tb, IPv4Only)
+}
+
+// AddStackPod creates a pod with the address families of s and wires it to the Network.
+func (n *Network) AddStackPod(tb testing.TB, s Stack) *Pod {
 	tb.Helper()
 	k := int(n.pods.Add(1))
 	if k > 254 {
 		tb.Fatalf("testpod: more than 254 pods on network %s", n.Name)
 	}
-	p := &Pod{
-		Name:    fmt.Sprintf("%s-p%d", n.base, k),
-		Addr:    netip.AddrFrom4([4]byte{198, 18, byte(k), 2}),
-		Gateway: netip.AddrFrom4([4]byte{198, 18, byte(k), 1}),
-		Net:     n,
+	p := &Pod{Name: fmt.Sprintf("%s-p%d", n.base, k), Stack: s, Net: n}
+	if s != IPv6Only {
+		p.Addr = netip.AddrFrom4([4]byte{198, 18, byte(k), 2})
+		p.Gateway = netip.AddrFrom4([4]byte{198, 18, byte(k), 1})
+	}
+	if s != IPv4Only {
+		p.Addr6, p.Gateway6 = podAddrs6(k)
+		n.enableIPv6(tb)
 	}
 	p.NetNSPath = newNetNS(tb, p.Name)
 	p.CgroupPath = newCgroup(tb, p.Name)
+	if p.Addr6.IsValid() {
+		must(tb, nsexec.Do(p.NetNSPath, noDAD), "turn IPv6 DAD off in pod netns") // before eth0 arrives
+	}
 
 	podNS, err := netns.GetFromPath(p.NetNSPath)
 	must(tb, err, "open pod netns")
@@ -138,11 +171,18 @@ func (n *Network) AddPod(tb testing.TB) *Pod {
 		PeerNamespace: netlink.NsFd(podNS),
 	}
 	must(tb, remote.LinkAdd(veth), "create veth")
-	addAddr(tb, remote, linkUp(tb, remote, veth.Name), netip.PrefixFrom(p.Gateway, 24))
+	peer := linkUp(tb, remote, veth.Name)
 
 	h := handle(tb, p.NetNSPath)
 	linkUp(tb, h, "lo")
 	eth0 := linkUp(tb, h, "eth0")
+	if p.Addr6.IsValid() {
+		addIPv6(tb, h, remote, eth0, peer, p)
+	}
+	if !p.Addr.IsValid() {
+		return p
+	}
+	addAddr(tb, remote, peer, netip.PrefixFrom(p.Gateway, 24))
 	addAddr(tb, h, eth0, netip.PrefixFrom(p.Addr, 24))
 	gw := p.Gateway.AsSlice()
 	must(tb, h.RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Gw: gw}), "add default route")
@@ -280,9 +320,14 @@ func linkUp(tb testing.TB, h *netlink.Handle, name string) netlink.Link {
 	return l
 }
 
+// addAddr adds p to l. IPv6 addresses skip duplicate address detection (nodad): they are
+// usable at once instead of tentative for a second or two, and no other host shares the link.
 func addAddr(tb testing.TB, h *netlink.Handle, l netlink.Link, p netip.Prefix) {
 	tb.Helper()
-	a := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), 32)}}
+	a := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
+	if p.Addr().Is6() {
+		a.Flags = unix.IFA_F_NODAD
+	}
 	must(tb, h.AddrAdd(l, a), fmt.Sprintf("add %s to %s", p, l.Attrs().Name))
 }
 
