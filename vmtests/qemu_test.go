@@ -17,8 +17,8 @@ func TestQemuHardTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Setenv("PATH", dir+":"+os.Getenv("PATH"))
-	q := Qemu{Kernel: "k", Initrd: "i", MemMB: 64, CPUs: 1, Timeout: 500 * time.Millisecond,
-		Console: filepath.Join(dir, "console.log"), Results: filepath.Join(dir, "results.log")}
+	q := Qemu{Kernel: "k", Initrd: "i", MemMB: 64, CPUs: 1, Guest: Guest{Timeout: 500 * time.Millisecond,
+		Console: filepath.Join(dir, "console.log"), Results: filepath.Join(dir, "results.log")}}
 	start := time.Now()
 	timedOut, _, err := q.Run(context.Background())
 	if err != nil || !timedOut {

@@ -364,8 +364,7 @@ func (r *vmRun) kernel(ctx context.Context, k vmtests.Kernel, pkgs []vmtests.Pac
 		defer os.Remove(initrd) // ~100 MB, rebuilt every run
 		fmt.Printf("vmtest: kernel %s: booting %s under %s\n", k.Name, filepath.Base(x.Image), r.accel)
 		q := vmtests.Qemu{Kernel: x.Image, Initrd: initrd, Accel: r.accel, MemMB: r.mem, CPUs: r.cpus,
-			Console: console, Results: results, Timeout: hostTimeout, Stream: stream,
-			Stall: stall,
+			Guest: vmtests.Guest{Console: console, Results: results, Timeout: hostTimeout, Stream: stream, Stall: stall},
 			// Kernel warnings and worse reach the console, where ParseGuest looks for them.
 			Append: strings.TrimSpace("loglevel=5 " + r.appendArgs)}
 		timedOut, cpu, err = q.Run(ctx)

@@ -4,13 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -53,41 +51,13 @@ func runVng(ctx context.Context, r *vmRun, x *vmtests.Extracted, pkgs []vmtests.
 	if r.appendArgs != "" {
 		args = append(args, "--append", r.appendArgs)
 	}
-	con, err := os.Create(console)
-	if err != nil {
-		return false, 0, err
-	}
-	defer con.Close()
-	// Always a pipe, never the file itself: the child may reopen its stdout through
-	// /proc/self/fd/1 (vng does), which would start writing at offset 0 again.
-	out := io.MultiWriter(con)
-	if stream != nil {
-		out = io.MultiWriter(con, stream)
-	}
-	fmt.Fprintf(con, "# vng %q\n", args)
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	var stalled atomic.Bool
-	go vmtests.WatchStall(ctx, results, stall, func() { stalled.Store(true); cancel() })
-	cmd := exec.CommandContext(ctx, vng, args...)
-	// vng checks that a --rwdir exists in the guest with a path relative to the root but
-	// tests it relative to its working directory: run it from / so that check holds.
-	cmd.Dir = "/"
-	cmd.Stdout, cmd.Stderr = out, out
-	// vng is python running qemu: kill the whole process group at the deadline.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	cmd.WaitDelay = 5 * time.Second
-	err = cmd.Run()
-	if cmd.ProcessState != nil {
-		cpu = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
-	}
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) || stalled.Load() {
-		return true, cpu, nil
-	}
-	var exit *exec.ExitError
-	if err != nil && !errors.As(err, &exit) {
-		return false, cpu, fmt.Errorf("vng: %w", err)
-	}
-	return false, cpu, nil
+	g := vmtests.Guest{Console: console, Results: results, Timeout: timeout, Stall: stall, Stream: stream}
+	return g.Boot(ctx, vng, args, func(cmd *exec.Cmd) {
+		// vng checks that a --rwdir exists in the guest with a path relative to the root
+		// but tests it relative to its working directory: run it from / so that holds.
+		cmd.Dir = "/"
+		// vng is python running qemu: kill the whole process group at the deadline.
+		cmd.SysProcAttr.Setpgid = true
+		cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	})
 }
