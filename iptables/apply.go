@@ -24,13 +24,18 @@ type Result struct {
 	Restore string
 	// Input is what was fed to `iptables-restore --noflush`; "" when nothing ran.
 	Input string
+	// Restore6 and Input6 are the same for ip6tables-restore: the IPv6 rules, or the removal
+	// of IPv6 rules an earlier config wrote.
+	Restore6, Input6 string
+	// IPv6 is true when the IPv6 rules are in place (the config captures IPv6).
+	IPv6 bool
 	// Changed is false when the rules and routes were already exactly as configured.
 	Changed bool
 	// Removed are the other backends whose istio chains and rules this apply removed: a
 	// netns holds istio's rules in one backend, never both (both would capture).
 	Removed []Backend
 	// TProxyRoute is true when the TPROXY policy route (ip rule fwmark <mark> lookup
-	// <table>; local 0.0.0.0/0 dev lo table <table>) is in place.
+	// <table>; local 0.0.0.0/0 dev lo table <table>, and ::/0 with IPv6) is in place.
 	TProxyRoute bool
 }
 
@@ -46,17 +51,19 @@ func Cleanup(ctx context.Context, netnsPath string) error {
 	return Options{}.Cleanup(ctx, netnsPath)
 }
 
-// Apply installs istio-iptables' rules for cfg (the same rules Render prints) in the
+// Apply installs istio-iptables' rules for cfg (the same rules RenderAll prints) in the
 // network namespace at netnsPath.
 //
-// It is atomic: all iptables changes go in one `iptables-restore --noflush` run, which the
-// kernel commits as a whole. It is idempotent: the ISTIO_ chains are created or flushed and
-// refilled in that run, the rules istio puts in the kernel's own chains (the jumps from
-// PREROUTING and OUTPUT, TPROXY's mark rules) are added only if they are not already there
-// in istio's order, and ISTIO_ chains or such rules left by other settings are removed; when
-// everything is already in place nothing runs. Other rules are left alone. In TPROXY mode
-// it also installs istio's policy route (idempotent too); it is removed again if the
-// iptables step fails.
+// Each family's changes go in one `iptables-restore --noflush` (`ip6tables-restore`) run,
+// which the kernel commits as a whole; IPv6 goes first, and is undone when IPv4 then fails,
+// so a pod is never left with half of a new config. It is idempotent: the ISTIO_ chains are
+// created or flushed and refilled in that run, the rules istio puts in the kernel's own
+// chains (the jumps from PREROUTING and OUTPUT, TPROXY's mark rules) are added only if they
+// are not already there in istio's order, and ISTIO_ chains or such rules left by other
+// settings are removed (all IPv6 ones when cfg no longer captures IPv6); when everything is
+// already in place nothing runs. Other rules are left alone. In TPROXY mode it also installs
+// istio's policy route per family, and with IPv6 the ::6 address istio adds to lo; what it
+// added is removed again if a later step fails.
 func (o Options) Apply(ctx context.Context, netnsPath string, cfg *policy.Config) (Result, error) {
 	if cfg == nil {
 		return Result{}, errors.New("iptables: no config")
@@ -68,46 +75,116 @@ func (o Options) Apply(ctx context.Context, netnsPath string, cfg *policy.Config
 	if err != nil {
 		return Result{}, err
 	}
-	res := Result{Backend: c.backend}
-
-	want := wantRoute(cfg)
-	routesChanged, undoRoutes, err := syncRoutes(netnsPath, want)
-	if err != nil {
-		return res, err
+	res := Result{Backend: c.backend, IPv6: cfg.IPv6}
+	var undos []func() error
+	undo := func() error {
+		var errs []error
+		for i := len(undos) - 1; i >= 0; i-- {
+			errs = append(errs, undos[i]())
+		}
+		return errors.Join(errs...)
 	}
-	res.TProxyRoute = want != nil
+	t6, err6 := c.ipv6()
+	if cfg.IPv6 && err6 != nil {
+		return res, fmt.Errorf("the pod's IPv6 is captured, but %w", err6)
+	}
 
-	input := applyInput(cfg, c.state)
+	changed := false
+	for _, f := range []policy.Family{policy.IPv4, policy.IPv6} {
+		if f == policy.IPv6 && err6 != nil {
+			continue // no IPv6 here: nothing to sync
+		}
+		want := wantRoute(cfg, f)
+		ch, u, err := syncRoutes(netnsPath, want, f)
+		if err != nil {
+			return res, errors.Join(err, undo())
+		}
+		changed, undos = changed || ch, append(undos, u)
+		res.TProxyRoute = res.TProxyRoute || want != nil
+	}
+	if cfg.IPv6 {
+		ch, u, err := addPassthrough6(netnsPath)
+		if err != nil {
+			return res, errors.Join(err, undo())
+		}
+		changed, undos = changed || ch, append(undos, u)
+	}
+
+	var input6 string
+	switch {
+	case cfg.IPv6:
+		input6 = applyInput(cfg, policy.IPv6, c.state6)
+	case err6 == nil:
+		input6 = cleanupInput(c.state6) // IPv6 rules of an earlier config
+	}
+	if input6 != "" {
+		if _, err := run(ctx, netnsPath, input6, t6.restore, "--noflush", "-w"); err != nil {
+			return res, errors.Join(fmt.Errorf("apply ip6tables rules: %w", err), undo())
+		}
+		res.Restore6, res.Input6 = t6.restore, input6
+		if !hasIstio(c.state6) {
+			undos = append(undos, func() error { return t6.clean(ctx, netnsPath) })
+		}
+	}
+	input := applyInput(cfg, policy.IPv4, c.state)
 	if input != "" {
 		if _, err := run(ctx, netnsPath, input, c.restore, "--noflush", "-w"); err != nil {
-			return res, errors.Join(fmt.Errorf("apply iptables rules: %w", err), undoRoutes())
+			return res, errors.Join(fmt.Errorf("apply iptables rules: %w", err), undo())
 		}
 		res.Restore, res.Input = c.restore, input
 	}
 	// The new rules are in before the other backend's go, so capture has no gap.
 	for _, other := range o.othersHolding(ctx, netnsPath, c.backend) {
-		if _, err := run(ctx, netnsPath, cleanupInput(other.state), other.restore, "--noflush", "-w"); err != nil {
+		if err := other.clean(ctx, netnsPath); err != nil {
 			err = fmt.Errorf("istio's iptables-%s rules could not be removed: %w", other.backend, err)
-			if hasIstio(c.state) {
+			if c.holdsIstio() {
 				return res, fmt.Errorf("rules applied with iptables-%s, but %w", c.backend, err)
 			}
 			// A switch of backend that cannot finish is undone: the old rules stay alone.
-			return res, errors.Join(err, c.undoApply(ctx, netnsPath), undoRoutes())
+			return res, errors.Join(err, c.undoApply(ctx, netnsPath), undo())
 		}
 		res.Removed = append(res.Removed, other.backend)
 	}
-	res.Changed = input != "" || routesChanged || len(res.Removed) > 0
+	res.Changed = input != "" || input6 != "" || changed || len(res.Removed) > 0
 	return res, nil
 }
 
-// undoApply removes istio's rules from the candidate's backend again.
-func (c candidate) undoApply(ctx context.Context, netnsPath string) error {
-	state, err := c.dump(ctx, netnsPath)
+// clean removes istio's chains and rules from the tool's tables, as they are now.
+func (t tool) clean(ctx context.Context, netnsPath string) error {
+	state, err := t.dump(ctx, netnsPath)
 	if err != nil {
 		return err
 	}
 	if input := cleanupInput(state); input != "" {
-		_, err = run(ctx, netnsPath, input, c.restore, "--noflush", "-w")
+		_, err = run(ctx, netnsPath, input, t.restore, "--noflush", "-w")
+	}
+	return err
+}
+
+// clean removes istio's chains and rules from both families of the candidate's backend,
+// as they were when it was found.
+func (c candidate) clean(ctx context.Context, netnsPath string) error {
+	var errs []error
+	if input := cleanupInput(c.state); input != "" {
+		if _, err := run(ctx, netnsPath, input, c.restore, "--noflush", "-w"); err != nil {
+			errs = append(errs, fmt.Errorf("remove iptables-%s rules: %w", c.backend, err))
+		}
+	}
+	if c.v6 != nil {
+		if input := cleanupInput(c.state6); input != "" {
+			if _, err := run(ctx, netnsPath, input, c.v6.restore, "--noflush", "-w"); err != nil {
+				errs = append(errs, fmt.Errorf("remove ip6tables-%s rules: %w", c.backend, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// undoApply removes istio's rules from the candidate's backend again, both families.
+func (c candidate) undoApply(ctx context.Context, netnsPath string) error {
+	err := c.tool.clean(ctx, netnsPath)
+	if c.v6 != nil {
+		err = errors.Join(err, c.v6.clean(ctx, netnsPath))
 	}
 	return err
 }
@@ -121,7 +198,7 @@ func (o Options) othersHolding(ctx context.Context, netnsPath string, b Backend)
 	}
 	var out []candidate
 	for _, c := range cs {
-		if c.backend != b && hasIstio(c.state) {
+		if c.backend != b && c.holdsIstio() {
 			out = append(out, c)
 		}
 	}
@@ -140,7 +217,7 @@ func Installed(ctx context.Context, netnsPath string) ([]Backend, error) {
 	}
 	var out []Backend
 	for _, c := range cs {
-		if hasIstio(c.state) {
+		if c.holdsIstio() {
 			out = append(out, c.backend)
 		}
 	}
@@ -148,32 +225,36 @@ func Installed(ctx context.Context, netnsPath string) ([]Backend, error) {
 }
 
 // Cleanup removes every ISTIO_ chain, the rules in the kernel's chains that jump into them
-// and istio's TPROXY mark rules, in every table, plus istio's TPROXY policy route; other
-// rules and routes are left alone. Cleaning a clean netns changes nothing. With
-// BackendAuto it cleans every backend that works in the netns, since rules may be in either.
+// and istio's TPROXY mark rules, in every table of both families, plus istio's TPROXY
+// policy routes; other rules and routes are left alone, and so is ::6 on lo (as istio
+// leaves it). Cleaning a clean netns changes nothing. With BackendAuto it cleans every
+// backend that works in the netns, since rules may be in either.
 func (o Options) Cleanup(ctx context.Context, netnsPath string) error {
 	cs, err := o.candidates(ctx, netnsPath)
 	if err != nil {
 		return err
 	}
 	var errs []error
+	ipv6 := false
 	for _, c := range cs {
-		if input := cleanupInput(c.state); input != "" {
-			if _, err := run(ctx, netnsPath, input, c.restore, "--noflush", "-w"); err != nil {
-				errs = append(errs, fmt.Errorf("remove iptables-%s rules: %w", c.backend, err))
-			}
-		}
+		errs = append(errs, c.clean(ctx, netnsPath))
+		ipv6 = ipv6 || c.v6 != nil
 	}
-	if _, _, err := syncRoutes(netnsPath, nil); err != nil {
+	if _, _, err := syncRoutes(netnsPath, nil, policy.IPv4); err != nil {
 		errs = append(errs, err)
+	}
+	if ipv6 { // a kernel without IPv6 has no IPv6 route to remove
+		if _, _, err := syncRoutes(netnsPath, nil, policy.IPv6); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
 
-// applyInput is the iptables-restore --noflush input that turns the tables in have into
-// what cfg renders, or "" when they already are.
-func applyInput(cfg *policy.Config, have map[string]*savedTable) string {
-	rs := rules(cfg)
+// applyInput is the <ip6>tables-restore --noflush input that turns family f's tables in
+// have into what cfg renders for f, or "" when they already are.
+func applyInput(cfg *policy.Config, f policy.Family, have map[string]*savedTable) string {
+	rs := rules(cfg, f)
 	var b strings.Builder
 	for _, table := range []string{tableMangle, tableNat, tableRaw} {
 		marks := istioMarks(have[table])

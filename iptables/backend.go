@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/meshdivert/divert/internal/nsexec"
+	"github.com/meshdivert/divert/policy"
 )
 
 // Backend is an iptables implementation: the nf_tables one (iptables-nft) or the legacy
@@ -48,7 +49,8 @@ func (b Backend) String() string {
 	return string(b)
 }
 
-// tool is one backend's restore and save binaries.
+// tool is one backend's restore and save binaries for one family (iptables-* for IPv4,
+// ip6tables-* for IPv6).
 type tool struct {
 	backend       Backend
 	restore, save string
@@ -81,16 +83,25 @@ func Available() bool {
 	return false
 }
 
-// findTool locates a backend's binaries: iptables-<b>-restore/-save, or the plain
-// iptables-restore/-save when `iptables --version` says they are that backend.
-func findTool(b Backend) (tool, bool) {
-	r, okR := lookPath("iptables-" + string(b) + "-restore")
-	s, okS := lookPath("iptables-" + string(b) + "-save")
+// binary is the command family f's rules are written with: iptables or ip6tables.
+func binary(f policy.Family) string {
+	if f == policy.IPv6 {
+		return "ip6tables"
+	}
+	return "iptables"
+}
+
+// findTool locates a backend's binaries for family f: <ip6>tables-<b>-restore/-save, or the
+// plain <ip6>tables-restore/-save when `--version` says they are that backend.
+func findTool(b Backend, f policy.Family) (tool, bool) {
+	name := binary(f)
+	r, okR := lookPath(name + "-" + string(b) + "-restore")
+	s, okS := lookPath(name + "-" + string(b) + "-save")
 	if okR && okS {
 		return tool{b, r, s}, true
 	}
-	r, okR = lookPath("iptables-restore")
-	s, okS = lookPath("iptables-save")
+	r, okR = lookPath(name + "-restore")
+	s, okS = lookPath(name + "-save")
 	if !okR || !okS {
 		return tool{}, false
 	}
@@ -139,7 +150,7 @@ func firstLine(s string) string {
 	return ""
 }
 
-// dump runs the tool's iptables-save (all tables, no counters) in the netns and parses it.
+// dump runs the tool's save (all tables, no counters) in the netns and parses it.
 func (t tool) dump(ctx context.Context, netnsPath string) (map[string]*savedTable, error) {
 	out, err := run(ctx, netnsPath, "", t.save)
 	if err != nil {
@@ -160,10 +171,26 @@ func hasIstio(tables map[string]*savedTable) bool {
 	return false
 }
 
-// candidate is a backend that works in the netns, with what it holds there now.
+// candidate is a backend that works in the netns, with what it holds there now: its IPv4
+// tables, and its IPv6 ones when its ip6tables works there (v6 nil and err6 saying why not:
+// no ip6tables binaries, or a kernel without IPv6; only a config capturing IPv6 needs them).
 type candidate struct {
 	tool
-	state map[string]*savedTable
+	state  map[string]*savedTable
+	v6     *tool
+	state6 map[string]*savedTable
+	err6   error
+}
+
+// holdsIstio reports whether either family's tables hold ISTIO_ chains.
+func (c candidate) holdsIstio() bool { return hasIstio(c.state) || hasIstio(c.state6) }
+
+// ipv6 returns the candidate's ip6tables, or why it cannot be used.
+func (c candidate) ipv6() (tool, error) {
+	if c.v6 == nil {
+		return tool{}, c.err6
+	}
+	return *c.v6, nil
 }
 
 // candidates returns the backends usable in the netns, nft first. With a forced backend it
@@ -183,7 +210,7 @@ func (o Options) candidates(ctx context.Context, netnsPath string) ([]candidate,
 	var errs []string
 	found := false
 	for _, b := range backends {
-		t, ok := findTool(b)
+		t, ok := findTool(b, policy.IPv4)
 		if !ok {
 			continue
 		}
@@ -193,7 +220,13 @@ func (o Options) candidates(ctx context.Context, netnsPath string) ([]candidate,
 			errs = append(errs, err.Error())
 			continue
 		}
-		out = append(out, candidate{t, state})
+		c := candidate{tool: t, state: state}
+		if t6, ok := findTool(b, policy.IPv6); !ok {
+			c.err6 = fmt.Errorf("ip6tables-%s-restore not found: install the iptables package (it provides ip6tables-nft-restore and ip6tables-legacy-restore)", b)
+		} else if c.state6, c.err6 = t6.dump(ctx, netnsPath); c.err6 == nil {
+			c.v6 = &t6
+		}
+		out = append(out, c)
 	}
 	switch {
 	case !found && o.Backend != BackendAuto:
@@ -216,7 +249,7 @@ func (o Options) pick(ctx context.Context, netnsPath string) (candidate, error) 
 	}
 	var holding []candidate
 	for _, c := range cs {
-		if hasIstio(c.state) {
+		if c.holdsIstio() {
 			holding = append(holding, c)
 		}
 	}

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/testutil"
 
 	"github.com/vishvananda/netlink"
@@ -78,25 +79,29 @@ func newNetNS(tb testing.TB) string {
 	return path
 }
 
-func mustTool(tb testing.TB, b Backend) tool {
+func mustTool(tb testing.TB, b Backend, f ...policy.Family) tool {
 	tb.Helper()
-	t, ok := findTool(b)
+	fam := policy.IPv4
+	if len(f) > 0 {
+		fam = f[0]
+	}
+	t, ok := findTool(b, fam)
 	if !ok {
-		tb.Fatalf("iptables-%s-restore/-save not found: install the iptables package", b)
+		tb.Fatalf("%s-%s-restore/-save not found: install the iptables package", binary(fam), b)
 	}
 	return t
 }
 
-func restore(tb testing.TB, b Backend, ns, input string) {
+func restore(tb testing.TB, b Backend, ns, input string, f ...policy.Family) {
 	tb.Helper()
-	if _, err := run(context.Background(), ns, input, mustTool(tb, b).restore, "--noflush", "-w"); err != nil {
+	if _, err := run(context.Background(), ns, input, mustTool(tb, b, f...).restore, "--noflush", "-w"); err != nil {
 		tb.Fatalf("restore %q: %v", input, err)
 	}
 }
 
-func dump(tb testing.TB, b Backend, ns string) map[string]*savedTable {
+func dump(tb testing.TB, b Backend, ns string, f ...policy.Family) map[string]*savedTable {
 	tb.Helper()
-	state, err := mustTool(tb, b).dump(context.Background(), ns)
+	state, err := mustTool(tb, b, f...).dump(context.Background(), ns)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -163,13 +168,16 @@ func without(lines, drop []string) []string {
 	return out
 }
 
-// oracle feeds istio's own restore text to iptables-restore in a fresh netns and returns
-// what the kernel then holds: what Apply must reproduce.
-func oracle(tb testing.TB, b Backend, input string) []string {
+// oracle feeds istio's own restore text to iptables-restore (ip6tables-restore for
+// IPv6) in a fresh netns and returns what the kernel then holds: what Apply must reproduce.
+func oracle(tb testing.TB, b Backend, input string, f ...policy.Family) []string {
 	tb.Helper()
+	if input == "" {
+		return nil
+	}
 	ns := newNetNS(tb)
-	restore(tb, b, ns, input)
-	return istioState(dump(tb, b, ns))
+	restore(tb, b, ns, input, f...)
+	return istioState(dump(tb, b, ns, f...))
 }
 
 // predicted is what saveForm says iptables-save prints for rs.
@@ -195,6 +203,18 @@ func predicted(rs ruleSet) []string {
 	}
 	return out
 }
+
+// foreignRules6 are foreignRules for ip6tables.
+const foreignRules6 = `*nat
+:FOREIGN - [0:0]
+-A OUTPUT -p tcp --dport 9999 -j RETURN
+-A PREROUTING -p tcp --dport 9999 -j FOREIGN
+-A FOREIGN -j RETURN
+COMMIT
+*mangle
+-A OUTPUT -p tcp -o lo -m mark --mark 7 -j RETURN
+COMMIT
+`
 
 // foreignRules are rules of other software that Apply and Cleanup must leave alone, in the
 // kernel's chains of both tables istio uses and in a chain of their own.
@@ -242,8 +262,8 @@ func TestApplyReference(t *testing.T) {
 			}
 			after := dump(t, b, ns)
 			diffLines(t, "istio rules after Apply vs reference", oracle(t, b, string(ref)), istioState(after))
-			diffLines(t, "saveForm prediction vs kernel", predicted(rules(cfg)), istioState(after))
-			diffLines(t, "foreign rules after Apply", foreign, without(allState(after), predicted(rules(cfg))))
+			diffLines(t, "saveForm prediction vs kernel", predicted(rules(cfg, policy.IPv4)), istioState(after))
+			diffLines(t, "foreign rules after Apply", foreign, without(allState(after), predicted(rules(cfg, policy.IPv4))))
 
 			res, err = Options{Backend: b}.Apply(ctx, ns, cfg)
 			if err != nil {
@@ -280,14 +300,25 @@ func TestApplyCases(t *testing.T) {
 			ns := newNetNS(t)
 			restore(t, b, ns, foreignRules)
 			foreign := allState(dump(t, b, ns))
+			restore(t, b, ns, foreignRules6, policy.IPv6)
+			foreign6 := allState(dump(t, b, ns, policy.IPv6))
 			for _, tc := range cases {
-				cfg := caseConfig(t, tc.args)
+				cfg := caseConfig(t, tc.args, tc.pod...)
 				if _, err := (Options{Backend: b}).Apply(ctx, ns, cfg); err != nil {
 					t.Fatalf("%s: %v", tc.name, err)
 				}
 				got := istioState(dump(t, b, ns))
 				diffLines(t, tc.name+": istio rules vs istio's own rendering", oracle(t, b, Render(cfg)), got)
-				diffLines(t, tc.name+": saveForm prediction vs kernel", predicted(rules(cfg)), got)
+				diffLines(t, tc.name+": saveForm prediction vs kernel", predicted(rules(cfg, policy.IPv4)), got)
+				// IPv6: istio's IPv6 rules when it writes them, else none (an earlier
+				// case's are removed).
+				got6 := istioState(dump(t, b, ns, policy.IPv6))
+				diffLines(t, tc.name+": ip6tables istio rules vs istio's own rendering", oracle(t, b, Render6(cfg), policy.IPv6), got6)
+				var want6 ruleSet
+				if cfg.IPv6 {
+					want6 = rules(cfg, policy.IPv6)
+				}
+				diffLines(t, tc.name+": ip6tables saveForm prediction vs kernel", predicted(want6), got6)
 				res, err := Options{Backend: b}.Apply(ctx, ns, cfg)
 				if err != nil {
 					t.Fatalf("%s: re-Apply: %v", tc.name, err)
@@ -295,11 +326,16 @@ func TestApplyCases(t *testing.T) {
 				if res.Changed {
 					t.Errorf("%s: re-Apply changed something: %+v", tc.name, res)
 				}
-				diffLines(t, tc.name+": foreign rules", foreign, without(allState(dump(t, b, ns)), predicted(rules(cfg))))
+				diffLines(t, tc.name+": foreign rules", foreign, without(allState(dump(t, b, ns)), predicted(rules(cfg, policy.IPv4))))
+				diffLines(t, tc.name+": foreign ip6tables rules", foreign6, without(allState(dump(t, b, ns, policy.IPv6)), predicted(want6)))
 				if t.Failed() {
 					return
 				}
 			}
+			if err := (Options{Backend: b}).Cleanup(ctx, ns); err != nil {
+				t.Fatal(err)
+			}
+			diffLines(t, "everything after Cleanup (IPv6)", foreign6, allState(dump(t, b, ns, policy.IPv6)))
 			if err := (Options{Backend: b}).Cleanup(ctx, ns); err != nil {
 				t.Fatal(err)
 			}

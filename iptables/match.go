@@ -8,7 +8,8 @@ import (
 // the reason policy.Decide gives; "" when the connection falls off the end of the chains
 // (not included, or no rule for it). `divert explain` prints it beside the eBPF reason.
 //
-// The line is the first rendered rule for that reason that applies to the connection's
+// The rule is one of the family's that decides conn (ip6tables' for native IPv6). The line
+// is the first rendered rule for that reason that applies to the connection's
 // port or destination (the -o, -d, -b, -q, -x and -i lists render one rule per entry).
 // When the model names a reason for which istio renders no rule with these settings, the
 // answer is "" too; the parity suite, not this function, judges who is right.
@@ -17,7 +18,8 @@ func MatchingRule(cfg *policy.Config, conn policy.Conn) string {
 	if v.Reason == policy.ReasonNone {
 		return ""
 	}
-	for _, r := range rules(cfg) {
+	dst := conn.Routed().Dst.Addr().Unmap()
+	for _, r := range rules(cfg, policy.FamilyOf(dst)) {
 		if r.reason != v.Reason {
 			continue
 		}
@@ -30,7 +32,7 @@ func MatchingRule(cfg *policy.Config, conn policy.Conn) string {
 		if r.proto != "" && r.proto != conn.Proto.String() {
 			continue
 		}
-		if r.prefix.IsValid() && !r.prefix.Contains(conn.Dst.Addr().Unmap()) {
+		if r.prefix.IsValid() && !r.prefix.Contains(dst) {
 			continue
 		}
 		return r.line()

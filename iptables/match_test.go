@@ -11,10 +11,14 @@ import (
 	"github.com/meshdivert/divert/policy"
 )
 
-var podIP = netip.MustParseAddr("10.244.0.5")
+var (
+	podIP  = netip.MustParseAddr("10.244.0.5")
+	podIP6 = netip.MustParseAddr("fd00:10:244::5") // the IPv6 cases' pod address (cases_test.go)
+)
 
 // conns returns connections that exercise every rule of cfg: each list entry, the proxy's
-// and the app's identities, local and remote destinations, both directions.
+// and the app's identities, local and remote destinations, both directions, both families
+// (IPv6 too where cfg writes no IPv6 rules: nothing decides them).
 func conns(cfg *policy.Config) []policy.Conn {
 	app := struct{ uid, gid uint32 }{1000, 1000}
 	out := func(uid, gid uint32, src netip.Addr, dst string, local bool) policy.Conn {
@@ -23,11 +27,12 @@ func conns(cfg *policy.Config) []policy.Conn {
 	}
 	var cs []policy.Conn
 	var dsts []netip.Addr
-	for _, s := range []string{"10.0.0.1", "192.168.1.1", "1.1.1.1", "172.16.0.1", "8.8.8.8", "10.96.0.10"} {
+	for _, s := range []string{"10.0.0.1", "192.168.1.1", "1.1.1.1", "172.16.0.1", "8.8.8.8", "10.96.0.10",
+		"fd00:10::1", "2001:db8::1", "fd00:10:96::a"} {
 		dsts = append(dsts, netip.MustParseAddr(s))
 	}
 	for _, p := range append(slices.Clone(cfg.OutboundCIDRs.Prefixes), cfg.OutboundExcludeCIDRs...) {
-		if p.Addr().Is4() && !p.Addr().IsLoopback() {
+		if !p.Addr().IsLoopback() {
 			dsts = append(dsts, p.Addr(), p.Addr().Next())
 		}
 	}
@@ -43,7 +48,7 @@ func conns(cfg *policy.Config) []policy.Conn {
 				out(app.uid, cfg.ProxyGID, netip.Addr{}, dst, false))
 		}
 	}
-	locals := []netip.Addr{podIP, policy.Localhost, netip.MustParseAddr("127.1.2.3")}
+	locals := []netip.Addr{podIP, policy.Localhost, netip.MustParseAddr("127.1.2.3"), podIP6, policy.Localhost6}
 	for _, p := range cfg.OutboundCIDRs.Prefixes {
 		if p.Addr().Is4() && p.Addr().IsLoopback() {
 			locals = append(locals, p.Addr())
@@ -56,8 +61,8 @@ func conns(cfg *policy.Config) []policy.Conn {
 				out(app.uid, app.gid, netip.Addr{}, dst, true),
 				out(cfg.ProxyUID, cfg.ProxyGID, netip.Addr{}, dst, true),
 				out(app.uid, cfg.ProxyGID, netip.Addr{}, dst, true),
-				out(cfg.ProxyUID, cfg.ProxyGID, policy.InboundPassthroughSource, dst, true),
-				out(app.uid, app.gid, policy.InboundPassthroughSource, dst, true))
+				out(cfg.ProxyUID, cfg.ProxyGID, policy.FamilyOf(d).PassthroughSource(), dst, true),
+				out(app.uid, app.gid, policy.FamilyOf(d).PassthroughSource(), dst, true))
 		}
 	}
 	// 127.0.0.1 as the model may be asked about it: not marked local.
@@ -83,7 +88,8 @@ func conns(cfg *policy.Config) []policy.Conn {
 	in := append([]uint16{80, 8080, 22, cfg.InboundTunnelPort, 15090, 15021, 15020}, cfg.InboundExcludePorts...)
 	in = append(in, cfg.InboundPorts.Ports...)
 	for _, p := range in {
-		cs = append(cs, policy.Conn{Direction: policy.Inbound, Dst: netip.AddrPortFrom(podIP, p)})
+		cs = append(cs, policy.Conn{Direction: policy.Inbound, Dst: netip.AddrPortFrom(podIP, p)},
+			policy.Conn{Direction: policy.Inbound, Dst: netip.AddrPortFrom(podIP6, p)})
 	}
 	return cs
 }
@@ -91,11 +97,16 @@ func conns(cfg *policy.Config) []policy.Conn {
 // simulate runs conn through the rendered rules the way netfilter would, reading the rule
 // text itself (an interpretation independent of the reason tags): for an outbound
 // connection nat OUTPUT; for one from outside PREROUTING of the table istio captures in
-// (mangle for TPROXY, whose rules run before nat's). It returns the action and the rule
-// that decided ("" if none did).
+// (mangle for TPROXY, whose rules run before nat's), of the connection's family. It returns
+// the action and the rule that decided ("" if none did, as for IPv6 where istio writes no
+// IPv6 rules).
 func simulate(t testing.TB, cfg *policy.Config, conn policy.Conn) (policy.Action, string) {
 	t.Helper()
-	rs := rules(cfg)
+	f := policy.FamilyOf(conn.Dst.Addr())
+	if f == policy.IPv6 && !cfg.IPv6 {
+		return policy.Pass, ""
+	}
+	rs := rules(cfg, f)
 	table, start := tableNat, "OUTPUT"
 	if conn.Direction == policy.Inbound {
 		start = "PREROUTING"
@@ -244,7 +255,7 @@ func TestDecideAgainstRules(t *testing.T) {
 	type count struct{ action, rule int }
 	known := map[string]*count{}
 	for _, tc := range cases {
-		cfg := caseConfig(t, tc.args)
+		cfg := caseConfig(t, tc.args, tc.pod...)
 		for _, c := range conns(cfg) {
 			v := cfg.Decide(c)
 			action, line := simulate(t, cfg, c)
@@ -282,8 +293,8 @@ func TestDecideAgainstRules(t *testing.T) {
 func TestMatchingRuleEveryReason(t *testing.T) {
 	reached := map[policy.Reason]bool{}
 	for _, tc := range cases {
-		cfg := caseConfig(t, tc.args)
-		rendered := strings.Split(Render(cfg), "\n")
+		cfg := caseConfig(t, tc.args, tc.pod...)
+		rendered := strings.Split(RenderAll(cfg), "\n")
 		for _, c := range conns(cfg) {
 			v := cfg.Decide(c)
 			reached[v.Reason] = true
@@ -339,9 +350,17 @@ func TestMatchingRuleExamples(t *testing.T) {
 		{[]string{"-b", "80"}, inbound(8080), ""},
 		{[]string{"-m", "TPROXY"}, inbound(8080), "-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY"},
 		{[]string{"-m", "TPROXY", "-b", "8080"}, inbound(8080), "-A ISTIO_INBOUND -p tcp --dport 8080 -j ISTIO_TPROXY"},
+		// IPv6, for a dual-stack pod with --dual-stack: the ip6tables rule.
+		{[]string{"--dual-stack"}, outbound(1337, "[fd00:10:244::5]:8080", true), "-A ISTIO_OUTPUT -o lo ! -d ::1/128 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT"},
+		{[]string{"--dual-stack"}, policy.Conn{Direction: policy.Outbound, UID: 1337, GID: 1337, Src: policy.InboundPassthroughSource6,
+			Dst: netip.MustParseAddrPort("[fd00:10:244::5]:8080"), DstLocal: true}, "-A ISTIO_OUTPUT -o lo -s ::6/128 -j RETURN"},
+		{[]string{"--dual-stack", "-x", "10.0.0.0/8,fd00:10::/64"}, outbound(1000, "[fd00:10::1]:80", false), "-A ISTIO_OUTPUT -d fd00:10::/64 -j RETURN"},
+		{[]string{"--dual-stack", "-i", "10.0.0.0/8"}, outbound(1000, "[fd00:10::1]:80", false), ""},
+		{[]string{"--dual-stack"}, outbound(1000, "[::1]:80", false), "-A ISTIO_OUTPUT -d ::1/128 -j RETURN"},
+		{nil, outbound(1000, "[fd00:10::1]:80", false), ""}, // dual-stack pod, no --dual-stack: no IPv6 rules
 	} {
 		t.Run(fmt.Sprint(tc.args, tc.conn.Dst), func(t *testing.T) {
-			if got := MatchingRule(caseConfig(t, tc.args), tc.conn); got != tc.want {
+			if got := MatchingRule(caseConfig(t, tc.args, dualStackPod...), tc.conn); got != tc.want {
 				t.Errorf("got %q, want %q", got, tc.want)
 			}
 		})

@@ -3,10 +3,11 @@
 // applies and removes those rules inside a pod's network namespace, and names the rule that
 // decides a connection (for `divert explain`).
 //
-// Only what shapes IPv4 capture is rendered: TCP, and DNS capture (nat plus the raw table's
-// conntrack zones); no interface exclusions, no IPv6 tables. Rule order and spelling follow istio-iptables (istio/istio
-// tools/istio-iptables/pkg/capture) rule for rule, so the kernel running these rules behaves
-// exactly as it does under istio-init.
+// What shapes capture is rendered: TCP, and DNS capture (nat plus the raw table's conntrack
+// zones), for IPv4 (iptables) and, when the pod's IPv6 is captured (policy.Config.IPv6), for
+// IPv6 (ip6tables); no interface exclusions. Rule order and spelling follow istio-iptables
+// (istio/istio tools/istio-iptables/pkg/capture) rule for rule, so the kernel running these
+// rules behaves exactly as it does under istio-init.
 package iptables
 
 import (
@@ -39,9 +40,12 @@ const (
 // the pod's addresses, so inbound capture can tell them from the app's. istio hard-codes it.
 const outboundMark = "1338"
 
-// hostLoopback is istio's --host-ipv4-loopback-cidr default, the one address the hairpin and
-// "localhost" rules leave alone: policy.Localhost.
-var hostLoopback = netip.PrefixFrom(policy.Localhost, 32).String()
+// hostLoopback is the one address the hairpin and "localhost" rules of f leave alone:
+// istio's --host-ipv4-loopback-cidr default (policy.Localhost) and ::1/128.
+func hostLoopback(f policy.Family) string { return policy.Host(f.Localhost()).String() }
+
+// passthroughSource is where the proxy's inbound passthrough connections of f come from.
+func passthroughSource(f policy.Family) string { return policy.Host(f.PassthroughSource()).String() }
 
 // rule is one iptables rule in istio-iptables' order and spelling.
 type rule struct {
@@ -61,6 +65,8 @@ type rule struct {
 	// gidOwner marks the gid twin of a uid rule with the same reason: it decides only
 	// connections of the proxy gid that are not the proxy uid's.
 	gidOwner bool
+	// family is whose rules these are (iptables' or ip6tables').
+	family policy.Family
 }
 
 // line is the rule as istio writes it into the restore input.
@@ -105,10 +111,13 @@ func (rs *ruleSet) decides(table, chain string, reason policy.Reason, spec ...st
 func u16(v uint16) string { return strconv.FormatUint(uint64(v), 10) }
 func u32(v uint32) string { return strconv.FormatUint(uint64(v), 10) }
 
-// rules builds istio-iptables' IPv4 rules for cfg, in the order istio appends them.
-func rules(cfg *policy.Config) ruleSet {
+// rules builds istio-iptables' rules of family f for cfg, in the order istio appends them.
+// Both families get the same rules but for their addresses: -i and -x ranges, nameservers,
+// the passthrough source and localhost (istio's AppendVersionedRule, AppendRuleV4/V6).
+func rules(cfg *policy.Config, f policy.Family) ruleSet {
 	var rs ruleSet
 	tproxy := cfg.Mode == policy.TProxy
+	hostLoopback := hostLoopback(f)
 	mark := u32(cfg.TProxyMark)
 	tunnel := u16(cfg.InboundTunnelPort)
 
@@ -119,7 +128,7 @@ func rules(cfg *policy.Config) ruleSet {
 	rs.add(tableNat, chainRedirect, "-p", "tcp", "-j", "REDIRECT", "--to-ports", u16(cfg.ProxyPort))
 	rs.add(tableNat, chainInRedirect, "-p", "tcp", "-j", "REDIRECT", "--to-ports", u16(cfg.InboundCapturePort))
 
-	inboundRules(&rs, cfg)
+	inboundRules(&rs, cfg, f)
 
 	// Outbound: everything a process of the pod sends goes through ISTIO_OUTPUT.
 	rs.add(tableNat, "OUTPUT", "-j", chainOutput)
@@ -133,7 +142,7 @@ func rules(cfg *policy.Config) ruleSet {
 		r.port, r.proto = p, "udp"
 	}
 	rs.decides(tableNat, chainOutput, policy.ReasonInboundPassthrough,
-		"-o", "lo", "-s", policy.InboundPassthroughSource.String()+"/32", "-j", "RETURN")
+		"-o", "lo", "-s", passthroughSource(f), "-j", "RETURN")
 
 	// istio drops the "app talks to itself" RETURN when -i names a loopback prefix, so
 	// that loopback traffic can reach the include rules.
@@ -175,11 +184,11 @@ func rules(cfg *policy.Config) ruleSet {
 	}
 	rs.decides(tableNat, chainOutput, policy.ReasonProxyGID, "-m", "owner", "--gid-owner", gid, "-j", "RETURN")
 	if dns {
-		dnsRules(&rs, cfg)
+		dnsRules(&rs, cfg, f)
 	}
 
 	rs.decides(tableNat, chainOutput, policy.ReasonLocalhost, "-d", hostLoopback, "-j", "RETURN")
-	for _, p := range cfg.IPv4OutboundExcludeCIDRs() {
+	for _, p := range cfg.OutboundExcludeCIDRsOf(f) {
 		rs.decides(tableNat, chainOutput, policy.ReasonExcludedCIDR, "-d", p.String(), "-j", "RETURN").prefix = p
 	}
 	for _, p := range cfg.OutboundPorts {
@@ -190,7 +199,7 @@ func rules(cfg *policy.Config) ruleSet {
 	case cfg.OutboundCIDRs.All:
 		rs.decides(tableNat, chainOutput, policy.ReasonIncludedCIDR, "-j", chainRedirect)
 	default:
-		for _, p := range cfg.IPv4OutboundCIDRs() {
+		for _, p := range cfg.OutboundCIDRsOf(f) {
 			rs.decides(tableNat, chainOutput, policy.ReasonIncludedCIDR, "-d", p.String(), "-j", chainRedirect).prefix = p
 		}
 	}
@@ -207,20 +216,28 @@ func rules(cfg *policy.Config) ruleSet {
 			"-m", "owner", "--gid-owner", gid, "-j", "MARK", "--set-mark", outboundMark)
 		rs.add(tableMangle, "OUTPUT", "-p", "tcp", "-m", "connmark", "--mark", mark, "-j", "CONNMARK", "--restore-mark")
 		rs.insert(tableMangle, chainInbound, 1, "-p", "tcp", "-m", "mark", "--mark", mark, "-j", "RETURN")
-		rs.insert(tableMangle, chainInbound, 2, "-p", "tcp", "-s", policy.InboundPassthroughSource.String()+"/32", "-i", "lo", "-j", "RETURN")
+		rs.insert(tableMangle, chainInbound, 2, "-p", "tcp", "-s", passthroughSource(f), "-i", "lo", "-j", "RETURN")
 		rs.insert(tableMangle, chainInbound, 3, "-p", "tcp", "-i", "lo", "-m", "mark", "!", "--mark", outboundMark, "-j", "RETURN")
+	}
+	for i := range rs {
+		rs[i].family = f
 	}
 	return rs
 }
 
-// dnsRules adds istio's DNS capture (its SetupDNSRedir): the nat redirects to the agent
-// (TCP then UDP, per nameserver or for every destination), and the raw table's conntrack
-// zones that keep the agent's upstream queries (zone 1) apart from the app's redirected
-// ones (zone 2), so their UDP conntrack entries never clash.
-func dnsRules(rs *ruleSet, cfg *policy.Config) {
+// dnsRules adds istio's DNS capture (its SetupDNSRedir) to family f's rules: the nat
+// redirects to the agent (TCP then UDP, per nameserver of f or for every destination), and
+// the raw table's conntrack zones that keep the agent's upstream queries (zone 1) apart from
+// the app's redirected ones (zone 2), so their UDP conntrack entries never clash. istio
+// jumps to ISTIO_OUTPUT_DNS from nat, and to the raw ISTIO_INBOUND, only in a family that
+// has something to capture (policy.Config.CapturesDNSOf).
+func dnsRules(rs *ruleSet, cfg *policy.Config, f policy.Family) {
 	dnsPort, agent := u16(policy.DNSPort), u16(policy.DNSAgentPort)
+	servers := cfg.DNSServersOf(f)
 	rs.add(tableRaw, "OUTPUT", "-j", chainOutputDNS)
-	rs.add(tableNat, chainOutput, "-j", chainOutputDNS)
+	if cfg.CapturesDNSOf(f) {
+		rs.add(tableNat, chainOutput, "-j", chainOutputDNS)
+	}
 	// istio spells the TCP target --to-ports and the UDP one --to-port.
 	for _, p := range []struct{ proto, toPorts string }{{"tcp", "--to-ports"}, {"udp", "--to-port"}} {
 		if cfg.CaptureAllDNS {
@@ -228,31 +245,34 @@ func dnsRules(rs *ruleSet, cfg *policy.Config) {
 				"-p", p.proto, "--dport", dnsPort, "-j", "REDIRECT", p.toPorts, agent).proto = p.proto
 			continue
 		}
-		for _, ns := range cfg.DNSServers {
+		for _, ns := range servers {
 			r := rs.decides(tableNat, chainOutputDNS, policy.ReasonDNSCaptured,
-				"-p", p.proto, "--dport", dnsPort, "-d", ns.String()+"/32", "-j", "REDIRECT", p.toPorts, agent)
-			r.proto, r.prefix = p.proto, netip.PrefixFrom(ns, 32)
+				"-p", p.proto, "--dport", dnsPort, "-d", policy.Host(ns).String(), "-j", "REDIRECT", p.toPorts, agent)
+			r.proto, r.prefix = p.proto, policy.Host(ns)
 		}
 	}
 	for _, owner := range []struct{ match, id string }{{"--uid-owner", u32(cfg.ProxyUID)}, {"--gid-owner", u32(cfg.ProxyGID)}} {
 		rs.add(tableRaw, chainOutputDNS, "-p", "udp", "--dport", dnsPort, "-m", "owner", owner.match, owner.id, "-j", "CT", "--zone", "1")
 		rs.add(tableRaw, chainOutputDNS, "-p", "udp", "--sport", agent, "-m", "owner", owner.match, owner.id, "-j", "CT", "--zone", "2")
 	}
-	rs.add(tableRaw, "PREROUTING", "-j", chainInbound)
 	if cfg.CaptureAllDNS {
+		rs.add(tableRaw, "PREROUTING", "-j", chainInbound)
 		rs.add(tableRaw, chainOutputDNS, "-p", "udp", "--dport", dnsPort, "-j", "CT", "--zone", "2")
 		rs.add(tableRaw, chainInbound, "-p", "udp", "--sport", dnsPort, "-j", "CT", "--zone", "1")
 		return
 	}
-	for _, ns := range cfg.DNSServers {
-		rs.add(tableRaw, chainOutputDNS, "-p", "udp", "--dport", dnsPort, "-d", ns.String()+"/32", "-j", "CT", "--zone", "2")
-		rs.add(tableRaw, chainInbound, "-p", "udp", "--sport", dnsPort, "-s", ns.String()+"/32", "-j", "CT", "--zone", "1")
+	if len(servers) > 0 {
+		rs.add(tableRaw, "PREROUTING", "-j", chainInbound)
+	}
+	for _, ns := range servers {
+		rs.add(tableRaw, chainOutputDNS, "-p", "udp", "--dport", dnsPort, "-d", policy.Host(ns).String(), "-j", "CT", "--zone", "2")
+		rs.add(tableRaw, chainInbound, "-p", "udp", "--sport", dnsPort, "-s", policy.Host(ns).String(), "-j", "CT", "--zone", "1")
 	}
 }
 
 // inboundRules adds the capture of connections arriving from outside: nat REDIRECT, or
 // mangle TPROXY (which keeps the original destination and source).
-func inboundRules(rs *ruleSet, cfg *policy.Config) {
+func inboundRules(rs *ruleSet, cfg *policy.Config, f policy.Family) {
 	if !cfg.CapturesInbound() {
 		return // -b "": no inbound capture at all, not even the PREROUTING jump
 	}
@@ -262,7 +282,7 @@ func inboundRules(rs *ruleSet, cfg *policy.Config) {
 		mark := u32(cfg.TProxyMark)
 		rs.add(tableMangle, chainDivert, "-j", "MARK", "--set-mark", mark)
 		rs.add(tableMangle, chainDivert, "-j", "ACCEPT")
-		rs.add(tableMangle, chainTProxy, "!", "-d", hostLoopback, "-p", "tcp", "-j", "TPROXY",
+		rs.add(tableMangle, chainTProxy, "!", "-d", hostLoopback(f), "-p", "tcp", "-j", "TPROXY",
 			"--tproxy-mark", mark+"/0xffffffff", "--on-port", u16(cfg.InboundCapturePort))
 	}
 	rs.add(table, "PREROUTING", "-p", "tcp", "-j", chainInbound)
@@ -330,8 +350,33 @@ func (rs ruleSet) tables() []string {
 // Render returns exactly the iptables-restore input istio-iptables hands to
 // `iptables-restore --noflush` for the same settings: the IPv4 nat table, in TPROXY mode
 // the mangle table, with DNS capture the raw table. It has no side effects.
-func Render(cfg *policy.Config) string {
-	rs := rules(cfg)
+func Render(cfg *policy.Config) string { return rules(cfg, policy.IPv4).text() }
+
+// Render6 returns exactly the ip6tables-restore input istio-iptables hands to
+// `ip6tables-restore --noflush`, or "" when it writes no IPv6 rules (cfg.IPv6 false).
+func Render6(cfg *policy.Config) string {
+	if !cfg.IPv6 {
+		return ""
+	}
+	return rules(cfg, policy.IPv6).text()
+}
+
+// Restore-input headers, as istio's dry run heads the two inputs it logs.
+const (
+	header4 = "# iptables-restore --noflush input\n"
+	header6 = "# ip6tables-restore --noflush input\n"
+)
+
+// RenderAll is Render when istio writes IPv4 rules only; with IPv6 it is both inputs, each
+// headed by a comment naming the tool that takes it, as istio's dry run prints them.
+func RenderAll(cfg *policy.Config) string {
+	if !cfg.IPv6 {
+		return Render(cfg)
+	}
+	return header4 + Render(cfg) + header6 + Render6(cfg)
+}
+
+func (rs ruleSet) text() string {
 	var b strings.Builder
 	for _, t := range rs.tables() {
 		b.WriteString("* " + t + "\n")

@@ -12,7 +12,7 @@ func TestRenderGolden(t *testing.T) {
 	update := os.Getenv("UPDATE_GOLDEN") != ""
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			got := Render(caseConfig(t, tc.args))
+			got := RenderAll(caseConfig(t, tc.args, tc.pod...))
 			path := filepath.Join("testdata", tc.name+".golden")
 			if update {
 				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
@@ -75,6 +75,66 @@ func TestRenderDNSReference(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRenderIPv6Reference: with IPv6 the two inputs, iptables-restore's then
+// ip6tables-restore's, are byte for byte what istio-iptables hands to each (shared/reference:
+// ipv6.rules, dual-stack.rules, dual-stack-dns-exclusions.rules, whose headers RenderAll
+// writes too); only "*nat" is "* nat" in the restore input itself, as in
+// TestRenderDNSReference.
+func TestRenderIPv6Reference(t *testing.T) {
+	for _, name := range []string{"ipv6", "dual-stack", "dual-stack-dns-exclusions"} {
+		t.Run(name, func(t *testing.T) {
+			raw, err := os.ReadFile(filepath.Join("testdata", "reference-"+name+".rules"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := spacedTables(string(raw))
+			tc := caseByName(t, name)
+			cfg := caseConfig(t, tc.args, tc.pod...)
+			if !cfg.IPv6 {
+				t.Fatalf("case %s (pod %v) does not capture IPv6", name, tc.pod)
+			}
+			if got := RenderAll(cfg); got != want {
+				t.Errorf("RenderAll(%s) differs from istio's output:\n%s", name, lineDiff(want, got))
+			}
+			v4, v6, _ := strings.Cut(want, header6)
+			if got := header4 + Render(cfg); got != v4 {
+				t.Errorf("Render(%s) differs from istio's IPv4 part:\n%s", name, lineDiff(v4, got))
+			}
+			if got := Render6(cfg); got != v6 {
+				t.Errorf("Render6(%s) differs from istio's IPv6 part:\n%s", name, lineDiff(v6, got))
+			}
+		})
+	}
+	// Without IPv6 there is no ip6tables input, and RenderAll is Render.
+	cfg := caseConfig(t, nil, dualStackPod...)
+	if cfg.IPv6 || Render6(cfg) != "" || RenderAll(cfg) != Render(cfg) {
+		t.Errorf("a dual-stack pod without --dual-stack: IPv6 %v, Render6 %q", cfg.IPv6, Render6(cfg))
+	}
+}
+
+// spacedTables writes istio's dry-run "*nat" as its restore input's "* nat".
+func spacedTables(s string) string {
+	var lines []string
+	for _, l := range strings.SplitAfter(s, "\n") {
+		if strings.HasPrefix(l, "*") && !strings.HasPrefix(l, "* ") {
+			l = "* " + l[1:]
+		}
+		lines = append(lines, l)
+	}
+	return strings.Join(lines, "")
+}
+
+func caseByName(tb testing.TB, name string) renderCase {
+	tb.Helper()
+	for _, c := range cases {
+		if c.name == name {
+			return c
+		}
+	}
+	tb.Fatalf("no case %q", name)
+	return renderCase{}
 }
 
 // TestGoldenFilesHaveCases catches a golden file left behind by a renamed case.

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -13,34 +14,53 @@ import (
 )
 
 // tproxyRoute is istio's TPROXY policy routing: packets marked by ISTIO_DIVERT / TPROXY
-// are looked up in their own table, which delivers everything locally through lo.
+// are looked up in their own table, which delivers everything locally through lo. istio
+// sets it up for IPv6 too when it writes IPv6 rules.
 //
 //	ip rule add fwmark <mark> lookup <table>
 //	ip route add local 0.0.0.0/0 dev lo table <table>
+//	ip -6 rule add fwmark <mark> lookup <table>
+//	ip -6 route add local ::/0 dev lo table <table>
 type tproxyRoute struct {
 	mark, table uint32
 }
 
-// wantRoute is the policy route cfg needs: only TPROXY mode with some inbound capture, as
-// istio-iptables sets it up.
-func wantRoute(cfg *policy.Config) *tproxyRoute {
-	if cfg.Mode != policy.TProxy || !cfg.CapturesInbound() {
+// wantRoute is the policy route family f needs under cfg: only TPROXY mode with some
+// inbound capture, in a family istio writes rules for, as istio-iptables sets it up.
+func wantRoute(cfg *policy.Config, f policy.Family) *tproxyRoute {
+	if cfg.Mode != policy.TProxy || !cfg.CapturesInbound() || (f == policy.IPv6 && !cfg.IPv6) {
 		return nil
 	}
 	return &tproxyRoute{mark: cfg.TProxyMark, table: cfg.TProxyRouteTable}
 }
 
-// syncRoutes makes the netns hold exactly the wanted TPROXY route (none for nil): it adds
-// what is missing and removes istio-style routes with another mark or table. A rule counts
-// as istio's when it is only "fwmark M lookup T" and table T routes local 0.0.0.0/0 via lo.
-// undo removes what this call added.
-func syncRoutes(netnsPath string, want *tproxyRoute) (changed bool, undo func() error, err error) {
+// nlFamily is f as netlink names it.
+func nlFamily(f policy.Family) int {
+	if f == policy.IPv6 {
+		return netlink.FAMILY_V6
+	}
+	return netlink.FAMILY_V4
+}
+
+// defaultDst is f's default route prefix: 0.0.0.0/0 or ::/0.
+func defaultDst(f policy.Family) *net.IPNet {
+	if f == policy.IPv6 {
+		return &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+	}
+	return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+}
+
+// syncRoutes makes the netns hold exactly the wanted TPROXY route of family f (none for
+// nil): it adds what is missing and removes istio-style routes with another mark or table.
+// A rule counts as istio's when it is only "fwmark M lookup T" and table T routes local
+// 0.0.0.0/0 (::/0) via lo. undo removes what this call added.
+func syncRoutes(netnsPath string, want *tproxyRoute, f policy.Family) (changed bool, undo func() error, err error) {
 	undo = func() error { return nil }
 	var added []func(h *netlink.Handle) error
 	err = withHandle(netnsPath, func(h *netlink.Handle, loIndex int) error {
-		rules, err := h.RuleList(netlink.FAMILY_V4)
+		rules, err := h.RuleList(nlFamily(f))
 		if err != nil {
-			return fmt.Errorf("list ip rules in netns %s: %w", netnsPath, err)
+			return fmt.Errorf("list ip rules (%s) in netns %s: %w", f, netnsPath, err)
 		}
 		var errs []error
 		haveRule := false
@@ -48,7 +68,7 @@ func syncRoutes(netnsPath string, want *tproxyRoute) (changed bool, undo func() 
 			if r.Mark == 0 || r.Table <= 0 || r.Src != nil || r.Dst != nil || r.IifName != "" || r.OifName != "" {
 				continue
 			}
-			route, err := localRoute(h, r.Table, loIndex)
+			route, err := localRoute(h, r.Table, loIndex, f)
 			if err != nil {
 				errs = append(errs, fmt.Errorf("list routes of table %d in netns %s: %w", r.Table, netnsPath, err))
 				continue
@@ -76,27 +96,27 @@ func syncRoutes(netnsPath string, want *tproxyRoute) (changed bool, undo func() 
 		}
 
 		table := int(want.table)
-		route, err := localRoute(h, table, loIndex)
+		route, err := localRoute(h, table, loIndex, f)
 		if err != nil {
 			return fmt.Errorf("list routes of table %d in netns %s: %w", table, netnsPath, err)
 		}
 		if route == nil {
 			route = &netlink.Route{
-				Dst:       &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)},
+				Dst:       defaultDst(f),
 				Scope:     netlink.SCOPE_HOST,
 				Type:      unix.RTN_LOCAL,
 				Table:     table,
 				LinkIndex: loIndex,
 			}
 			if err := h.RouteAdd(route); err != nil {
-				return fmt.Errorf("add route local 0.0.0.0/0 dev lo table %d in netns %s: %w", table, netnsPath, err)
+				return fmt.Errorf("add route local %s dev lo table %d in netns %s: %w", defaultDst(f), table, netnsPath, err)
 			}
 			changed = true
 			added = append(added, func(h *netlink.Handle) error { return h.RouteDel(route) })
 		}
 		if !haveRule {
 			rule := netlink.NewRule()
-			rule.Family = netlink.FAMILY_V4
+			rule.Family = nlFamily(f)
 			rule.Mark = want.mark
 			rule.Table = table
 			if err := h.RuleAdd(rule); err != nil {
@@ -148,9 +168,9 @@ func withHandle(path string, fn func(h *netlink.Handle, loIndex int) error) erro
 	return fn(h, lo.Attrs().Index)
 }
 
-// localRoute finds "local 0.0.0.0/0 dev lo" in table.
-func localRoute(h *netlink.Handle, table, loIndex int) (*netlink.Route, error) {
-	routes, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+// localRoute finds "local 0.0.0.0/0 dev lo" (::/0 for IPv6) in table.
+func localRoute(h *netlink.Handle, table, loIndex int, f policy.Family) (*netlink.Route, error) {
+	routes, err := h.RouteListFiltered(nlFamily(f), &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return nil, err
 	}
@@ -162,11 +182,78 @@ func localRoute(h *netlink.Handle, table, loIndex int) (*netlink.Route, error) {
 	return nil, nil
 }
 
-// isDefault reports whether dst is 0.0.0.0/0 (netlink reports it as nil or as the prefix).
+// isDefault reports whether dst is 0.0.0.0/0 or ::/0 (netlink reports it as nil or as the
+// prefix).
 func isDefault(dst *net.IPNet) bool {
 	if dst == nil {
 		return true
 	}
 	ones, _ := dst.Mask.Size()
 	return ones == 0 && dst.IP.IsUnspecified()
+}
+
+// passthroughAddr6 is ::6/128, which istio-iptables adds to lo when it writes IPv6 rules
+// (ip -6 addr add ::6/128 dev lo): unlike 127.0.0.6, nothing else makes it bindable, and
+// the proxy binds it to forward inbound IPv6 connections (the passthrough rules).
+func passthroughAddr6() *netlink.Addr {
+	return &netlink.Addr{IPNet: &net.IPNet{IP: policy.InboundPassthroughSource6.AsSlice(), Mask: net.CIDRMask(128, 128)}}
+}
+
+// addPassthrough6 adds ::6/128 to lo unless it is there; undo removes it if this call added
+// it. Cleanup leaves it, as istio does: the address alone captures nothing, and a proxy
+// captured by eBPF binds it too.
+func addPassthrough6(netnsPath string) (changed bool, undo func() error, err error) {
+	undo = func() error { return nil }
+	err = withHandle(netnsPath, func(h *netlink.Handle, loIndex int) error {
+		lo, err := h.LinkByIndex(loIndex)
+		if err != nil {
+			return err
+		}
+		addrs, err := h.AddrList(lo, netlink.FAMILY_V6)
+		if err != nil {
+			return fmt.Errorf("list lo's IPv6 addresses in netns %s: %w", netnsPath, err)
+		}
+		for _, a := range addrs {
+			if a.IP.Equal(policy.InboundPassthroughSource6.AsSlice()) {
+				return nil
+			}
+		}
+		if err := h.AddrAdd(lo, passthroughAddr6()); err != nil {
+			return fmt.Errorf("add %s to lo in netns %s: %w", policy.InboundPassthroughSource6, netnsPath, err)
+		}
+		changed = true
+		return nil
+	})
+	if changed {
+		undo = func() error {
+			return withHandle(netnsPath, func(h *netlink.Handle, loIndex int) error {
+				lo, err := h.LinkByIndex(loIndex)
+				if err != nil {
+					return err
+				}
+				return h.AddrDel(lo, passthroughAddr6())
+			})
+		}
+	}
+	return changed, undo, err
+}
+
+// PodAddrs returns the addresses of every interface of the network namespace at netnsPath,
+// as istio-iptables reads its pod's (net.InterfaceAddrs) to decide IPv6 capture
+// (policy.Config.DecideIPv6).
+func PodAddrs(netnsPath string) ([]netip.Addr, error) {
+	var out []netip.Addr
+	err := withHandle(netnsPath, func(h *netlink.Handle, _ int) error {
+		addrs, err := h.AddrList(nil, netlink.FAMILY_ALL)
+		if err != nil {
+			return fmt.Errorf("list addresses in netns %s: %w", netnsPath, err)
+		}
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok {
+				out = append(out, ip.Unmap())
+			}
+		}
+		return nil
+	})
+	return out, err
 }

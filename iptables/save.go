@@ -6,6 +6,8 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+
+	"github.com/meshdivert/divert/policy"
 )
 
 // saveForm predicts how iptables-save (1.8, nft and legacy alike) prints r: addresses and
@@ -29,7 +31,7 @@ func (r rule) saveForm() string {
 			matches = append(matches, "-m", spec[i+1])
 			i++
 		case a == "-j":
-			target = saveTarget(spec[i+1:])
+			target = saveTarget(spec[i+1:], r.family)
 			i = len(spec)
 		case a == "--dport" || a == "--sport":
 			// iptables loads the protocol's match implicitly; save spells it out.
@@ -89,8 +91,8 @@ func hexMark(dec string) string {
 	return fmt.Sprintf("0x%x", n)
 }
 
-// saveTarget spells a target with the defaults iptables-save adds.
-func saveTarget(t []string) []string {
+// saveTarget spells a target with the defaults <ip6>tables-save adds for family f.
+func saveTarget(t []string, f policy.Family) []string {
 	out := []string{"-j", t[0]}
 	opts := t[1:]
 	switch t[0] {
@@ -119,7 +121,11 @@ func saveTarget(t []string) []string {
 				mark = hexMark(v) + "/" + mask
 			}
 		}
-		return append(out, "--on-port", port, "--on-ip", "0.0.0.0", "--tproxy-mark", mark)
+		onIP := "0.0.0.0"
+		if f == policy.IPv6 {
+			onIP = "::"
+		}
+		return append(out, "--on-port", port, "--on-ip", onIP, "--tproxy-mark", mark)
 	}
 	return append(out, opts...)
 }
@@ -185,9 +191,9 @@ var istioMarkRules = []*regexp.Regexp{
 	regexp.MustCompile(`^-A OUTPUT -p tcp -m connmark --mark (0x[0-9a-f]+) -j CONNMARK --restore-mark( --nfmask 0xffffffff --ctmask 0xffffffff)?$`),
 }
 
-// istioOwnerMarkRule is the proxy's own-connection mark rule; its mark (1338) and shape
-// are istio's alone.
-var istioOwnerMarkRule = regexp.MustCompile(`^-A OUTPUT ! -d 127\.0\.0\.1/32 -o lo -p tcp -m owner --[ug]id-owner [0-9]+ -j MARK --set-xmark 0x53a/0xffffffff$`)
+// istioOwnerMarkRule is the proxy's own-connection mark rule (IPv4's or IPv6's); its mark
+// (1338) and shape are istio's alone.
+var istioOwnerMarkRule = regexp.MustCompile(`^-A OUTPUT ! -d (127\.0\.0\.1/32|::1/128) -o lo -p tcp -m owner --[ug]id-owner [0-9]+ -j MARK --set-xmark 0x53a/0xffffffff$`)
 
 var markValue = regexp.MustCompile(`--(?:mark|set-xmark|tproxy-mark) (0x[0-9a-f]+)`)
 

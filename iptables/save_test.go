@@ -4,6 +4,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/meshdivert/divert/policy"
 )
 
 // savedTProxy is what iptables-save 1.8.9 (nft and legacy print the same) shows after
@@ -79,7 +81,7 @@ func TestSaveForm(t *testing.T) {
 			}
 		}
 		var want []string
-		contents := rules(cfg).contents(table)
+		contents := rules(cfg, policy.IPv4).contents(table)
 		for _, c := range []string{"PREROUTING", "OUTPUT", "ISTIO_DIVERT", "ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT", "ISTIO_REDIRECT", "ISTIO_TPROXY"} {
 			want = append(want, contents[c]...)
 		}
@@ -124,12 +126,12 @@ func TestApplyInput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if in := applyInput(tproxy, state); in != "" {
+	if in := applyInput(tproxy, policy.IPv4, state); in != "" {
 		t.Errorf("up-to-date netns: want no input, got\n%s", in)
 	}
 
 	// A fresh netns gets istio's rules with chain lines (create or flush) instead of -N.
-	in := applyInput(tproxy, nil)
+	in := applyInput(tproxy, policy.IPv4, nil)
 	want := strings.NewReplacer("* ", "*", "-N ", ":").Replace(Render(tproxy))
 	want = chainLines(want)
 	if in != want {
@@ -137,7 +139,7 @@ func TestApplyInput(t *testing.T) {
 	}
 
 	// Back to REDIRECT: mangle loses istio's chains and rules, nothing else.
-	in = applyInput(caseConfig(t, nil), state)
+	in = applyInput(caseConfig(t, nil), policy.IPv4, state)
 	mangle, _, _ := strings.Cut(in, "COMMIT\n")
 	for _, l := range []string{
 		"-D PREROUTING -p tcp -j ISTIO_INBOUND",

@@ -95,7 +95,7 @@ func (a *Agent) attach(ctx context.Context, pod *corev1.Pod, cniIPs []string, ne
 	if err != nil {
 		return err
 	}
-	if err := checkFamily(pod, cniIPs); err != nil {
+	if err := checkFamily(pod, &cfg, cniIPs); err != nil {
 		return err
 	}
 	cg, err := a.podCgroup(pod, create)
@@ -132,11 +132,12 @@ func (a *Agent) detach(uid string) error {
 	return nil
 }
 
-// checkFamily refuses a dual-stack or IPv6 pod rather than capture half of it: its IPv6
+// checkFamily refuses a pod the eBPF programs cannot capture as istio would
+// (policy.Config.EBPFUnsupported: one with IPv6) rather than capture half of it: its IPv6
 // connections would bypass the proxy (mTLS, policy) with nothing to say so. The pod does
 // not start; the CNI error (the kubelet's FailedCreatePodSandBox event) and the agent's log
 // say why and what to do.
-func checkFamily(pod *corev1.Pod, cniIPs []string) error {
+func checkFamily(pod *corev1.Pod, cfg *policy.Config, cniIPs []string) error {
 	ips := slices.Clone(cniIPs)
 	for _, ip := range pod.Status.PodIPs {
 		ips = append(ips, ip.IP)
@@ -147,8 +148,8 @@ func checkFamily(pod *corev1.Pod, cniIPs []string) error {
 			addrs = append(addrs, a)
 		}
 	}
-	if err := policy.CheckPodAddrs(addrs); err != nil {
-		return fmt.Errorf("pod %s not captured: %w; give it IPv4 addresses only, or capture it with Istio's own istio-cni and ISTIO_DUAL_STACK=true", key(pod), err)
+	if err := cfg.EBPFUnsupported(addrs); err != nil {
+		return fmt.Errorf("pod %s not captured: %w; capture it with the init container (divert istio-iptables, which uses iptables for it), or with Istio's own istio-cni and ISTIO_DUAL_STACK=true", key(pod), err)
 	}
 	return nil
 }

@@ -139,11 +139,14 @@ func TestConfigDefaultsAndErrors(t *testing.T) {
 	require.Contains(t, err.Error(), "istio-service-exclude-cidr")
 	require.NotContains(t, err.Error(), "\n")
 
-	// IPv6 ranges are refused (IPv6 not yet supported), naming the annotation they came from.
+	// IPv6 ranges mix with IPv4 ones; a broken one is refused, naming the annotation it
+	// came from.
 	for _, k := range []string{"traffic.sidecar.istio.io/excludeOutboundIPRanges", "traffic.sidecar.istio.io/includeOutboundIPRanges"} {
 		_, _, err = Config(pod(map[string]string{AnnotationIstioStatus: "{}", k: "10.96.0.0/12,fd00:10:96::/112"}, nil), policy.Default())
+		require.NoError(t, err)
+		_, _, err = Config(pod(map[string]string{AnnotationIstioStatus: "{}", k: "10.96.0.0/12,fd00:10:96::/129"}, nil), policy.Default())
 		require.ErrorContains(t, err, "annotation "+k)
-		require.ErrorContains(t, err, "IPv6 is not yet supported")
+		require.ErrorContains(t, err, "0-128")
 		require.ErrorContains(t, err, "shop/web")
 		require.NotContains(t, err.Error(), "\n")
 	}

@@ -88,6 +88,10 @@ type Config struct {
 	// TProxyMark and TProxyRouteTable configure TPROXY mode (-t, -r).
 	TProxyMark       uint32
 	TProxyRouteTable uint32
+	// DualStack is istio's --dual-stack ($DUAL_STACK, $ISTIO_DUAL_STACK): IPv6 is captured
+	// when the pod has any IPv6 address, not only when its first address is IPv6
+	// (DecideIPv6 sets IPv6 from it).
+	DualStack bool
 	// InboundPorts are captured inbound (-b); All captures every port but InboundExcludePorts.
 	InboundPorts PortList
 	// InboundExcludePorts pass inbound when InboundPorts is All (-d).
@@ -106,9 +110,13 @@ type Config struct {
 	// CaptureAllDNS captures every destination's port 53, not only DNSServers'
 	// (--capture-all-dns, $CAPTURE_ALL_DNS). Alone it does nothing, as in istio-iptables.
 	CaptureAllDNS bool
-	// DNSServers are the pod's IPv4 nameservers (--dns-servers, else its resolv.conf),
-	// read only when RedirectDNS is on without CaptureAllDNS.
+	// DNSServers are the pod's nameservers, both families (--dns-servers, else its
+	// resolv.conf), read only when RedirectDNS is on without CaptureAllDNS.
 	DNSServers []netip.Addr
+	// IPv6 captures native IPv6 connections too, with ip6tables' rules (istio-iptables
+	// writes them when the pod's first address is IPv6, or with dual stack on); IPv4 is
+	// always captured.
+	IPv6 bool
 }
 
 // IstioIptablesDefaults is what istio-iptables does when a flag is not given, which is not
@@ -183,6 +191,22 @@ func (c *Config) IPv4OutboundCIDRs() []netip.Prefix { return ipv4Only(c.Outbound
 
 // IPv4OutboundExcludeCIDRs returns the IPv4 prefixes of -x.
 func (c *Config) IPv4OutboundExcludeCIDRs() []netip.Prefix { return ipv4Only(c.OutboundExcludeCIDRs) }
+
+func ipv6Only(prefixes []netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range prefixes {
+		if !p.Addr().Is4() {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// IPv6OutboundCIDRs returns the IPv6 prefixes of -i (nil for All).
+func (c *Config) IPv6OutboundCIDRs() []netip.Prefix { return ipv6Only(c.OutboundCIDRs.Prefixes) }
+
+// IPv6OutboundExcludeCIDRs returns the IPv6 prefixes of -x.
+func (c *Config) IPv6OutboundExcludeCIDRs() []netip.Prefix { return ipv6Only(c.OutboundExcludeCIDRs) }
 
 func containsAddr(prefixes []netip.Prefix, addr netip.Addr) bool {
 	for _, p := range prefixes {

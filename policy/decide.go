@@ -47,16 +47,21 @@ type Conn struct {
 }
 
 // Routed is conn as the kernel routes it: connect() to 0.0.0.0 reaches this host, at the
-// socket's bound source if it has one, else at 127.0.0.1 (ip_route_output's rule), and
-// that is the destination istio's rules and divert's programs both decide on and the
-// proxy reads back.
+// socket's bound source if it has one, else at 127.0.0.1 (ip_route_output's rule); connect()
+// to :: reaches ::1 whatever the socket is bound to (tcp_v6_connect's and
+// ip6_datagram_connect's rule). That is the destination istio's rules and divert's
+// programs both decide on and the proxy reads back.
 func (conn Conn) Routed() Conn {
-	if conn.Direction != Outbound || !conn.Dst.Addr().Unmap().IsUnspecified() || !conn.Dst.Addr().Unmap().Is4() {
+	d := conn.Dst.Addr().Unmap()
+	if conn.Direction != Outbound || !d.IsUnspecified() {
 		return conn
 	}
-	dst := Localhost
-	if conn.Src.IsValid() && !conn.Src.IsUnspecified() {
-		dst = conn.Src.Unmap()
+	dst := Localhost6
+	if d.Is4() {
+		dst = Localhost
+		if conn.Src.IsValid() && !conn.Src.Unmap().IsUnspecified() {
+			dst = conn.Src.Unmap()
+		}
 	}
 	conn.Dst = netip.AddrPortFrom(dst, conn.Dst.Port())
 	conn.DstLocal = true
@@ -90,7 +95,7 @@ func (a Action) String() string {
 type Reason uint8
 
 const (
-	ReasonNone                 Reason = iota // no rule: a native IPv6 connection, not captured
+	ReasonNone                 Reason = iota // no rule: IPv6 where istio writes no IPv6 rules, non-DNS UDP
 	ReasonExcludedOutboundPort               // -o
 	ReasonInboundPassthrough                 // bound to 127.0.0.6, to the pod itself
 	ReasonProxyHairpin                       // the proxy calling its own pod
@@ -167,15 +172,19 @@ func (v Verdict) String() string {
 // The order is the order of the rules in ISTIO_OUTPUT and ISTIO_INBOUND; the kernel running
 // those rules is the oracle for this function (see test/parity).
 //
-// divert captures IPv4 only: a native IPv6 destination passes with ReasonNone, as no
-// program decides it (nothing counts it); a v4-mapped one (::ffff:a.b.c.d, dialled from a
-// dual-stack socket) is IPv4 on the wire and decided as such. UDP is only ever captured for
-// DNS: any other UDP passes with ReasonNone too (no program decides it), and inbound UDP is
-// never captured.
+// Each family is decided by its own rules (iptables, ip6tables), the same rules with
+// family's addresses: ::6 as the passthrough source, ::1 as localhost, the family's -i/-x
+// ranges and nameservers. A v4-mapped destination (::ffff:a.b.c.d, dialled from a
+// dual-stack socket) is IPv4 on the wire and decided as such. A native IPv6 connection of a
+// pod istio writes no IPv6 rules for (c.IPv6 false) passes with ReasonNone: no rule decides
+// it, nothing counts it. UDP is only ever captured for DNS: any other UDP passes with
+// ReasonNone too (no program decides it), and inbound UDP is never captured.
 func (c *Config) Decide(conn Conn) Verdict {
 	conn = conn.Routed()
 	conn.Dst = netip.AddrPortFrom(conn.Dst.Addr().Unmap(), conn.Dst.Port())
-	if !conn.Dst.Addr().Is4() {
+	conn.Src = conn.Src.Unmap()
+	fam := FamilyOf(conn.Dst.Addr())
+	if fam == IPv6 && !c.IPv6 {
 		return Verdict{Action: Pass, Reason: ReasonNone}
 	}
 	udp := conn.Proto == UDP
@@ -188,8 +197,10 @@ func (c *Config) Decide(conn Conn) Verdict {
 	pass := func(r Reason) Verdict { return Verdict{Action: Pass, Reason: r} }
 	hairpin := Verdict{Action: RedirectInbound, Reason: ReasonProxyHairpin, Port: c.InboundCapturePort}
 	dst, port := conn.Dst.Addr(), conn.Dst.Port()
-	// The shape of "-o lo ! -d 127.0.0.1/32 -p tcp ! --dport <tunnel>" in the hairpin rules.
-	hairpinnable := !udp && conn.DstLocal && dst != Localhost && port != c.InboundTunnelPort
+	localhost := fam.Localhost()
+	// The shape of "-o lo ! -d 127.0.0.1/32 -p tcp ! --dport <tunnel>" in the hairpin rules
+	// (::1/128 in IPv6's).
+	hairpinnable := !udp && conn.DstLocal && dst != localhost && port != c.InboundTunnelPort
 	// istio leaves out its "-o lo -m owner ! --uid-owner/--gid-owner -j RETURN" rules when
 	// -i names a loopback range, so that range can be captured. With DNS capture they are
 	// "-p tcp ! --dport 53", so a query to a nameserver on the pod's own address reaches the
@@ -203,7 +214,7 @@ func (c *Config) Decide(conn Conn) Verdict {
 	if slices.Contains(c.OutboundExcludePorts, port) {
 		return pass(ReasonExcludedOutboundPort)
 	}
-	if conn.DstLocal && conn.Src == InboundPassthroughSource {
+	if conn.DstLocal && conn.Src == fam.PassthroughSource() {
 		return pass(ReasonInboundPassthrough)
 	}
 	if uidHairpinnable && conn.UID == c.ProxyUID {
@@ -230,7 +241,7 @@ func (c *Config) Decide(conn Conn) Verdict {
 	if c.dnsPortSpecial(port) && c.DNSCaptures(dst) {
 		return Verdict{Action: RedirectDNS, Reason: ReasonDNSCaptured, Port: DNSAgentPort}
 	}
-	if dst == Localhost {
+	if dst == localhost {
 		return pass(ReasonLocalhost)
 	}
 	if containsAddr(c.OutboundExcludeCIDRs, dst) {

@@ -216,8 +216,9 @@ var orderCases = []decideCase{
 		toOutbound(15001, policy.ReasonIncludedCIDR)},
 	{"-i bare IP", []string{"-i", "10.96.0.10"}, out(app, app, unbound, "10.96.0.11:80", false),
 		pass(policy.ReasonNotIncluded)},
-	// Native IPv6 is not captured (connect6 leaves it alone, sk_lookup too): no rule decides
-	// it and no counter counts it. A v4-mapped destination is IPv4 on the wire.
+	// Native IPv6 of a pod istio writes no IPv6 rules for (Config.IPv6 false, the default
+	// here; ipv6Cases has the rest) is not captured: no rule decides it and no counter counts
+	// it. A v4-mapped destination is IPv4 on the wire.
 	{"IPv6 destination is not captured by -i *", nil, out(app, app, unbound, "[fd00::1]:80", false),
 		pass(policy.ReasonNone)},
 	{"IPv6 inbound is not captured", nil, policy.Conn{Direction: policy.Inbound, Dst: netip.MustParseAddrPort("[fd00::5]:8080"), DstLocal: true},
@@ -310,7 +311,7 @@ func TestDecideVerdictShape(t *testing.T) {
 		for _, conn := range conns {
 			v := cfg.Decide(conn)
 			if a := conn.Dst.Addr(); a.Is6() && !a.Is4In6() {
-				require.Equal(t, pass(policy.ReasonNone), v, "native IPv6 is never captured: %+v", conn)
+				require.Equal(t, pass(policy.ReasonNone), v, "native IPv6 is not captured without IPv6 rules: %+v", conn)
 				continue
 			}
 			require.NotEqual(t, policy.ReasonNone, v.Reason, "%+v", conn)
@@ -353,8 +354,8 @@ func TestActionAndVerdictStrings(t *testing.T) {
 	require.True(t, strings.Contains(v, "15001") && strings.Contains(v, "included-cidr"), v)
 }
 
-// A pod with any IPv6 address (besides loopback and link-local) is refused: its IPv6
-// connections would escape the proxy.
+// A pod with any IPv6 address (besides loopback and link-local) is found, for a backend
+// that cannot capture IPv6 (EBPFUnsupported).
 func TestCheckPodAddrs(t *testing.T) {
 	addrs := func(ss ...string) []netip.Addr {
 		out := make([]netip.Addr, len(ss))

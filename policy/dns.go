@@ -81,14 +81,9 @@ func ParseResolvConf(data []byte) ([]netip.Addr, error) {
 	return out, sc.Err()
 }
 
-// checkDNSServers refuses what DNS capture cannot honour: an IPv6 nameserver (its queries
-// would bypass the agent, as divert captures IPv4 only), duplicates aside, too many.
+// checkDNSServers refuses what DNS capture cannot honour: too many nameservers. IPv6 ones
+// are captured by the IPv6 rules, when the pod's are written (Config.IPv6).
 func checkDNSServers(servers []netip.Addr) error {
-	for _, a := range servers {
-		if !a.Unmap().Is4() {
-			return fmt.Errorf("nameserver %s is IPv6, %s: its queries would bypass the agent; list IPv4 nameservers only", a, ipv6Unsupported)
-		}
-	}
 	if len(servers) > MaxDNSServers {
 		return fmt.Errorf("%d nameservers, more than %d; list the ones the pod's resolver uses", len(servers), MaxDNSServers)
 	}
@@ -105,7 +100,7 @@ func parseAddrs(s string) ([]netip.Addr, error) {
 	for _, f := range fields {
 		a, err := netip.ParseAddr(f)
 		if err != nil {
-			return nil, fmt.Errorf("%q is not an IP address (like 10.96.0.10)", f)
+			return nil, fmt.Errorf("%q is not an IP address (like 10.96.0.10 or fd00:10:96::a)", f)
 		}
 		out = append(out, a.Unmap())
 	}

@@ -132,7 +132,6 @@ func TestDNSFlags(t *testing.T) {
 func TestDNSFlagsErrors(t *testing.T) {
 	empty := writeResolvConf(t, "search cluster.local\noptions ndots:5\n")
 	notIP := writeResolvConf(t, "nameserver kube-dns\n")
-	v6 := writeResolvConf(t, "nameserver fd00:10:96::a\n")
 	for _, tt := range []struct {
 		args []string
 		env  map[string]string
@@ -142,7 +141,6 @@ func TestDNSFlagsErrors(t *testing.T) {
 			`invalid --resolv-conf "/nonexistent/resolv.conf" for --redirect-dns: no such file or directory; pass the pod's resolv.conf with --resolv-conf, its nameservers with --dns-servers, or use --capture-all-dns`},
 		{[]string{"--redirect-dns", "--resolv-conf", empty}, nil, `it lists no nameserver; pass the pod's resolv.conf`},
 		{[]string{"--redirect-dns", "--resolv-conf", notIP}, nil, `line 1: nameserver "kube-dns" is not an IP address`},
-		{[]string{"--redirect-dns", "--resolv-conf", v6}, nil, `nameserver fd00:10:96::a is IPv6`},
 		{[]string{"--redirect-dns", "--dns-servers", "10.96.0.300"}, nil, `invalid --dns-servers "10.96.0.300": "10.96.0.300" is not an IP address`},
 		{[]string{"--redirect-dns", "--dns-servers", ""}, nil, `invalid --redirect-dns: no nameserver to capture; list the pod's with --dns-servers, or use --capture-all-dns`},
 		{[]string{"--redirect-dns=yes please"}, nil, `invalid --redirect-dns "yes please": use true or false`},

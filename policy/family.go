@@ -1,48 +1,197 @@
 package policy
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 )
 
-// divert captures IPv4 only (and IPv4 dialled from dual-stack sockets as ::ffff:a.b.c.d):
-// the programs leave native IPv6 alone, and the iptables backend writes no ip6tables rules.
-// Until IPv6 capture lands, every setting that asks for IPv6 is refused here, where it is
-// parsed, so the CLI, the init container and the node agent (annotations) refuse alike.
+// IP families. istio-iptables writes the IPv4 rules for every pod and the same rules for
+// IPv6 (ip6tables) only when it decides the pod is IPv6 (Config.IPv6, from the pod's
+// addresses and --dual-stack: DecideIPv6). Each family's rules use that family's -i/-x
+// ranges and nameservers, ::6 instead of 127.0.0.6 and ::1 instead of 127.0.0.1.
 
-// ipv6Unsupported ends every refusal: why, in words a user can act on.
-const ipv6Unsupported = "which divert does not capture (IPv6 is not yet supported: IPv4 only)"
+// EnvDualStack is the environment variable that turns dual stack on besides $DUAL_STACK:
+// Istio's one switch for dual stack in the control and data plane, which istio-iptables
+// and istio-cni read too. (Istio 1.18 renamed $ISTIO_AGENT_DUAL_STACK to it; istio-iptables
+// does not read the old name.)
+const EnvDualStack = "ISTIO_DUAL_STACK"
 
-// refuseIPv6 refuses an IPv6 prefix in -i (it asks for a capture divert cannot do) and in -x
-// (divert never captures IPv6, so the exclusion would do nothing: say so rather than keep a
-// setting that has no effect). v4-mapped prefixes are IPv6 too, as iptables reads them.
-func refuseIPv6(prefixes []netip.Prefix, exclude bool) error {
-	for _, p := range prefixes {
-		if p.Addr().Is4() {
-			continue
-		}
-		if exclude {
-			return fmt.Errorf("%s is IPv6, %s, so IPv6 destinations are never captured already; list IPv4 ranges only", p, ipv6Unsupported)
-		}
-		return fmt.Errorf("%s is IPv6, %s; list IPv4 ranges only", p, ipv6Unsupported)
+// Family is an IP family as istio renders it: one set of rules per family, in iptables or
+// ip6tables. A v4-mapped address (::ffff:a.b.c.d) is IPv4: it is IPv4 on the wire.
+type Family uint8
+
+const (
+	IPv4 Family = iota
+	IPv6
+)
+
+func (f Family) String() string {
+	if f == IPv6 {
+		return "IPv6"
 	}
-	return nil
+	return "IPv4"
 }
 
-// IPv6PodError is a pod with an IPv6 address: divert would capture its IPv4 connections
-// and let its IPv6 ones reach their destination without the proxy.
+// FamilyOf is the family whose rules decide a connection to (or from) a.
+func FamilyOf(a netip.Addr) Family {
+	if a.Unmap().Is4() {
+		return IPv4
+	}
+	return IPv6
+}
+
+// IPv6 counterparts of InboundPassthroughSource and Localhost, as istio's IPv6 rules name
+// them. ::6 is not a loopback address: istio-iptables adds it to lo (ip -6 addr add ::6/128
+// dev lo) so the proxy can bind it.
+var (
+	InboundPassthroughSource6 = netip.MustParseAddr("::6")
+	Localhost6                = netip.IPv6Loopback()
+)
+
+// PassthroughSource is the source the proxy binds to forward inbound connections of f.
+func (f Family) PassthroughSource() netip.Addr {
+	if f == IPv6 {
+		return InboundPassthroughSource6
+	}
+	return InboundPassthroughSource
+}
+
+// Localhost is the one loopback address of f the hairpin and localhost rules leave alone.
+func (f Family) Localhost() netip.Addr {
+	if f == IPv6 {
+		return Localhost6
+	}
+	return Localhost
+}
+
+// Host is a as a single-address prefix of its family (/32 or /128), as istio writes them.
+func Host(a netip.Addr) netip.Prefix { return netip.PrefixFrom(a, a.BitLen()) }
+
+// Families lists the families c captures: IPv4 always, IPv6 when c.IPv6.
+func (c *Config) Families() []Family {
+	if c.IPv6 {
+		return []Family{IPv4, IPv6}
+	}
+	return []Family{IPv4}
+}
+
+// OutboundCIDRsOf returns -i's prefixes of family f (nil for All).
+func (c *Config) OutboundCIDRsOf(f Family) []netip.Prefix {
+	if f == IPv6 {
+		return c.IPv6OutboundCIDRs()
+	}
+	return c.IPv4OutboundCIDRs()
+}
+
+// OutboundExcludeCIDRsOf returns -x's prefixes of family f.
+func (c *Config) OutboundExcludeCIDRsOf(f Family) []netip.Prefix {
+	if f == IPv6 {
+		return c.IPv6OutboundExcludeCIDRs()
+	}
+	return c.IPv4OutboundExcludeCIDRs()
+}
+
+// DNSServersOf returns the nameservers of family f, in order.
+func (c *Config) DNSServersOf(f Family) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range c.DNSServers {
+		if FamilyOf(a) == f {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// CapturesDNSOf reports whether f's rules send anything to the DNS agent: istio jumps to
+// ISTIO_OUTPUT_DNS (and marks replies' conntrack zone) in a family only with
+// --capture-all-dns or a nameserver of that family. The rest of DNS capture (port 53 left
+// out of the local-destination and hairpin rules, the agent's own zones) follows
+// CapturesDNS in both families.
+func (c *Config) CapturesDNSOf(f Family) bool {
+	return c.CapturesDNS() && (c.CaptureAllDNS || len(c.DNSServersOf(f)) > 0)
+}
+
+// PodIPv6 decides IPv6 capture from the pod's addresses as istio-iptables does (its
+// getLocalIP, tools/common/config): it looks at the addresses of every interface in the
+// kernel's order, skipping loopback and link-local ones, and without dual stack takes the
+// family of the first; with dual stack, IPv6 when there is any IPv6 address. The kernel
+// lists every IPv4 address before any IPv6 one, so without dual stack a pod with any IPv4
+// address is IPv4, whichever address Kubernetes names first. The order of addrs does not
+// matter. ::6 counts (it is no loopback address), as it does for istio on a second run.
+func PodIPv6(addrs []netip.Addr, dualStack bool) bool {
+	has4, has6 := false, false
+	for _, a := range addrs {
+		a = a.Unmap()
+		if !a.IsValid() || a.IsLoopback() || a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() {
+			continue
+		}
+		if a.Is4() {
+			has4 = true
+		} else {
+			has6 = true
+		}
+	}
+	if dualStack {
+		return has6
+	}
+	return has6 && !has4
+}
+
+// DecideIPv6 sets c.IPv6 from the pod's addresses (PodIPv6) and c.DualStack. Every edge
+// that knows the pod's addresses calls it once the flags are parsed: the init container
+// (its interfaces), attach (the netns), the node agent (CNI result and API).
+func (c *Config) DecideIPv6(podAddrs []netip.Addr) { c.IPv6 = PodIPv6(podAddrs, c.DualStack) }
+
+// EBPFUnsupportedError is why the eBPF backend cannot capture a pod as istio-iptables would.
+type EBPFUnsupportedError struct {
+	// Addr is the pod's IPv6 address that makes it so (invalid when only the config does).
+	Addr netip.Addr
+	// Capture is true when istio's rules capture IPv6 for this pod (Config.IPv6).
+	Capture bool
+}
+
+func (e *EBPFUnsupportedError) Error() string {
+	what := "the pod has IPv6 address " + e.Addr.String()
+	if e.Capture {
+		what = "the pod needs IPv6 capture (dual stack, or an IPv6 pod)"
+		if e.Addr.IsValid() {
+			what = fmt.Sprintf("the pod needs IPv6 capture (IPv6 address %s)", e.Addr)
+		}
+	}
+	return what + ", which eBPF mode does not do yet (iptables mode does)"
+}
+
+// EBPFUnsupported is the one place that says what the eBPF backend cannot capture yet:
+// IPv6. It returns an *EBPFUnsupportedError when c captures IPv6 (c.IPv6) or the pod has an
+// IPv6 address (podAddrs; the loader refuses those too, CheckPodAddrs), else nil. The init
+// container falls back to iptables on it (--mode auto) or refuses (--mode ebpf); divert
+// attach and the node agent refuse. Delete it when the eBPF programs capture IPv6.
+func (c *Config) EBPFUnsupported(podAddrs []netip.Addr) error {
+	var addr netip.Addr
+	var v6 *IPv6PodError
+	if errors.As(CheckPodAddrs(podAddrs), &v6) {
+		addr = v6.Addr
+	}
+	if !c.IPv6 && !addr.IsValid() {
+		return nil
+	}
+	return &EBPFUnsupportedError{Addr: addr, Capture: c.IPv6}
+}
+
+// IPv6PodError is a pod with an IPv6 address, for a backend that captures IPv4 only.
 type IPv6PodError struct {
 	// Addr is the pod's first IPv6 address that is neither loopback nor link-local.
 	Addr netip.Addr
 }
 
 func (e *IPv6PodError) Error() string {
-	return fmt.Sprintf("the pod has IPv6 address %s, %s: its IPv6 connections would bypass the proxy", e.Addr, ipv6Unsupported)
+	return fmt.Sprintf("the pod has IPv6 address %s, and IPv6 is not captured: its IPv6 connections would bypass the proxy", e.Addr)
 }
 
-// CheckPodAddrs refuses a pod with an IPv6 address (an IPv6-only or dual-stack pod, in any
-// order of addresses): capturing half of its traffic would be a silent bypass. Loopback and
-// link-local addresses do not count (every interface has them); a v4-mapped address is IPv4.
+// CheckPodAddrs finds a pod's IPv6 address (an IPv6-only or dual-stack pod, in any order of
+// addresses) for a backend that cannot capture IPv6. Loopback and link-local addresses do
+// not count (every interface has them); a v4-mapped address is IPv4.
 func CheckPodAddrs(addrs []netip.Addr) error {
 	for _, a := range addrs {
 		a = a.Unmap()
@@ -50,6 +199,19 @@ func CheckPodAddrs(addrs []netip.Addr) error {
 			continue
 		}
 		return &IPv6PodError{Addr: a}
+	}
+	return nil
+}
+
+// checkPrefixes refuses a v4-mapped prefix in -i or -x: istio would write it into its
+// IPv6 rules, where it never matches (IPv4 dialled as ::ffff:a.b.c.d is IPv4 on the wire),
+// so the setting would silently do nothing.
+func checkPrefixes(prefixes []netip.Prefix) error {
+	for _, p := range prefixes {
+		if p.Addr().Is4In6() {
+			v4 := netip.PrefixFrom(p.Addr().Unmap(), max(p.Bits()-96, 0)).Masked()
+			return fmt.Errorf("%s is an IPv4 range written as IPv6 (v4-mapped), which never matches: IPv4 is IPv4 on the wire, from any socket; write %s", p, v4)
+		}
 	}
 	return nil
 }

@@ -31,6 +31,7 @@ const (
 	FlagOutboundExcludeCIDRs = "istio-service-exclude-cidr"         // -x
 	FlagRedirectDNS          = "redirect-dns"                       // also $ISTIO_META_DNS_CAPTURE
 	FlagCaptureAllDNS        = "capture-all-dns"
+	FlagDualStack            = "dual-stack" // also $ISTIO_DUAL_STACK
 	// divert's own: where the nameservers come from (istio-iptables reads /etc/resolv.conf).
 	FlagDNSServers = "dns-servers"
 	FlagResolvConf = "resolv-conf"
@@ -55,6 +56,7 @@ type flagExtra struct {
 var flagExtras = map[string]flagExtra{
 	FlagRedirectDNS:   {moreEnv: []string{EnvDNSCapture}, boolean: true},
 	FlagCaptureAllDNS: {boolean: true},
+	FlagDualStack:     {moreEnv: []string{EnvDualStack}, boolean: true},
 	FlagDNSServers:    {noEnv: true},
 }
 
@@ -128,19 +130,19 @@ var flagSpecs = []flagSpec{
 	{FlagOutboundExcludePorts, "o", "outbound ports never captured (checked before anything else)",
 		func(c *Config) string { return joinPorts(c.OutboundExcludePorts) },
 		func(c *Config, s string) (err error) { c.OutboundExcludePorts, err = parsePorts(s); return }},
-	{FlagOutboundCIDRs, "i", `outbound destinations to capture, CIDRs comma separated; "*" = all, "" = none`,
+	{FlagOutboundCIDRs, "i", `outbound destinations to capture, CIDRs of both families comma separated; "*" = all, "" = none`,
 		func(c *Config) string { return c.OutboundCIDRs.String() },
 		func(c *Config, s string) (err error) {
 			if c.OutboundCIDRs, err = parseCIDRList(s); err == nil {
-				err = refuseIPv6(c.OutboundCIDRs.Prefixes, false)
+				err = checkPrefixes(c.OutboundCIDRs.Prefixes)
 			}
 			return
 		}},
-	{FlagOutboundExcludeCIDRs, "x", "outbound destinations never captured, CIDRs comma separated",
+	{FlagOutboundExcludeCIDRs, "x", "outbound destinations never captured, CIDRs of both families comma separated",
 		func(c *Config) string { return joinPrefixes(c.OutboundExcludeCIDRs) },
 		func(c *Config, s string) (err error) {
 			if c.OutboundExcludeCIDRs, err = parseCIDRs(s); err == nil {
-				err = refuseIPv6(c.OutboundExcludeCIDRs, true)
+				err = checkPrefixes(c.OutboundExcludeCIDRs)
 			}
 			return
 		}},
@@ -150,6 +152,9 @@ var flagSpecs = []flagSpec{
 	{FlagCaptureAllDNS, "", "with --" + FlagRedirectDNS + ", capture port 53 of every destination, not only the nameservers'",
 		func(c *Config) string { return strconv.FormatBool(c.CaptureAllDNS) },
 		func(c *Config, s string) (err error) { c.CaptureAllDNS, err = parseBool(s); return }},
+	{FlagDualStack, "", "capture IPv6 too when the pod has any IPv6 address (without it, only when it has no IPv4 address)",
+		func(c *Config) string { return strconv.FormatBool(c.DualStack) },
+		func(c *Config, s string) (err error) { c.DualStack, err = parseBool(s); return }},
 	{FlagDNSServers, "", "the pod's nameservers for --" + FlagRedirectDNS + ", comma separated (default: read from --" + FlagResolvConf + ")",
 		func(c *Config) string { return joinAddrs(c.DNSServers) },
 		func(c *Config, s string) (err error) { c.DNSServers, err = parseAddrs(s); return }},
@@ -344,18 +349,34 @@ func parseCIDRs(s string) ([]netip.Prefix, error) {
 		return nil, err
 	}
 	for _, f := range fields {
-		p, err := netip.ParsePrefix(f)
+		p, err := parseCIDR(f)
 		if err != nil {
-			// A bare address means a host route, as iptables reads it.
-			a, aerr := netip.ParseAddr(f)
-			if aerr != nil {
-				return nil, fmt.Errorf("%q is not a CIDR (like 10.0.0.0/8)", f)
-			}
-			p = netip.PrefixFrom(a, a.BitLen())
+			return nil, err
 		}
 		out = append(out, p.Masked())
 	}
 	return out, nil
+}
+
+// parseCIDR reads one CIDR of either family; a bare address means a host route, as
+// iptables reads it.
+func parseCIDR(f string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(f); err == nil {
+		return p, nil
+	}
+	addr, bits, hasBits := strings.Cut(f, "/")
+	a, err := netip.ParseAddr(addr)
+	switch {
+	case err != nil:
+		return netip.Prefix{}, fmt.Errorf("%q is not a CIDR (like 10.0.0.0/8 or fd00::/8)", f)
+	case a.Zone() != "":
+		return netip.Prefix{}, fmt.Errorf("%q has a zone (%%%s), which a CIDR cannot have; drop it", f, a.Zone())
+	case hasBits && a.Is4():
+		return netip.Prefix{}, fmt.Errorf("prefix length %q is not 0-32; write an IPv4 range like 10.0.0.0/8", bits)
+	case hasBits:
+		return netip.Prefix{}, fmt.Errorf("prefix length %q is not 0-128; write an IPv6 range like fd00::/8", bits)
+	}
+	return Host(a), nil
 }
 
 func parseCIDRList(s string) (CIDRList, error) {

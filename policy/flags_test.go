@@ -300,12 +300,15 @@ func TestFlagsErrors(t *testing.T) {
 		{name: "mark x", args: []string{"-t", "x"}, want: []string{"-t/--istio-inbound-tproxy-mark"}},
 		{name: "route table x", args: []string{"-r", "x"}, want: []string{"-r/--istio-inbound-tproxy-route-table"}},
 
-		// Until IPv6 capture lands, an IPv6 range is refused, never silently dropped.
-		{name: "-i IPv6", args: []string{"-i", "fd00::/8"}, want: []string{"-i/--istio-service-cidr", `"fd00::/8"`, "IPv6", "not yet supported", "IPv4 ranges only"}},
-		{name: "-i mixed families", args: []string{"-i", "10.0.0.0/8,2001:db8::1"}, want: []string{"-i/--istio-service-cidr", "2001:db8::1/128", "IPv6"}},
-		{name: "-x IPv6", args: []string{"-x", "fd00::/8"}, want: []string{"-x/--istio-service-exclude-cidr", "fd00::/8", "IPv6", "never captured"}},
-		{name: "-x IPv6 in env", env: map[string]string{"ISTIO_SERVICE_EXCLUDE_CIDR": "10.0.0.0/8,fd00::/8"}, want: []string{"-x/--istio-service-exclude-cidr", "$ISTIO_SERVICE_EXCLUDE_CIDR", "IPv6"}},
-		{name: "-i v4-mapped", args: []string{"-i", "::ffff:10.0.0.0/104"}, want: []string{"-i/--istio-service-cidr", "IPv6"}},
+		// IPv6 ranges are fine (see TestFlagsMixedFamilies); broken ones name the flag.
+		{name: "-i /129", args: []string{"-i", "fd00::/129"}, want: []string{"-i/--istio-service-cidr", `"fd00::/129"`, "0-128", "fd00::/8"}},
+		{name: "-x /129 in env", env: map[string]string{"ISTIO_SERVICE_EXCLUDE_CIDR": "10.0.0.0/8,fd00::/129"}, want: []string{"-x/--istio-service-exclude-cidr", "$ISTIO_SERVICE_EXCLUDE_CIDR", "0-128"}},
+		{name: "-x bad IPv6", args: []string{"-x", "fd00:::1/64"}, want: []string{"-x/--istio-service-exclude-cidr", "not a CIDR", "fd00::/8"}},
+		{name: "-i IPv6 with zone", args: []string{"-i", "fe80::1%eth0"}, want: []string{"-i/--istio-service-cidr", "zone", "eth0"}},
+		{name: "-i v4-mapped", args: []string{"-i", "::ffff:10.0.0.0/104"}, want: []string{"-i/--istio-service-cidr", "v4-mapped", "write 10.0.0.0/8"}},
+		{name: "-x v4-mapped host", args: []string{"-x", "::ffff:10.0.0.1"}, want: []string{"-x/--istio-service-exclude-cidr", "v4-mapped", "write 10.0.0.1/32"}},
+		{name: "--dual-stack maybe", args: []string{"--dual-stack=maybe"}, want: []string{"--dual-stack", "true or false"}},
+		{name: "$ISTIO_DUAL_STACK yes", env: map[string]string{"ISTIO_DUAL_STACK": "yes"}, want: []string{"--dual-stack", "$ISTIO_DUAL_STACK", "true or false"}},
 		// Lists are comma separated: a space-separated list says so, not "out of range".
 		{name: "-o space separated", args: []string{"-o", "3306 5432"}, want: []string{"-o/--istio-local-outbound-ports-exclude", "separate", "commas", "3306,5432"}},
 		{name: "-b space separated", args: []string{"-b", "80 443"}, want: []string{"-b/--istio-inbound-ports", "commas"}},

@@ -14,7 +14,7 @@ var fuzzFlags = []string{
 	policy.FlagProxyUID, policy.FlagProxyGID, policy.FlagMode, policy.FlagTProxyMark,
 	policy.FlagTProxyRouteTable, policy.FlagInboundPorts, policy.FlagInboundExcludePorts,
 	policy.FlagOutboundPorts, policy.FlagOutboundExcludePorts, policy.FlagOutboundCIDRs,
-	policy.FlagOutboundExcludeCIDRs,
+	policy.FlagOutboundExcludeCIDRs, policy.FlagDualStack,
 }
 
 // FuzzFlags gives one flag a value on the command line and another one a value through its
@@ -38,8 +38,9 @@ func FuzzFlags(f *testing.F) {
 		{8, "*", 9, "15090,15021,15020", "istio's inbound"},
 		{8, "80, 443 ,", 10, "3306 5432", "spaces: inside an item is refused"},
 		{12, "10.0.0.0/8,192.168.1.1", 13, "10.1.2.3/8", "CIDRs, bare address, unmasked"},
-		{12, "*", 13, "::1/128", "IPv6 exclusion refused"},
-		{12, "::ffff:10.0.0.0/104", 13, "", "v4-mapped is IPv6"},
+		{12, "*", 13, "::1/128", "IPv6 exclusion"},
+		{12, "::ffff:10.0.0.0/104", 13, "", "v4-mapped refused"},
+		{14, "true", 12, "fd00::/129,10.0.0.0/8", "dual stack, /129"},
 		{5, "tproxy", 6, "4294967295", "mode lower case, max mark"},
 		{5, "NAT", 3, "-1", "bad mode"},
 		{3, "4294967296", 4, "0", "uid overflow"},

@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
 )
@@ -48,6 +49,14 @@ policy in place and swaps in this build's programs without a gap in capture.`,
 		}
 		if opts.NoInbound && opts.NoOutbound {
 			return errors.New("nothing to attach: both directions are turned off; drop --no-inbound or --no-outbound")
+		}
+		// A netns that cannot be read is the loader's to name; one that can is decided as
+		// istio-iptables would decide it in that pod.
+		if addrs, err := iptables.PodAddrs(pod.NetNS); err == nil {
+			cfg.DecideIPv6(addrs)
+			if err := cfg.EBPFUnsupported(addrs); err != nil {
+				return fmt.Errorf("invalid --netns %q: %v; capture this pod with iptables (divert iptables apply, or divert istio-iptables in the pod)", pod.NetNS, err)
+			}
 		}
 		if err := loader.Attach(cmd.Context(), pod, &cfg, opts); err != nil {
 			return incompatibleHint(capturedHint(err, pod), pod.ID)

@@ -44,7 +44,7 @@ verdicts under the same reason names:
 	fs.StringVar(&dst, "dst", "", "destination IP:PORT (required)")
 	fs.StringVar(&direction, "direction", "outbound", "outbound (made in the pod) or inbound (arriving from outside)")
 	fs.BoolVar(&udp, "udp", false, "a UDP datagram (or UDP connect) rather than a TCP connection: only DNS queries are ever captured")
-	fs.StringSliceVar(&podIPs, "pod-ip", nil, "the pod's own addresses (destinations that are local, besides 127.0.0.0/8)")
+	fs.StringSliceVar(&podIPs, "pod-ip", nil, "the pod's own addresses (destinations that are local, besides 127.0.0.0/8 and ::1); they decide IPv6 capture as istio-iptables does")
 	fs.StringVar(&podID, "pod-id", "", "explain against this attached pod: its policy and addresses as pinned in bpffs (instead of policy flags and --pod-ip)")
 	addBPFFSFlag(fs, &opts)
 	own := map[string]bool{}
@@ -74,7 +74,7 @@ verdicts under the same reason names:
 		}
 		if src != "" {
 			if conn.Src, err = netip.ParseAddr(src); err != nil {
-				return fmt.Errorf("invalid --src %q: use an IPv4 address, like 127.0.0.6", src)
+				return fmt.Errorf("invalid --src %q: use an IP address, like 127.0.0.6 or ::6", src)
 			}
 		}
 		ids := ""
@@ -117,13 +117,10 @@ verdicts under the same reason names:
 			if cfg, err = parse(e.getenv); err != nil {
 				return err
 			}
-			for _, s := range podIPs {
-				ip, err := netip.ParseAddr(strings.TrimSpace(s))
-				if err != nil {
-					return fmt.Errorf("invalid --pod-ip %q: use an IP address", s)
-				}
-				local = append(local, ip)
+			if local, err = parsePodIPs(podIPs); err != nil {
+				return err
 			}
+			cfg.DecideIPv6(local)
 			from = "flags (istio-iptables' defaults for those not given)"
 		}
 		conn.DstLocal = policy.DstLocal(conn.Dst.Addr(), local)
@@ -141,8 +138,8 @@ verdicts under the same reason names:
 			return nil
 		}
 		if v.Reason == policy.ReasonNone {
-			fmt.Fprintln(e.stdout, "reason:  none: an IPv6 destination, which divert does not capture (IPv4 only, and IPv4 dialled as ::ffff:a.b.c.d); no program decides it and no counter counts it")
-			fmt.Fprintln(e.stdout, "iptables: none: divert's iptables backend writes IPv4 rules only")
+			fmt.Fprintln(e.stdout, "reason:  none: an IPv6 destination, and istio-iptables writes no IPv6 rules for this pod (it does for an IPv6-only pod, or with --dual-stack for one with an IPv6 address: see --pod-ip); no program decides it and no counter counts it")
+			fmt.Fprintln(e.stdout, "iptables: none: no ip6tables rules")
 			return nil
 		}
 		fmt.Fprintf(e.stdout, "reason:  %s (the eBPF counter of the same name counts it)\n", v.Reason)

@@ -55,7 +55,6 @@ const (
 	flagNativeNftables      = "native-nftables"
 	flagForceIptablesBinary = "force-iptables-binary"
 	flagDropInvalid         = "drop-invalid"
-	flagDualStack           = "dual-stack"
 	flagTraceLogging        = "iptables-trace-logging"
 	flagCNIMode             = "cni-mode"
 	flagNetworkNamespace    = "network-namespace"
@@ -124,8 +123,6 @@ var istioOpts = []istioOpt{
 		usage: "iptables binary for the iptables backend: one whose name says nft or legacy"},
 	{name: flagDropInvalid, env: []string{"DROP_INVALID", "INVALID_DROP"}, isBool: true, def: "false", support: rejected,
 		why: "divert does not install istio's conntrack INVALID drop rule"},
-	{name: flagDualStack, env: []string{"DUAL_STACK", "ISTIO_DUAL_STACK", "ISTIO_AGENT_DUAL_STACK"}, isBool: true, def: "false", support: rejected,
-		why: "divert captures IPv4 only"},
 	{name: flagTraceLogging, env: []string{"IPTABLES_TRACE_LOGGING"}, isBool: true, def: "false", support: rejected,
 		why: "divert writes no LOG rules; use divert status (per-reason counters) and divert explain"},
 	{name: flagCNIMode, env: []string{"CNI_MODE"}, isBool: true, def: "false", support: rejected,
@@ -233,10 +230,11 @@ type istioRun struct {
 	mode     captureMode
 	lopts    loader.Options
 	backend  iptables.Backend
-	podID    string // --pod-id
-	cgroupFl string // --cgroup
-	root     string // --cgroup-root
-	rootSrc  string // where root came from, for messages: "--cgroup-root" or "$DIVERT_CGROUP_ROOT"
+	podID    string       // --pod-id
+	cgroupFl string       // --cgroup
+	root     string       // --cgroup-root
+	rootSrc  string       // where root came from, for messages: "--cgroup-root" or "$DIVERT_CGROUP_ROOT"
+	ips      []netip.Addr // the pod's addresses (its interfaces')
 }
 
 func newIstioIptablesCmd(e env) *cobra.Command {
@@ -260,8 +258,12 @@ cannot be found or that another pod captures, fails. --mode ebpf fails with the 
 instead; --mode iptables always writes the rules. One backend per pod: eBPF removes istio's
 rules, iptables detaches eBPF, and one iptables backend removes the other's chains.
 
-istio-iptables settings divert does not implement (interface exclusions,
-dual stack, CNI mode, ...) are refused with a message naming them, never ignored.`,
+IPv6 is captured as istio-iptables decides it from the pod's addresses: for an IPv6 pod,
+and with --dual-stack ($ISTIO_DUAL_STACK) for a pod with any IPv6 address; eBPF mode does
+not capture IPv6 yet, so such a pod uses iptables (--mode auto, recorded as a fallback).
+
+istio-iptables settings divert does not implement (interface exclusions, CNI mode, ...)
+are refused with a message naming them, never ignored.`,
 		Example: `  divert istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020
   istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020 -n
   divert istio-iptables --cleanup-only`,
@@ -381,7 +383,7 @@ func (r *istioRun) run(ctx context.Context) error {
 	if dry {
 		fmt.Fprintln(out, "dry run: nothing is changed")
 	}
-	if err := r.checkFamily(); err != nil {
+	if err := r.decideFamilies(); err != nil {
 		return err
 	}
 	if r.opts.bool(flagCleanupOnly) {
@@ -394,28 +396,6 @@ func (r *istioRun) run(ctx context.Context) error {
 	}
 	if r.opts.bool(flagRunValidation) && !dry {
 		return r.validate(ctx)
-	}
-	return nil
-}
-
-// checkFamily refuses an IPv6 or dual-stack pod (policy.CheckPodAddrs): istio-iptables
-// writes ip6tables rules for the first, and for the second, IPv4 rules only unless
-// ISTIO_DUAL_STACK is set; divert captures IPv4 only and will not half-capture a pod.
-func (r *istioRun) checkFamily() error {
-	addrs, err := podAddrs()
-	if err != nil {
-		return fmt.Errorf("read this pod's addresses: %w", err)
-	}
-	var ips []netip.Addr
-	for _, a := range addrs {
-		if ipn, ok := a.(*net.IPNet); ok {
-			if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
-				ips = append(ips, ip)
-			}
-		}
-	}
-	if err := policy.CheckPodAddrs(ips); err != nil {
-		return fmt.Errorf("%w; capture this pod with Istio's own istio-init (ISTIO_DUAL_STACK=true for dual stack), or give it IPv4 addresses only", err)
 	}
 	return nil
 }
@@ -454,6 +434,9 @@ func (r *istioRun) pod() (loader.Pod, string, error) {
 func (r *istioRun) ebpfUnavailable() error {
 	if v := r.e.getenv(forceNoEBPFEnv); v == "1" {
 		return fmt.Errorf("turned off by $%s=1 (a test hook): %w", forceNoEBPFEnv, ebpf.ErrNotSupported)
+	}
+	if err := r.cfg.EBPFUnsupported(r.ips); err != nil {
+		return fallbackReason{err}
 	}
 	if inUserNS() {
 		return fmt.Errorf("this pod runs in a user namespace (hostUsers: false): the proxy's uid seen by eBPF is the host's, not -u %d: %w", r.cfg.ProxyUID, ebpf.ErrNotSupported)
@@ -539,8 +522,12 @@ func (r *istioRun) apply(ctx context.Context, dry bool) error {
 		return fmt.Errorf("--%s is not supported with the iptables backend: divert writes iptables rules (iptables-nft or iptables-legacy), not native nftables", flagNativeNftables)
 	}
 	if dry {
-		fmt.Fprintf(out, "backend: iptables\nwould apply in network namespace %s (iptables-restore --noflush input):\n", ownNetNS)
-		_, err := io.WriteString(out, iptables.Render(&r.cfg))
+		input := "iptables-restore --noflush input"
+		if r.cfg.IPv6 {
+			input = "iptables-restore and ip6tables-restore --noflush input, IPv6 for " + ipv6Why(&r.cfg)
+		}
+		fmt.Fprintf(out, "backend: iptables\nwould apply in network namespace %s (%s):\n", ownNetNS, input)
+		_, err := io.WriteString(out, iptables.RenderAll(&r.cfg))
 		return err
 	}
 	res, err := iptables.Options{Backend: r.backend}.Apply(ctx, ownNetNS, &r.cfg)
@@ -559,8 +546,12 @@ func (r *istioRun) apply(ctx context.Context, dry bool) error {
 	} else if id := r.knownPodID(); id != "" {
 		loader.ClearFallback(id, r.lopts) // iptables by choice now, not for want of eBPF
 	}
-	fmt.Fprintf(out, "iptables rules %s (iptables-%s, %s mode): outbound TCP to port %d, inbound to port %d\n",
-		state, res.Backend, r.cfg.Mode, r.cfg.ProxyPort, r.cfg.InboundCapturePort)
+	families := "IPv4"
+	if r.cfg.IPv6 {
+		families = "IPv4 and IPv6 (" + ipv6Why(&r.cfg) + ")"
+	}
+	fmt.Fprintf(out, "iptables rules %s (iptables-%s, %s mode, %s): outbound TCP to port %d, inbound to port %d\n",
+		state, res.Backend, r.cfg.Mode, families, r.cfg.ProxyPort, r.cfg.InboundCapturePort)
 	for _, b := range res.Removed {
 		fmt.Fprintf(out, "removed istio's iptables-%s rules, replaced by iptables-%s\n", b, res.Backend)
 	}

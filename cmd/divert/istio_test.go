@@ -134,8 +134,10 @@ func TestIstioIptablesRefuses(t *testing.T) {
 		{nil, map[string]string{"ISTIO_META_DNS_CAPTURE": "on"}, "$ISTIO_META_DNS_CAPTURE"},
 		{[]string{"-k", "eth1"}, nil, "-k/--kube-virt-interfaces=eth1"},
 		{[]string{"-c", "eth1"}, nil, "-c/--istio-exclude-interfaces=eth1"},
-		{[]string{"--dual-stack"}, nil, "--dual-stack"},
-		{nil, map[string]string{"ISTIO_DUAL_STACK": "true"}, "$ISTIO_DUAL_STACK"},
+		{[]string{"--dual-stack=maybe"}, nil, "--dual-stack"},
+		{nil, map[string]string{"ISTIO_DUAL_STACK": "on"}, "$ISTIO_DUAL_STACK"},
+		{[]string{"-x", "fd00::/129"}, nil, "-x/--istio-service-exclude-cidr"},
+		{[]string{"-i", "::ffff:10.0.0.0/104"}, nil, "-i/--istio-service-cidr"},
 		{[]string{"--drop-invalid"}, nil, "--drop-invalid"},
 		{nil, map[string]string{"INVALID_DROP": "true"}, "$INVALID_DROP"},
 		{[]string{"--iptables-trace-logging"}, nil, "--iptables-trace-logging"},
@@ -288,22 +290,59 @@ func TestIstioIptablesAutoFailsOnInputErrors(t *testing.T) {
 	}
 }
 
-// istio-iptables would write ip6tables rules for an IPv6 pod; divert says it cannot. A
-// dual-stack pod whose first address is IPv4 is refused too: capturing its IPv4 half would
-// let its IPv6 connections bypass the proxy without a word.
-func TestIstioIptablesRefusesIPv6Pod(t *testing.T) {
+// IPv6 is decided from the pod's addresses as istio-iptables decides it; eBPF mode does not
+// capture IPv6 yet (policy.Config.EBPFUnsupported): auto falls back to iptables saying why
+// in one line, ebpf refuses with that line, iptables just renders both families.
+func TestIstioIptablesIPv6Pod(t *testing.T) {
 	v6 := &net.IPNet{IP: net.ParseIP("fd00::5"), Mask: net.CIDRMask(64, 128)}
 	v4 := &net.IPNet{IP: net.ParseIP("10.244.0.5"), Mask: net.CIDRMask(24, 32)}
 	linkLocal := &net.IPNet{IP: net.ParseIP("fe80::1"), Mask: net.CIDRMask(64, 128)}
-	for name, addrs := range map[string][]net.Addr{"IPv6": {linkLocal, v6}, "dual stack, IPv4 first": {v4, linkLocal, v6}} {
-		t.Run(name, func(t *testing.T) {
+	loopback6 := &net.IPNet{IP: net.IPv6loopback, Mask: net.CIDRMask(128, 128)}
+	const (
+		v4rules = "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN"
+		v6rules = "-A ISTIO_OUTPUT -o lo -s ::6/128 -j RETURN"
+	)
+	for _, c := range []struct {
+		name   string
+		addrs  []net.Addr
+		env    map[string]string
+		ipv6   bool   // IPv6 rules rendered
+		reason string // the fallback's reason
+	}{
+		{"IPv6 pod", []net.Addr{loopback6, linkLocal, v6}, nil, true, "the pod needs IPv6 capture (IPv6 address fd00::5), which eBPF mode does not do yet"},
+		{"dual-stack pod", []net.Addr{v4, linkLocal, v6}, nil, false, "the pod has IPv6 address fd00::5, which eBPF mode does not do yet"},
+		{"dual-stack pod, IPv6 listed first", []net.Addr{v6, v4}, nil, false, "the pod has IPv6 address fd00::5"},
+		{"dual-stack pod, $ISTIO_DUAL_STACK", []net.Addr{v4, v6}, map[string]string{"ISTIO_DUAL_STACK": "true"}, true, "the pod needs IPv6 capture"},
+		{"dual-stack pod, $DUAL_STACK", []net.Addr{v4, v6}, map[string]string{"DUAL_STACK": "true"}, true, "the pod needs IPv6 capture"},
+		{"dual-stack pod, $ISTIO_AGENT_DUAL_STACK is not read", []net.Addr{v4, v6}, map[string]string{"ISTIO_AGENT_DUAL_STACK": "true"}, false, "the pod has IPv6 address"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
 			stubWorld(t)
-			podAddrs = func() ([]net.Addr, error) { return addrs, nil }
-			for _, args := range [][]string{{"-n"}, {"--mode", "iptables", "-n"}} {
-				_, _, err := runIstio(t, nil, args...)
-				if err == nil || !strings.Contains(err.Error(), "fd00::5") || !strings.Contains(err.Error(), "ISTIO_DUAL_STACK") {
-					t.Fatalf("%v: want the pod refused with the fix, got %v", args, err)
-				}
+			podAddrs = func() ([]net.Addr, error) { return c.addrs, nil }
+			probeEBPF = func(loader.Options) error { t.Error("probed the kernel for a pod eBPF cannot capture"); return nil }
+			out, errOut, err := runIstio(t, c.env, append(injectorArgs, "-n")...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			lines := strings.Split(strings.TrimSpace(errOut), "\n")
+			if !strings.Contains(lines[len(lines)-1], c.reason) || !strings.Contains(lines[len(lines)-1], "using iptables") {
+				t.Errorf("want the fallback reason %q on stderr, got %q", c.reason, errOut)
+			}
+			if agent := c.env["ISTIO_AGENT_DUAL_STACK"] != ""; agent != strings.Contains(errOut, "$ISTIO_AGENT_DUAL_STACK is not read") || len(lines) != map[bool]int{false: 1, true: 2}[agent] {
+				t.Errorf("stderr: %q", errOut)
+			}
+			if !strings.Contains(out, v4rules) || strings.Contains(out, v6rules) != c.ipv6 || strings.Contains(out, "# ip6tables-restore") != c.ipv6 {
+				t.Errorf("dry run (IPv6 rules wanted: %v):\n%s", c.ipv6, out)
+			}
+
+			_, _, err = runIstio(t, c.env, append(injectorArgs, "-n", "--mode", "ebpf")...)
+			if err == nil || !strings.Contains(err.Error(), "--mode ebpf") || !strings.Contains(err.Error(), c.reason) || strings.Contains(err.Error(), "\n") {
+				t.Errorf("--mode ebpf: want one line with %q, got %v", c.reason, err)
+			}
+
+			out, errOut, err = runIstio(t, c.env, append(injectorArgs, "-n", "--mode", "iptables")...)
+			if err != nil || strings.Contains(errOut, "using iptables") || strings.Contains(out, v6rules) != c.ipv6 {
+				t.Errorf("--mode iptables: %v, stderr %q, stdout:\n%s", err, errOut, out)
 			}
 		})
 	}

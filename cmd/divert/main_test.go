@@ -62,8 +62,8 @@ func TestAttachBadInputChangesNothing(t *testing.T) {
 		{"not a netns", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", os.TempDir(), "--bpffs", opts.BPFFS}, nil, "--netns"},
 		{"missing netns", []string{"attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", "/run/netns/divert-no-such-pod", "--bpffs", opts.BPFFS}, nil, "/proc/<pid>/ns/net"},
 		{"space-separated -o", base("-o", "3306 5432"), nil, "separate the items with commas, like 3306,5432"},
-		{"IPv6 -i", base("-i", "fd00::/8"), nil, "IPv6 is not yet supported"},
-		{"IPv6 -x", base("-x", "10.96.0.0/12,fd00::/8"), nil, "--istio-service-exclude-cidr"},
+		{"IPv6 -i /129", base("-i", "fd00::/129"), nil, "--istio-service-cidr"},
+		{"v4-mapped -x", base("-x", "10.96.0.0/12,::ffff:10.0.0.0/104"), nil, "--istio-service-exclude-cidr"},
 		{"bad pod id", []string{"attach", "--pod-id", "ns.pod", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--pod-id"},
 		{"missing pod id", []string{"attach", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--pod-id"},
 		{"cgroup root", []string{"attach", "--pod-id", pod.Name, "--cgroup", divertest.Cgroup2Mount(t), "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS}, nil, "--cgroup"},
@@ -356,9 +356,16 @@ func TestExplain(t *testing.T) {
 		// --gid defaults to --uid, and says so.
 		{[]string{"--uid", "1000", "--dst", "10.0.0.5:80"}, "uid 1000, gid 1000 (--gid not given: the uid)"},
 		{[]string{"-g", "1000", "--uid", "1000", "--dst", "10.0.0.5:80"}, "pass (proxy-gid)"},
-		// Native IPv6 is not captured, whatever -i says.
+		// Native IPv6 is decided by the IPv6 rules when istio writes them: for an IPv6 pod,
+		// or with --dual-stack for a pod with an IPv6 address. Not otherwise.
 		{[]string{"--uid", "1000", "--dst", "[fd00::1]:80"}, "verdict: pass (none)"},
 		{[]string{"--uid", "1000", "--dst", "[fd00::1]:80"}, "IPv6"},
+		{[]string{"--uid", "1000", "--dst", "[fd00::1]:80", "--pod-ip", "10.1.1.1,fd00::5"}, "verdict: pass (none)"},
+		{[]string{"--uid", "1000", "--dst", "[fd00::1]:80", "--pod-ip", "fd00::5"}, "redirect-outbound to port 15001 (included-cidr)"},
+		{[]string{"--uid", "1000", "--dst", "[fd00::1]:80", "--pod-ip", "10.1.1.1,fd00::5", "--dual-stack"}, "iptables: -A ISTIO_OUTPUT -j ISTIO_REDIRECT"},
+		{[]string{"--uid", "1337", "--dst", "[fd00::5]:8080", "--pod-ip", "fd00::5"}, "-A ISTIO_OUTPUT -o lo ! -d ::1/128 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT"},
+		{[]string{"--uid", "1337", "--src", "::6", "--dst", "[fd00::5]:8080", "--pod-ip", "fd00::5"}, "pass (inbound-passthrough)"},
+		{[]string{"--uid", "1000", "--dst", "[fd00:10::1]:80", "--pod-ip", "fd00::5", "-x", "10.0.0.0/8,fd00:10::/64"}, "iptables: -A ISTIO_OUTPUT -d fd00:10::/64 -j RETURN"},
 		{[]string{"--uid", "1000", "--dst", "[::ffff:10.0.0.5]:80"}, "redirect-outbound to port 15001 (included-cidr)"},
 		{[]string{"--uid", "1337", "--gid", "1337", "--dst", "10.0.0.5:80"}, "pass (proxy-uid)"},
 		{[]string{"--uid", "1337", "--gid", "1337", "--dst", "10.1.1.1:8080", "--pod-ip", "10.1.1.1"}, "redirect-inbound to port 15006 (proxy-hairpin)"},
@@ -432,7 +439,8 @@ func TestExplainPodID(t *testing.T) {
 }
 
 // A dual-stack pod (IPv4 first, IPv6 second) is refused, naming --netns and the address,
-// and nothing is attached: divert would capture its IPv4 half and let IPv6 bypass the proxy.
+// and nothing is attached: eBPF mode does not capture IPv6 yet (policy.Config.
+// EBPFUnsupported), and would capture its IPv4 half and let IPv6 bypass the proxy.
 func TestAttachRefusesDualStackPod(t *testing.T) {
 	pod := testpod.New(t)
 	opts := divertest.BPFFS(t)
