@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -44,7 +45,10 @@ type scenario struct {
 	// v4mapped: the app connects from a dual-stack AF_INET6 socket to ::ffff:dst (Java's
 	// default); still IPv4 on the wire, so iptables' IPv4 rules see it.
 	v4mapped bool
-	mptcp    bool // the app connects with IPPROTO_MPTCP
+	// dual: the app connects from that same socket type (AF_INET6, IPV6_V6ONLY off) to
+	// dst whatever its family: an IPv6 dst natively, an IPv4 one v4-mapped.
+	dual  bool
+	mptcp bool // the app connects with IPPROTO_MPTCP
 }
 
 var outboundScenarios = []scenario{
@@ -113,9 +117,10 @@ var outboundScenarios = []scenario{
 
 // world is one pod with its proxy, an app server and the remote servers.
 type world struct {
-	pod          *testpod.Pod
-	cidrA, cidrB netip.Addr
-	procs        []*testpod.Proc // listeners that must stay up for the whole test
+	pod            *testpod.Pod
+	cidrA, cidrB   netip.Addr
+	cidrA6, cidrB6 netip.Addr      // with IPv6 (ipv6_test.go)
+	procs          []*testpod.Proc // listeners that must stay up for the whole test
 }
 
 // health reports listeners of the world that died, to tell a broken world from a
@@ -153,36 +158,48 @@ func newWorld(t *testing.T) *world {
 }
 
 func (w *world) expand(s string) string {
-	return strings.NewReplacer("{cidrA}", w.cidrA.String(), "{cidrB}", w.cidrB.String()).Replace(s)
+	return strings.NewReplacer("{cidrA}", w.cidrA.String(), "{cidrB}", w.cidrB.String(),
+		"{cidrA6}", w.cidrA6.String(), "{cidrB6}", w.cidrB6.String()).Replace(s)
 }
 
+// resolve turns a symbolic address ("remote:80", "pod6:8080", "[::1]:8080") into a real one.
 func (w *world) resolve(t *testing.T, sym string) netip.AddrPort {
-	host, port, _ := strings.Cut(sym, ":")
-	addr := map[string]netip.Addr{"remote": w.pod.Net.Addrs[0], "cidrA": w.cidrA, "cidrB": w.cidrB, "pod": w.pod.Addr}[host]
+	i := strings.LastIndex(sym, ":")
+	host, port := strings.Trim(sym[:i], "[]"), sym[i+1:]
+	addr := map[string]netip.Addr{"remote": w.pod.Net.Addrs[0], "cidrA": w.cidrA, "cidrB": w.cidrB, "pod": w.pod.Addr,
+		"remote6": testpod.PrimaryAddr6, "cidrA6": w.cidrA6, "cidrB6": w.cidrB6, "pod6": w.pod.Addr6}[host]
 	if !addr.IsValid() {
 		addr = netip.MustParseAddr(host)
 	}
-	ap, err := netip.ParseAddrPort(fmt.Sprintf("%s:%s", addr, port))
+	n, err := strconv.ParseUint(port, 10, 16)
 	if err != nil {
 		t.Fatalf("bad scenario address %q: %v", sym, err)
 	}
-	return ap
+	return netip.AddrPortFrom(addr, uint16(n))
 }
 
+// config is the scenario's policy for this world's pod: its flags, and IPv6 decided from
+// the pod's addresses as istio-iptables decides it.
 func (w *world) config(t *testing.T, s scenario) *policy.Config {
 	flags := make([]string, len(s.flags))
 	for i, f := range s.flags {
 		flags[i] = w.expand(f)
 	}
-	return divertest.Config(t, flags...)
+	cfg := divertest.Config(t, flags...)
+	cfg.DecideIPv6(w.pod.Addrs())
+	return cfg
 }
 
 func (w *world) conn(t *testing.T, s scenario) policy.Conn {
 	dst := w.resolve(t, s.dst)
-	c := policy.Conn{UID: s.uid, GID: s.gid, Dst: dst, DstLocal: dst.Addr().IsLoopback() || dst.Addr() == w.pod.Addr}
-	if s.src == "{pod}" {
+	c := policy.Conn{UID: s.uid, GID: s.gid, Dst: dst, DstLocal: policy.DstLocal(dst.Addr(), w.pod.Addrs())}
+	switch s.src {
+	case "":
+	case "{pod}":
 		c.Src = w.pod.Addr
-	} else if s.src != "" {
+	case "{pod6}":
+		c.Src = w.pod.Addr6
+	default:
 		c.Src = netip.MustParseAddr(s.src)
 	}
 	return c
@@ -216,7 +233,7 @@ func observed(r testpod.Result) outcome {
 		if orig == "" {
 			orig = "unreadable: " + h.OrigErr
 		}
-		return outcome{Landed: fmt.Sprintf("proxy:%d", local.Port()), Orig: orig}
+		return outcome{Landed: proxyAt(local.Addr().Is6(), local.Port()), Orig: orig}
 	}
 	return outcome{Landed: h.Who, At: h.Local}
 }
@@ -224,8 +241,11 @@ func observed(r testpod.Result) outcome {
 // expected turns the model's verdict into what a client must observe in this world.
 func (w *world) expected(v policy.Verdict, c policy.Conn) outcome {
 	c = c.Routed()
+	// An IPv6 connection lands on the proxy's [::] listener (REDIRECT goes to ::1), an IPv4
+	// one, v4-mapped too, on 0.0.0.0.
+	v6 := policy.FamilyOf(c.Dst.Addr()) == policy.IPv6
 	if v.Action != policy.Pass {
-		return outcome{Landed: fmt.Sprintf("proxy:%d", v.Port), Orig: c.Dst.String()}
+		return outcome{Landed: proxyAt(v6, v.Port), Orig: c.Dst.String()}
 	}
 	port := c.Dst.Port()
 	if c.DstLocal {
@@ -241,13 +261,27 @@ func (w *world) expected(v policy.Verdict, c policy.Conn) outcome {
 			if p == port {
 				// Reached directly, not NATed: conntrack (and divert, for connections from
 				// outside the pod) answers SO_ORIGINAL_DST with the socket's own address.
-				return outcome{Landed: fmt.Sprintf("proxy:%d", port), Orig: c.Dst.String()}
+				// IPv6 with no IPv6 rules (ReasonNone): no ip6tables table makes conntrack
+				// track IPv6 in the pod, so IP6T_SO_ORIGINAL_DST has nothing to answer.
+				if v6 && v.Reason == policy.ReasonNone {
+					return outcome{Landed: proxyAt(v6, port), Orig: "unreadable: no such file or directory"}
+				}
+				return outcome{Landed: proxyAt(v6, port), Orig: c.Dst.String()}
 			}
 		}
 	} else if port == 80 || port == 81 {
 		return outcome{Landed: "remote", At: c.Dst.String()}
 	}
 	return outcome{Landed: "error: connection refused"}
+}
+
+// proxyAt names the proxy listener that accepted: "proxy:15001" (0.0.0.0) or
+// "proxy6:15001" ([::], where the IPv6 worlds' proxy listens too).
+func proxyAt(v6 bool, port uint16) string {
+	if v6 {
+		return fmt.Sprintf("proxy6:%d", port)
+	}
+	return fmt.Sprintf("proxy:%d", port)
 }
 
 // backend applies a config to a world's pod; applying again replaces the previous config.
@@ -317,6 +351,8 @@ func (s scenario) socket() string {
 	switch {
 	case s.v4mapped:
 		return "dual-stack IPv6 socket, v4-mapped"
+	case s.dual:
+		return "dual-stack IPv6 socket"
 	case s.mptcp:
 		return "MPTCP socket"
 	}
@@ -326,7 +362,7 @@ func (s scenario) socket() string {
 // target is the connection the scenario's app makes: c, from the kind of socket it names.
 func (s scenario) target(c policy.Conn) testpod.Target {
 	t := targetOf(c)
-	t.V4Mapped, t.MPTCP = s.v4mapped, s.mptcp
+	t.V4Mapped, t.DualStack, t.MPTCP = s.v4mapped, s.dual, s.mptcp
 	return t
 }
 

@@ -40,7 +40,8 @@ func subset(r *rand.Rand, pool []string) string {
 	return strings.Join(out, ",")
 }
 
-func randomFlags(r *rand.Rand) []string {
+// randomFlags draws a config, its -i and -x from cidrs.
+func randomFlags(r *rand.Rand, cidrs []string) []string {
 	var f []string
 	add := func(flag, v string) { f = append(f, flag, v) }
 	if r.IntN(2) == 0 {
@@ -50,14 +51,14 @@ func randomFlags(r *rand.Rand) []string {
 		add("-q", subset(r, portPool))
 	}
 	if r.IntN(2) == 0 {
-		add("-x", subset(r, cidrPool))
+		add("-x", subset(r, cidrs))
 	}
 	switch r.IntN(3) {
 	case 0: // default '*'
 	case 1:
 		add("-i", "")
 	case 2:
-		add("-i", subset(r, cidrPool))
+		add("-i", subset(r, cidrs))
 	}
 	if r.IntN(3) == 0 {
 		u := pick(r, []string{"1337", "2000"})
@@ -86,19 +87,33 @@ func randomFlags(r *rand.Rand) []string {
 	return f
 }
 
-func randomScenario(r *rand.Rand, flags []string, i int) scenario {
+// randomScenario draws a connection: inbound to one of pods ("pod", "pod6"), or outbound
+// to one of dsts.
+func randomScenario(r *rand.Rand, flags []string, i int, pods, dsts []string) scenario {
 	if r.IntN(4) == 0 {
-		return scenario{name: fmt.Sprintf("conn %d", i), flags: flags, inbound: true, dst: "pod:" + pick(r, inboundPortPool)}
+		pod := pods[0]
+		if len(pods) > 1 { // one pod draws nothing: IPv4 seeds replay as before
+			pod = pick(r, pods)
+		}
+		return scenario{name: fmt.Sprintf("conn %d", i), flags: flags, inbound: true, dst: pod + ":" + pick(r, inboundPortPool)}
 	}
 	ids := pick(r, idPairs)
-	s := scenario{name: fmt.Sprintf("conn %d", i), flags: flags, uid: ids[0], gid: ids[1], dst: pick(r, dstPool)}
-	// 127.0.0.6 is a loopback source: bound to it, only local destinations are routable.
-	if r.IntN(4) == 0 && (strings.HasPrefix(s.dst, "pod:") || strings.HasPrefix(s.dst, "127.")) {
-		s.src = "127.0.0.6"
+	s := scenario{name: fmt.Sprintf("conn %d", i), flags: flags, uid: ids[0], gid: ids[1], dst: pick(r, dsts)}
+	// 127.0.0.6 and ::6 are sources on lo: bound to them, only local destinations are
+	// routable.
+	v6 := strings.Contains(s.dst, "6:") || strings.HasPrefix(s.dst, "[")
+	if r.IntN(4) == 0 {
+		switch {
+		case !v6 && (strings.HasPrefix(s.dst, "pod:") || strings.HasPrefix(s.dst, "127.")):
+			s.src = "127.0.0.6"
+		case strings.HasPrefix(s.dst, "pod6:") || strings.HasPrefix(s.dst, "[::1]"):
+			s.src = "::6"
+		}
 	}
 	switch r.IntN(8) {
 	case 0, 1:
-		s.v4mapped = true
+		// Java's dual-stack socket: v4-mapped for IPv4, native for IPv6.
+		s.v4mapped, s.dual = !v6, v6
 	case 2:
 		s.mptcp = true
 	}
@@ -108,12 +123,19 @@ func randomScenario(r *rand.Rand, flags []string, i int) scenario {
 // TestRandomParity draws random valid configs and connections and requires the model and
 // every backend to agree. Replay a failure with -parity.seed; `make parity-soak` runs more.
 func TestRandomParity(t *testing.T) {
+	randomParity(t, "TestRandomParity", backends(), func(t *testing.T) *world { return newWorld(t) },
+		func(r *rand.Rand) []string { return randomFlags(r, cidrPool) }, []string{"pod"}, dstPool)
+}
+
+// randomParity runs random configs (from flags) and connections (to pods and dsts) in one
+// world per backend.
+func randomParity(t *testing.T, name string, bs []backend, newWorld func(*testing.T) *world,
+	flags func(*rand.Rand) []string, pods, dsts []string) {
 	seed := *seedFlag
 	if seed == 0 {
 		seed = uint64(time.Now().UnixNano())
 	}
-	t.Logf("seed %d (replay: go test ./test/parity -run TestRandomParity -parity.seed=%d)", seed, seed)
-	bs := backends()
+	t.Logf("seed %d (replay: go test ./test/parity -run %s -parity.seed=%d)", seed, name, seed)
 	worlds := make([]*world, len(bs))
 	for i, b := range bs {
 		worlds[i] = newWorld(t)
@@ -121,10 +143,10 @@ func TestRandomParity(t *testing.T) {
 	}
 	r := rand.New(rand.NewPCG(seed, seed>>32|1))
 	for c := range *configsFlag {
-		flags := randomFlags(r)
+		flags := flags(r)
 		var scenarios []scenario
 		for i := range *connsFlag {
-			scenarios = append(scenarios, randomScenario(r, flags, i))
+			scenarios = append(scenarios, randomScenario(r, flags, i, pods, dsts))
 		}
 		for i, b := range bs {
 			w := worlds[i]
