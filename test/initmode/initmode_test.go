@@ -81,7 +81,13 @@ type k8sPod struct {
 
 func newK8sPod(t *testing.T, l layout) *k8sPod {
 	t.Helper()
-	pod := testpod.New(t)
+	return newK8sPodStack(t, l, testpod.IPv4Only)
+}
+
+// newK8sPodStack is newK8sPod with the address families of s.
+func newK8sPodStack(t *testing.T, l layout, s testpod.Stack) *k8sPod {
+	t.Helper()
+	pod := testpod.NewStack(t, s)
 	k := &k8sPod{Pod: pod, UID: newUID(t), layout: l}
 	k.Dir = mkdirs(t, pod.CgroupPath, l.pod(k.UID))
 	return k
