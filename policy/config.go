@@ -117,6 +117,18 @@ type Config struct {
 	// writes them when the pod's first address is IPv6, or with dual stack on); IPv4 is
 	// always captured.
 	IPv6 bool
+	// OutboundOwnerGroups narrows outbound capture by the socket's owning group
+	// ($ISTIO_OUTBOUND_OWNER_GROUPS, $ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE).
+	OutboundOwnerGroups OwnerGroups
+	// ExcludeInterfaces are never captured, in or out (-c): connections arriving on them,
+	// or routed out through them.
+	ExcludeInterfaces []string
+	// KubeVirtInterfaces (-k): TCP arriving on them (a VM behind the pod) is captured as
+	// outbound, to ProxyPort, where -i includes its destination.
+	KubeVirtInterfaces []string
+	// DropInvalid drops packets conntrack finds INVALID before they reach the pod
+	// (--drop-invalid, $DROP_INVALID, $INVALID_DROP). It changes no verdict.
+	DropInvalid bool
 }
 
 // IstioIptablesDefaults is what istio-iptables does when a flag is not given, which is not

@@ -35,7 +35,9 @@ type Conn struct {
 	Direction Direction
 	// Proto is TCP or UDP.
 	Proto Protocol
-	// UID and GID of the process that made an outbound connection.
+	// UID and GID of the process that made an outbound connection: as xt_owner sees them,
+	// the fsuid and fsgid of the socket file (those of the process when it made the socket).
+	// Supplementary groups never count: istio's rules do not use --suppl-groups.
 	UID, GID uint32
 	// Src is the address an outbound socket was bound to before connect (invalid if unbound).
 	Src netip.Addr
@@ -44,6 +46,10 @@ type Conn struct {
 	// DstLocal is true when Dst is an address of the pod itself (it routes via lo): its own
 	// IPs and all of 127.0.0.0/8.
 	DstLocal bool
+	// Iface is the interface an inbound connection arrives on, or the one routing sends an
+	// outbound connection out through (lo for DstLocal, whatever this says); "" when it
+	// does not matter (no -c or -k setting names it).
+	Iface string
 }
 
 // Routed is conn as the kernel routes it: connect() to 0.0.0.0 reaches this host, at the
@@ -113,6 +119,15 @@ const (
 	ReasonInboundNotIncluded                 // -b does not list the port
 	ReasonDNSCaptured                        // a query to a nameserver (or any, -capture-all-dns)
 	ReasonDNSNotCaptured                     // a UDP query to port 53 of another address
+)
+
+// The reasons of the settings in settings.go.
+const (
+	ReasonOwnerGroupNotIncluded       Reason = iota + ReasonDNSNotCaptured + 1 // $ISTIO_OUTBOUND_OWNER_GROUPS does not list the group
+	ReasonOwnerGroupExcluded                                                   // $ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE lists it
+	ReasonExcludedInterface                                                    // -c
+	ReasonVirtualInterface                                                     // -k: captured as outbound
+	ReasonVirtualInterfaceNotIncluded                                          // -k: -i does not include it, or not TCP
 	NumReasons
 )
 
@@ -135,6 +150,12 @@ var reasonNames = [NumReasons]string{
 	ReasonInboundNotIncluded:   "inbound-not-included",
 	ReasonDNSCaptured:          "dns-captured",
 	ReasonDNSNotCaptured:       "dns-not-captured",
+
+	ReasonOwnerGroupNotIncluded:       "owner-group-not-included",
+	ReasonOwnerGroupExcluded:          "owner-group-excluded",
+	ReasonExcludedInterface:           "excluded-interface",
+	ReasonVirtualInterface:            "virtual-interface",
+	ReasonVirtualInterfaceNotIncluded: "virtual-interface-not-included",
 }
 
 func (r Reason) String() string {
@@ -191,6 +212,10 @@ func (c *Config) Decide(conn Conn) Verdict {
 	if udp && (conn.Direction == Inbound || !c.dnsPortSpecial(conn.Dst.Port())) {
 		return Verdict{Action: Pass, Reason: ReasonNone}
 	}
+	// -k and -c: rules in the kernel's chains, before the jumps into istio's.
+	if v, ok := c.decideInterface(conn, udp); ok {
+		return v
+	}
 	if conn.Direction == Inbound {
 		return c.decideInbound(conn.Dst.Port())
 	}
@@ -236,6 +261,10 @@ func (c *Config) Decide(conn Conn) Verdict {
 	}
 	if conn.GID == c.ProxyGID {
 		return pass(ReasonProxyGID)
+	}
+	// The owner-group rule: after the proxy's own, before DNS and everything else.
+	if r, ok := c.ownerGroupPasses(conn.GID); ok {
+		return pass(r)
 	}
 	// ISTIO_OUTPUT_DNS: after the proxy's own traffic, before everything else.
 	if c.dnsPortSpecial(port) && c.DNSCaptures(dst) {

@@ -287,7 +287,7 @@ func TestDecideOrder(t *testing.T) { runDecide(t, orderCases) }
 // TestDecideReachesEveryReason checks the tables above exercise every verdict reason.
 func TestDecideReachesEveryReason(t *testing.T) {
 	seen := map[policy.Reason]bool{}
-	for _, tt := range append(append(append([]decideCase{}, ruleCases...), orderCases...), dnsCases...) {
+	for _, tt := range append(append(append(append([]decideCase{}, ruleCases...), orderCases...), dnsCases...), settingsCases...) {
 		seen[tt.want.Reason] = true
 	}
 	for _, r := range policy.Reasons() {

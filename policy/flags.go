@@ -31,11 +31,22 @@ const (
 	FlagOutboundExcludeCIDRs = "istio-service-exclude-cidr"         // -x
 	FlagRedirectDNS          = "redirect-dns"                       // also $ISTIO_META_DNS_CAPTURE
 	FlagCaptureAllDNS        = "capture-all-dns"
-	FlagDualStack            = "dual-stack" // also $ISTIO_DUAL_STACK
+	FlagDualStack            = "dual-stack"               // also $ISTIO_DUAL_STACK
+	FlagExcludeInterfaces    = "istio-exclude-interfaces" // -c
+	FlagKubeVirtInterfaces   = "kube-virt-interfaces"     // -k
+	FlagDropInvalid          = "drop-invalid"             // also $INVALID_DROP
 	// divert's own: where the nameservers come from (istio-iptables reads /etc/resolv.conf).
 	FlagDNSServers = "dns-servers"
 	FlagResolvConf = "resolv-conf"
+	// divert's own flags for istio's environment-only owner-group settings, so a command
+	// line (divert attach, the node agent) can give them too; their variables are istio's.
+	FlagOwnerGroups        = "istio-outbound-owner-groups"         // $ISTIO_OUTBOUND_OWNER_GROUPS
+	FlagOwnerGroupsExclude = "istio-outbound-owner-groups-exclude" // $ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE
 )
+
+// EnvInvalidDrop is the older variable for --drop-invalid, the one istio-cni reads from the
+// istio-proxy container.
+const EnvInvalidDrop = "INVALID_DROP"
 
 type flagSpec struct {
 	name, short, usage string
@@ -55,6 +66,7 @@ type flagExtra struct {
 
 var flagExtras = map[string]flagExtra{
 	FlagRedirectDNS:   {moreEnv: []string{EnvDNSCapture}, boolean: true},
+	FlagDropInvalid:   {moreEnv: []string{EnvInvalidDrop}, boolean: true},
 	FlagCaptureAllDNS: {boolean: true},
 	FlagDualStack:     {moreEnv: []string{EnvDualStack}, boolean: true},
 	FlagDNSServers:    {noEnv: true},
@@ -158,6 +170,23 @@ var flagSpecs = []flagSpec{
 	{FlagDNSServers, "", "the pod's nameservers for --" + FlagRedirectDNS + ", comma separated (default: read from --" + FlagResolvConf + ")",
 		func(c *Config) string { return joinAddrs(c.DNSServers) },
 		func(c *Config, s string) (err error) { c.DNSServers, err = parseAddrs(s); return }},
+	{FlagExcludeInterfaces, "c", "interfaces whose traffic, in or out, is never captured, comma separated",
+		func(c *Config) string { return strings.Join(c.ExcludeInterfaces, ",") },
+		func(c *Config, s string) (err error) { c.ExcludeInterfaces, err = parseInterfaces(s); return }},
+	{FlagKubeVirtInterfaces, "k", "virtual interfaces (KubeVirt) whose inbound TCP is captured as outbound, comma separated",
+		func(c *Config) string { return strings.Join(c.KubeVirtInterfaces, ",") },
+		func(c *Config, s string) (err error) { c.KubeVirtInterfaces, err = parseInterfaces(s); return }},
+	{FlagDropInvalid, "", "drop packets conntrack finds INVALID before they reach the pod (iptables backend; nothing to do with eBPF)",
+		func(c *Config) string { return strconv.FormatBool(c.DropInvalid) },
+		func(c *Config, s string) (err error) { c.DropInvalid, err = parseBool(s); return }},
+	{FlagOwnerGroups, "", `groups (names or gids) whose outbound connections are captured, comma separated; "*" = all`,
+		ownerGroupsIncludeString, parseOwnerGroupsInclude},
+	{FlagOwnerGroupsExclude, "", `groups (names or gids) whose outbound connections are never captured (with "*" above)`,
+		func(c *Config) string { return joinIDs(c.OutboundOwnerGroups.Exclude) },
+		func(c *Config, s string) (err error) {
+			c.OutboundOwnerGroups.Exclude, err = parseGroups(s, MaxOwnerGroupsExclude)
+			return
+		}},
 }
 
 // Flags registers every policy flag on fs with def's values as defaults, and returns the
