@@ -35,7 +35,22 @@ func MatchingRule(cfg *policy.Config, conn policy.Conn) string {
 		if r.prefix.IsValid() && !r.prefix.Contains(dst) {
 			continue
 		}
+		if r.gid != "" && r.gid != u32(conn.GID) {
+			continue
+		}
+		if r.iface != "" && !matchesIface(r, conn) {
+			continue
+		}
 		return r.line()
 	}
 	return ""
+}
+
+// matchesIface reports whether an interface rule sees conn: -o rules (OUTPUT) outbound
+// connections leaving through their interface, -i rules (PREROUTING) inbound ones arriving.
+func matchesIface(r rule, conn policy.Conn) bool {
+	if conn.Direction == policy.Outbound {
+		return r.chain == "OUTPUT" && r.iface == conn.OutIface()
+	}
+	return r.chain == "PREROUTING" && r.iface == conn.Iface
 }

@@ -91,6 +91,38 @@ func conns(cfg *policy.Config) []policy.Conn {
 		cs = append(cs, policy.Conn{Direction: policy.Inbound, Dst: netip.AddrPortFrom(podIP, p)},
 			policy.Conn{Direction: policy.Inbound, Dst: netip.AddrPortFrom(podIP6, p)})
 	}
+
+	// Owner groups: the listed groups' connections, TCP and DNS.
+	_, gids := cfg.OwnerGroupFilter()
+	for _, g := range append([]uint32{4000}, gids...) {
+		for _, dst := range []string{"10.0.0.1:80", "10.96.0.10:53", "[fd00:10::1]:80", "[fd00:10:96::a]:53"} {
+			c := out(app.uid, g, netip.Addr{}, dst, false)
+			cs = append(cs, c)
+			c.Proto = policy.UDP
+			cs = append(cs, c)
+		}
+	}
+	// Interfaces: outbound routed through them, inbound arriving on them (to the pod, and
+	// from a VM behind the pod to anywhere), TCP and UDP; and the same on eth0.
+	for _, i := range append(append([]string{"eth0"}, cfg.ExcludeInterfaces...), cfg.KubeVirtInterfaces...) {
+		var some []policy.Conn
+		for _, d := range dsts[:3] {
+			some = append(some, out(app.uid, app.gid, netip.Addr{}, netip.AddrPortFrom(d, 80).String(), false),
+				policy.Conn{Direction: policy.Inbound, Dst: netip.AddrPortFrom(d, 80)})
+		}
+		for _, p := range in {
+			some = append(some, policy.Conn{Direction: policy.Inbound, Dst: netip.AddrPortFrom(podIP, p)},
+				policy.Conn{Direction: policy.Inbound, Dst: netip.AddrPortFrom(podIP6, p)})
+		}
+		some = append(some, out(app.uid, app.gid, netip.Addr{}, "10.96.0.10:53", false),
+			out(app.uid, app.gid, netip.Addr{}, "[fd00:10::1]:80", false), policy.Conn{Direction: policy.Inbound, Dst: netip.MustParseAddrPort("[fd00:10::1]:80")})
+		for _, c := range some {
+			c.Iface = i
+			cs = append(cs, c)
+			c.Proto = policy.UDP
+			cs = append(cs, c)
+		}
+	}
 	return cs
 }
 
@@ -106,7 +138,7 @@ func simulate(t testing.TB, cfg *policy.Config, conn policy.Conn) (policy.Action
 	if f == policy.IPv6 && !cfg.IPv6 {
 		return policy.Pass, ""
 	}
-	rs := rules(cfg, f)
+	rs := inKernelOrder(rules(cfg, f))
 	table, start := tableNat, "OUTPUT"
 	if conn.Direction == policy.Inbound {
 		start = "PREROUTING"
@@ -162,6 +194,32 @@ func simulate(t testing.TB, cfg *policy.Config, conn policy.Conn) (policy.Action
 	return a, line
 }
 
+// inKernelOrder puts each chain's rules where the kernel has them: istio's -I inserts go
+// to their position, ahead of rules appended before them.
+func inKernelOrder(rs ruleSet) ruleSet {
+	type key struct{ table, chain string }
+	byChain := map[key][]rule{}
+	var order []key
+	for _, r := range rs {
+		k := key{r.table, r.chain}
+		c, seen := byChain[k]
+		if !seen {
+			order = append(order, k)
+		}
+		if r.pos > 0 && r.pos <= len(c) {
+			c = slices.Insert(c, r.pos-1, r)
+		} else {
+			c = append(c, r)
+		}
+		byChain[k] = c
+	}
+	var out ruleSet
+	for _, k := range order {
+		out = append(out, byChain[k]...)
+	}
+	return out
+}
+
 // matches evaluates a rule's match part against conn (TCP or UDP); an inbound connection
 // is new, unmarked and arrives on a real interface.
 func matches(t testing.TB, spec []string, c policy.Conn) bool {
@@ -185,10 +243,10 @@ func matches(t testing.TB, spec []string, c policy.Conn) bool {
 			ok = spec[i] == c.Proto.String()
 		case "-o":
 			i++
-			ok = c.Direction == policy.Outbound && c.DstLocal // lo is the way to local addresses
+			ok = c.Direction == policy.Outbound && c.OutIface() == spec[i] // lo is the way to local addresses
 		case "-i":
 			i++
-			ok = false // from outside, never lo
+			ok = c.Direction == policy.Inbound && c.Iface == spec[i] // from outside, never lo
 		case "-s", "-d":
 			i++
 			p := netip.MustParsePrefix(spec[i])

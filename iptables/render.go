@@ -3,11 +3,11 @@
 // applies and removes those rules inside a pod's network namespace, and names the rule that
 // decides a connection (for `divert explain`).
 //
-// What shapes capture is rendered: TCP, and DNS capture (nat plus the raw table's conntrack
-// zones), for IPv4 (iptables) and, when the pod's IPv6 is captured (policy.Config.IPv6), for
-// IPv6 (ip6tables); no interface exclusions. Rule order and spelling follow istio-iptables
-// (istio/istio tools/istio-iptables/pkg/capture) rule for rule, so the kernel running these
-// rules behaves exactly as it does under istio-init.
+// What shapes capture is rendered: TCP, DNS capture (nat plus the raw table's conntrack
+// zones), owner groups, interfaces (-c, -k) and the INVALID drop, for IPv4 (iptables) and,
+// when the pod's IPv6 is captured (policy.Config.IPv6), for IPv6 (ip6tables). Rule order and
+// spelling follow istio-iptables (istio/istio tools/istio-iptables/pkg/capture) rule for
+// rule, so the kernel running these rules behaves exactly as it does under istio-init.
 package iptables
 
 import (
@@ -31,6 +31,7 @@ const (
 	chainDivert     = "ISTIO_DIVERT"
 	chainTProxy     = "ISTIO_TPROXY"
 	chainOutputDNS  = "ISTIO_OUTPUT_DNS"
+	chainDrop       = "ISTIO_DROP"
 
 	// chainPrefix marks every chain this package owns; Cleanup removes exactly these.
 	chainPrefix = "ISTIO_"
@@ -67,6 +68,8 @@ type rule struct {
 	gidOwner bool
 	// family is whose rules these are (iptables' or ip6tables').
 	family policy.Family
+	// iface and gid are the interface (-c, -k) or owner group a deciding rule is specific to.
+	iface, gid string
 }
 
 // line is the rule as istio writes it into the restore input.
@@ -98,8 +101,9 @@ func (rs *ruleSet) add(table, chain string, spec ...string) *rule {
 	return &(*rs)[len(*rs)-1]
 }
 
-func (rs *ruleSet) insert(table, chain string, pos int, spec ...string) {
+func (rs *ruleSet) insert(table, chain string, pos int, spec ...string) *rule {
 	*rs = append(*rs, rule{table: table, chain: chain, pos: pos, spec: spec})
+	return &(*rs)[len(*rs)-1]
 }
 
 func (rs *ruleSet) decides(table, chain string, reason policy.Reason, spec ...string) *rule {
@@ -120,6 +124,8 @@ func rules(cfg *policy.Config, f policy.Family) ruleSet {
 	hostLoopback := hostLoopback(f)
 	mark := u32(cfg.TProxyMark)
 	tunnel := u16(cfg.InboundTunnelPort)
+
+	settingsRules(&rs, cfg)
 
 	// The tunnel port bypasses inbound capture. istio always writes this rule into the nat
 	// chain, even in TPROXY mode where nothing jumps to nat ISTIO_INBOUND.
@@ -183,6 +189,7 @@ func rules(cfg *policy.Config, f policy.Family) ruleSet {
 		rs.add(tableNat, chainOutput, localReturn("--gid-owner", gid)...)
 	}
 	rs.decides(tableNat, chainOutput, policy.ReasonProxyGID, "-m", "owner", "--gid-owner", gid, "-j", "RETURN")
+	ownerGroupRules(&rs, cfg)
 	if dns {
 		dnsRules(&rs, cfg, f)
 	}
@@ -198,8 +205,10 @@ func rules(cfg *policy.Config, f policy.Family) ruleSet {
 	switch {
 	case cfg.OutboundCIDRs.All:
 		rs.decides(tableNat, chainOutput, policy.ReasonIncludedCIDR, "-j", chainRedirect)
+		virtualRedirects(&rs, cfg, netip.Prefix{})
 	default:
 		for _, p := range cfg.OutboundCIDRsOf(f) {
+			virtualRedirects(&rs, cfg, p)
 			rs.decides(tableNat, chainOutput, policy.ReasonIncludedCIDR, "-d", p.String(), "-j", chainRedirect).prefix = p
 		}
 	}

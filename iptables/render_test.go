@@ -1,10 +1,13 @@
 package iptables
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/meshdivert/divert/policy"
 )
 
 // TestRenderGolden pins the rendering of every case; UPDATE_GOLDEN=1 rewrites the files.
@@ -174,3 +177,77 @@ func lineDiff(want, got string) string {
 }
 
 func itoa(i int) string { return u32(uint32(i)) }
+
+// TestRenderSettingsReference: owner groups, -c and --drop-invalid are byte for byte what
+// istio-iptables hands to iptables-restore (shared/reference, made by istio's own code with
+// the injector's flags), and -k what istio's own golden files hold (istio/istio at 86c9f01,
+// tools/istio-iptables/pkg/capture/testdata, the restore part: those start from
+// istio-iptables' defaults, not the injector's).
+func TestRenderSettingsReference(t *testing.T) {
+	for file, tc := range map[string]struct {
+		injector bool
+		args     []string
+	}{
+		"reference-owner-groups-include.rules":                {true, []string{"--istio-outbound-owner-groups", "1000,2000"}},
+		"reference-owner-groups-exclude.rules":                {true, []string{"--istio-outbound-owner-groups-exclude", "3000"}},
+		"reference-exclude-interfaces.rules":                  {true, []string{"-c", "net1"}},
+		"reference-drop-invalid.rules":                        {true, []string{"--drop-invalid"}},
+		"istio-golden-kube-virt-interfaces.rules":             {false, []string{"-k", "eth1,eth2", "-i", "*"}},
+		"istio-golden-ipnets-with-kube-virt-interfaces.rules": {false, []string{"-k", "eth1,eth2", "-i", "10.0.0.0/8"}},
+	} {
+		t.Run(file, func(t *testing.T) {
+			raw, err := os.ReadFile(filepath.Join("testdata", file))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var lines []string
+			for _, l := range strings.SplitAfter(string(raw), "\n") {
+				if strings.HasPrefix(l, "# iptables-restore") {
+					continue
+				}
+				if strings.HasPrefix(l, "*") && !strings.HasPrefix(l, "* ") {
+					l = "* " + l[1:]
+				}
+				lines = append(lines, l)
+			}
+			want := strings.Join(lines, "")
+			cfg := caseConfig(t, tc.args)
+			if !tc.injector {
+				c, err := policy.ParseArgs(policy.IstioIptablesDefaults(), tc.args...)
+				if err != nil {
+					t.Fatal(err)
+				}
+				cfg = &c
+			}
+			if got := Render(cfg); got != want {
+				t.Errorf("Render(%q) differs from istio's output:\n%s", tc.args, lineDiff(want, got))
+			}
+		})
+	}
+}
+
+// TestRenderKubeVirtIPv6Reference: -k on an IPv6 pod is what istio's own golden files hold
+// for both families (ipv6-virt-interfaces, ipv6-ipnets; istio-iptables' defaults).
+func TestRenderKubeVirtIPv6Reference(t *testing.T) {
+	for name, args := range map[string][]string{
+		"ipv6-virt-interfaces": {"-b", "4000,5000", "-k", "eth0,eth1"},
+		"ipv6-ipnets":          {"-b", "4000,5000", "-d", "6000,7000,", "-k", "eth0,eth1", "-x", "2001:db8::/32", "-i", "2001:db8::/32"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			cfg, err := policy.ParseArgs(policy.IstioIptablesDefaults(), args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.DecideIPv6([]netip.Addr{netip.MustParseAddr("fd00:10:244::5")})
+			for part, got := range map[string]string{"v4": Render(&cfg), "v6": Render6(&cfg)} {
+				want, err := os.ReadFile(filepath.Join("testdata", "istio-golden-"+name+"-"+part+".rules"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got != string(want) {
+					t.Errorf("%s %s differs from istio's output:\n%s", name, part, lineDiff(string(want), got))
+				}
+			}
+		})
+	}
+}

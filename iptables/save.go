@@ -197,11 +197,25 @@ var istioOwnerMarkRule = regexp.MustCompile(`^-A OUTPUT ! -d (127\.0\.0\.1/32|::
 
 var markValue = regexp.MustCompile(`--(?:mark|set-xmark|tproxy-mark) (0x[0-9a-f]+)`)
 
-// istioMarks collects the marks istio's chains in t use (TPROXY's -t mark, and 1338).
+// istioInterfaceRule is -c's and -k's RETURN in the kernel's chains (nat, and mangle in
+// TPROXY mode). Its shape is common, so it counts as istio's only in a table that holds
+// istio's chains (istioChains in the marks).
+var istioInterfaceRule = regexp.MustCompile(`^-A (PREROUTING -i|OUTPUT -o) [^ ]+ -j RETURN$`)
+
+// istioChains is the key istioMarks sets when the table has ISTIO_ chains; never a mark.
+const istioChains = "istio"
+
+// istioMarks collects the marks istio's chains in t use (TPROXY's -t mark, and 1338), and
+// istioChains if there are ISTIO_ chains at all.
 func istioMarks(t *savedTable) map[string]bool {
 	marks := map[string]bool{}
 	if t == nil {
 		return marks
+	}
+	for _, c := range t.chains {
+		if strings.HasPrefix(c, chainPrefix) {
+			marks[istioChains] = true
+		}
 	}
 	for _, r := range t.rules {
 		if strings.HasPrefix(r.chain, chainPrefix) {
@@ -214,13 +228,17 @@ func istioMarks(t *savedTable) map[string]bool {
 }
 
 // ownedBuiltinRule reports whether a rule in one of the kernel's chains is istio's: a jump
-// into an ISTIO_ chain, or (mangle) one of the TPROXY mark rules for one of marks.
+// into an ISTIO_ chain, an interface's RETURN beside istio's chains, or (mangle) one of the
+// TPROXY mark rules for one of marks.
 func ownedBuiltinRule(table string, r savedRule, marks map[string]bool) bool {
 	f := strings.Fields(r.line)
 	for i, a := range f {
 		if (a == "-j" || a == "-g") && i+1 < len(f) && strings.HasPrefix(f[i+1], chainPrefix) {
 			return true
 		}
+	}
+	if (table == tableNat || table == tableMangle) && marks[istioChains] && istioInterfaceRule.MatchString(r.line) {
+		return true
 	}
 	if table != tableMangle {
 		return false

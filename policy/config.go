@@ -180,6 +180,10 @@ func (c *Config) Validate() error {
 	if err := checkDNSServers(c.DNSServers); err != nil {
 		return fmt.Errorf("invalid --%s: %w", FlagDNSServers, err)
 	}
+	if len(c.KubeVirtInterfaces) > 0 && c.Mode == TProxy {
+		return fmt.Errorf("invalid -k/--%s with -m TPROXY: istio's TPROXY rules (mangle, ahead of nat) take the virtual interfaces' TCP as inbound before -k's rules see it; use -m REDIRECT",
+			FlagKubeVirtInterfaces)
+	}
 	if c.ProxyPort == c.InboundCapturePort {
 		return fmt.Errorf("invalid -p/--%s %d: it is also the inbound capture port (-z/--%s); use two different ports",
 			FlagProxyPort, c.ProxyPort, FlagInboundCapturePort)
