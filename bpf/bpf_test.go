@@ -30,7 +30,13 @@ func TestReasonsMatchPolicy(t *testing.T) {
 		bpf.DivertReasonREASON_INBOUND_NOT_INCLUDED:   policy.ReasonInboundNotIncluded,
 		bpf.DivertReasonREASON_DNS_CAPTURED:           policy.ReasonDNSCaptured,
 		bpf.DivertReasonREASON_DNS_NOT_CAPTURED:       policy.ReasonDNSNotCaptured,
-		bpf.DivertReasonNUM_REASONS:                   policy.NumReasons,
+
+		bpf.DivertReasonREASON_OWNER_GROUP_NOT_INCLUDED:       policy.ReasonOwnerGroupNotIncluded,
+		bpf.DivertReasonREASON_OWNER_GROUP_EXCLUDED:           policy.ReasonOwnerGroupExcluded,
+		bpf.DivertReasonREASON_EXCLUDED_INTERFACE:             policy.ReasonExcludedInterface,
+		bpf.DivertReasonREASON_VIRTUAL_INTERFACE:              policy.ReasonVirtualInterface,
+		bpf.DivertReasonREASON_VIRTUAL_INTERFACE_NOT_INCLUDED: policy.ReasonVirtualInterfaceNotIncluded,
+		bpf.DivertReasonNUM_REASONS:                           policy.NumReasons,
 	}
 	for c, g := range pairs {
 		if uint32(c) != uint32(g) {

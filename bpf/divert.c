@@ -66,6 +66,11 @@ enum reason {
 	REASON_INBOUND_NOT_INCLUDED,
 	REASON_DNS_CAPTURED,
 	REASON_DNS_NOT_CAPTURED,
+	REASON_OWNER_GROUP_NOT_INCLUDED,
+	REASON_OWNER_GROUP_EXCLUDED,
+	REASON_EXCLUDED_INTERFACE,	      // -c: only the iptables backend renders it
+	REASON_VIRTUAL_INTERFACE,	      // -k: likewise
+	REASON_VIRTUAL_INTERFACE_NOT_INCLUDED, // -k: likewise
 	NUM_REASONS,
 };
 
@@ -106,7 +111,15 @@ struct config {
 	__u8 dns_capture;	    // --redirect-dns (with nameservers, or capture-all)
 	__u8 dns_capture_all;	    // --capture-all-dns: every destination's port 53
 	__u16 dns_agent_port;	    // where captured queries go on 127.0.0.1 (15053)
+	__u8 owner_groups;	    // enum owner_groups: istio's ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]
 };
+
+enum owner_groups {
+	OWNER_GROUPS_ALL = 0,  // no filter
+	OWNER_GROUPS_ONLY = 1, // capture only the groups in owner_gids
+	OWNER_GROUPS_NOT = 2,  // never capture the groups in owner_gids
+};
+const enum owner_groups *unused_owner_groups __attribute__((unused));
 
 struct lpm_v4_key {
 	__u32 prefixlen;
@@ -179,6 +192,15 @@ struct {
 	__type(key, __u32);
 	__type(value, __u8);
 } dns_servers SEC(".maps");
+
+// The owner groups' gids (policy.MaxOwnerGroupsExclude).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, __u8);
+} owner_gids SEC(".maps");
 
 // Where a redirected connection was going, kept in the local storage of the app's socket
 // (from connect until its handshake is over) and of the proxy's accepted socket (until
@@ -302,11 +324,62 @@ static __always_inline int is_local(__u32 addr)
 	return bpf_map_lookup_elem(&local_addrs, &addr) != NULL;
 }
 
+// The kernel's types on the way from the hook's context to the socket file's credentials,
+// as CO-RE reads them (only the fields used; offsets come from the kernel's BTF at load).
+struct cred___divert {
+	struct {
+		__u32 val;
+	} fsgid;
+} __attribute__((preserve_access_index));
+struct file___divert {
+	const struct cred___divert *f_cred;
+} __attribute__((preserve_access_index));
+struct socket___divert {
+	struct file___divert *file;
+} __attribute__((preserve_access_index));
+struct sock___divert {
+	struct socket___divert *sk_socket;
+} __attribute__((preserve_access_index));
+struct bpf_sock_addr_kern___divert {
+	struct sock___divert *sk;
+} __attribute__((preserve_access_index));
+
+// Linux 6.2+. Weak: on older kernels the loader resolves it to 0 and refuses owner groups.
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
+
+// owner_group_passes is istio's owner-group rule ("-m owner [!] --gid-owner G ... -j
+// RETURN"): the reason it lets the connection pass, or 0. xt_owner matches the fsgid of the
+// socket's *file*, the credentials of whoever made the socket (not the real gid of the task
+// connecting now, which bpf_get_current_uid_gid gives: they differ after a setgid between
+// socket() and connect(), for sockets passed to another process, for setgid programs). An
+// MPTCP subflow is grafted onto the app's socket, so its file is the app's. A socket
+// without a file is in no group, as xt_owner says.
+static __always_inline enum reason owner_group_passes(struct bpf_sock_addr *ctx, struct config *cfg)
+{
+	enum reason r = cfg->owner_groups == OWNER_GROUPS_ONLY ? REASON_OWNER_GROUP_NOT_INCLUDED
+							       : REASON_OWNER_GROUP_EXCLUDED;
+	if (!bpf_cast_to_kern_ctx)
+		return r; // never armed here (the loader refuses the setting): pass, never capture
+	struct bpf_sock_addr_kern___divert *kctx = bpf_cast_to_kern_ctx(ctx);
+	struct sock___divert *sk = kctx->sk;
+	struct socket___divert *sock = sk ? sk->sk_socket : 0;
+	struct file___divert *file = sock ? sock->file : 0;
+	int listed = 0;
+	if (file) {
+		__u32 gid = file->f_cred->fsgid.val;
+		listed = bpf_map_lookup_elem(&owner_gids, &gid) != 0;
+	}
+	if (listed == (cfg->owner_groups == OWNER_GROUPS_ONLY))
+		return 0;
+	return r;
+}
+
 // decide_outbound mirrors policy.Config.Decide for outbound connections: istio's
 // ISTIO_OUTPUT chain, first match wins. It sets *to_port for redirects.
 // UDP is only decided for DNS queries (the callers check dns_query first).
-static __always_inline enum reason decide_outbound(struct config *cfg, int udp, __u32 src,
-						   __u32 dst, __u16 dport, __u16 *to_port)
+static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, struct config *cfg,
+						   int udp, __u32 src, __u32 dst, __u16 dport,
+						   __u16 *to_port)
 {
 	__u64 uid_gid = bpf_get_current_uid_gid();
 	__u32 uid = (__u32)uid_gid, gid = uid_gid >> 32;
@@ -341,6 +414,9 @@ static __always_inline enum reason decide_outbound(struct config *cfg, int udp, 
 		return REASON_LOCAL_DESTINATION;
 	if (gid == cfg->proxy_gid)
 		return REASON_PROXY_GID;
+	enum reason owner = cfg->owner_groups ? owner_group_passes(ctx, cfg) : 0;
+	if (owner)
+		return owner;
 	// istio's ISTIO_OUTPUT_DNS: after the proxy's own traffic, before everything else.
 	if (dns && (cfg->dns_capture_all || bpf_map_lookup_elem(&dns_servers, &dst))) {
 		*to_port = cfg->dns_agent_port;
@@ -399,7 +475,7 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, int udp,
 	__u16 dport = bpf_ntohs(dport_be);
 	enum reason r = REASON_NONE;
 	if (!udp || (cfg->dns_capture && dport == DNS_PORT)) {
-		r = decide_outbound(cfg, udp, src, dst, dport, to_port);
+		r = decide_outbound(ctx, cfg, udp, src, dst, dport, to_port);
 		count(r);
 	}
 	if (!*to_port) {

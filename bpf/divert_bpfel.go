@@ -27,7 +27,8 @@ type DivertConfig struct {
 	DnsCapture          uint8
 	DnsCaptureAll       uint8
 	DnsAgentPort        uint16
-	_                   [2]byte
+	OwnerGroups         uint8
+	_                   [1]byte
 }
 
 type DivertDrop uint32
@@ -53,6 +54,14 @@ type DivertOrigDst struct {
 	Pad  uint16
 }
 
+type DivertOwnerGroups uint32
+
+const (
+	DivertOwnerGroupsOWNER_GROUPS_ALL  DivertOwnerGroups = 0
+	DivertOwnerGroupsOWNER_GROUPS_ONLY DivertOwnerGroups = 1
+	DivertOwnerGroupsOWNER_GROUPS_NOT  DivertOwnerGroups = 2
+)
+
 type DivertPortFlag uint32
 
 const (
@@ -73,25 +82,30 @@ type DivertPortSets struct {
 type DivertReason uint32
 
 const (
-	DivertReasonREASON_NONE                   DivertReason = 0
-	DivertReasonREASON_EXCLUDED_OUTBOUND_PORT DivertReason = 1
-	DivertReasonREASON_INBOUND_PASSTHROUGH    DivertReason = 2
-	DivertReasonREASON_PROXY_HAIRPIN          DivertReason = 3
-	DivertReasonREASON_LOCAL_DESTINATION      DivertReason = 4
-	DivertReasonREASON_PROXY_UID              DivertReason = 5
-	DivertReasonREASON_PROXY_GID              DivertReason = 6
-	DivertReasonREASON_LOCALHOST              DivertReason = 7
-	DivertReasonREASON_EXCLUDED_CIDR          DivertReason = 8
-	DivertReasonREASON_INCLUDED_OUTBOUND_PORT DivertReason = 9
-	DivertReasonREASON_INCLUDED_CIDR          DivertReason = 10
-	DivertReasonREASON_NOT_INCLUDED           DivertReason = 11
-	DivertReasonREASON_INBOUND_TUNNEL_PORT    DivertReason = 12
-	DivertReasonREASON_INBOUND_EXCLUDED_PORT  DivertReason = 13
-	DivertReasonREASON_INBOUND_INCLUDED_PORT  DivertReason = 14
-	DivertReasonREASON_INBOUND_NOT_INCLUDED   DivertReason = 15
-	DivertReasonREASON_DNS_CAPTURED           DivertReason = 16
-	DivertReasonREASON_DNS_NOT_CAPTURED       DivertReason = 17
-	DivertReasonNUM_REASONS                   DivertReason = 18
+	DivertReasonREASON_NONE                           DivertReason = 0
+	DivertReasonREASON_EXCLUDED_OUTBOUND_PORT         DivertReason = 1
+	DivertReasonREASON_INBOUND_PASSTHROUGH            DivertReason = 2
+	DivertReasonREASON_PROXY_HAIRPIN                  DivertReason = 3
+	DivertReasonREASON_LOCAL_DESTINATION              DivertReason = 4
+	DivertReasonREASON_PROXY_UID                      DivertReason = 5
+	DivertReasonREASON_PROXY_GID                      DivertReason = 6
+	DivertReasonREASON_LOCALHOST                      DivertReason = 7
+	DivertReasonREASON_EXCLUDED_CIDR                  DivertReason = 8
+	DivertReasonREASON_INCLUDED_OUTBOUND_PORT         DivertReason = 9
+	DivertReasonREASON_INCLUDED_CIDR                  DivertReason = 10
+	DivertReasonREASON_NOT_INCLUDED                   DivertReason = 11
+	DivertReasonREASON_INBOUND_TUNNEL_PORT            DivertReason = 12
+	DivertReasonREASON_INBOUND_EXCLUDED_PORT          DivertReason = 13
+	DivertReasonREASON_INBOUND_INCLUDED_PORT          DivertReason = 14
+	DivertReasonREASON_INBOUND_NOT_INCLUDED           DivertReason = 15
+	DivertReasonREASON_DNS_CAPTURED                   DivertReason = 16
+	DivertReasonREASON_DNS_NOT_CAPTURED               DivertReason = 17
+	DivertReasonREASON_OWNER_GROUP_NOT_INCLUDED       DivertReason = 18
+	DivertReasonREASON_OWNER_GROUP_EXCLUDED           DivertReason = 19
+	DivertReasonREASON_EXCLUDED_INTERFACE             DivertReason = 20
+	DivertReasonREASON_VIRTUAL_INTERFACE              DivertReason = 21
+	DivertReasonREASON_VIRTUAL_INTERFACE_NOT_INCLUDED DivertReason = 22
+	DivertReasonNUM_REASONS                           DivertReason = 23
 )
 
 type DivertSockOrigDst struct {
@@ -114,6 +128,7 @@ const (
 	DivertMapOrigDstStorage       = "orig_dst_storage"
 	DivertMapOutboundExcludeCidrs = "outbound_exclude_cidrs"
 	DivertMapOutboundIncludeCidrs = "outbound_include_cidrs"
+	DivertMapOwnerGids            = "owner_gids"
 	DivertMapPortSetsMap          = "port_sets_map"
 	DivertProgDivertConnect4      = "divert_connect4"
 	DivertProgDivertConnect6      = "divert_connect6"
@@ -127,6 +142,7 @@ const (
 	DivertProgDivertSkLookup      = "divert_sk_lookup"
 	DivertProgDivertSockops       = "divert_sockops"
 	DivertVarUnusedDrop           = "unused_drop"
+	DivertVarUnusedOwnerGroups    = "unused_owner_groups"
 	DivertVarUnusedPortFlag       = "unused_port_flag"
 	DivertVarUnusedReason         = "unused_reason"
 )
@@ -199,6 +215,7 @@ type DivertMapSpecs struct {
 	OrigDstStorage       *ebpf.MapSpec `ebpf:"orig_dst_storage"`
 	OutboundExcludeCidrs *ebpf.MapSpec `ebpf:"outbound_exclude_cidrs"`
 	OutboundIncludeCidrs *ebpf.MapSpec `ebpf:"outbound_include_cidrs"`
+	OwnerGids            *ebpf.MapSpec `ebpf:"owner_gids"`
 	PortSetsMap          *ebpf.MapSpec `ebpf:"port_sets_map"`
 }
 
@@ -206,9 +223,10 @@ type DivertMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DivertVariableSpecs struct {
-	UnusedDrop     *ebpf.VariableSpec `ebpf:"unused_drop"`
-	UnusedPortFlag *ebpf.VariableSpec `ebpf:"unused_port_flag"`
-	UnusedReason   *ebpf.VariableSpec `ebpf:"unused_reason"`
+	UnusedDrop        *ebpf.VariableSpec `ebpf:"unused_drop"`
+	UnusedOwnerGroups *ebpf.VariableSpec `ebpf:"unused_owner_groups"`
+	UnusedPortFlag    *ebpf.VariableSpec `ebpf:"unused_port_flag"`
+	UnusedReason      *ebpf.VariableSpec `ebpf:"unused_reason"`
 }
 
 // DivertObjects contains all objects after they have been loaded into the kernel.
@@ -240,6 +258,7 @@ type DivertMaps struct {
 	OrigDstStorage       *ebpf.Map `ebpf:"orig_dst_storage"`
 	OutboundExcludeCidrs *ebpf.Map `ebpf:"outbound_exclude_cidrs"`
 	OutboundIncludeCidrs *ebpf.Map `ebpf:"outbound_include_cidrs"`
+	OwnerGids            *ebpf.Map `ebpf:"owner_gids"`
 	PortSetsMap          *ebpf.Map `ebpf:"port_sets_map"`
 }
 
@@ -254,6 +273,7 @@ func (m *DivertMaps) Close() error {
 		m.OrigDstStorage,
 		m.OutboundExcludeCidrs,
 		m.OutboundIncludeCidrs,
+		m.OwnerGids,
 		m.PortSetsMap,
 	)
 }
@@ -262,9 +282,10 @@ func (m *DivertMaps) Close() error {
 //
 // It can be passed to LoadDivertObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DivertVariables struct {
-	UnusedDrop     *ebpf.Variable `ebpf:"unused_drop"`
-	UnusedPortFlag *ebpf.Variable `ebpf:"unused_port_flag"`
-	UnusedReason   *ebpf.Variable `ebpf:"unused_reason"`
+	UnusedDrop        *ebpf.Variable `ebpf:"unused_drop"`
+	UnusedOwnerGroups *ebpf.Variable `ebpf:"unused_owner_groups"`
+	UnusedPortFlag    *ebpf.Variable `ebpf:"unused_port_flag"`
+	UnusedReason      *ebpf.Variable `ebpf:"unused_reason"`
 }
 
 // DivertPrograms contains all programs after they have been loaded into the kernel.

@@ -45,6 +45,9 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
+	if err := CheckPolicy(cfg); err != nil {
+		return err
+	}
 	var tgt target
 	var err error
 	if tgt.cgroupID, err = cgroupID(pod.Cgroup); err != nil {

@@ -30,6 +30,7 @@ func mapFields(m *maps.Maps) []field[ebpf.Map] {
 		{"orig_dst_storage", &m.OrigDstStorage},
 		{"outbound_exclude_cidrs", &m.OutboundExcludeCidrs},
 		{"outbound_include_cidrs", &m.OutboundIncludeCidrs},
+		{"owner_gids", &m.OwnerGids},
 		{"port_sets_map", &m.PortSetsMap},
 	}
 }

@@ -39,6 +39,10 @@ func Apply(m *Maps, cfg *policy.Config, localAddrs []netip.Addr) error {
 	if err := syncAddrs(m.DnsServers, cfg.DNSServers); err != nil {
 		return fmt.Errorf("update dns_servers map: %w", err)
 	}
+	_, gids := cfg.OwnerGroupFilter()
+	if err := syncIDs(m.OwnerGids, gids); err != nil {
+		return fmt.Errorf("update owner_gids map: %w", err)
+	}
 	// The scalar settings go last: a new include-all flag must not run ahead of the sets.
 	if err := m.ConfigMap.Put(uint32(0), configValue(cfg)); err != nil {
 		return fmt.Errorf("update config_map: %w", err)
@@ -60,7 +64,27 @@ func configValue(cfg *policy.Config) bpf.DivertConfig {
 		DnsCapture:          boolByte(cfg.CapturesDNS()),
 		DnsCaptureAll:       boolByte(cfg.CaptureAllDNS),
 		DnsAgentPort:        policy.DNSAgentPort,
+		OwnerGroups:         ownerGroups(cfg),
 	}
+}
+
+func ownerGroups(cfg *policy.Config) uint8 {
+	switch only, gids := cfg.OwnerGroupFilter(); {
+	case only:
+		return uint8(bpf.DivertOwnerGroupsOWNER_GROUPS_ONLY)
+	case len(gids) > 0:
+		return uint8(bpf.DivertOwnerGroupsOWNER_GROUPS_NOT)
+	}
+	return uint8(bpf.DivertOwnerGroupsOWNER_GROUPS_ALL)
+}
+
+// syncIDs makes a set of ids (the owner groups' gids) hold exactly ids.
+func syncIDs(m *ebpf.Map, ids []uint32) error {
+	want := make(map[uint32]uint8, len(ids))
+	for _, id := range ids {
+		want[id] = 1
+	}
+	return sync(m, want)
 }
 
 // ReadConfig returns the settings stored in the config map.
@@ -74,9 +98,10 @@ func ReadConfig(m *Maps) (bpf.DivertConfig, error) {
 // (in address order), what the programs decide with, whatever any command line says.
 // It gives back cfg as Apply rendered it: -d only with -b '*' (Config.InboundExcludes), -i
 // and -x as their IPv4 prefixes (sorted as text, as divert status lists them), port lists
-// and nameservers in order, REDIRECT or TPROXY by the one difference TPROXY makes to capture
-// (Config.InboundTunnelPasses). What the maps do not hold, the TPROXY mark and route table,
-// is Default's.
+// and nameservers in order, owner groups sorted, REDIRECT or TPROXY by the one difference
+// TPROXY makes to capture (Config.InboundTunnelPasses). What the maps do not hold, the
+// TPROXY mark and route table and what eBPF does not render (-c, -k, --drop-invalid), is
+// Default's.
 func ReadPolicy(m *Maps) (policy.Config, []netip.Addr, error) {
 	c, err := ReadConfig(m)
 	if err != nil {
@@ -107,6 +132,17 @@ func ReadPolicy(m *Maps) (policy.Config, []netip.Addr, error) {
 	cfg.RedirectDNS, cfg.CaptureAllDNS = c.DnsCapture != 0, c.DnsCaptureAll != 0
 	if cfg.DNSServers, err = readAddrs(m.DnsServers); err != nil {
 		return policy.Config{}, nil, fmt.Errorf("read dns_servers map: %w", err)
+	}
+	gids, err := readSet(m.OwnerGids, func(id uint32) uint32 { return id })
+	if err != nil {
+		return policy.Config{}, nil, fmt.Errorf("read owner_gids map: %w", err)
+	}
+	slices.Sort(gids)
+	switch bpf.DivertOwnerGroups(c.OwnerGroups) {
+	case bpf.DivertOwnerGroupsOWNER_GROUPS_ONLY:
+		cfg.OutboundOwnerGroups = policy.OwnerGroups{Only: true, Include: gids}
+	case bpf.DivertOwnerGroupsOWNER_GROUPS_NOT:
+		cfg.OutboundOwnerGroups = policy.OwnerGroups{Exclude: gids}
 	}
 	local, err := readAddrs(m.LocalAddrs)
 	if err != nil {

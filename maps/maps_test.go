@@ -37,6 +37,9 @@ func TestReadPolicyInvertsApply(t *testing.T) {
 		{"--redirect-dns", "--dns-servers", "10.96.0.11,10.96.0.10"},
 		{"--redirect-dns", "--capture-all-dns", "-i", ""},
 		{"--capture-all-dns"},
+		{"--istio-outbound-owner-groups", "2000,1000"},
+		{"--istio-outbound-owner-groups-exclude", "3001,3000"},
+		{"--istio-outbound-owner-groups", ""},
 		nil,
 	} {
 		cfg, err := policy.ParseArgs(policy.Default(), args...)
@@ -72,6 +75,16 @@ func TestReadPolicyInvertsApply(t *testing.T) {
 		}
 		want.DNSServers = slices.Clone(want.DNSServers)
 		slices.SortFunc(want.DNSServers, netip.Addr.Compare)
+		ids := func(g []uint32) []uint32 {
+			if len(g) == 0 {
+				return nil
+			}
+			g = slices.Clone(g)
+			slices.Sort(g)
+			return g
+		}
+		want.OutboundOwnerGroups.Include = ids(want.OutboundOwnerGroups.Include)
+		want.OutboundOwnerGroups.Exclude = ids(want.OutboundOwnerGroups.Exclude)
 		def := policy.Default()
 		want.TProxyMark, want.TProxyRouteTable = def.TProxyMark, def.TProxyRouteTable
 		if !reflect.DeepEqual(got, want) {

@@ -34,10 +34,11 @@ const forceNoEBPFEnv = "DIVERT_TEST_FORCE_NO_EBPF"
 
 // The outside world of istio-iptables mode, replaced by in-process tests.
 var (
-	probeEBPF  = loader.Probe
-	findPod    = func(f cgroups.Finder) (cgroups.Found, error) { return f.Find() }
-	podAddrs   = net.InterfaceAddrs
-	lookupUser = user.Lookup
+	probeEBPF   = loader.Probe
+	checkPolicy = loader.CheckPolicy
+	findPod     = func(f cgroups.Finder) (cgroups.Found, error) { return f.Find() }
+	podAddrs    = net.InterfaceAddrs
+	lookupUser  = user.Lookup
 	// uidMapFile says whether this process is in a user namespace.
 	uidMapFile = "/proc/self/uid_map"
 )
@@ -54,12 +55,9 @@ const (
 	flagForceApply          = "force-apply"
 	flagNativeNftables      = "native-nftables"
 	flagForceIptablesBinary = "force-iptables-binary"
-	flagDropInvalid         = "drop-invalid"
 	flagTraceLogging        = "iptables-trace-logging"
 	flagCNIMode             = "cni-mode"
 	flagNetworkNamespace    = "network-namespace"
-	flagExcludeInterfaces   = "istio-exclude-interfaces"
-	flagKubeVirtInterfaces  = "kube-virt-interfaces"
 
 	// divert's own.
 	flagMode            = "mode"
@@ -121,22 +119,12 @@ var istioOpts = []istioOpt{
 		usage: "accepted with eBPF (no rules are written); refused when the iptables backend would be used"},
 	{name: flagForceIptablesBinary, env: []string{"FORCE_IPTABLES_BINARY"},
 		usage: "iptables binary for the iptables backend: one whose name says nft or legacy"},
-	{name: flagDropInvalid, env: []string{"DROP_INVALID", "INVALID_DROP"}, isBool: true, def: "false", support: rejected,
-		why: "divert does not install istio's conntrack INVALID drop rule"},
 	{name: flagTraceLogging, env: []string{"IPTABLES_TRACE_LOGGING"}, isBool: true, def: "false", support: rejected,
 		why: "divert writes no LOG rules; use divert status (per-reason counters) and divert explain"},
 	{name: flagCNIMode, env: []string{"CNI_MODE"}, isBool: true, def: "false", support: rejected,
 		why: "divert istio-iptables runs inside the pod (init container); istio-cni mode is not implemented"},
 	{name: flagNetworkNamespace, env: []string{"NETWORK_NAMESPACE"}, support: rejected,
 		why: "divert istio-iptables works on the network namespace it runs in; use divert attach --netns from outside the pod"},
-	{name: flagExcludeInterfaces, short: "c", env: []string{"ISTIO_EXCLUDE_INTERFACES"}, support: rejected,
-		why: "excluding interfaces from capture is not implemented"},
-	{name: flagKubeVirtInterfaces, short: "k", env: []string{"KUBE_VIRT_INTERFACES"}, support: rejected,
-		why: "treating virtual interfaces' inbound traffic as outbound (KubeVirt) is not implemented"},
-	{name: "ISTIO_OUTBOUND_OWNER_GROUPS", env: []string{"ISTIO_OUTBOUND_OWNER_GROUPS"}, def: "*", support: rejected, envOnly: true,
-		why: "capturing only some groups' outbound traffic is not implemented (divert captures every group but -g's)"},
-	{name: "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", env: []string{"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE"}, support: rejected, envOnly: true,
-		why: "excluding groups' outbound traffic is not implemented (only -g's is)"},
 	{name: "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", env: []string{"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"}, def: "127.0.0.1/32", support: rejected, envOnly: true,
 		why: "divert's loopback exemption is 127.0.0.1/32, as istio's default"},
 }
@@ -261,9 +249,9 @@ rules, iptables detaches eBPF, and one iptables backend removes the other's chai
 IPv6 is captured as istio-iptables decides it from the pod's addresses: for an IPv6 pod,
 and with --dual-stack ($ISTIO_DUAL_STACK) for a pod with any IPv6 address; eBPF mode does
 not capture IPv6 yet, so such a pod uses iptables (--mode auto, recorded as a fallback).
-
-istio-iptables settings divert does not implement (interface exclusions, CNI mode, ...)
-are refused with a message naming them, never ignored.`,
+So do the istio-iptables settings the eBPF programs cannot express (-c, -k, owner groups on
+kernels before 6.2); --mode ebpf fails on them with the reason. The settings divert does
+not implement at all (CNI mode, ...) are refused with a message naming them, never ignored.`,
 		Example: `  divert istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020
   istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020 -n
   divert istio-iptables --cleanup-only`,
@@ -441,7 +429,11 @@ func (r *istioRun) ebpfUnavailable() error {
 	if inUserNS() {
 		return fmt.Errorf("this pod runs in a user namespace (hostUsers: false): the proxy's uid seen by eBPF is the host's, not -u %d: %w", r.cfg.ProxyUID, ebpf.ErrNotSupported)
 	}
-	return probeEBPF(r.lopts)
+	if err := probeEBPF(r.lopts); err != nil {
+		return err
+	}
+	// What the programs cannot express of the settings falls back like what the kernel lacks.
+	return checkPolicy(&r.cfg)
 }
 
 // inUserNS reports whether this process is in a user namespace other than the initial one,
@@ -630,6 +622,9 @@ func (r *istioRun) attach(ctx context.Context, pod loader.Pod, how string) error
 	}
 	fmt.Fprintf(out, "attached pod %s with eBPF: cgroup %s (%s), netns %s; outbound TCP to port %d, inbound %s to port %d; pinned in %s\n",
 		pod.ID, pod.Cgroup, how, pod.NetNS, r.cfg.ProxyPort, inboundPorts(&r.cfg), r.cfg.InboundCapturePort, loader.PinDir(r.lopts, pod.ID))
+	if r.cfg.DropInvalid {
+		fmt.Fprintln(out, loader.DropInvalidNote)
+	}
 	// An earlier --mode iptables run (or istio-init) left istio's rules: they would capture
 	// on top of eBPF. They go after eBPF is in, so capture has no gap; if they cannot go,
 	// a fresh attachment is undone and the pod is left as it was.
@@ -684,6 +679,9 @@ func (r *istioRun) printEBPFPlan(w io.Writer, pod loader.Pod, how string) {
 		fmt.Fprintf(w, "would attach %s (%s) to %s %s, pinned as %s\n", p.Name, p.Attach, p.Target, target, filepath.Join(dir, p.Pin))
 	}
 	fmt.Fprintf(w, "policy: %s\n", strings.Join(quoteArgs(r.cfg.Args()), " "))
+	if r.cfg.DropInvalid {
+		fmt.Fprintln(w, loader.DropInvalidNote)
+	}
 }
 
 func quoteArgs(args []string) []string {

@@ -27,8 +27,9 @@ var injectorArgs = []string{"-p", "15001", "-z", "15006", "-u", "1337", "-m", "R
 // anywhere and change nothing: an IPv4 pod, a kernel that supports eBPF, a pod cgroup.
 func stubWorld(t *testing.T) {
 	t.Helper()
-	saved := []any{probeEBPF, findPod, podAddrs, lookupUser, uidMapFile}
+	saved := []any{probeEBPF, findPod, podAddrs, lookupUser, uidMapFile, checkPolicy}
 	t.Cleanup(func() {
+		checkPolicy = saved[5].(func(*policy.Config) error)
 		probeEBPF = saved[0].(func(loader.Options) error)
 		findPod = saved[1].(func(cgroups.Finder) (cgroups.Found, error))
 		podAddrs = saved[2].(func() ([]net.Addr, error))
@@ -132,20 +133,18 @@ func TestIstioIptablesRefuses(t *testing.T) {
 	}{
 		{[]string{"--redirect-dns", "--resolv-conf", "/nonexistent"}, nil, "--resolv-conf"},
 		{nil, map[string]string{"ISTIO_META_DNS_CAPTURE": "on"}, "$ISTIO_META_DNS_CAPTURE"},
-		{[]string{"-k", "eth1"}, nil, "-k/--kube-virt-interfaces=eth1"},
-		{[]string{"-c", "eth1"}, nil, "-c/--istio-exclude-interfaces=eth1"},
 		{[]string{"--dual-stack=maybe"}, nil, "--dual-stack"},
 		{nil, map[string]string{"ISTIO_DUAL_STACK": "on"}, "$ISTIO_DUAL_STACK"},
 		{[]string{"-x", "fd00::/129"}, nil, "-x/--istio-service-exclude-cidr"},
 		{[]string{"-i", "::ffff:10.0.0.0/104"}, nil, "-i/--istio-service-cidr"},
-		{[]string{"--drop-invalid"}, nil, "--drop-invalid"},
-		{nil, map[string]string{"INVALID_DROP": "true"}, "$INVALID_DROP"},
 		{[]string{"--iptables-trace-logging"}, nil, "--iptables-trace-logging"},
 		{[]string{"--cni-mode"}, nil, "--cni-mode"},
 		{[]string{"--network-namespace", "/var/run/netns/x"}, nil, "--network-namespace"},
-		{nil, map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS": "1000"}, "$ISTIO_OUTBOUND_OWNER_GROUPS=1000"},
-		{nil, map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": "1000"}, "$ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE"},
 		{nil, map[string]string{"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR": "127.0.0.0/8"}, "$ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"},
+		{nil, map[string]string{"INVALID_DROP": "maybe"}, "$INVALID_DROP"},
+		{[]string{"-c", "net+"}, nil, "-c/--istio-exclude-interfaces"},
+		{nil, map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS": "1000-2000"}, "$ISTIO_OUTBOUND_OWNER_GROUPS"},
+		{[]string{"-k", "eth1", "-m", "TPROXY"}, nil, "-k/--kube-virt-interfaces with -m TPROXY"},
 		{nil, map[string]string{"DRY_RUN": "maybe"}, "$DRY_RUN"},
 		{[]string{"--mode", "fast"}, nil, "--mode"},
 		{[]string{"--force-iptables-binary", "iptables-foo"}, nil, "--force-iptables-binary"},
@@ -375,5 +374,64 @@ func TestValidateRefusesUncapturedOutbound(t *testing.T) {
 	var ve validationError
 	if errors.As(err, &ve) {
 		t.Errorf("bad input is not a validation failure (exit 126)")
+	}
+}
+
+// Settings the eBPF programs cannot express fall back to iptables in auto mode, with the
+// reason in one line, and fail --mode ebpf with that line; --drop-invalid is accepted with
+// eBPF, saying why it needs nothing there.
+func TestIstioIptablesSettings(t *testing.T) {
+	stubWorld(t)
+	for _, c := range []struct {
+		args []string
+		env  map[string]string
+		why  string // the reason, "" when eBPF is used
+		rule string // in the rules iptables would apply
+	}{
+		{[]string{"-c", "net1"}, nil, "-c/--istio-exclude-interfaces net1: eBPF cannot exclude interfaces", "-A OUTPUT -o net1 -j RETURN"},
+		{nil, map[string]string{"ISTIO_EXCLUDE_INTERFACES": "net1"}, "-c/--istio-exclude-interfaces net1: eBPF cannot exclude interfaces", "-A PREROUTING -i net1 -j RETURN"},
+		{[]string{"-k", "eth1"}, nil, "-k/--kube-virt-interfaces eth1: eBPF cannot capture a virtual interface's traffic", "-I PREROUTING 1 -i eth1 -j ISTIO_REDIRECT"},
+		{nil, map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS": "1000,root"}, "", "-m owner ! --gid-owner 1000 -m owner ! --gid-owner 0 -j RETURN"},
+		{nil, map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": "3000"}, "", "-A ISTIO_OUTPUT -m owner --gid-owner 3000 -j RETURN"},
+		{[]string{"--drop-invalid"}, nil, "", "-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP"},
+		{nil, map[string]string{"INVALID_DROP": "true"}, "", "-A ISTIO_DROP -j DROP"},
+	} {
+		name := fmt.Sprint(c.args, c.env)
+		out, errOut, err := runIstio(t, c.env, append([]string{"-n"}, append(injectorArgs, c.args...)...)...)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if c.why == "" {
+			if !strings.Contains(out, "backend: ebpf") || errOut != "" {
+				t.Errorf("%s: want eBPF, got stdout\n%s\nstderr %q", name, out, errOut)
+			}
+			if (c.args != nil || c.env["INVALID_DROP"] != "") != strings.Contains(out, loader.DropInvalidNote) {
+				t.Errorf("%s: the --drop-invalid note, or its absence, is wrong:\n%s", name, out)
+			}
+		} else {
+			if lines := strings.Split(strings.TrimSpace(errOut), "\n"); len(lines) != 1 || !strings.Contains(lines[0], c.why) || !strings.Contains(lines[0], "using iptables") {
+				t.Errorf("%s: want one line with the reason on stderr, got %q", name, errOut)
+			}
+			if !strings.Contains(out, c.rule) {
+				t.Errorf("%s: the fallback's rules lack %q:\n%s", name, c.rule, out)
+			}
+			_, _, err := runIstio(t, c.env, append([]string{"-n", "--mode", "ebpf"}, append(injectorArgs, c.args...)...)...)
+			if err == nil || !strings.Contains(err.Error(), "--mode ebpf") || !strings.Contains(err.Error(), c.why) || strings.Contains(err.Error(), "\n") {
+				t.Errorf("%s: --mode ebpf should fail with the reason, got %v", name, err)
+			}
+		}
+		out, _, err = runIstio(t, c.env, append([]string{"-n", "--mode", "iptables"}, append(injectorArgs, c.args...)...)...)
+		if err != nil || !strings.Contains(out, c.rule) {
+			t.Errorf("%s: --mode iptables should render %q: %v\n%s", name, c.rule, err, out)
+		}
+	}
+
+	// Owner groups on a kernel whose programs cannot read the socket's group fall back too.
+	checkPolicy = func(*policy.Config) error {
+		return &loader.PolicyError{Setting: "$ISTIO_OUTBOUND_OWNER_GROUPS", Why: "needs Linux 6.2 or later"}
+	}
+	_, errOut, err := runIstio(t, map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS": "1000"}, append([]string{"-n"}, injectorArgs...)...)
+	if err != nil || !strings.Contains(errOut, "$ISTIO_OUTBOUND_OWNER_GROUPS: needs Linux 6.2 or later); using iptables") {
+		t.Errorf("owner groups on an old kernel: %v %q", err, errOut)
 	}
 }
