@@ -98,9 +98,13 @@ func TestSettingsFlags(t *testing.T) {
 		{name: "env INVALID_DROP beats DROP_INVALID", env: map[string]string{"DROP_INVALID": "true", "INVALID_DROP": "false"}},
 		{name: "--drop-invalid=false beats env", args: []string{"--drop-invalid=false"}, env: map[string]string{"INVALID_DROP": "true"}},
 		{name: "env ISTIO_OUTBOUND_OWNER_GROUPS", env: map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS": "1000,2000"},
-			want: func(c *policy.Config) { c.OutboundOwnerGroups = policy.OwnerGroups{Only: true, Include: []uint32{1000, 2000}} }},
+			want: func(c *policy.Config) {
+				c.OutboundOwnerGroups = policy.OwnerGroups{Only: true, Include: []uint32{1000, 2000}}
+			}},
 		{name: "owner groups by name", env: map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS": "root,7"},
-			want: func(c *policy.Config) { c.OutboundOwnerGroups = policy.OwnerGroups{Only: true, Include: []uint32{0, 7}} }},
+			want: func(c *policy.Config) {
+				c.OutboundOwnerGroups = policy.OwnerGroups{Only: true, Include: []uint32{0, 7}}
+			}},
 		{name: "owner groups *", env: map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS": "*"}},
 		{name: "env ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", env: map[string]string{"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": "3000"},
 			want: func(c *policy.Config) { c.OutboundOwnerGroups.Exclude = []uint32{3000} }},
