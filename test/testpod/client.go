@@ -8,7 +8,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/meshdivert/divert/internal/sockio"
@@ -45,6 +47,12 @@ func runClient(args []string) error {
 
 func clientDial(target string, timeout time.Duration) Result {
 	res := Result{Dst: target}
+	var thenGID int
+	if rest, ok := strings.CutPrefix(target, setgidPrefix); ok {
+		gid, after, _ := strings.Cut(rest, ":")
+		thenGID, _ = strconv.Atoi(gid)
+		target = after
+	}
 	target, mptcp := strings.CutPrefix(target, mptcpPrefix)
 	target, mapped := strings.CutPrefix(target, v4MappedPrefix)
 	target, dual := strings.CutPrefix(target, dualStackPrefix)
@@ -60,6 +68,12 @@ func clientDial(target string, timeout time.Duration) Result {
 	}
 	d := dialer(timeout, src)
 	d.Deadline = time.Now().Add(timeout)
+	if thenGID != 0 {
+		// After socket(), before connect(): Setresgid changes every thread's ids.
+		d.Control = func(string, string, syscall.RawConn) error {
+			return syscall.Setresgid(thenGID, thenGID, thenGID)
+		}
+	}
 	var c net.Conn
 	var err error
 	if mapped || dual || mptcp {

@@ -41,7 +41,9 @@ const readyTimeout = 10 * time.Second
 // {"server", "--name", "s", "--listen", "0.0.0.0:80"}.
 type ProcSpec struct {
 	UID, GID uint32
-	Args     []string
+	// Groups are the supplementary groups (none if empty).
+	Groups []uint32
+	Args   []string
 	// Path, if set, runs that executable with Args instead of a helper (e.g. haproxy).
 	Path string
 	// Caps are ambient capabilities kept across the switch to UID (e.g. CAP_NET_ADMIN
@@ -95,7 +97,7 @@ func start(tb testing.TB, netnsPath, cgroupPath string, spec ProcSpec) *Proc {
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// Empty Groups with NoSetGroups false means setgroups(0): the helper must not keep
 		// root's supplementary groups (xt_owner --suppl-groups and file access would see them).
-		Credential:  &syscall.Credential{Uid: spec.UID, Gid: spec.GID},
+		Credential:  &syscall.Credential{Uid: spec.UID, Gid: spec.GID, Groups: spec.Groups},
 		UseCgroupFD: true, // clone3(CLONE_INTO_CGROUP): born in the cgroup, no window outside
 		CgroupFD:    cg,
 		// Pdeathsig fires when the forking *thread* exits. nsexec returns that thread to the
@@ -265,6 +267,9 @@ type Target struct {
 	// MPTCP connects with IPPROTO_MPTCP (Go's Dialer.SetMultipathTCP): the kernel makes
 	// the connection through a TCP subflow socket of its own.
 	MPTCP bool
+	// ThenGID, if set, switches the client's gids to it between socket() and connect() (the
+	// client must run as root): the socket file keeps the group it was made with.
+	ThenGID uint32
 }
 
 // Prefixes marking V4Mapped, DualStack and MPTCP targets on the client's command line.
@@ -272,6 +277,7 @@ const (
 	v4MappedPrefix  = "v4mapped:"
 	dualStackPrefix = "dual:"
 	mptcpPrefix     = "mptcp:"
+	setgidPrefix    = "setgid="
 )
 
 func (t Target) String() string {
@@ -287,6 +293,9 @@ func (t Target) String() string {
 	}
 	if t.MPTCP {
 		s = mptcpPrefix + s
+	}
+	if t.ThenGID != 0 {
+		s = setgidPrefix + strconv.FormatUint(uint64(t.ThenGID), 10) + ":" + s
 	}
 	return s
 }
@@ -316,22 +325,29 @@ type Hop struct {
 // Dial runs a client in the pod as uid/gid and returns one Result per target, in order.
 func (p *Pod) Dial(tb testing.TB, uid, gid uint32, targets ...Target) []Result {
 	tb.Helper()
-	return dial(tb, func(s ProcSpec) *Proc { return p.Start(tb, s) }, uid, gid, targets)
+	return dial(tb, func(s ProcSpec) *Proc { return p.Start(tb, s) }, ProcSpec{UID: uid, GID: gid}, targets)
+}
+
+// DialGroups is Dial with supplementary groups.
+func (p *Pod) DialGroups(tb testing.TB, uid, gid uint32, groups []uint32, targets ...Target) []Result {
+	tb.Helper()
+	return dial(tb, func(s ProcSpec) *Proc { return p.Start(tb, s) }, ProcSpec{UID: uid, GID: gid, Groups: groups}, targets)
 }
 
 // Dial runs a client (as root) in the remote netns, e.g. for inbound tests.
 func (n *Network) Dial(tb testing.TB, targets ...Target) []Result {
 	tb.Helper()
-	return dial(tb, func(s ProcSpec) *Proc { return n.Start(tb, s) }, 0, 0, targets)
+	return dial(tb, func(s ProcSpec) *Proc { return n.Start(tb, s) }, ProcSpec{}, targets)
 }
 
-func dial(tb testing.TB, start func(ProcSpec) *Proc, uid, gid uint32, targets []Target) []Result {
+func dial(tb testing.TB, start func(ProcSpec) *Proc, who ProcSpec, targets []Target) []Result {
 	tb.Helper()
 	args := []string{"client", "--timeout", ClientTimeout.String()}
 	for _, t := range targets {
 		args = append(args, "--target", t.String())
 	}
-	out := start(ProcSpec{UID: uid, GID: gid, Args: args}).
+	who.Args = args
+	out := start(who).
 		Wait(tb, time.Duration(len(targets))*ClientTimeout+readyTimeout)
 	var res []Result
 	dec := json.NewDecoder(strings.NewReader(out))
