@@ -58,6 +58,11 @@ var dnsScenarios = []dnsScenario{
 	{name: "connected to a non-nameserver, reconnected to ns2: the agent, as ns2", uid: appUID, gid: appUID, kind: testpod.UDPConnected, first: "other:53", dst: "ns2:53"},
 	{name: "DNS off: the nameserver answers itself", flags: []string{"-"}, uid: appUID, gid: appUID, kind: testpod.UDPUnconnected, dst: "ns1:53"},
 	{name: "DNS off: TCP to the nameserver goes to the proxy", flags: []string{"-"}, uid: appUID, gid: appUID, kind: testpod.TCPQuery, dst: "ns1:53"},
+	// Istio's owner-group rule comes before its DNS rules.
+	{name: "owner groups: a listed group's query goes to the agent", flags: []string{"--istio-outbound-owner-groups", "2000"}, uid: appUID, gid: 2000, kind: testpod.UDPConnected, dst: "ns1:53"},
+	{name: "owner groups: an unlisted group's query reaches the nameserver", flags: []string{"--istio-outbound-owner-groups", "2000"}, uid: appUID, gid: appUID, kind: testpod.UDPUnconnected, dst: "ns1:53"},
+	{name: "owner groups exclude: the group's TCP query reaches the nameserver", flags: []string{"--istio-outbound-owner-groups-exclude", "2000"}, uid: appUID, gid: 2000, kind: testpod.TCPQuery, dst: "ns1:53"},
+	{name: "owner groups exclude: the group's v4-mapped query reaches the nameserver", flags: []string{"--istio-outbound-owner-groups-exclude", "2000"}, uid: appUID, gid: 2000, kind: testpod.UDPUnconnected, dst: "ns1:53", v4mapped: true},
 }
 
 // dnsWorld is a pod with the agent stand-in (uid 1337 on 127.0.0.1:15053, UDP and TCP),
