@@ -113,6 +113,9 @@ func (a *Agent) attach(ctx context.Context, pod *corev1.Pod, cniIPs []string, ne
 	a.pods[id] = podRef{pod.Namespace, pod.Name}
 	a.mu.Unlock()
 	a.log().Info("captured", "pod", key(pod), "uid", id, "cgroup", cg)
+	if cfg.DropInvalid {
+		a.log().Info(loader.DropInvalidNote, "pod", key(pod))
+	}
 	return nil
 }
 

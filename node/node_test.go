@@ -665,3 +665,20 @@ func landedAt(t *testing.T, pod *testpod.Pod, dst netip.AddrPort) string {
 	}
 	return r.Hops[0].Who
 }
+
+// A pod asking for what eBPF cannot do (here: a Multus interface left alone) does not
+// start: the CNI error (the kubelet's event) names the annotation, and nothing is pinned.
+func TestAgentRefusesExcludeInterfaces(t *testing.T) {
+	p := meshedPod(newUID())
+	p.Annotations["traffic.sidecar.istio.io/excludeInterfaces"] = "net1"
+	opts := divertest.BPFFS(t)
+	a := &node.Agent{Client: fake.NewClientset(p), NodeName: "node-1", CgroupRoot: t.TempDir(), Loader: opts, Defaults: policy.Default()}
+	_, err := a.Add(context.Background(), node.Request{Command: "ADD", Netns: "/proc/self/ns/net",
+		PodNamespace: p.Namespace, PodName: p.Name, PodUID: string(p.UID), IPs: []string{"198.18.0.5"}})
+	if err == nil || !strings.Contains(err.Error(), "traffic.sidecar.istio.io/excludeInterfaces") || !strings.Contains(err.Error(), "no iptables fallback") {
+		t.Fatalf("want the pod refused naming the annotation, got %v", err)
+	}
+	if ids, err := loader.List(opts); err != nil || len(ids) != 0 {
+		t.Fatalf("a refused pod left pins: %v %v", ids, err)
+	}
+}

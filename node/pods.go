@@ -11,8 +11,8 @@ import (
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
-	"sigs.k8s.io/yaml"
 
+	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
 )
 
@@ -48,7 +48,14 @@ var trafficAnnotations = map[string]string{
 	trafficPrefix + "excludeOutboundPorts":    "-o",
 	trafficPrefix + "includeInboundPorts":     "-b",
 	trafficPrefix + "excludeInboundPorts":     "-d",
+	trafficPrefix + "excludeInterfaces":       "-c",
+	trafficPrefix + "kubevirtInterfaces":      "-k", // deprecated by AnnotationRerouteVirtual
+	AnnotationRerouteVirtual:                  "-k",
 }
+
+// AnnotationRerouteVirtual is Istio's current name for kubevirtInterfaces; Istio's injector
+// and istio-cni take it over the old one when both are set.
+const AnnotationRerouteVirtual = "istio.io/reroute-virtual-interfaces"
 
 // Selected says whether divert should capture the pod, and why (for logs and events).
 func Selected(pod *corev1.Pod) (bool, string) {
@@ -79,7 +86,7 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 			"drop hostUsers: false, or use divert as the pod's init container (it falls back to iptables there)", pod.Namespace, pod.Name)
 	}
 	var args, warnings []string
-	var sources []string // for each flag in args, where its value came from
+	var sources []string // for each arg, where its value came from
 	keys := make([]string, 0, len(pod.Annotations))
 	for k := range pod.Annotations {
 		keys = append(keys, k)
@@ -87,13 +94,16 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 	sort.Strings(keys)
 	for _, k := range keys {
 		v := pod.Annotations[k]
+		if _, newer := pod.Annotations[AnnotationRerouteVirtual]; newer && k == trafficPrefix+"kubevirtInterfaces" {
+			continue
+		}
 		if flag, ok := trafficAnnotations[k]; ok {
 			if flag == "-d" {
 				// Istio's injector always excludes its own ports, whatever the annotation adds.
 				v = strings.Trim(policy.PortList{Ports: policy.InjectorInboundExcludePorts()}.String()+","+v, ",")
 			}
 			args = append(args, flag, v)
-			sources = append(sources, "annotation "+k)
+			sources = append(sources, "annotation "+k, "annotation "+k)
 			continue
 		}
 		if strings.HasPrefix(k, trafficPrefix) {
@@ -104,7 +114,7 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 	case "", "REDIRECT", "TPROXY":
 		if mode != "" {
 			args = append(args, "-m", mode)
-			sources = append(sources, "annotation "+AnnotationInterceptionMode)
+			sources = append(sources, "annotation "+AnnotationInterceptionMode, "annotation "+AnnotationInterceptionMode)
 		}
 	default:
 		warnings = append(warnings, fmt.Sprintf("annotation %s=%q is not supported by divert (use REDIRECT or TPROXY); using %s",
@@ -117,31 +127,54 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 	if dns {
 		// As istio-cni: it reads no resolv.conf, so every destination's port 53 is captured.
 		args = append(args, "--"+policy.FlagRedirectDNS+"=true", "--"+policy.FlagCaptureAllDNS+"=true")
-		sources = append(sources, dnsSource)
+		sources = append(sources, dnsSource, dnsSource)
 	}
+	envArgs, envSources, err := proxyEnvSettings(pod)
+	if err != nil {
+		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s: %w", pod.Namespace, pod.Name, err)
+	}
+	args, sources = append(args, envArgs...), append(sources, envSources...)
 	uid, gid := proxyIDs(pod)
 	if uid != "" {
 		args = append(args, "-u", uid)
-		sources = append(sources, "the proxy's uid")
+		sources = append(sources, "the proxy's uid", "the proxy's uid")
 	}
 	if gid != "" {
 		args = append(args, "-g", gid)
-		sources = append(sources, "the proxy's gid")
+		sources = append(sources, "the proxy's gid", "the proxy's gid")
 	}
 
 	cfg, err := policy.ParseArgs(defaults, args...)
 	if err != nil {
 		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s %s: %w", pod.Namespace, pod.Name, culprit(args, sources, defaults), err)
 	}
+	if err := checkPolicy(&cfg); err != nil {
+		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s not captured: %s asks for what eBPF cannot do (%w); node mode has no iptables fallback: "+
+			"drop the setting, or capture this pod with divert as its init container (which falls back to istio's rules) or with Istio's own",
+			pod.Namespace, pod.Name, culprit(args, sources, defaults, checkPolicy), err)
+	}
 	return cfg, warnings, nil
 }
 
-// culprit names the setting whose value the parser refuses: each is parsed alone.
-func culprit(args, sources []string, defaults policy.Config) string {
-	for i, src := range sources {
-		if _, err := policy.ParseArgs(defaults, args[2*i:2*i+2]...); err != nil {
-			return src
+// checkPolicy is loader.CheckPolicy; tests replace it.
+var checkPolicy = loader.CheckPolicy
+
+// culprit names the setting whose value the parser (or, if given, check) refuses: the args
+// of each source (sources has one per arg) are parsed alone.
+func culprit(args, sources []string, defaults policy.Config, check ...func(*policy.Config) error) string {
+	for i := 0; i < len(args); {
+		n := 1
+		for i+n < len(args) && sources[i+n] == sources[i] {
+			n++
 		}
+		cfg, err := policy.ParseArgs(defaults, args[i:i+n]...)
+		if err == nil && len(check) > 0 {
+			err = check[0](&cfg)
+		}
+		if err != nil {
+			return sources[i]
+		}
+		i += n
 	}
 	return "annotations"
 }
@@ -152,27 +185,9 @@ func culprit(args, sources []string, defaults policy.Config) string {
 // came from; a value that is not a boolean is an error naming it (istio-cni logs it and
 // leaves capture off).
 func dnsCapture(pod *corev1.Pod) (bool, string, error) {
-	value, source := "", ""
-	for _, c := range proxyContainers(pod) {
-		for _, e := range c.Env {
-			if e.Name == DNSCaptureEnv {
-				value, source = e.Value, fmt.Sprintf("env %s of container %s", DNSCaptureEnv, c.Name)
-			}
-		}
-	}
-	if raw, ok := pod.Annotations[AnnotationProxyConfig]; ok {
-		var pc struct {
-			ProxyMetadata map[string]string `json:"proxyMetadata"`
-		}
-		if err := yaml.Unmarshal([]byte(raw), &pc); err != nil {
-			return false, "", fmt.Errorf("annotation %s is not a ProxyConfig: %v; fix its YAML", AnnotationProxyConfig, err)
-		}
-		if v, ok := pc.ProxyMetadata[DNSCaptureEnv]; ok {
-			value, source = v, fmt.Sprintf("annotation %s proxyMetadata %s", AnnotationProxyConfig, DNSCaptureEnv)
-		}
-	}
-	if source == "" {
-		return false, "", nil
+	value, source, err := proxyEnv(pod, DNSCaptureEnv)
+	if err != nil || source == "" {
+		return false, "", err
 	}
 	on, err := strconv.ParseBool(strings.TrimSpace(value))
 	if err != nil {

@@ -51,7 +51,7 @@ func TestConfigFromAnnotations(t *testing.T) {
 		"traffic.sidecar.istio.io/includeInboundPorts":     "8080,9090",
 		"traffic.sidecar.istio.io/excludeInboundPorts":     "9999",
 		AnnotationInterceptionMode:                         "TPROXY",
-		"traffic.sidecar.istio.io/kubevirtInterfaces":      "net1",
+		"traffic.sidecar.istio.io/somethingNew":            "net1",
 	}, nil)
 	p.Spec.Containers = []corev1.Container{{Name: "app"}, {Name: "istio-proxy", SecurityContext: &corev1.SecurityContext{RunAsUser: &uid, RunAsGroup: &gid}}}
 	cfg, warnings, err := Config(p, policy.Default())
@@ -66,7 +66,7 @@ func TestConfigFromAnnotations(t *testing.T) {
 	require.Equal(t, uint32(2000), cfg.ProxyUID)
 	require.Equal(t, uint32(3000), cfg.ProxyGID)
 	require.Len(t, warnings, 1)
-	require.Contains(t, warnings[0], "kubevirtInterfaces")
+	require.Contains(t, warnings[0], "somethingNew")
 }
 
 // Istio's native sidecar (its default on Kubernetes 1.29+) is istio-proxy as an init
