@@ -17,7 +17,7 @@ import (
 
 func newExplainCmd(e env) *cobra.Command {
 	var uid, gid uint32
-	var src, dst, direction, podID string
+	var src, dst, direction, podID, iface string
 	var udp bool
 	var podIPs []string
 	var opts loader.Options
@@ -43,6 +43,7 @@ verdicts under the same reason names:
 	fs.StringVar(&src, "src", "", "address the socket was bound to before connect (e.g. 127.0.0.6)")
 	fs.StringVar(&dst, "dst", "", "destination IP:PORT (required)")
 	fs.StringVar(&direction, "direction", "outbound", "outbound (made in the pod) or inbound (arriving from outside)")
+	fs.StringVar(&iface, "iface", "", "the interface the connection arrives on (inbound) or routing sends it out by (outbound), for -c and -k")
 	fs.BoolVar(&udp, "udp", false, "a UDP datagram (or UDP connect) rather than a TCP connection: only DNS queries are ever captured")
 	fs.StringSliceVar(&podIPs, "pod-ip", nil, "the pod's own addresses (destinations that are local, besides 127.0.0.0/8 and ::1); they decide IPv6 capture as istio-iptables does")
 	fs.StringVar(&podID, "pod-id", "", "explain against this attached pod: its policy and addresses as pinned in bpffs (instead of policy flags and --pod-ip)")
@@ -57,7 +58,7 @@ verdicts under the same reason names:
 		}
 	})
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
-		conn := policy.Conn{}
+		conn := policy.Conn{Iface: iface}
 		if udp {
 			conn.Proto = policy.UDP
 		}
@@ -142,7 +143,11 @@ verdicts under the same reason names:
 			fmt.Fprintln(e.stdout, "iptables: none: no ip6tables rules")
 			return nil
 		}
-		fmt.Fprintf(e.stdout, "reason:  %s (the eBPF counter of the same name counts it)\n", v.Reason)
+		if err := loader.CheckPolicy(&cfg); err != nil {
+			fmt.Fprintf(e.stdout, "reason:  %s (eBPF cannot decide this policy here, %s; istio-iptables mode uses iptables)\n", v.Reason, oneLine(err))
+		} else {
+			fmt.Fprintf(e.stdout, "reason:  %s (the eBPF counter of the same name counts it)\n", v.Reason)
+		}
 		rule := iptables.MatchingRule(&cfg, conn)
 		if rule == "" {
 			rule = "(no rule matches: the chain falls through to the built-in chain's ACCEPT)"

@@ -371,6 +371,10 @@ func TestExplain(t *testing.T) {
 		{[]string{"--uid", "1337", "--gid", "1337", "--dst", "10.1.1.1:8080", "--pod-ip", "10.1.1.1"}, "redirect-inbound to port 15006 (proxy-hairpin)"},
 		{[]string{"-o", "80", "--uid", "1000", "--gid", "1000", "--dst", "10.0.0.5:80"}, "pass (excluded-outbound-port)"},
 		{[]string{"--direction", "inbound", "--dst", "10.1.1.1:15021"}, "pass (inbound-excluded-port)"},
+		{[]string{"-c", "net1", "--iface", "net1", "--uid", "1000", "--dst", "10.0.0.5:80"}, "iptables: -A OUTPUT -o net1 -j RETURN"},
+		{[]string{"-c", "net1", "--iface", "net1", "--uid", "1000", "--dst", "10.0.0.5:80"}, "eBPF cannot decide this policy here, -c/--istio-exclude-interfaces net1"},
+		{[]string{"-k", "net1", "--iface", "net1", "--direction", "inbound", "--dst", "192.0.2.1:80"}, "redirect-outbound to port 15001 (virtual-interface)"},
+		{[]string{"--istio-outbound-owner-groups", "2000", "--uid", "1000", "--dst", "10.0.0.5:80"}, "iptables: -A ISTIO_OUTPUT -m owner ! --gid-owner 2000 -j RETURN"},
 	}
 	for _, c := range cases {
 		out, err := runCLI(t, nil, append([]string{"explain"}, c.args...)...)
