@@ -490,6 +490,57 @@ func TestIptablesModeWithoutPodCgroup(t *testing.T) {
 	divertest.AssertNothingAttached(t, pod, opts)
 }
 
+// A setting the eBPF programs cannot express (an excluded interface) falls back like a
+// kernel that lacks something: the reason in one line, istio's rules with the setting in the
+// pod's netns, the fallback recorded for divert status; --mode ebpf fails with that line.
+func TestSettingFallsBackToIptables(t *testing.T) {
+	divert := image.Divert(t)
+	k := newK8sPod(t, cgroupfsLayout)
+	opts := divertest.BPFFS(t)
+	why := "-c/--istio-exclude-interfaces net1: eBPF cannot exclude interfaces"
+	args := append([]string{"istio-iptables", "--mode", "ebpf", "--bpffs", opts.BPFFS}, injectorArgs...)
+	r := initContainer(t, k, []string{"ISTIO_EXCLUDE_INTERFACES=net1"}, divert, args...)
+	if r.code != 1 || !strings.Contains(r.stderr, "--mode ebpf") || !strings.Contains(r.stderr, why) || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+		t.Fatalf("--mode ebpf: want exit 1 and one line with the reason, got %d %q", r.code, r.stderr)
+	}
+	divertest.AssertNothingAttached(t, k.view(), opts)
+
+	args = append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)
+	r = initContainer(t, k, []string{"ISTIO_EXCLUDE_INTERFACES=net1"}, divert, args...)
+	r.mustSucceed(t, "istio-iptables -c net1")
+	if lines := strings.Split(strings.TrimSpace(r.stderr), "\n"); len(lines) != 1 || !strings.Contains(lines[0], why) || !strings.Contains(lines[0], "using iptables") {
+		t.Errorf("want one line on stderr with the reason, got %q", r.stderr)
+	}
+	if n := divertest.AttachedPrograms(t, k.view()); n != 0 {
+		t.Errorf("%d programs attached after the fallback", n)
+	}
+	out, err := exec.Command(divert, "status", "--bpffs", opts.BPFFS).CombinedOutput()
+	if want := "pod " + k.UID + ": iptables fallback: " + why; err != nil || !strings.Contains(string(out), want) {
+		t.Errorf("divert status should list the fallback (%q): %v\n%s", want, err, out)
+	}
+	// -c's rules are in the kernel's chains, which istioRules leaves out.
+	saved := func() string {
+		var all []byte
+		for _, save := range []string{"iptables-nft-save", "iptables-legacy-save"} {
+			out, err := nsexec.CombinedOutput(k.NetNSPath, exec.Command(save))
+			if err != nil {
+				t.Fatalf("%s: %v\n%s", save, err, out)
+			}
+			all = append(all, out...)
+		}
+		return string(all)
+	}
+	if rules := saved(); !strings.Contains(rules, "-A OUTPUT -o net1 -j RETURN") || !strings.Contains(rules, "-A PREROUTING -i net1 -j RETURN") {
+		t.Errorf("istio's rules for -c net1 are not in the pod's netns:\n%s", rules)
+	}
+	r = initContainer(t, k, nil, divert, "istio-iptables", "--cleanup-only", "--bpffs", opts.BPFFS)
+	r.mustSucceed(t, "--cleanup-only")
+	if rules := istioRules(t, k.NetNSPath); rules != "" || strings.Contains(saved(), "net1") {
+		t.Errorf("rules left after --cleanup-only:\n%s", saved())
+	}
+	divertest.AssertNothingAttached(t, k.view(), opts)
+}
+
 // --mode ebpf does not fall back: it fails with the probe's reason and changes nothing.
 func TestModeEBPFFailsWithReason(t *testing.T) {
 	divert := image.Divert(t)
@@ -563,7 +614,8 @@ func TestRefusedSettings(t *testing.T) {
 	}{
 		{nil, []string{"--redirect-dns", "--resolv-conf", "/nonexistent"}, "--resolv-conf"},
 		{[]string{"ISTIO_META_DNS_CAPTURE=maybe"}, nil, "$ISTIO_META_DNS_CAPTURE"},
-		{nil, []string{"-k", "eth1"}, "--kube-virt-interfaces"},
+		{nil, []string{"-c", "net+"}, "--istio-exclude-interfaces"},
+		{nil, []string{"-k", "eth1", "-m", "TPROXY"}, "--kube-virt-interfaces with -m TPROXY"},
 	} {
 		args := append(append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...), c.args...)
 		r := initContainer(t, k, c.env, divert, args...)
