@@ -347,31 +347,27 @@ struct bpf_sock_addr_kern___divert {
 // Linux 6.2+. Weak: on older kernels the loader resolves it to 0 and refuses owner groups.
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
 
-// owner_group_passes is istio's owner-group rule ("-m owner [!] --gid-owner G ... -j
-// RETURN"): the reason it lets the connection pass, or 0. xt_owner matches the fsgid of the
-// socket's *file*, the credentials of whoever made the socket (not the real gid of the task
+// socket_owner_listed says whether the socket's owner group is in owner_gids: 1, 0, or -1
+// when this kernel cannot tell. xt_owner's --gid-owner matches the fsgid of the socket's
+// *file*, the credentials of whoever made the socket (not the real gid of the task
 // connecting now, which bpf_get_current_uid_gid gives: they differ after a setgid between
 // socket() and connect(), for sockets passed to another process, for setgid programs). An
 // MPTCP subflow is grafted onto the app's socket, so its file is the app's. A socket
 // without a file is in no group, as xt_owner says.
-static __always_inline enum reason owner_group_passes(struct bpf_sock_addr *ctx, struct config *cfg)
+// A global function, verified once rather than at each call site: inlined, its pointer
+// walk doubled the verifier's work on the connect programs (attach took twice the CPU).
+__attribute__((noinline)) int socket_owner_listed(struct bpf_sock_addr *ctx)
 {
-	enum reason r = cfg->owner_groups == OWNER_GROUPS_ONLY ? REASON_OWNER_GROUP_NOT_INCLUDED
-							       : REASON_OWNER_GROUP_EXCLUDED;
-	if (!bpf_cast_to_kern_ctx)
-		return r; // never armed here (the loader refuses the setting): pass, never capture
+	if (!ctx || !bpf_cast_to_kern_ctx)
+		return -1; // never armed here: the loader refuses the setting on such a kernel
 	struct bpf_sock_addr_kern___divert *kctx = bpf_cast_to_kern_ctx(ctx);
 	struct sock___divert *sk = kctx->sk;
 	struct socket___divert *sock = sk ? sk->sk_socket : 0;
 	struct file___divert *file = sock ? sock->file : 0;
-	int listed = 0;
-	if (file) {
-		__u32 gid = file->f_cred->fsgid.val;
-		listed = bpf_map_lookup_elem(&owner_gids, &gid) != 0;
-	}
-	if (listed == (cfg->owner_groups == OWNER_GROUPS_ONLY))
+	if (!file)
 		return 0;
-	return r;
+	__u32 gid = file->f_cred->fsgid.val;
+	return bpf_map_lookup_elem(&owner_gids, &gid) != 0;
 }
 
 // decide_outbound mirrors policy.Config.Decide for outbound connections: istio's
@@ -414,9 +410,15 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 		return REASON_LOCAL_DESTINATION;
 	if (gid == cfg->proxy_gid)
 		return REASON_PROXY_GID;
-	enum reason owner = cfg->owner_groups ? owner_group_passes(ctx, cfg) : 0;
-	if (owner)
-		return owner;
+	// istio's owner-group rule ("-m owner [!] --gid-owner G ... -j RETURN"). A kernel that
+	// cannot tell passes the connection, never captures it.
+	if (cfg->owner_groups) {
+		int listed = socket_owner_listed(ctx);
+		if (cfg->owner_groups == OWNER_GROUPS_ONLY && listed != 1)
+			return REASON_OWNER_GROUP_NOT_INCLUDED;
+		if (cfg->owner_groups == OWNER_GROUPS_NOT && listed != 0)
+			return REASON_OWNER_GROUP_EXCLUDED;
+	}
 	// istio's ISTIO_OUTPUT_DNS: after the proxy's own traffic, before everything else.
 	if (dns && (cfg->dns_capture_all || bpf_map_lookup_elem(&dns_servers, &dst))) {
 		*to_port = cfg->dns_agent_port;

@@ -72,9 +72,14 @@ func CheckPolicy(cfg *policy.Config) error {
 // has it runs that code (the loader then verified it), others resolve it to nothing.
 const socketOwnerKfunc = "bpf_cast_to_kern_ctx"
 
+// btfCache holds the kernel's BTF for every load of the process: the programs' CO-RE reads
+// and their kfunc resolve against it, and parsing it afresh per attach would cost ~100 ms
+// of CPU each (cilium/ebpf's default is a cache per load).
+var btfCache = btf.NewCache()
+
 // readsSocketOwner reports whether the programs can read a socket file's group here.
 var readsSocketOwner = sync.OnceValue(func() error {
-	spec, err := btf.LoadKernelSpec()
+	spec, err := btfCache.Kernel()
 	if err != nil {
 		return fmt.Errorf("no kernel BTF: %w", err)
 	}
@@ -89,8 +94,8 @@ var readsSocketOwner = sync.OnceValue(func() error {
 // none, an empty spec, so the code that reads kernel structures resolves to nothing (and,
 // guarded by the weak kfunc, is never reached) instead of failing the whole load.
 var kernelTypes = sync.OnceValue(func() *btf.Spec {
-	if _, err := btf.LoadKernelSpec(); err == nil {
-		return nil // cilium/ebpf's default: the kernel's
+	if _, err := btfCache.Kernel(); err == nil {
+		return nil // cilium/ebpf's default: the kernel's (from btfCache)
 	}
 	var b btf.Builder
 	raw, err := b.Marshal(nil, nil)

@@ -111,7 +111,7 @@ func loadObjects(objs *objects, pinned *maps.Maps) error {
 		return fmt.Errorf("load embedded BPF spec: %w", err)
 	}
 	var opts ebpf.CollectionOptions
-	opts.Programs.KernelTypes = kernelTypes()
+	opts.Cache, opts.Programs.KernelTypes = btfCache, kernelTypes()
 	if pinned != nil {
 		opts.MapReplacements = map[string]*ebpf.Map{}
 		forEachMap(pinned, func(name string, m *ebpf.Map) { opts.MapReplacements[name] = m })
