@@ -2,7 +2,6 @@ package loader
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -108,9 +107,3 @@ var kernelTypes = sync.OnceValue(func() *btf.Spec {
 	}
 	return empty
 })
-
-// IsPolicyError reports whether err is a setting eBPF cannot honour (CheckPolicy's).
-func IsPolicyError(err error) bool {
-	var pe *PolicyError
-	return errors.As(err, &pe)
-}
