@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -230,7 +231,7 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 		}
 	}
 	for _, id := range attached {
-		if !live[id] {
+		if !live[id] && !a.heldElsewhere(id) {
 			if err := a.detach(id); err != nil {
 				errs = append(errs, err)
 			}
@@ -250,6 +251,23 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 	}
 	return errors.Join(errs...)
 }
+
+// heldElsewhere reports whether pins under id, which no pod on this node has as its UID,
+// may still capture a running pod: an id that is not a UID was chosen by someone else
+// (istio-init running divert with --pod-id or DIVERT_POD_ID), and the agent cannot tell
+// its pod from the API. Only the kernel can: once the pod's cgroup or netns is gone, its
+// links are defunct and the pins are stale. Pins under a UID are the pod's own; that pod
+// is gone from the API, and they go.
+func (a *Agent) heldElsewhere(id string) bool {
+	if podUID.MatchString(id) {
+		return false
+	}
+	gone, err := loader.Defunct(id, a.Loader)
+	return err == nil && len(gone) == 0
+}
+
+// podUID is the shape of a Kubernetes UID (RFC 4122, as the apiserver writes it).
+var podUID = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
 
 var errNoProcess = errors.New("no process in the pod's cgroup")
 

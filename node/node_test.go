@@ -389,6 +389,22 @@ func TestReconcile(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// The same under a pod id of istio-init's choosing (--pod-id), which is no pod's UID:
+	// the agent cannot tell its pod from the API, and must not take its capture away while
+	// its links are live (it did: the pod's traffic escaped until the next reconcile).
+	if err := loader.Attach(ctx, loader.Pod{ID: "plain-init", Cgroup: pods[1].CgroupPath, NetNS: pods[1].NetNSPath}, ptr(policy.Default()), w.agent.Loader); err != nil {
+		t.Fatal(err)
+	}
+	if err := restarted.Reconcile(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if landed(1) != "proxy" {
+		t.Fatal("reconcile removed the capture of a running pod attached under a pod id that is not its UID")
+	}
+	if err := loader.Detach("plain-init", w.agent.Loader); err != nil {
+		t.Fatal(err)
+	}
+
 	// The unselected pod gets pins from someone else (istio-init in the pod, during a
 	// migration to node mode): reconcile must leave its capture alone while it runs.
 	if err := loader.Attach(ctx, loader.Pod{ID: string(plain.UID), Cgroup: pods[1].CgroupPath, NetNS: pods[1].NetNSPath}, ptr(policy.Default()), w.agent.Loader); err != nil {
