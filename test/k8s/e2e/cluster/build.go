@@ -17,26 +17,36 @@ import (
 // same version (k8s.io/kubernetes v1.34.4, staging modules v0.34.4).
 const KubeVersion = "v1.34.4"
 
-// kubeCommands are the Kubernetes commands the cluster runs. All five are one binary,
+// kubeCommands are the Kubernetes commands the cluster runs. All six are one binary,
 // test/k8s/kube/cmd/kube (a module of its own), which runs the command it is named as:
 // the cache directory holds that binary as "kube" and one symlink to it per command, so
 // each process's command line still starts with the command's own name.
-var kubeCommands = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl"}
+var kubeCommands = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl"}
 
 // kubePackage is the multi-call main package, relative to test/k8s/kube.
 const kubePackage = "./cmd/kube"
 
+// CoreDNSVersion is the CoreDNS release the cluster's DNS runs; test/k8s/coredns/go.mod
+// requires the same version.
+const CoreDNSVersion = "v1.15.0"
+
+// corednsPackage is CoreDNS's main with the cluster's plugins, relative to test/k8s/coredns.
+const corednsPackage = "./cmd/coredns"
+
 // Binaries are the paths of everything the cluster and the tests run.
 type Binaries struct {
-	APIServer, ControllerManager, Scheduler, Kubelet, Kubectl string
-	Divert, DivertCNI, Testapp                                string
+	APIServer, ControllerManager, Scheduler, Kubelet, Proxy, Kubectl string
+	CoreDNS                                                          string
+	Divert, DivertCNI, Testapp                                       string
 }
 
 // BuildResult says what a build did, for the timing table.
 type BuildResult struct {
-	Kube       time.Duration
-	KubeCached bool // the binaries came from the cache directory without running go build
-	Repo       time.Duration
+	Kube          time.Duration
+	KubeCached    bool // the binaries came from the cache directory without running go build
+	CoreDNS       time.Duration
+	CoreDNSCached bool
+	Repo          time.Duration
 }
 
 // kubeLdflags sets the version the way Kubernetes' own build does, so the binaries report
@@ -53,62 +63,41 @@ func kubeLdflags() string {
 	}, " ")
 }
 
-// Build builds the Kubernetes binary (once per kubeCacheKey: the result is kept in
-// <cache>/kube-<version>-<key>/) and, every time, divert and the test app from the
-// repository at repo, static (CGO_ENABLED=0) as an image carries them.
+// Build builds the Kubernetes binary and CoreDNS (each once per cache key: the result is
+// kept in <cache>/kube-<version>-<key>/ and <cache>/coredns-<version>-<key>/) and, every
+// time, divert and the test app from the repository at repo, static (CGO_ENABLED=0) as an
+// image carries them.
 func Build(ctx context.Context, repo, cache, out string, logf func(string, ...any)) (Binaries, BuildResult, error) {
 	var res BuildResult
 	var bins Binaries
-	kubeMod := filepath.Join(repo, "test", "k8s", "kube")
-	key, err := kubeCacheKey(ctx, kubeMod)
+	kube := cachedBuild{
+		name: "kube", version: KubeVersion, mod: filepath.Join(repo, "test", "k8s", "kube"),
+		pkg: kubePackage, flags: kubeBuildFlags(), links: kubeCommands,
+		what: fmt.Sprintf("Kubernetes %s (one binary for %s)", KubeVersion, strings.Join(kubeCommands, ", ")),
+	}
+	dir, err := kube.run(ctx, cache, logf, &res.Kube, &res.KubeCached)
 	if err != nil {
 		return bins, res, err
 	}
-	dir := filepath.Join(cache, "kube-"+KubeVersion+"-"+key)
-	start := time.Now()
-	if _, err := os.Stat(filepath.Join(dir, ".complete")); err == nil {
-		res.KubeCached = true
-	} else {
-		logf("building Kubernetes %s (one binary for %s) into %s; the first build takes minutes", KubeVersion, strings.Join(kubeCommands, ", "), dir)
-		tmp := dir + ".tmp"
-		_ = os.RemoveAll(tmp)
-		if err := os.MkdirAll(tmp, 0o755); err != nil {
-			return bins, res, err
-		}
-		args := append([]string{"build"}, kubeBuildFlags()...)
-		args = append(args, "-o", filepath.Join(tmp, "kube"), kubePackage)
-		if err := goCmd(ctx, kubeMod, args...); err != nil {
-			return bins, res, fmt.Errorf("building Kubernetes: %w", err)
-		}
-		for _, c := range kubeCommands {
-			if err := os.Symlink("kube", filepath.Join(tmp, c)); err != nil {
-				return bins, res, err
-			}
-		}
-		if err := os.WriteFile(filepath.Join(tmp, ".complete"), []byte(KubeVersion+"\n"), 0o644); err != nil {
-			return bins, res, err
-		}
-		_ = os.RemoveAll(dir)
-		if err := os.Rename(tmp, dir); err != nil {
-			return bins, res, err
-		}
-		// Older builds (another version or go.sum) are of no further use.
-		olds, _ := filepath.Glob(filepath.Join(cache, "kube-*"))
-		for _, o := range olds {
-			if o != dir {
-				_ = os.RemoveAll(o)
-			}
-		}
-	}
-	res.Kube = time.Since(start)
-	// The symlinks made above, one per command (all the one binary).
+	// The symlinks made by the build, one per command (all the one binary).
 	bins.APIServer = filepath.Join(dir, "kube-apiserver")
 	bins.ControllerManager = filepath.Join(dir, "kube-controller-manager")
 	bins.Scheduler = filepath.Join(dir, "kube-scheduler")
 	bins.Kubelet = filepath.Join(dir, "kubelet")
+	bins.Proxy = filepath.Join(dir, "kube-proxy")
 	bins.Kubectl = filepath.Join(dir, "kubectl")
 
-	start = time.Now()
+	coredns := cachedBuild{
+		name: "coredns", version: CoreDNSVersion, mod: filepath.Join(repo, "test", "k8s", "coredns"),
+		pkg: corednsPackage, flags: corednsBuildFlags(),
+		what: "CoreDNS " + CoreDNSVersion,
+	}
+	if dir, err = coredns.run(ctx, cache, logf, &res.CoreDNS, &res.CoreDNSCached); err != nil {
+		return bins, res, err
+	}
+	bins.CoreDNS = filepath.Join(dir, "coredns")
+
+	start := time.Now()
 	if err := os.MkdirAll(out, 0o755); err != nil {
 		return bins, res, err
 	}
@@ -137,18 +126,82 @@ func kubeBuildFlags() []string {
 	return []string{"-mod=readonly", "-trimpath", "-gcflags=all=-dwarf=false -d=gcstart=1000", "-ldflags", kubeLdflags()}
 }
 
-// kubeCacheKey changes whenever what would be built changes: the wrapper module's
-// requirements and its own Go files (the multi-call main), the Go toolchain, the build
-// flags, the package built and the commands linked to it.
-func kubeCacheKey(ctx context.Context, kubeMod string) (string, error) {
+// corednsBuildFlags are the Kubernetes binary's flags (same reasoning), with CoreDNS's own
+// version variable in place of Kubernetes'.
+func corednsBuildFlags() []string {
+	return []string{"-mod=readonly", "-trimpath", "-gcflags=all=-dwarf=false -d=gcstart=1000",
+		"-ldflags", "-s -w -X github.com/coredns/coredns/coremain.GitCommit=" + CoreDNSVersion}
+}
+
+// cachedBuild is one binary built from a wrapper module of its own (test/k8s/kube,
+// test/k8s/coredns) and kept in <cache>/<name>-<version>-<key>/ between runs.
+type cachedBuild struct {
+	name, version string
+	mod, pkg      string   // the module's directory, the main package in it
+	flags         []string // go build flags
+	links         []string // symlinks to the binary made next to it (a multi-call binary's commands)
+	what          string   // for the log
+}
+
+// run returns the directory holding the binary, building it unless the cache has it.
+func (b cachedBuild) run(ctx context.Context, cache string, logf func(string, ...any), took *time.Duration, cached *bool) (string, error) {
+	start := time.Now()
+	defer func() { *took = time.Since(start) }()
+	key, err := b.cacheKey(ctx)
+	if err != nil {
+		return "", err
+	}
+	prefix := b.name + "-" + b.version + "-"
+	dir := filepath.Join(cache, prefix+key)
+	if _, err := os.Stat(filepath.Join(dir, ".complete")); err == nil {
+		*cached = true
+		return dir, nil
+	}
+	logf("building %s into %s; the first build takes minutes", b.what, dir)
+	tmp := dir + ".tmp"
+	_ = os.RemoveAll(tmp)
+	if err := os.MkdirAll(tmp, 0o755); err != nil {
+		return "", err
+	}
+	args := append([]string{"build"}, b.flags...)
+	args = append(args, "-o", filepath.Join(tmp, b.name), b.pkg)
+	if err := goCmd(ctx, b.mod, args...); err != nil {
+		return "", fmt.Errorf("building %s: %w", b.what, err)
+	}
+	for _, c := range b.links {
+		if err := os.Symlink(b.name, filepath.Join(tmp, c)); err != nil {
+			return "", err
+		}
+	}
+	if err := os.WriteFile(filepath.Join(tmp, ".complete"), []byte(b.version+"\n"), 0o644); err != nil {
+		return "", err
+	}
+	_ = os.RemoveAll(dir)
+	if err := os.Rename(tmp, dir); err != nil {
+		return "", err
+	}
+	// Older builds (another version or go.sum) are of no further use.
+	olds, _ := filepath.Glob(filepath.Join(cache, b.name+"-*"))
+	for _, o := range olds {
+		if o != dir {
+			_ = os.RemoveAll(o)
+		}
+	}
+	return dir, nil
+}
+
+// cacheKey changes whenever what would be built changes: the wrapper module's requirements
+// and its own Go files (the main), the Go toolchain, the build flags, the package built and
+// the commands linked to it.
+func (b cachedBuild) cacheKey(ctx context.Context) (string, error) {
 	h := sha256.New()
 	files := []string{"go.mod", "go.sum"}
-	err := filepath.WalkDir(kubeMod, func(p string, d fs.DirEntry, err error) error {
+	err := filepath.WalkDir(b.mod, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
 		if !d.IsDir() && strings.HasSuffix(p, ".go") {
-			rel, err := filepath.Rel(kubeMod, p)
+			rel, err := filepath.Rel(b.mod, p)
 			if err != nil {
 				return err
 			}
@@ -160,19 +213,19 @@ func kubeCacheKey(ctx context.Context, kubeMod string) (string, error) {
 		return "", err
 	}
 	for _, f := range files { // WalkDir's order is lexical: the key is stable
-		b, err := os.ReadFile(filepath.Join(kubeMod, f))
+		data, err := os.ReadFile(filepath.Join(b.mod, f))
 		if err != nil {
 			return "", err
 		}
-		fmt.Fprintf(h, "%s %d\n", filepath.ToSlash(f), len(b))
-		h.Write(b)
+		fmt.Fprintf(h, "%s %d\n", filepath.ToSlash(f), len(data))
+		h.Write(data)
 	}
 	v, err := exec.CommandContext(ctx, "go", "version").Output()
 	if err != nil {
 		return "", fmt.Errorf("go version: %w", err)
 	}
 	h.Write(v)
-	fmt.Fprintf(h, "CGO_ENABLED=0 %q %s %q\n", kubeBuildFlags(), kubePackage, kubeCommands)
+	fmt.Fprintf(h, "CGO_ENABLED=0 %q %s %q\n", b.flags, b.pkg, b.links)
 	return hex.EncodeToString(h.Sum(nil))[:12], nil
 }
 
