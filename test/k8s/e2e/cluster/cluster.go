@@ -75,11 +75,12 @@ type Cluster struct {
 	// netns_mounts_under_state_dir), in place of /var/run/netns.
 	NetNSDir string
 
-	bins  Binaries
-	logf  func(string, ...any)
-	rec   *record
-	procs map[string]*proc
-	lock  *os.File
+	bins      Binaries
+	proxyMode string // kube-proxy's mode now
+	logf      func(string, ...any)
+	rec       *record
+	procs     map[string]*proc
+	lock      *os.File
 }
 
 // record is what Down needs to undo a run, written before each change it describes.
@@ -95,6 +96,8 @@ type record struct {
 	LogLinks []string `json:"log_links"`
 	// Absent lists the hostDirs that did not exist before the run.
 	Absent []string `json:"absent"`
+	// NFTables lists the host's nftables tables before the run ("family name").
+	NFTables []string `json:"nftables"`
 }
 
 // hostDirs are directories outside the state directory that the cluster's components may
@@ -181,6 +184,10 @@ func Up(ctx context.Context, cfg Config, bins Binaries) (_ *Cluster, err error) 
 			return nil, fmt.Errorf("iptables-%s-save: %w", v, err)
 		}
 	}
+	if c.rec.NFTables, err = nftTables(); err != nil {
+		c.unlock()
+		return nil, err
+	}
 	c.rec.CNIResults = listDir(cniResults)
 	c.rec.LogLinks = listDir(containerLogLinks)
 	for _, d := range hostDirs {
@@ -205,6 +212,9 @@ func Up(ctx context.Context, cfg Config, bins Binaries) (_ *Cluster, err error) 
 		return c, err
 	}
 	if err := c.mounts(); err != nil {
+		return c, err
+	}
+	if err := serviceRoute(); err != nil {
 		return c, err
 	}
 	if err := c.writeConfigs(); err != nil {
@@ -536,10 +546,15 @@ func (c *Cluster) startAll(ctx context.Context) error {
 		return err
 	}
 	// Pods can only be created once the service account controller made "default".
-	return c.WaitFor(ctx, "service account default/default", 60*time.Second, func() error {
+	if err := c.WaitFor(ctx, "service account default/default", 60*time.Second, func() error {
 		_, err := c.Kubectl(ctx, "get", "serviceaccount", "default", "-n", "default")
 		return err
-	}, all...)
+	}, all...); err != nil {
+		return err
+	}
+	// kube-proxy last: it reads the Node for its address. iptables mode first, as
+	// kube-proxy's default; the tests switch it (SetProxyMode).
+	return c.startProxy(ctx, ProxyIPTables)
 }
 
 // Kubectl runs kubectl as the cluster admin and returns its stdout; the error carries
@@ -622,7 +637,7 @@ func (c *Cluster) teardown() error {
 		last = time.Now()
 	}
 	// The kubelet first, so it does not restart what is being stopped underneath it.
-	for _, n := range []string{"kubelet", "kube-controller-manager", "kube-scheduler"} {
+	for _, n := range []string{"kubelet", "kube-proxy", "kube-controller-manager", "kube-scheduler"} {
 		add(c.stop(n))
 	}
 	// Normally no pod is left (Down deleted them through the API). After a crash, or if
@@ -637,7 +652,9 @@ func (c *Cluster) teardown() error {
 	add(removeKubepods(c.logf))
 	add(unmountAll(c.State))
 	add(deleteLink(Bridge))
+	add(c.cleanupProxy())
 	add(restoreIptables(c.rec.IPTables, PodCIDR, Bridge, c.logf))
+	add(restoreNFTables(c.rec.NFTables, c.logf))
 	add(restoreSysctls(c.rec.Sysctls, c.logf))
 	// Files the run left outside the state directory.
 	for _, f := range listDir(cniResults) {

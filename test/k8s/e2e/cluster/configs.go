@@ -12,7 +12,7 @@ import (
 const PauseImage = "divert.test/pause:e2e"
 
 func (c *Cluster) writeConfigs() error {
-	for _, d := range []string{"pki", "containerd", "cni/net.d", "cni/bin", "cni/ipam", "kubelet/root", "kubelet/pki", "pod-logs", "runc"} {
+	for _, d := range []string{"pki", "containerd", "cni/net.d", "cni/bin", "cni/ipam", "kubelet/root", "kubelet/pki", "pod-logs", "runc", "kube-proxy"} {
 		if err := os.MkdirAll(c.path(d), 0o755); err != nil {
 			return err
 		}
@@ -34,6 +34,9 @@ func (c *Cluster) writeConfigs() error {
 		"cni/net.d/" + CNIConflist: c.cniConfig(),
 		"kubelet/config.yaml":      c.kubeletConfig(),
 	}
+	for _, m := range []string{ProxyIPTables, ProxyNFTables} {
+		files["kube-proxy/"+m+".yaml"] = c.kubeProxyConfig(m)
+	}
 	for p, content := range files {
 		if err := os.WriteFile(c.path(p), []byte(content), 0o644); err != nil {
 			return err
@@ -47,9 +50,8 @@ func (c *Cluster) writePKI() error {
 	if err != nil {
 		return err
 	}
-	// The serving certificate covers every name an in-cluster or host client may use,
-	// including the node address (host-network pods such as a node agent reach the
-	// apiserver there: there is no kube-proxy for the kubernetes Service's ClusterIP).
+	// The serving certificate covers every name an in-cluster or host client may use: the
+	// kubernetes Service's ClusterIP (through kube-proxy), its DNS names, the node address.
 	apiIPs := []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP(c.NodeIP), net.ParseIP("10.96.0.1")}
 	apiNames := []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"}
 	certs := []struct {
@@ -63,6 +65,8 @@ func (c *Cluster) writePKI() error {
 		{"controller-manager", "system:kube-controller-manager", nil, false},
 		{"scheduler", "system:kube-scheduler", nil, false},
 		{"kubelet", "system:node:" + NodeName, []string{"system:nodes"}, false},
+		// The user Kubernetes' default ClusterRoleBinding system:node-proxier names.
+		{"kube-proxy", "system:kube-proxy", nil, false},
 	}
 	for _, ct := range certs {
 		var ips []net.IP
@@ -83,6 +87,7 @@ func (c *Cluster) writePKI() error {
 		"controller-manager.kubeconfig": "controller-manager",
 		"scheduler.kubeconfig":          "scheduler",
 		"kubelet.kubeconfig":            "kubelet",
+		"kube-proxy.kubeconfig":         "kube-proxy",
 	} {
 		if err := p.kubeconfig(c.path(file), local, cert); err != nil {
 			return err
@@ -164,6 +169,7 @@ func (c *Cluster) cniConfig() string {
 // makeIPTablesUtilChains false or the kubelet adds KUBE-FIREWALL DROP rules to the host.
 // Eviction and image GC thresholds are out of reach so a full disk on a CI machine cannot
 // evict test pods or collect the imported images (there is nothing to pull them from).
+// clusterDNS is CoreDNS's Service (dns.go): pods get it as their only nameserver.
 func (c *Cluster) kubeletConfig() string {
 	return fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -197,7 +203,9 @@ evictionHard:
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 resolvConf: /etc/resolv.conf
-`, c.ContainerdSock, c.path("pod-logs"), filepath.Join(c.path("pki"), "ca.crt"))
+clusterDNS: [%q]
+clusterDomain: %s
+`, c.ContainerdSock, c.path("pod-logs"), filepath.Join(c.path("pki"), "ca.crt"), DNSServiceIP, ClusterDomain)
 }
 
 // CNIConflist is the cluster's network configuration in CNIConfDir (bridge with

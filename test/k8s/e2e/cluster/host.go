@@ -32,6 +32,7 @@ var debianPackages = []struct{ file, pkg string }{
 	{"/usr/bin/socat", "socat"},
 	{"/usr/sbin/xtables-nft-multi", "iptables"},
 	{"/usr/sbin/xtables-legacy-multi", "iptables"},
+	{"/usr/sbin/nft", "nftables"}, // kube-proxy's nftables mode runs it
 	{"/sbin/ip", "iproute2"},
 }
 
@@ -155,11 +156,19 @@ func sysctlName(p string) string {
 // iptables: the host's tables are recorded before the cluster starts; afterwards, rules and
 // chains that appeared and belong to the cluster (KUBE-*/CNI-* chains, or rules naming the
 // pod CIDR or the bridge) are removed. Changes someone else made meanwhile are reported and
-// left alone.
-var iptablesVariants = []string{"nft", "legacy"}
+// left alone. IPv6 too: kube-proxy sets up both families where the kernel has them.
+var iptablesVariants = []string{"nft", "legacy", "nft6", "legacy6"}
+
+// iptablesBin is the variant's command: iptables-nft-save, ip6tables-legacy-restore, ...
+func iptablesBin(variant, verb string) string {
+	if v, ok := strings.CutSuffix(variant, "6"); ok {
+		return "/usr/sbin/ip6tables-" + v + "-" + verb
+	}
+	return "/usr/sbin/iptables-" + variant + "-" + verb
+}
 
 func iptablesSave(variant string) (string, error) {
-	bin := "/usr/sbin/iptables-" + variant + "-save"
+	bin := iptablesBin(variant, "save")
 	if _, err := os.Stat(bin); err != nil {
 		return "", nil
 	}
@@ -233,7 +242,7 @@ func restoreIptables(before map[string]string, podCIDR, bridge string, logf func
 		if script.Len() == 0 {
 			continue
 		}
-		cmd := exec.Command("/usr/sbin/iptables-"+v+"-restore", "--noflush")
+		cmd := exec.Command(iptablesBin(v, "restore"), "--noflush")
 		cmd.Stdin = strings.NewReader(script.String())
 		if out, err := cmd.CombinedOutput(); err != nil {
 			errs = append(errs, fmt.Errorf("iptables-%s-restore: %v: %s\n%s", v, err, out, script.String()))
