@@ -6,11 +6,16 @@
 //	testapp proxy  --name N --mode forward --listen 0.0.0.0:15001 --listen 0.0.0.0:15006 \
 //	               --inbound-src 127.0.0.6         read SO_ORIGINAL_DST, dial it, relay
 //	testapp client --target IP:PORT ...            print one JSON result per target
+//	testapp dns --kind go|udp|tcp NAME             resolve NAME; who answered, from where
 //	testapp id                                     uid, gid, cgroup v2 path, netns inode
 //	testapp pause                                  the pod sandbox process
+//
+// With ISTIO_META_DNS_CAPTURE=true in its environment the proxy also serves DNS on
+// 127.0.0.1:15053, as istio-agent does in the istio-proxy container (dns.go).
 package main
 
 import (
+	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
@@ -22,11 +27,25 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == "pause" {
 		pause()
 	}
+	if len(os.Args) > 1 && os.Args[1] == "dns" {
+		if err := runDNS(os.Args[2:]); err != nil {
+			fmt.Fprintf(os.Stderr, "testapp dns: %v\n", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	if len(os.Args) > 1 && os.Args[1] == "proxy" && dnsCaptureOn() {
+		// Listening before the proxy prints its ready line, which the tests wait for.
+		if err := startDNSAgent(flagValue(os.Args[2:], "--name")); err != nil {
+			fmt.Fprintf(os.Stderr, "testapp proxy: DNS agent on %s: %v\n", agentListen, err)
+			os.Exit(1)
+		}
+	}
 	// testpod's helpers run when this variable says so (normally set by the test binary
 	// re-executing itself); here the binary is always a helper.
 	os.Setenv("DIVERT_TESTPOD_HELPER", "1")
 	testpod.RunHelperIfRequested()
-	os.Stderr.WriteString("usage: testapp server|proxy|client|id|udp|pause [flags]\n")
+	os.Stderr.WriteString("usage: testapp server|proxy|client|dns|id|udp|pause [flags]\n")
 	os.Exit(2)
 }
 
@@ -46,4 +65,14 @@ func pause() {
 			}
 		}
 	}
+}
+
+// flagValue is the value of a "--flag value" pair in args ("" if absent).
+func flagValue(args []string, flag string) string {
+	for i, a := range args {
+		if a == flag && i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return ""
 }
