@@ -37,9 +37,10 @@ func defaultCache() string {
 	return filepath.Join(home, ".cache", "divert-k8s")
 }
 
-// env is what the tests share: the cluster and the scenario pods' addresses.
+// env is what the tests share: the cluster, its binaries and the scenario pods' addresses.
 type env struct {
 	c    *cluster.Cluster
+	bins cluster.Binaries
 	ips  map[string]string // pod name -> pod IP
 	uids map[string]string // pod name -> pod UID (the eBPF pin directory's name)
 }
@@ -80,6 +81,7 @@ func run(m *testing.M) (code int) {
 		return 1
 	}
 	times.add("build Kubernetes", bres.Kube, map[bool]string{true: "cached", false: "go build"}[bres.KubeCached])
+	times.add("build CoreDNS", bres.CoreDNS, map[bool]string{true: "cached", false: "go build"}[bres.CoreDNSCached])
 	times.add("build divert + testapp", bres.Repo, "")
 	imgs, err := images(bins)
 	if err != nil {
@@ -116,13 +118,21 @@ func run(m *testing.M) (code int) {
 	}
 	times.add("images build + import", time.Since(t), "")
 
-	suite = &env{c: c, ips: map[string]string{}, uids: map[string]string{}}
+	suite = &env{c: c, bins: bins, ips: map[string]string{}, uids: map[string]string{}}
 	t = time.Now()
+	if err := c.InstallDNS(ctx); err != nil {
+		logf("%v", err)
+		return 1
+	}
 	if err := suite.deploy(); err != nil {
 		logf("deploying the scenario pods: %v", err)
 		return 1
 	}
-	times.add("scenario pods Ready", time.Since(t), "")
+	if err := c.WaitDNS(ctx); err != nil {
+		logf("%v", err)
+		return 1
+	}
+	times.add("scenario pods and CoreDNS Ready", time.Since(t), "")
 
 	t = time.Now()
 	code = m.Run()
@@ -145,6 +155,7 @@ func images(bins cluster.Binaries) ([]cluster.Image, error) {
 	return []cluster.Image{
 		{Ref: cluster.PauseImage, Layers: []cluster.FileSet{{{Path: "/pause", Src: bins.Testapp}}}, Entrypoint: []string{"/pause", "pause"}},
 		{Ref: testappRef, Layers: []cluster.FileSet{{{Path: "/testapp", Src: bins.Testapp}}}, Entrypoint: []string{"/testapp"}},
+		{Ref: cluster.CoreDNSImage, Layers: []cluster.FileSet{{{Path: "/coredns", Src: bins.CoreDNS}}}, Entrypoint: []string{"/coredns"}},
 		{Ref: divertRef, Layers: []cluster.FileSet{ipt, {
 			{Path: "/usr/local/bin/divert", Src: bins.Divert},
 			{Path: "/usr/local/bin/divert-cni", Src: bins.DivertCNI},
@@ -155,7 +166,10 @@ func images(bins cluster.Binaries) ([]cluster.Image, error) {
 
 // Pod names. mesh-a (Istio's template), mesh-b (host cgroup at /sys/fs/cgroup): eBPF;
 // mesh-ipt: the iptables backend; mesh-fallback: --mode auto falling back to iptables;
-// mesh-broken: eBPF with a proxy port nothing listens on (the negative row).
+// mesh-broken: eBPF with a proxy port nothing listens on (the negative row). mesh-a and
+// mesh-ipt have Istio's DNS proxying on, mesh-b not. native-init: Istio's native sidecar
+// after divert as istio-init; dup-init: a second divert init container with another pod
+// id, which must be refused (the pod fails).
 const (
 	plainName  = "plain"
 	meshA      = "mesh-a"
@@ -163,6 +177,8 @@ const (
 	meshIpt    = "mesh-ipt"
 	meshAuto   = "mesh-fallback"
 	meshBroken = "mesh-broken"
+	nativeInit = "native-init"
+	dupInit    = "dup-init"
 	wrongPort  = "15099"
 )
 
@@ -189,18 +205,26 @@ func (e *env) deploy() error {
 		a = meshedPod(meshA, ebpf, noValidate, wrongPort, e.c.BPFFS)
 		logf("-k8s.break: %s's init container attaches with -p %s; the suite must fail", meshA, wrongPort)
 	}
-	pods := list(
+	var objs []obj
+	for name, ip := range serviceIPs {
+		objs = append(objs, service(name, ip))
+	}
+	objs = append(objs,
 		plainPod(plainName),
-		a,
+		withDNSCapture(a),
 		meshedPod(meshB, ebpf, hostCgroupAtSys, outboundPrt, e.c.BPFFS),
-		meshedPod(meshIpt, iptables, istioTemplate, outboundPrt, e.c.BPFFS),
+		withDNSCapture(meshedPod(meshIpt, iptables, istioTemplate, outboundPrt, e.c.BPFFS)),
 		meshedPod(meshAuto, fallback, istioTemplate, outboundPrt, e.c.BPFFS),
 		meshedPod(meshBroken, ebpf, noValidate, wrongPort, e.c.BPFFS),
+		nativeInitPod(nativeInit, e.c.BPFFS),
+		dupInitPod(dupInit, e.c.BPFFS),
 	)
-	if _, err := e.c.KubectlIn(ctx, pods, "apply", "-f", "-"); err != nil {
+	if _, err := e.c.KubectlIn(ctx, list(objs...), "apply", "-f", "-"); err != nil {
 		return err
 	}
-	if _, err := e.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", "--all", "--timeout=120s"); err != nil {
+	// dup-init never gets Ready: its second init container must fail (TestSecondPodID).
+	wait := append([]string{"wait", "-n", namespace, "--for=condition=Ready", "pod", plainName, nativeInit, "--timeout=120s"}, meshed...)
+	if _, err := e.c.Kubectl(ctx, wait...); err != nil {
 		return fmt.Errorf("%w\n%s", err, e.describe())
 	}
 	out, err := e.c.Kubectl(ctx, "get", "pods", "-n", namespace, "-o", `jsonpath={range .items[*]}{.metadata.name}={.status.podIP}={.metadata.uid}{"\n"}{end}`)
@@ -211,7 +235,7 @@ func (e *env) deploy() error {
 		f := strings.Split(l, "=")
 		e.ips[f[0]], e.uids[f[0]] = f[1], f[2]
 	}
-	ready := map[string][]string{plainName: {"app"}}
+	ready := map[string][]string{plainName: {"app"}, nativeInit: {"istio-proxy", "app"}}
 	for _, p := range meshed {
 		ready[p] = []string{"proxy", "app"}
 	}
@@ -234,7 +258,7 @@ func (e *env) describe() string {
 	var b strings.Builder
 	out, _ := e.c.Kubectl(ctx, "get", "pods", "-n", namespace, "-o", "wide")
 	b.WriteString(out)
-	for _, p := range meshed {
+	for _, p := range append([]string{nativeInit}, meshed...) {
 		logs, err := e.c.Kubectl(ctx, "logs", "-n", namespace, p, "--all-containers", "--prefix")
 		fmt.Fprintf(&b, "--- %s:\n%s%s\n", p, logs, errOrNil(err))
 	}

@@ -25,6 +25,8 @@ const (
 	nodeMesh    = "node-mesh"
 	nodeUnmesh  = "node-plain"
 	nodeLate    = "node-late"
+	nodeDNS     = "node-dns"
+	nodeDup     = "node-dup"
 	metricsPort = "15099"
 )
 
@@ -41,10 +43,14 @@ func TestNodeMode(t *testing.T) {
 		{"meshed/outbound", func(t *testing.T) { outbound(t, nodeMesh) }},
 		{"meshed/inbound", func(t *testing.T) { inbound(t, nodeMesh, addr(nodeMesh, appPort)) }},
 		{"meshed/annotation-excludes-cidr", nodeAnnotationHonoured},
+		{"services", nodeServices},
+		{"dns/captured", func(t *testing.T) { dnsRows(t, nodeDNS, "istio-proxy", true) }},
+		{"dns/not-captured", func(t *testing.T) { dnsRows(t, nodeMesh, "proxy", false) }},
 		{"native-sidecar/non-1337-uid", nodeNativeSidecar},
 		{"unmeshed/untouched", nodeUnmeshedUntouched},
 		{"metrics", nodeMetrics},
 		{"agent-restart-no-escape", nodeAgentRestart},
+		{"second-pod-id/refused-by-agent", nodeSecondPodIDRefused},
 		{"pod-deleted-pins-gone", nodePodDeleted},
 		{"agent-down-pod-fails-closed", nodeAgentDownFailsClosed},
 		{"agent-back-pod-starts-captured", nodeAgentBack},
@@ -140,11 +146,6 @@ func nodeManifest(c *cluster.Cluster) (string, error) {
 			}
 		}
 		ctr["args"] = args
-		// No kube-proxy here: the kubernetes Service's ClusterIP leads nowhere, so the
-		// agent talks to the apiserver directly (its certificate covers the node IP).
-		ctr["env"] = append(ctr["env"].([]any),
-			obj{"name": "KUBERNETES_SERVICE_HOST", "value": c.NodeIP},
-			obj{"name": "KUBERNETES_SERVICE_PORT", "value": fmt.Sprint(cluster.APIPort)})
 		hostDirs := map[string]string{
 			"cni-bin": c.CNIBinDir, "cni-conf": c.CNIConfDir, "bpffs": c.BPFFS,
 			"socket-dir": socketDir, "netns": c.NetNSDir,
@@ -245,14 +246,17 @@ func nodePodsUp(t *testing.T) {
 			"traffic.sidecar.istio.io/excludeOutboundIPRanges": suite.ips[meshIpt] + "/32",
 		}),
 		nodePod(nodeUnmesh, false, map[string]string{}),
+		nodeDNSPod(nodeDNS),
+		nodeDupPod(nodeDup, suite.c.BPFFS),
 	)
 	if _, err := suite.c.KubectlIn(ctx, pods, "apply", "-f", "-"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", nodeMesh, nodeUnmesh, "--timeout=120s"); err != nil {
+	names := []string{nodeMesh, nodeUnmesh, nodeDNS, nodeDup}
+	if _, err := suite.c.Kubectl(ctx, append([]string{"wait", "-n", namespace, "--for=condition=Ready", "pod", "--timeout=120s"}, names...)...); err != nil {
 		t.Fatalf("%v\n%s", err, suite.describe())
 	}
-	out, err := suite.c.Kubectl(ctx, "get", "pods", "-n", namespace, nodeMesh, nodeUnmesh, "-o", `jsonpath={range .items[*]}{.metadata.name}={.status.podIP}={.metadata.uid}{"\n"}{end}`)
+	out, err := suite.c.Kubectl(ctx, append([]string{"get", "pods", "-n", namespace, "-o", `jsonpath={range .items[*]}{.metadata.name}={.status.podIP}={.metadata.uid}{"\n"}{end}`}, names...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -260,12 +264,17 @@ func nodePodsUp(t *testing.T) {
 		f := strings.Split(l, "=")
 		suite.ips[f[0]], suite.uids[f[0]] = f[1], f[2]
 	}
-	for p, ctrs := range map[string][]string{nodeMesh: {"proxy", "app"}, nodeUnmesh: {"app"}} {
+	for p, ctrs := range map[string][]string{nodeMesh: {"proxy", "app"}, nodeUnmesh: {"app"}, nodeDNS: {"istio-proxy", "app"}, nodeDup: {"proxy", "app"}} {
 		for _, ctr := range ctrs {
 			if err := waitListening(p, ctr); err != nil {
 				t.Fatal(err)
 			}
 		}
+	}
+	// node-dup runs, captured by its own istio-init; now it asks for the agent's capture
+	// too, which the agent must refuse (nodeSecondPodIDRefused, after the agent restart).
+	if _, err := suite.c.Kubectl(ctx, "label", "pod", "-n", namespace, nodeDup, "divert.meshdivert.io/capture=true"); err != nil {
+		t.Fatal(err)
 	}
 	r.note("%s %s, %s %s", nodeMesh, suite.ips[nodeMesh], nodeUnmesh, suite.ips[nodeUnmesh])
 }
@@ -317,12 +326,8 @@ func nodeAnnotationHonoured(t *testing.T) {
 func nodeNativeSidecar(t *testing.T) {
 	r := scenario(t)
 	const name, uid = "node-native", 2000
-	always := "Always"
-	proxy := container("istio-proxy", uid, "proxy", "--name", name+"-proxy", "--mode", "forward",
-		"--inbound-src", "127.0.0.6", "--listen", "0.0.0.0:"+outboundPrt, "--listen", "0.0.0.0:"+inboundPrt)
-	proxy["restartPolicy"] = always
 	p := pod(name, map[string]string{"app": name}, obj{
-		"initContainers": []obj{proxy},
+		"initContainers": []obj{nativeSidecar(name, uid), appInit(vip(plainName))},
 		"containers":     []obj{container("app", appUID, "server", "--name", name+"-app", "--listen", "0.0.0.0:"+appPort)},
 	})
 	p["metadata"].(obj)["annotations"] = obj{"sidecar.istio.io/status": `{"initContainers":["istio-proxy"]}`}
@@ -347,10 +352,11 @@ func nodeNativeSidecar(t *testing.T) {
 		}
 	}
 	logged := pinState(t, name, true)
+	initPath := appInitThroughSidecar(t, name)
 	expect(t, r, name, "app", addr(plainName, appPort),
 		want{who: name + "-proxy", listener: "0.0.0.0:" + outboundPrt, orig: addr(plainName, appPort)},
 		want{who: plainName})
-	r.note("proxy uid %d from the native sidecar; agent: %s", uid, logged)
+	r.note("proxy uid %d from the native sidecar; app-init: %s; agent: %s", uid, initPath, logged)
 }
 
 // nodeUnmeshedUntouched: a pod without a sidecar annotation started through the same

@@ -135,3 +135,109 @@ func list(items ...obj) string {
 	b, _ := json.Marshal(obj{"apiVersion": "v1", "kind": "List", "items": items})
 	return string(b)
 }
+
+// Services: each scenario pod that a Service row dials has a ClusterIP Service of its own
+// name with a fixed address (known before any pod runs, so a pod's command line can name
+// one), port 80 to the app's 8080: the Service port differs from the pod's, so every hop
+// shows whether kube-proxy translated the connection.
+const svcPort = "80"
+
+var serviceIPs = map[string]string{
+	plainName: "10.96.100.1",
+	meshA:     "10.96.100.2",
+	meshIpt:   "10.96.100.3",
+	nodeMesh:  "10.96.100.4",
+}
+
+// vip is the pod's Service address.
+func vip(pod string) string { return serviceIPs[pod] + ":" + svcPort }
+
+func service(name, ip string) obj {
+	return obj{"apiVersion": "v1", "kind": "Service",
+		"metadata": obj{"name": name, "namespace": namespace},
+		"spec": obj{"selector": obj{"app": name}, "clusterIP": ip,
+			"ports": []obj{{"port": 80, "targetPort": 8080, "protocol": "TCP"}}}}
+}
+
+// containersOf returns the pod's containers and init containers.
+func containersOf(p obj) []obj {
+	spec := p["spec"].(obj)
+	var cs []obj
+	for _, k := range []string{"initContainers", "containers"} {
+		if l, ok := spec[k].([]obj); ok {
+			cs = append(cs, l...)
+		}
+	}
+	return cs
+}
+
+func setEnv(c obj, name, value string) {
+	env, _ := c["env"].([]obj)
+	c["env"] = append(env, obj{"name": name, "value": value})
+}
+
+// withDNSCapture turns on Istio's DNS proxying the way its injector does when the mesh's
+// proxyMetadata says ISTIO_META_DNS_CAPTURE=true: the variable goes into istio-init's
+// environment (divert istio-iptables then captures port 53 of resolv.conf's nameservers)
+// and the proxy container's (where istio-agent, here the test proxy, then serves DNS on
+// 127.0.0.1:15053; node mode reads it there).
+func withDNSCapture(p obj) obj {
+	for _, c := range containersOf(p) {
+		switch c["name"] {
+		case "istio-init", "proxy", "istio-proxy":
+			setEnv(c, "ISTIO_META_DNS_CAPTURE", "true")
+		}
+	}
+	return p
+}
+
+// nativeSidecar is istio-proxy as Istio injects it on Kubernetes 1.29+: an init container
+// with restartPolicy: Always, which the kubelet starts before the init containers after it
+// and keeps running beside the app. The startupProbe (Istio probes its status port, 15021,
+// which capture excludes) holds those init containers back until the proxy listens.
+func nativeSidecar(name string, uid int) obj {
+	c := container("istio-proxy", uid, "proxy", "--name", name+"-proxy", "--mode", "forward", "--inbound-src", "127.0.0.6",
+		"--listen", "0.0.0.0:"+outboundPrt, "--listen", "0.0.0.0:"+inboundPrt, "--listen", "0.0.0.0:15021")
+	c["restartPolicy"] = "Always"
+	c["startupProbe"] = obj{"tcpSocket": obj{"port": 15021}, "periodSeconds": 1, "failureThreshold": 60}
+	return c
+}
+
+// appInit is an app's init container after the sidecar: it dials target once; what it saw
+// is its log.
+func appInit(target string) obj {
+	return container("app-init", appUID, "client", "--timeout", "3s", "--target", target)
+}
+
+// nativeInitPod is a native-sidecar pod with divert as istio-init: istio-init (Istio's
+// template, then divert validate), the istio-proxy sidecar, an app init container, the app.
+func nativeInitPod(name, bpffs string) obj {
+	p := meshedPod(name, ebpf, istioTemplate, outboundPrt, bpffs)
+	spec := p["spec"].(obj)
+	app := spec["containers"].([]obj)[1]
+	spec["initContainers"] = append(spec["initContainers"].([]obj), nativeSidecar(name, proxyUID), appInit(vip(plainName)))
+	spec["containers"] = []obj{app}
+	return p
+}
+
+// dupInitPod is a meshed pod with a second divert init container after istio-init, which
+// attaches the same cgroup under another pod id: it must be refused (loader: one pod's
+// programs per cgroup subtree), and so the pod must fail (restartPolicy: Never, or the
+// kubelet would retry it for ever).
+func dupInitPod(name, bpffs string) obj {
+	p := meshedPod(name, ebpf, noValidate, outboundPrt, bpffs)
+	spec := p["spec"].(obj)
+	first := spec["initContainers"].([]obj)[0]
+	second := obj{}
+	for k, v := range first {
+		second[k] = v
+	}
+	second["name"] = "istio-init-again"
+	second["args"] = append(initArgs(ebpf, outboundPrt), "--pod-id", secondID(name))
+	spec["initContainers"] = []obj{first, second}
+	spec["restartPolicy"] = "Never"
+	return p
+}
+
+// secondID is the pod id a pod's second divert attachment asks for.
+func secondID(pod string) string { return pod + "-second" }
