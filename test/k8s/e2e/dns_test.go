@@ -79,17 +79,17 @@ func dnsRows(t *testing.T, pod, proxyCtr string, captured bool) {
 		r := scenario(t)
 		res, err := resolve(pod, "app", "go", plainName)
 		if err != nil {
-			t.Fatal(err)
+			r.fail(t, "%v", err)
 		}
 		if !slices.Equal(res.Answers, []string{serviceIPs[plainName]}) {
-			t.Fatalf("%s resolved to %v, want plain's Service address %s", plainName, res.Answers, serviceIPs[plainName])
+			r.fail(t, "%s resolved to %v, want plain's Service address %s", plainName, res.Answers, serviceIPs[plainName])
 		}
 		fqdn := plainName + "." + namespace + ".svc." + cluster.ClusterDomain + "."
 		detail := fmt.Sprintf("%s -> %s", plainName, res.Answers[0])
 		if captured {
 			l := agentSaw(t, pod, proxyCtr, fqdn)
 			if l.Answered != "upstream "+dnsServer {
-				t.Fatalf("the agent handled %s with %q, want it forwarded to CoreDNS (%s)", fqdn, l.Answered, dnsServer)
+				r.fail(t, "the agent handled %s with %q, want it forwarded to CoreDNS (%s)", fqdn, l.Answered, dnsServer)
 			}
 			detail += "; via the agent, forwarded to CoreDNS as the proxy uid"
 		} else if proxyCtr != "" {
@@ -102,14 +102,14 @@ func dnsRows(t *testing.T, pod, proxyCtr string, captured bool) {
 			r := scenario(t)
 			res, err := resolve(pod, "app", kind, cluster.DNSProbeName)
 			if err != nil {
-				t.Fatal(err)
+				r.fail(t, "%v", err)
 			}
 			want := cluster.DNSProbeCoreDNS
 			if captured {
 				want = probeAgent
 			}
 			if !slices.Equal(res.Answers, []string{want}) {
-				t.Fatalf("%s answered %v over %s, want %s (%s)", cluster.DNSProbeName, res.Answers, kind, want, who)
+				r.fail(t, "%s answered %v over %s, want %s (%s)", cluster.DNSProbeName, res.Answers, kind, want, who)
 			}
 			// What the app's socket shows must be the nameserver whoever answered.
 			seen := res.From
@@ -117,7 +117,7 @@ func dnsRows(t *testing.T, pod, proxyCtr string, captured bool) {
 				seen = res.Peer
 			}
 			if res.Server != dnsServer || seen != dnsServer {
-				t.Fatalf("asked %s, answer seen from %s (want the nameserver %s)", res.Server, seen, dnsServer)
+				r.fail(t, "asked %s, answer seen from %s (want the nameserver %s)", res.Server, seen, dnsServer)
 			}
 			if captured {
 				if l := agentSaw(t, pod, proxyCtr, cluster.DNSProbeName+"."); l.Answered != "agent" {

@@ -205,10 +205,25 @@ func (e *env) deploy() error {
 		a = meshedPod(meshA, ebpf, noValidate, wrongPort, e.c.BPFFS)
 		logf("-k8s.break: %s's init container attaches with -p %s; the suite must fail", meshA, wrongPort)
 	}
-	var objs []obj
+	// Services first: kube-proxy has them before any pod dials one (native-init's app-init
+	// does while the pod starts).
+	var svcs []obj
 	for name, ip := range serviceIPs {
-		objs = append(objs, service(name, ip))
+		svcs = append(svcs, service(name, ip))
 	}
+	if _, err := e.c.KubectlIn(ctx, list(svcs...), "apply", "-f", "-"); err != nil {
+		return err
+	}
+	if err := e.c.WaitFor(ctx, "kube-proxy serving the test Services", 30*time.Second, func() error {
+		var ips []string
+		for _, ip := range serviceIPs {
+			ips = append(ips, ip)
+		}
+		return e.c.ProxyServes(ips...)
+	}); err != nil {
+		return err
+	}
+	objs := []obj{}
 	objs = append(objs,
 		plainPod(plainName),
 		withDNSCapture(a),
@@ -320,6 +335,14 @@ func (r *row) note(format string, args ...any) {
 	if len(r.detail) > 160 {
 		r.detail = r.detail[:157] + "..."
 	}
+}
+
+// fail notes the failure in the row (the table is what a CI log shows first) and stops
+// the test.
+func (r *row) fail(t *testing.T, format string, args ...any) {
+	t.Helper()
+	r.note(format, args...)
+	t.Fatalf(format, args...)
 }
 
 func printTable() {

@@ -53,29 +53,48 @@ func appInitThroughSidecar(t *testing.T, pod string) string {
 // was (issue 21, item 1).
 func TestSecondPodID(t *testing.T) {
 	r := scenario(t)
-	var status struct {
-		Phase  string `json:"phase"`
-		UID    string `json:"uid"`
-		Second struct {
-			ExitCode int    `json:"exitCode"`
-			Message  string `json:"message"`
-		} `json:"second"`
+	var pod struct {
+		Metadata struct {
+			UID string `json:"uid"`
+		} `json:"metadata"`
+		Status struct {
+			Phase    string `json:"phase"`
+			Statuses []struct {
+				Name  string `json:"name"`
+				State struct {
+					Terminated *struct {
+						ExitCode int `json:"exitCode"`
+					} `json:"terminated"`
+				} `json:"state"`
+			} `json:"initContainerStatuses"`
+		} `json:"status"`
 	}
 	if err := suite.c.WaitFor(ctx, dupInit+" failed", 90*time.Second, func() error {
-		out, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, dupInit, "-o",
-			`jsonpath={"{"}"phase":"{.status.phase}","uid":"{.metadata.uid}","second":{"exitCode":{.status.initContainerStatuses[1].state.terminated.exitCode}}{"}"}`)
+		out, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, dupInit, "-o", "json")
 		if err != nil {
 			return err
 		}
-		if err := json.Unmarshal([]byte(out), &status); err != nil {
+		if err := json.Unmarshal([]byte(out), &pod); err != nil {
 			return err
 		}
-		if status.Phase != "Failed" {
-			return errPhase(status.Phase)
+		if pod.Status.Phase != "Failed" {
+			return fmt.Errorf("phase %s", pod.Status.Phase)
 		}
 		return nil
 	}); err != nil {
 		t.Fatalf("%v\n%s", err, suite.describe())
+	}
+	var status struct {
+		UID    string
+		Second struct{ ExitCode int }
+	}
+	status.UID = pod.Metadata.UID
+	for _, c := range pod.Status.Statuses {
+		if c.Name == "istio-init-again" && c.State.Terminated != nil {
+			status.Second.ExitCode = c.State.Terminated.ExitCode
+		} else if c.Name == "istio-init-again" {
+			t.Fatalf("the second init container has not terminated in a Failed pod: %+v", pod.Status)
+		}
 	}
 	if status.Second.ExitCode == 0 {
 		t.Fatalf("the second init container exited 0")
@@ -93,10 +112,6 @@ func TestSecondPodID(t *testing.T) {
 	pinsUntouched(t, status.UID, secondID(dupInit), false)
 	r.note("refused (exit %d): %s", status.Second.ExitCode, strings.ReplaceAll(logs, status.UID, "<uid>"))
 }
-
-type errPhase string
-
-func (e errPhase) Error() string { return "phase " + string(e) }
 
 // pinsUntouched: nothing was pinned, not even half, for the refused id, and the holder's
 // attachment is whole by divert status (this build's, run on the host against the cluster's

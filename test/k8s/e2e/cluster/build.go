@@ -155,6 +155,8 @@ func (b cachedBuild) run(ctx context.Context, cache string, logf func(string, ..
 	dir := filepath.Join(cache, prefix+key)
 	if _, err := os.Stat(filepath.Join(dir, ".complete")); err == nil {
 		*cached = true
+		now := time.Now()
+		_ = os.Chtimes(filepath.Join(dir, ".complete"), now, now) // in use: see staleAfter
 		return dir, nil
 	}
 	logf("building %s into %s; the first build takes minutes", b.what, dir)
@@ -180,15 +182,24 @@ func (b cachedBuild) run(ctx context.Context, cache string, logf func(string, ..
 	if err := os.Rename(tmp, dir); err != nil {
 		return "", err
 	}
-	// Older builds (another version or go.sum) are of no further use.
+	// Other builds (another version or go.sum) unused for a while are of no further use.
+	// One used lately may be another checkout's on this machine, whose cluster may be
+	// running from it right now.
 	olds, _ := filepath.Glob(filepath.Join(cache, b.name+"-*"))
 	for _, o := range olds {
-		if o != dir {
+		st, err := os.Stat(filepath.Join(o, ".complete"))
+		if err != nil { // a build in progress (".tmp"), or one that died
+			st, err = os.Stat(o)
+		}
+		if o != dir && err == nil && time.Since(st.ModTime()) > staleAfter {
 			_ = os.RemoveAll(o)
 		}
 	}
 	return dir, nil
 }
+
+// staleAfter is how long a cached build may go unused before another build removes it.
+const staleAfter = 24 * time.Hour
 
 // cacheKey changes whenever what would be built changes: the wrapper module's requirements
 // and its own Go files (the main), the Go toolchain, the build flags, the package built and
