@@ -28,6 +28,7 @@ type dnsResult struct {
 	Server  string   `json:"server"`
 	From    string   `json:"from"`
 	Peer    string   `json:"peer"`
+	Via     []string `json:"via"`
 	Answers []string `json:"answers"`
 	RCode   string   `json:"rcode"`
 	Err     string   `json:"err"`
@@ -48,36 +49,42 @@ func resolve(pod, ctr, kind, name string) (dnsResult, error) {
 	return r, nil
 }
 
+// dnsCase is one pod's DNS setting: proxy is its proxy container ("" if unmeshed), ebpf
+// whether divert's eBPF captures it (else istio's iptables rules, or nothing).
+type dnsCase struct {
+	pod, proxy     string
+	captured, ebpf bool
+}
+
 // TestDNS: the init-container pods. mesh-a (eBPF) and mesh-ipt (istio's iptables rules)
 // have DNS proxying on, mesh-b (eBPF) and plain (unmeshed) not. Node mode's rows are in
 // TestNodeMode.
 func TestDNS(t *testing.T) {
-	for _, p := range []struct {
-		pod, proxy string
-		captured   bool
-	}{
-		{meshA, "proxy", true},
-		{meshIpt, "proxy", true},
-		{meshB, "proxy", false},
-		{plainName, "", false},
+	for _, c := range []dnsCase{
+		{meshA, "proxy", true, true},
+		{meshIpt, "proxy", true, false},
+		{meshB, "proxy", false, true},
+		{plainName, "", false, false},
 	} {
-		dnsRows(t, p.pod, p.proxy, p.captured)
+		dnsRows(t, c)
 	}
 }
 
 // dnsRows: the app resolves a Service name with Go's resolver (resolv.conf's search list:
 // the short name), then asks the probe name over UDP from an unconnected socket (the
-// reply's source must be the nameserver, or a resolver drops it) and over TCP (the peer
-// must be the nameserver). With capture, the agent answered the probe and its log shows the
-// Service name forwarded upstream; without, CoreDNS answered everything.
-func dnsRows(t *testing.T, pod, proxyCtr string, captured bool) {
+// reply's source must be the nameserver, or a resolver drops it) and over TCP. With
+// capture, the agent answered the probe and its log shows the Service name forwarded
+// upstream; without, CoreDNS answered everything. A meshed pod's TCP query without DNS
+// capture is an ordinary TCP connection: captured to its proxy (as under istio's rules),
+// which relays it to CoreDNS.
+func dnsRows(t *testing.T, c dnsCase) {
 	who := "coredns"
-	if captured {
+	if c.captured {
 		who = "agent"
 	}
-	t.Run(pod+"/service-name", func(t *testing.T) {
+	t.Run(c.pod+"/service-name", func(t *testing.T) {
 		r := scenario(t)
-		res, err := resolve(pod, "app", "go", plainName)
+		res, err := resolve(c.pod, "app", "go", plainName)
 		if err != nil {
 			r.fail(t, "%v", err)
 		}
@@ -86,45 +93,56 @@ func dnsRows(t *testing.T, pod, proxyCtr string, captured bool) {
 		}
 		fqdn := plainName + "." + namespace + ".svc." + cluster.ClusterDomain + "."
 		detail := fmt.Sprintf("%s -> %s", plainName, res.Answers[0])
-		if captured {
-			l := agentSaw(t, pod, proxyCtr, fqdn)
+		if c.captured {
+			l := agentSaw(t, c.pod, c.proxy, fqdn)
 			if l.Answered != "upstream "+dnsServer {
 				r.fail(t, "the agent handled %s with %q, want it forwarded to CoreDNS (%s)", fqdn, l.Answered, dnsServer)
 			}
 			detail += "; via the agent, forwarded to CoreDNS as the proxy uid"
-		} else if proxyCtr != "" {
-			noAgent(t, pod, proxyCtr)
+		} else if c.proxy != "" {
+			noAgent(t, c.pod, c.proxy)
 		}
 		r.note("%s", detail)
 	})
 	for _, kind := range []string{"udp", "tcp"} {
-		t.Run(pod+"/probe-"+kind, func(t *testing.T) {
+		t.Run(c.pod+"/probe-"+kind, func(t *testing.T) {
 			r := scenario(t)
-			res, err := resolve(pod, "app", kind, cluster.DNSProbeName)
+			res, err := resolve(c.pod, "app", kind, cluster.DNSProbeName)
 			if err != nil {
 				r.fail(t, "%v", err)
 			}
 			want := cluster.DNSProbeCoreDNS
-			if captured {
+			if c.captured {
 				want = probeAgent
 			}
 			if !slices.Equal(res.Answers, []string{want}) {
 				r.fail(t, "%s answered %v over %s, want %s (%s)", cluster.DNSProbeName, res.Answers, kind, want, who)
 			}
-			// What the app's socket shows must be the nameserver whoever answered.
-			seen := res.From
+			// What the app's socket shows must be the nameserver whoever answered; except
+			// a TCP connection eBPF redirected to the proxy, whose peer is the proxy's
+			// address (docs/semantics.md: iptables' NAT shows the original).
+			seen, wantSeen, via := res.From, dnsServer, []string(nil)
 			if kind == "tcp" {
 				seen = res.Peer
-			}
-			if res.Server != dnsServer || seen != dnsServer {
-				r.fail(t, "asked %s, answer seen from %s (want the nameserver %s)", res.Server, seen, dnsServer)
-			}
-			if captured {
-				if l := agentSaw(t, pod, proxyCtr, cluster.DNSProbeName+"."); l.Answered != "agent" {
-					t.Fatalf("the agent's log: %+v", l)
+				if c.proxy != "" && !c.captured {
+					via = []string{c.pod + "-proxy (orig " + dnsServer + ")"}
+					if c.ebpf {
+						wantSeen = "127.0.0.1:" + outboundPrt
+					}
 				}
 			}
-			r.note("%s answered %s; the app saw it from %s", who, res.Answers[0], seen)
+			if res.Server != dnsServer || seen != wantSeen {
+				r.fail(t, "asked %s, answer seen from %s (want %s)", res.Server, seen, wantSeen)
+			}
+			if !slices.Equal(res.Via, via) {
+				r.fail(t, "the %s query went through %v, want %v", kind, res.Via, via)
+			}
+			if c.captured {
+				if l := agentSaw(t, c.pod, c.proxy, cluster.DNSProbeName+"."); l.Answered != "agent" {
+					r.fail(t, "the agent's log: %+v", l)
+				}
+			}
+			r.note("%s answered %s; the app saw it from %s%s", who, res.Answers[0], seen, strings.Join(append([]string{""}, via...), " via "))
 		})
 	}
 }

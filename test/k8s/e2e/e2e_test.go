@@ -231,10 +231,17 @@ func (e *env) deploy() error {
 		withDNSCapture(meshedPod(meshIpt, iptables, istioTemplate, outboundPrt, e.c.BPFFS)),
 		meshedPod(meshAuto, fallback, istioTemplate, outboundPrt, e.c.BPFFS),
 		meshedPod(meshBroken, ebpf, noValidate, wrongPort, e.c.BPFFS),
-		nativeInitPod(nativeInit, e.c.BPFFS),
 		dupInitPod(dupInit, e.c.BPFFS),
 	)
 	if _, err := e.c.KubectlIn(ctx, list(objs...), "apply", "-f", "-"); err != nil {
+		return err
+	}
+	// native-init's app-init dials plain's Service while the pod starts: plain must be
+	// behind it by then.
+	if err := e.waitEndpoint(plainName); err != nil {
+		return err
+	}
+	if _, err := e.c.KubectlIn(ctx, list(nativeInitPod(nativeInit, e.c.BPFFS)), "apply", "-f", "-"); err != nil {
 		return err
 	}
 	// dup-init never gets Ready: its second init container must fail (TestSecondPodID).
@@ -262,6 +269,18 @@ func (e *env) deploy() error {
 		}
 	}
 	return nil
+}
+
+// waitEndpoint waits until pod is Ready and kube-proxy has its address as an endpoint.
+func (e *env) waitEndpoint(pod string) error {
+	if _, err := e.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", pod, "--timeout=60s"); err != nil {
+		return err
+	}
+	ip, err := e.c.Kubectl(ctx, "get", "pod", "-n", namespace, pod, "-o", "jsonpath={.status.podIP}")
+	if err != nil {
+		return err
+	}
+	return e.c.WaitFor(ctx, "kube-proxy forwarding to "+pod, 30*time.Second, func() error { return e.c.ProxyServes(ip) })
 }
 
 // describe is what a failed wait shows: pod status, every container's output (the init

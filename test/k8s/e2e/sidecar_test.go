@@ -123,9 +123,13 @@ func pinsUntouched(t *testing.T, holder, refused string, wantHealthy bool) {
 		t.Fatal(err)
 	}
 	for _, e := range ents {
-		if strings.Contains(e.Name(), refused) || strings.HasPrefix(e.Name(), ".") {
+		if strings.Contains(e.Name(), refused) {
 			t.Fatalf("%s is in the bpffs after the refused attach of %s", e.Name(), refused)
 		}
+	}
+	// An attach stages its pins next to the pods' and moves them in at the end.
+	if staged, _ := os.ReadDir(filepath.Join(suite.c.BPFFS, "divert_staging")); len(staged) > 0 {
+		t.Fatalf("the refused attach of %s left %s in divert_staging", refused, staged[0].Name())
 	}
 	out, err := runHost(suite.bins.Divert, "status", "--bpffs", suite.c.BPFFS, "--pod-id", holder, "-o", "json")
 	if err != nil {

@@ -240,11 +240,15 @@ func nameserver() (netip.AddrPort, error) {
 
 // dnsResult is what the dns command prints.
 type dnsResult struct {
-	Kind    string   `json:"kind"`
-	Name    string   `json:"name"`
-	Server  string   `json:"server,omitempty"` // the nameserver asked (resolv.conf's)
-	From    string   `json:"from,omitempty"`   // udp: the reply's source address (recvfrom)
-	Peer    string   `json:"peer,omitempty"`   // tcp: getpeername()
+	Kind   string `json:"kind"`
+	Name   string `json:"name"`
+	Server string `json:"server,omitempty"` // the nameserver asked (resolv.conf's)
+	From   string `json:"from,omitempty"`   // udp: the reply's source address (recvfrom)
+	Peer   string `json:"peer,omitempty"`   // tcp: getpeername()
+	// Via names what the TCP query went through before the nameserver's answer: the test
+	// proxies' JSON hop lines, which a meshed pod's TCP query to port 53 without DNS capture
+	// meets (it is captured to the proxy like any TCP connection, as under istio's rules).
+	Via     []string `json:"via,omitempty"`
 	Answers []string `json:"answers,omitempty"`
 	RCode   string   `json:"rcode,omitempty"`
 	Err     string   `json:"err,omitempty"`
@@ -337,7 +341,26 @@ func (r *dnsResult) query() {
 			fail(err)
 			return
 		}
-		if resp, err = readTCPMsg(c); err != nil {
+		br := bufio.NewReader(c)
+		// A DNS message's length never starts with '{' (it would be over 31,000 bytes).
+		for {
+			b, err := br.Peek(1)
+			if err != nil || b[0] != '{' {
+				break
+			}
+			line, err := br.ReadBytes('\n')
+			if err != nil {
+				fail(err)
+				return
+			}
+			var hop struct{ Who, Orig string }
+			if err := json.Unmarshal(line, &hop); err != nil {
+				fail(fmt.Errorf("garbled hop line %q", line))
+				return
+			}
+			r.Via = append(r.Via, hop.Who+" (orig "+hop.Orig+")")
+		}
+		if resp, err = readTCPMsg(br); err != nil {
 			fail(err)
 			return
 		}

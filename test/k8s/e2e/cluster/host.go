@@ -193,6 +193,8 @@ func parseSave(dump string) (chains, rules map[string][]string) {
 	return chains, rules
 }
 
+var builtinChains = map[string]bool{"PREROUTING": true, "INPUT": true, "FORWARD": true, "OUTPUT": true, "POSTROUTING": true}
+
 func ours(s, podCIDR, bridge string) bool {
 	return strings.Contains(s, "KUBE-") || strings.Contains(s, "CNI-") ||
 		strings.Contains(s, podCIDR) || strings.Contains(s, bridge)
@@ -224,8 +226,8 @@ func restoreIptables(before map[string]string, podCIDR, bridge string, logf func
 			}
 			var flush, drop []string
 			for _, c := range nc[table] {
-				if slices.Contains(bc[table], c) {
-					continue
+				if slices.Contains(bc[table], c) || builtinChains[c] {
+					continue // built-in chains come with a table iptables-nft made: restoreNFTables
 				}
 				if ours(c, podCIDR, bridge) {
 					flush, drop = append(flush, "-F "+c), append(drop, "-X "+c)

@@ -79,15 +79,16 @@ func (c *Cluster) startProxy(ctx context.Context, mode string) error {
 	}, "kube-proxy", "kube-apiserver")
 }
 
-// ProxyRules is kube-proxy's ruleset on the host in its current mode: the nat table as
-// iptables-save prints it (through the same iptables kube-proxy runs), or its nftables table.
+// ProxyRules is kube-proxy's ruleset on the host in its current mode: iptables-save's
+// (through the same iptables kube-proxy runs; a Service without endpoints is a REJECT
+// rule in the filter table, not in nat), or its nftables table.
 func (c *Cluster) ProxyRules() (string, error) {
 	var out []byte
 	var err error
 	if c.proxyMode == ProxyNFTables {
 		out, err = exec.Command("nft", "list", "table", "ip", "kube-proxy").CombinedOutput()
 	} else {
-		out, err = exec.Command("iptables-save", "-t", "nat").CombinedOutput()
+		out, err = exec.Command("iptables-save").CombinedOutput()
 	}
 	if err != nil {
 		return "", fmt.Errorf("%s rules: %v: %s", c.proxyMode, err, strings.TrimSpace(string(out)))
@@ -95,8 +96,10 @@ func (c *Cluster) ProxyRules() (string, error) {
 	return string(out), nil
 }
 
-// ProxyServes fails unless kube-proxy's current rules name every one of vips (ClusterIPs):
-// a Service created a moment ago is only reachable once kube-proxy has synced it.
+// ProxyServes fails unless kube-proxy's current rules name every one of ips: ClusterIPs (a
+// Service created a moment ago is only handled once kube-proxy has synced it, forwarding
+// or, without endpoints, rejecting), or pod addresses (a Service's endpoint is only used
+// once kube-proxy has it).
 func (c *Cluster) ProxyServes(vips ...string) error {
 	rules, err := c.ProxyRules()
 	if err != nil {
