@@ -70,8 +70,8 @@ func TestDNS(t *testing.T) {
 	}
 }
 
-// dnsRows: the app resolves a Service name with Go's resolver (resolv.conf's search list:
-// the short name), then asks the probe name over UDP from an unconnected socket (the
+// dnsRows: the app resolves a Service name with Go's resolver (resolv.conf's search list),
+// then asks the probe name over UDP from an unconnected socket (the
 // reply's source must be the nameserver, or a resolver drops it) and over TCP. With
 // capture, the agent answered the probe and its log shows the Service name forwarded
 // upstream; without, CoreDNS answered everything. A meshed pod's TCP query without DNS
@@ -84,15 +84,19 @@ func dnsRows(t *testing.T, c dnsCase) {
 	}
 	t.Run(c.pod+"/service-name", func(t *testing.T) {
 		r := scenario(t)
-		res, err := resolve(c.pod, "app", "go", plainName)
+		// <service>.<namespace>, the usual form: not in /etc/hosts (the bare name is the
+		// plain pod's own hostname there), found by the search list's second domain after
+		// an NXDOMAIN for the first.
+		name := plainName + "." + namespace
+		res, err := resolve(c.pod, "app", "go", name)
 		if err != nil {
 			r.fail(t, "%v", err)
 		}
 		if !slices.Equal(res.Answers, []string{serviceIPs[plainName]}) {
-			r.fail(t, "%s resolved to %v, want plain's Service address %s", plainName, res.Answers, serviceIPs[plainName])
+			r.fail(t, "%s resolved to %v, want plain's Service address %s", name, res.Answers, serviceIPs[plainName])
 		}
 		fqdn := plainName + "." + namespace + ".svc." + cluster.ClusterDomain + "."
-		detail := fmt.Sprintf("%s -> %s", plainName, res.Answers[0])
+		detail := fmt.Sprintf("%s -> %s", name, res.Answers[0])
 		if c.captured {
 			l := agentSaw(t, c.pod, c.proxy, fqdn)
 			if l.Answered != "upstream "+dnsServer {

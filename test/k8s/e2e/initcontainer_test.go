@@ -1,11 +1,14 @@
 package e2e
 
 import (
+	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 )
 
 // initLog checks what the pod's istio-init container said it did, and whether the pod's
@@ -113,4 +116,71 @@ func TestBrokenCaptureIsDetected(t *testing.T) {
 		t.Fatalf("want the redirected connection refused (nothing on %s), got %q via %s", wrongPort, res.Err, path(res))
 	}
 	r.note("detected as intended: %v", err)
+}
+
+// TestSecondPodID: dup-init's istio-init attached the pod under its UID; its second divert
+// init container asks for the same cgroup under another pod id. It must fail with one line
+// naming the pod that holds the cgroup, pin nothing, and leave the first attachment as it
+// was (issue 21, item 1). It runs before TestNodeMode (this file sorts first): the node
+// agent removes the pins of a Failed pod, which dup-init is.
+func TestSecondPodID(t *testing.T) {
+	r := scenario(t)
+	var pod struct {
+		Metadata struct {
+			UID string `json:"uid"`
+		} `json:"metadata"`
+		Status struct {
+			Phase    string `json:"phase"`
+			Statuses []struct {
+				Name  string `json:"name"`
+				State struct {
+					Terminated *struct {
+						ExitCode int `json:"exitCode"`
+					} `json:"terminated"`
+				} `json:"state"`
+			} `json:"initContainerStatuses"`
+		} `json:"status"`
+	}
+	if err := suite.c.WaitFor(ctx, dupInit+" failed", 90*time.Second, func() error {
+		out, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, dupInit, "-o", "json")
+		if err != nil {
+			return err
+		}
+		if err := json.Unmarshal([]byte(out), &pod); err != nil {
+			return err
+		}
+		if pod.Status.Phase != "Failed" {
+			return fmt.Errorf("phase %s", pod.Status.Phase)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("%v\n%s", err, suite.describe())
+	}
+	var status struct {
+		UID    string
+		Second struct{ ExitCode int }
+	}
+	status.UID = pod.Metadata.UID
+	for _, c := range pod.Status.Statuses {
+		if c.Name == "istio-init-again" && c.State.Terminated != nil {
+			status.Second.ExitCode = c.State.Terminated.ExitCode
+		} else if c.Name == "istio-init-again" {
+			t.Fatalf("the second init container has not terminated in a Failed pod: %+v", pod.Status)
+		}
+	}
+	if status.Second.ExitCode == 0 {
+		t.Fatalf("the second init container exited 0")
+	}
+	logs, err := suite.c.Kubectl(ctx, "logs", "-n", namespace, dupInit, "-c", "istio-init-again")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs = strings.TrimSpace(logs)
+	if strings.Count(logs, "\n") != 0 || !strings.Contains(logs, "pod "+status.UID+" already captures this cgroup") {
+		t.Fatalf("want one line naming pod %s as the holder, got:\n%s", status.UID, logs)
+	}
+	// The pod failed, so its proxy never listened (and the kubelet may be removing its
+	// cgroup): the holder's health is not the point, only that its attachment is whole.
+	pinsUntouched(t, status.UID, secondID(dupInit), false)
+	r.note("refused (exit %d): %s", status.Second.ExitCode, strings.ReplaceAll(logs, status.UID, "<uid>"))
 }
