@@ -238,7 +238,7 @@ func restoreIptables(before map[string]string, podCIDR, bridge string, logf func
 			if len(dels)+len(drop) == 0 {
 				continue
 			}
-			logf("iptables-%s: removing %d rules and %d chains the cluster added to table %s", v, len(dels), len(drop), table)
+			logf("iptables-%s: removing %d rules and %d chains the cluster added to table %s %v", v, len(dels), len(drop), table, drop)
 			fmt.Fprintf(&script, "*%s\n%s\nCOMMIT\n", table, strings.Join(slices.Concat(dels, flush, drop), "\n"))
 		}
 		if script.Len() == 0 {
