@@ -39,11 +39,15 @@ image-check:
 docker-image:
 	docker build -t $(IMAGE) .
 
-# deploy/'s manifests with divert's image set to IMAGE, and deploy/istio/istio-operator.yaml
-# made from the injection template (its one source). In place by default; for your registry,
-# a copy: make manifests IMAGE=registry.example.com/divert:0.1.0 OUT=my-deploy
+# deploy/'s manifests with divert's image set to IMAGE, deploy/istio/istio-operator.yaml
+# made from the injection template (its one source), the Helm chart's default image, and
+# deploy/node/divert-node.yaml rendered from the chart (tools/helm: Helm v4, its own module).
+# In place by default; for your registry, a copy:
+# make manifests IMAGE=registry.example.com/divert:0.1.0 OUT=my-deploy
+MANIFESTS_OUT = $(abspath $(or $(OUT),deploy))
 manifests:
-	$(GO) run ./internal/manifests/gen -image $(IMAGE) -in deploy -out $(or $(OUT),deploy)
+	$(GO) run ./internal/manifests/gen -image $(IMAGE) -in deploy -out $(MANIFESTS_OUT)
+	cd tools/helm && $(GO) run ./cmd/node-manifest -chart $(MANIFESTS_OUT)/helm/divert -out $(MANIFESTS_OUT)/node/divert-node.yaml
 
 # Everything, privileged tests included: run as root. Packages run one at a time so the
 # kernel-touching suites do not compete for the 2 cores and skew timeouts.
@@ -53,6 +57,7 @@ test: deps
 	CI=$${CI:-true} $(GO) test $(TESTFLAGS) -p 1 ./...
 	cd tools/image && $(GO) vet ./... && $(GO) test $(TESTFLAGS) ./...
 	cd test/bench && $(GO) vet ./... && CI=$${CI:-true} $(GO) test $(TESTFLAGS) -run 'Test' ./...
+	cd tools/helm && $(GO) vet ./... && $(GO) test $(TESTFLAGS) ./...
 
 # gofmt over every tracked Go file; staticcheck (pinned here, run from the module proxy, so
 # go.mod lists no tool the product does not need) over the root module, test/bench and

@@ -50,6 +50,9 @@ type istioOperator struct {
 	} `json:"spec"`
 }
 
+// chartDir is the Helm chart: templates, not manifests (tools/helm renders and checks it).
+const chartDir = "helm"
+
 // decoder decodes YAML into the built-in Kubernetes types, strictly: an unknown or
 // duplicate field is an error, as kubectl's server-side field validation would make it.
 var decoder = kjson.NewSerializerWithOptions(kjson.DefaultMetaFactory, scheme.Scheme, scheme.Scheme,
@@ -65,6 +68,9 @@ func manifests(t *testing.T) (objs map[string][]runtime.Object, operators map[st
 	t.Helper()
 	objs, operators = map[string][]runtime.Object{}, map[string]istioOperator{}
 	err := filepath.WalkDir(".", func(path string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() && path == chartDir {
+			return filepath.SkipDir // Go templates; tools/helm decodes what they render
+		}
 		if err != nil || d.IsDir() || !(strings.HasSuffix(path, ".yaml") || strings.HasSuffix(path, ".yml")) {
 			return err
 		}
@@ -167,8 +173,11 @@ func TestImageNamesAgree(t *testing.T) {
 	if !ok || tag == "" || tag == "latest" || strings.Contains(tag, "$") || !gen.IsDivert(repo) {
 		t.Fatalf("Makefile: IMAGE %q, want a versioned divert image (<registry>/divert:<VERSION>)", imageRef)
 	}
-	files := []string{"../README.md", "../docs/istio.md"}
+	files := []string{"../README.md", "../docs/istio.md", "../docs/install.md"}
 	err := filepath.WalkDir(".", func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() && p == chartDir {
+			return filepath.SkipDir
+		}
 		if err == nil && !d.IsDir() && strings.HasSuffix(p, ".yaml") {
 			files = append(files, p)
 		}
@@ -176,6 +185,18 @@ func TestImageNamesAgree(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The chart's default: values.yaml's image.repository at Chart.yaml's appVersion.
+	chart, err := os.ReadFile(gen.ChartPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	values, err := os.ReadFile(gen.ValuesPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := gen.ChartImage(chart, values); got != imageRef {
+		t.Errorf("deploy/helm/divert installs %s by default, want the Makefile's %s (make manifests sets it)", got, imageRef)
 	}
 	for _, f := range files {
 		b, err := os.ReadFile(f)
@@ -538,7 +559,7 @@ func TestDockerfile(t *testing.T) {
 // overlay (alone, the overlay reinstalls Istio's default profile). The privileges are
 // stated: the Pod Security level the init container needs, and node mode as the way out.
 func TestDocsInstallCommands(t *testing.T) {
-	for _, f := range []string{"../README.md", "../docs/istio.md"} {
+	for _, f := range []string{"../README.md", "../docs/istio.md", "../docs/install.md"} {
 		b, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)

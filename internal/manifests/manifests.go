@@ -90,3 +90,54 @@ func Images(text []byte) []string {
 	}
 	return out
 }
+
+// The Helm chart (deploy/helm/divert) names the image in two places: values.yaml's
+// image.repository and Chart.yaml's appVersion (image.tag's default), which the chart's
+// version follows.
+const (
+	ChartPath  = "helm/divert/Chart.yaml"
+	ValuesPath = "helm/divert/values.yaml"
+)
+
+var (
+	repositoryLine = regexp.MustCompile(`(?m)^(  repository:\s*)(\S+)`)
+	versionLine    = regexp.MustCompile(`(?m)^((?:app)?[vV]ersion:\s*)("?)([^\s"#]+)("?)`)
+)
+
+// SplitImage splits a reference into repository and tag; ok is false without a tag (or with
+// a digest), which a chart's appVersion cannot carry.
+func SplitImage(ref string) (repo, tag string, ok bool) {
+	if strings.Contains(ref, "@") {
+		return "", "", false
+	}
+	i := strings.LastIndex(ref, ":")
+	if i < 0 || i < strings.LastIndex(ref, "/") {
+		return "", "", false
+	}
+	return ref[:i], ref[i+1:], true
+}
+
+// SetChartRepository sets image.repository in the chart's values.yaml.
+func SetChartRepository(values []byte, repo string) []byte {
+	return repositoryLine.ReplaceAll(values, []byte("${1}"+repo))
+}
+
+// SetChartVersion sets the chart's version and appVersion in Chart.yaml.
+func SetChartVersion(chart []byte, tag string) []byte {
+	return versionLine.ReplaceAll(chart, []byte("${1}${2}"+tag+"${4}"))
+}
+
+// ChartImage is the image the chart installs by default: values.yaml's image.repository
+// and Chart.yaml's appVersion.
+func ChartImage(chart, values []byte) string {
+	var repo, tag string
+	if m := repositoryLine.FindSubmatch(values); m != nil {
+		repo = string(m[2])
+	}
+	for _, m := range versionLine.FindAllSubmatch(chart, -1) {
+		if strings.HasPrefix(string(m[1]), "appVersion") {
+			tag = string(m[3])
+		}
+	}
+	return repo + ":" + tag
+}

@@ -55,3 +55,24 @@ func TestOperator(t *testing.T) {
 		t.Errorf("got\n%s", got)
 	}
 }
+
+func TestChartImage(t *testing.T) {
+	chart := []byte("apiVersion: v2\nname: divert\nversion: 0.1.0\nappVersion: \"0.1.0\"\n")
+	values := []byte("image:\n  repository: ghcr.io/meshdivert/divert\n  tag: \"\"\n")
+	if got := ChartImage(chart, values); got != "ghcr.io/meshdivert/divert:0.1.0" {
+		t.Errorf("ChartImage: %s", got)
+	}
+	repo, tag, ok := SplitImage("localhost:5000/x/divert:0.2.0")
+	if !ok || repo != "localhost:5000/x/divert" || tag != "0.2.0" {
+		t.Errorf("SplitImage: %s %s %v", repo, tag, ok)
+	}
+	for _, ref := range []string{"localhost:5000/divert", "divert@sha256:0123", "divert"} {
+		if _, _, ok := SplitImage(ref); ok {
+			t.Errorf("SplitImage(%q) has no tag to split", ref)
+		}
+	}
+	c, v := SetChartVersion(chart, "0.2.0"), SetChartRepository(values, "localhost:5000/x/divert")
+	if got := ChartImage(c, v); got != "localhost:5000/x/divert:0.2.0" || !strings.Contains(string(c), "\nversion: 0.2.0\n") || !strings.Contains(string(v), "tag: \"\"") {
+		t.Errorf("after setting: %s\n%s\n%s", got, c, v)
+	}
+}
