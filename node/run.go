@@ -61,11 +61,22 @@ func (a *Agent) Run(ctx context.Context, o RunOptions) error {
 	if len(a.ExcludeNamespaces) > 0 {
 		entry["excludeNamespaces"] = a.ExcludeNamespaces
 	}
+	// The DaemonSet is watched from now on: by the time this agent is told to stop, an
+	// uninstall may have deleted the Role that lets it read the DaemonSet. The watch
+	// outlives ctx (cancelled on SIGTERM) until leave has decided.
+	var owner *OwnerWatch
+	if o.UninstallOnExit == "auto" && o.SelfName != "" {
+		wctx, wcancel := context.WithCancel(context.Background())
+		defer wcancel()
+		if owner, err = WatchOwner(wctx, a.Client, o.SelfNamespace, o.SelfName); err != nil {
+			a.log().Warn("not watching the agent's DaemonSet: an uninstall is recognised only while its Role stays", "err", err)
+		}
+	}
 	if _, err := Chain(conflist, entry); err != nil {
 		return fmt.Errorf("chain divert-cni into %s: %w", conflist, err)
 	}
 	a.log().Info("ready", "conflist", conflist, "socket", o.Socket, "node", a.NodeName)
-	defer a.leave(conflist, o)
+	defer a.leave(conflist, o, owner)
 	tick := time.NewTicker(o.ReconcileInterval)
 	defer tick.Stop()
 	for {
@@ -84,12 +95,12 @@ func (a *Agent) Run(ctx context.Context, o RunOptions) error {
 
 // leave takes the plugin out of the conflist if the agent is being uninstalled; on a
 // restart or upgrade it stays, so new pods wait for the next agent.
-func (a *Agent) leave(conflist string, o RunOptions) {
+func (a *Agent) leave(conflist string, o RunOptions, owner *OwnerWatch) {
 	remove, why := o.UninstallOnExit == "always", "--uninstall-on-exit=always"
 	switch {
-	case o.UninstallOnExit == "auto" && o.SelfName != "":
+	case owner != nil:
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		remove, why = Uninstalling(ctx, a.Client, o.SelfNamespace, o.SelfName)
+		remove, why = owner.Uninstalling(ctx)
 		cancel()
 	case o.UninstallOnExit == "auto":
 		why = "$POD_NAME unset, cannot tell an uninstall from a restart"

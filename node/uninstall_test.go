@@ -2,14 +2,19 @@ package node
 
 import (
 	"context"
+	"errors"
 	"testing"
+	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	k8stypes "k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 )
 
 // Only a DaemonSet that is gone or being deleted means uninstall; a restart, an upgrade,
@@ -45,5 +50,62 @@ func TestUninstalling(t *testing.T) {
 		if got != c.want || why == "" {
 			t.Errorf("%s: Uninstalling = %v (%q), want %v", c.name, got, why, c.want)
 		}
+	}
+}
+
+// helm uninstall deletes the DaemonSet and then the Role that lets the agent read it,
+// before the agent's pod is told to stop: the watch opened at start still tells an
+// uninstall. A restart, a replaced DaemonSet (readable) and an unreadable API with no
+// deletion seen still keep divert-cni chained.
+func TestOwnerWatch(t *testing.T) {
+	owner := metav1.OwnerReference{APIVersion: "apps/v1", Kind: "DaemonSet", Name: "divert-node", UID: "ds-1"}
+	agentPod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "divert-node-x1", Namespace: "divert-system", OwnerReferences: []metav1.OwnerReference{owner}}}
+	ds := func(uid string) *appsv1.DaemonSet {
+		return &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Name: "divert-node", Namespace: "divert-system", UID: k8stypes.UID(uid)}}
+	}
+	forbid := func(c *fake.Clientset) {
+		c.PrependReactor("get", "daemonsets", func(k8stesting.Action) (bool, runtime.Object, error) {
+			return true, nil, apierrors.NewForbidden(schema.GroupResource{Group: "apps", Resource: "daemonsets"}, "divert-node", errors.New("no Role"))
+		})
+	}
+	cases := []struct {
+		name  string
+		event func(ctx context.Context, c *fake.Clientset) error
+		want  bool
+	}{
+		{"restart: the DaemonSet stays", func(context.Context, *fake.Clientset) error { return nil }, false},
+		{"uninstall: DaemonSet deleted, then its Role", func(ctx context.Context, c *fake.Clientset) error {
+			err := c.AppsV1().DaemonSets("divert-system").Delete(ctx, "divert-node", metav1.DeleteOptions{})
+			forbid(c)
+			return err
+		}, true},
+		{"unreadable, nothing deleted", func(_ context.Context, c *fake.Clientset) error { forbid(c); return nil }, false},
+		{"replaced, readable", func(ctx context.Context, c *fake.Clientset) error {
+			if err := c.AppsV1().DaemonSets("divert-system").Delete(ctx, "divert-node", metav1.DeleteOptions{}); err != nil {
+				return err
+			}
+			_, err := c.AppsV1().DaemonSets("divert-system").Create(ctx, ds("ds-2"), metav1.CreateOptions{})
+			return err
+		}, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			c := fake.NewClientset(agentPod, ds("ds-1"))
+			w, err := WatchOwner(ctx, c, "divert-system", "divert-node-x1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := tc.event(ctx, c); err != nil {
+				t.Fatal(err)
+			}
+			dctx, dcancel := context.WithTimeout(ctx, 2*time.Second)
+			defer dcancel()
+			got, why := w.Uninstalling(dctx)
+			if got != tc.want || why == "" {
+				t.Errorf("Uninstalling = %v (%q), want %v", got, why, tc.want)
+			}
+		})
 	}
 }
