@@ -15,8 +15,8 @@ import (
 	"github.com/meshdivert/divert/test/k8s/e2e/cluster"
 )
 
-// Node mode: deploy/node/divert-node.yaml as shipped (image and host paths pointed at this
-// cluster), then pods with no divert container at all. The agent installs divert-cni into
+// Node mode: deploy/helm/divert installed with Helm (image and host paths pointed at this
+// cluster, helm_test.go), then pods with no divert container at all. The agent installs divert-cni into
 // the cluster's CNI bin dir and chains it into the cluster's conflist; containerd runs the
 // plugin for every new pod and the agent captures the meshed ones.
 const (
@@ -51,10 +51,11 @@ func TestNodeMode(t *testing.T) {
 		{"metrics", nodeMetrics},
 		{"agent-restart-no-escape", nodeAgentRestart},
 		{"second-pod-id/refused-by-agent", nodeSecondPodIDRefused},
+		{"helm-upgrade-new-tag-no-escape", nodeHelmUpgrade},
 		{"pod-deleted-pins-gone", nodePodDeleted},
 		{"agent-down-pod-fails-closed", nodeAgentDownFailsClosed},
 		{"agent-back-pod-starts-captured", nodeAgentBack},
-		{"daemonset-deleted-uninstalls", nodeUninstall},
+		{"helm-uninstall-leaves-what-docs-say", nodeHelmUninstall},
 	}
 	for _, s := range steps {
 		if !t.Run(s.name, s.fn) {
@@ -63,17 +64,11 @@ func TestNodeMode(t *testing.T) {
 	}
 }
 
-// nodeAgentUp applies the shipped manifest with this cluster's directories and waits for
-// the agent to say it is ready; the plugin must then be in the bin dir and chained.
+// nodeAgentUp installs the chart (helm_test.go) with this cluster's directories and waits
+// for the agent to say it is ready; the plugin must then be in the bin dir and chained.
 func nodeAgentUp(t *testing.T) {
 	r := scenario(t)
-	manifest, err := nodeManifest(suite.c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := suite.c.KubectlIn(ctx, manifest, "apply", "-f", "-"); err != nil {
-		t.Fatal(err)
-	}
+	helmInstall(t)
 	start := time.Now()
 	agent := waitAgentReady(t, "")
 	bin, err := os.Lstat(filepath.Join(suite.c.CNIBinDir, "divert-cni"))
@@ -100,76 +95,6 @@ func nodeAgentUp(t *testing.T) {
 		t.Fatalf("divert-cni is not chained last in %s: %v", cluster.CNIConflist, types)
 	}
 	r.note("%s ready in %s; conflist %s", agent, time.Since(start).Round(time.Second), strings.Join(types, " -> "))
-}
-
-// nodeManifest is deploy/node/divert-node.yaml (converted to JSON by kubectl) with the
-// test image and this cluster's host directories. Host paths the plugin sees (socket,
-// netns) are mounted at the same path in the agent, as on a real node.
-func nodeManifest(c *cluster.Cluster) (string, error) {
-	out, err := c.Kubectl(ctx, "create", "--dry-run=client", "-o", "json", "-f", "../../../deploy/node/divert-node.yaml")
-	if err != nil {
-		return "", err
-	}
-	// One JSON object per manifest document, one after the other.
-	var list struct{ Items []obj }
-	dec := json.NewDecoder(strings.NewReader(out))
-	for dec.More() {
-		var o obj
-		if err := dec.Decode(&o); err != nil {
-			return "", fmt.Errorf("kubectl's JSON of the manifest: %w", err)
-		}
-		list.Items = append(list.Items, o)
-	}
-	cgroupRoot, err := hostCgroup2()
-	if err != nil {
-		return "", err
-	}
-	socketDir := filepath.Join(c.State, "divert-run")
-	found := false
-	for _, item := range list.Items {
-		if item["kind"] != "DaemonSet" {
-			continue
-		}
-		found = true
-		spec := item["spec"].(obj)["template"].(obj)["spec"].(obj)
-		ctr := spec["containers"].([]any)[0].(obj)
-		ctr["image"], ctr["imagePullPolicy"] = divertRef, "Never"
-		var args []any
-		for _, a := range ctr["args"].([]any) {
-			switch s := a.(string); {
-			case strings.HasPrefix(s, "--cgroup-root="):
-				args = append(args, "--cgroup-root=/host"+cgroupRoot)
-			case strings.HasPrefix(s, "--socket="):
-				args = append(args, "--socket="+filepath.Join(socketDir, "cni.sock"))
-			default:
-				args = append(args, s)
-			}
-		}
-		ctr["args"] = args
-		hostDirs := map[string]string{
-			"cni-bin": c.CNIBinDir, "cni-conf": c.CNIConfDir, "bpffs": c.BPFFS,
-			"socket-dir": socketDir, "netns": c.NetNSDir,
-		}
-		samePath := map[string]bool{"socket-dir": true, "netns": true}
-		for _, v := range spec["volumes"].([]any) {
-			vol := v.(obj)
-			name := vol["name"].(string)
-			if dir, ok := hostDirs[name]; ok {
-				vol["hostPath"].(obj)["path"] = dir
-			}
-		}
-		for _, m := range ctr["volumeMounts"].([]any) {
-			mnt := m.(obj)
-			if name := mnt["name"].(string); samePath[name] {
-				mnt["mountPath"] = hostDirs[name]
-			}
-		}
-	}
-	if !found {
-		return "", fmt.Errorf("no DaemonSet in deploy/node/divert-node.yaml")
-	}
-	b, err := json.Marshal(obj{"apiVersion": "v1", "kind": "List", "items": list.Items})
-	return string(b), err
 }
 
 // hostCgroup2 is where the host mounts cgroup2 (/sys/fs/cgroup, or /sys/fs/cgroup/unified
@@ -593,28 +518,6 @@ func chained(t *testing.T) bool {
 		t.Fatal(err)
 	}
 	return strings.Contains(string(conf), `"divert-cni"`)
-}
-
-// nodeUninstall: deleting the DaemonSet removes divert from the node: the last agent sees
-// its DaemonSet go and takes divert-cni out of the conflist (new pods start normally),
-// leaving the binary for the CNI DEL of pods set up through it; pods it captured stay
-// captured.
-func nodeUninstall(t *testing.T) {
-	r := scenario(t)
-	if _, err := suite.c.Kubectl(ctx, "delete", "daemonset", "-n", agentNS, "divert-node", "--timeout=60s"); err != nil {
-		t.Fatal(err)
-	}
-	waitNoAgent(t)
-	if chained(t) {
-		t.Fatalf("divert-cni still chained after its DaemonSet was deleted")
-	}
-	if _, err := os.Stat(filepath.Join(suite.c.CNIBinDir, "divert-cni")); err != nil {
-		t.Fatalf("the plugin binary must stay for the CNI DEL of pods set up through it: %v", err)
-	}
-	expect(t, r, nodeLate, "app", addr(plainName, appPort),
-		want{who: nodeLate + "-proxy", listener: "0.0.0.0:" + outboundPrt, orig: addr(plainName, appPort)},
-		want{who: plainName})
-	r.note("unchained, binary kept; %s still captured: %s", nodeLate, r.detail)
 }
 
 // nodeAgentBack: the DaemonSet matches the node again; the kubelet's next sandbox attempt

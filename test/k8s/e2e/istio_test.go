@@ -1,0 +1,154 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// Istio's own injector (test/k8s/istio: istiod's webhook code from a pinned istio.io/istio)
+// with Istio's real "sidecar" template and divert's, installed as docs/istio.md says: with
+// istioctl (your IstioOperator, then deploy/istio/istio-operator.yaml) and with the istiod
+// Helm chart (--set-file sidecarInjectorWebhook.templates.divert=..., defaultTemplates
+// {sidecar,divert}). The classic shape (istio-proxy a regular container) comes from the
+// istioctl installation, the native one (istio-proxy an init container with restartPolicy:
+// Always) from the Helm one. What the injector made is asserted, then run: only istio-proxy
+// is swapped for a stand-in (no Envoy here) that keeps Istio's uid, env and ports.
+const (
+	istioClassic = "istio-classic"
+	istioNative  = "istio-native"
+	// The image the template names (the Makefile's IMAGE): the test image is tagged so.
+	templateImage = "ghcr.io/meshdivert/divert:0.1.0"
+	divertTmpl    = "../../../deploy/istio/divert-init-template.yaml"
+	divertIOP     = "../../../deploy/istio/istio-operator.yaml"
+)
+
+// istioArgs is istio-init's command line as Istio's sidecar template renders it for these
+// pods (docs/istio.md quotes it); divert's template must leave it alone.
+var istioArgs = []string{"istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
+	"-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020", "--log_output_level=default:info"}
+
+func TestIstioInjector(t *testing.T) {
+	var pods map[string]obj
+	if !t.Run("inject", func(t *testing.T) { pods = istioInject(t) }) {
+		t.Fatal("injection failed; nothing to run")
+	}
+	for _, tc := range []struct {
+		name, via string
+		native    bool
+	}{{istioClassic, "istioctl", false}, {istioNative, "helm", true}} {
+		p := pods[tc.name]
+		t.Run(tc.name+"/spec", func(t *testing.T) { istioSpec(t, p, tc.via, tc.native) })
+	}
+	// Gone before node mode's rows: its agent would take these pods for its own.
+	t.Cleanup(func() {
+		suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, istioClassic, istioNative, "--wait=false", "--ignore-not-found")
+	})
+	if !t.Run("pods-start", func(t *testing.T) { istioPodsUp(t, pods) }) {
+		t.Fatal("the injected pods did not start")
+	}
+	for _, name := range []string{istioClassic, istioNative} {
+		t.Run(name+"/init", func(t *testing.T) { initLog(t, name, ebpf) })
+		t.Run(name+"/outbound", func(t *testing.T) { outbound(t, name) })
+		t.Run(name+"/inbound", func(t *testing.T) { inbound(t, name, addr(name, appPort)) })
+	}
+}
+
+// istioInject renders both installations and injects one pod with each.
+func istioInject(t *testing.T) map[string]obj {
+	r := scenario(t)
+	bin, err := repoTool("test/k8s/istio", "istio-inject")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	write := func(name string, v any) string {
+		b, _ := json.Marshal(v)
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	// The user's own installation, given to istioctl before divert's overlay.
+	base := write("your-install.yaml", obj{"apiVersion": "install.istio.io/v1alpha1", "kind": "IstioOperator",
+		"spec": obj{"profile": "default", "meshConfig": obj{"accessLogFile": "/dev/stdout"}}})
+	inject := func(name string, native bool, source ...string) obj {
+		in := write(name+"-in.yaml", istioAppPod(name))
+		out := filepath.Join(dir, name+"-out.json")
+		cmd := exec.CommandContext(ctx, bin, append(source, "-in", in, "-out", out, "-dump-config", filepath.Join(dir, name+"-config.json"))...)
+		cmd.Env = append(os.Environ(), fmt.Sprintf("ENABLE_NATIVE_SIDECARS=%t", native))
+		if b, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("injecting %s: %v\n%s", name, err, b)
+		}
+		var l struct{ Items []obj }
+		b, err := os.ReadFile(out)
+		if err == nil {
+			err = json.Unmarshal(b, &l)
+		}
+		if err != nil || len(l.Items) != 1 {
+			t.Fatalf("injector output %s: %v", out, err)
+		}
+		return l.Items[0]
+	}
+	classic := inject(istioClassic, false, "-istioctl", base+","+divertIOP)
+
+	// The istiod chart from the same istio module, rendered by Helm as the docs' helm upgrade
+	// sets it.
+	chartOut, err := exec.CommandContext(ctx, bin, "-print-chart").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rendered, err := helm("template", "istiod", strings.TrimSpace(string(chartOut)), "--namespace", "istio-system",
+		"--set-file", "sidecarInjectorWebhook.templates.divert="+divertTmpl,
+		"--set", "sidecarInjectorWebhook.defaultTemplates={sidecar,divert}")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cms := filepath.Join(dir, "istiod-helm-template.yaml")
+	if err := os.WriteFile(cms, []byte(rendered), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	native := inject(istioNative, true, "-configmaps", cms)
+
+	// Both installations carry divert's template verbatim and select it after sidecar.
+	tmpl, err := os.ReadFile(divertTmpl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{istioClassic, istioNative} {
+		b, err := os.ReadFile(filepath.Join(dir, name+"-config.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var cfg struct {
+			DefaultTemplates []string          `json:"defaultTemplates"`
+			Templates        map[string]string `json:"templates"`
+		}
+		if err := json.Unmarshal(b, &cfg); err != nil {
+			t.Fatalf("%s's injector config: %v", name, err)
+		}
+		if !slices.Equal(cfg.DefaultTemplates, []string{"sidecar", "divert"}) || cfg.Templates["sidecar"] == "" ||
+			strings.TrimSpace(cfg.Templates["divert"]) != strings.TrimSpace(string(tmpl)) {
+			t.Fatalf("%s: the injector's config has defaultTemplates %v and templates.divert %s divert-init-template.yaml",
+				name, cfg.DefaultTemplates, map[bool]string{true: "equal to", false: "not equal to"}[strings.TrimSpace(cfg.Templates["divert"]) == strings.TrimSpace(string(tmpl))])
+		}
+	}
+	r.note("istioctl (your IstioOperator + istio-operator.yaml) -> %s; helm template istiod --set-file templates.divert -> %s; defaultTemplates [sidecar divert] in both",
+		istioClassic, istioNative)
+	return map[string]obj{istioClassic: classic, istioNative: native}
+}
+
+// istioAppPod is what a user would write: an app, no sidecar, no divert.
+func istioAppPod(name string) obj {
+	app := container("app", appUID, "server", "--name", name+"-app", "--listen", "0.0.0.0:"+appPort)
+	app["ports"] = []obj{{"containerPort": 8080, "name": "http"}}
+	p := pod(name, map[string]string{"app": name}, obj{"containers": []obj{app}})
+	delete(p["spec"].(obj), "automountServiceAccountToken")
+	return p
+}
