@@ -24,8 +24,15 @@ func istioSpec(t *testing.T, p obj, via string, native bool) {
 	if initc["image"] != templateImage {
 		t.Errorf("istio-init image %v, want divert's %s", initc["image"], templateImage)
 	}
-	if c, a := strs(initc["command"]), strs(initc["args"]); len(c) != 0 || !slices.Equal(a, istioArgs) {
-		t.Errorf("istio-init command %q args %q, want Istio's own args %q (divert's entrypoint runs them)", c, a, istioArgs)
+	wantArgs, uid := istioArgs, 1337.0
+	if p["metadata"].(obj)["name"] == istioCustom {
+		// Istio's own rendering of the pod's settings: the user's proxy uid, the annotation.
+		wantArgs, uid = slices.Clone(istioArgs), customUID
+		wantArgs[slices.Index(wantArgs, "-u")+1] = fmt.Sprint(customUID)
+		wantArgs[slices.Index(wantArgs, "-x")+1] = suite.ips[meshIpt] + "/32"
+	}
+	if c, a := strs(initc["command"]), strs(initc["args"]); len(c) != 0 || !slices.Equal(a, wantArgs) {
+		t.Errorf("istio-init command %q args %q, want Istio's own args %q (divert's entrypoint runs them)", c, a, wantArgs)
 	}
 	sc, _ := initc["securityContext"].(obj)
 	for k, v := range map[string]any{"privileged": true, "allowPrivilegeEscalation": true, "runAsUser": 0.0, "runAsGroup": 0.0, "runAsNonRoot": false} {
@@ -75,8 +82,8 @@ func istioSpec(t *testing.T, p obj, via string, native bool) {
 		t.Fatalf("classic sidecar: istio-proxy must be a regular container: %v / %v", keys(ctrs), keys(inits))
 	}
 	psc, _ := proxy["securityContext"].(obj)
-	if psc["runAsUser"] != 1337.0 || psc["runAsGroup"] != 1337.0 || psc["runAsNonRoot"] != true {
-		t.Errorf("istio-proxy securityContext %v, want Istio's uid/gid 1337", psc)
+	if psc["runAsUser"] != uid || psc["runAsGroup"] != uid || psc["runAsNonRoot"] != true {
+		t.Errorf("istio-proxy securityContext %v, want uid/gid %v", psc, uid)
 	}
 	var ports []string
 	for _, pt := range list2(proxy["ports"]) {
@@ -90,8 +97,8 @@ func istioSpec(t *testing.T, p obj, via string, native bool) {
 	if err := json.Unmarshal([]byte(fmt.Sprint(ann["sidecar.istio.io/status"])), &status); err != nil || !slices.Contains(status.InitContainers, "istio-init") {
 		t.Errorf("sidecar.istio.io/status %v (%v)", ann["sidecar.istio.io/status"], err)
 	}
-	r.note("via %s: istio-init = %s %q, privileged, root, cgroup+bpffs mounted; istio-proxy in %s as 1337, env %d, ports %v; status volumes %v",
-		via, initc["image"], strings.Join(strs(initc["args"]), " "), where, len(envOf(proxy)), ports, status.Volumes)
+	r.note("via %s: istio-init = %s %q, privileged, root, cgroup+bpffs mounted; istio-proxy in %s as %v, env %d, ports %v; status volumes %v",
+		via, initc["image"], strings.Join(strs(initc["args"]), " "), where, uid, len(envOf(proxy)), ports, status.Volumes)
 }
 
 // istioPodsUp runs the injected pods with the one stand-in the cluster needs: istio-proxy
@@ -104,7 +111,7 @@ func istioPodsUp(t *testing.T, pods map[string]obj) {
 	cm := obj{"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj{"name": "istio-ca-root-cert", "namespace": namespace},
 		"data": obj{"root-cert.pem": "placeholder: no istiod here"}}
 	var items []obj
-	for _, name := range []string{istioClassic, istioNative} {
+	for _, name := range istioPods {
 		p := pods[name]
 		spec := p["spec"].(obj)
 		for _, field := range []string{"initContainers", "containers"} {
@@ -135,11 +142,11 @@ func istioPodsUp(t *testing.T, pods map[string]obj) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", istioClassic, istioNative, "--timeout=120s"); err != nil {
+	if _, err := suite.c.Kubectl(ctx, append([]string{"wait", "-n", namespace, "--for=condition=Ready", "--timeout=120s", "pod"}, istioPods...)...); err != nil {
 		t.Fatalf("%v\n%s", err, suite.describe())
 	}
-	out, err := suite.c.Kubectl(ctx, "get", "pods", "-n", namespace, istioClassic, istioNative, "-o",
-		`jsonpath={range .items[*]}{.metadata.name}={.status.podIP}={.metadata.uid}{"\n"}{end}`)
+	out, err := suite.c.Kubectl(ctx, append(append([]string{"get", "pods", "-n", namespace}, istioPods...), "-o",
+		`jsonpath={range .items[*]}{.metadata.name}={.status.podIP}={.metadata.uid}{"\n"}{end}`)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,15 +154,15 @@ func istioPodsUp(t *testing.T, pods map[string]obj) {
 		f := strings.Split(l, "=")
 		suite.ips[f[0]], suite.uids[f[0]] = f[1], f[2]
 	}
-	for _, name := range []string{istioClassic, istioNative} {
+	for _, name := range istioPods {
 		for _, ctr := range []string{"istio-proxy", "app"} {
 			if err := waitListening(name, ctr); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
-	r.note("Ready in %s: %s %s, %s %s", time.Since(start).Round(100*time.Millisecond),
-		istioClassic, suite.ips[istioClassic], istioNative, suite.ips[istioNative])
+	r.note("Ready in %s: %s %s, %s %s, %s %s", time.Since(start).Round(100*time.Millisecond),
+		istioClassic, suite.ips[istioClassic], istioNative, suite.ips[istioNative], istioCustom, suite.ips[istioCustom])
 }
 
 func list2(v any) []obj {

@@ -22,6 +22,10 @@ import (
 const (
 	istioClassic = "istio-classic"
 	istioNative  = "istio-native"
+	// istioCustom brings its own istio-proxy running as uid 2000 (Istio then passes -u 2000
+	// to istio-init) and excludes mesh-ipt's address with Istio's annotation (-x).
+	istioCustom = "istio-custom"
+	customUID   = 2000
 	// The image the template names (the Makefile's IMAGE): the test image is tagged so.
 	templateImage = "ghcr.io/meshdivert/divert:0.1.0"
 	divertTmpl    = "../../../deploy/istio/divert-init-template.yaml"
@@ -41,23 +45,33 @@ func TestIstioInjector(t *testing.T) {
 	for _, tc := range []struct {
 		name, via string
 		native    bool
-	}{{istioClassic, "istioctl", false}, {istioNative, "helm", true}} {
+	}{{istioClassic, "istioctl", false}, {istioNative, "helm", true}, {istioCustom, "istioctl", false}} {
 		p := pods[tc.name]
 		t.Run(tc.name+"/spec", func(t *testing.T) { istioSpec(t, p, tc.via, tc.native) })
 	}
 	// Gone before node mode's rows: its agent would take these pods for its own.
 	t.Cleanup(func() {
-		suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, istioClassic, istioNative, "--wait=false", "--ignore-not-found")
+		suite.c.Kubectl(ctx, append([]string{"delete", "pod", "-n", namespace, "--wait=false", "--ignore-not-found"}, istioPods...)...)
 	})
 	if !t.Run("pods-start", func(t *testing.T) { istioPodsUp(t, pods) }) {
 		t.Fatal("the injected pods did not start")
 	}
-	for _, name := range []string{istioClassic, istioNative} {
+	for _, name := range istioPods {
 		t.Run(name+"/init", func(t *testing.T) { initLog(t, name, ebpf) })
 		t.Run(name+"/outbound", func(t *testing.T) { outbound(t, name) })
 		t.Run(name+"/inbound", func(t *testing.T) { inbound(t, name, addr(name, appPort)) })
 	}
+	// Istio's annotation, rendered by its template into istio-init's -x: the dial to mesh-ipt
+	// skips this pod's proxy and enters mesh-ipt through its own.
+	t.Run(istioCustom+"/excluded-cidr", func(t *testing.T) {
+		r := scenario(t)
+		expect(t, r, istioCustom, "app", addr(meshIpt, appPort),
+			want{who: meshIpt + "-proxy", listener: "0.0.0.0:" + inboundPrt, orig: addr(meshIpt, appPort), local: addr(meshIpt, inboundPrt)},
+			want{who: meshIpt + "-app", peerIP: "127.0.0.6"})
+	})
 }
+
+var istioPods = []string{istioClassic, istioNative, istioCustom}
 
 // istioInject renders both installations and injects one pod with each.
 func istioInject(t *testing.T) map[string]obj {
@@ -79,7 +93,7 @@ func istioInject(t *testing.T) map[string]obj {
 	base := write("your-install.yaml", obj{"apiVersion": "install.istio.io/v1alpha1", "kind": "IstioOperator",
 		"spec": obj{"profile": "default", "meshConfig": obj{"accessLogFile": "/dev/stdout"}}})
 	inject := func(name string, native bool, source ...string) obj {
-		in := write(name+"-in.yaml", istioAppPod(name))
+		in := write(name+"-in.yaml", istioAppPod(name, name == istioCustom))
 		out := filepath.Join(dir, name+"-out.json")
 		cmd := exec.CommandContext(ctx, bin, append(source, "-in", in, "-out", out, "-dump-config", filepath.Join(dir, name+"-config.json"))...)
 		cmd.Env = append(os.Environ(), fmt.Sprintf("ENABLE_NATIVE_SIDECARS=%t", native))
@@ -97,6 +111,7 @@ func istioInject(t *testing.T) map[string]obj {
 		return l.Items[0]
 	}
 	classic := inject(istioClassic, false, "-istioctl", base+","+divertIOP)
+	custom := inject(istioCustom, false, "-istioctl", base+","+divertIOP)
 
 	// The istiod chart from the same istio module, rendered by Helm as the docs' helm upgrade
 	// sets it.
@@ -141,14 +156,23 @@ func istioInject(t *testing.T) map[string]obj {
 	}
 	r.note("istioctl (your IstioOperator + istio-operator.yaml) -> %s; helm template istiod --set-file templates.divert -> %s; defaultTemplates [sidecar divert] in both",
 		istioClassic, istioNative)
-	return map[string]obj{istioClassic: classic, istioNative: native}
+	return map[string]obj{istioClassic: classic, istioNative: native, istioCustom: custom}
 }
 
-// istioAppPod is what a user would write: an app, no sidecar, no divert.
-func istioAppPod(name string) obj {
+// istioAppPod is what a user would write: an app, no sidecar, no divert; custom adds an
+// istio-proxy of the user's (only its uid: Istio fills in the rest) and an annotation.
+func istioAppPod(name string, custom bool) obj {
 	app := container("app", appUID, "server", "--name", name+"-app", "--listen", "0.0.0.0:"+appPort)
 	app["ports"] = []obj{{"containerPort": 8080, "name": "http"}}
-	p := pod(name, map[string]string{"app": name}, obj{"containers": []obj{app}})
+	ctrs := []obj{app}
+	if custom {
+		ctrs = append(ctrs, obj{"name": "istio-proxy", "image": "auto",
+			"securityContext": obj{"runAsUser": customUID, "runAsGroup": customUID}})
+	}
+	p := pod(name, map[string]string{"app": name}, obj{"containers": ctrs})
 	delete(p["spec"].(obj), "automountServiceAccountToken")
+	if custom {
+		p["metadata"].(obj)["annotations"] = obj{"traffic.sidecar.istio.io/excludeOutboundIPRanges": suite.ips[meshIpt] + "/32"}
+	}
 	return p
 }

@@ -205,6 +205,11 @@ func injectPod(wh http.Handler, doc []byte) ([]byte, error) {
 	if err := json.Unmarshal(raw, &pod); err != nil {
 		return nil, err
 	}
+	// The object as the API server hands it to webhooks: serialised from its type, so
+	// fields like a container's resources are there ({}) for the patch to address.
+	if raw, err = json.Marshal(&pod); err != nil {
+		return nil, err
+	}
 	review := admissionv1.AdmissionReview{
 		TypeMeta: metav1.TypeMeta{APIVersion: "admission.k8s.io/v1", Kind: "AdmissionReview"},
 		Request: &admissionv1.AdmissionRequest{
