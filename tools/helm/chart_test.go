@@ -331,3 +331,13 @@ func appVersion(t *testing.T) string {
 	t.Fatal("Chart.yaml has no appVersion")
 	return ""
 }
+
+// helm lint --strict: the chart's own checks, warnings included, on both values files.
+func TestLint(t *testing.T) {
+	for _, extra := range [][]string{nil, {"-f", filepath.Join("testdata", "custom-values.yaml")}} {
+		out, err := nodemanifest.Helm(append([]string{"lint", "--strict", chart}, extra...)...)
+		if err != nil || !strings.Contains(string(out), "0 chart(s) failed") {
+			t.Errorf("helm lint --strict %v: %v\n%s", extra, err, out)
+		}
+	}
+}
