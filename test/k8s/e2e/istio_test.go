@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -26,11 +27,23 @@ const (
 	// to istio-init) and excludes mesh-ipt's address with Istio's annotation (-x).
 	istioCustom = "istio-custom"
 	customUID   = 2000
-	// The image the template names (the Makefile's IMAGE): the test image is tagged so.
-	templateImage = "ghcr.io/meshdivert/divert:0.1.0"
-	divertTmpl    = "../../../deploy/istio/divert-init-template.yaml"
-	divertIOP     = "../../../deploy/istio/istio-operator.yaml"
+	divertTmpl  = "../../../deploy/istio/divert-init-template.yaml"
+	divertIOP   = "../../../deploy/istio/istio-operator.yaml"
 )
+
+// templateImage is the image divert's template names (the Makefile's IMAGE, which make
+// manifests writes there): the test image is tagged so.
+var templateImage = func() string {
+	b, err := os.ReadFile(divertTmpl)
+	if err != nil {
+		panic(err)
+	}
+	m := regexp.MustCompile(`(?m)^\s*image:\s*(\S+)`).FindSubmatch(b)
+	if m == nil {
+		panic(divertTmpl + " names no image")
+	}
+	return string(m[1])
+}()
 
 // istioArgs is istio-init's command line as Istio's sidecar template renders it for these
 // pods (docs/istio.md quotes it); divert's template must leave it alone.
