@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/testpod"
 )
@@ -137,6 +138,14 @@ func TestDNSParity(t *testing.T) {
 			for _, s := range dnsScenarios {
 				t.Run(s.name, func(t *testing.T) {
 					cfg := w.config(t, s)
+					if b.name == "ebpf" {
+						// Owner groups need Linux 6.2 (settings_test.go): before it, the
+						// refusal is what the eBPF backend must get right.
+						if err := loader.CheckPolicy(cfg); err != nil {
+							refused(t, w.world, cfg, err)
+							return
+						}
+					}
 					dst := w.resolve(s.dst)
 					c := policy.Conn{UID: s.uid, GID: s.gid, Dst: dst, Proto: policy.UDP}
 					if s.kind == testpod.TCPQuery {
