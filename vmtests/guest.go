@@ -18,6 +18,10 @@ var HostPrograms = []string{
 	"ip6tables-nft", "ip6tables-nft-save", "ip6tables-nft-restore",
 	"ip6tables-legacy", "ip6tables-legacy-save", "ip6tables-legacy-restore",
 	"haproxy", "ss", "ip", "nsenter",
+	// The real resolvers of test/e2e's TestRealResolvers: dnsmasq as the nameserver and
+	// the agent, dig, glibc's getent run in a private mount namespace (unshare, mount,
+	// setpriv, through sh and awk).
+	"dnsmasq", "dig", "getent", "unshare", "mount", "setpriv", "sh", "awk",
 }
 
 // HostLibDirs are copied whole, with the shared libraries of every file in them: iptables
@@ -53,6 +57,10 @@ func Base(initBin string, pkgs []Package, testBins map[string]string, repo strin
 
 	r.Bytes("/etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"), 0o644)
 	r.Bytes("/etc/group", []byte("root:x:0:\nnogroup:x:65534:\n"), 0o644)
+	// glibc's resolver reads these; TestRealResolvers bind-mounts a pod's resolv.conf over
+	// the empty one.
+	r.Bytes("/etc/nsswitch.conf", []byte("passwd: files\ngroup: files\nhosts: files dns\n"), 0o644)
+	r.Bytes("/etc/resolv.conf", nil, 0o644)
 	for _, f := range []string{"/etc/protocols", "/etc/services", "/etc/ethertypes"} {
 		if _, err := os.Stat(f); err == nil {
 			if err := r.HostPath(f); err != nil {

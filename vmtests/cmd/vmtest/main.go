@@ -45,12 +45,6 @@ var Slow = []string{
 	"TestCrashAtEveryStep",       // loader: a kill after each of 51 steps (~4 min)
 }
 
-// HostOnly are tests the guests cannot run: the initramfs carries no dig, dnsmasq or
-// getent yet (docs/kernel-support.md). make test runs them on the host, CI included.
-var HostOnly = []string{
-	"TestRealResolvers", // test/e2e: glibc, dig and Go through dnsmasq
-}
-
 // selftestFail always fails; VMTEST_SELFTEST_FAIL=1 adds it to a normal run.
 const selftestFail = "./vmtests/testdata/selftest/fail"
 
@@ -102,11 +96,6 @@ func main() {
 		}
 		*skip = q
 	}
-	hostOnly := "^(" + strings.Join(HostOnly, "|") + ")$"
-	if *skip != "" {
-		hostOnly = *skip + "|" + hostOnly
-	}
-	*skip = hostOnly
 	r := &vmRun{memlock: *memlock, appendArgs: *appendArgs, run: *run, skip: *skip, timeout: *timeout, runner: *runner, accel: *accel, mem: *mem, cpus: *cpus, verbose: *verbose}
 	err := r.setup(*outDir, *cacheDir)
 	if err == nil && *list {
