@@ -37,6 +37,13 @@ func stubWorld(t *testing.T) {
 		uidMapFile = saved[4].(string)
 	})
 	probeEBPF = func(loader.Options) error { return nil }
+	// The stubbed kernel has every feature, the socket-owner read of owner groups (6.2)
+	// too, whatever the host runs; what eBPF cannot express on any kernel is still refused.
+	checkPolicy = func(cfg *policy.Config) error {
+		c := *cfg
+		c.OutboundOwnerGroups = policy.OwnerGroups{}
+		return loader.CheckPolicy(&c)
+	}
 	findPod = func(cgroups.Finder) (cgroups.Found, error) {
 		return cgroups.Found{Pod: "/sys/fs/cgroup/kubepods/besteffort/pod0b1c-2d", Own: "/sys/fs/cgroup/kubepods/besteffort/pod0b1c-2d/abc",
 			UID: "0b1c-2d", Driver: cgroups.Cgroupfs}, nil
