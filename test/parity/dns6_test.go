@@ -70,32 +70,7 @@ func TestDNSParityIPv6(t *testing.T) {
 						flags[i] = strings.NewReplacer(names...).Replace(f)
 					}
 					cfg := w.world.config(t, scenario{flags: flags})
-					dst := w.resolve(s.dst)
-					c := policy.Conn{UID: s.uid, GID: s.gid, Dst: dst, Proto: policy.UDP}
-					if s.kind == testpod.TCPQuery {
-						c.Proto = policy.TCP
-					}
-					v := cfg.Decide(c)
-					want := w.expected(s, v, dst)
-					b.apply(t, w.world, cfg)
-					q := testpod.Query{Kind: s.kind, Dst: dst}
-					if s.first != "" {
-						q.Dst, q.Then = w.resolve(s.first), dst
-					}
-					got := w.pod.Query(t, s.uid, s.gid, q)
-					if v.Action == policy.RedirectOutbound {
-						got = testpod.QueryResult{Who: got.Who, Err: got.Err}
-					}
-					if got != want {
-						t.Errorf("%s: flags %q, uid %d gid %d %s to %s\n  model (%s): %+v\n  %s: %+v\n  (%s)",
-							s.name, flags, s.uid, s.gid, s.kind, dst, v, want, b.name, got, w.health())
-					}
-					if b.after != nil && s.first == "" {
-						if v.Reason == policy.ReasonNone {
-							v.Reason = noVerdict
-						}
-						b.after(t, w.world, v)
-					}
+					w.row(t, b, s, cfg)
 				})
 			}
 		})

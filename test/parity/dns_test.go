@@ -146,36 +146,42 @@ func TestDNSParity(t *testing.T) {
 							return
 						}
 					}
-					dst := w.resolve(s.dst)
-					c := policy.Conn{UID: s.uid, GID: s.gid, Dst: dst, Proto: policy.UDP}
-					if s.kind == testpod.TCPQuery {
-						c.Proto = policy.TCP
-					}
-					v := cfg.Decide(c)
-					want := w.expected(s, v, dst)
-					b.apply(t, w.world, cfg)
-					q := testpod.Query{Kind: s.kind, Dst: dst, V4Mapped: s.v4mapped}
-					if s.first != "" {
-						q.Dst, q.Then = w.resolve(s.first), dst
-					}
-					got := w.pod.Query(t, s.uid, s.gid, q)
-					if v.Action == policy.RedirectOutbound {
-						got = testpod.QueryResult{Who: got.Who, Err: got.Err}
-					}
-					if got != want {
-						t.Errorf("%s: uid %d gid %d %s to %s (v4-mapped %v)\n  model (%s): %+v\n  %s: %+v\n  (%s)",
-							s.name, s.uid, s.gid, s.kind, dst, s.v4mapped, v, want, b.name, got, w.health())
-					}
-					// Two queries count two verdicts; the one-verdict check is for the others.
-					if b.after != nil && s.first == "" {
-						if v.Reason == policy.ReasonNone {
-							v.Reason = noVerdict // no program decides it
-						}
-						b.after(t, w.world, v)
-					}
+					w.row(t, b, s, cfg)
 				})
 			}
 		})
+	}
+}
+
+// row sends scenario s's query through backend b under cfg and compares who answered, and
+// from where, with the model's verdict.
+func (w *dnsWorld) row(t *testing.T, b backend, s dnsScenario, cfg *policy.Config) {
+	dst := w.resolve(s.dst)
+	c := policy.Conn{UID: s.uid, GID: s.gid, Dst: dst, Proto: policy.UDP}
+	if s.kind == testpod.TCPQuery {
+		c.Proto = policy.TCP
+	}
+	v := cfg.Decide(c)
+	want := w.expected(s, v, dst)
+	b.apply(t, w.world, cfg)
+	q := testpod.Query{Kind: s.kind, Dst: dst, V4Mapped: s.v4mapped}
+	if s.first != "" {
+		q.Dst, q.Then = w.resolve(s.first), dst
+	}
+	got := w.pod.Query(t, s.uid, s.gid, q)
+	if v.Action == policy.RedirectOutbound {
+		got = testpod.QueryResult{Who: got.Who, Err: got.Err}
+	}
+	if got != want {
+		t.Errorf("%s: flags %q, uid %d gid %d %s to %s (v4-mapped %v)\n  model (%s): %+v\n  %s: %+v\n  (%s)",
+			s.name, cfg.Args(), s.uid, s.gid, s.kind, dst, s.v4mapped, v, want, b.name, got, w.health())
+	}
+	// Two queries count two verdicts; the one-verdict check is for the others.
+	if b.after != nil && s.first == "" {
+		if v.Reason == policy.ReasonNone {
+			v.Reason = noVerdict // no program decides it
+		}
+		b.after(t, w.world, v)
 	}
 }
 

@@ -209,23 +209,12 @@ func TestInboundParityIPv6(t *testing.T) {
 				t.Run(b.name, func(t *testing.T) {
 					w := newWorld6(t, pw.stack)
 					b.setup(t, w)
-					for _, s := range inboundScenarios6 {
+					scenarios := make([]scenario, len(inboundScenarios6))
+					for i, s := range inboundScenarios6 {
 						s.flags = append(append([]string{}, pw.flags...), s.flags...)
-						t.Run(s.name, func(t *testing.T) {
-							cfg := w.config(t, s)
-							c := policy.Conn{Direction: policy.Inbound, Dst: w.resolve(t, s.dst), DstLocal: true}
-							v := cfg.Decide(c)
-							want := w.expected(v, c)
-							b.apply(t, w, cfg)
-							got := observed(w.pod.Net.Dial(t, targetOf(c))[0])
-							if got != want {
-								t.Errorf("%s: remote -> %s\n  model (%s): %s\n  %s: %s\n  (%s)", s.name, c.Dst, v, want, b.name, got, w.health())
-							}
-							if b.after != nil {
-								b.after(t, w, v)
-							}
-						})
+						scenarios[i] = s
 					}
+					inboundRows(t, w, b, scenarios)
 				})
 			}
 		})

@@ -394,21 +394,27 @@ func TestInboundParity(t *testing.T) {
 		t.Run(b.name, func(t *testing.T) {
 			w := newWorld(t)
 			b.setup(t, w)
-			for _, s := range inboundScenarios {
-				t.Run(s.name, func(t *testing.T) {
-					cfg := w.config(t, s)
-					c := policy.Conn{Direction: policy.Inbound, Dst: w.resolve(t, s.dst), DstLocal: true}
-					v := cfg.Decide(c)
-					want := w.expected(v, c)
-					b.apply(t, w, cfg)
-					got := observed(w.pod.Net.Dial(t, targetOf(c))[0])
-					if got != want {
-						t.Errorf("%s: remote -> %s\n  model (%s): %s\n  %s: %s\n  (%s)", s.name, c.Dst, v, want, b.name, got, w.health())
-					}
-					if b.after != nil {
-						b.after(t, w, v)
-					}
-				})
+			inboundRows(t, w, b, inboundScenarios)
+		})
+	}
+}
+
+// inboundRows runs each scenario from the remote netns to the pod through backend b and
+// compares who accepted, and the original destination, with the model's verdict.
+func inboundRows(t *testing.T, w *world, b backend, scenarios []scenario) {
+	for _, s := range scenarios {
+		t.Run(s.name, func(t *testing.T) {
+			cfg := w.config(t, s)
+			c := policy.Conn{Direction: policy.Inbound, Dst: w.resolve(t, s.dst), DstLocal: true}
+			v := cfg.Decide(c)
+			want := w.expected(v, c)
+			b.apply(t, w, cfg)
+			got := observed(w.pod.Net.Dial(t, targetOf(c))[0])
+			if got != want {
+				t.Errorf("%s: remote -> %s\n  model (%s): %s\n  %s: %s\n  (%s)", s.name, c.Dst, v, want, b.name, got, w.health())
+			}
+			if b.after != nil {
+				b.after(t, w, v)
 			}
 		})
 	}
