@@ -34,7 +34,7 @@ var (
 	flagQuick  = flag.Bool("bench.quick", false, "smoke run: fewer rounds, shorter runs, smaller sweeps (CI)")
 	flagRounds = flag.Int("bench.rounds", 0, "rounds per benchmark (0: 9, or 3 with -bench.quick)")
 	flagCmd    = flag.String("bench.cmd", "", "the command to record in the report (default: make bench [QUICK=1])")
-	flagOnly   = flag.String("bench.only", "", "comma-separated subset of B1,B2,B3,B4,B5 (for development)")
+	flagOnly   = flag.String("bench.only", "", "comma-separated subset of B1,…,B7; with -bench.docs, only their sections of benchmarks.md are replaced")
 	flagModes  = flag.String("bench.modes", "", "comma-separated subset of the modes (for development)")
 	flagFrom   = flag.String("bench.from", "", "measure nothing: render the report again from this results.json")
 )
@@ -59,8 +59,9 @@ func params() Params {
 		B2Clients: 2, B2Duration: 2 * time.Second,
 		B3Requests: 5000, B3Warmup: 500, B3BulkBytes: 256 << 20,
 		B4Ns: []int{0, 10, 100, 1000, 10000}, B4Conns: 300, B4Warmup: 50,
-		B5Pods:  []int{1, 10, 100},
-		B6Conns: 8000,
+		B5Pods:    []int{1, 10, 100},
+		B6Conns:   8000,
+		B7Queries: 2000, B7Warmup: 200, B7Clients: 4, B7Duration: time.Second,
 		MsgSize: msgSize,
 	}
 	if *flagQuick {
@@ -69,8 +70,9 @@ func params() Params {
 			B2Clients: 2, B2Duration: 500 * time.Millisecond,
 			B3Requests: 500, B3Warmup: 50, B3BulkBytes: 32 << 20,
 			B4Ns: []int{0, 1000}, B4Conns: 100, B4Warmup: 20,
-			B5Pods:  []int{1, 10},
-			B6Conns: 2000,
+			B5Pods:    []int{1, 10},
+			B6Conns:   2000,
+			B7Queries: 200, B7Warmup: 20, B7Clients: 4, B7Duration: 250 * time.Millisecond,
 			MsgSize: msgSize,
 		}
 	}
@@ -80,7 +82,7 @@ func params() Params {
 	return p
 }
 
-// BenchmarkDivert runs B1–B5 once (use -test.benchtime=1x) and writes the report. It is a
+// BenchmarkDivert runs B1–B7 once (use -test.benchtime=1x) and writes the report. It is a
 // benchmark so that `go test ./...` never runs it; `make bench` does.
 func BenchmarkDivert(b *testing.B) {
 	if b.N != 1 {
@@ -101,7 +103,7 @@ func BenchmarkDivert(b *testing.B) {
 		}
 		return
 	}
-	if *flagDocs != "" && (*flagQuick || *flagOnly != "" || *flagModes != "" || *flagRounds != 0) {
+	if *flagDocs != "" && (*flagQuick || *flagModes != "" || *flagRounds != 0) {
 		b.Fatalf("-bench.docs is for full runs: docs/benchmarks.md must not get quick or partial results")
 	}
 	r := &rig{b: b, p: params(), opts: divertest.BPFFS(b)}
@@ -119,6 +121,9 @@ func BenchmarkDivert(b *testing.B) {
 		cmd = "make bench"
 		if *flagQuick {
 			cmd += " QUICK=1"
+		}
+		if *flagOnly != "" {
+			cmd += " ONLY=" + *flagOnly
 		}
 	}
 	r.res = &Results{
@@ -139,6 +144,7 @@ func BenchmarkDivert(b *testing.B) {
 	for _, s := range strings.Split(*flagOnly, ",") {
 		if s != "" {
 			only[strings.ToUpper(s)] = true
+			r.res.Only = append(r.res.Only, strings.ToUpper(s))
 		}
 	}
 	run := func(name string, fn func()) {
@@ -156,6 +162,7 @@ func BenchmarkDivert(b *testing.B) {
 	run("B4", r.b4)
 	run("B5", r.b5)
 	run("B6", r.b6)
+	run("B7", r.b7)
 	r.res.Elapsed = time.Since(r.res.Start)
 	r.res.Machine.LoadEnd = loadavg()
 	if err := Write(r.res, *flagOut, *flagDocs); err != nil {

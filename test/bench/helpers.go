@@ -30,6 +30,8 @@ import (
 //	bench-server  echo server in the remote netns (request/response and bulk sink)
 //	bench-proxy   a small forwarding proxy: SO_ORIGINAL_DST (or a fixed upstream) and relay
 //	bench-load    the application: a load generator measuring each connection in-process
+//
+// and B7's, in dns.go.
 const (
 	helperEnv = "DIVERT_TESTPOD_HELPER"
 	readyLine = "ready"
@@ -61,7 +63,8 @@ func RunHelperIfRequested() {
 	if os.Getenv(helperEnv) != "1" || len(os.Args) < 2 {
 		return
 	}
-	cmds := map[string]func([]string) error{cmdServer: runServer, cmdProxy: runProxy, cmdLoad: runLoad}
+	cmds := map[string]func([]string) error{cmdServer: runServer, cmdProxy: runProxy, cmdLoad: runLoad,
+		cmdDNS: runDNS, cmdDNSQuery: runDNSQuery}
 	run, ok := cmds[os.Args[1]]
 	if !ok {
 		return

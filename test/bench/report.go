@@ -21,7 +21,8 @@ const (
 )
 
 // Write saves results.json, results.md and the plots in outDir and, if docsDir is not
-// empty, rewrites docsDir/benchmarks.md and the plots there.
+// empty, rewrites docsDir/benchmarks.md and the plots there; a run of only some benchmarks
+// (res.Only) replaces only their sections of benchmarks.md.
 func Write(res *Results, outDir, docsDir string) error {
 	if err := os.MkdirAll(outDir, 0o755); err != nil {
 		return err
@@ -34,7 +35,7 @@ func Write(res *Results, outDir, docsDir string) error {
 		return err
 	}
 	dirs := []struct{ dir, prefix string }{{outDir, ""}}
-	if docsDir != "" {
+	if docsDir != "" && len(res.Only) == 0 { // a partial run leaves the docs' plots alone
 		dirs = append(dirs, struct{ dir, prefix string }{docsDir, docsPrefix})
 	}
 	for _, d := range dirs {
@@ -48,10 +49,20 @@ func Write(res *Results, outDir, docsDir string) error {
 	if err := os.WriteFile(filepath.Join(outDir, "results.md"), []byte(Markdown(res, "")), 0o644); err != nil {
 		return err
 	}
-	if docsDir != "" {
-		return os.WriteFile(filepath.Join(docsDir, "benchmarks.md"), []byte(Markdown(res, docsPrefix)), 0o644)
+	if docsDir == "" {
+		return nil
 	}
-	return nil
+	doc := Markdown(res, docsPrefix)
+	if len(res.Only) > 0 {
+		old, err := os.ReadFile(filepath.Join(docsDir, "benchmarks.md"))
+		if err != nil {
+			return err
+		}
+		if doc, err = splice(string(old), doc, res.Only); err != nil {
+			return fmt.Errorf("%s/benchmarks.md: %w", docsDir, err)
+		}
+	}
+	return os.WriteFile(filepath.Join(docsDir, "benchmarks.md"), []byte(doc), 0o644)
 }
 
 // Markdown renders the report; plots are linked as <prefix><name>, next to the file.
@@ -194,6 +205,9 @@ func Markdown(res *Results, prefix string) string {
 		w("not the app's address.\n\n")
 		table(&b, res, B6, 0, []string{BurstEstablished, BurstDelivered, BurstRewritten, BurstSettleMS}, []Mode{EBPF, NFT, Legacy})
 	}
+	if has(B7UDP) || has(B7TCP) {
+		b.WriteString(dnsSection(res))
+	}
 	w("## Soak\n\n")
 	w("`make soak` (1,000,000 connections through one pod with long-lived ones read last) is a test, not a\n")
 	w("benchmark: its last run's figures are in [soak.md](soak.md).\n\n")
@@ -331,7 +345,7 @@ func summary(res *Results) []string {
 				c.Pods, c.Mode, c.Attach, c.AttachCPU, c.Reattach, c.ReattachCPU, c.Detach))
 		}
 	}
-	return out
+	return append(out, dnsSummary(res)...)
 }
 
 func slicesMax(xs []int) int {

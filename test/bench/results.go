@@ -43,6 +43,8 @@ const (
 	B4CIDRs = "B4-cidrs" // B1 with N excluded CIDRs (-x)
 	B4Ports = "B4-ports" // B1 with N excluded outbound ports (-o)
 	B6      = "B6"       // a burst of connections waiting in the proxy's accept queue
+	B7UDP   = "B7-udp"   // DNS capture: a query per UDP socket, through the capture to the agent
+	B7TCP   = "B7-tcp"   // the same over TCP
 
 	P50      = "p50 µs"
 	P90      = "p90 µs"
@@ -59,6 +61,14 @@ const (
 	BurstDelivered   = "delivered with own original destination %"
 	BurstRewritten   = "source port rewritten %"
 	BurstSettleMS    = "all connects settled ms"
+	// B7, per DNS query: latency of sequential queries, the rate of one resolver asking back
+	// to back and of B7Clients in parallel, CPU time, and eBPF's programs' time.
+	QueryP50    = "query p50 µs"
+	QueryP99    = "query p99 µs"
+	QPSOne      = "queries/s, 1 client"
+	QPSParallel = "queries/s, parallel"
+	CPUQuery    = "CPU µs/query"
+	BPFNSQuery  = "BPF programs ns/query"
 	// CPU time of the app, proxy and server (their cgroups) per unit of work.
 	CPUConn = "CPU µs/conn"
 	CPURR   = "CPU µs/round trip"
@@ -137,6 +147,10 @@ type Params struct {
 	B4Warmup    int           `json:"b4_warmup"`
 	B5Pods      []int         `json:"b5_pods"`
 	B6Conns     int           `json:"b6_conns"`
+	B7Queries   int           `json:"b7_queries"`
+	B7Warmup    int           `json:"b7_warmup"`
+	B7Clients   int           `json:"b7_clients"`
+	B7Duration  time.Duration `json:"b7_duration"`
 	MsgSize     int           `json:"msg_size"`
 }
 
@@ -145,6 +159,7 @@ type Results struct {
 	Machine      Machine              `json:"machine"`
 	Command      string               `json:"command"`
 	Quick        bool                 `json:"quick"`
+	Only         []string             `json:"only,omitempty"` // -bench.only: the benchmarks run, if not all
 	Params       Params               `json:"params"`
 	Start        time.Time            `json:"start"`
 	Elapsed      time.Duration        `json:"elapsed"`
