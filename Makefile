@@ -129,10 +129,11 @@ demo: deps build
 # Benchmarks: eBPF vs iptables (nft, legacy) vs the proxy alone vs no proxy, side by side
 # (test/bench, see docs/benchmarks.md). As root; writes bench-out/ and, unless QUICK=1,
 # rewrites docs/benchmarks.md and its plots. QUICK=1 (under 2 minutes) is CI's smoke run.
+# ONLY=B7 (or B1,B4, ...) runs those alone and replaces only their sections of the docs.
 bench: deps
 	cd test/bench && $(GO) test -c -o $(abspath $(BIN))/bench.test .
 	$(BIN)/bench.test -test.run '^$$' -test.bench '^BenchmarkDivert$$' -test.benchtime 1x -test.timeout 30m \
-		-bench.out $(abspath bench-out) $(if $(QUICK),-bench.quick,-bench.docs $(abspath docs))
+		-bench.out $(abspath bench-out) $(if $(QUICK),-bench.quick,-bench.docs $(abspath docs)) $(if $(ONLY),-bench.only $(ONLY))
 
 # The kernel-touching suites inside qemu guests booting Debian's kernels (vmtests/README.md):
 # every kernel in vmtests/kernels.txt, or KERNELS=6.1; RUNNER=vng uses virtme-ng.

@@ -73,7 +73,13 @@ func (r *rig) b7() {
 					r.res.Add(bench, QPSOne, 0, dp.mode, round, float64(res.Count)/res.Seconds)
 					r.res.Add(bench, CPUQuery, 0, dp.mode, round, float64(res.CPUMicros)/float64(res.Count))
 					if dp.bpfBefore != nil {
-						r.res.Add(bench, BPFNSQuery, 0, EBPF, round, bpfNS(dp.bpfBefore, dp.bpfAfter)/float64(res.Conns))
+						var total time.Duration
+						for name, a := range dp.bpfAfter {
+							d := a.Runtime - dp.bpfBefore[name].Runtime
+							total += d
+							r.res.Add(bench, BPFProgNS+" "+name, 0, EBPF, round, float64(d)/float64(res.Conns))
+						}
+						r.res.Add(bench, BPFNSQuery, 0, EBPF, round, float64(total)/float64(res.Conns))
 					}
 				}
 				for _, dp := range rotate(pods, round) {
@@ -161,13 +167,4 @@ func (r *rig) dnsLoad(s *scope, dp *dnsPod, proto string, args ...string) LoadRe
 		s.Fatalf("%s %s: no query in the measured window", dp.mode, proto)
 	}
 	return res
-}
-
-// bpfNS is the run time of all of a pod's programs between two readings, in ns.
-func bpfNS(before, after progStats) float64 {
-	var total time.Duration
-	for name, a := range after {
-		total += a.Runtime - before[name].Runtime
-	}
-	return float64(total)
 }

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 	"strings"
@@ -14,8 +15,12 @@ func dnsSection(res *Results) string {
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 	p := res.Params
 	w("## B7 DNS capture\n\n")
-	w("Measured on %s by `%s` (%s; load average %s → %s).\n\n", res.Start.UTC().Format("2006-01-02 15:04 UTC"),
+	w("Measured on %s by `%s` (%s; load average %s → %s).", res.Start.UTC().Format("2006-01-02 15:04 UTC"),
 		res.Command, res.Elapsed.Round(time.Second), res.Machine.LoadAvg, res.Machine.LoadEnd)
+	if res.Quick {
+		w(" A quick run: do not quote these numbers.")
+	}
+	w("\n\n")
 	w("A pod with DNS capture (`--redirect-dns`, its nameserver given with `--dns-servers`). The app (uid 1000)\n")
 	w("asks the nameserver's port 53, a responder outside the pod whose answers carry another marker and fail\n")
 	w("the run: every query must be captured. The capture takes it to the agent stand-in on 127.0.0.1:15053,\n")
@@ -42,6 +47,9 @@ func dnsSection(res *Results) string {
 		if res.has(bench) {
 			w("%s:\n\n", map[string]string{B7UDP: "UDP", B7TCP: "TCP"}[bench])
 			table(&b, res, bench, 0, metrics, modes)
+			if line := progBreakdown(res, bench); line != "" {
+				w("eBPF programs' ns/query, by program: %s.\n\n", line)
+			}
 		}
 	}
 	return b.String()
@@ -68,6 +76,30 @@ func dnsSummary(res *Results) []string {
 		}
 	}
 	return out
+}
+
+// progBreakdown lists the eBPF programs that ran for bench's sequential queries, busiest
+// first, with their run time per query.
+func progBreakdown(res *Results, bench string) string {
+	type prog struct {
+		name string
+		s    Summary
+	}
+	var progs []prog
+	for _, m := range res.Measurements {
+		name, ok := strings.CutPrefix(m.Metric, BPFProgNS+" ")
+		if ok && m.Bench == bench && m.Round == 0 && m.Mode == EBPF {
+			if s := Summarize(res.Values(bench, m.Metric, 0, EBPF)); s.Median > 0 {
+				progs = append(progs, prog{name, s})
+			}
+		}
+	}
+	slices.SortFunc(progs, func(a, b prog) int { return cmp.Compare(b.s.Median, a.s.Median) })
+	parts := make([]string, len(progs))
+	for i, p := range progs {
+		parts[i] = p.name + " " + p.s.String()
+	}
+	return strings.Join(parts, ", ")
 }
 
 func (r *Results) has(bench string) bool {
