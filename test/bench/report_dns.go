@@ -14,6 +14,10 @@ func dnsSection(res *Results) string {
 	var b strings.Builder
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 	p := res.Params
+	rounds := p.Rounds
+	if res.Quick {
+		rounds = 1 // as b7 runs it
+	}
 	w("## B7 DNS capture\n\n")
 	w("Measured on %s by `%s` (%s; load average %s → %s).", res.Start.UTC().Format("2006-01-02 15:04 UTC"),
 		res.Command, res.Elapsed.Round(time.Second), res.Machine.LoadAvg, res.Machine.LoadEnd)
@@ -40,7 +44,7 @@ func dnsSection(res *Results) string {
 	w("Fresh pods every round (conntrack entries outlive the queries). Per round and mode: %d sequential\n", p.B7Queries)
 	w("queries after %d warm-up ones (latency percentiles, queries/s of that one client, CPU time of the pod's\n", p.B7Warmup)
 	w("cgroup per query: app, stand-in and the kernel's work for them), then %d resolvers asking back to back\n", p.B7Clients)
-	w("for %s (\"queries/s, parallel\"). Median over %d rounds (lowest–highest round); ratios round by round.\n\n", p.B7Duration, p.Rounds)
+	w("for %s (\"queries/s, parallel\"). Median over %d rounds (lowest–highest round); ratios round by round.\n\n", p.B7Duration, rounds)
 	modes := []Mode{Explicit, EBPF, NFT, Legacy}
 	metrics := []string{QueryP50, QueryP99, QPSOne, QPSParallel, CPUQuery, BPFNSQuery}
 	for _, bench := range []string{B7UDP, B7TCP} {
@@ -108,7 +112,7 @@ func (r *Results) has(bench string) bool {
 
 // splice replaces, in the report old, the sections (## headings) of the benchmarks in only
 // by those of the report new, and their lines in the summary; a section old lacks goes
-// before "## Soak". Everything else in old, other runs' numbers included, stays as it is.
+// before the soak's or the reading notes. Everything else in old, other runs' numbers included, stays as it is.
 func splice(old, new string, only []string) (string, error) {
 	oldSecs, newSecs := sections(old), sections(new)
 	mine := func(heading string, prefix string) bool {
@@ -152,7 +156,9 @@ func splice(old, new string, only []string) (string, error) {
 			oldSecs[at] = s
 			continue
 		}
-		at = slices.IndexFunc(oldSecs, func(o string) bool { return strings.HasPrefix(o, "## Soak\n") })
+		at = slices.IndexFunc(oldSecs, func(o string) bool {
+			return strings.HasPrefix(o, "## Soak\n") || strings.HasPrefix(o, "## Reading the results\n")
+		})
 		if at < 0 {
 			at = len(oldSecs)
 		}

@@ -95,6 +95,11 @@ func TestSplice(t *testing.T) {
 	if !strings.Contains(got, "b1 table\n\n"+b7+"## Soak\n") {
 		t.Errorf("B7 not inserted before the soak:\n%s", got)
 	}
+	// Nor a soak section: before the reading notes.
+	noSoak := strings.Replace(noB7, "## Soak\n\nsoak\n\n", "", 1)
+	if got, _ = splice(noSoak, newDoc, []string{"B7"}); !strings.Contains(got, "b1 table\n\n"+b7+"## Reading the results\n") {
+		t.Errorf("B7 not inserted before the reading notes:\n%s", got)
+	}
 	if _, err := splice("# no summary\n", newDoc, []string{"B7"}); err == nil {
 		t.Error("a report without a summary was accepted")
 	}
