@@ -61,7 +61,7 @@ func params() Params {
 		B4Ns: []int{0, 10, 100, 1000, 10000}, B4Conns: 300, B4Warmup: 50,
 		B5Pods:    []int{1, 10, 100},
 		B6Conns:   8000,
-		B7Queries: 2000, B7Warmup: 200, B7Clients: 4, B7Duration: time.Second,
+		B7Queries: 10000, B7Warmup: 500, B7Clients: 4, B7Duration: time.Second,
 		MsgSize: msgSize,
 	}
 	if *flagQuick {

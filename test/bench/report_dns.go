@@ -56,6 +56,13 @@ func dnsSection(res *Results) string {
 			}
 		}
 	}
+	w("What each mode adds per query. iptables: the query's first packet walks nat OUTPUT to ISTIO_OUTPUT_DNS\n")
+	w("and the raw table's zones, gets a new conntrack entry and is NATed to 127.0.0.1:15053; conntrack\n")
+	w("un-NATs the answer (its source becomes the nameserver's), and the entry stays behind until its UDP\n")
+	w("timeout; over TCP, conntrack sees every packet of the connection. eBPF: connect4 decides once per socket\n")
+	w("and keeps the original destination in the socket's storage, recvmsg4 rewrites each answer's source from\n")
+	w("it and getpeername4 the peer; the packets cross lo untouched (over TCP, sockops also runs for the\n")
+	w("socket's TCP events). Explicit pays none of it: compare it with the others for the capture's cost.\n\n")
 	return b.String()
 }
 
