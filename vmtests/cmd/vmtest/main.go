@@ -67,7 +67,7 @@ func main() {
 		pkgsFlag    = flag.String("packages", envOr("VMTEST_PACKAGES", ""), "comma-separated test packages (default: the built-in list); env VMTEST_PACKAGES")
 		run         = flag.String("run", envOr("VMTEST_RUN", ""), "passed as -test.run to every test binary; env VMTEST_RUN")
 		skip        = flag.String("skip", envOr("VMTEST_SKIP", ""), "passed as -test.skip to every test binary; env VMTEST_SKIP")
-		quick       = flag.Bool("quick", os.Getenv("VMTEST_QUICK") != "", "skip the slow tests listed in Slow, and default -timeout to 12m (what CI runs); env VMTEST_QUICK=1")
+		quick       = flag.Bool("quick", os.Getenv("VMTEST_QUICK") != "", "skip the slow tests listed in Slow (what CI runs); env VMTEST_QUICK=1")
 		memlock     = flag.Bool("memlock-unlimited", os.Getenv("VMTEST_MEMLOCK_UNLIMITED") != "", "run the tests with RLIMIT_MEMLOCK=infinity instead of the kernel's default; env VMTEST_MEMLOCK_UNLIMITED=1")
 		timeout     = flag.Duration("timeout", 20*time.Minute, "per test binary inside the guest (-test.timeout; killed 30s later); generous because TCG on a busy host is slow")
 		runner      = flag.String("runner", envOr("RUNNER", "qemu"), "qemu or vng (virtme-ng); env RUNNER")
@@ -86,14 +86,9 @@ func main() {
 	defer stop()
 
 	if *quick {
-		// CI: every binary then takes under 2 minutes, so a hang should not cost 20.
-		timeoutSet := false
-		flag.Visit(func(f *flag.Flag) { timeoutSet = timeoutSet || f.Name == "timeout" })
-		if !timeoutSet {
-			// test/parity, with its IPv6 rows on three backends, took over 5 minutes in
-			// the 6.1 and 6.12 guests under TCG (2026-12-06).
-			*timeout = 12 * time.Minute
-		}
+		// -quick keeps the 20-minute limit per binary: test/parity, its rows on three
+		// backends, took 12 minutes in the 6.1 guest under TCG at load 10 (2026-12-06), and
+		// a limit that slow hosts reach only makes CI flaky; a hang costs 8 minutes more.
 		// -test.skip matches per name level, so anchoring keeps subtests of others alone.
 		q := "^(" + strings.Join(Slow, "|") + ")$"
 		if *skip != "" {
