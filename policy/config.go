@@ -174,6 +174,13 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("invalid --%s: port 0; use a port between 1 and 65535", p.flag)
 		}
 	}
+	// istio-iptables has no such flag (it reads resolv.conf, and only with DNS capture on):
+	// nameservers given with capture off would do nothing while status and explain list
+	// them, so whoever wrote them expects a capture that is not there.
+	if len(c.DNSServers) > 0 && !c.RedirectDNS {
+		return fmt.Errorf("invalid --%s %q: nameservers are used only with --%s; add --%s (or $ISTIO_META_DNS_CAPTURE=true), or drop --%s",
+			FlagDNSServers, joinAddrs(c.DNSServers), FlagRedirectDNS, FlagRedirectDNS, FlagDNSServers)
+	}
 	if c.capturesByNameserver() && len(c.DNSServers) == 0 {
 		return fmt.Errorf("invalid --%s: no nameserver to capture; list the pod's with --%s, or use --%s", FlagRedirectDNS, FlagDNSServers, FlagCaptureAllDNS)
 	}

@@ -143,6 +143,10 @@ func TestDNSFlagsErrors(t *testing.T) {
 		{[]string{"--redirect-dns", "--resolv-conf", notIP}, nil, `line 1: nameserver "kube-dns" is not an IP address`},
 		{[]string{"--redirect-dns", "--dns-servers", "10.96.0.300"}, nil, `invalid --dns-servers "10.96.0.300": "10.96.0.300" is not an IP address`},
 		{[]string{"--redirect-dns", "--dns-servers", ""}, nil, `invalid --redirect-dns: no nameserver to capture; list the pod's with --dns-servers, or use --capture-all-dns`},
+		{[]string{"--dns-servers", "10.96.0.10"}, nil,
+			`invalid --dns-servers "10.96.0.10": nameservers are used only with --redirect-dns; add --redirect-dns (or $ISTIO_META_DNS_CAPTURE=true), or drop --dns-servers`},
+		{[]string{"--redirect-dns=false", "--dns-servers", "10.96.0.10"}, map[string]string{"ISTIO_META_DNS_CAPTURE": "true"},
+			`invalid --dns-servers "10.96.0.10": nameservers are used only with --redirect-dns`},
 		{[]string{"--redirect-dns=yes please"}, nil, `invalid --redirect-dns "yes please": use true or false`},
 		{nil, map[string]string{"ISTIO_META_DNS_CAPTURE": "on"}, `invalid --redirect-dns (from $ISTIO_META_DNS_CAPTURE) "on": use true or false`},
 	} {
