@@ -48,6 +48,11 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 	if err := CheckPolicy(cfg); err != nil {
 		return err
 	}
+	if pod.Name != "" {
+		if err := CheckPodName(pod.Name); err != nil {
+			return err
+		}
+	}
 	var tgt target
 	var err error
 	if tgt.cgroupID, err = cgroupID(pod.Cgroup); err != nil {
@@ -130,6 +135,11 @@ func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Op
 	}()
 	if err := pinMaps(&objs.DivertMaps, tmp); err != nil {
 		return err
+	}
+	if pod.Name != "" {
+		if err := writePodName(tmp, pod.Name); err != nil {
+			return err
+		}
 	}
 	var links []link.Link
 	defer func() { closeLinks(links, err != nil) }()
@@ -282,6 +292,9 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 			return err
 		}
 		step("arm")
+	}
+	if pod.Name != "" {
+		return writePodName(dir, pod.Name)
 	}
 	return nil
 }

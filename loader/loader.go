@@ -56,6 +56,9 @@ type Pod struct {
 	Cgroup string
 	// NetNS is a path to the pod's network namespace, read for the pod's own addresses.
 	NetNS string
+	// Name is the pod's Kubernetes "namespace/name" if known, for status; an update
+	// without one keeps the name recorded before.
+	Name string
 }
 
 // Options tune what is attached and where state lives.

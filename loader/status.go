@@ -12,7 +12,9 @@ import (
 
 // PodStatus is what the kernel holds for one attached pod, read back from the pins.
 type PodStatus struct {
-	ID       string            `json:"id"`
+	ID string `json:"id"`
+	// Pod is the pod's Kubernetes namespace/name, where the attacher knew it (Pod.Name).
+	Pod      string            `json:"pod,omitempty"`
 	Programs []ProgramStatus   `json:"programs"`
 	Policy   PolicyStatus      `json:"policy"`
 	Counters map[string]uint64 `json:"counters"`
@@ -86,7 +88,7 @@ func Status(id string, opts Options) (*PodStatus, error) {
 	}
 	defer m.Close()
 
-	st := &PodStatus{ID: id, Counters: map[string]uint64{}}
+	st := &PodStatus{ID: id, Pod: readPodName(PinDir(opts, id)), Counters: map[string]uint64{}}
 	for _, p := range programs {
 		l, err := loadPinnedLink(filepath.Join(PinDir(opts, id), p.pin))
 		if errors.Is(err, os.ErrNotExist) {

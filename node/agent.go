@@ -104,7 +104,7 @@ func (a *Agent) attach(ctx context.Context, pod *corev1.Pod, cniIPs []string, ne
 		return err
 	}
 	id := string(pod.UID)
-	if err := loader.Attach(ctx, loader.Pod{ID: id, Cgroup: cg, NetNS: netns}, &cfg, a.Loader); err != nil {
+	if err := loader.Attach(ctx, loader.Pod{ID: id, Cgroup: cg, NetNS: netns, Name: pod.Namespace + "/" + pod.Name}, &cfg, a.Loader); err != nil {
 		return fmt.Errorf("attach pod %s: %w", key(pod), err)
 	}
 	a.mu.Lock()

@@ -33,6 +33,7 @@ policy in place and swaps in this build's programs without a gap in capture.`,
 	}
 	fs := cmd.Flags()
 	fs.StringVar(&pod.ID, "pod-id", "", "name of the pod's pin directory (required)")
+	fs.StringVar(&pod.Name, "pod-name", "", "the pod's Kubernetes namespace/name, shown by divert status (optional)")
 	fs.StringVar(&pod.Cgroup, "cgroup", "", "the pod's cgroup v2 directory (required)")
 	fs.StringVar(&pod.NetNS, "netns", "", "the pod's network namespace, e.g. /proc/<pid>/ns/net (required; read for the pod's own addresses)")
 	addBPFFSFlag(fs, &opts)

@@ -391,6 +391,10 @@ func (r *istioRun) run(ctx context.Context) error {
 // pod finds the pod's cgroup and pin id (--cgroup and --pod-id override).
 func (r *istioRun) pod() (loader.Pod, string, error) {
 	pod := loader.Pod{ID: r.podID, Cgroup: r.cgroupFl, NetNS: ownNetNS}
+	var err error
+	if pod.Name, err = r.podName(); err != nil {
+		return pod, "", err
+	}
 	if pod.Cgroup != "" {
 		if pod.ID == "" {
 			if pp, ok := cgroups.ParsePath(pod.Cgroup); ok {
@@ -416,6 +420,20 @@ func (r *istioRun) pod() (loader.Pod, string, error) {
 			flagPodID, found.Own, flagPodID, found.Pod, flagCgroup)
 	}
 	return pod, how, nil
+}
+
+// podName is the pod's namespace/name for divert status, from the downward API's
+// $POD_NAMESPACE and $POD_NAME (divert's injector template sets them; Istio's istio-init
+// has neither), or "" without them.
+func (r *istioRun) podName() (string, error) {
+	ns, name := r.e.getenv("POD_NAMESPACE"), r.e.getenv("POD_NAME")
+	if ns == "" || name == "" {
+		return "", nil
+	}
+	if err := loader.CheckPodName(ns + "/" + name); err != nil {
+		return "", fmt.Errorf("invalid $POD_NAMESPACE/$POD_NAME %q: not a Kubernetes namespace and pod name; set them from the downward API (metadata.namespace, metadata.name), or unset them", ns+"/"+name)
+	}
+	return ns + "/" + name, nil
 }
 
 // ebpfUnavailable says why the eBPF backend cannot be used here, or nil.

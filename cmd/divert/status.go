@@ -85,6 +85,10 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 		return
 	}
 	p := st.Policy
+	id := st.ID
+	if st.Pod != "" {
+		id += " (" + st.Pod + ")"
+	}
 	defunct := 0
 	for _, prog := range st.Programs {
 		if prog.Defunct() {
@@ -93,11 +97,11 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 	}
 	switch {
 	case defunct > 0:
-		fmt.Fprintf(w, "pod %s (defunct: %d of %d programs detached by the kernel; divert gc removes the pins)\n", st.ID, defunct, len(st.Programs))
+		fmt.Fprintf(w, "pod %s (defunct: %d of %d programs detached by the kernel; divert gc removes the pins)\n", id, defunct, len(st.Programs))
 	case st.Inert:
-		fmt.Fprintf(w, "pod %s (inert: nothing captured, an attach or detach was interrupted; run it again)\n", st.ID)
+		fmt.Fprintf(w, "pod %s (inert: nothing captured, an attach or detach was interrupted; run it again)\n", id)
 	default:
-		fmt.Fprintf(w, "pod %s\n", st.ID)
+		fmt.Fprintf(w, "pod %s\n", id)
 	}
 	fmt.Fprintf(w, "  health   %s\n", st.Health)
 	for _, prog := range st.Programs {

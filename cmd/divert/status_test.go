@@ -18,7 +18,7 @@ import (
 func TestStatusTellsTheTruth(t *testing.T) {
 	pod := testpod.New(t)
 	opts := divertest.BPFFS(t)
-	if _, err := runCLI(t, nil, "attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS); err != nil {
+	if _, err := runCLI(t, nil, "attach", "--pod-id", pod.Name, "--pod-name", "shop/web-0.v2", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
@@ -39,12 +39,29 @@ func TestStatusTellsTheTruth(t *testing.T) {
 		return st[0], text
 	}
 
+	// The pod's namespace/name, as the attacher gave it; an update without one keeps it,
+	// a malformed one changes nothing.
+	st, text := status()
+	if st.Pod != "shop/web-0.v2" || !strings.HasPrefix(text, "pod "+pod.Name+" (shop/web-0.v2)\n") {
+		t.Errorf("pod name: json %q, text:\n%s", st.Pod, text)
+	}
+	if _, err := runCLI(t, nil, "attach", "--pod-id", pod.Name, "--pod-name", "Shop/web", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS); err == nil ||
+		err.Error() != `invalid --pod-name "Shop/web": use the pod's namespace/name, like default/web-0` {
+		t.Errorf("malformed --pod-name: %v", err)
+	}
+	if _, err := runCLI(t, nil, "attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ = status(); st.Pod != "shop/web-0.v2" {
+		t.Errorf("after an update without --pod-name: %q", st.Pod)
+	}
+
 	// No proxy yet: an inbound connection is refused, and status says why and counts it.
 	inbound := testpod.Target{Dst: netip.AddrPortFrom(pod.Addr, 8080)}
 	if r := pod.Net.Dial(t, inbound)[0]; r.Err == "" {
 		t.Fatalf("inbound with no proxy listening was not refused: %+v", r)
 	}
-	st, text := status()
+	st, text = status()
 	if st.Listeners == nil || *st.Listeners != 0 || !strings.HasPrefix(st.Health, "degraded: no proxy listening on :15006") ||
 		st.Drops["inbound-no-listener"] != 1 || st.Defunct {
 		t.Errorf("no listener: health %q, listeners %v, drops %v, defunct %v", st.Health, st.Listeners, st.Drops, st.Defunct)

@@ -365,9 +365,14 @@ func TestInjectorCommandLine(t *testing.T) {
 			if c.path == divert {
 				args = append([]string{"istio-iptables"}, args...)
 			}
-			r := initContainer(t, k, nil, c.path, args...)
+			// The downward API's names, as divert's injector template passes them.
+			env := []string{"POD_NAMESPACE=shop", "POD_NAME=web-" + c.layout.name}
+			r := initContainer(t, k, env, c.path, args...)
 			r.mustSucceed(t, "istio-iptables")
 			t.Cleanup(func() { loader.Detach(k.UID, opts) })
+			if st, err := loader.Status(k.UID, opts); err != nil || st.Pod != "shop/web-"+c.layout.name {
+				t.Errorf("status names the pod %q (%v), want shop/web-%s", st.Pod, err, c.layout.name)
+			}
 			if !strings.Contains(r.stdout, "attached pod "+k.UID+" with eBPF: cgroup "+k.Dir+" ("+c.layout.name+" layout") {
 				t.Errorf("output should name the pod, its cgroup and the layout:\n%s", r.stdout)
 			}

@@ -1,0 +1,55 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+)
+
+// A pod's Kubernetes name, where whoever attached it knew it (the node agent from the API,
+// the init container from the downward API's $POD_NAMESPACE and $POD_NAME), is kept in its
+// pin directory as a symlink whose target is "namespace/name": bpffs holds directories, pins
+// and symlinks, no regular files. It comes and goes with the pins (Attach's rename, Detach's
+// removal), so status never shows a name for a pod that is not attached.
+const (
+	podNamePin    = "pod_name"
+	podNameNewPin = "pod_name_new" // bpffs refuses '.' in names: no "pod_name.tmp"
+)
+
+// A namespace is a DNS label, a pod name a DNS subdomain (Kubernetes' rules).
+var validPodName = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$`)
+
+// CheckPodName reports whether name is a Kubernetes "namespace/name".
+func CheckPodName(name string) error {
+	if !validPodName.MatchString(name) {
+		return &InputError{Field: "pod-name", Value: name, Msg: "use the pod's namespace/name, like default/web-0"}
+	}
+	return nil
+}
+
+// writePodName sets the pod name in pin directory dir, replacing any (rename is atomic).
+func writePodName(dir, name string) error {
+	tmp := filepath.Join(dir, podNameNewPin)
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("record pod name: %w", err)
+	}
+	if err := os.Symlink(name, tmp); err != nil {
+		return fmt.Errorf("record pod name: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, podNamePin)); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("record pod name: %w", err)
+	}
+	return nil
+}
+
+// readPodName is the pod name recorded in pin directory dir, or "" if none was.
+func readPodName(dir string) string {
+	name, err := os.Readlink(filepath.Join(dir, podNamePin))
+	if err != nil {
+		return ""
+	}
+	return name
+}
