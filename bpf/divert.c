@@ -232,7 +232,8 @@ struct {
 } orig_dst_storage SEC(".maps");
 
 // The original destination as it travels in the app's handshake segments: an RFC 6994
-// experimental option (kind 254, 16-bit magic), 10 bytes.
+// experimental option (kind 254, 16-bit magic), 10 bytes. (A SYN with a TCP Fast Open
+// cookie has 8 bytes left: docs/semantics.md.)
 struct orig_dst_opt {
 	__u8 kind;
 	__u8 len;
@@ -370,6 +371,26 @@ __attribute__((noinline)) int socket_owner_listed(struct bpf_sock_addr *ctx)
 	return bpf_map_lookup_elem(&owner_gids, &gid) != 0;
 }
 
+#define LOOPBACK_IFINDEX 1 /* lo, in every netns */
+
+// kernel_fails says a TCP connect to dst fails whatever the rules, so it is left to the
+// kernel and the app sees what it sees under iptables: the route lookup fails before any
+// packet exists for a broadcast or multicast route (ENETUNREACH: 255.255.255.255, 224/4,
+// lo's 127.255.255.255) and for a loopback source leaving the pod (EINVAL); a socket bound
+// to lo (SO_BINDTODEVICE) sends its SYN out lo, where nothing answers an address outside
+// 127/8 (a timeout; under iptables, even the proxy's hairpin REDIRECT goes nowhere).
+// Captured, each would reach the proxy instead. (The pod's subnet broadcast is a broadcast
+// route too, which connect4 cannot look up: docs/semantics.md.)
+static __always_inline int kernel_fails(__u32 src, __u32 dst, int bound_lo)
+{
+	__u32 d = bpf_ntohl(dst);
+	if (d == 0xffffffff || (d >> 28) == 0xe || d == 0x7fffffff)
+		return 1;
+	if ((d >> 24) == 127)
+		return 0;
+	return bound_lo || ((bpf_ntohl(src) >> 24) == 127 && !is_local(dst));
+}
+
 // decide_outbound mirrors policy.Config.Decide for outbound connections: istio's
 // ISTIO_OUTPUT chain, first match wins. It sets *to_port for redirects.
 // UDP is only decided for DNS queries (the callers check dns_query first).
@@ -475,6 +496,8 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, int udp,
 	if (!dst)
 		dst = src ? src : bpf_htonl(LOCALHOST);
 	__u16 dport = bpf_ntohs(dport_be);
+	if (!udp && kernel_fails(src, dst, ctx->sk && ctx->sk->bound_dev_if == LOOPBACK_IFINDEX))
+		return 1; // no rule decides it: nothing counted, as for native IPv6
 	enum reason r = REASON_NONE;
 	if (!udp || (cfg->dns_capture && dport == DNS_PORT)) {
 		r = decide_outbound(ctx, cfg, udp, src, dst, dport, to_port);
@@ -714,13 +737,15 @@ static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 }
 
 // The proxy's side: its accepted socket reads the option from the segment that
-// established it and keeps the original destination for getsockopt. Only connections from
-// 127.0.0.1 to 127.0.0.1, where redirects go: a peer outside the pod cannot make the proxy
-// believe another destination (the kernel drops 127/8 sources arriving on other devices).
+// established it (the SYN itself under TCP Fast Open with a cookie) and keeps the original destination
+// for getsockopt. Only connections to 127.0.0.1, where redirects go, from the pod's own
+// addresses (127.0.0.1, or the address an app bound before connecting): a peer outside the
+// pod cannot make the proxy believe another destination (the kernel drops packets to 127/8
+// arriving on other devices than lo).
 static __always_inline void proxy_established(struct bpf_sock_ops *skops)
 {
-	if (skops->family != AF_INET || skops->remote_ip4 != bpf_htonl(LOCALHOST) ||
-	    skops->local_ip4 != bpf_htonl(LOCALHOST))
+	if (skops->family != AF_INET || skops->local_ip4 != bpf_htonl(LOCALHOST) ||
+	    !is_local(skops->remote_ip4))
 		return;
 	struct orig_dst_opt opt = {.kind = TCPOPT_EXP, .len = 4, .magic = bpf_htons(ORIG_DST_MAGIC)};
 	if (bpf_load_hdr_opt(skops, &opt, sizeof(opt), 0) != sizeof(opt))

@@ -50,6 +50,46 @@ type Conn struct {
 	// outbound connection out through (lo for DstLocal, whatever this says); "" when it
 	// does not matter (no -c or -k setting names it).
 	Iface string
+	// BoundLo is true for a socket bound to lo (SO_BINDTODEVICE): its SYN leaves through lo
+	// whatever its destination.
+	BoundLo bool
+}
+
+// Refusal is how a TCP connect fails in the kernel whatever the rules.
+type Refusal uint8
+
+const (
+	NotRefused  Refusal = iota
+	Unreachable         // ENETUNREACH: a broadcast or multicast route
+	Invalid             // EINVAL: the route lookup itself fails
+	Unanswered          // the SYN goes where nothing answers: connect times out
+)
+
+// Refused says whether, and how, a TCP connect to conn fails whatever iptables' or divert's
+// rules say, so that neither decides it and the app sees the kernel's outcome. The route
+// lookup fails before any packet exists for a broadcast or multicast route
+// (255.255.255.255, 224.0.0.0/4, lo's 127.255.255.255: ENETUNREACH) and for a loopback
+// source leaving the pod (EINVAL); a socket bound to lo sends its SYN out lo, where nothing
+// answers an address outside 127/8, not even the proxy after iptables' hairpin REDIRECT.
+// The pod's subnet broadcast address is a broadcast route too, but neither this model nor
+// the programs know the pod's prefixes (docs/semantics.md). 0.x.y.z is unicast (Linux 5.3+).
+func (conn Conn) Refused() Refusal {
+	conn = conn.Routed()
+	dst := conn.Dst.Addr().Unmap()
+	if conn.Direction != Outbound || conn.Proto != TCP || !dst.Is4() {
+		return NotRefused
+	}
+	switch {
+	case dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) || dst.IsMulticast() || dst == netip.AddrFrom4([4]byte{127, 255, 255, 255}):
+		return Unreachable
+	case dst.IsLoopback():
+		return NotRefused
+	case conn.BoundLo:
+		return Unanswered
+	case conn.Src.IsValid() && conn.Src.Unmap().IsLoopback() && !conn.DstLocal:
+		return Invalid
+	}
+	return NotRefused
 }
 
 // Routed is conn as the kernel routes it: connect() to 0.0.0.0 reaches this host, at the
@@ -210,6 +250,10 @@ func (c *Config) Decide(conn Conn) Verdict {
 	}
 	udp := conn.Proto == UDP
 	if udp && (conn.Direction == Inbound || !c.dnsPortSpecial(conn.Dst.Port())) {
+		return Verdict{Action: Pass, Reason: ReasonNone}
+	}
+	// Left to the kernel, which fails it before any rule runs; no program counts it.
+	if conn.Refused() != NotRefused {
 		return Verdict{Action: Pass, Reason: ReasonNone}
 	}
 	// -k and -c: rules in the kernel's chains, before the jumps into istio's.

@@ -138,10 +138,12 @@ var orderCases = []decideCase{
 		pass(policy.ReasonInboundPassthrough)},
 	{"127.0.0.6 by app to the pod", nil, out(app, app, passthrough, "10.244.0.5:8080", true),
 		pass(policy.ReasonInboundPassthrough)},
-	{"127.0.0.6 by app to a remote is captured", nil, out(app, app, passthrough, "10.96.0.10:80", false),
-		toOutbound(15001, policy.ReasonIncludedCIDR)},
-	{"127.0.0.6 by proxy to a remote", nil, out(proxy, proxy, passthrough, "10.96.0.10:80", false),
-		pass(policy.ReasonProxyUID)},
+	// A loopback source cannot leave the pod: the kernel's route lookup fails the connect
+	// (EINVAL) before any rule sees it (test/parity: "bound to 127.0.0.6 to a remote").
+	{"127.0.0.6 by app to a remote is the kernel's EINVAL", nil, out(app, app, passthrough, "10.96.0.10:80", false),
+		pass(policy.ReasonNone)},
+	{"127.0.0.6 by proxy to a remote is the kernel's EINVAL", nil, out(proxy, proxy, passthrough, "10.96.0.10:80", false),
+		pass(policy.ReasonNone)},
 
 	// The hairpin: proxy uid, local, not 127.0.0.1, not the tunnel port.
 	{"proxy to 127.0.0.1 is not hairpinned", nil, out(proxy, proxy, unbound, "127.0.0.1:8080", true),
@@ -314,6 +316,10 @@ func TestDecideVerdictShape(t *testing.T) {
 				require.Equal(t, pass(policy.ReasonNone), v, "native IPv6 is not captured without IPv6 rules: %+v", conn)
 				continue
 			}
+			if conn.Refused() != policy.NotRefused {
+				require.Equal(t, pass(policy.ReasonNone), v, "the kernel refuses it: %+v", conn)
+				continue
+			}
 			require.NotEqual(t, policy.ReasonNone, v.Reason, "%+v", conn)
 			switch v.Action {
 			case policy.Pass:
@@ -374,5 +380,42 @@ func TestCheckPodAddrs(t *testing.T) {
 		require.Contains(t, err.Error(), "IPv6")
 		require.Contains(t, err.Error(), v6.Addr.String())
 		require.NotContains(t, err.Error(), "\n")
+	}
+}
+
+// TestRefused: the connections that fail in the kernel whatever the rules; Decide leaves
+// them to it whatever the policy.
+func TestRefused(t *testing.T) {
+	loopback := netip.MustParseAddr("127.0.0.1")
+	boundLo := func(c policy.Conn) policy.Conn { c.BoundLo = true; return c }
+	for _, tt := range []struct {
+		conn policy.Conn
+		want policy.Refusal
+	}{
+		{out(app, app, unbound, "255.255.255.255:80", false), policy.Unreachable},
+		{out(app, app, unbound, "224.0.0.1:80", false), policy.Unreachable},
+		{out(app, app, unbound, "239.255.255.250:1900", false), policy.Unreachable},
+		{out(proxy, proxy, unbound, "127.255.255.255:8080", true), policy.Unreachable},
+		{out(app, app, unbound, "[::ffff:255.255.255.255]:80", false), policy.Unreachable},
+		{out(app, app, loopback, "10.96.0.10:80", false), policy.Invalid},
+		{boundLo(out(proxy, proxy, unbound, "10.96.0.10:80", false)), policy.Unanswered},
+		{boundLo(out(app, app, unbound, "10.244.0.5:8080", true)), policy.Unanswered},
+		{boundLo(out(app, app, unbound, "127.0.0.2:8080", true)), policy.NotRefused},
+		{out(app, app, unbound, "0.1.2.3:80", false), policy.NotRefused}, // unicast since Linux 5.3
+		{out(app, app, unbound, "0.0.0.0:80", false), policy.NotRefused}, // the host itself
+		{out(app, app, loopback, "0.0.0.0:80", false), policy.NotRefused},
+		{out(app, app, loopback, "10.244.0.5:80", true), policy.NotRefused},
+		{out(app, app, unbound, "127.255.255.254:80", true), policy.NotRefused},
+		{out(app, app, unbound, "240.0.0.1:80", false), policy.NotRefused},
+		{udp(out(app, app, unbound, "255.255.255.255:53", false)), policy.NotRefused}, // TCP only
+		{policy.Conn{Direction: policy.Inbound, Dst: netip.MustParseAddrPort("224.0.0.1:80")}, policy.NotRefused},
+	} {
+		require.Equal(t, tt.want, tt.conn.Refused(), "%+v", tt.conn)
+		if tt.want != policy.NotRefused {
+			for _, args := range [][]string{nil, {"-i", "127.0.0.0/8"}, {"-q", "80,8080,1900"}} {
+				cfg := mustParse(t, args...)
+				require.Equal(t, pass(policy.ReasonNone), cfg.Decide(tt.conn), "%q %+v", args, tt.conn)
+			}
+		}
 	}
 }

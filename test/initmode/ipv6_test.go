@@ -73,7 +73,7 @@ func TestIPv6PodFallsBackToIptables(t *testing.T) {
 		want string
 	}{
 		{"app to a remote IPv6 service", app.Dial(t, appUID, appUID, testpod.Target{Dst: remote6})[0], "proxy via [::]:15001 read " + remote6.String()},
-		{"app to it from a dual-stack socket", app.Dial(t, appUID, appUID, testpod.Target{Dst: remote6, DualStack: true})[0], "proxy via [::]:15001 read " + remote6.String()},
+		{"app to it from a dual-stack socket", app.Dial(t, appUID, appUID, testpod.Target{Dst: remote6, Shape: testpod.Shape{DualStack: true}})[0], "proxy via [::]:15001 read " + remote6.String()},
 		{"the proxy to it", proxy.Dial(t, proxyUID, proxyUID, testpod.Target{Dst: remote6})[0], "answered by remote"},
 		{"inbound over IPv6", k.Net.Dial(t, testpod.Target{Dst: pod6})[0], "proxy via [::]:15006 read " + pod6.String()},
 	} {

@@ -49,6 +49,12 @@ type scenario struct {
 	// dst whatever its family: an IPv6 dst natively, an IPv4 one v4-mapped.
 	dual  bool
 	mptcp bool // the app connects with IPPROTO_MPTCP
+	// shape is any other way the app's socket connects (edges_test.go): bound to a
+	// device, TCP Fast Open, io_uring, switching ids.
+	shape testpod.Shape
+	// tfoCookie: a first TFO connection to dst fetches the cookie the one compared uses
+	// (the proxy hands them out, see newWorld).
+	tfoCookie bool
 }
 
 var outboundScenarios = []scenario{
@@ -141,6 +147,10 @@ func (w *world) health() string {
 func newWorld(t *testing.T) *world {
 	pod := testpod.New(t)
 	w := &world{pod: pod, cidrA: pod.Net.Addrs[1], cidrB: pod.Net.Addrs[2]}
+	// TCP Fast Open for clients, and for every listener without asking
+	// (TFO_SERVER_WO_SOCKOPT1, at listen()): the proxy hands out cookies as a proxy with TFO
+	// on its listeners does. Clients that do not ask for TFO see no difference.
+	pod.Sysctl(t, "net/ipv4/tcp_fastopen", "1027")
 	any := netip.IPv4Unspecified()
 	var listen []netip.AddrPort
 	for _, p := range proxyPorts {
@@ -159,14 +169,15 @@ func newWorld(t *testing.T) *world {
 
 func (w *world) expand(s string) string {
 	return strings.NewReplacer("{cidrA}", w.cidrA.String(), "{cidrB}", w.cidrB.String(),
-		"{cidrA6}", w.cidrA6.String(), "{cidrB6}", w.cidrB6.String()).Replace(s)
+		"{cidrA6}", w.cidrA6.String(), "{cidrB6}", w.cidrB6.String(), "{podbrd}", w.podBroadcast().String(),
+		"{pod}", w.pod.Addr.String(), "{remote}", w.pod.Net.Addrs[0].String()).Replace(s)
 }
 
 // resolve turns a symbolic address ("remote:80", "pod6:8080", "[::1]:8080") into a real one.
 func (w *world) resolve(t *testing.T, sym string) netip.AddrPort {
 	i := strings.LastIndex(sym, ":")
 	host, port := strings.Trim(sym[:i], "[]"), sym[i+1:]
-	addr := map[string]netip.Addr{"remote": w.pod.Net.Addrs[0], "cidrA": w.cidrA, "cidrB": w.cidrB, "pod": w.pod.Addr,
+	addr := map[string]netip.Addr{"remote": w.pod.Net.Addrs[0], "cidrA": w.cidrA, "cidrB": w.cidrB, "pod": w.pod.Addr, "podbrd": w.podBroadcast(),
 		"remote6": testpod.PrimaryAddr6, "cidrA6": w.cidrA6, "cidrB6": w.cidrB6, "pod6": w.pod.Addr6}[host]
 	if !addr.IsValid() {
 		addr = netip.MustParseAddr(host)
@@ -192,7 +203,7 @@ func (w *world) config(t *testing.T, s scenario) *policy.Config {
 
 func (w *world) conn(t *testing.T, s scenario) policy.Conn {
 	dst := w.resolve(t, s.dst)
-	c := policy.Conn{UID: s.uid, GID: s.gid, Dst: dst, DstLocal: policy.DstLocal(dst.Addr(), w.pod.Addrs())}
+	c := policy.Conn{UID: s.uid, GID: s.gid, Dst: dst, DstLocal: policy.DstLocal(dst.Addr(), w.pod.Addrs()), BoundLo: s.shape.BindDevice == "lo"}
 	switch s.src {
 	case "":
 	case "{pod}":
@@ -240,6 +251,14 @@ func observed(r testpod.Result) outcome {
 
 // expected turns the model's verdict into what a client must observe in this world.
 func (w *world) expected(v policy.Verdict, c policy.Conn) outcome {
+	switch c.Refused() {
+	case policy.Unreachable:
+		return outcome{Landed: "error: network is unreachable"}
+	case policy.Invalid:
+		return outcome{Landed: "error: invalid argument"}
+	case policy.Unanswered:
+		return outcome{Landed: "error: timeout"}
+	}
 	c = c.Routed()
 	// An IPv6 connection lands on the proxy's [::] listener (REDIRECT goes to ::1), an IPv4
 	// one, v4-mapped too, on 0.0.0.0.
@@ -299,12 +318,16 @@ func TestOutboundParity(t *testing.T) {
 		t.Run(b.name, func(t *testing.T) {
 			w := newWorld(t)
 			b.setup(t, w)
-			for _, s := range outboundScenarios {
+			for _, s := range append(outboundScenarios, edgeScenarios...) {
 				t.Run(s.name, func(t *testing.T) {
 					cfg := w.config(t, s)
 					c := w.conn(t, s)
 					v, want := w.verdictAndOutcome(s, cfg, c)
 					b.apply(t, w, cfg)
+					if s.tfoCookie {
+						w.pod.Dial(t, s.uid, s.gid, s.target(c))
+						b.apply(t, w, cfg) // counts from here
+					}
 					got := observed(w.pod.Dial(t, s.uid, s.gid, s.target(c))[0])
 					if got != want {
 						t.Errorf("%s: uid %d gid %d src %q -> %s (%s)\n  model (%s): %s\n  %s: %s\n  (%s)",
@@ -329,6 +352,11 @@ func (w *world) verdictAndOutcome(s scenario, cfg *policy.Config, c policy.Conn)
 		return policy.Verdict{Reason: noVerdict}, outcome{Landed: "error: protocol not supported"}
 	}
 	v := cfg.Decide(c)
+	if v.Action != policy.Pass && s.shape.BindDevice != "" && s.shape.BindDevice != "lo" {
+		// Redirected to 127.0.0.1 by either backend, and bound to a device that cannot
+		// reach it.
+		return v, outcome{Landed: "error: timeout"}
+	}
 	return v, w.expected(v, c)
 }
 
@@ -355,6 +383,8 @@ func (s scenario) socket() string {
 		return "dual-stack IPv6 socket"
 	case s.mptcp:
 		return "MPTCP socket"
+	case s.shape != testpod.Shape{}:
+		return fmt.Sprintf("TCP socket %+v", s.shape)
 	}
 	return "TCP socket"
 }
@@ -362,6 +392,7 @@ func (s scenario) socket() string {
 // target is the connection the scenario's app makes: c, from the kind of socket it names.
 func (s scenario) target(c policy.Conn) testpod.Target {
 	t := targetOf(c)
+	t.Shape = s.shape
 	t.V4Mapped, t.DualStack, t.MPTCP = s.v4mapped, s.dual, s.mptcp
 	return t
 }

@@ -24,7 +24,7 @@ var (
 	cidrPool        = []string{"{cidrA}/26", "{cidrB}/32", "198.19.0.0/16", "198.18.0.0/24", "127.1.2.0/24", "10.0.0.0/8"}
 	idPairs         = [][2]uint32{{appUID, appUID}, {proxyUID, proxyUID}, {appUID, proxyUID}, {2000, 2000}, {proxyUID, 2000}}
 	inboundPortPool = []string{"8080", "9090", "15008", "15090", "15001", "7777"}
-	dstPool         = []string{"remote:80", "remote:81", "cidrA:80", "cidrB:80", "pod:8080", "pod:15008", "127.0.0.1:8080", "127.0.0.2:8080", "127.1.2.3:8080", "0.0.0.0:8080", "remote:9"}
+	dstPool         = []string{"remote:80", "remote:81", "cidrA:80", "cidrB:80", "pod:8080", "pod:15008", "127.0.0.1:8080", "127.0.0.2:8080", "127.1.2.3:8080", "0.0.0.0:8080", "remote:9", "255.255.255.255:80", "224.0.0.1:80", "127.255.255.255:8080"}
 )
 
 func pick[T any](r *rand.Rand, pool []T) T { return pool[r.IntN(len(pool))] }
@@ -99,23 +99,28 @@ func randomScenario(r *rand.Rand, flags []string, i int, pods, dsts []string) sc
 	}
 	ids := pick(r, idPairs)
 	s := scenario{name: fmt.Sprintf("conn %d", i), flags: flags, uid: ids[0], gid: ids[1], dst: pick(r, dsts)}
-	// 127.0.0.6 and ::6 are sources on lo: bound to them, only local destinations are
-	// routable.
+	// 127.0.0.6, 127.0.0.1 and ::6 are sources on lo: bound to them, only local
+	// destinations are routable (for IPv4 the rest is the kernel's EINVAL, which one draw
+	// in eight goes to see).
 	v6 := strings.Contains(s.dst, "6:") || strings.HasPrefix(s.dst, "[")
 	if r.IntN(4) == 0 {
 		switch {
-		case !v6 && (strings.HasPrefix(s.dst, "pod:") || strings.HasPrefix(s.dst, "127.")):
-			s.src = "127.0.0.6"
+		case !v6 && (strings.HasPrefix(s.dst, "pod:") || strings.HasPrefix(s.dst, "127.") || r.IntN(8) == 0):
+			s.src = pick(r, []string{"127.0.0.6", "127.0.0.1"})
 		case strings.HasPrefix(s.dst, "pod6:") || strings.HasPrefix(s.dst, "[::1]"):
 			s.src = "::6"
 		}
 	}
-	switch r.IntN(8) {
-	case 0, 1:
+	switch r.IntN(12) {
+	case 0, 1, 2:
 		// Java's dual-stack socket: v4-mapped for IPv4, native for IPv6.
 		s.v4mapped, s.dual = !v6, v6
-	case 2:
+	case 3:
 		s.mptcp = true
+	case 4:
+		s.shape.FastOpen = true
+	case 5:
+		s.shape.IOURing = true
 	}
 	return s
 }

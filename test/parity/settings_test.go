@@ -157,7 +157,7 @@ func TestSettingsParity(t *testing.T) {
 						}
 					}
 					b.apply(t, w.world, cfg)
-					target := testpod.Target{Dst: c.Dst, MPTCP: s.mptcp, ThenGID: s.thenGID}
+					target := testpod.Target{Dst: c.Dst, Shape: testpod.Shape{MPTCP: s.mptcp}, ThenGID: s.thenGID}
 					var r testpod.Result
 					switch {
 					case s.inbound:

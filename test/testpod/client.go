@@ -13,7 +13,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/meshdivert/divert/internal/sockio"
 	"golang.org/x/sys/unix"
 )
 
@@ -53,9 +52,7 @@ func clientDial(target string, timeout time.Duration) Result {
 		thenGID, _ = strconv.Atoi(gid)
 		target = after
 	}
-	target, mptcp := strings.CutPrefix(target, mptcpPrefix)
-	target, mapped := strings.CutPrefix(target, v4MappedPrefix)
-	target, dual := strings.CutPrefix(target, dualStackPrefix)
+	shape, target := cutShape(target)
 	dst, srcText, _ := strings.Cut(target, "@")
 	res.Dst = dst
 	var src netip.Addr
@@ -76,8 +73,8 @@ func clientDial(target string, timeout time.Duration) Result {
 	}
 	var c net.Conn
 	var err error
-	if mapped || dual || mptcp {
-		c, err = dialSocket(dst, src, timeout, mapped || dual, mptcp)
+	if shape.special() {
+		c, err = dialSocket(dst, src, timeout, shape)
 	} else if ap, perr := netip.ParseAddrPort(dst); perr != nil {
 		err = perr
 	} else {
@@ -105,22 +102,23 @@ func clientDial(target string, timeout time.Duration) Result {
 }
 
 // dialSocket connects with one connect() from the kind of socket a runtime other than Go's
-// default might use: dualStack, a dual-stack AF_INET6 socket (IPV6_V6ONLY off) connecting
+// default might use (see Shape): a dual-stack AF_INET6 socket (IPV6_V6ONLY off) connecting
 // to an IPv6 dst natively and to an IPv4 one as ::ffff:<dst> (bound to ::ffff:<src>), as
-// Java does; mptcp, an IPPROTO_MPTCP socket. Go's dialer cannot make the first (it dials
-// IPv4 addresses from AF_INET sockets, refuses v4-mapped ones for "tcp6", and sets
-// IPV6_V6ONLY on its IPv6 sockets) and, for the second, retries with plain TCP after any
-// failure, which would make two connects out of one.
-func dialSocket(dst string, src netip.Addr, timeout time.Duration, dualStack, mptcp bool) (net.Conn, error) {
+// Java does; an IPPROTO_MPTCP socket; a socket bound to a device; TCP Fast Open; io_uring.
+// Go's dialer cannot make these (it dials IPv4 addresses from AF_INET sockets, refuses
+// v4-mapped ones for "tcp6", sets IPV6_V6ONLY on its IPv6 sockets, and retries MPTCP with
+// plain TCP after any failure, which would make two connects out of one).
+func dialSocket(dst string, src netip.Addr, timeout time.Duration, shape Shape) (net.Conn, error) {
 	ap, err := netip.ParseAddrPort(dst)
 	if err != nil {
 		return nil, err
 	}
+	dualStack := shape.V4Mapped || shape.DualStack
 	family, proto := unix.AF_INET, unix.IPPROTO_TCP
 	if dualStack || ap.Addr().Is6() {
 		family = unix.AF_INET6
 	}
-	if mptcp {
+	if shape.MPTCP {
 		proto = unix.IPPROTO_MPTCP
 	}
 	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, proto)
@@ -140,6 +138,9 @@ func dialSocket(dst string, src netip.Addr, timeout time.Duration, dualStack, mp
 			return nil, err
 		}
 	}
+	if err := bindDevice(fd, shape); err != nil {
+		return nil, err
+	}
 	deadline := time.Now().Add(timeout)
 	// A blocking connect gives up after SO_SNDTIMEO (EINPROGRESS).
 	tv := unix.NsecToTimeval(timeout.Nanoseconds())
@@ -151,7 +152,7 @@ func dialSocket(dst string, src netip.Addr, timeout time.Duration, dualStack, mp
 			return nil, err
 		}
 	}
-	if err := sockio.ConnectOnce(fd, sockaddr(ap.Addr(), ap.Port()), deadline); err != nil {
+	if err := connectShaped(fd, sockaddr(ap.Addr(), ap.Port()), shape, deadline); err != nil {
 		return nil, err
 	}
 	return net.FileConn(f)

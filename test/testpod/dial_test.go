@@ -123,7 +123,7 @@ func dialUnderSignals(t *testing.T, v4mapped, mptcp bool) error {
 		}
 	}()
 	start := time.Now()
-	c, err := dialSocket(netip.AddrPortFrom(netip.AddrFrom4(lo), uint16(port)).String(), netip.Addr{}, 10*time.Second, v4mapped, mptcp)
+	c, err := dialSocket(netip.AddrPortFrom(netip.AddrFrom4(lo), uint16(port)).String(), netip.Addr{}, 10*time.Second, Shape{V4Mapped: v4mapped, MPTCP: mptcp})
 	took := time.Since(start)
 	close(stop)
 	wg.Wait()

@@ -38,15 +38,15 @@ func TestDualStackPodReachesRemote(t *testing.T) {
 	var targets []Target
 	var peers []netip.Addr
 	for _, a := range p.Net.Addrs6 {
-		targets = append(targets, Target{Dst: ap(a, 80)}, Target{Dst: ap(a, 80), DualStack: true})
+		targets = append(targets, Target{Dst: ap(a, 80)}, Target{Dst: ap(a, 80), Shape: Shape{DualStack: true}})
 		peers = append(peers, p.Addr6, p.Addr6)
 	}
 	targets = append(targets,
 		Target{Dst: ap(p.Net.Addrs[0], 80)},
-		Target{Dst: ap(p.Net.Addrs[0], 80), DualStack: true},
-		Target{Dst: ap(p.Net.Addrs[0], 80), V4Mapped: true, BindSrc: p.Addr},
+		Target{Dst: ap(p.Net.Addrs[0], 80), Shape: Shape{DualStack: true}},
+		Target{Dst: ap(p.Net.Addrs[0], 80), Shape: Shape{V4Mapped: true}, BindSrc: p.Addr},
 		Target{Dst: ap(PrimaryAddr6, 80), BindSrc: p.Addr6},
-		Target{Dst: ap(PrimaryAddr6, 80), BindSrc: p.Addr6, DualStack: true},
+		Target{Dst: ap(PrimaryAddr6, 80), BindSrc: p.Addr6, Shape: Shape{DualStack: true}},
 	)
 	peers = append(peers, p.Addr, p.Addr, p.Addr, p.Addr6, p.Addr6)
 	for i, r := range p.Dial(t, appUID, appUID, targets...) {
@@ -65,7 +65,7 @@ func TestIPv6LoopbackAndInbound(t *testing.T) {
 	assert.Equal(t, []netip.Addr{v4.Addr}, v4.Addrs())
 	for _, p := range []*Pod{v4, dual} {
 		p.Server(t, "loopback", ap(lo6, 8080), appUID, appUID)
-		r := p.Dial(t, appUID, appUID, Target{Dst: ap(lo6, 8080)}, Target{Dst: ap(lo6, 8080), DualStack: true})
+		r := p.Dial(t, appUID, appUID, Target{Dst: ap(lo6, 8080)}, Target{Dst: ap(lo6, 8080), Shape: Shape{DualStack: true}})
 		for _, res := range r {
 			require.Empty(t, res.Err, "%s", p.Stack)
 			assert.Equal(t, "loopback", res.Hops[0].Who)
@@ -92,7 +92,7 @@ func TestIPv6OnlyPod(t *testing.T) {
 
 	res := p.Dial(t, appUID, appUID,
 		Target{Dst: ap(PrimaryAddr6, 80)},
-		Target{Dst: ap(dual.Addr6, 8080), DualStack: true},
+		Target{Dst: ap(dual.Addr6, 8080), Shape: Shape{DualStack: true}},
 		Target{Dst: ap(PrimaryAddr, 80)},
 	)
 	require.Empty(t, res[0].Err)
@@ -133,8 +133,8 @@ func TestProxyForwardIPv6(t *testing.T) {
 	}
 	ip6tables(t, p.NetNSPath, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-i", "eth0", "-j", "REDIRECT", "--to-ports", "15006")
 
-	res := p.Dial(t, appUID, appUID, Target{Dst: remote6}, Target{Dst: remote6, DualStack: true},
-		Target{Dst: remote4}, Target{Dst: remote4, V4Mapped: true})
+	res := p.Dial(t, appUID, appUID, Target{Dst: remote6}, Target{Dst: remote6, Shape: Shape{DualStack: true}},
+		Target{Dst: remote4}, Target{Dst: remote4, Shape: Shape{V4Mapped: true}})
 	for i, want := range []struct {
 		listener string
 		orig     netip.AddrPort

@@ -256,44 +256,21 @@ func (p *Pod) StartProxy(tb testing.TB, c ProxyConfig) *Proc {
 type Target struct {
 	Dst     netip.AddrPort
 	BindSrc netip.Addr // optional: bind before connect
-	// V4Mapped connects from a dual-stack AF_INET6 socket to ::ffff:<Dst> (bound to
-	// ::ffff:<BindSrc>), as Java and other dual-stack runtimes do for IPv4 destinations:
-	// IPv4 on the wire, but connect() goes through the IPv6 socket layer.
-	V4Mapped bool
-	// DualStack connects from that same kind of socket (AF_INET6, IPV6_V6ONLY off) whatever
-	// Dst's family: an IPv6 Dst natively, an IPv4 one as V4Mapped does. Without it (and
-	// without V4Mapped) an IPv6 Dst is dialled as Go does, from an IPV6_V6ONLY socket.
-	DualStack bool
-	// MPTCP connects with IPPROTO_MPTCP (Go's Dialer.SetMultipathTCP): the kernel makes
-	// the connection through a TCP subflow socket of its own.
-	MPTCP bool
+	Shape              // how the socket connects (zero: Go's dialer)
 	// ThenGID, if set, switches the client's gids to it between socket() and connect() (the
 	// client must run as root): the socket file keeps the group it was made with.
 	ThenGID uint32
 }
 
-// Prefixes marking V4Mapped, DualStack and MPTCP targets on the client's command line.
-const (
-	v4MappedPrefix  = "v4mapped:"
-	dualStackPrefix = "dual:"
-	mptcpPrefix     = "mptcp:"
-	setgidPrefix    = "setgid="
-)
+// setgidPrefix marks a ThenGID target on the client's command line (before the Shape's).
+const setgidPrefix = "setgid="
 
 func (t Target) String() string {
 	s := t.Dst.String()
 	if t.BindSrc.IsValid() {
 		s += "@" + t.BindSrc.String()
 	}
-	if t.V4Mapped {
-		s = v4MappedPrefix + s
-	}
-	if t.DualStack {
-		s = dualStackPrefix + s
-	}
-	if t.MPTCP {
-		s = mptcpPrefix + s
-	}
+	s = t.Shape.prefix() + s
 	if t.ThenGID != 0 {
 		s = setgidPrefix + strconv.FormatUint(uint64(t.ThenGID), 10) + ":" + s
 	}

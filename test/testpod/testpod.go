@@ -343,3 +343,13 @@ func must(tb testing.TB, err error, what string) {
 // it, the thread group leader, in the pod's netns — /proc/<pid>/ns/net would then name the
 // wrong namespace for the whole process (seen as TestSocketOwners failing in a guest).
 func init() { runtime.LockOSThread() }
+
+// Sysctl sets a per-netns sysctl (e.g. "net/ipv4/tcp_fastopen") in the pod's netns; it goes
+// with the netns.
+func (p *Pod) Sysctl(tb testing.TB, name, value string) {
+	tb.Helper()
+	// /proc/sys/net shows the netns of the thread that opens it.
+	must(tb, nsexec.Do(p.NetNSPath, func() error {
+		return os.WriteFile(filepath.Join("/proc/sys", name), []byte(value+"\n"), 0)
+	}), "set "+name+" in pod netns")
+}
