@@ -330,7 +330,7 @@ static __always_inline int is_local(__u32 addr)
 struct cred___divert {
 	struct {
 		__u32 val;
-	} fsgid;
+	} fsuid, fsgid;
 } __attribute__((preserve_access_index));
 struct file___divert {
 	const struct cred___divert *f_cred;
@@ -348,26 +348,53 @@ struct bpf_sock_addr_kern___divert {
 // Linux 6.2+. Weak: on older kernels the loader resolves it to 0 and refuses owner groups.
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
 
-// socket_owner_listed says whether the socket's owner group is in owner_gids: 1, 0, or -1
-// when this kernel cannot tell. xt_owner's --gid-owner matches the fsgid of the socket's
-// *file*, the credentials of whoever made the socket (not the real gid of the task
-// connecting now, which bpf_get_current_uid_gid gives: they differ after a setgid between
-// socket() and connect(), for sockets passed to another process, for setgid programs). An
-// MPTCP subflow is grafted onto the app's socket, so its file is the app's. A socket
-// without a file is in no group, as xt_owner says.
+// What socket_owner returns when it has no ids: this kernel cannot tell (no BTF, or a UDP
+// socket before 6.2), or the socket has no file. Real ids are 32 bits each below these.
+#define OWNER_UNKNOWN ((__u64)-1)
+#define OWNER_NO_FILE ((__u64)-2)
+
+// socket_owner returns the socket file's fsgid << 32 | fsuid: the ids xt_owner's
+// --uid-owner and --gid-owner match, those of whoever made the socket (effective, at
+// socket()), not the real ids of the task connecting now, which bpf_get_current_uid_gid
+// gives: they differ after a setuid/setgid between socket() and connect(), for sockets
+// passed to another process, for setuid programs. An MPTCP subflow is grafted onto the
+// app's socket, so its file is the app's. From Linux 6.2 any socket is reached through
+// bpf_cast_to_kern_ctx; before, a TCP one through bpf_skc_to_tcp_sock (5.10+). Without the
+// kernel's BTF (CO-RE has nothing to relocate against) it is OWNER_UNKNOWN, and the code
+// that reads kernel structures is dead.
 // A global function, verified once rather than at each call site: inlined, its pointer
 // walk doubled the verifier's work on the connect programs (attach took twice the CPU).
-__attribute__((noinline)) int socket_owner_listed(struct bpf_sock_addr *ctx)
+__attribute__((noinline)) __u64 socket_owner(struct bpf_sock_addr *ctx)
 {
-	if (!ctx || !bpf_cast_to_kern_ctx)
-		return -1; // never armed here: the loader refuses the setting on such a kernel
-	struct bpf_sock_addr_kern___divert *kctx = bpf_cast_to_kern_ctx(ctx);
-	struct sock___divert *sk = kctx->sk;
+	if (!ctx || !__builtin_preserve_type_info(*(struct sock___divert *)0, 0 /* exists */))
+		return OWNER_UNKNOWN;
+	struct sock___divert *sk;
+	if (bpf_cast_to_kern_ctx) {
+		struct bpf_sock_addr_kern___divert *kctx = bpf_cast_to_kern_ctx(ctx);
+		sk = kctx->sk;
+	} else {
+		sk = ctx->sk ? (void *)bpf_skc_to_tcp_sock(ctx->sk) : 0;
+		if (!sk)
+			return OWNER_UNKNOWN; // not TCP
+	}
 	struct socket___divert *sock = sk ? sk->sk_socket : 0;
 	struct file___divert *file = sock ? sock->file : 0;
 	if (!file)
+		return OWNER_NO_FILE;
+	const struct cred___divert *cred = file->f_cred;
+	return (__u64)cred->fsgid.val << 32 | cred->fsuid.val;
+}
+
+// socket_owner_listed says whether the socket's owner group is in owner_gids: 1, 0, or -1
+// when this kernel cannot tell (never armed then: the loader refuses the setting on such
+// a kernel). A socket without a file is in no group, as xt_owner says.
+static __always_inline int socket_owner_listed(__u64 owner)
+{
+	if (owner == OWNER_UNKNOWN)
+		return -1;
+	if (owner == OWNER_NO_FILE)
 		return 0;
-	__u32 gid = file->f_cred->fsgid.val;
+	__u32 gid = owner >> 32;
 	return bpf_map_lookup_elem(&owner_gids, &gid) != 0;
 }
 
@@ -398,8 +425,11 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 						   int udp, __u32 src, __u32 dst, __u16 dport,
 						   __u16 *to_port)
 {
-	__u64 uid_gid = bpf_get_current_uid_gid();
-	__u32 uid = (__u32)uid_gid, gid = uid_gid >> 32;
+	// The socket's ids where the kernel shows them (as xt_owner matches), else the
+	// connecting task's.
+	__u64 owner = socket_owner(ctx);
+	__u64 ids = owner >= OWNER_NO_FILE ? bpf_get_current_uid_gid() : owner;
+	__u32 uid = (__u32)ids, gid = ids >> 32;
 	__u8 pflags = port_flags(dport);
 	int local = is_local(dst);
 	int dns = cfg->dns_capture && dport == DNS_PORT;
@@ -434,7 +464,7 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 	// istio's owner-group rule ("-m owner [!] --gid-owner G ... -j RETURN"). A kernel that
 	// cannot tell passes the connection, never captures it.
 	if (cfg->owner_groups) {
-		int listed = socket_owner_listed(ctx);
+		int listed = socket_owner_listed(owner);
 		if (cfg->owner_groups == OWNER_GROUPS_ONLY && listed != 1)
 			return REASON_OWNER_GROUP_NOT_INCLUDED;
 		if (cfg->owner_groups == OWNER_GROUPS_NOT && listed != 0)

@@ -324,11 +324,12 @@ func TestOutboundParity(t *testing.T) {
 					c := w.conn(t, s)
 					v, want := w.verdictAndOutcome(s, cfg, c)
 					b.apply(t, w, cfg)
+					uid, gid := s.runAs()
 					if s.tfoCookie {
-						w.pod.Dial(t, s.uid, s.gid, s.target(c))
+						w.pod.Dial(t, uid, gid, s.target(c))
 						b.apply(t, w, cfg) // counts from here
 					}
-					got := observed(w.pod.Dial(t, s.uid, s.gid, s.target(c))[0])
+					got := observed(w.pod.Dial(t, uid, gid, s.target(c))[0])
 					if got != want {
 						t.Errorf("%s: uid %d gid %d src %q -> %s (%s)\n  model (%s): %s\n  %s: %s\n  (%s)",
 							s.name, s.uid, s.gid, s.src, c.Dst, s.socket(), v, want, b.name, got, w.health())

@@ -121,9 +121,20 @@ func dialSocket(dst string, src netip.Addr, timeout time.Duration, shape Shape) 
 	if shape.MPTCP {
 		proto = unix.IPPROTO_MPTCP
 	}
+	if shape.IDs != nil {
+		if err := become(shape.IDs.Socket); err != nil {
+			return nil, fmt.Errorf("ids for socket(): %w", err)
+		}
+	}
 	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, proto)
 	if err != nil {
 		return nil, err
+	}
+	if shape.IDs != nil {
+		if err := become(shape.IDs.Connect); err != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("ids for connect(): %w", err)
+		}
 	}
 	f := os.NewFile(uintptr(fd), "client")
 	defer f.Close() // net.FileConn dups it

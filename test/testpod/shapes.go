@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -39,6 +40,41 @@ type Shape struct {
 	// IOURing connects with an io_uring IORING_OP_CONNECT; IOURingAsync forces it onto an
 	// io-wq worker (IOSQE_ASYNC) instead of the submitting thread.
 	IOURing, IOURingAsync bool
+	// IDs, if set, are the ids the client holds when it makes the socket and when it
+	// connects it; the client must be started as root, which it keeps as its saved uid to
+	// switch between them.
+	IDs *IDSwitch
+}
+
+// IDSwitch is who makes a socket and who connects it.
+type IDSwitch struct{ Socket, Connect Creds }
+
+// Creds are a process's real and effective ids (the fs ids follow the effective ones).
+type Creds struct{ RUID, EUID, RGID, EGID uint32 }
+
+// Same is the ids of a process running as uid and gid alone.
+func Same(uid, gid uint32) Creds { return Creds{uid, uid, gid, gid} }
+
+func (c Creds) String() string { return fmt.Sprintf("%d.%d.%d.%d", c.RUID, c.EUID, c.RGID, c.EGID) }
+
+const idsPrefix = "ids="
+
+func parseCreds(s string) (Creds, error) {
+	var c Creds
+	_, err := fmt.Sscanf(s, "%d.%d.%d.%d", &c.RUID, &c.EUID, &c.RGID, &c.EGID)
+	return c, err
+}
+
+// become switches the whole process (every thread: Go's setresuid) to c, through root,
+// which stays its saved uid.
+func become(c Creds) error {
+	if err := syscall.Setresuid(0, 0, 0); err != nil {
+		return fmt.Errorf("back to root: %w", err)
+	}
+	if err := syscall.Setresgid(int(c.RGID), int(c.EGID), 0); err != nil {
+		return err
+	}
+	return syscall.Setresuid(int(c.RUID), int(c.EUID), 0)
 }
 
 // special reports whether Go's dialer cannot make the connection.
@@ -75,6 +111,9 @@ func (s Shape) prefix() string {
 	if s.BindDevice != "" {
 		b.WriteString(devicePrefix + s.BindDevice + ":")
 	}
+	if s.IDs != nil {
+		b.WriteString(idsPrefix + s.IDs.Socket.String() + "/" + s.IDs.Connect.String() + ":")
+	}
 	return b.String()
 }
 
@@ -89,6 +128,14 @@ func cutShape(target string) (Shape, string) {
 	}
 	if rest, ok := strings.CutPrefix(target, devicePrefix); ok {
 		s.BindDevice, target, _ = strings.Cut(rest, ":")
+	}
+	if rest, ok := strings.CutPrefix(target, idsPrefix); ok {
+		var ids string
+		ids, target, _ = strings.Cut(rest, ":")
+		sock, conn, _ := strings.Cut(ids, "/")
+		s.IDs = &IDSwitch{}
+		s.IDs.Socket, _ = parseCreds(sock) // written by prefix: well formed
+		s.IDs.Connect, _ = parseCreds(conn)
 	}
 	return s, target
 }
