@@ -65,6 +65,18 @@ const (
 	Unanswered          // the SYN goes where nothing answers: connect times out
 )
 
+func (r Refusal) String() string {
+	switch r {
+	case Unreachable:
+		return "ENETUNREACH: a broadcast or multicast route"
+	case Invalid:
+		return "EINVAL: a loopback source cannot leave the pod"
+	case Unanswered:
+		return "a timeout: bound to lo, the SYN goes where nothing answers"
+	}
+	return "not refused"
+}
+
 // Refused says whether, and how, a TCP connect to conn fails whatever iptables' or divert's
 // rules say, so that neither decides it and the app sees the kernel's outcome. The route
 // lookup fails before any packet exists for a broadcast or multicast route

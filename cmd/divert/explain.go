@@ -138,6 +138,10 @@ verdicts under the same reason names:
 			fmt.Fprintln(e.stdout, "reason:  none: UDP is only captured for DNS (port 53, with --redirect-dns); no program decides it and no counter counts it")
 			return nil
 		}
+		if refusal := conn.Refused(); v.Reason == policy.ReasonNone && refusal != policy.NotRefused {
+			fmt.Fprintf(e.stdout, "reason:  none: the kernel fails this connect whatever the rules (%s), before any packet: divert leaves it to the kernel, as iptables never sees it; no counter counts it\n", refusal)
+			return nil
+		}
 		if v.Reason == policy.ReasonNone {
 			fmt.Fprintln(e.stdout, "reason:  none: an IPv6 destination, and istio-iptables writes no IPv6 rules for this pod (it does for an IPv6-only pod, or with --dual-stack for one with an IPv6 address: see --pod-ip); no program decides it and no counter counts it")
 			fmt.Fprintln(e.stdout, "iptables: none: no ip6tables rules")

@@ -375,6 +375,10 @@ func TestExplain(t *testing.T) {
 		{[]string{"-c", "net1", "--iface", "net1", "--uid", "1000", "--dst", "10.0.0.5:80"}, "eBPF cannot decide this policy here, -c/--istio-exclude-interfaces net1"},
 		{[]string{"-k", "net1", "--iface", "net1", "--direction", "inbound", "--dst", "192.0.2.1:80"}, "redirect-outbound to port 15001 (virtual-interface)"},
 		{[]string{"--istio-outbound-owner-groups", "2000", "--uid", "1000", "--dst", "10.0.0.5:80"}, "iptables: -A ISTIO_OUTPUT -m owner ! --gid-owner 2000 -j RETURN"},
+		// What the kernel fails whatever the rules is left to it, and explain says so.
+		{[]string{"--uid", "1000", "--dst", "224.0.0.1:80"}, "reason:  none: the kernel fails this connect whatever the rules (ENETUNREACH"},
+		{[]string{"--uid", "1337", "--dst", "127.255.255.255:8080"}, "verdict: pass (none)"},
+		{[]string{"--uid", "1000", "--src", "127.0.0.6", "--dst", "10.0.0.5:80"}, "(EINVAL: a loopback source cannot leave the pod)"},
 	}
 	for _, c := range cases {
 		out, err := runCLI(t, nil, append([]string{"explain"}, c.args...)...)
