@@ -38,13 +38,12 @@ var edgeScenarios = []scenario{
 	{name: "app bound to 127.0.0.6 to a remote is the kernel's EINVAL", uid: appUID, gid: appUID, src: "127.0.0.6", dst: "remote:80"},
 	{name: "app bound to 127.0.0.1 to 127.0.0.2 passes", uid: appUID, gid: appUID, src: "127.0.0.1", dst: "127.0.0.2:8080"},
 	{name: "app bound to 127.0.0.1 to the pod IP passes", uid: appUID, gid: appUID, src: "127.0.0.1", dst: "pod:8080"},
-	// SO_BINDTODEVICE lo: every destination leaves through lo, which istio's rules ("-o lo")
-	// take as local: the app's connection passes (and a remote never answers), the proxy's
-	// hairpins.
-	{name: "app bound to lo to a remote passes and times out", uid: appUID, gid: appUID, dst: "remote:80", shape: testpod.Shape{BindDevice: "lo"}},
-	{name: "proxy bound to lo to a remote hairpins", uid: proxyUID, gid: proxyUID, dst: "remote:80", shape: testpod.Shape{BindDevice: "lo"}},
+	// SO_BINDTODEVICE lo: the SYN leaves through lo whatever its destination, and nothing
+	// there answers an address outside 127/8, not even the proxy after iptables' hairpin.
+	{name: "app bound to lo to a remote times out", uid: appUID, gid: appUID, dst: "remote:80", shape: testpod.Shape{BindDevice: "lo"}},
+	{name: "proxy bound to lo to a remote times out, no hairpin", uid: proxyUID, gid: proxyUID, dst: "remote:80", shape: testpod.Shape{BindDevice: "lo"}},
 	{name: "app bound to lo to 127.0.0.2 passes", uid: appUID, gid: appUID, dst: "127.0.0.2:8080", shape: testpod.Shape{BindDevice: "lo"}},
-	{name: "app bound to lo to the pod IP passes", uid: appUID, gid: appUID, dst: "pod:8080", shape: testpod.Shape{BindDevice: "lo"}},
+	{name: "app bound to lo to the pod IP times out", uid: appUID, gid: appUID, dst: "pod:8080", shape: testpod.Shape{BindDevice: "lo"}},
 	{name: "app bound to lo with -i 127.0.0.0/8 to a remote times out", flags: []string{"-i", "127.0.0.0/8"}, uid: appUID, gid: appUID, dst: "remote:80", shape: testpod.Shape{BindDevice: "lo"}},
 	// SO_BINDTODEVICE eth0: a captured connection, redirected to 127.0.0.1, cannot leave
 	// through eth0 (under iptables its SYN is NATed there and dropped, under divert it is
