@@ -14,7 +14,8 @@ import (
 // and symlinks, no regular files. It comes and goes with the pins (Attach's rename, Detach's
 // removal), so status never shows a name for a pod that is not attached.
 const (
-	podNamePin    = "pod_name"
+	// PodNamePin is the pod name's entry in a pin directory, beside the maps and links.
+	PodNamePin    = "pod_name"
 	podNameNewPin = "pod_name_new" // bpffs refuses '.' in names: no "pod_name.tmp"
 )
 
@@ -38,7 +39,7 @@ func writePodName(dir, name string) error {
 	if err := os.Symlink(name, tmp); err != nil {
 		return fmt.Errorf("record pod name: %w", err)
 	}
-	if err := os.Rename(tmp, filepath.Join(dir, podNamePin)); err != nil {
+	if err := os.Rename(tmp, filepath.Join(dir, PodNamePin)); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("record pod name: %w", err)
 	}
@@ -47,7 +48,7 @@ func writePodName(dir, name string) error {
 
 // readPodName is the pod name recorded in pin directory dir, or "" if none was.
 func readPodName(dir string) string {
-	name, err := os.Readlink(filepath.Join(dir, podNamePin))
+	name, err := os.Readlink(filepath.Join(dir, PodNamePin))
 	if err != nil {
 		return ""
 	}
