@@ -103,6 +103,9 @@ func (s scenario) runAs() (uid, gid uint32) {
 
 // podBroadcast is the broadcast address of the pod's /24 (testpod's addressing).
 func (w *world) podBroadcast() netip.Addr {
+	if !w.pod.Addr.Is4() {
+		return netip.Addr{} // an IPv6-only pod
+	}
 	b := w.pod.Addr.As4()
 	b[3] = 255
 	return netip.AddrFrom4(b)
