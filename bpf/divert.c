@@ -767,11 +767,11 @@ static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 }
 
 // The proxy's side: its accepted socket reads the option from the segment that
-// established it (the SYN itself under TCP Fast Open with a cookie) and keeps the original destination
-// for getsockopt. Only connections to 127.0.0.1, where redirects go, from the pod's own
-// addresses (127.0.0.1, or the address an app bound before connecting): a peer outside the
-// pod cannot make the proxy believe another destination (the kernel drops packets to 127/8
-// arriving on other devices than lo).
+// established it (the SYN itself under TCP Fast Open with a cookie) and keeps the original
+// destination for getsockopt. Only connections to 127.0.0.1, where redirects go, from the
+// pod's own addresses (127.0.0.1, or the address an app bound before connecting): a peer
+// outside the pod cannot make the proxy believe another destination (the kernel drops
+// packets to 127/8 arriving on other devices than lo).
 static __always_inline void proxy_established(struct bpf_sock_ops *skops)
 {
 	if (skops->family != AF_INET || skops->local_ip4 != bpf_htonl(LOCALHOST) ||
