@@ -7,6 +7,7 @@ import (
 	"github.com/meshdivert/divert/iptables"
 
 	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
 )
 
@@ -38,6 +39,7 @@ func ebpfBackend() backend {
 		setup: func(t *testing.T, w *world) {
 			att = divertest.Attach(t, w.pod, divertest.BPFFS(t), divertest.Config(t))
 		},
+		drops: func(t *testing.T) map[maps.Drop]uint64 { return att.Drops(t) },
 		apply: func(t *testing.T, w *world, cfg *policy.Config) {
 			divertest.Attach(t, w.pod, att.Opts, cfg) // updates in place
 			before = att.Counters(t)

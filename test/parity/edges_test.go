@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/test/testpod"
 )
 
@@ -149,8 +150,16 @@ func TestDocumentedDifferences(t *testing.T) {
 					if d.s.tfoCookie {
 						w.pod.Dial(t, uid, gid, d.s.target(c))
 					}
+					var before map[maps.Drop]uint64
+					if b.drops != nil {
+						before = b.drops(t)
+					}
 					if got := observed(w.pod.Dial(t, uid, gid, d.s.target(c))[0]); got != want {
 						t.Errorf("%s: %s, documented %s (docs/semantics.md)", d.s.name, got, want)
+					}
+					// The option that did not fit is a counted drop, never a silent one.
+					if b.drops != nil && d.s.tfoCookie && b.drops(t)[maps.DropOrigDstUnsent] <= before[maps.DropOrigDstUnsent] {
+						t.Errorf("%s: no orig-dst-unsent drop counted", d.s.name)
 					}
 				})
 			}

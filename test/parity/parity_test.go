@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/testpod"
 )
@@ -311,6 +312,8 @@ type backend struct {
 	apply func(t *testing.T, w *world, cfg *policy.Config)
 	// after, if set, checks backend-specific state after a scenario ran.
 	after func(t *testing.T, w *world, v policy.Verdict)
+	// drops, if set, reads what the backend's programs gave up on (eBPF).
+	drops func(t *testing.T) map[maps.Drop]uint64
 }
 
 func TestOutboundParity(t *testing.T) {
