@@ -49,6 +49,8 @@ var kernelNeeds = []kernelNeed{
 	needProgType(ebpf.SkLookup, "sk_lookup: inbound capture, Linux 5.9+"),
 	needHelper(ebpf.CGroupSockAddr, asm.FnGetCurrentUidGid),
 	needHelper(ebpf.CGroupSockAddr, asm.FnSkStorageGet),
+	// The socket's owner (what xt_owner matches) before bpf_cast_to_kern_ctx (6.2), 5.10+.
+	needHelper(ebpf.CGroupSockAddr, asm.FnSkcToTcpSock),
 	needHelper(ebpf.SockOps, asm.FnGetSocketCookie),
 	needHelper(ebpf.SockOps, asm.FnSockOpsCbFlagsSet),
 	needHelper(ebpf.SockOps, asm.FnSkStorageGet),

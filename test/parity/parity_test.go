@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -332,7 +333,13 @@ func TestOutboundParity(t *testing.T) {
 						w.pod.Dial(t, uid, gid, s.target(c))
 						b.apply(t, w, cfg) // counts from here
 					}
-					got := observed(w.pod.Dial(t, uid, gid, s.target(c))[0])
+					timeout := testpod.ClientTimeout
+					if want.Landed == "error: timeout" {
+						// Nothing answers: waiting longer shows nothing more, and a backend
+						// that wrongly connects does so at once.
+						timeout = expectedTimeout
+					}
+					got := observed(w.pod.DialWithin(t, uid, gid, timeout, s.target(c))[0])
 					if got != want {
 						t.Errorf("%s: uid %d gid %d src %q -> %s (%s)\n  model (%s): %s\n  %s: %s\n  (%s)",
 							s.name, s.uid, s.gid, s.src, c.Dst, s.socket(), v, want, b.name, got, w.health())
@@ -363,6 +370,9 @@ func (w *world) verdictAndOutcome(s scenario, cfg *policy.Config, c policy.Conn)
 	}
 	return v, w.expected(v, c)
 }
+
+// expectedTimeout is how long a client waits where the model expects nothing to answer.
+const expectedTimeout = 1500 * time.Millisecond
 
 // noVerdict is a reason no program counts: for connections the kernel refuses before any
 // hook runs.

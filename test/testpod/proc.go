@@ -302,7 +302,14 @@ type Hop struct {
 // Dial runs a client in the pod as uid/gid and returns one Result per target, in order.
 func (p *Pod) Dial(tb testing.TB, uid, gid uint32, targets ...Target) []Result {
 	tb.Helper()
-	return dial(tb, func(s ProcSpec) *Proc { return p.Start(tb, s) }, ProcSpec{UID: uid, GID: gid}, targets)
+	return p.DialWithin(tb, uid, gid, ClientTimeout, targets...)
+}
+
+// DialWithin is Dial giving each target timeout instead of ClientTimeout: for connections
+// expected to time out, which nothing answers however long the client waits.
+func (p *Pod) DialWithin(tb testing.TB, uid, gid uint32, timeout time.Duration, targets ...Target) []Result {
+	tb.Helper()
+	return dialWithin(tb, func(s ProcSpec) *Proc { return p.Start(tb, s) }, ProcSpec{UID: uid, GID: gid}, timeout, targets)
 }
 
 // DialGroups is Dial with supplementary groups.
@@ -319,13 +326,18 @@ func (n *Network) Dial(tb testing.TB, targets ...Target) []Result {
 
 func dial(tb testing.TB, start func(ProcSpec) *Proc, who ProcSpec, targets []Target) []Result {
 	tb.Helper()
-	args := []string{"client", "--timeout", ClientTimeout.String()}
+	return dialWithin(tb, start, who, ClientTimeout, targets)
+}
+
+func dialWithin(tb testing.TB, start func(ProcSpec) *Proc, who ProcSpec, timeout time.Duration, targets []Target) []Result {
+	tb.Helper()
+	args := []string{"client", "--timeout", timeout.String()}
 	for _, t := range targets {
 		args = append(args, "--target", t.String())
 	}
 	who.Args = args
 	out := start(who).
-		Wait(tb, time.Duration(len(targets))*ClientTimeout+readyTimeout)
+		Wait(tb, time.Duration(len(targets))*timeout+readyTimeout)
 	var res []Result
 	dec := json.NewDecoder(strings.NewReader(out))
 	for dec.More() {
