@@ -43,8 +43,10 @@ type Agent struct {
 	// ExcludeNamespaces are never captured (the plugin does not even ask for them).
 	ExcludeNamespaces []string
 
-	mu   sync.Mutex
-	pods map[string]podRef // attached pods by UID, for metrics and logs
+	mu     sync.Mutex
+	pods   map[string]podRef // attached pods by UID, for metrics and logs
+	live   map[string]podRef // the node's pods at the last reconcile, by UID: names for metrics
+	errors map[string]uint64 // failed operations (metrics.go)
 }
 
 type podRef struct{ Namespace, Name string }
@@ -61,9 +63,11 @@ type (
 func (a *Agent) Add(ctx context.Context, req Request) (Response, error) {
 	pod, err := a.Client.CoreV1().Pods(req.PodNamespace).Get(ctx, req.PodName, metav1.GetOptions{})
 	if err != nil {
+		a.countError(opAttach)
 		return Response{}, fmt.Errorf("get pod %s/%s: %w", req.PodNamespace, req.PodName, err)
 	}
 	if req.PodUID != "" && string(pod.UID) != req.PodUID {
+		a.countError(opAttach)
 		return Response{}, fmt.Errorf("pod %s/%s has uid %s, CNI asked for %s", req.PodNamespace, req.PodName, pod.UID, req.PodUID)
 	}
 	selected, why := a.selected(pod)
@@ -87,8 +91,18 @@ func (a *Agent) Del(ctx context.Context, req Request) (Response, error) {
 }
 
 // attach captures a selected pod. cniIPs are the pod's addresses from the CNI result (at
-// ADD, before the API has them); the pod's status adds what the API knows.
-func (a *Agent) attach(ctx context.Context, pod *corev1.Pod, cniIPs []string, netns string, create bool) error {
+// ADD, before the API has them); the pod's status adds what the API knows. A failure is
+// counted as an update if the pod had pins, else as an attach.
+func (a *Agent) attach(ctx context.Context, pod *corev1.Pod, cniIPs []string, netns string, create bool) (err error) {
+	op := opAttach
+	if _, statErr := os.Stat(loader.PinDir(a.Loader, string(pod.UID))); statErr == nil {
+		op = opUpdate
+	}
+	defer func() {
+		if err != nil {
+			a.countError(op)
+		}
+	}()
 	cfg, warnings, err := Config(pod, a.Defaults)
 	for _, w := range warnings {
 		a.log().Warn(w, "pod", key(pod))
@@ -130,6 +144,7 @@ func (a *Agent) detach(uid string) error {
 		return nil
 	}
 	if err != nil {
+		a.countError(opDetach)
 		return err
 	}
 	a.log().Info("released", "pod", ref.Namespace+"/"+ref.Name, "uid", uid, "known", known)
@@ -190,10 +205,12 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 		FieldSelector: fields.OneTermEqualSelector("spec.nodeName", a.NodeName).String(),
 	})
 	if err != nil {
+		a.countError(opReconcile)
 		return fmt.Errorf("list pods on node %s: %w", a.NodeName, err)
 	}
 	attached, err := loader.List(a.Loader)
 	if err != nil {
+		a.countError(opReconcile)
 		return err
 	}
 	isAttached := map[string]bool{}
@@ -201,6 +218,12 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 		isAttached[id] = true
 	}
 	live := map[string]bool{}
+	names := map[string]podRef{}
+	defer func() {
+		a.mu.Lock()
+		a.live = names
+		a.mu.Unlock()
+	}()
 	var errs []error
 	for i := range list.Items {
 		pod := &list.Items[i]
@@ -209,6 +232,7 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 		}
 		id := string(pod.UID)
 		live[id] = true
+		names[id] = podRef{pod.Namespace, pod.Name}
 		if ok, _ := a.selected(pod); !ok {
 			continue
 		}
@@ -224,7 +248,11 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 			continue // not running yet: CNI ADD will come
 		}
 		if err == nil {
-			err = a.attach(ctx, pod, nil, netns, false)
+			err = a.attach(ctx, pod, nil, netns, false) // counts its own failure
+		} else if isAttached[id] {
+			a.countError(opUpdate)
+		} else {
+			a.countError(opAttach)
 		}
 		if err != nil {
 			errs = append(errs, err)
@@ -240,11 +268,13 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 	// Fallback markers of init containers (their pods captured by iptables) go with the pod.
 	fallbacks, err := loader.Fallbacks(a.Loader)
 	if err != nil {
+		a.countError(opReconcile)
 		errs = append(errs, err)
 	}
 	for id := range fallbacks {
 		if !live[id] {
 			if err := loader.ClearFallback(id, a.Loader); err != nil {
+				a.countError(opReconcile)
 				errs = append(errs, err)
 			}
 		}
@@ -300,17 +330,6 @@ func (a *Agent) selected(pod *corev1.Pod) (bool, string) {
 		return false, "namespace " + pod.Namespace + " is excluded"
 	}
 	return Selected(pod)
-}
-
-// PodNames returns namespace/name of attached pods the agent knows, by UID.
-func (a *Agent) PodNames() map[string]string {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	out := make(map[string]string, len(a.pods))
-	for id, r := range a.pods {
-		out[id] = r.Namespace + "/" + r.Name
-	}
-	return out
 }
 
 func (a *Agent) log() *slog.Logger {
