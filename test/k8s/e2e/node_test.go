@@ -4,10 +4,12 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
-	"io"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -294,37 +296,86 @@ func nodeUnmeshedUntouched(t *testing.T) {
 	r.note("no pins, out: straight to %s, in: straight to %s; agent: %s", plainName, nodeUnmesh+"-app", logged)
 }
 
-// nodeMetrics: the agent's Prometheus endpoint (host network) counts the meshed pod's
-// verdicts under its name.
+// nodeMetrics: the agent's Prometheus endpoint (host network) exports every captured pod
+// of the node under its name, whoever attached it, and counts exactly the connections the
+// row makes: node-mesh (attached by the agent), mesh-a (divert as istio-init with divert's
+// template: named by the pod_name it pinned) and mesh-b (divert as the init container's
+// command, given no name: named by the agent from the API). Each app dials plain three
+// times; each dial is one captured connect (included-cidr) and one of the proxy's
+// (proxy-uid), and nothing is dropped. The iptables fallback pod is exported by name too.
 func nodeMetrics(t *testing.T) {
 	r := scenario(t)
+	const conns = 3
+	pods := []string{nodeMesh, meshA, meshB}
+	before := scrapeMetrics(t)
+	for _, p := range pods {
+		for range conns {
+			expect(t, r, p, "app", addr(plainName, appPort),
+				want{who: p + "-proxy", listener: "0.0.0.0:" + outboundPrt, orig: addr(plainName, appPort)},
+				want{who: plainName})
+		}
+	}
+	after := scrapeMetrics(t)
+	for _, p := range pods {
+		labels := podLabels(p)
+		for _, reason := range []string{"included-cidr", "proxy-uid"} {
+			series := `divert_verdicts_total{` + labels + `,reason="` + reason + `"}`
+			if _, ok := after[series]; !ok {
+				t.Fatalf("metrics lack %s", series)
+			}
+			if d := after[series] - before[series]; d != conns {
+				t.Errorf("%s moved by %v over %d connections, want %d", series, d, conns, conns)
+			}
+		}
+		for series, v := range after {
+			if strings.HasPrefix(series, "divert_drops_total{"+labels+",") && v != 0 {
+				t.Errorf("%s = %v, want 0", series, v)
+			}
+		}
+	}
+	r.note("%s, %s, %s: each +%d included-cidr, +%d proxy-uid, no drops; %s named", nodeMesh, meshA, meshB, conns, conns, meshAuto)
+	fb := `divert_iptables_fallback{` + podLabels(meshAuto) + `,reason=`
+	if !slices.ContainsFunc(slices.Collect(maps.Keys(after)), func(s string) bool { return strings.HasPrefix(s, fb) }) {
+		t.Errorf("metrics lack %s...}", fb)
+	}
+	for _, op := range []string{"attach", "update", "detach", "reconcile"} {
+		if _, ok := after[`divert_agent_errors_total{operation="`+op+`"}`]; !ok {
+			t.Errorf("metrics lack divert_agent_errors_total{operation=%q}", op)
+		}
+	}
+}
+
+func podLabels(pod string) string {
+	return fmt.Sprintf(`pod_uid=%q,namespace=%q,pod=%q`, suite.uids[pod], namespace, pod)
+}
+
+// scrapeMetrics reads the agent's /metrics: series (name{labels}) to value.
+func scrapeMetrics(t *testing.T) map[string]float64 {
+	t.Helper()
 	cl := &http.Client{Timeout: 5 * time.Second}
 	resp, err := cl.Get("http://" + suite.c.NodeIP + ":" + metricsPort + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
+	out := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		l := sc.Text()
+		if strings.HasPrefix(l, "#") || l == "" {
+			continue
+		}
+		i := strings.LastIndexByte(l, ' ')
+		v, err := strconv.ParseFloat(l[i+1:], 64)
+		if i < 0 || err != nil {
+			t.Fatalf("metrics line %q: not a series and a value", l)
+		}
+		out[l[:i]] = v
+	}
+	if err := sc.Err(); err != nil {
 		t.Fatal(err)
 	}
-	labels := fmt.Sprintf(`pod_uid=%q,namespace=%q,pod=%q`, suite.uids[nodeMesh], namespace, nodeMesh)
-	for _, want := range []string{
-		`divert_verdicts_total{` + labels + `,reason="included-cidr"}`,
-		`divert_verdicts_total{` + labels + `,reason="excluded-cidr"}`,
-	} {
-		line := ""
-		sc := bufio.NewScanner(strings.NewReader(string(body)))
-		for sc.Scan() {
-			if strings.HasPrefix(sc.Text(), want+" ") {
-				line = sc.Text()
-			}
-		}
-		if line == "" || strings.HasSuffix(line, " 0") {
-			t.Fatalf("metrics lack a non-zero %s:\n%s", want, body)
-		}
-		r.note("%s %s", r.detail, strings.TrimPrefix(line, "divert_verdicts_total{"+labels+","))
-	}
+	return out
 }
 
 // nodeAgentRestart: the meshed app dials out again and again while the agent pod is

@@ -103,7 +103,11 @@ func meshedPod(name string, b backend, sh shape, proxyPort, bpffs string) obj {
 	switch sh {
 	case istioTemplate, noValidate:
 		initc["args"] = initArgs(b, proxyPort)
-		initc["env"] = []obj{{"name": "DIVERT_CGROUP_ROOT", "value": "/host/sys/fs/cgroup"}}
+		// As the template: the pod's name from the downward API, which divert keeps beside
+		// the pins for status and the node agent's metrics.
+		initc["env"] = []obj{{"name": "DIVERT_CGROUP_ROOT", "value": "/host/sys/fs/cgroup"},
+			{"name": "POD_NAME", "valueFrom": obj{"fieldRef": obj{"fieldPath": "metadata.name"}}},
+			{"name": "POD_NAMESPACE", "valueFrom": obj{"fieldRef": obj{"fieldPath": "metadata.namespace"}}}}
 		if b == fallback {
 			initc["env"] = append(initc["env"].([]obj), obj{"name": "DIVERT_TEST_FORCE_NO_EBPF", "value": "1"})
 		}

@@ -132,6 +132,10 @@ func nodeSecondPodIDRefused(t *testing.T) {
 		t.Fatalf("the agent did not log refusing %s (held by %s):\n%s", nodeDup, holder, tailLines(logs, 15))
 	}
 	pinsUntouched(t, holder, suite.uids[nodeDup], true)
+	// The refusal is an attach the agent failed, counted for operators.
+	if n := scrapeMetrics(t)[`divert_agent_errors_total{operation="attach"}`]; n < 1 {
+		t.Errorf("divert_agent_errors_total{operation=\"attach\"} = %v after the agent refused %s, want at least 1", n, nodeDup)
+	}
 	expect(t, r, nodeDup, "app", addr(plainName, appPort),
 		want{who: nodeDup + "-proxy", listener: "0.0.0.0:" + outboundPrt, orig: addr(plainName, appPort)},
 		want{who: plainName})
