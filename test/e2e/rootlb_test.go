@@ -40,6 +40,7 @@ var cgroupHooks = []ebpf.AttachType{
 // object.
 type rootLB struct {
 	root string // the cgroup2 mount: the root cgroup
+	spec *ebpf.ProgramSpec
 	prog *ebpf.Program
 	hits *ebpf.Map
 	lnk  link.Link
@@ -80,17 +81,24 @@ func newRootLB(tb testing.TB, vip, backend netip.AddrPort) *rootLB {
 		asm.Mov.Imm(asm.R0, 1).WithSymbol("out"), // 1: let the connect go on
 		asm.Return(),
 	}
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+	lb := &rootLB{root: divertest.Cgroup2Mount(tb), hits: hits, spec: &ebpf.ProgramSpec{
 		Name: rootLBName, Type: ebpf.CGroupSockAddr, AttachType: ebpf.AttachCGroupInet4Connect,
 		Instructions: insns, License: "GPL",
-	})
+	}}
+	lb.prog = lb.load(tb)
+	tb.Cleanup(lb.detach)
+	return lb
+}
+
+// load loads a new copy of the program (what a restarted agent swaps in).
+func (lb *rootLB) load(tb testing.TB) *ebpf.Program {
+	tb.Helper()
+	prog, err := ebpf.NewProgram(lb.spec)
 	if err != nil {
 		tb.Fatalf("root LB program: %v", err)
 	}
 	tb.Cleanup(func() { prog.Close() })
-	lb := &rootLB{root: divertest.Cgroup2Mount(tb), prog: prog, hits: hits}
-	tb.Cleanup(lb.detach)
-	return lb
+	return prog
 }
 
 // attach links the program at the root, as Cilium does (a bpf_link: multi mode, and it
@@ -188,8 +196,9 @@ func divertPrograms(tb testing.TB, att *divertest.Attached) []ebpf.ProgramID {
 // The kernel runs a cgroup's own programs before its ancestors' (docs/kernel-facts.md), so
 // the app's dial to a VIP is captured by the pod's program with the VIP as original
 // destination, and the proxy's own dial (uid 1337, passed by divert) is translated at the
-// root. divert never attaches at the root, and a restart of the root program (detach,
-// attach again, as Cilium's agent does) leaves the pod captured.
+// root. divert never attaches at the root, and a restart of the root program (detached and
+// attached again, or a new program swapped into its link, as Cilium's agent does on
+// upgrade) leaves the pod captured.
 func TestRootCgroupLB(t *testing.T) {
 	pod := testpod.New(t)
 	// The VIP is in 198.18.255.0/24, which no test pod uses (pods are 198.18.1-254.x), and
@@ -280,6 +289,11 @@ func TestRootCgroupLB(t *testing.T) {
 		}
 		if n := divertest.AttachedPrograms(t, pod); n != programs {
 			t.Errorf("divert's programs on the pod: %d before the root LB's restart, %d after", programs, n)
+		}
+		appToVIP(t)
+		// Cilium's agent restarts by swapping a new program into its pinned link.
+		if err := lb.lnk.Update(lb.load(t)); err != nil {
+			t.Fatalf("update the root LB's link: %v", err)
 		}
 		appToVIP(t)
 		att.NoDrops(t)
