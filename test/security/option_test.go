@@ -7,9 +7,6 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
-	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/internal/nsexec"
@@ -41,48 +38,9 @@ func TestForgedOriginalDestinationIgnored(t *testing.T) {
 
 	var payload string
 	err = nsexec.Do(pod.Net.NetNSPath, func() error {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_TCP)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		tv := unix.Timeval{Sec: 1}
-		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
-		to := &unix.SockaddrInet4{Addr: dst.Addr().As4()}
-		send := func(flags uint8, seq, ack uint32) error {
-			return unix.Sendto(fd, segment(src, dst.Addr(), srcPort, dst.Port(), seq, ack, flags, forged), 0, to)
-		}
-		const isn = 1000
-		if err := send(0x02, isn, 0); err != nil { // SYN
-			return err
-		}
-		var serverSeq uint32
-		synAcked := false
-		buf := make([]byte, 65536)
-		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
-			n, _, err := unix.Recvfrom(fd, buf, 0)
-			if err != nil {
-				continue // timeout: look again until the deadline
-			}
-			ihl := int(buf[0]&0x0f) * 4
-			tcp := buf[ihl:n]
-			if len(tcp) < 20 || binary.BigEndian.Uint16(tcp[0:2]) != dst.Port() || binary.BigEndian.Uint16(tcp[2:4]) != srcPort {
-				continue
-			}
-			flags, doff := tcp[13], int(tcp[12]>>4)*4
-			switch {
-			case !synAcked && flags&0x12 == 0x12: // SYN-ACK
-				serverSeq = binary.BigEndian.Uint32(tcp[4:8])
-				synAcked = true
-				if err := send(0x10, isn+1, serverSeq+1); err != nil { // ACK: establishes
-					return err
-				}
-			case synAcked && len(tcp) > doff: // the proxy's report
-				payload = string(tcp[doff:])
-				return nil
-			}
-		}
-		return nil
+		var err error
+		payload, err = rawHandshake(netip.AddrPortFrom(src, srcPort), dst, origOption(forged), false)
+		return err
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -100,39 +58,15 @@ func TestForgedOriginalDestinationIgnored(t *testing.T) {
 	}
 }
 
-// segment builds a TCP segment carrying divert's original-destination option for orig.
-func segment(src, dst netip.Addr, sport, dport uint16, seq, ack uint32, flags uint8, orig netip.AddrPort) []byte {
-	opt := make([]byte, 12) // kind, len 10, magic, port, addr; two NOPs to a 4-byte boundary
+// origOption is divert's original-destination option naming orig, padded with two NOPs to
+// a 4-byte boundary: kind, len 10, magic, port, address.
+func origOption(orig netip.AddrPort) []byte {
+	opt := make([]byte, 12)
 	opt[0], opt[1] = 254, 10
 	binary.BigEndian.PutUint16(opt[2:], 0xd17e)
 	binary.BigEndian.PutUint16(opt[4:], orig.Port())
 	a := orig.Addr().As4()
 	copy(opt[6:10], a[:])
 	opt[10], opt[11] = 1, 1
-	seg := make([]byte, 20+len(opt))
-	binary.BigEndian.PutUint16(seg[0:], sport)
-	binary.BigEndian.PutUint16(seg[2:], dport)
-	binary.BigEndian.PutUint32(seg[4:], seq)
-	binary.BigEndian.PutUint32(seg[8:], ack)
-	seg[12] = byte(len(seg)/4) << 4
-	seg[13] = flags
-	binary.BigEndian.PutUint16(seg[14:], 65535)
-	copy(seg[20:], opt)
-	// Checksum over the IPv4 pseudo-header and the segment.
-	s4, d4 := src.As4(), dst.As4()
-	pseudo := append(append(append([]byte{}, s4[:]...), d4[:]...), 0, unix.IPPROTO_TCP, byte(len(seg)>>8), byte(len(seg)))
-	var sum uint32
-	for _, b := range [][]byte{pseudo, seg} {
-		for i := 0; i+1 < len(b); i += 2 {
-			sum += uint32(binary.BigEndian.Uint16(b[i:]))
-		}
-		if len(b)%2 == 1 {
-			sum += uint32(b[len(b)-1]) << 8
-		}
-	}
-	for sum>>16 != 0 {
-		sum = sum&0xffff + sum>>16
-	}
-	binary.BigEndian.PutUint16(seg[16:], ^uint16(sum))
-	return seg
+	return opt
 }

@@ -27,6 +27,7 @@ import (
 
 func TestMain(m *testing.M) {
 	runAttackerIfRequested()
+	runEscapeIfRequested()
 	testpod.RunHelperIfRequested()
 	os.Exit(m.Run())
 }
