@@ -32,6 +32,11 @@ type PodStatus struct {
 	// Listeners counts the proxy's inbound listeners sk_lookup can hand connections to
 	// (absent when inbound capture is off).
 	Listeners *int `json:"listeners,omitempty"`
+	// OutsideCgroup are the processes in the pod's netns but outside its cgroup (see
+	// ProcsOutside; filled by CheckOutsiders, which divert status runs): their sockets are
+	// not captured. OutsideCgroupUnchecked says why they could not be looked for.
+	OutsideCgroup          []int  `json:"outsideCgroup,omitempty"`
+	OutsideCgroupUnchecked string `json:"outsideCgroupUnchecked,omitempty"`
 	// Health is one line for an operator: "healthy", or "degraded: ..." / "defunct: ..."
 	// / "iptables fallback: ..." with the reason and the fix (see Assess).
 	Health string `json:"health"`

@@ -11,12 +11,13 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/meshdivert/divert/internal/cgroups"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
 )
 
 func newStatusCmd(e env) *cobra.Command {
-	var id, output string
+	var id, output, cgroupRoot string
 	var opts loader.Options
 	cmd := &cobra.Command{
 		Use:   "status [--pod-id ID] [-o text|json]",
@@ -25,10 +26,18 @@ func newStatusCmd(e env) *cobra.Command {
 	}
 	cmd.Flags().StringVar(&id, "pod-id", "", "show only this pod")
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
+	cmd.Flags().StringVar(&cgroupRoot, "cgroup-root", "", "the host's cgroup2 mount, or the directory holding it (as the node agent's flag), to look for processes in a pod's netns but outside its cgroup (default: this process's cgroup2 mount)")
 	addBPFFSFlag(cmd.Flags(), &opts)
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		if output != "text" && output != "json" {
 			return fmt.Errorf("invalid -o/--output %q: use text or json", output)
+		}
+		if cgroupRoot == "" {
+			cgroupRoot, _ = cgroups.Mountpoint() // "" if none: each pod then says why it was not checked
+		} else if m, err := cgroups.RootMount(cgroupRoot, ""); err != nil {
+			return fmt.Errorf("invalid --cgroup-root %q: %v; pass the host's cgroup2 mount or the directory holding it", cgroupRoot, err)
+		} else {
+			cgroupRoot = m.Point // "unified" below it on hybrid hosts
 		}
 		ids := []string{id}
 		if id == "" {
@@ -51,6 +60,9 @@ func newStatusCmd(e env) *cobra.Command {
 				return err
 			}
 			st.Fallback = fallbacks[id]
+			if len(st.Programs) > 0 {
+				st.CheckOutsiders("/proc", cgroupRoot)
+			}
 			delete(fallbacks, id)
 			statuses = append(statuses, st)
 		}
@@ -135,6 +147,12 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 		fmt.Fprintf(w, "  inbound  off (attached with --no-inbound)\n")
 	}
 	fmt.Fprintf(w, "  pod addresses %v\n", p.LocalAddrs)
+	switch {
+	case st.OutsideCgroupUnchecked != "":
+		fmt.Fprintf(w, "  outside  not checked for processes in the pod's netns outside its cgroup: %s\n", st.OutsideCgroupUnchecked)
+	case len(st.OutsideCgroup) > 0:
+		fmt.Fprintf(w, "  outside  pids %v are in the pod's netns but not its cgroup: sockets they make are not captured (docs/security.md)\n", st.OutsideCgroup)
+	}
 	switch {
 	case !p.DNSCapture:
 		fmt.Fprintf(w, "  dns      off\n")

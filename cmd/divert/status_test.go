@@ -45,6 +45,11 @@ func TestStatusTellsTheTruth(t *testing.T) {
 	if st.Pod != "shop/web-0.v2" || !strings.HasPrefix(text, "pod "+pod.Name+" (shop/web-0.v2)\n") {
 		t.Errorf("pod name: json %q, text:\n%s", st.Pod, text)
 	}
+	// Nothing in the pod's netns outside its cgroup, and status could look (the full check
+	// is test/security's TestStatusFindsProcessesOutsideTheCgroup).
+	if st.OutsideCgroupUnchecked != "" || len(st.OutsideCgroup) > 0 || strings.Contains(text, "  outside  ") {
+		t.Errorf("processes outside the cgroup: %v (unchecked: %q), text:\n%s", st.OutsideCgroup, st.OutsideCgroupUnchecked, text)
+	}
 	if _, err := runCLI(t, nil, "attach", "--pod-id", pod.Name, "--pod-name", "Shop/web", "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS); err == nil ||
 		err.Error() != `invalid --pod-name "Shop/web": use the pod's namespace/name, like default/web-0` {
 		t.Errorf("malformed --pod-name: %v", err)

@@ -220,6 +220,10 @@ func findByInode(own string, views, search []Mount) (Found, error) {
 
 var errFound = errors.New("found")
 
+// FindByID returns the cgroup directory under root (a cgroup2 mount) whose cgroup id is id:
+// on cgroup2 a cgroup's id is its directory's inode.
+func FindByID(root string, id uint64) (string, error) { return walkForInode(root, id, 16) }
+
 // walkForInode returns the directory under root whose inode is ino, at most depth levels
 // down. Cgroup trees are small (thousands of directories on a busy node).
 func walkForInode(root string, ino uint64, depth int) (string, error) {
