@@ -31,7 +31,7 @@ const escapeEnv = "DIVERT_SECURITY_ESCAPE"
 
 // order is what the escape helper is told to do.
 type order struct {
-	Mode string `json:"mode"` // passed-socket, move, cgroupns, raw-syn
+	Mode string `json:"mode"` // passed-socket, move, cgroupns, raw-syn, idle
 	Dst  string `json:"dst"`  // where the app connects
 	// Cgroup is a cgroup directory outside the pod, on the host's cgroupfs (move, cgroupns).
 	Cgroup string `json:"cgroup,omitempty"`
@@ -91,6 +91,8 @@ func runEscapeIfRequested() {
 		return connect(fd)
 	}
 	switch o.Mode {
+	case "idle": // a process that only has to exist somewhere (outsiders_test.go)
+		time.Sleep(time.Hour)
 	case "passed-socket":
 		// fd 3 is a unix socket; the test sends a TCP socket it made outside the pod's cgroup.
 		r.Own = own()

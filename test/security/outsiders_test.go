@@ -53,7 +53,8 @@ func sleepIn(t *testing.T, netns, cgroup string) int {
 		t.Fatal(err)
 	}
 	defer unix.Close(cg)
-	cmd := exec.Command("sleep", "300")
+	cmd := exec.Command("/proc/self/exe") // no sleep(1) in the vmtests guests
+	cmd.Env = []string{escapeEnv + `={"mode":"idle"}`}
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cg, Pdeathsig: syscall.SIGKILL}
 	if err := nsexec.Start(netns, cmd); err != nil {
 		t.Fatal(err)
