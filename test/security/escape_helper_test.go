@@ -56,9 +56,8 @@ type report struct {
 	Self  string   `json:"cgroup"`          // /proc/self/cgroup's v2 path at the end
 	Procs []int    `json:"procs,omitempty"` // cgroupns: the fresh mount root's cgroup.procs
 	// Visible is every cgroup below the fresh mount's root (cgroupns), relative to it.
-	Visible []string  `json:"visible,omitempty"`
-	Pid     int       `json:"pid"`
-	When    time.Time `json:"when"`
+	Visible []string `json:"visible,omitempty"`
+	Pid     int      `json:"pid"`
 }
 
 func runEscapeIfRequested() {
@@ -138,7 +137,6 @@ func runEscapeIfRequested() {
 		os.Exit(2)
 	}
 	r.Self = selfCgroup()
-	r.When = time.Now()
 	_ = json.NewEncoder(os.Stdout).Encode(r)
 	os.Exit(0)
 }

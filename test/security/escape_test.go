@@ -84,25 +84,24 @@ func landedOn(l *landing, dst netip.AddrPort) string {
 func checkLanded(t *testing.T, r report, dst netip.AddrPort, want string) {
 	t.Helper()
 	t.Logf("own socket: %s %+v; trick: %s %+v", landedOn(r.Own, dst), r.Own, landedOn(r.Trick, dst), r.Trick)
-	if r.Own != nil {
-		if got := landedOn(r.Own, dst); got != "proxy" {
-			t.Errorf("the helper's own socket landed on %s, want the proxy: the pod is not captured", got)
-		}
+	if got := landedOn(r.Own, dst); got != "proxy" {
+		t.Errorf("the helper's own socket landed on %s, want the proxy: the pod is not captured", got)
 	}
 	if got := landedOn(r.Trick, dst); got != want {
 		t.Errorf("the trick's connection landed on %s, want %s", got, want)
 	}
 }
 
-func stepErr(t *testing.T, r report, prefix string) (string, bool) {
+// stepErr is what stopped the helper's step named prefix..., "" if it worked.
+func stepErr(t *testing.T, r report, prefix string) string {
 	t.Helper()
 	for _, s := range r.Steps {
 		if strings.HasPrefix(s.What, prefix) {
-			return s.Err, true
+			return s.Err
 		}
 	}
 	t.Fatalf("the helper did not try %q: %+v", prefix, r.Steps)
-	return "", false
+	return ""
 }
 
 // TestPassedSocketEscapes (issue 22, item 1): a process in the pod's netns but outside its
@@ -114,6 +113,10 @@ func TestPassedSocketEscapes(t *testing.T) {
 	for _, c := range captures() {
 		t.Run(c.name, func(t *testing.T) {
 			pod, dst := escapeWorld(t, c)
+			// The premise: the test process, which makes the socket, is not in the pod's cgroup.
+			if self := selfCgroup(); self == "" || strings.HasSuffix(pod.CgroupPath, self) {
+				t.Fatalf("the test runs in cgroup %q, the pod's is %s", self, pod.CgroupPath)
+			}
 			ours, theirs := socketPair(t)
 			r := escape(t, pod, order{Mode: "passed-socket", Dst: dst.String()}, []*os.File{theirs}, 0, func() error {
 				var fd int
@@ -129,7 +132,7 @@ func TestPassedSocketEscapes(t *testing.T) {
 				_, _, err = ours.WriteMsgUnix([]byte{0}, unix.UnixRights(fd), nil)
 				return err
 			})
-			if err, _ := stepErr(t, r, "receive"); err != "" {
+			if err := stepErr(t, r, "receive"); err != "" {
 				t.Fatalf("the app got no socket: %s", err)
 			}
 			want := "proxy"
@@ -151,7 +154,7 @@ func TestCgroupMoveEscapes(t *testing.T) {
 			pod, dst := escapeWorld(t, c)
 			outside := pod.Net.CgroupPath // a cgroup of the test's, never the pod's
 			r := escape(t, pod, order{Mode: "move", Dst: dst.String(), Cgroup: outside}, nil, 0, nil)
-			if err, _ := stepErr(t, r, "move itself"); err != "" {
+			if err := stepErr(t, r, "move itself"); err != "" {
 				t.Fatalf("root with the host's cgroupfs could not leave the pod's cgroup: %s", err)
 			}
 			if r.Self == "" || !strings.HasSuffix(outside, r.Self) {
@@ -184,7 +187,7 @@ func TestCgroupNamespaceHoldsTheMove(t *testing.T) {
 			divertest.ChildCgroup(t, pod.CgroupPath, "escape") // as the pod's root could make it
 			o := order{Mode: "cgroupns", Dst: dst.String(), Cgroup: outside, Mount: t.TempDir(), Child: "escape"}
 			r := escape(t, pod, o, nil, unix.CLONE_NEWCGROUP|unix.CLONE_NEWNS, nil)
-			if err, _ := stepErr(t, r, "mount a fresh cgroup2"); err != "" {
+			if err := stepErr(t, r, "mount a fresh cgroup2"); err != "" {
 				t.Fatalf("mount cgroup2 in the helper's namespaces: %s", err)
 			}
 			if !slices.Contains(r.Procs, r.Pid) {
@@ -193,13 +196,13 @@ func TestCgroupNamespaceHoldsTheMove(t *testing.T) {
 			if !slices.Equal(r.Visible, []string{"escape"}) {
 				t.Errorf("the fresh cgroup2 mount shows %v, want only the pod's own escape", r.Visible)
 			}
-			switch err, _ := stepErr(t, r, "move itself to "+outside); {
+			switch err := stepErr(t, r, "move itself to "+outside); {
 			case nsdelegate && !strings.Contains(err, unix.ENOENT.Error()):
 				t.Errorf("moving out of the cgroup namespace with nsdelegate: %q, want the kernel's ENOENT", or(err, "it worked"))
 			case !nsdelegate && err != "":
 				t.Errorf("moving out of the cgroup namespace without nsdelegate failed (%s): the kernel changed", err)
 			}
-			if err, _ := stepErr(t, r, "move itself to escape"); err != "" {
+			if err := stepErr(t, r, "move itself to escape"); err != "" {
 				t.Errorf("root could not move below its own cgroup: %s", err)
 			}
 			if r.Self != "/escape" {
