@@ -241,8 +241,8 @@ func TestRawSYNEscapes(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			pod, dst := escapeWorld(t, c)
 			// The pod's kernel knows nothing of the hand-made connection and answers the
-			// SYN-ACK with a RST: drop it in the raw table, before conntrack would see it
-			// and close the connection's entry.
+			// SYN-ACK with a RST: drop it, in the raw table so that conntrack never sees it
+			// either (a filter rule works as well here).
 			out, err := nsexec.CombinedOutput(pod.NetNSPath, exec.Command(c.iptool, "-w", "-t", "raw", "-A", "OUTPUT",
 				"-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "DROP"))
 			if err != nil {
