@@ -32,6 +32,7 @@ var Packages = []string{
 	"./iptables",
 	"./test/testpod",
 	"./test/e2e",
+	"./test/security",
 	"./test/parity",
 }
 
