@@ -42,11 +42,15 @@ type Agent struct {
 	Log *slog.Logger
 	// ExcludeNamespaces are never captured (the plugin does not even ask for them).
 	ExcludeNamespaces []string
+	// KeepIstioIptables leaves istio's iptables rules in the netns of a pod the agent
+	// captures (by default they are removed once it does: see takeOverIptables).
+	KeepIstioIptables bool
 
-	mu     sync.Mutex
-	pods   map[string]podRef // attached pods by UID, for metrics and logs
-	live   map[string]podRef // the node's pods at the last reconcile, by UID: names for metrics
-	errors map[string]uint64 // failed operations (metrics.go)
+	mu              sync.Mutex
+	pods            map[string]podRef // attached pods by UID, for metrics and logs
+	live            map[string]podRef // the node's pods at the last reconcile, by UID: names for metrics
+	errors          map[string]uint64 // failed operations (metrics.go)
+	iptablesChecked map[string]bool   // pods whose netns was rid of istio's rules, by UID
 }
 
 type podRef struct{ Namespace, Name string }
@@ -78,6 +82,7 @@ func (a *Agent) Add(ctx context.Context, req Request) (Response, error) {
 	if err := a.attach(ctx, pod, req.IPs, hostPath(req.Netns), true); err != nil {
 		return Response{}, err
 	}
+	a.forgetIptablesCheck(string(pod.UID))
 	return Response{Captured: true, Reason: why}, nil
 }
 
@@ -139,6 +144,7 @@ func (a *Agent) detach(uid string) error {
 	a.mu.Lock()
 	ref, known := a.pods[uid]
 	delete(a.pods, uid)
+	delete(a.iptablesChecked, uid)
 	a.mu.Unlock()
 	if errors.Is(err, loader.ErrNotAttached) {
 		return nil
@@ -199,7 +205,9 @@ func (a *Agent) podCgroup(pod *corev1.Pod, create bool) (string, error) {
 //
 // Pins of a pod that still runs are never removed, selected or not: an unselected pod with
 // pins was captured by someone else (istio-init running divert in the pod, while a mesh
-// migrates to node mode), and taking its capture away would let its traffic escape.
+// migrates to node mode), and taking its capture away would let its traffic escape. A
+// selected pod still holding istio's iptables rules (captured by istio-init) has them
+// removed once divert captures it (takeOverIptables).
 func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 	list, err := a.Client.CoreV1().Pods("").List(ctx, metav1.ListOptions{
 		FieldSelector: fields.OneTermEqualSelector("spec.nodeName", a.NodeName).String(),
@@ -240,6 +248,9 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 			// An inert pod's attach was killed midway (an agent killed during CNI ADD):
 			// attaching again finishes it.
 			if inert, err := loader.Inert(id, a.Loader); err == nil && !inert {
+				if err := a.takeOverIptables(ctx, pod, ""); err != nil {
+					errs = append(errs, err)
+				}
 				continue
 			}
 		}
@@ -253,6 +264,9 @@ func (a *Agent) Reconcile(ctx context.Context, refresh bool) error {
 			a.countError(opUpdate)
 		} else {
 			a.countError(opAttach)
+		}
+		if err == nil {
+			err = a.takeOverIptables(ctx, pod, netns)
 		}
 		if err != nil {
 			errs = append(errs, err)

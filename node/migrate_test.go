@@ -1,0 +1,219 @@
+package node_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/internal/nsexec"
+	"github.com/meshdivert/divert/iptables"
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/node"
+	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/testpod"
+)
+
+// A running pod moves from istio-init's capture (istio's iptables rules) to the node agent
+// and back, with an app dialling out and a client outside dialling in every 20 ms
+// throughout: every connection of every phase (iptables alone, both, eBPF alone, both,
+// iptables alone) reaches the proxy with its original destination, and each move leaves
+// nothing of the other capture behind.
+func TestLiveMigration(t *testing.T) {
+	p := meshedPod(newUID())
+	p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodInitialized, Status: corev1.ConditionTrue}}
+	w := newCNIWorld(t, p)
+	ctx := context.Background()
+	cg := filepath.Join(w.cgroups, node.ExpectedPodCgroup(p))
+	if err := os.MkdirAll(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	pod := w.net.AddPod(t)
+	pod.CgroupPath = cg
+	probe := divertest.NewCrashProbe(t, pod) // remote :80, app :8080, proxy :15001 and :15006
+	id := string(p.UID)
+
+	// istio-init: istio's rules for the pod's policy (its annotations, as the injector
+	// renders them into istio-init's arguments).
+	cfg, _, err := node.Config(p, policy.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := iptables.Apply(ctx, pod.NetNSPath, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	loop := func(start func(testpod.ProcSpec) *testpod.Proc, uid uint32, tgt testpod.Target) *testpod.Proc {
+		return start(testpod.ProcSpec{UID: uid, GID: uid, Args: []string{"client", "--timeout", "3s",
+			"--for", "10m", "--interval", "20ms", "--target", tgt.String()}})
+	}
+	out := loop(func(s testpod.ProcSpec) *testpod.Proc { return pod.Start(t, s) }, divertest.AppUID, probe.Out)
+	in := loop(func(s testpod.ProcSpec) *testpod.Proc { return w.net.Start(t, s) }, 0, probe.In)
+	var phases []string
+	marks := map[string][2]int{} // connections made by the end of each phase
+	phase := func(name string) {
+		t.Helper()
+		// Each phase lasts until both loops made a few more connections in it.
+		want := [2]int{lines(out) + 5, lines(in) + 5}
+		for deadline := time.Now().Add(30 * time.Second); lines(out) < want[0] || lines(in) < want[1]; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("phase %s: the loops made %d and %d connections, want %v", name, lines(out), lines(in), want)
+			}
+		}
+		phases = append(phases, name)
+		marks[name] = [2]int{lines(out), lines(in)}
+	}
+	istioRules := func() []iptables.Backend {
+		t.Helper()
+		b, err := iptables.Installed(ctx, pod.NetNSPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	phase("iptables")
+
+	// An agent told to keep istio's rules captures the pod beside them.
+	keeper := &node.Agent{Client: w.agent.Client, NodeName: "node-1", CgroupRoot: w.cgroups, Loader: w.agent.Loader,
+		Defaults: policy.Default(), KeepIstioIptables: true}
+	if err := keeper.Reconcile(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	if len(istioRules()) == 0 {
+		t.Fatal("--keep-istio-iptables: the agent removed istio's rules")
+	}
+	if ids, _ := loader.List(w.agent.Loader); len(ids) != 1 || ids[0] != id {
+		t.Fatalf("the agent did not attach the running pod: pins %v", ids)
+	}
+	phase("both, forward")
+
+	// The agent as installed: it finds the pod attached and takes istio's rules out.
+	if err := w.agent.Reconcile(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if b := istioRules(); len(b) != 0 {
+		t.Fatalf("after the agent's reconcile istio's rules are still in %v", b)
+	}
+	phase("ebpf")
+
+	// Back: istio's rules for the policy in the pod's maps, then the programs go.
+	var results []node.HandBackResult
+	err = node.HandBack(ctx, node.HandBackOptions{Loader: w.agent.Loader, CgroupRoot: w.cgroups, DryRun: true},
+		func(r node.HandBackResult) { results = append(results, r) })
+	if err != nil || len(results) != 1 || results[0].ID != id || results[0].NetNS == "" {
+		t.Fatalf("dry run: %v %+v", err, results)
+	}
+	if len(istioRules()) != 0 {
+		t.Fatal("the dry run applied istio's rules")
+	}
+	results = nil
+	err = node.HandBack(ctx, node.HandBackOptions{Loader: w.agent.Loader, CgroupRoot: w.cgroups},
+		func(r node.HandBackResult) { results = append(results, r) })
+	if err != nil || len(results) != 1 || results[0].Err != nil || results[0].Backend == "" {
+		t.Fatalf("hand back: %v %+v", err, results)
+	}
+	if ids, _ := loader.List(w.agent.Loader); len(ids) != 0 {
+		t.Fatalf("pins left after the hand back: %v", ids)
+	}
+	kinds, err := divertest.ProgramsByKind(pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for at, n := range kinds {
+		if n != 0 {
+			t.Fatalf("%d %s programs left on the pod", n, at)
+		}
+	}
+	phase("iptables again")
+	// The rules are istio-init's for the pod: the same as in a pod it set up itself.
+	fresh := w.net.AddPod(t)
+	if _, err := iptables.Apply(ctx, fresh.NetNSPath, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := savedRules(t, pod.NetNSPath), savedRules(t, fresh.NetNSPath); got != want {
+		t.Errorf("handed back rules:\n%s\nistio-init's for the pod:\n%s", got, want)
+	}
+
+	out.Stop()
+	in.Stop()
+	start := [2]int{}
+	for _, name := range phases {
+		end := marks[name]
+		for i, pr := range []*testpod.Proc{out, in} {
+			for j, r := range clientResults(t, pr)[start[i]:end[i]] {
+				if len(r.Hops) != 1 || r.Hops[0].Who != "proxy" || r.Hops[0].Orig != r.Dst {
+					t.Errorf("phase %s, connection %d to %s: %+v", name, start[i]+j, r.Dst, r)
+				}
+			}
+		}
+		t.Logf("phase %s: %d outbound and %d inbound connections", name, end[0]-start[0], end[1]-start[1])
+		start = end
+	}
+}
+
+// savedRules is iptables-save of the netns (both backends), with each run of consecutive
+// RETURN rules of a chain sorted: the maps hold port and CIDR lists as sets, so the rules
+// handed back list them in numeric order where istio-init kept the annotation's, and the
+// order of consecutive RETURNs changes nothing of what they capture.
+func savedRules(t *testing.T, netns string) string {
+	t.Helper()
+	var all []string
+	for _, save := range []string{"iptables-nft-save", "iptables-legacy-save"} {
+		var b []byte
+		err := nsexec.Do(netns, func() error {
+			var err error
+			b, err = exec.Command(save).Output()
+			return err
+		})
+		if err != nil {
+			t.Fatalf("%s: %v", save, err)
+		}
+		var run []string
+		flush := func() {
+			slices.Sort(run)
+			all, run = append(all, run...), nil
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "#") {
+				continue
+			}
+			if strings.HasPrefix(l, "-A ") && strings.HasSuffix(l, " -j RETURN") &&
+				(len(run) == 0 || strings.Fields(run[0])[1] == strings.Fields(l)[1]) {
+				run = append(run, l)
+				continue
+			}
+			flush()
+			all = append(all, l)
+		}
+		flush()
+	}
+	return strings.Join(all, "\n")
+}
+
+// lines counts the complete result lines a looping client printed.
+func lines(pr *testpod.Proc) int { return strings.Count(pr.Stdout(), "\n") }
+
+// clientResults decodes a looping client's complete result lines.
+func clientResults(t *testing.T, pr *testpod.Proc) []testpod.Result {
+	t.Helper()
+	var out []testpod.Result
+	for _, l := range strings.SplitAfter(pr.Stdout(), "\n") {
+		if !strings.HasSuffix(l, "\n") {
+			break // cut short by Stop
+		}
+		var r testpod.Result
+		if err := json.Unmarshal([]byte(l), &r); err != nil {
+			t.Fatal(fmt.Errorf("client line %q: %w", l, err))
+		}
+		out = append(out, r)
+	}
+	return out
+}
