@@ -53,7 +53,7 @@ The policy flags set the defaults that annotations refine (Istio's injector valu
 	fs.StringSliceVar(&agent.ExcludeNamespaces, "exclude-namespaces", []string{"kube-system"}, "namespaces never captured; the plugin lets their pods start even while the agent is down")
 	fs.StringVar(&run.UninstallOnExit, "uninstall-on-exit", "auto", "take divert-cni out of the conflist on shutdown: auto (when the agent's DaemonSet is gone or being deleted, not on a restart or upgrade; needs $POD_NAME and $POD_NAMESPACE), always, or never. Captured pods stay captured")
 	fs.StringVar(&run.MetricsAddr, "metrics-addr", ":15099", "address for /metrics; empty to disable")
-	fs.BoolVar(&agent.KeepIstioIptables, "keep-istio-iptables", false, "leave istio's iptables rules (istio-init's) in the netns of a running pod the agent captures; by default they are removed once divert's programs capture it, which moves a cluster from istio-init to node mode without restarts")
+	removeIstio := fs.Bool("remove-istio-iptables", true, "remove istio's iptables rules (istio-init's) from the netns of a running pod once divert's programs capture it: a cluster moves from istio-init to node mode without restarts; false leaves both in place")
 	fs.DurationVar(&run.ReconcileInterval, "reconcile-interval", 30*time.Second, "how often pins are compared with live pods")
 	parse := policy.Flags(fs, policy.Default())
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
@@ -61,6 +61,7 @@ The policy flags set the defaults that annotations refine (Istio's injector valu
 		if agent.Defaults, err = parse(e.getenv); err != nil {
 			return err
 		}
+		agent.KeepIstioIptables = !*removeIstio
 		if agent.NodeName == "" {
 			agent.NodeName = e.getenv("NODE_NAME")
 		}

@@ -155,7 +155,7 @@ func TestDefaultValues(t *testing.T) {
 		"--cgroup-root=/host/sys/fs/cgroup", "--bpffs=/sys/fs/bpf", "--cni-bin-dir=/host/cni/bin",
 		"--cni-conf-dir=/host/cni/net.d", "--socket=/var/run/divert/cni.sock", "--metrics-addr=:15099",
 		"--exclude-namespaces=kube-system", "--fail-open=false", "--uninstall-on-exit=auto",
-		"--reconcile-interval=30s",
+		"--reconcile-interval=30s", "--remove-istio-iptables=true",
 	}
 	if !slices.Equal(c.Args, wantArgs) {
 		t.Errorf("args\n%q\nwant\n%q", c.Args, wantArgs)
@@ -200,7 +200,7 @@ func TestNonDefaultValues(t *testing.T) {
 	}
 	for _, want := range []string{"--socket=/run/divert/cni.sock", "--metrics-addr=:19099",
 		"--exclude-namespaces=kube-system,istio-system,monitoring", "--fail-open=true",
-		"--uninstall-on-exit=never", "--reconcile-interval=1m30s"} {
+		"--uninstall-on-exit=never", "--reconcile-interval=1m30s", "--remove-istio-iptables=false"} {
 		if !slices.Contains(c.Args, want) {
 			t.Errorf("args %q lack %q", c.Args, want)
 		}
