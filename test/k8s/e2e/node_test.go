@@ -39,7 +39,9 @@ func TestNodeMode(t *testing.T) {
 		name string
 		fn   func(t *testing.T)
 	}{
+		{"migration/istio-init-pod-runs", migrationPodUp},
 		{"agent-installs-plugin", nodeAgentUp},
+		{"migration/to-node-mode-no-escape", migrationToNode},
 		{"pods-start", nodePodsUp},
 		{"meshed/pinned", nodePinned},
 		{"meshed/outbound", func(t *testing.T) { outbound(t, nodeMesh) }},
@@ -58,6 +60,7 @@ func TestNodeMode(t *testing.T) {
 		{"agent-down-pod-fails-closed", nodeAgentDownFailsClosed},
 		{"agent-back-pod-starts-captured", nodeAgentBack},
 		{"helm-uninstall-leaves-what-docs-say", nodeHelmUninstall},
+		{"migration/back-to-iptables-no-escape", migrationBack},
 	}
 	for _, s := range steps {
 		if !t.Run(s.name, s.fn) {
