@@ -217,3 +217,29 @@ func clientResults(t *testing.T, pr *testpod.Proc) []testpod.Result {
 	}
 	return out
 }
+
+// A pod whose maps cannot give back the policy istio's rules need (TPROXY: they hold no
+// mark or route table) is refused with one line, and stays as it was: captured by divert,
+// no iptables rule written.
+func TestHandBackRefusesTPROXY(t *testing.T) {
+	pod := testpod.New(t)
+	opts := divertest.BPFFS(t)
+	probe := divertest.NewCrashProbe(t, pod)
+	divertest.Attach(t, pod, opts, divertest.Config(t, "-m", "TPROXY"))
+	var results []node.HandBackResult
+	err := node.HandBack(context.Background(), node.HandBackOptions{Loader: opts, CgroupRoot: "/sys/fs/cgroup"},
+		func(r node.HandBackResult) { results = append(results, r) })
+	if err == nil || len(results) != 1 || results[0].Err == nil || !strings.Contains(results[0].Err.Error(), "TPROXY") ||
+		strings.Contains(results[0].Err.Error(), "\n") {
+		t.Fatalf("want the TPROXY pod refused in one line naming TPROXY: %v %+v", err, results)
+	}
+	if ids, _ := loader.List(opts); len(ids) != 1 {
+		t.Fatalf("the refused pod lost its pins: %v", ids)
+	}
+	if b, err := iptables.Installed(context.Background(), pod.NetNSPath); err != nil || len(b) != 0 {
+		t.Fatalf("the refused pod got iptables rules: %v %v", b, err)
+	}
+	if captured, err := probe.Captured(t); err != nil || !captured {
+		t.Fatalf("the refused pod is no longer captured: %v %v", captured, err)
+	}
+}

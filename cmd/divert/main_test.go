@@ -120,6 +120,7 @@ func TestBPFFSNotMounted(t *testing.T) {
 		{"gc", "--bpffs", notBPFFS},
 		{"gc", "--bpffs", notBPFFS, "--dry-run"},
 		{"gc", "--bpffs", "/etc/hostname"},
+		{"to-iptables", "--bpffs", notBPFFS},
 		{"explain", "--bpffs", notBPFFS, "--pod-id", "web", "--uid", "1000", "--dst", "10.0.0.5:80"},
 	} {
 		out, err := runCLI(t, nil, args...)
