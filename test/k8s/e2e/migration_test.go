@@ -81,7 +81,20 @@ func migrationTraffic() [2]<-chan clientOut {
 func migrationToNode(t *testing.T) {
 	r := scenario(t)
 	waitMigrated(t, true)
-	r.note("%s; %s", migrationChecked(t, migLoops, "iptables", "eBPF"), pinState(t, nodeMig, true))
+	logs, err := suite.c.Kubectl(ctx, "logs", "-n", agentNS, "-l", agentLabel, "--tail=-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var removed string
+	for _, l := range strings.Split(logs, "\n") {
+		if strings.Contains(l, "removed istio's iptables rules") && strings.Contains(l, "pod="+namespace+"/"+nodeMig+" ") {
+			removed = l[strings.Index(l, "backends="):]
+		}
+	}
+	if removed == "" {
+		t.Fatalf("the agent did not log removing %s's iptables rules:\n%s", nodeMig, tailLines(logs, 20))
+	}
+	r.note("agent logged the removal (%s); %s", removed, migrationChecked(t, migLoops, "iptables", "eBPF"))
 }
 
 // migrationBack (after helm uninstall): divert to-iptables on the node hands the pod back.
@@ -95,7 +108,7 @@ func migrationBack(t *testing.T) {
 		t.Fatalf("divert to-iptables: %v\n%s", err, out)
 	}
 	waitMigrated(t, false)
-	r.note("%s; %s", strings.TrimSpace(string(out)), migrationChecked(t, loops, "eBPF", "iptables"))
+	r.note("%s; to-iptables: %s", migrationChecked(t, loops, "eBPF", "iptables"), strings.TrimSpace(string(out)))
 }
 
 // waitMigrated waits until the pod is captured by divert alone (toNode) or by istio's
