@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -57,19 +58,25 @@ func TestLiveMigration(t *testing.T) {
 	}
 	out := loop(func(s testpod.ProcSpec) *testpod.Proc { return pod.Start(t, s) }, divertest.AppUID, probe.Out)
 	in := loop(func(s testpod.ProcSpec) *testpod.Proc { return w.net.Start(t, s) }, 0, probe.In)
-	var phases []string
-	marks := map[string][2]int{} // connections made by the end of each phase
-	phase := func(name string) {
+	// A phase is the connections from the end of the one before to a few after its move;
+	// those made after the move (but the first, which may have been decided during it) are
+	// all captured by the phase's capture, outbound and inbound.
+	type phaseMark struct {
+		name       string
+		moved, end [2]int
+		capture    [2]string
+	}
+	var phases []phaseMark
+	phase := func(name, outCapture, inCapture string) {
 		t.Helper()
-		// Each phase lasts until both loops made a few more connections in it.
-		want := [2]int{lines(out) + 5, lines(in) + 5}
+		moved := [2]int{lines(out) + 1, lines(in) + 1}
+		want := [2]int{moved[0] + 5, moved[1] + 5}
 		for deadline := time.Now().Add(30 * time.Second); lines(out) < want[0] || lines(in) < want[1]; time.Sleep(20 * time.Millisecond) {
 			if time.Now().After(deadline) {
 				t.Fatalf("phase %s: the loops made %d and %d connections, want %v", name, lines(out), lines(in), want)
 			}
 		}
-		phases = append(phases, name)
-		marks[name] = [2]int{lines(out), lines(in)}
+		phases = append(phases, phaseMark{name, moved, [2]int{lines(out), lines(in)}, [2]string{outCapture, inCapture}})
 	}
 	istioRules := func() []iptables.Backend {
 		t.Helper()
@@ -79,7 +86,7 @@ func TestLiveMigration(t *testing.T) {
 		}
 		return b
 	}
-	phase("iptables")
+	phase("iptables", "iptables", "iptables")
 
 	// An agent told to keep istio's rules captures the pod beside them.
 	keeper := &node.Agent{Client: w.agent.Client, NodeName: "node-1", CgroupRoot: w.cgroups, Loader: w.agent.Loader,
@@ -93,7 +100,9 @@ func TestLiveMigration(t *testing.T) {
 	if ids, _ := loader.List(w.agent.Loader); len(ids) != 1 || ids[0] != id {
 		t.Fatalf("the agent did not attach the running pod: pins %v", ids)
 	}
-	phase("both, forward")
+	// With both: eBPF's connect hook decides outbound first (istio's rules return
+	// 127.0.0.1), nat PREROUTING's REDIRECT decides inbound before sk_lookup.
+	phase("both, forward", "eBPF", "iptables")
 
 	// The agent as installed: it finds the pod attached and takes istio's rules out.
 	if err := w.agent.Reconcile(ctx, false); err != nil {
@@ -102,7 +111,7 @@ func TestLiveMigration(t *testing.T) {
 	if b := istioRules(); len(b) != 0 {
 		t.Fatalf("after the agent's reconcile istio's rules are still in %v", b)
 	}
-	phase("ebpf")
+	phase("ebpf", "eBPF", "eBPF")
 
 	// Back: istio's rules for the policy in the pod's maps, then the programs go.
 	var results []node.HandBackResult
@@ -132,7 +141,7 @@ func TestLiveMigration(t *testing.T) {
 			t.Fatalf("%d %s programs left on the pod", n, at)
 		}
 	}
-	phase("iptables again")
+	phase("iptables again", "iptables", "iptables")
 	// The rules are istio-init's for the pod: the same as in a pod it set up itself.
 	fresh := w.net.AddPod(t)
 	if _, err := iptables.Apply(ctx, fresh.NetNSPath, &cfg); err != nil {
@@ -144,19 +153,40 @@ func TestLiveMigration(t *testing.T) {
 
 	out.Stop()
 	in.Stop()
+	conns := [2][]testpod.Result{clientResults(t, out), clientResults(t, in)}
 	start := [2]int{}
-	for _, name := range phases {
-		end := marks[name]
-		for i, pr := range []*testpod.Proc{out, in} {
-			for j, r := range clientResults(t, pr)[start[i]:end[i]] {
+	for _, ph := range phases {
+		for i, dir := range []string{"outbound", "inbound"} {
+			for n := start[i]; n < ph.end[i]; n++ {
+				r := conns[i][n]
 				if len(r.Hops) != 1 || r.Hops[0].Who != "proxy" || r.Hops[0].Orig != r.Dst {
-					t.Errorf("phase %s, connection %d to %s: %+v", name, start[i]+j, r.Dst, r)
+					t.Errorf("phase %s, %s connection %d to %s escaped: %+v", ph.name, dir, n, r.Dst, r)
+					continue
+				}
+				if got := captureOf(r.Hops[0], dir, pod.Addr); n > ph.moved[i] && got != ph.capture[i] {
+					t.Errorf("phase %s, %s connection %d captured by %s, want %s: %+v", ph.name, dir, n, got, ph.capture[i], r.Hops[0])
 				}
 			}
 		}
-		t.Logf("phase %s: %d outbound and %d inbound connections", name, end[0]-start[0], end[1]-start[1])
-		start = end
+		t.Logf("phase %s: %d outbound and %d inbound connections", ph.name, ph.end[0]-start[0], ph.end[1]-start[1])
+		start = ph.end
 	}
+}
+
+// captureOf tells which capture took a connection, by its addresses: eBPF's outbound
+// connect goes to 127.0.0.1 from 127.0.0.1, REDIRECT's keeps the pod's address as source;
+// sk_lookup hands inbound over unchanged, REDIRECT rewrites it to :15006.
+func captureOf(h testpod.Hop, dir string, podAddr netip.Addr) string {
+	if dir == "outbound" {
+		if peer, err := netip.ParseAddrPort(h.Peer); err == nil && peer.Addr() == podAddr {
+			return "iptables"
+		}
+		return "eBPF"
+	}
+	if h.Local == netip.AddrPortFrom(podAddr, 15006).String() {
+		return "iptables"
+	}
+	return "eBPF"
 }
 
 // savedRules is iptables-save of the netns (both backends), with each run of consecutive
