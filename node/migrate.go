@@ -5,11 +5,12 @@ import (
 	"errors"
 	"fmt"
 
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/loader"
-	"golang.org/x/sys/unix"
+	"github.com/meshdivert/divert/policy"
 )
 
 // Live migration from istio-init to node mode: a pod that istio-init captured with istio's
@@ -46,6 +47,12 @@ func (a *Agent) takeOverIptables(ctx context.Context, pod *corev1.Pod, netns str
 	backends, err := iptables.Installed(ctx, netns)
 	if err != nil {
 		return fmt.Errorf("pod %s: read its iptables rules: %w", key(pod), err)
+	}
+	if cfg, _, err := Config(pod, a.Defaults); len(backends) > 0 && err == nil && cfg.Mode == policy.TProxy {
+		// istio's TPROXY rules come with a policy route in the pod's netns, which divert's
+		// TPROXY return path may share: both stay (both capture), and nothing is removed.
+		a.log().Info("left istio's iptables rules in place: the pod captures in TPROXY mode", "pod", key(pod), "uid", id)
+		backends = nil
 	}
 	if len(backends) > 0 {
 		if err := capturesNetns(id, netns, a.Loader); err != nil {

@@ -273,3 +273,30 @@ func TestHandBackRefusesTPROXY(t *testing.T) {
 		t.Fatalf("the refused pod is no longer captured: %v %v", captured, err)
 	}
 }
+
+// A TPROXY pod keeps istio's rules beside divert's programs: their policy route in the
+// pod's netns is one divert's TPROXY return path may share, so the agent removes nothing.
+func TestAgentKeepsTPROXYRules(t *testing.T) {
+	p := meshedPod(newUID())
+	p.Annotations[node.AnnotationInterceptionMode] = "TPROXY"
+	p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodInitialized, Status: corev1.ConditionTrue}}
+	w := newCNIWorld(t, p)
+	pod := runningPod(t, w, p)
+	cfg, _, err := node.Config(p, policy.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := iptables.Apply(ctx, pod.NetNSPath, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.agent.Reconcile(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	if ids, _ := loader.List(w.agent.Loader); len(ids) != 1 {
+		t.Fatalf("the agent did not attach the TPROXY pod: %v", ids)
+	}
+	if b, err := iptables.Installed(ctx, pod.NetNSPath); err != nil || len(b) == 0 {
+		t.Fatalf("the agent removed a TPROXY pod's istio rules: %v %v", b, err)
+	}
+}
