@@ -96,7 +96,7 @@ func handBackPod(ctx context.Context, id string, o HandBackOptions) (r HandBackR
 		r.Err = err
 		return r
 	}
-	// Held open, so the netns stays the pod's while its last process we found exits.
+	// Held open: the path through the process found may go while the rules are written.
 	f, err := os.Open(r.NetNS)
 	if err != nil {
 		r.Err = fmt.Errorf("pod %s: %w", id, err)
