@@ -22,9 +22,10 @@ import (
 // captures must have carried some (the move happened while the traffic ran).
 const (
 	nodeMig = "node-mig"
-	// migTraffic covers helm install until the agent's first reconcile is done (the agent
-	// was ready 2-10 s after helm install here, load 5-20).
-	migTraffic = 40 * time.Second
+	// migTraffic covers helm install (and Helm's link, if not done yet: 16 s) until the
+	// agent's first reconcile is done (the agent was ready 2-10 s after helm install here,
+	// load 5-20); migBackTraffic covers divert to-iptables, run 5 s in.
+	migTraffic, migBackTraffic = 40 * time.Second, 15 * time.Second
 )
 
 // migLoops are the dial loops running through the forward move, started before the install.
@@ -59,21 +60,21 @@ func migrationPodUp(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(suite.c.BPFFS, "divert", suite.uids[nodeMig])); err == nil {
 		t.Fatal("the iptables pod has pins")
 	}
-	migLoops = migrationTraffic()
+	migLoops = migrationTraffic(migTraffic)
 	r.note("%s %s: %d ISTIO_ chains, no pins; dialling out and in every 20 ms for %s", nodeMig, suite.ips[nodeMig], chains, migTraffic)
 }
 
-// migrationTraffic starts the two loops: the pod's app to plain's app, plain's app to the
-// pod's app.
-func migrationTraffic() [2]<-chan clientOut {
+// migrationTraffic starts the two loops for d: the pod's app to plain's app, plain's app
+// to the pod's app.
+func migrationTraffic(d time.Duration) [2]<-chan clientOut {
 	in := make(chan clientOut, 1)
 	go func() {
 		out, err := suite.c.Kubectl(ctx, "exec", "-n", namespace, plainName, "-c", "app", "--",
-			"/testapp", "client", "--timeout", "3s", "--for", migTraffic.String(), "--interval", "20ms",
+			"/testapp", "client", "--timeout", "3s", "--for", d.String(), "--interval", "20ms",
 			"--target", addr(nodeMig, appPort))
 		in <- clientOut{out, err, time.Now()}
 	}()
-	return [2]<-chan clientOut{dialFor(nodeMig, plainName, migTraffic), in}
+	return [2]<-chan clientOut{dialFor(nodeMig, plainName, d), in}
 }
 
 // migrationToNode (after the install): the agent attached the pod and removed istio's
@@ -100,7 +101,7 @@ func migrationToNode(t *testing.T) {
 // migrationBack (after helm uninstall): divert to-iptables on the node hands the pod back.
 func migrationBack(t *testing.T) {
 	r := scenario(t)
-	loops := migrationTraffic()
+	loops := migrationTraffic(migBackTraffic)
 	time.Sleep(5 * time.Second)
 	divert := filepath.Join(*flagCache, "repo-bin", "divert")
 	out, err := exec.CommandContext(ctx, divert, "to-iptables", "--bpffs", suite.c.BPFFS, "--pod-id", suite.uids[nodeMig]).CombinedOutput()
