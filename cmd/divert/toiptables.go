@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"net"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -10,7 +12,7 @@ import (
 
 func newToIptablesCmd(e env) *cobra.Command {
 	var o node.HandBackOptions
-	var cgroupRoot string
+	var cgroupRoot, agentSocket string
 	cmd := &cobra.Command{
 		Use:   "to-iptables [--pod-id ID]... [--dry-run] [--bpffs PATH] [--cgroup-root PATH]",
 		Short: "Move this node's pods from divert to istio's iptables rules, without restarting them",
@@ -28,7 +30,14 @@ uninstall): a running agent would capture its pods again. docs/install.md, "Migr
 	cmd.Flags().StringSliceVar(&o.IDs, "pod-id", nil, "only these pods (their pin directory names: the pod UID in node mode)")
 	cmd.Flags().BoolVarP(&o.DryRun, "dry-run", "n", false, "only say what would be done")
 	cmd.Flags().StringVar(&cgroupRoot, "cgroup-root", "", "where the host's /sys/fs/cgroup is mounted (default: the first cgroup2 mount)")
+	cmd.Flags().StringVar(&agentSocket, "agent-socket", "/var/run/divert/cni.sock", "the node agent's socket (the chart's socketDir): refused while an agent answers there")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		// A running agent would attach its pods again at its next reconcile, and take
+		// istio's rules out again: the move would not stick.
+		if c, err := net.DialTimeout("unix", agentSocket, time.Second); err == nil {
+			c.Close()
+			return fmt.Errorf("the node agent answers on --agent-socket %s: it would capture the pods again; helm uninstall divert first", agentSocket)
+		}
 		var err error
 		if o.CgroupRoot, err = nodeCgroupRoot(cgroupRoot, "/proc/self/mountinfo"); err != nil {
 			return err

@@ -104,7 +104,8 @@ func migrationBack(t *testing.T) {
 	loops := migrationTraffic(migBackTraffic)
 	time.Sleep(5 * time.Second)
 	divert := filepath.Join(*flagCache, "repo-bin", "divert")
-	out, err := exec.CommandContext(ctx, divert, "to-iptables", "--bpffs", suite.c.BPFFS, "--pod-id", suite.uids[nodeMig]).CombinedOutput()
+	out, err := exec.CommandContext(ctx, divert, "to-iptables", "--bpffs", suite.c.BPFFS,
+		"--agent-socket", filepath.Join(suite.c.State, "divert-run", "cni.sock"), "--pod-id", suite.uids[nodeMig]).CombinedOutput()
 	if err != nil {
 		t.Fatalf("divert to-iptables: %v\n%s", err, out)
 	}
