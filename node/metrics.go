@@ -21,9 +21,11 @@ const (
 	opUpdate    = "update"    // a pod already attached (reconcile's refresh on start, an inert pod's repair)
 	opDetach    = "detach"    // CNI DEL, or reconcile removing the pins of a pod that is gone
 	opReconcile = "reconcile" // listing the node's pods, the pins or the fallback markers
+	// removing istio-init's iptables rules from a captured pod (migrate.go): both stay
+	opRemoveIptables = "remove-istio-iptables"
 )
 
-var errorOps = []string{opAttach, opUpdate, opDetach, opReconcile}
+var errorOps = []string{opAttach, opUpdate, opDetach, opReconcile, opRemoveIptables}
 
 func (a *Agent) countError(op string) {
 	a.mu.Lock()
@@ -126,7 +128,7 @@ func (a *Agent) WriteMetrics(w io.Writer) {
 	a.mu.Lock()
 	errs := maps.Clone(a.errors)
 	a.mu.Unlock()
-	fmt.Fprintln(w, "# HELP divert_agent_errors_total Operations of this node agent that failed, by operation: attach (a pod without capture; at CNI ADD the pod does not start), update (re-attaching an attached pod), detach, reconcile (listing pods, pins or markers). The agent's log says which pod and why.")
+	fmt.Fprintln(w, "# HELP divert_agent_errors_total Operations of this node agent that failed, by operation: attach (a pod without capture; at CNI ADD the pod does not start), update (re-attaching an attached pod), detach, reconcile (listing pods, pins or markers), remove-istio-iptables (taking istio-init's rules out of a captured pod; they stay, and capture too). The agent's log says which pod and why.")
 	fmt.Fprintln(w, "# TYPE divert_agent_errors_total counter")
 	for _, op := range errorOps {
 		fmt.Fprintf(w, "divert_agent_errors_total{operation=%q} %d\n", op, errs[op])

@@ -28,6 +28,14 @@ import (
 // netns, and never when KeepIstioIptables is set. A failure leaves both captures in place
 // (safe) and is retried at the next reconcile. netns may be "" (found from the pod).
 func (a *Agent) takeOverIptables(ctx context.Context, pod *corev1.Pod, netns string) error {
+	err := a.removeIstioIptables(ctx, pod, netns)
+	if err != nil {
+		a.countError(opRemoveIptables)
+	}
+	return err
+}
+
+func (a *Agent) removeIstioIptables(ctx context.Context, pod *corev1.Pod, netns string) error {
 	id := string(pod.UID)
 	if a.KeepIstioIptables || !initialized(pod) {
 		return nil

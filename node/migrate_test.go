@@ -111,6 +111,11 @@ func TestLiveMigration(t *testing.T) {
 	if b := istioRules(); len(b) != 0 {
 		t.Fatalf("after the agent's reconcile istio's rules are still in %v", b)
 	}
+	var m strings.Builder
+	w.agent.WriteMetrics(&m)
+	if !strings.Contains(m.String(), `divert_agent_errors_total{operation="remove-istio-iptables"} 0`) {
+		t.Errorf("metrics lack the removal's error count at 0:\n%s", m.String())
+	}
 	phase("ebpf", "eBPF", "eBPF")
 
 	// Back: istio's rules for the policy in the pod's maps, then the programs go.
@@ -298,5 +303,38 @@ func TestAgentKeepsTPROXYRules(t *testing.T) {
 	}
 	if b, err := iptables.Installed(ctx, pod.NetNSPath); err != nil || len(b) == 0 {
 		t.Fatalf("the agent removed a TPROXY pod's istio rules: %v %v", b, err)
+	}
+}
+
+// Pins under the pod's UID whose sk_lookup program is in another netns do not capture the
+// pod's inbound: the agent leaves istio's rules, says so, and counts the failure.
+func TestAgentKeepsRulesOfPodItDoesNotCapture(t *testing.T) {
+	p := meshedPod(newUID())
+	p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodInitialized, Status: corev1.ConditionTrue}}
+	w := newCNIWorld(t, p)
+	pod := runningPod(t, w, p)
+	cfg, _, err := node.Config(p, policy.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := iptables.Apply(ctx, pod.NetNSPath, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	elsewhere := w.net.AddPod(t)
+	if err := loader.Attach(ctx, loader.Pod{ID: string(p.UID), Cgroup: pod.CgroupPath, NetNS: elsewhere.NetNSPath}, &cfg, w.agent.Loader); err != nil {
+		t.Fatal(err)
+	}
+	err = w.agent.Reconcile(ctx, false)
+	if err == nil || !strings.Contains(err.Error(), "left in place") || !strings.Contains(err.Error(), "netns inode") {
+		t.Fatalf("want the removal refused naming the netns, got %v", err)
+	}
+	if b, err := iptables.Installed(ctx, pod.NetNSPath); err != nil || len(b) == 0 {
+		t.Fatalf("the agent removed istio's rules of a pod its sk_lookup does not capture: %v %v", b, err)
+	}
+	var m strings.Builder
+	w.agent.WriteMetrics(&m)
+	if !strings.Contains(m.String(), `divert_agent_errors_total{operation="remove-istio-iptables"} 1`) {
+		t.Fatalf("the failure is not counted:\n%s", m.String())
 	}
 }
