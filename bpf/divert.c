@@ -1,24 +1,28 @@
 //go:build ignore
 
 // divert: outbound capture for service-mesh sidecars, the eBPF rendering of the
-// istio-iptables ISTIO_OUTPUT chain. Three cgroup programs work together:
-//   connect4   decides per connection (same rule order as policy.Decide) and rewrites the
-//              destination to 127.0.0.1:<proxy port>, keeping the original in the app's
-//              socket's local storage;
+// istio-iptables ISTIO_OUTPUT chain (and of ip6tables' twin for IPv6). Three cgroup programs
+// work together:
+//   connect4/6 decide per connection (same rule order as policy.Decide) and rewrite the
+//              destination to 127.0.0.1 or [::1] at the proxy's port, keeping the original
+//              in the app's socket's local storage;
 //   sockops    carries it to the proxy: the app's socket writes it as a TCP option into its
 //              handshake segments (they only ever cross loopback), and the proxy's accepted
 //              socket reads it from the segment that establishes it into its own storage;
-//   getsockopt answers SO_ORIGINAL_DST on the proxy's accepted socket from that storage, so
-//              an unmodified proxy reads the address the app dialled, as with iptables.
+//   getsockopt answers SO_ORIGINAL_DST (IPv4) and IP6T_SO_ORIGINAL_DST (IPv6) on the
+//              proxy's accepted socket from that storage, so an unmodified proxy reads the
+//              address the app dialled, as with iptables.
 // The original destination lives with the two sockets and dies with them: no table of
 // connections that could fill up, evict, or leak, whatever the burst or the number of CPUs.
 // Inbound, an sk_lookup program on the pod's netns hands connections to included ports to
 // the proxy's inbound listener without NAT: the accepted socket's local address is the
 // original destination. sockops finds that listener when the proxy calls listen().
-// DNS capture (istio's --redirect-dns): connect4 (UDP and TCP) and sendmsg4 (unconnected
-// UDP) send queries to a nameserver's port 53 to the agent on 127.0.0.1:15053, keeping the
-// nameserver in the app socket's storage; recvmsg4 and getpeername4 show the app the
-// nameserver wherever the kernel would show it the agent, as iptables' conntrack does.
+// DNS capture (istio's --redirect-dns): connect4/6 (UDP and TCP) and sendmsg4/6 (unconnected
+// UDP) send queries to a nameserver's port 53 to the agent on 127.0.0.1 or [::1]:15053,
+// keeping the nameserver in the app socket's storage; recvmsg4/6 and getpeername4/6 show the
+// app the nameserver wherever the kernel would show it the agent, as iptables' conntrack does.
+// Both families go through the same code: an IPv4 address is held as ::ffff:a.b.c.d, as a
+// dual-stack socket names it, so the family of a connection is that of its address.
 // Exclusions live in maps, not code: a policy change is a map update.
 
 #include <linux/bpf.h>
@@ -35,16 +39,19 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define IPPROTO_UDP 17
 #define DNS_PORT 53
 #define SOL_IP 0
-#define SO_ORIGINAL_DST 80
+#define SOL_IPV6 41
+#define SO_ORIGINAL_DST 80 /* and IP6T_SO_ORIGINAL_DST, its SOL_IPV6 twin */
 #define TCPHDR_SYN 0x02
 #define TCPOPT_EXP 254	     /* RFC 6994 experimental option, told apart by its magic */
 #define ORIG_DST_MAGIC 0xd17e /* "divert" */
 #define SK_DROP 0
 #define SK_PASS 1
-#define LISTENER_SLOTS 64
-#define PAGE_SIZE 4096
+#define LISTENER_SLOTS 64 /* half for AF_INET listeners, half for AF_INET6 ones */
+#define FAMILY_COUNTERS 32 /* counters per family: IPv4's at 0, IPv6's at 32 */
 #define LOCALHOST 0x7f000001		 /* 127.0.0.1, host order */
 #define INBOUND_PASSTHROUGH 0x7f000006 /* 127.0.0.6, host order */
+#define LOCALHOST6 1			 /* ::1, low word, host order */
+#define INBOUND_PASSTHROUGH6 6		 /* ::6, low word, host order */
 
 // Reasons are policy.Reason: same names, same numbers (bpf's tests keep them equal).
 enum reason {
@@ -110,8 +117,9 @@ struct config {
 	__u8 inbound_tunnel_passes; // REDIRECT mode; TPROXY captures the tunnel port too
 	__u8 dns_capture;	    // --redirect-dns (with nameservers, or capture-all)
 	__u8 dns_capture_all;	    // --capture-all-dns: every destination's port 53
-	__u16 dns_agent_port;	    // where captured queries go on 127.0.0.1 (15053)
+	__u16 dns_agent_port;	    // where captured queries go on 127.0.0.1 or [::1] (15053)
 	__u8 owner_groups;	    // enum owner_groups: istio's ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]
+	__u8 capture_ipv6;	    // istio writes ip6tables rules: native IPv6 is captured too
 };
 
 enum owner_groups {
@@ -121,13 +129,23 @@ enum owner_groups {
 };
 const enum owner_groups *unused_owner_groups __attribute__((unused));
 
+// An IPv4 or IPv6 address in network byte order, IPv4 as ::ffff:a.b.c.d.
+struct inet_addr {
+	__u32 w[4];
+};
+
 struct lpm_v4_key {
 	__u32 prefixlen;
 	__u32 addr; // network byte order
 };
 
+struct lpm_v6_key {
+	__u32 prefixlen;
+	__u32 addr[4]; // network byte order
+};
+
 struct orig_dst {
-	__u32 addr; // network byte order
+	struct inet_addr addr;
 	__u16 port; // network byte order
 	__u16 pad;
 };
@@ -156,8 +174,12 @@ struct {
 	__type(value, struct port_sets);
 } port_sets_map SEC(".maps");
 
-// Outbound CIDR sets; the loader inserts prefixes, connect4 looks up /32s. Two tries, not one
-// with flags, because -x must win over -i even where an -i prefix is the longer match.
+// Outbound CIDR sets; the loader inserts prefixes, the connect programs look up whole
+// addresses. Two tries, not one with flags, because -x must win over -i even where an -i
+// prefix is the longer match; and one pair per family, as istio renders each family's
+// ranges into its own table (an IPv6 range such as ::/0 never matches an IPv4 connection,
+// which one trie of ::ffff:a.b.c.d keys would make it do). Not preallocated: empty tries
+// cost no kernel memory.
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 65536);
@@ -174,22 +196,39 @@ struct {
 	__type(value, __u8);
 } outbound_include_cidrs SEC(".maps");
 
-// The pod's own addresses (127.0.0.0/8 is implied): iptables' "-o lo". Not preallocated:
-// a pod has one or two, and 64 preallocated entries were a tenth of its kernel memory.
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v6_key);
+	__type(value, __u8);
+} outbound_exclude_cidrs6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v6_key);
+	__type(value, __u8);
+} outbound_include_cidrs6 SEC(".maps");
+
+// The pod's own addresses, both families (127.0.0.0/8 and ::1 are implied): iptables'
+// "-o lo". Not preallocated: a pod has a few, and 64 preallocated entries were a tenth of its
+// kernel memory.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 64);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u32); // network byte order
+	__type(key, struct inet_addr);
 	__type(value, __u8);
 } local_addrs SEC(".maps");
 
-// The pod's nameservers (network byte order) for DNS capture by nameserver.
+// The pod's nameservers, both families, for DNS capture by nameserver.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 64); // policy.MaxDNSServers
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u32);
+	__type(key, struct inet_addr);
 	__type(value, __u8);
 } dns_servers SEC(".maps");
 
@@ -231,9 +270,9 @@ struct {
 	__type(value, struct sock_orig_dst);
 } orig_dst_storage SEC(".maps");
 
-// The original destination as it travels in the app's handshake segments: an RFC 6994
-// experimental option (kind 254, 16-bit magic), 10 bytes. (A SYN with a TCP Fast Open
-// cookie has 8 bytes left: docs/semantics.md.)
+// The original destination as it travels in the app's segments: an RFC 6994 experimental
+// option (kind 254, 16-bit magic), 10 bytes for IPv4 and 22 for IPv6, told apart by length.
+// (A SYN with a TCP Fast Open cookie has 8 bytes left: docs/semantics.md.)
 struct orig_dst_opt {
 	__u8 kind;
 	__u8 len;
@@ -242,12 +281,29 @@ struct orig_dst_opt {
 	__u32 addr;  // network byte order
 } __attribute__((packed));
 
+// The IPv6 option puts the address before the port, so that in a 4-byte aligned buffer its
+// words are aligned (the verifier refuses misaligned stack access); its size is 24 with the
+// alignment, of which the option is the first ORIG_DST_OPT6_LEN bytes.
+struct orig_dst_opt6 {
+	__u8 kind;
+	__u8 len;
+	__u16 magic;   // network byte order
+	__u32 addr[4]; // network byte order
+	__u16 port;    // network byte order
+} __attribute__((packed, aligned(4)));
+
+#define ORIG_DST_OPT6_LEN 22
+
+// Verdicts by reason, IPv4's (v4-mapped included: IPv4 on the wire) at reason, IPv6's at
+// FAMILY_COUNTERS + reason.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 32);
+	__uint(max_entries, 2 * FAMILY_COUNTERS);
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");
+
+_Static_assert(NUM_REASONS <= FAMILY_COUNTERS, "counters: a family's reasons overlap the next");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -259,9 +315,11 @@ struct {
 // The proxy's inbound listeners (all sockets listening on the inbound capture port in the
 // pod's cgroup), put here by sockops when they call listen(). A closed socket leaves the map
 // by itself, so a restarted proxy is found again without the loader. Slots are chosen by
-// socket cookie: with SO_REUSEPORT any one member of the group is enough, as the kernel
-// then picks among the group; 64 slots make it very unlikely that the only surviving
-// members all lost their slot to a collision.
+// socket cookie, AF_INET listeners in the first half and AF_INET6 ones in the second, so
+// that the only IPv4 listener and the only IPv6 one (Envoy's 0.0.0.0 and [::] in dual
+// stack) never take each other's slot. With SO_REUSEPORT any one member of the group is
+// enough, as the kernel then picks among the group; 32 slots per family make it very
+// unlikely that the only surviving members all lost their slot to a collision.
 // Sizes, not BTF types: the kernel refuses BTF on a sockmap (ENOTSUPP), and cilium/ebpf's
 // retry without it came after the kernel had freed the refused map, which waits for an RCU
 // grace period (10-30 ms per attach here). The map the kernel ends up with is the same.
@@ -272,9 +330,59 @@ struct {
 	__uint(value_size, sizeof(__u64));
 } inbound_listeners SEC(".maps");
 
-static __always_inline void count(enum reason r)
+// is_v4 tells IPv4 (::ffff:a.b.c.d) from IPv6. Tests of addresses combine the words
+// without a branch per word: each branch would fork the verifier's walk of what follows.
+static __always_inline int is_v4(const struct inet_addr *a)
 {
-	__u32 key = r;
+	return (a->w[0] | a->w[1] | (a->w[2] ^ bpf_htonl(0x0000ffff))) == 0;
+}
+
+static __always_inline int is_zero6(const struct inet_addr *a)
+{
+	return (a->w[0] | a->w[1] | a->w[2] | a->w[3]) == 0;
+}
+
+static __always_inline struct inet_addr v4_addr(__u32 addr)
+{
+	return (struct inet_addr){.w = {0, 0, bpf_htonl(0x0000ffff), addr}};
+}
+
+// LOAD reads a context or socket field where it stands: clang would otherwise merge the
+// reads of an IPv4 and an IPv6 field on two paths into one load through a pointer chosen
+// on each, a modified context pointer, which the verifier refuses. The barrier holds a
+// whole register (a 32-bit operand there miscompiled connect6 with clang 14).
+#define LOAD(field)                                \
+	({                                         \
+		__u64 __v = (field);               \
+		asm volatile("" : "+r"(__v));      \
+		(__u32)__v;                        \
+	})
+
+// V6_ADDR copies an address from a context's or socket's four words.
+#define V6_ADDR(words)                                                                     \
+	((struct inet_addr){.w = {LOAD((words)[0]), LOAD((words)[1]), LOAD((words)[2]),   \
+				  LOAD((words)[3])}})
+
+static __always_inline int addr_eq(const struct inet_addr *a, const struct inet_addr *b)
+{
+	return ((a->w[0] ^ b->w[0]) | (a->w[1] ^ b->w[1]) | (a->w[2] ^ b->w[2]) | (a->w[3] ^ b->w[3])) == 0;
+}
+
+// localhost is the family's 127.0.0.1 or ::1; passthrough its 127.0.0.6 or ::6.
+static __always_inline struct inet_addr localhost(int v4)
+{
+	return v4 ? v4_addr(bpf_htonl(LOCALHOST)) : (struct inet_addr){.w = {0, 0, 0, bpf_htonl(LOCALHOST6)}};
+}
+
+static __always_inline struct inet_addr passthrough(int v4)
+{
+	return v4 ? v4_addr(bpf_htonl(INBOUND_PASSTHROUGH))
+		  : (struct inet_addr){.w = {0, 0, 0, bpf_htonl(INBOUND_PASSTHROUGH6)}};
+}
+
+static __always_inline void count(enum reason r, int v4)
+{
+	__u32 key = r + (v4 ? 0 : FAMILY_COUNTERS);
 	__u64 *n = bpf_map_lookup_elem(&counters, &key);
 	if (n)
 		*n += 1;
@@ -312,17 +420,46 @@ static __always_inline __u8 port_flags(__u16 port)
 	       (port_in(sets->inbound_include, port) ? PORT_INBOUND_INCLUDE : 0);
 }
 
-static __always_inline int in_trie(void *trie, __u32 addr)
+// Lookups by address are global functions taking the address's words: the verifier checks
+// each once, on its own, and its callers see one unknown answer, instead of walking every
+// outcome of the lookup through all the rules that follow (a lookup in line doubled the
+// verifier's work on connect6). Global functions need Linux 5.6 and BTF.
+
+// addr_is_local reports whether the address w is the pod itself: all of 127.0.0.0/8, ::1,
+// and the pod's own addresses (those route via lo).
+__noinline int addr_is_local(__u32 w0, __u32 w1, __u32 w2, __u32 w3)
 {
-	struct lpm_v4_key key = {.prefixlen = 32, .addr = addr};
-	return bpf_map_lookup_elem(trie, &key) != NULL;
+	struct inet_addr a = {.w = {w0, w1, w2, w3}};
+	if (is_v4(&a) ? (bpf_ntohl(w3) >> 24) == 127 : (w0 | w1 | w2 | (w3 ^ bpf_htonl(LOCALHOST6))) == 0)
+		return 1;
+	return bpf_map_lookup_elem(&local_addrs, &a) != NULL;
 }
 
-static __always_inline int is_local(__u32 addr)
+// addr_is_nameserver reports whether the address w is one of the pod's nameservers.
+__noinline int addr_is_nameserver(__u32 w0, __u32 w1, __u32 w2, __u32 w3)
 {
-	if ((bpf_ntohl(addr) >> 24) == 127)
-		return 1;
-	return bpf_map_lookup_elem(&local_addrs, &addr) != NULL;
+	struct inet_addr a = {.w = {w0, w1, w2, w3}};
+	return bpf_map_lookup_elem(&dns_servers, &a) != NULL;
+}
+
+// addr_in_cidrs looks the address w up in its family's trie of -x ranges, or with include
+// of -i ranges.
+__noinline int addr_in_cidrs(int include, __u32 w0, __u32 w1, __u32 w2, __u32 w3)
+{
+	struct inet_addr a = {.w = {w0, w1, w2, w3}};
+	if (is_v4(&a)) {
+		struct lpm_v4_key key = {.prefixlen = 32, .addr = w3};
+		return bpf_map_lookup_elem(include ? (void *)&outbound_include_cidrs : (void *)&outbound_exclude_cidrs,
+					   &key) != NULL;
+	}
+	struct lpm_v6_key key = {.prefixlen = 128, .addr = {w0, w1, w2, w3}};
+	return bpf_map_lookup_elem(include ? (void *)&outbound_include_cidrs6 : (void *)&outbound_exclude_cidrs6,
+				   &key) != NULL;
+}
+
+static __always_inline int is_local(const struct inet_addr *a)
+{
+	return addr_is_local(a->w[0], a->w[1], a->w[2], a->w[3]);
 }
 
 // The kernel's types on the way from the hook's context to the socket file's credentials,
@@ -407,22 +544,28 @@ static __always_inline int socket_owner_listed(__u64 owner)
 // to lo (SO_BINDTODEVICE) sends its SYN out lo, where nothing answers an address outside
 // 127/8 (a timeout; under iptables, even the proxy's hairpin REDIRECT goes nowhere).
 // Captured, each would reach the proxy instead. (The pod's subnet broadcast is a broadcast
-// route too, which connect4 cannot look up: docs/semantics.md.)
-static __always_inline int kernel_fails(__u32 src, __u32 dst, int bound_lo)
+// route too, which connect4 cannot look up: docs/semantics.md.) IPv4's rules, v4-mapped
+// destinations included; native IPv6 is left to the rules.
+static __always_inline int kernel_fails(int v4, const struct inet_addr *src, const struct inet_addr *dst,
+					int bound_lo)
 {
-	__u32 d = bpf_ntohl(dst);
+	if (!v4)
+		return 0;
+	__u32 d = bpf_ntohl(dst->w[3]);
 	if (d == 0xffffffff || (d >> 28) == 0xe || d == 0x7fffffff)
 		return 1;
 	if ((d >> 24) == 127)
 		return 0;
-	return bound_lo || ((bpf_ntohl(src) >> 24) == 127 && !is_local(dst));
+	return bound_lo || (is_v4(src) && (bpf_ntohl(src->w[3]) >> 24) == 127 && !is_local(dst));
 }
 
 // decide_outbound mirrors policy.Config.Decide for outbound connections: istio's
-// ISTIO_OUTPUT chain, first match wins. It sets *to_port for redirects.
+// ISTIO_OUTPUT chain, first match wins, with the family's localhost and passthrough
+// source (ip6tables' rules are the same with ::1 and ::6). It sets *to_port for redirects.
 // UDP is only decided for DNS queries (the callers check dns_query first).
-static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, struct config *cfg,
-						   int udp, __u32 src, __u32 dst, __u16 dport,
+static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, struct config *cfg, int udp, int v4,
+						   const struct inet_addr *src,
+						   const struct inet_addr *dst, __u16 dport,
 						   __u16 *to_port)
 {
 	// The socket's ids where the kernel shows them (as xt_owner matches), else the
@@ -431,11 +574,12 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 	__u64 ids = owner >= OWNER_NO_FILE ? bpf_get_current_uid_gid() : owner;
 	__u32 uid = (__u32)ids, gid = ids >> 32;
 	__u8 pflags = port_flags(dport);
+	struct inet_addr lo = localhost(v4), pass_src = passthrough(v4);
 	int local = is_local(dst);
+	int to_localhost = addr_eq(dst, &lo);
 	int dns = cfg->dns_capture && dport == DNS_PORT;
 	// The shape of istio's hairpin rules: "-o lo ! -d 127.0.0.1/32 -p tcp ! --dport <tunnel>".
-	int hairpinnable =
-		!udp && local && dst != bpf_htonl(LOCALHOST) && dport != cfg->inbound_tunnel_port;
+	int hairpinnable = !udp && local && !to_localhost && dport != cfg->inbound_tunnel_port;
 	// With DNS capture istio's "local destination" returns are "-p tcp ! --dport 53" and
 	// its uid hairpin leaves 53 alone, so queries to a nameserver on the pod reach the DNS
 	// rules; its gid hairpin keeps 53.
@@ -443,7 +587,7 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 
 	if (pflags & PORT_OUTBOUND_EXCLUDE)
 		return REASON_EXCLUDED_OUTBOUND_PORT;
-	if (local && src == bpf_htonl(INBOUND_PASSTHROUGH))
+	if (local && addr_eq(src, &pass_src))
 		return REASON_INBOUND_PASSTHROUGH;
 	if (hairpinnable && !dns && uid == cfg->proxy_uid) {
 		*to_port = cfg->inbound_capture_port;
@@ -471,13 +615,13 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 			return REASON_OWNER_GROUP_EXCLUDED;
 	}
 	// istio's ISTIO_OUTPUT_DNS: after the proxy's own traffic, before everything else.
-	if (dns && (cfg->dns_capture_all || bpf_map_lookup_elem(&dns_servers, &dst))) {
+	if (dns && (cfg->dns_capture_all || addr_is_nameserver(dst->w[0], dst->w[1], dst->w[2], dst->w[3]))) {
 		*to_port = cfg->dns_agent_port;
 		return REASON_DNS_CAPTURED;
 	}
-	if (dst == bpf_htonl(LOCALHOST))
+	if (to_localhost)
 		return REASON_LOCALHOST;
-	if (in_trie(&outbound_exclude_cidrs, dst))
+	if (addr_in_cidrs(0, dst->w[0], dst->w[1], dst->w[2], dst->w[3]))
 		return REASON_EXCLUDED_CIDR;
 	if (udp) // istio's -q and ISTIO_REDIRECT are "-p tcp"
 		return REASON_DNS_NOT_CAPTURED;
@@ -485,7 +629,7 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 		*to_port = cfg->proxy_port;
 		return REASON_INCLUDED_OUTBOUND_PORT;
 	}
-	if (cfg->outbound_include_all || in_trie(&outbound_include_cidrs, dst)) {
+	if (cfg->outbound_include_all || addr_in_cidrs(1, dst->w[0], dst->w[1], dst->w[2], dst->w[3])) {
 		*to_port = cfg->proxy_port;
 		return REASON_INCLUDED_CIDR;
 	}
@@ -493,7 +637,7 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 }
 
 // decide_inbound mirrors policy.Config.Decide for inbound connections: istio's
-// ISTIO_INBOUND chain.
+// ISTIO_INBOUND chain (the same in ip6tables).
 static __always_inline enum reason decide_inbound(struct config *cfg, __u16 port)
 {
 	if (cfg->inbound_tunnel_passes && port == cfg->inbound_tunnel_port)
@@ -507,31 +651,30 @@ static __always_inline enum reason decide_inbound(struct config *cfg, __u16 port
 	return REASON_INBOUND_NOT_INCLUDED;
 }
 
-// redirect_outbound decides an outbound IPv4 connect and, when it is captured, keeps its
-// original destination in the socket's storage. It returns 0 to refuse the connect, 1 to
-// let it go on, and sets *to_port when the caller must rewrite the destination to
-// 127.0.0.1:*to_port.
-// For UDP (and for TCP with DNS capture on) it also keeps or forgets the nameserver a
-// socket's replies must come from: reconnect says whether this decision replaces the
-// socket's peer (connect) rather than adding a datagram (sendmsg).
-static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, int udp, int reconnect,
-					     __u32 src, __u32 dst, __u16 *to_port)
+// redirect_outbound decides an outbound connect (or datagram) to dst, of the family v4 says,
+// from src, and, when it is captured, keeps dst as its original destination in the
+// socket's storage. It returns 0 to refuse the connect, 1 to let it go on, and sets
+// *to_port when the caller must rewrite the destination to the family's localhost at
+// *to_port. For UDP (and for TCP with DNS capture on) it also keeps or forgets the
+// nameserver a socket's replies must come from: reconnect says whether this decision
+// replaces the socket's peer (connect) rather than adding a datagram (sendmsg).
+static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, int udp, int reconnect, int v4,
+					     const struct inet_addr *src, const struct inet_addr *dst,
+					     __u16 *to_port)
 {
 	struct config *cfg = get_config();
 	if (!cfg)
 		return 1;
+	if (!v4 && !cfg->capture_ipv6)
+		return 1; // istio wrote no ip6tables rules: IPv6 is not decided, nor counted
 	__u16 dport_be = (__u16)ctx->user_port; // the port's two bytes, as the app wrote them
-	// connect() to 0.0.0.0 reaches this host: the kernel routes it to the bound source, or
-	// to 127.0.0.1. That is what iptables sees and what the proxy must read back.
-	if (!dst)
-		dst = src ? src : bpf_htonl(LOCALHOST);
 	__u16 dport = bpf_ntohs(dport_be);
-	if (!udp && kernel_fails(src, dst, ctx->sk && ctx->sk->bound_dev_if == LOOPBACK_IFINDEX))
-		return 1; // no rule decides it: nothing counted, as for native IPv6
+	if (!udp && kernel_fails(v4, src, dst, ctx->sk && ctx->sk->bound_dev_if == LOOPBACK_IFINDEX))
+		return 1; // no rule decides it: nothing counted
 	enum reason r = REASON_NONE;
 	if (!udp || (cfg->dns_capture && dport == DNS_PORT)) {
-		r = decide_outbound(ctx, cfg, udp, src, dst, dport, to_port);
-		count(r);
+		r = decide_outbound(ctx, cfg, udp, v4, src, dst, dport, to_port);
+		count(r, v4);
 	}
 	if (!*to_port) {
 		// A UDP socket connected anew no longer talks to the agent: forget the nameserver
@@ -553,7 +696,7 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, int udp,
 		count_drop(DROP_CONNECT_NO_MEMORY);
 		return 0;
 	}
-	s->orig.addr = dst;
+	s->orig.addr = *dst;
 	s->orig.port = dport_be;
 	s->side = r == REASON_DNS_CAPTURED ? SIDE_DNS : SIDE_APP;
 	return 1;
@@ -569,15 +712,25 @@ static __always_inline int sock_proto(struct bpf_sock_addr *ctx)
 	return -1;
 }
 
-SEC("cgroup/connect4")
-int divert_connect4(struct bpf_sock_addr *ctx)
+// decide4 and decide6 run redirect_outbound for an AF_INET or an AF_INET6 socket's
+// connect (reconnect) or datagram to the context's address from the source src4 or src,
+// and rewrite the destination when it is captured: to 127.0.0.1, or for an AF_INET6 socket
+// to ::ffff:127.0.0.1 (IPv4 on the wire, a dual-stack socket dialling ::ffff:a.b.c.d) or ::1
+// (native IPv6). They return what the hook returns.
+// Both decide on the destination as the kernel routes a connect() to the unspecified
+// address: an IPv4 one (0.0.0.0, or ::ffff:0.0.0.0 from a dual-stack socket) to the bound
+// source, else to 127.0.0.1 (ip_route_connect); an IPv6 one (::) to ::1, or to 127.0.0.1
+// when the socket is bound to a v4-mapped source (tcp_v6_connect's and
+// ip6_datagram_connect's "connect to self"). That is what iptables sees and what the proxy
+// must read back.
+static __always_inline int decide4(struct bpf_sock_addr *ctx, int udp, int reconnect, __u32 src4)
 {
-	int udp = sock_proto(ctx);
-	if (udp < 0)
-		return 1;
-	struct bpf_sock *sk = ctx->sk;
+	__u32 dst4 = ctx->user_ip4;
+	if (!dst4)
+		dst4 = src4 ? src4 : bpf_htonl(LOCALHOST);
+	struct inet_addr src = v4_addr(src4), dst = v4_addr(dst4);
 	__u16 to_port = 0;
-	if (!redirect_outbound(ctx, udp, 1, sk ? sk->src_ip4 : 0, ctx->user_ip4, &to_port))
+	if (!redirect_outbound(ctx, udp, reconnect, 1, &src, &dst, &to_port))
 		return 0;
 	if (to_port) {
 		ctx->user_ip4 = bpf_htonl(LOCALHOST);
@@ -586,36 +739,63 @@ int divert_connect4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-// is_v4_mapped reports whether an IPv6 address (network byte order words) is ::ffff:a.b.c.d.
-static __always_inline int is_v4_mapped(__u32 w0, __u32 w1, __u32 w2)
+static __always_inline int decide6(struct bpf_sock_addr *ctx, int udp, int reconnect,
+				   const struct inet_addr *src)
 {
-	return w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff);
+	struct inet_addr dst = V6_ADDR(ctx->user_ip6);
+	int v4 = is_v4(&dst);
+	if (v4 && !dst.w[3])
+		dst.w[3] = src->w[3] && is_v4(src) ? src->w[3] : bpf_htonl(LOCALHOST);
+	else if (!v4 && is_zero6(&dst)) {
+		v4 = is_v4(src);
+		dst = localhost(v4);
+	}
+	__u16 to_port = 0;
+	if (!redirect_outbound(ctx, udp, reconnect, v4, src, &dst, &to_port))
+		return 0;
+	if (to_port) {
+		struct inet_addr lo = localhost(v4);
+		ctx->user_ip6[0] = lo.w[0];
+		ctx->user_ip6[1] = lo.w[1];
+		ctx->user_ip6[2] = lo.w[2];
+		ctx->user_ip6[3] = lo.w[3];
+		ctx->user_port = bpf_htons(to_port);
+	}
+	return 1;
 }
 
-// A dual-stack AF_INET6 socket (Java's default, and any runtime that opens IPv6 sockets
-// for everything) connects to IPv4 destinations as ::ffff:a.b.c.d: IPv4 on the wire, so
+// sock_src6 is an AF_INET6 socket's bound source (:: if none): a v4-mapped bind
+// (::ffff:127.0.0.6) is ::ffff:a.b.c.d here, as the socket itself holds it.
+static __always_inline struct inet_addr sock_src6(struct bpf_sock *sk)
+{
+	if (!sk)
+		return (struct inet_addr){};
+	return V6_ADDR(sk->src_ip6);
+}
+
+SEC("cgroup/connect4")
+int divert_connect4(struct bpf_sock_addr *ctx)
+{
+	int udp = sock_proto(ctx);
+	if (udp < 0)
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	return decide4(ctx, udp, 1, sk ? sk->src_ip4 : 0);
+}
+
+// An AF_INET6 socket's connect: native IPv6 (captured when istio would write ip6tables
+// rules), or, from a dual-stack socket (Java's default, and any runtime that opens IPv6
+// sockets for everything), an IPv4 destination as ::ffff:a.b.c.d: IPv4 on the wire, so
 // istio's IPv4 rules capture it, but the kernel runs connect6 programs for it, not
-// connect4. Those connects get connect4's policy; native IPv6 is left alone (divert and
-// its iptables backend are IPv4 only).
+// connect4. Each gets its family's policy.
 SEC("cgroup/connect6")
 int divert_connect6(struct bpf_sock_addr *ctx)
 {
 	int udp = sock_proto(ctx);
 	if (udp < 0)
 		return 1;
-	if (!is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
-		return 1;
-	struct bpf_sock *sk = ctx->sk;
-	// A v4-mapped bind (::ffff:127.0.0.6) sets the socket's IPv4 source, as bind() on an
-	// AF_INET socket does.
-	__u16 to_port = 0;
-	if (!redirect_outbound(ctx, udp, 1, sk ? sk->src_ip4 : 0, ctx->user_ip6[3], &to_port))
-		return 0;
-	if (to_port) {
-		ctx->user_ip6[3] = bpf_htonl(LOCALHOST);
-		ctx->user_port = bpf_htons(to_port);
-	}
-	return 1;
+	struct inet_addr src = sock_src6(ctx->sk);
+	return decide6(ctx, udp, 1, &src);
 }
 
 // An unconnected UDP socket's datagram (sendto, sendmsg with an address): DNS queries to a
@@ -633,43 +813,31 @@ int divert_sendmsg4(struct bpf_sock_addr *ctx)
 	if (sk && sk->family == AF_INET6 && sk->state == BPF_TCP_ESTABLISHED &&
 	    sk->dst_ip4 == ctx->user_ip4)
 		return 1;
-	__u32 src = ctx->msg_src_ip4 ? ctx->msg_src_ip4 : (sk ? sk->src_ip4 : 0);
-	__u16 to_port = 0;
-	if (!redirect_outbound(ctx, 1, 0, src, ctx->user_ip4, &to_port))
-		return 0;
-	if (to_port) {
-		ctx->user_ip4 = bpf_htonl(LOCALHOST);
-		ctx->user_port = bpf_htons(to_port);
-	}
-	return 1;
+	return decide4(ctx, 1, 0, ctx->msg_src_ip4 ? ctx->msg_src_ip4 : (sk ? sk->src_ip4 : 0));
 }
 
-// sendmsg4's twin for dual-stack sockets sending to ::ffff:a.b.c.d. The kernels here hand
-// such sends to udp_sendmsg before the IPv6 hook, so sendmsg4 decides them; this keeps a
+// sendmsg4's twin for AF_INET6 sockets: native IPv6 datagrams (the source given with
+// IPV6_PKTINFO, else the bound one), and datagrams to ::ffff:a.b.c.d, which the kernels
+// here hand to udp_sendmsg before the IPv6 hook, so sendmsg4 decides them; this keeps a
 // kernel that runs the IPv6 hook first deciding them the same.
 SEC("cgroup/sendmsg6")
 int divert_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	if (sock_proto(ctx) != 1)
 		return 1;
-	if (!is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
-		return 1;
-	struct bpf_sock *sk = ctx->sk;
-	__u16 to_port = 0;
-	if (!redirect_outbound(ctx, 1, 0, sk ? sk->src_ip4 : 0, ctx->user_ip6[3], &to_port))
-		return 0;
-	if (to_port) {
-		ctx->user_ip6[3] = bpf_htonl(LOCALHOST);
-		ctx->user_port = bpf_htons(to_port);
-	}
-	return 1;
+	struct inet_addr src = V6_ADDR(ctx->msg_src_ip6);
+	if (is_zero6(&src))
+		src = sock_src6(ctx->sk);
+	return decide6(ctx, 1, 0, &src);
 }
 
-// dns_peer returns the nameserver to show in place of 127.0.0.1:<agent port> on a socket
-// whose DNS query went to the agent, or 0 where the address is to be left as it is.
-static __always_inline struct orig_dst *dns_peer(struct bpf_sock_addr *ctx, __u32 addr)
+// dns_peer returns the nameserver to show in place of the agent (the family's localhost
+// at the agent's port) on a socket whose DNS query went to the agent, or 0 where the
+// address is to be left as it is.
+static __always_inline struct orig_dst *dns_peer(struct bpf_sock_addr *ctx, const struct inet_addr *a)
 {
-	if (addr != bpf_htonl(LOCALHOST) || !ctx->sk)
+	struct inet_addr lo = localhost(is_v4(a));
+	if (!addr_eq(a, &lo) || !ctx->sk)
 		return 0;
 	struct config *cfg = get_config();
 	if (!cfg || (__u16)ctx->user_port != bpf_htons(cfg->dns_agent_port))
@@ -686,9 +854,10 @@ static __always_inline struct orig_dst *dns_peer(struct bpf_sock_addr *ctx, __u3
 // kernel for these hooks; 1 is the documented one.
 static __always_inline int show_nameserver4(struct bpf_sock_addr *ctx)
 {
-	struct orig_dst *ns = dns_peer(ctx, ctx->user_ip4);
-	if (ns) {
-		ctx->user_ip4 = ns->addr;
+	struct inet_addr a = v4_addr(ctx->user_ip4);
+	struct orig_dst *ns = dns_peer(ctx, &a);
+	if (ns && is_v4(&ns->addr)) {
+		ctx->user_ip4 = ns->addr.w[3];
 		ctx->user_port = ns->port;
 	}
 	return 1;
@@ -696,11 +865,13 @@ static __always_inline int show_nameserver4(struct bpf_sock_addr *ctx)
 
 static __always_inline int show_nameserver6(struct bpf_sock_addr *ctx)
 {
-	if (!is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
-		return 1;
-	struct orig_dst *ns = dns_peer(ctx, ctx->user_ip6[3]);
+	struct inet_addr a = V6_ADDR(ctx->user_ip6);
+	struct orig_dst *ns = dns_peer(ctx, &a);
 	if (ns) {
-		ctx->user_ip6[3] = ns->addr;
+		ctx->user_ip6[0] = ns->addr.w[0];
+		ctx->user_ip6[1] = ns->addr.w[1];
+		ctx->user_ip6[2] = ns->addr.w[2];
+		ctx->user_ip6[3] = ns->addr.w[3];
 		ctx->user_port = ns->port;
 	}
 	return 1;
@@ -719,12 +890,17 @@ SEC("cgroup/getpeername6")
 int divert_getpeername6(struct bpf_sock_addr *ctx) { return show_nameserver6(ctx); }
 
 // The app's side of a captured connection: from connect until the proxy's side is surely
-// established, every segment the app sends carries the original destination as a TCP
-// option. Normally the handshake's last ACK establishes the proxy's socket and the option is
+// established, the segments the app sends carry the original destination as a TCP option.
+// Normally the handshake's last ACK establishes the proxy's socket and the option is
 // read there; if that ACK is lost (the proxy's accept queue was full) or a SYN cookie stood
 // in for the request, a later segment establishes it instead, so that one needs it too
 // (a TCP Fast Open socket is established by the SYN itself). Once the proxy has acknowledged
 // data or sent some, its socket is established and the option stops.
+// The SYN carries the 10-byte IPv4 option where it has room, but never the 22-byte IPv6 one:
+// beside MSS, SACK-permitted, timestamps and window scale (20 bytes) only 20 of TCP's 40
+// bytes of options are left. Later segments carry the timestamps alone (12 bytes), which
+// leaves room for either; the SYN never establishes the proxy's socket (but with Fast Open,
+// whose cookie fills it anyway).
 static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -733,6 +909,7 @@ static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 	struct sock_orig_dst *s = bpf_sk_storage_get(&orig_dst_storage, sk, 0, 0);
 	if (!s || s->side != SIDE_APP)
 		return;
+	int v4 = is_v4(&s->orig.addr);
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
@@ -746,19 +923,33 @@ static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 								 ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 			return;
 		}
-		if (bpf_reserve_hdr_opt(skops, sizeof(struct orig_dst_opt), 0))
+		if (!v4 && (skops->skb_tcp_flags & TCPHDR_SYN))
+			return;
+		if (bpf_reserve_hdr_opt(skops, v4 ? sizeof(struct orig_dst_opt) : ORIG_DST_OPT6_LEN, 0))
 			count_drop(DROP_ORIG_DST_UNSENT);
 		return;
 	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB: {
-		struct orig_dst_opt opt = {
-			.kind = TCPOPT_EXP,
-			.len = sizeof(opt),
-			.magic = bpf_htons(ORIG_DST_MAGIC),
-			.port = s->orig.port,
-			.addr = s->orig.addr,
-		};
+		long err;
+		if (v4) {
+			struct orig_dst_opt opt = {
+				.kind = TCPOPT_EXP,
+				.len = sizeof(opt),
+				.magic = bpf_htons(ORIG_DST_MAGIC),
+				.port = s->orig.port,
+				.addr = s->orig.addr.w[3],
+			};
+			err = bpf_store_hdr_opt(skops, &opt, sizeof(opt), 0);
+		} else {
+			struct orig_dst_opt6 opt = {
+				.kind = TCPOPT_EXP,
+				.len = ORIG_DST_OPT6_LEN,
+				.magic = bpf_htons(ORIG_DST_MAGIC),
+				.addr = {s->orig.addr.w[0], s->orig.addr.w[1], s->orig.addr.w[2], s->orig.addr.w[3]},
+				.port = s->orig.port,
+			};
+			err = bpf_store_hdr_opt(skops, &opt, ORIG_DST_OPT6_LEN, 0);
+		}
 		// EEXIST: a retransmission that already carries it.
-		long err = bpf_store_hdr_opt(skops, &opt, sizeof(opt), 0);
 		if (err && err != -17)
 			count_drop(DROP_ORIG_DST_UNSENT);
 		return;
@@ -766,20 +957,59 @@ static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 	}
 }
 
+// proxied reports which family's redirected connections a socket could be one of: to the
+// family's localhost, where redirects go, from the pod's own addresses of that family (for
+// IPv4 127.0.0.1, or the address an app bound before connecting; IPv4 also on an AF_INET6
+// socket, as ::ffff:a.b.c.d; for IPv6 ::1). 1 for IPv4, 2 for IPv6, 0 for neither: a peer
+// outside the pod cannot make the proxy believe another destination (the kernel drops
+// packets to 127/8 or ::1 arriving on other devices than lo).
+static __always_inline int proxied(struct bpf_sock_ops *skops)
+{
+	struct inet_addr remote, local;
+	if (skops->family == AF_INET6) {
+		remote = V6_ADDR(skops->remote_ip6);
+		local = V6_ADDR(skops->local_ip6);
+	} else if (skops->family == AF_INET) {
+		remote = v4_addr(LOAD(skops->remote_ip4));
+		local = v4_addr(LOAD(skops->local_ip4));
+	} else {
+		return 0;
+	}
+	int v4 = is_v4(&local);
+	struct inet_addr lo = localhost(v4);
+	if (!addr_eq(&local, &lo) || is_v4(&remote) != v4)
+		return 0;
+	if (!(v4 ? is_local(&remote) : addr_eq(&remote, &lo)))
+		return 0;
+	return v4 ? 1 : 2;
+}
+
 // The proxy's side: its accepted socket reads the option from the segment that
 // established it (the SYN itself under TCP Fast Open with a cookie) and keeps the original
-// destination for getsockopt. Only connections to 127.0.0.1, where redirects go, from the
-// pod's own addresses (127.0.0.1, or the address an app bound before connecting): a peer
-// outside the pod cannot make the proxy believe another destination (the kernel drops
-// packets to 127/8 arriving on other devices than lo).
+// destination for getsockopt. Only connections of the option's own family (proxied).
 static __always_inline void proxy_established(struct bpf_sock_ops *skops)
 {
-	if (skops->family != AF_INET || skops->local_ip4 != bpf_htonl(LOCALHOST) ||
-	    !is_local(skops->remote_ip4))
+	int family = proxied(skops);
+	if (!family)
 		return;
-	struct orig_dst_opt opt = {.kind = TCPOPT_EXP, .len = 4, .magic = bpf_htons(ORIG_DST_MAGIC)};
-	if (bpf_load_hdr_opt(skops, &opt, sizeof(opt), 0) != sizeof(opt))
+	// One buffer for either option; the IPv4 one's address sits at an odd 2-byte offset, so
+	// it is copied out (two 2-byte loads) rather than read as a word.
+	struct orig_dst_opt6 opt = {.kind = TCPOPT_EXP, .len = 4, .magic = bpf_htons(ORIG_DST_MAGIC)};
+	long n = bpf_load_hdr_opt(skops, &opt, ORIG_DST_OPT6_LEN, 0);
+	struct inet_addr orig;
+	__u16 port;
+	if (family == 1 && n == sizeof(struct orig_dst_opt)) {
+		struct orig_dst_opt *o4 = (void *)&opt;
+		__u32 a;
+		__builtin_memcpy(&a, &o4->addr, sizeof(a));
+		orig = v4_addr(a);
+		port = o4->port;
+	} else if (family == 2 && n == ORIG_DST_OPT6_LEN) {
+		orig = V6_ADDR(opt.addr);
+		port = opt.port;
+	} else {
 		return; // not a redirected connection
+	}
 	struct bpf_sock *sk = skops->sk;
 	struct sock_orig_dst *s =
 		sk ? bpf_sk_storage_get(&orig_dst_storage, sk, 0, BPF_SK_STORAGE_GET_F_CREATE) : 0;
@@ -787,8 +1017,8 @@ static __always_inline void proxy_established(struct bpf_sock_ops *skops)
 		count_drop(DROP_ORIG_DST_UNSTORED);
 		return;
 	}
-	s->orig.addr = opt.addr;
-	s->orig.port = opt.port;
+	s->orig.addr = orig;
+	s->orig.port = port;
 	s->side = SIDE_PROXY;
 }
 
@@ -808,7 +1038,8 @@ int divert_sockops(struct bpf_sock_ops *skops)
 		struct config *cfg = get_config();
 		if (!cfg || skops->local_port != cfg->inbound_capture_port)
 			return 1;
-		__u32 slot = bpf_get_socket_cookie(skops) % LISTENER_SLOTS;
+		__u32 half = LISTENER_SLOTS / 2;
+		__u32 slot = bpf_get_socket_cookie(skops) % half + (skops->family == AF_INET6 ? half : 0);
 		bpf_sock_map_update(skops, &inbound_listeners, &slot, BPF_ANY);
 		break;
 	}
@@ -816,44 +1047,86 @@ int divert_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+// The original destination of a connection accepted by the proxy, as conntrack answers
+// it: getsockopt(SOL_IP, SO_ORIGINAL_DST) for IPv4 connections (on AF_INET6 sockets too,
+// ::ffff:a.b.c.d) with a sockaddr_in, getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST) for native
+// IPv6 ones with a sockaddr_in6. The other family's question keeps the kernel's answer.
 SEC("cgroup/getsockopt")
 int divert_getsockopt(struct bpf_sockopt *ctx)
 {
-	if (ctx->level != SOL_IP || ctx->optname != SO_ORIGINAL_DST)
+	if (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6))
 		goto passthrough;
+	int want4 = ctx->level == SOL_IP;
 	struct bpf_sock *sk = ctx->sk;
-	if (!sk || sk->family != AF_INET)
+	if (!sk)
+		goto passthrough;
+	struct inet_addr local, peer;
+	if (sk->family == AF_INET) {
+		local = v4_addr(LOAD(sk->src_ip4));
+		peer = v4_addr(LOAD(sk->dst_ip4));
+	} else if (sk->family == AF_INET6) {
+		local = V6_ADDR(sk->src_ip6);
+		peer = V6_ADDR(sk->dst_ip6);
+	} else {
+		goto passthrough;
+	}
+	if (is_v4(&local) != want4)
 		goto passthrough;
 
 	struct sock_orig_dst *s = bpf_sk_storage_get(&orig_dst_storage, sk, 0, 0);
-	struct orig_dst local = {.addr = sk->src_ip4, .port = bpf_htons((__u16)sk->src_port)};
-	struct orig_dst *orig = &local;
+	struct orig_dst own = {.addr = local, .port = bpf_htons((__u16)sk->src_port)};
+	struct orig_dst *orig = &own;
 	if (s && s->side == SIDE_PROXY) {
 		orig = &s->orig;
 	} else {
 		// A connection from outside the pod that was not NATed: one sk_lookup steered to
 		// the proxy, or one that reached a listener directly. Its original destination is
 		// the socket's own local address, which is what conntrack answers for it under
-		// iptables. Answer only where the kernel has no answer of its own.
-		if (ctx->retval == 0 || is_local(sk->dst_ip4))
+		// iptables. Answer only where the kernel has no answer of its own, and for IPv6
+		// only where istio would have written ip6tables rules (conntrack tracks IPv6 then).
+		struct config *cfg = get_config();
+		if (ctx->retval == 0 || is_local(&peer) || (!want4 && (!cfg || !cfg->capture_ipv6)))
 			goto passthrough;
 	}
+	if (is_v4(&orig->addr) != want4)
+		goto passthrough;
 
-	struct {
-		__u16 family;
-		__u16 port;
-		__u32 addr;
-		__u8 zero[8];
-	} *sin = ctx->optval;
-	if ((void *)(sin + 1) > ctx->optval_end)
-		goto passthrough; // the caller's buffer is too small for a sockaddr_in
-	sin->family = AF_INET;
-	sin->port = orig->port;
-	sin->addr = orig->addr;
-	__builtin_memset(sin->zero, 0, sizeof(sin->zero));
-	// Separate volatile stores: clang would merge the two adjacent 4-byte context fields
-	// into one 8-byte store, which the verifier rejects.
-	*(volatile __s32 *)&ctx->optlen = sizeof(*sin);
+	if (want4) {
+		struct {
+			__u16 family;
+			__u16 port;
+			__u32 addr;
+			__u8 zero[8];
+		} *sin = ctx->optval;
+		if ((void *)(sin + 1) > ctx->optval_end)
+			goto passthrough; // the caller's buffer is too small for a sockaddr_in
+		sin->family = AF_INET;
+		sin->port = orig->port;
+		sin->addr = orig->addr.w[3];
+		__builtin_memset(sin->zero, 0, sizeof(sin->zero));
+		// Separate volatile stores: clang would merge the two adjacent 4-byte context
+		// fields into one 8-byte store, which the verifier rejects.
+		*(volatile __s32 *)&ctx->optlen = sizeof(*sin);
+	} else {
+		struct {
+			__u16 family;
+			__u16 port;
+			__u32 flowinfo;
+			__u32 addr[4];
+			__u32 scope_id;
+		} *sin6 = ctx->optval;
+		if ((void *)(sin6 + 1) > ctx->optval_end)
+			goto passthrough; // too small for a sockaddr_in6: the kernel's EINVAL stands
+		sin6->family = AF_INET6;
+		sin6->port = orig->port;
+		sin6->flowinfo = 0;
+		sin6->addr[0] = orig->addr.w[0];
+		sin6->addr[1] = orig->addr.w[1];
+		sin6->addr[2] = orig->addr.w[2];
+		sin6->addr[3] = orig->addr.w[3];
+		sin6->scope_id = 0;
+		*(volatile __s32 *)&ctx->optlen = sizeof(*sin6);
+	}
 	*(volatile __s32 *)&ctx->retval = 0;
 	return 1;
 
@@ -864,8 +1137,10 @@ passthrough:
 	return 1;
 }
 
-// try_listener hands the connection to the listener in slot, if there is one and it is
-// still the proxy's inbound port (a listener left over from an older -z is not).
+// try_listener hands the connection to the listener in slot, if there is one, it is still
+// the proxy's inbound port (a listener left over from an older -z is not), and it takes the
+// connection's family (bpf_sk_assign refuses an AF_INET listener for IPv6, and an IPv6-only
+// one for IPv4).
 static __noinline int try_listener(struct bpf_sk_lookup *ctx, struct config *cfg, __u32 slot)
 {
 	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listeners, &slot);
@@ -879,18 +1154,26 @@ static __noinline int try_listener(struct bpf_sk_lookup *ctx, struct config *cfg
 SEC("sk_lookup")
 int divert_sk_lookup(struct bpf_sk_lookup *ctx)
 {
-	if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
-		return SK_PASS;
-	// The pod's connections to itself are outbound business, decided at connect time; in
-	// iptables terms they never traverse nat PREROUTING.
-	if (is_local(ctx->remote_ip4))
+	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
 	struct config *cfg = get_config();
 	if (!cfg)
 		return SK_PASS;
+	int v4 = ctx->family == AF_INET;
+	struct inet_addr remote;
+	if (v4)
+		remote = v4_addr(LOAD(ctx->remote_ip4));
+	else if (ctx->family == AF_INET6 && cfg->capture_ipv6)
+		remote = V6_ADDR(ctx->remote_ip6);
+	else
+		return SK_PASS;
+	// The pod's connections to itself are outbound business, decided at connect time; in
+	// iptables terms they never traverse nat PREROUTING.
+	if (is_local(&remote))
+		return SK_PASS;
 
 	enum reason r = decide_inbound(cfg, (__u16)ctx->local_port);
-	count(r);
+	count(r, v4);
 	if (r != REASON_INBOUND_INCLUDED_PORT)
 		return SK_PASS;
 

@@ -28,7 +28,7 @@ type DivertConfig struct {
 	DnsCaptureAll       uint8
 	DnsAgentPort        uint16
 	OwnerGroups         uint8
-	_                   [1]byte
+	CaptureIpv6         uint8
 }
 
 type DivertDrop uint32
@@ -41,15 +41,26 @@ const (
 	DivertDropNUM_DROPS              DivertDrop = 4
 )
 
+type DivertInetAddr struct {
+	_ structs.HostLayout
+	W [4]uint32
+}
+
 type DivertLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Addr      uint32
 }
 
+type DivertLpmV6Key struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      [4]uint32
+}
+
 type DivertOrigDst struct {
 	_    structs.HostLayout
-	Addr uint32
+	Addr DivertInetAddr
 	Port uint16
 	Pad  uint16
 }
@@ -119,32 +130,34 @@ type DivertSockOrigDst struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	DivertMapConfigMap            = "config_map"
-	DivertMapCounters             = "counters"
-	DivertMapDnsServers           = "dns_servers"
-	DivertMapDrops                = "drops"
-	DivertMapInboundListeners     = "inbound_listeners"
-	DivertMapLocalAddrs           = "local_addrs"
-	DivertMapOrigDstStorage       = "orig_dst_storage"
-	DivertMapOutboundExcludeCidrs = "outbound_exclude_cidrs"
-	DivertMapOutboundIncludeCidrs = "outbound_include_cidrs"
-	DivertMapOwnerGids            = "owner_gids"
-	DivertMapPortSetsMap          = "port_sets_map"
-	DivertProgDivertConnect4      = "divert_connect4"
-	DivertProgDivertConnect6      = "divert_connect6"
-	DivertProgDivertGetpeername4  = "divert_getpeername4"
-	DivertProgDivertGetpeername6  = "divert_getpeername6"
-	DivertProgDivertGetsockopt    = "divert_getsockopt"
-	DivertProgDivertRecvmsg4      = "divert_recvmsg4"
-	DivertProgDivertRecvmsg6      = "divert_recvmsg6"
-	DivertProgDivertSendmsg4      = "divert_sendmsg4"
-	DivertProgDivertSendmsg6      = "divert_sendmsg6"
-	DivertProgDivertSkLookup      = "divert_sk_lookup"
-	DivertProgDivertSockops       = "divert_sockops"
-	DivertVarUnusedDrop           = "unused_drop"
-	DivertVarUnusedOwnerGroups    = "unused_owner_groups"
-	DivertVarUnusedPortFlag       = "unused_port_flag"
-	DivertVarUnusedReason         = "unused_reason"
+	DivertMapConfigMap             = "config_map"
+	DivertMapCounters              = "counters"
+	DivertMapDnsServers            = "dns_servers"
+	DivertMapDrops                 = "drops"
+	DivertMapInboundListeners      = "inbound_listeners"
+	DivertMapLocalAddrs            = "local_addrs"
+	DivertMapOrigDstStorage        = "orig_dst_storage"
+	DivertMapOutboundExcludeCidrs  = "outbound_exclude_cidrs"
+	DivertMapOutboundExcludeCidrs6 = "outbound_exclude_cidrs6"
+	DivertMapOutboundIncludeCidrs  = "outbound_include_cidrs"
+	DivertMapOutboundIncludeCidrs6 = "outbound_include_cidrs6"
+	DivertMapOwnerGids             = "owner_gids"
+	DivertMapPortSetsMap           = "port_sets_map"
+	DivertProgDivertConnect4       = "divert_connect4"
+	DivertProgDivertConnect6       = "divert_connect6"
+	DivertProgDivertGetpeername4   = "divert_getpeername4"
+	DivertProgDivertGetpeername6   = "divert_getpeername6"
+	DivertProgDivertGetsockopt     = "divert_getsockopt"
+	DivertProgDivertRecvmsg4       = "divert_recvmsg4"
+	DivertProgDivertRecvmsg6       = "divert_recvmsg6"
+	DivertProgDivertSendmsg4       = "divert_sendmsg4"
+	DivertProgDivertSendmsg6       = "divert_sendmsg6"
+	DivertProgDivertSkLookup       = "divert_sk_lookup"
+	DivertProgDivertSockops        = "divert_sockops"
+	DivertVarUnusedDrop            = "unused_drop"
+	DivertVarUnusedOwnerGroups     = "unused_owner_groups"
+	DivertVarUnusedPortFlag        = "unused_port_flag"
+	DivertVarUnusedReason          = "unused_reason"
 )
 
 // LoadDivert returns the embedded CollectionSpec for Divert.
@@ -206,17 +219,19 @@ type DivertProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DivertMapSpecs struct {
-	ConfigMap            *ebpf.MapSpec `ebpf:"config_map"`
-	Counters             *ebpf.MapSpec `ebpf:"counters"`
-	DnsServers           *ebpf.MapSpec `ebpf:"dns_servers"`
-	Drops                *ebpf.MapSpec `ebpf:"drops"`
-	InboundListeners     *ebpf.MapSpec `ebpf:"inbound_listeners"`
-	LocalAddrs           *ebpf.MapSpec `ebpf:"local_addrs"`
-	OrigDstStorage       *ebpf.MapSpec `ebpf:"orig_dst_storage"`
-	OutboundExcludeCidrs *ebpf.MapSpec `ebpf:"outbound_exclude_cidrs"`
-	OutboundIncludeCidrs *ebpf.MapSpec `ebpf:"outbound_include_cidrs"`
-	OwnerGids            *ebpf.MapSpec `ebpf:"owner_gids"`
-	PortSetsMap          *ebpf.MapSpec `ebpf:"port_sets_map"`
+	ConfigMap             *ebpf.MapSpec `ebpf:"config_map"`
+	Counters              *ebpf.MapSpec `ebpf:"counters"`
+	DnsServers            *ebpf.MapSpec `ebpf:"dns_servers"`
+	Drops                 *ebpf.MapSpec `ebpf:"drops"`
+	InboundListeners      *ebpf.MapSpec `ebpf:"inbound_listeners"`
+	LocalAddrs            *ebpf.MapSpec `ebpf:"local_addrs"`
+	OrigDstStorage        *ebpf.MapSpec `ebpf:"orig_dst_storage"`
+	OutboundExcludeCidrs  *ebpf.MapSpec `ebpf:"outbound_exclude_cidrs"`
+	OutboundExcludeCidrs6 *ebpf.MapSpec `ebpf:"outbound_exclude_cidrs6"`
+	OutboundIncludeCidrs  *ebpf.MapSpec `ebpf:"outbound_include_cidrs"`
+	OutboundIncludeCidrs6 *ebpf.MapSpec `ebpf:"outbound_include_cidrs6"`
+	OwnerGids             *ebpf.MapSpec `ebpf:"owner_gids"`
+	PortSetsMap           *ebpf.MapSpec `ebpf:"port_sets_map"`
 }
 
 // DivertVariableSpecs contains global variables before they are loaded into the kernel.
@@ -249,17 +264,19 @@ func (o *DivertObjects) Close() error {
 //
 // It can be passed to LoadDivertObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DivertMaps struct {
-	ConfigMap            *ebpf.Map `ebpf:"config_map"`
-	Counters             *ebpf.Map `ebpf:"counters"`
-	DnsServers           *ebpf.Map `ebpf:"dns_servers"`
-	Drops                *ebpf.Map `ebpf:"drops"`
-	InboundListeners     *ebpf.Map `ebpf:"inbound_listeners"`
-	LocalAddrs           *ebpf.Map `ebpf:"local_addrs"`
-	OrigDstStorage       *ebpf.Map `ebpf:"orig_dst_storage"`
-	OutboundExcludeCidrs *ebpf.Map `ebpf:"outbound_exclude_cidrs"`
-	OutboundIncludeCidrs *ebpf.Map `ebpf:"outbound_include_cidrs"`
-	OwnerGids            *ebpf.Map `ebpf:"owner_gids"`
-	PortSetsMap          *ebpf.Map `ebpf:"port_sets_map"`
+	ConfigMap             *ebpf.Map `ebpf:"config_map"`
+	Counters              *ebpf.Map `ebpf:"counters"`
+	DnsServers            *ebpf.Map `ebpf:"dns_servers"`
+	Drops                 *ebpf.Map `ebpf:"drops"`
+	InboundListeners      *ebpf.Map `ebpf:"inbound_listeners"`
+	LocalAddrs            *ebpf.Map `ebpf:"local_addrs"`
+	OrigDstStorage        *ebpf.Map `ebpf:"orig_dst_storage"`
+	OutboundExcludeCidrs  *ebpf.Map `ebpf:"outbound_exclude_cidrs"`
+	OutboundExcludeCidrs6 *ebpf.Map `ebpf:"outbound_exclude_cidrs6"`
+	OutboundIncludeCidrs  *ebpf.Map `ebpf:"outbound_include_cidrs"`
+	OutboundIncludeCidrs6 *ebpf.Map `ebpf:"outbound_include_cidrs6"`
+	OwnerGids             *ebpf.Map `ebpf:"owner_gids"`
+	PortSetsMap           *ebpf.Map `ebpf:"port_sets_map"`
 }
 
 func (m *DivertMaps) Close() error {
@@ -272,7 +289,9 @@ func (m *DivertMaps) Close() error {
 		m.LocalAddrs,
 		m.OrigDstStorage,
 		m.OutboundExcludeCidrs,
+		m.OutboundExcludeCidrs6,
 		m.OutboundIncludeCidrs,
+		m.OutboundIncludeCidrs6,
 		m.OwnerGids,
 		m.PortSetsMap,
 	)

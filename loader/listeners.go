@@ -36,18 +36,16 @@ func adoptListeners(pod Pod, port uint16, m *ebpf.Map) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	// A socket's slot is its cookie modulo the map's size, on both sides (sockops and
-	// sk_lookup use LISTENER_SLOTS, the map's max_entries, in bpf/divert.c).
-	slots := uint64(m.MaxEntries())
 	adopted := 0
 	for _, o := range owners {
 		fd, err := borrowFD(o.pid, o.fd)
 		if err != nil {
 			return adopted, fmt.Errorf("borrow listener fd %d of pid %d: %w (needs Linux 5.6+ and CAP_SYS_PTRACE)", o.fd, o.pid, err)
 		}
-		cookie, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
+		var slot uint32
+		slot, err = listenerSlot(fd, m.MaxEntries())
 		if err == nil {
-			err = m.Update(uint32(cookie%slots), uint64(fd), ebpf.UpdateAny)
+			err = m.Update(slot, uint64(fd), ebpf.UpdateAny)
 		}
 		unix.Close(fd)
 		if err != nil {
@@ -58,9 +56,29 @@ func adoptListeners(pod Pod, port uint16, m *ebpf.Map) (int, error) {
 	return adopted, nil
 }
 
-// listeningInodes returns the socket inodes of IPv4 TCP sockets listening on port in the
-// network namespace: the listeners its /proc/net/tcp shows with state 0A and that local
-// port. It asks sock_diag (NETLINK_SOCK_DIAG), which filters by state and port in the
+// listenerSlot is where sockops puts a listener in the inbound_listeners map of size slots
+// (LISTENER_SLOTS in bpf/divert.c): its cookie modulo half the map, in the first half for
+// an AF_INET socket and in the second for an AF_INET6 one.
+func listenerSlot(fd int, slots uint32) (uint32, error) {
+	cookie, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
+	if err != nil {
+		return 0, err
+	}
+	domain, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
+	if err != nil {
+		return 0, err
+	}
+	half := slots / 2
+	slot := uint32(cookie % uint64(half))
+	if domain == unix.AF_INET6 {
+		slot += half
+	}
+	return slot, nil
+}
+
+// listeningInodes returns the socket inodes of TCP sockets of both families listening on
+// port in the network namespace: the listeners its /proc/net/tcp and tcp6 show with state
+// 0A and that local port. It asks sock_diag (NETLINK_SOCK_DIAG), which filters by state and port in the
 // kernel and, asked for listeners only, walks only the listening hash; reading
 // /proc/net/tcp walks every bucket of the host-wide established hash as well (6 ms of CPU
 // per attach on an idle 2-core machine). Where the diag modules (inet_diag, tcp_diag)
@@ -78,11 +96,23 @@ func listeningInodes(netnsPath string, port uint16) (map[uint64]bool, error) {
 	return inodes, err
 }
 
-// procNetTCPListeners adds the listeners on port that /proc/net/tcp shows to inodes. It
-// must run on a thread in the network namespace.
+// procNetTCPListeners adds the listeners on port that /proc/net/tcp and tcp6 show to
+// inodes. It must run on a thread in the network namespace.
 func procNetTCPListeners(port uint16, inodes map[uint64]bool) error {
+	for _, file := range []string{"tcp", "tcp6"} {
+		if err := procNetListeners(file, port, inodes); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func procNetListeners(file string, port uint16, inodes map[uint64]bool) error {
 	// thread-self: /proc/self/net would show the main thread's namespace, not ours.
-	f, err := os.Open("/proc/thread-self/net/tcp")
+	f, err := os.Open("/proc/thread-self/net/" + file)
+	if errors.Is(err, os.ErrNotExist) && file == "tcp6" {
+		return nil // a kernel without IPv6
+	}
 	if err != nil {
 		return err
 	}
@@ -116,7 +146,12 @@ func diagListeners(port uint16, inodes map[uint64]bool) error {
 		return fmt.Errorf("sock_diag socket: %w", err)
 	}
 	defer unix.Close(fd)
-	return inetDiagListeners(fd, port, func(ino uint64) { inodes[ino] = true })
+	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		if err := inetDiagListeners(fd, family, port, func(ino uint64) { inodes[ino] = true }); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Layouts from <linux/inet_diag.h>.
@@ -128,9 +163,9 @@ const (
 	tcpListen           = 10 // TCP_LISTEN
 )
 
-// inetDiagListeners dumps the IPv4 TCP sockets in state LISTEN with local port port over
-// the sock_diag socket fd and calls found with each one's inode.
-func inetDiagListeners(fd int, port uint16, found func(ino uint64)) error {
+// inetDiagListeners dumps the TCP sockets of family in state LISTEN with local port port
+// over the sock_diag socket fd and calls found with each one's inode.
+func inetDiagListeners(fd int, family uint8, port uint16, found func(ino uint64)) error {
 	req := make([]byte, unix.SizeofNlMsghdr+sizeofInetDiagReqV2)
 	// struct nlmsghdr: len, type, flags, seq, pid
 	binary.NativeEndian.PutUint32(req[0:], uint32(len(req)))
@@ -138,7 +173,7 @@ func inetDiagListeners(fd int, port uint16, found func(ino uint64)) error {
 	binary.NativeEndian.PutUint16(req[6:], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)
 	binary.NativeEndian.PutUint32(req[8:], 1)
 	r := req[unix.SizeofNlMsghdr:]
-	r[0] = unix.AF_INET                                // sdiag_family
+	r[0] = family                                      // sdiag_family
 	r[1] = unix.IPPROTO_TCP                            // sdiag_protocol
 	binary.NativeEndian.PutUint32(r[4:], 1<<tcpListen) // idiag_states
 	// id.idiag_sport: the kernel skips listeners on other ports (and, with only LISTEN

@@ -14,9 +14,10 @@ import (
 	"github.com/meshdivert/divert/test/testpod"
 )
 
-// listeningInodes (sock_diag) and its fallback (/proc/net/tcp) find exactly the IPv4 TCP
-// sockets listening on the port, SO_REUSEPORT groups and specific addresses included; not
-// other ports, IPv6 sockets, bound sockets that do not listen, or connections on the port.
+// listeningInodes (sock_diag) and its fallback (/proc/net/tcp and tcp6) find exactly the
+// TCP sockets of both families listening on the port, SO_REUSEPORT groups, specific
+// addresses and IPv6-only sockets included; not other ports, bound sockets that do not
+// listen, or connections on the port.
 func TestListeningInodesMatchProcNetTCP(t *testing.T) {
 	pod := testpod.New(t)
 	const port = 15006
@@ -31,7 +32,7 @@ func TestListeningInodesMatchProcNetTCP(t *testing.T) {
 		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
 			t.Fatal(err)
 		}
-		if family == unix.AF_INET6 {
+		if v6, ok := addr.(*unix.SockaddrInet6); ok && v6.Addr == ([16]byte{}) {
 			if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); err != nil {
 				t.Fatal(err)
 			}
@@ -52,12 +53,15 @@ func TestListeningInodesMatchProcNetTCP(t *testing.T) {
 	}
 	err := nsexec.Do(pod.NetNSPath, func() error {
 		lo := [4]byte{127, 0, 0, 1}
+		lo6 := [16]byte{15: 1}
 		want = append(want,
 			socket(unix.AF_INET, &unix.SockaddrInet4{Port: port}, true),
 			socket(unix.AF_INET, &unix.SockaddrInet4{Port: port}, true), // a reuseport group
-			socket(unix.AF_INET, &unix.SockaddrInet4{Port: port, Addr: lo}, true))
+			socket(unix.AF_INET, &unix.SockaddrInet4{Port: port, Addr: lo}, true),
+			socket(unix.AF_INET6, &unix.SockaddrInet6{Port: port}, true), // IPv6-only [::]
+			socket(unix.AF_INET6, &unix.SockaddrInet6{Port: port, Addr: lo6}, true))
 		socket(unix.AF_INET, &unix.SockaddrInet4{Port: 15001}, true)
-		socket(unix.AF_INET6, &unix.SockaddrInet6{Port: port}, true)
+		socket(unix.AF_INET6, &unix.SockaddrInet6{Port: 15001}, true)
 		socket(unix.AF_INET, &unix.SockaddrInet4{Port: port, Addr: pod.Addr.As4()}, false)
 		// A connection to the port: its accepted end has local port 15006 too.
 		c, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
@@ -84,7 +88,7 @@ func TestListeningInodesMatchProcNetTCP(t *testing.T) {
 		t.Errorf("sock_diag found %v, want %v", g, want)
 	}
 	if p := slices.Sorted(maps.Keys(proc)); !slices.Equal(p, want) {
-		t.Errorf("/proc/net/tcp fallback found %v, want %v", p, want)
+		t.Errorf("/proc/net/tcp and tcp6 fallback found %v, want %v", p, want)
 	}
 	// Another namespace's listeners are not this one's.
 	if other, err := listeningInodes(testpod.New(t).NetNSPath, port); err != nil || len(other) != 0 {

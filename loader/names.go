@@ -29,7 +29,9 @@ func mapFields(m *maps.Maps) []field[ebpf.Map] {
 		{"local_addrs", &m.LocalAddrs},
 		{"orig_dst_storage", &m.OrigDstStorage},
 		{"outbound_exclude_cidrs", &m.OutboundExcludeCidrs},
+		{"outbound_exclude_cidrs6", &m.OutboundExcludeCidrs6},
 		{"outbound_include_cidrs", &m.OutboundIncludeCidrs},
+		{"outbound_include_cidrs6", &m.OutboundIncludeCidrs6},
 		{"owner_gids", &m.OwnerGids},
 		{"port_sets_map", &m.PortSetsMap},
 	}

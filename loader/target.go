@@ -54,9 +54,10 @@ func cgroupID(path string) (uint64, error) {
 	return st.Ino, nil
 }
 
-// LocalAddrs returns the IPv4 addresses of the network namespace at path: the destinations
-// iptables would route via lo ("-o lo"), besides 127.0.0.0/8. A namespace with an IPv6
-// address (policy.CheckPodAddrs) is an InputError: its IPv6 connections would escape.
+// LocalAddrs returns the addresses of the network namespace at path, both families: the
+// destinations iptables would route via lo ("-o lo"), besides 127.0.0.0/8 and ::1. IPv6
+// link-local addresses are among them (a connection to the pod's own fe80:: address goes
+// via lo too); a v4-mapped address is IPv4.
 func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 	if netnsPath == "" {
 		return nil, &InputError{Field: "netns", Value: netnsPath, Msg: "required: a path to the pod's network namespace, like /proc/<pid>/ns/net or /run/netns/<name>"}
@@ -68,7 +69,7 @@ func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 	if fs.Type != unix.NSFS_MAGIC {
 		return nil, &InputError{Field: "netns", Value: netnsPath, Msg: "not a network namespace; pass /proc/<pid>/ns/net or a bind mount of it"}
 	}
-	var addrs, all []netip.Addr
+	var addrs []netip.Addr
 	err := nsexec.Do(netnsPath, func() error {
 		list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
 		if err != nil {
@@ -79,9 +80,7 @@ func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 			if !ok {
 				continue
 			}
-			ip = ip.Unmap()
-			all = append(all, ip)
-			if ip.Is4() && !ip.IsLoopback() {
+			if ip = ip.Unmap(); !ip.IsLoopback() {
 				addrs = append(addrs, ip)
 			}
 		}
@@ -90,11 +89,20 @@ func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 	if err != nil {
 		return nil, &InputError{Field: "netns", Value: netnsPath, Msg: err.Error()}
 	}
-	if err := policy.CheckPodAddrs(all); err != nil {
-		return nil, &InputError{Field: "netns", Value: netnsPath, Msg: err.Error() + "; capture only pods with IPv4 addresses"}
-	}
 	slices.SortFunc(addrs, netip.Addr.Compare)
 	return slices.Compact(addrs), nil
+}
+
+// checkFamilies refuses a pod with IPv6 addresses (policy.CheckPodAddrs) when cfg does not
+// capture IPv6: its IPv6 connections would bypass the proxy.
+func checkFamilies(netnsPath string, cfg *policy.Config, addrs []netip.Addr) error {
+	if cfg.IPv6 {
+		return nil
+	}
+	if err := policy.CheckPodAddrs(addrs); err != nil {
+		return &InputError{Field: "netns", Value: netnsPath, Msg: err.Error() + "; capture only pods with IPv4 addresses, or turn IPv6 capture on"}
+	}
+	return nil
 }
 
 func unwrapPathError(err error) error {

@@ -27,11 +27,21 @@ func Apply(m *Maps, cfg *policy.Config, localAddrs []netip.Addr) error {
 	if err := m.PortSetsMap.Put(uint32(0), PortSets(cfg)); err != nil {
 		return fmt.Errorf("update port_sets_map: %w", err)
 	}
-	if err := syncPrefixes(m.OutboundExcludeCidrs, cfg.IPv4OutboundExcludeCIDRs()); err != nil {
-		return fmt.Errorf("update outbound_exclude_cidrs map: %w", err)
-	}
-	if err := syncPrefixes(m.OutboundIncludeCidrs, cfg.IPv4OutboundCIDRs()); err != nil {
-		return fmt.Errorf("update outbound_include_cidrs map: %w", err)
+	// Each family's ranges go to its own tries, as istio renders them into its own table.
+	for _, t := range []struct {
+		name     string
+		m        *ebpf.Map
+		prefixes []netip.Prefix
+		sync     func(*ebpf.Map, []netip.Prefix) error
+	}{
+		{"outbound_exclude_cidrs", m.OutboundExcludeCidrs, cfg.IPv4OutboundExcludeCIDRs(), syncPrefixes},
+		{"outbound_include_cidrs", m.OutboundIncludeCidrs, cfg.IPv4OutboundCIDRs(), syncPrefixes},
+		{"outbound_exclude_cidrs6", m.OutboundExcludeCidrs6, cfg.IPv6OutboundExcludeCIDRs(), syncPrefixes6},
+		{"outbound_include_cidrs6", m.OutboundIncludeCidrs6, cfg.IPv6OutboundCIDRs(), syncPrefixes6},
+	} {
+		if err := t.sync(t.m, t.prefixes); err != nil {
+			return fmt.Errorf("update %s map: %w", t.name, err)
+		}
 	}
 	if err := syncAddrs(m.LocalAddrs, localAddrs); err != nil {
 		return fmt.Errorf("update local_addrs map: %w", err)
@@ -65,6 +75,7 @@ func configValue(cfg *policy.Config) bpf.DivertConfig {
 		DnsCaptureAll:       boolByte(cfg.CaptureAllDNS),
 		DnsAgentPort:        policy.DNSAgentPort,
 		OwnerGroups:         ownerGroups(cfg),
+		CaptureIpv6:         boolByte(cfg.IPv6),
 	}
 }
 
@@ -97,11 +108,11 @@ func ReadConfig(m *Maps) (bpf.DivertConfig, error) {
 // ReadPolicy is Apply's inverse: the policy the maps express and the pod's own addresses
 // (in address order), what the programs decide with, whatever any command line says.
 // It gives back cfg as Apply rendered it: -d only with -b '*' (Config.InboundExcludes), -i
-// and -x as their IPv4 prefixes (sorted as text, as divert status lists them), port lists
-// and nameservers in order, owner groups sorted, REDIRECT or TPROXY by the one difference
-// TPROXY makes to capture (Config.InboundTunnelPasses). What the maps do not hold, the
-// TPROXY mark and route table and what eBPF does not render (-c, -k, --drop-invalid), is
-// Default's.
+// and -x as their prefixes of both families (sorted as text, as divert status lists them),
+// port lists and nameservers in order, owner groups sorted, REDIRECT or TPROXY by the one
+// difference TPROXY makes to capture (Config.InboundTunnelPasses). What the maps do not
+// hold, the TPROXY mark and route table and what eBPF does not render (-c, -k,
+// --drop-invalid), is Default's.
 func ReadPolicy(m *Maps) (policy.Config, []netip.Addr, error) {
 	c, err := ReadConfig(m)
 	if err != nil {
@@ -123,12 +134,13 @@ func ReadPolicy(m *Maps) (policy.Config, []netip.Addr, error) {
 	cfg.OutboundPorts = Ports(&sets.OutboundInclude)
 	cfg.OutboundExcludePorts = Ports(&sets.OutboundExclude)
 	cfg.OutboundCIDRs = policy.CIDRList{All: c.OutboundIncludeAll != 0}
-	if cfg.OutboundCIDRs.Prefixes, err = readPrefixes(m.OutboundIncludeCidrs); err != nil {
-		return policy.Config{}, nil, fmt.Errorf("read outbound_include_cidrs map: %w", err)
+	if cfg.OutboundCIDRs.Prefixes, err = readPrefixes(m.OutboundIncludeCidrs, m.OutboundIncludeCidrs6); err != nil {
+		return policy.Config{}, nil, fmt.Errorf("read outbound_include_cidrs maps: %w", err)
 	}
-	if cfg.OutboundExcludeCIDRs, err = readPrefixes(m.OutboundExcludeCidrs); err != nil {
-		return policy.Config{}, nil, fmt.Errorf("read outbound_exclude_cidrs map: %w", err)
+	if cfg.OutboundExcludeCIDRs, err = readPrefixes(m.OutboundExcludeCidrs, m.OutboundExcludeCidrs6); err != nil {
+		return policy.Config{}, nil, fmt.Errorf("read outbound_exclude_cidrs maps: %w", err)
 	}
+	cfg.IPv6 = c.CaptureIpv6 != 0
 	cfg.RedirectDNS, cfg.CaptureAllDNS = c.DnsCapture != 0, c.DnsCaptureAll != 0
 	if cfg.DNSServers, err = readAddrs(m.DnsServers); err != nil {
 		return policy.Config{}, nil, fmt.Errorf("read dns_servers map: %w", err)
@@ -231,11 +243,27 @@ func syncPrefixes(m *ebpf.Map, prefixes []netip.Prefix) error {
 	return sync(m, want)
 }
 
-// readPrefixes is the inverse of syncPrefixes, sorted as text.
-func readPrefixes(m *ebpf.Map) ([]netip.Prefix, error) {
-	out, err := readSet(m, func(k bpf.DivertLpmV4Key) netip.Prefix {
+func syncPrefixes6(m *ebpf.Map, prefixes []netip.Prefix) error {
+	want := make(map[bpf.DivertLpmV6Key]uint8, len(prefixes))
+	for _, p := range prefixes {
+		want[bpf.DivertLpmV6Key{Prefixlen: uint32(p.Bits()), Addr: InetAddrValue(p.Addr()).W}] = 1
+	}
+	return sync(m, want)
+}
+
+// readPrefixes is the inverse of syncPrefixes and syncPrefixes6: both families' tries,
+// sorted as text.
+func readPrefixes(m4, m6 *ebpf.Map) ([]netip.Prefix, error) {
+	out, err := readSet(m4, func(k bpf.DivertLpmV4Key) netip.Prefix {
 		return netip.PrefixFrom(AddrFromValue(k.Addr), int(k.Prefixlen))
 	})
+	if err != nil {
+		return nil, err
+	}
+	out6, err := readSet(m6, func(k bpf.DivertLpmV6Key) netip.Prefix {
+		return netip.PrefixFrom(inet16(bpf.DivertInetAddr{W: k.Addr}), int(k.Prefixlen))
+	})
+	out = append(out, out6...)
 	slices.SortFunc(out, func(a, b netip.Prefix) int { return strings.Compare(a.String(), b.String()) })
 	return out, err
 }
@@ -253,26 +281,25 @@ func readSet[K, E any](m *ebpf.Map, elem func(K) E) ([]E, error) {
 	return out, it.Err()
 }
 
-// syncAddrs makes a set of IPv4 addresses (the pod's own, the nameservers) hold exactly
-// the IPv4 ones of addrs.
+// syncAddrs makes a set of addresses (the pod's own, the nameservers) hold exactly addrs,
+// both families.
 func syncAddrs(m *ebpf.Map, addrs []netip.Addr) error {
-	want := make(map[uint32]uint8, len(addrs))
+	want := make(map[bpf.DivertInetAddr]uint8, len(addrs))
 	for _, a := range addrs {
-		if a.Is4() {
-			want[AddrValue(a)] = 1
-		}
+		want[InetAddrValue(a)] = 1
 	}
 	return sync(m, want)
 }
 
 // readAddrs is the inverse of syncAddrs, in address order.
 func readAddrs(m *ebpf.Map) ([]netip.Addr, error) {
-	out, err := readSet(m, AddrFromValue)
+	out, err := readSet(m, InetAddrFromValue)
 	slices.SortFunc(out, netip.Addr.Compare)
 	return out, err
 }
 
-// AddrValue is an IPv4 address as the BPF side stores it: network byte order in a __u32.
+// AddrValue is an IPv4 address as the BPF side's IPv4 tries store it: network byte order
+// in a __u32.
 func AddrValue(a netip.Addr) uint32 {
 	b := a.As4()
 	return binary.NativeEndian.Uint32(b[:])
@@ -285,6 +312,29 @@ func AddrFromValue(v uint32) netip.Addr {
 	return netip.AddrFrom4(b)
 }
 
+// InetAddrValue is an address of either family as the BPF side holds it (struct
+// inet_addr): 16 bytes in network order, IPv4 as ::ffff:a.b.c.d.
+func InetAddrValue(a netip.Addr) bpf.DivertInetAddr {
+	b := a.Unmap().As16()
+	var v bpf.DivertInetAddr
+	for i := range v.W {
+		v.W[i] = binary.NativeEndian.Uint32(b[4*i:])
+	}
+	return v
+}
+
+// InetAddrFromValue is the inverse of InetAddrValue: IPv4 comes back as IPv4.
+func InetAddrFromValue(v bpf.DivertInetAddr) netip.Addr { return inet16(v).Unmap() }
+
+// inet16 is v's 16 bytes as an IPv6 address (a prefix of a v4-mapped range stays one).
+func inet16(v bpf.DivertInetAddr) netip.Addr {
+	var b [16]byte
+	for i, w := range v.W {
+		binary.NativeEndian.PutUint32(b[4*i:], w)
+	}
+	return netip.AddrFrom16(b)
+}
+
 // PortFromValue converts a port stored in network byte order.
 func PortFromValue(v uint16) uint16 {
 	var b [2]byte
@@ -292,17 +342,53 @@ func PortFromValue(v uint16) uint16 {
 	return binary.BigEndian.Uint16(b[:])
 }
 
-// Counters sums the per-CPU verdict counters by reason.
+// Family is the address family a verdict counter counts: IPv4 (dialled from dual-stack
+// sockets as ::ffff:a.b.c.d too, IPv4 on the wire) or native IPv6.
+type Family int
+
+const (
+	IPv4 Family = iota
+	IPv6
+)
+
+func (f Family) String() string {
+	if f == IPv6 {
+		return "ipv6"
+	}
+	return "ipv4"
+}
+
+// familyCounters is where a family's counters start in the counters map (bpf/divert.c's
+// FAMILY_COUNTERS).
+const familyCounters = 32
+
+// CountersByFamily sums the per-CPU verdict counters by family and reason.
+func CountersByFamily(m *Maps) (map[Family]map[policy.Reason]uint64, error) {
+	out := map[Family]map[policy.Reason]uint64{}
+	for _, f := range []Family{IPv4, IPv6} {
+		out[f] = make(map[policy.Reason]uint64, policy.NumReasons)
+		for _, r := range policy.Reasons() {
+			var perCPU []uint64
+			if err := m.Counters.Lookup(uint32(f)*familyCounters+uint32(r), &perCPU); err != nil {
+				return nil, fmt.Errorf("read counters map: %w", err)
+			}
+			for _, n := range perCPU {
+				out[f][r] += n
+			}
+		}
+	}
+	return out, nil
+}
+
+// Counters sums the per-CPU verdict counters by reason, both families together.
 func Counters(m *Maps) (map[policy.Reason]uint64, error) {
-	out := make(map[policy.Reason]uint64, policy.NumReasons)
-	for _, r := range policy.Reasons() {
-		var perCPU []uint64
-		if err := m.Counters.Lookup(uint32(r), &perCPU); err != nil {
-			return nil, fmt.Errorf("read counters map: %w", err)
-		}
-		for _, n := range perCPU {
-			out[r] += n
-		}
+	byFamily, err := CountersByFamily(m)
+	if err != nil {
+		return nil, err
+	}
+	out := byFamily[IPv4]
+	for r, n := range byFamily[IPv6] {
+		out[r] += n
 	}
 	return out, nil
 }
