@@ -35,7 +35,7 @@ var testHookBeforeCommit func() error
 // namespace where another pod's divert programs run, on the cgroup, an ancestor or a
 // descendant (a *CapturedError, ErrCaptured): the kernel would run both pods' programs for
 // the same sockets, and the proxy would read the wrong original destination or none.
-func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) error {
+func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) (err error) {
 	if !validID.MatchString(pod.ID) {
 		return &InputError{Field: "pod-id", Value: pod.ID, Msg: badID}
 	}
@@ -54,7 +54,6 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 		}
 	}
 	var tgt target
-	var err error
 	if tgt.cgroupID, err = cgroupID(pod.Cgroup); err != nil {
 		return err
 	}
@@ -85,6 +84,24 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) erro
 	// Under the lock: two loaders sharing this bpffs cannot both pass.
 	if err := checkOverlap(pod, opts); err != nil {
 		return err
+	}
+	if cfg.IPv6 {
+		// The proxy's IPv6 inbound passthrough source, as istio-iptables adds it; taken
+		// away again if this attach fails (err is Attach's result).
+		var added bool
+		if added, err = addPassthrough6(pod.NetNS); err != nil {
+			return err
+		}
+		if added {
+			defer func() {
+				if err != nil {
+					err = errors.Join(err, removePassthrough6(pod.NetNS))
+				}
+			}()
+			if addrs, err = LocalAddrs(pod.NetNS); err != nil { // ::6 is one now
+				return err
+			}
+		}
 	}
 	dir := PinDir(opts, pod.ID)
 	if _, err := os.Stat(dir); err == nil {

@@ -3,9 +3,15 @@ package e2e
 import (
 	"flag"
 	"net/netip"
+	"os"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/internal/nsexec"
+	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/testpod"
 )
@@ -23,22 +29,16 @@ func TestBurstKeepsEveryOriginalDestination(t *testing.T) {
 		pod := testpod.New(t)
 		att := divertest.Attach(t, pod, divertest.BPFFS(t), divertest.Config(t))
 		res := pod.Burst(t, netip.AddrPortFrom(anyAddr, 15001), proxyUID, appUID, n)
-		lost := 0
-		for _, c := range res.Conns {
-			if c.Err != "" || c.Orig != c.Target.String() {
-				if lost++; lost <= 5 {
-					t.Errorf("connection to %s: app %q err %q, proxy read %q (err %q)", c.Target, c.Local, c.Err, c.Orig, c.OrigErr)
-				}
-			}
-		}
-		if lost > 0 || len(res.Accepts) != n || len(res.Unmatched) != 0 {
-			t.Fatalf("%d of %d connections did not reach the proxy with their own original destination; proxy accepted %d, %d unmatched",
-				lost, n, len(res.Accepts), len(res.Unmatched))
-		}
-		if got := att.Counters(t)[policy.ReasonIncludedCIDR]; got != uint64(n) {
-			t.Errorf("included-cidr counted %d, want %d", got, n)
-		}
-		att.NoDrops(t)
+		checkBurst(t, att, maps.IPv4, res, n)
+	})
+	// IPv6's original destination does not fit beside the SYN's options and rides on the
+	// handshake's ACK: the same burst to as many IPv6 destinations.
+	t.Run("ebpf-ipv6", func(t *testing.T) {
+		pod := testpod.NewStack(t, testpod.IPv6Only)
+		att := divertest.Attach(t, pod, divertest.BPFFS(t), ipv6Config(t))
+		res := pod.BurstWith(t, testpod.BurstConfig{Addrs: pod.Net.Addrs6, Proxy: netip.AddrPortFrom(any6, 15001),
+			ProxyID: proxyUID, AppID: appUID, Count: n})
+		checkBurst(t, att, maps.IPv6, res, n)
 	})
 	// The reference: under istio's rules a connection may fail to establish (REDIRECT's
 	// source-port collisions), and NAT may rewrite its source port so the proxy's peer is
@@ -67,4 +67,90 @@ func TestBurstKeepsEveryOriginalDestination(t *testing.T) {
 			t.Fatalf("proxy got %d distinct original destinations, %d connections were established", len(seen), len(established))
 		}
 	})
+}
+
+// checkBurst requires every connection of a burst of n to have reached the proxy with its
+// own original destination, counted once in family's counters, nothing dropped.
+func checkBurst(t *testing.T, att *divertest.Attached, family maps.Family, res testpod.BurstResult, n int) {
+	t.Helper()
+	lost := 0
+	for _, c := range res.Conns {
+		if c.Err != "" || c.Orig != c.Target.String() {
+			if lost++; lost <= 5 {
+				t.Errorf("connection to %s: app %q err %q, proxy read %q (err %q)", c.Target, c.Local, c.Err, c.Orig, c.OrigErr)
+			}
+		}
+	}
+	if lost > 0 || len(res.Accepts) != n || len(res.Unmatched) != 0 {
+		t.Fatalf("%d of %d connections did not reach the proxy with their own original destination; proxy accepted %d, %d unmatched",
+			lost, n, len(res.Accepts), len(res.Unmatched))
+	}
+	if got := att.CountersByFamily(t, family)[policy.ReasonIncludedCIDR]; got != uint64(n) {
+		t.Errorf("%s included-cidr counted %d, want %d", family, got, n)
+	}
+	att.NoDrops(t)
+}
+
+// A proxy that accepts slowly (one connection every 200 ms) from a short queue (backlog
+// 8) while an app opens 40 connections at once and writes to each: the accept queue
+// overflows, so SYNs are dropped and sent again, and final ACKs are dropped (the app's
+// side is established, the proxy's not) and the handshake is completed later by the app's
+// data or its ACK of a retransmitted SYN-ACK. The segment that finally establishes the
+// proxy's socket must carry the original destination, in both families (IPv4's can ride on
+// the SYN, IPv6's never does). Writing IPv6's option on the first ACK only loses about half
+// of them here. SYN cookies are off in the pod: with them, handshakes whose cookie ACK met
+// a full queue stalled for good, with no BPF program loaded at all (the kernel kept counting
+// ListenOverflows while accept() found nothing).
+func TestBurstOverflowingAcceptQueue(t *testing.T) {
+	const n = 40
+	for _, family := range []maps.Family{maps.IPv4, maps.IPv6} {
+		t.Run(family.String(), func(t *testing.T) {
+			pod := testpod.NewStack(t, testpod.DualStack)
+			att := divertest.Attach(t, pod, divertest.BPFFS(t), ipv6Config(t))
+			if err := nsexec.Do(pod.NetNSPath, func() error {
+				return os.WriteFile("/proc/sys/net/ipv4/tcp_syncookies", []byte("0\n"), 0)
+			}); err != nil {
+				t.Fatal(err)
+			}
+			addrs := pod.Net.Addrs
+			if family == maps.IPv6 {
+				addrs = pod.Net.Addrs6
+			}
+			res := pod.BurstWith(t, testpod.BurstConfig{Addrs: addrs, Proxy: netip.AddrPortFrom(any6, 15001),
+				ProxyID: proxyUID, AppID: appUID, Count: n, Backlog: 8, AcceptEvery: 200 * time.Millisecond})
+			overflows := listenOverflows(t, pod)
+			t.Logf("%s: app settled in %v, %d listen overflows", family, res.Settle.Round(time.Millisecond), overflows)
+			if overflows == 0 {
+				t.Fatal("the accept queue never overflowed: nothing was established late")
+			}
+			checkBurst(t, att, family, res, n)
+		})
+	}
+}
+
+// listenOverflows is the pod's TcpExt ListenOverflows: final ACKs and SYNs a listener
+// dropped because its accept queue was full.
+func listenOverflows(t *testing.T, pod *testpod.Pod) int {
+	t.Helper()
+	var b []byte
+	err := nsexec.Do(pod.NetNSPath, func() (err error) {
+		b, err = os.ReadFile("/proc/thread-self/net/netstat")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Pairs of lines: "TcpExt: names..." then "TcpExt: values...".
+	lines := strings.Split(string(b), "\n")
+	for i := 0; i+1 < len(lines); i += 2 {
+		names, values := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+		for j, name := range names {
+			if name == "ListenOverflows" && j < len(values) && names[0] == "TcpExt:" {
+				n, _ := strconv.Atoi(values[j])
+				return n
+			}
+		}
+	}
+	t.Fatal("no TcpExt ListenOverflows in /proc/net/netstat")
+	return 0
 }

@@ -75,6 +75,35 @@ const burstDone = "done"
 // proxy accepts everything and reports each connection's original destination.
 func (p *Pod) Burst(tb testing.TB, proxyAddr netip.AddrPort, proxyID, appID uint32, count int) BurstResult {
 	tb.Helper()
+	return p.BurstWith(tb, BurstConfig{Proxy: proxyAddr, ProxyID: proxyID, AppID: appID, Count: count})
+}
+
+// BurstConfig describes a burst (Pod.BurstWith).
+type BurstConfig struct {
+	// Addrs are the destinations' addresses, the network's IPv4 ones (Addrs) if empty;
+	// Network.BurstTargets spreads the connections over them.
+	Addrs []netip.Addr
+	// Proxy is where the proxy listens: [::] is a dual-stack listener.
+	Proxy          netip.AddrPort
+	ProxyID, AppID uint32
+	Count          int
+	// Backlog, if > 0, is the proxy's listen backlog (else one that holds the burst), and
+	// the proxy then accepts from the start, one connection every AcceptEvery, instead of
+	// waiting for the whole burst to be queued: the accept queue overflows, so handshakes
+	// complete late (a dropped SYN or final ACK is retransmitted, a SYN cookie stands in
+	// for a request), and the app sends one byte on each connection once connected, as a
+	// client does, which is what completes a cookie's handshake whose ACK was dropped.
+	Backlog     int
+	AcceptEvery time.Duration
+}
+
+// BurstWith runs a burst as c says; see Burst.
+func (p *Pod) BurstWith(tb testing.TB, c BurstConfig) BurstResult {
+	tb.Helper()
+	count, addrList := c.Count, c.Addrs
+	if len(addrList) == 0 {
+		addrList = p.Net.Addrs
+	}
 	// The accept queue must hold the whole burst (somaxconn is per network namespace).
 	must(tb, nsexec.Do(p.NetNSPath, func() error {
 		return os.WriteFile("/proc/sys/net/core/somaxconn", []byte("65535\n"), 0)
@@ -89,20 +118,24 @@ func (p *Pod) Burst(tb testing.TB, proxyAddr netip.AddrPort, proxyID, appID uint
 			tb.Fatalf("testpod: a burst of %d needs RLIMIT_NOFILE %d, the hard limit is %d: %v", count, need, lim.Max, err)
 		}
 	}
-	proxy := p.Start(tb, ProcSpec{UID: proxyID, GID: proxyID, Args: []string{
-		"burst-proxy", "--listen", proxyAddr.String(), "--count", fmt.Sprint(count)}}).waitReady(tb)
+	trickle := c.Backlog > 0
+	proxy := p.Start(tb, ProcSpec{UID: c.ProxyID, GID: c.ProxyID, Args: []string{
+		"burst-proxy", "--listen", c.Proxy.String(), "--count", fmt.Sprint(count),
+		"--backlog", fmt.Sprint(c.Backlog), "--accept-every", c.AcceptEvery.String()}}).waitReady(tb)
 
-	addrs := make([]string, len(p.Net.Addrs))
-	for i, a := range p.Net.Addrs {
+	addrs := make([]string, len(addrList))
+	for i, a := range addrList {
 		addrs[i] = a.String()
 	}
 	start := time.Now()
-	app := p.Start(tb, ProcSpec{UID: appID, GID: appID, Args: []string{
-		"burst-app", "--addrs", strings.Join(addrs, ","), "--count", fmt.Sprint(count)}})
+	app := p.Start(tb, ProcSpec{UID: c.AppID, GID: c.AppID, Args: []string{
+		"burst-app", "--addrs", strings.Join(addrs, ","), "--count", fmt.Sprint(count), fmt.Sprintf("--send=%v", trickle)}})
 	dials := waitLines[burstDial](tb, app, count, 2*time.Minute)
 	settle := time.Since(start)
 
-	must(tb, proxy.Cmd.Process.Signal(syscall.SIGUSR1), "tell the proxy to accept")
+	if !trickle {
+		must(tb, proxy.Cmd.Process.Signal(syscall.SIGUSR1), "tell the proxy to accept")
+	}
 	accepts := waitLines[BurstAccept](tb, proxy, -1, 2*time.Minute)
 
 	byPeer := make(map[string]BurstAccept, len(accepts))
@@ -111,7 +144,7 @@ func (p *Pod) Burst(tb testing.TB, proxyAddr netip.AddrPort, proxyID, appID uint
 	}
 	res := BurstResult{Accepts: accepts, Settle: settle}
 	matched := make(map[string]bool)
-	for i, t := range p.Net.BurstTargets(count) {
+	for i, t := range (&Network{Addrs: addrList}).BurstTargets(count) {
 		c := BurstConn{Target: t, Local: dials[i].Local, Err: dials[i].Err}
 		if a, ok := byPeer[c.Local]; ok && c.Local != "" {
 			c.Orig, c.OrigErr = a.Orig, a.OrigErr
@@ -169,6 +202,7 @@ func runBurstApp(args []string) error {
 	addrList := fs.String("addrs", "", "destination addresses, comma-separated")
 	count := fs.Int("count", 0, "connections")
 	timeout := fs.Duration("timeout", time.Minute, "for all connects to settle")
+	send := fs.Bool("send", false, "send one byte on each connection once connected")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -184,12 +218,12 @@ func runBurstApp(args []string) error {
 	fds := make([]int, len(targets))
 	out := make([]burstDial, len(targets))
 	for i, t := range targets {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		family, sa := sockaddr(t)
+		fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
 			return fmt.Errorf("socket %d: %w", i, err)
 		}
 		fds[i] = fd
-		sa := &unix.SockaddrInet4{Port: int(t.Port()), Addr: t.Addr().As4()}
 		if err := sockio.RetryEINTR(func() error { return unix.Connect(fd, sa) }); err != nil && err != unix.EINPROGRESS {
 			out[i].Err = errText(err)
 			fds[i] = -1
@@ -234,8 +268,12 @@ func runBurstApp(args []string) error {
 				out[i].Err = errText(err)
 				continue
 			}
-			in4 := sa.(*unix.SockaddrInet4)
-			out[i].Local = netip.AddrPortFrom(netip.AddrFrom4(in4.Addr), uint16(in4.Port)).String()
+			out[i].Local = sockaddrString(sa)
+			if *send {
+				if _, err := unix.Write(fd, []byte{'x'}); err != nil {
+					out[i].Err = errText(err)
+				}
+			}
 		}
 	}
 	enc := json.NewEncoder(os.Stdout)
@@ -252,8 +290,10 @@ func runBurstApp(args []string) error {
 // SIGUSR1, then accept everything that is queued and report each original destination.
 func runBurstProxy(args []string) error {
 	fs := flag.NewFlagSet("burst-proxy", flag.ContinueOnError)
-	listenAddr := fs.String("listen", "", "ip:port")
+	listenAddr := fs.String("listen", "", "ip:port ([::]: dual-stack)")
 	count := fs.Int("count", 0, "connections to expect (the queue's depth)")
+	backlog := fs.Int("backlog", 0, "listen backlog; if > 0, accept from the start instead of after SIGUSR1")
+	acceptEvery := fs.Duration("accept-every", 0, "with --backlog: pause between accepts")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -263,28 +303,43 @@ func runBurstProxy(args []string) error {
 	}
 	go1 := make(chan os.Signal, 1)
 	signal.Notify(go1, syscall.SIGUSR1)
-	ln, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	family, sa := sockaddr(ap)
+	ln, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return err
 	}
 	if err := unix.SetsockoptInt(ln, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 		return err
 	}
-	if err := unix.Bind(ln, &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}); err != nil {
+	if family == unix.AF_INET6 {
+		if err := unix.SetsockoptInt(ln, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
+			return err
+		}
+	}
+	if err := unix.Bind(ln, sa); err != nil {
 		return err
 	}
-	if err := unix.Listen(ln, *count+64); err != nil {
+	depth, idle := *count+64, 500*time.Millisecond
+	if *backlog > 0 {
+		// Late handshakes arrive on the SYN and SYN-ACK retransmission timers (1, 3, 7 s
+		// ...) and the data's (the app's byte): wait out a few of them.
+		depth, idle = *backlog, 20*time.Second
+	}
+	if err := unix.Listen(ln, depth); err != nil {
 		return err
 	}
 	fmt.Println(readyLine)
-	<-go1
+	if *backlog == 0 {
+		<-go1
+	}
 	if err := unix.SetNonblock(ln, true); err != nil {
 		return err
 	}
 	enc := json.NewEncoder(os.Stdout)
-	// Everything is queued already; stop once the queue stays empty for a while.
+	// Everything is queued already (or arrives late, with --backlog); stop once the queue
+	// stays empty for a while, or everything came.
 	idleSince := time.Now()
-	for time.Since(idleSince) < 500*time.Millisecond {
+	for accepted := 0; accepted < *count && time.Since(idleSince) < idle; {
 		fd, sa, err := unix.Accept4(ln, unix.SOCK_CLOEXEC)
 		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
 			time.Sleep(10 * time.Millisecond)
@@ -294,9 +349,13 @@ func runBurstProxy(args []string) error {
 			return fmt.Errorf("accept: %w", err)
 		}
 		idleSince = time.Now()
-		in4 := sa.(*unix.SockaddrInet4)
-		a := BurstAccept{Peer: netip.AddrPortFrom(netip.AddrFrom4(in4.Addr), uint16(in4.Port)).String()}
-		if orig, err := origdst.GetFD(fd); err != nil {
+		accepted++
+		a := BurstAccept{Peer: sockaddrString(sa)}
+		get := origdst.GetFD
+		if in6, ok := sa.(*unix.SockaddrInet6); ok && !netip.AddrFrom16(in6.Addr).Is4In6() {
+			get = origdst.GetFD6 // as Envoy asks a native IPv6 connection
+		}
+		if orig, err := get(fd); err != nil {
 			a.OrigErr = errText(err)
 		} else {
 			a.Orig = orig.String()
@@ -305,7 +364,16 @@ func runBurstProxy(args []string) error {
 			return err
 		}
 		// fd stays open until the process is killed: the burst is about holding them all.
+		time.Sleep(*acceptEvery)
 	}
 	fmt.Println(burstDone)
 	select {}
+}
+
+// sockaddr is ap as a socket address of its own family.
+func sockaddr(ap netip.AddrPort) (family int, sa unix.Sockaddr) {
+	if ap.Addr().Is6() {
+		return unix.AF_INET6, &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+	}
+	return unix.AF_INET, &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
 }
