@@ -898,9 +898,10 @@ int divert_getpeername6(struct bpf_sock_addr *ctx) { return show_nameserver6(ctx
 // data or sent some, its socket is established and the option stops.
 // The SYN carries the 10-byte IPv4 option where it has room, but never the 22-byte IPv6 one:
 // beside MSS, SACK-permitted, timestamps and window scale (20 bytes) only 20 of TCP's 40
-// bytes of options are left. Later segments carry the timestamps alone (12 bytes), which
-// leaves room for either; the SYN never establishes the proxy's socket (but with Fast Open,
-// whose cookie fills it anyway).
+// bytes of options are left. The later segments carry the timestamps alone (12 bytes),
+// which leaves room for either (36 of 40 bytes with IPv6's, padded); the SYN never
+// establishes the proxy's socket, but with Fast Open, whose cookie leaves no room for
+// either option.
 static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -923,8 +924,14 @@ static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 								 ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 			return;
 		}
-		if (!v4 && (skops->skb_tcp_flags & TCPHDR_SYN))
+		if (!v4 && (skops->skb_tcp_flags & TCPHDR_SYN)) {
+			// A Fast Open SYN with data may establish the proxy's socket by itself:
+			// then the destination is lost, as for IPv4, whose option finds no room
+			// beside Fast Open's cookie either.
+			if (skops->skb_len > 0)
+				count_drop(DROP_ORIG_DST_UNSENT);
 			return;
+		}
 		if (bpf_reserve_hdr_opt(skops, v4 ? sizeof(struct orig_dst_opt) : ORIG_DST_OPT6_LEN, 0))
 			count_drop(DROP_ORIG_DST_UNSENT);
 		return;

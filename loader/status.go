@@ -18,6 +18,9 @@ type PodStatus struct {
 	Programs []ProgramStatus   `json:"programs"`
 	Policy   PolicyStatus      `json:"policy"`
 	Counters map[string]uint64 `json:"counters"`
+	// CountersByFamily splits Counters by address family, "ipv4" (IPv4 dialled from
+	// dual-stack sockets too) and "ipv6" (native); only reasons counted are listed.
+	CountersByFamily map[string]map[string]uint64 `json:"countersByFamily"`
 	// Drops counts what the programs gave up on, by kind (every kind listed, zero or not):
 	// a connection refused or an original destination not delivered.
 	Drops map[string]uint64 `json:"drops"`
@@ -77,6 +80,8 @@ type PolicyStatus struct {
 	InboundPorts         []uint16     `json:"inboundPorts,omitempty"`
 	InboundExcludePorts  []uint16     `json:"inboundExcludePorts,omitempty"`
 	LocalAddrs           []netip.Addr `json:"localAddrs"`
+	// IPv6 says native IPv6 is captured too (istio's ip6tables rules).
+	IPv6 bool `json:"ipv6"`
 	// DNS capture: off, to the nameservers, or (DNSCaptureAll) every destination's port 53,
 	// sent to 127.0.0.1:DNSAgentPort.
 	DNSCapture    bool         `json:"dnsCapture"`
@@ -93,7 +98,8 @@ func Status(id string, opts Options) (*PodStatus, error) {
 	}
 	defer m.Close()
 
-	st := &PodStatus{ID: id, Pod: readPodName(PinDir(opts, id)), Counters: map[string]uint64{}}
+	st := &PodStatus{ID: id, Pod: readPodName(PinDir(opts, id)), Counters: map[string]uint64{},
+		CountersByFamily: map[string]map[string]uint64{}}
 	for _, p := range programs {
 		l, err := loadPinnedLink(filepath.Join(PinDir(opts, id), p.pin))
 		if errors.Is(err, os.ErrNotExist) {
@@ -125,13 +131,17 @@ func Status(id string, opts Options) (*PodStatus, error) {
 	if st.Inert {
 		st.Policy.OutboundExcludePorts, st.Policy.InboundExcludePorts = nil, nil
 	}
-	counters, err := maps.Counters(m)
+	counters, err := maps.CountersByFamily(m)
 	if err != nil {
 		return nil, err
 	}
-	for r, n := range counters {
-		if n > 0 {
-			st.Counters[r.String()] = n
+	for f, byReason := range counters {
+		st.CountersByFamily[f.String()] = map[string]uint64{}
+		for r, n := range byReason {
+			if n > 0 {
+				st.Counters[r.String()] += n
+				st.CountersByFamily[f.String()][r.String()] = n
+			}
 		}
 	}
 	drops, err := maps.Drops(m)
@@ -166,7 +176,7 @@ func readPolicy(m *maps.Maps) (PolicyStatus, error) {
 		OutboundPorts: cfg.OutboundPorts, OutboundExcludePorts: cfg.OutboundExcludePorts,
 		InboundPorts: cfg.InboundPorts.Ports, InboundExcludePorts: cfg.InboundExcludePorts,
 		OutboundCIDRs: prefixStrings(cfg.OutboundCIDRs.Prefixes), OutboundExcludeCIDRs: prefixStrings(cfg.OutboundExcludeCIDRs),
-		LocalAddrs: local,
+		LocalAddrs: local, IPv6: cfg.IPv6,
 		DNSCapture: cfg.RedirectDNS, DNSCaptureAll: cfg.CaptureAllDNS, DNSServers: cfg.DNSServers,
 	}
 	if p.DNSCapture {

@@ -147,6 +147,11 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 		fmt.Fprintf(w, "  inbound  off (attached with --no-inbound)\n")
 	}
 	fmt.Fprintf(w, "  pod addresses %v\n", p.LocalAddrs)
+	if p.IPv6 {
+		fmt.Fprintf(w, "  ipv6     captured (ip6tables' rules: to [::1], passthrough from ::6)\n")
+	} else {
+		fmt.Fprintf(w, "  ipv6     not captured (IPv4 rules only)\n")
+	}
 	switch {
 	case st.OutsideCgroupUnchecked != "":
 		fmt.Fprintf(w, "  outside  not checked for processes in the pod's netns outside its cgroup: %s\n", st.OutsideCgroupUnchecked)
@@ -167,6 +172,10 @@ func printStatus(w io.Writer, st *loader.PodStatus) {
 	}
 	slices.Sort(names)
 	for _, name := range names {
+		if n6 := st.CountersByFamily["ipv6"][name]; n6 > 0 {
+			fmt.Fprintf(w, "  %-24s %d (ipv4 %d, ipv6 %d)\n", name, st.Counters[name], st.CountersByFamily["ipv4"][name], n6)
+			continue
+		}
 		fmt.Fprintf(w, "  %-24s %d\n", name, st.Counters[name])
 	}
 	drops := make([]string, 0, len(st.Drops))

@@ -169,3 +169,147 @@ func TestIPv6SidecarPath(t *testing.T) {
 		t.Fatalf("app A -> %s: %+v\n  hops %q\n  want %q", dst, res, hops, want)
 	}
 }
+
+// istio's ip6tables rules, one by one, as the eBPF backend applies them to native IPv6
+// (ISTIO_OUTPUT with ::6 and ::1): who answers each connection, the proxy (reading its
+// original destination) or the server it was meant for. The model and ip6tables are held
+// to the same outcomes by the parity suite; this is the eBPF side on its own.
+func TestIPv6Rules(t *testing.T) {
+	pod := testpod.NewStack(t, testpod.DualStack)
+	opts := divertest.BPFFS(t)
+	pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Mode: "report", UID: proxyUID, GID: proxyUID,
+		Listen: []netip.AddrPort{ap(any6, 15001), ap(any6, 15006)}})
+	pod.Server(t, "local", ap(any6, 8080), appUID, appUID)
+	pod.Net.Server(t, "remote", ap(any6, 80))
+	pod.Net.Server(t, "remote", ap(any6, 81))
+	r6, r6b, r4 := pod.Net.Addrs6[1], pod.Net.Addrs6[2], pod.Net.Addrs[1]
+	x := netip.PrefixFrom(r6, 66).Masked()  // holds Addrs6[1] only
+	i := netip.PrefixFrom(r6b, 66).Masked() // holds Addrs6[2] only
+	type conn struct {
+		uid  uint32
+		dst  netip.AddrPort
+		src  netip.Addr // bound before connect
+		want string     // "proxy:<listener port>" or the server's name
+	}
+	app, proxy := uint32(appUID), uint32(proxyUID)
+	for _, c := range []struct {
+		name   string
+		args   []string
+		mutate func(*policy.Config)
+		conns  []conn
+	}{
+		{name: "default", conns: []conn{
+			{app, ap(r6, 80), netip.Addr{}, "proxy:15001"},
+			{proxy, ap(r6, 80), netip.Addr{}, "remote"},                    // the proxy's own (uid)
+			{app, ap(netip.IPv6Loopback(), 8080), netip.Addr{}, "local"},   // -d ::1 RETURN
+			{app, ap(pod.Addr6, 8080), netip.Addr{}, "local"},              // the app to its own pod
+			{proxy, ap(pod.Addr6, 8080), netip.Addr{}, "proxy:15006"},      // hairpin
+			{proxy, ap(netip.IPv6Loopback(), 8080), netip.Addr{}, "local"}, // no hairpin to ::1
+			{proxy, ap(pod.Addr6, 8080), passthrough6, "local"},            // from ::6, not hairpinned
+			{app, ap(any6, 8080), netip.Addr{}, "local"},                   // :: is ::1
+		}},
+		{name: "-o 80", args: []string{"-o", "80"}, conns: []conn{
+			{app, ap(r6, 80), netip.Addr{}, "remote"},
+			{app, ap(r6, 81), netip.Addr{}, "proxy:15001"},
+		}},
+		{name: "-x IPv6", mutate: func(c *policy.Config) { c.OutboundExcludeCIDRs = []netip.Prefix{x} }, conns: []conn{
+			{app, ap(r6, 80), netip.Addr{}, "remote"},
+			{app, ap(r6b, 80), netip.Addr{}, "proxy:15001"},
+			{app, ap(r4, 80), netip.Addr{}, "proxy:15001"}, // an IPv6 range leaves IPv4 alone
+		}},
+		{name: "-i IPv6 only", args: []string{"-i", ""}, mutate: func(c *policy.Config) { c.OutboundCIDRs.Prefixes = []netip.Prefix{i} }, conns: []conn{
+			{app, ap(r6b, 80), netip.Addr{}, "proxy:15001"},
+			{app, ap(r6, 80), netip.Addr{}, "remote"},
+			{app, ap(r4, 80), netip.Addr{}, "remote"}, // no IPv4 range: IPv4 is not captured
+		}},
+		{name: "-i IPv4 only", args: []string{"-i", "198.19.0.0/16"}, conns: []conn{
+			{app, ap(r4, 80), netip.Addr{}, "proxy:15001"},
+			{app, ap(r6, 80), netip.Addr{}, "remote"}, // no IPv6 range: IPv6 is not captured
+		}},
+		{name: "-q 81", args: []string{"-i", "", "-q", "81"}, conns: []conn{
+			{app, ap(r6, 81), netip.Addr{}, "proxy:15001"},
+			{app, ap(r6, 80), netip.Addr{}, "remote"},
+		}},
+		{name: "-i ::1 captures loopback", mutate: func(c *policy.Config) {
+			c.OutboundCIDRs = policy.CIDRList{Prefixes: []netip.Prefix{netip.MustParsePrefix("::1/128")}}
+		}, conns: []conn{
+			{app, ap(netip.IPv6Loopback(), 8080), netip.Addr{}, "local"}, // -d ::1 RETURN still wins
+			{app, ap(pod.Addr6, 8080), netip.Addr{}, "local"},            // not in -i
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := ipv6Config(t, c.args...)
+			if c.mutate != nil {
+				c.mutate(cfg)
+			}
+			divertest.Attach(t, pod, opts, cfg) // the first attaches, the others update
+			for _, cn := range c.conns {
+				target := testpod.Target{Dst: cn.dst, BindSrc: cn.src}
+				r := pod.Dial(t, cn.uid, cn.uid, target)[0]
+				got := r.Err
+				if len(r.Hops) == 1 {
+					got = r.Hops[0].Who
+					if got == "proxy" {
+						lp, _ := netip.ParseAddrPort(r.Hops[0].Listener)
+						got = fmt.Sprintf("proxy:%d", lp.Port())
+						routed := cn.dst
+						if routed.Addr().IsUnspecified() {
+							routed = ap(netip.IPv6Loopback(), cn.dst.Port())
+						}
+						if r.Hops[0].Orig != routed.String() {
+							t.Errorf("uid %d -> %v: the proxy read %q (%s), want %s", cn.uid, target, r.Hops[0].Orig, r.Hops[0].OrigErr, routed)
+						}
+					}
+				}
+				if got != cn.want {
+					t.Errorf("uid %d -> %v: reached %q, want %q (%+v)", cn.uid, target, got, cn.want, r)
+				}
+			}
+		})
+	}
+}
+
+// Without IPv6 capture (istio writes no ip6tables rules: an IPv4-only pod), native IPv6
+// is neither captured nor counted, while IPv4 dialled from the same dual-stack socket type
+// is.
+func TestIPv6NotCapturedWithoutIt(t *testing.T) {
+	pod := testpod.New(t)
+	att := divertest.Attach(t, pod, divertest.BPFFS(t), divertest.Config(t))
+	pod.Proxy(t, "proxy", ap(any6, 15001), "report", proxyUID, proxyUID)
+	pod.Server(t, "local", ap(netip.IPv6Loopback(), 8080), appUID, appUID)
+	res := pod.Dial(t, appUID, appUID,
+		testpod.Target{Dst: ap(netip.IPv6Loopback(), 8080)},
+		testpod.Target{Dst: ap(netip.IPv6Loopback(), 8080), DualStack: true},
+		testpod.Target{Dst: ap(pod.Net.Addrs[0], 80), DualStack: true})
+	if len(res[0].Hops) != 1 || res[0].Hops[0].Who != "local" || len(res[1].Hops) != 1 || res[1].Hops[0].Who != "local" {
+		t.Errorf("IPv6 to [::1]:8080 should reach the local server untouched: %+v", res[:2])
+	}
+	if len(res[2].Hops) != 1 || res[2].Hops[0].Who != "proxy" {
+		t.Errorf("IPv4 from a dual-stack socket should be captured: %+v", res[2])
+	}
+	for r, n := range att.CountersByFamily(t, maps.IPv6) {
+		if n != 0 {
+			t.Errorf("IPv6 counter %s = %d, want nothing counted", r, n)
+		}
+	}
+}
+
+// A proxy listening before divert is attached, Envoy's way in dual stack (0.0.0.0:15006
+// and an IPv6-only [::]:15006), is found for both families: each listener keeps its slot
+// in its family's half of the listener map, so neither can push the other out.
+func TestIPv6InboundAdoptsExistingListeners(t *testing.T) {
+	pod := testpod.NewStack(t, testpod.DualStack)
+	pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Mode: "report", UID: proxyUID, GID: proxyUID,
+		Listen: []netip.AddrPort{ap(anyAddr, 15006), ap(any6, 15006)}, V6Only: true})
+	divertest.Attach(t, pod, divertest.BPFFS(t), ipv6Config(t))
+	for _, dst := range []netip.AddrPort{ap(pod.Addr6, 8080), ap(pod.Addr, 8080)} {
+		res := pod.Net.Dial(t, testpod.Target{Dst: dst})[0]
+		want := "0.0.0.0:15006"
+		if dst.Addr().Is6() {
+			want = "[::]:15006"
+		}
+		if len(res.Hops) != 1 || res.Hops[0].Who != "proxy" || res.Hops[0].Listener != want || res.Hops[0].Orig != dst.String() {
+			t.Errorf("remote -> %s: want the proxy's %s listener reading it, got %+v", dst, want, res)
+		}
+	}
+}
