@@ -358,13 +358,12 @@ func (f Family) String() string {
 	return "ipv4"
 }
 
-// familyCounters is where a family's counters start in the counters map (bpf/divert.c's
-// FAMILY_COUNTERS).
-const familyCounters = 32
-
 // CountersByFamily sums the per-CPU verdict counters by family and reason.
 func CountersByFamily(m *Maps) (map[Family]map[policy.Reason]uint64, error) {
 	out := map[Family]map[policy.Reason]uint64{}
+	// IPv4's counters fill the first half of the map, IPv6's the second (bpf/divert.c's
+	// FAMILY_COUNTERS).
+	familyCounters := m.Counters.MaxEntries() / 2
 	for _, f := range []Family{IPv4, IPv6} {
 		out[f] = make(map[policy.Reason]uint64, policy.NumReasons)
 		for _, r := range policy.Reasons() {
