@@ -64,9 +64,6 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) (err
 	if err != nil {
 		return err
 	}
-	if err := checkFamilies(pod.NetNS, cfg, addrs); err != nil {
-		return err
-	}
 	var st unix.Stat_t
 	if err := unix.Stat(pod.NetNS, &st); err != nil {
 		return &InputError{Field: "netns", Value: pod.NetNS, Msg: err.Error()}

@@ -15,7 +15,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/nsexec"
-	"github.com/meshdivert/divert/policy"
 )
 
 // target identifies what a pod's links must be attached to.
@@ -91,18 +90,6 @@ func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 	}
 	slices.SortFunc(addrs, netip.Addr.Compare)
 	return slices.Compact(addrs), nil
-}
-
-// checkFamilies refuses a pod with IPv6 addresses (policy.CheckPodAddrs) when cfg does not
-// capture IPv6: its IPv6 connections would bypass the proxy.
-func checkFamilies(netnsPath string, cfg *policy.Config, addrs []netip.Addr) error {
-	if cfg.IPv6 {
-		return nil
-	}
-	if err := policy.CheckPodAddrs(addrs); err != nil {
-		return &InputError{Field: "netns", Value: netnsPath, Msg: err.Error() + "; capture only pods with IPv4 addresses, or turn IPv6 capture on"}
-	}
-	return nil
 }
 
 func unwrapPathError(err error) error {

@@ -115,9 +115,7 @@ func (a *Agent) attach(ctx context.Context, pod *corev1.Pod, cniIPs []string, ne
 	if err != nil {
 		return err
 	}
-	if err := checkFamily(pod, &cfg, cniIPs); err != nil {
-		return err
-	}
+	decideFamilies(pod, &cfg, cniIPs)
 	cg, err := a.podCgroup(pod, create)
 	if err != nil {
 		return err
@@ -157,12 +155,10 @@ func (a *Agent) detach(uid string) error {
 	return nil
 }
 
-// checkFamily refuses a pod the eBPF programs cannot capture as istio would
-// (policy.Config.EBPFUnsupported: one with IPv6) rather than capture half of it: its IPv6
-// connections would bypass the proxy (mTLS, policy) with nothing to say so. The pod does
-// not start; the CNI error (the kubelet's FailedCreatePodSandBox event) and the agent's log
-// say why and what to do.
-func checkFamily(pod *corev1.Pod, cfg *policy.Config, cniIPs []string) error {
+// decideFamilies decides, as istio-cni would, whether the pod's IPv6 connections are
+// captured too (policy.Config.DecideIPv6): from its addresses (the CNI result's at ADD,
+// before the API has them, and the API's) and dual stack (ISTIO_DUAL_STACK, Config).
+func decideFamilies(pod *corev1.Pod, cfg *policy.Config, cniIPs []string) {
 	ips := slices.Clone(cniIPs)
 	for _, ip := range pod.Status.PodIPs {
 		ips = append(ips, ip.IP)
@@ -173,10 +169,7 @@ func checkFamily(pod *corev1.Pod, cfg *policy.Config, cniIPs []string) error {
 			addrs = append(addrs, a)
 		}
 	}
-	if err := cfg.EBPFUnsupported(addrs); err != nil {
-		return fmt.Errorf("pod %s not captured: %w; capture it with the init container (divert istio-iptables, which uses iptables for it), or with Istio's own istio-cni and ISTIO_DUAL_STACK=true", key(pod), err)
-	}
-	return nil
+	cfg.DecideIPv6(addrs)
 }
 
 // podCgroup finds the pod's cgroup v2 directory. At CNI ADD the first container may not

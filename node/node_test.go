@@ -545,44 +545,47 @@ func TestChainConflist(t *testing.T) {
 
 func ptr[T any](v T) *T { return &v }
 
-// A dual-stack (or IPv6) pod is refused, not half-captured: divert would capture its IPv4
-// connections and let its IPv6 ones bypass the proxy. The addresses come from the CNI
-// result at ADD (the API does not have them yet) and from the pod's status on reconcile.
-func TestAgentRefusesDualStackPod(t *testing.T) {
-	p := meshedPod(newUID())
+// The agent decides a pod's families as istio-cni does: IPv6 is captured too for an
+// IPv6-only pod, and for a dual-stack one only with ISTIO_DUAL_STACK in the istio-proxy
+// container (or the pod's proxyMetadata); a dual-stack pod without it is captured IPv4
+// only, as istio's rules do. The addresses come from the CNI result at ADD (the API does
+// not have them yet) and from the pod's status on reconcile.
+func TestAgentDecidesIPv6(t *testing.T) {
+	dual := func(p *corev1.Pod) *corev1.Pod {
+		p.Spec.Containers = []corev1.Container{{Name: "istio-proxy", Env: []corev1.EnvVar{{Name: node.DualStackEnv, Value: "true"}}}}
+		return p
+	}
 	reconciled := meshedPod(newUID())
 	reconciled.Status.PodIPs = []corev1.PodIP{{IP: "198.18.0.9"}, {IP: "fd00:10:244::9"}}
-	opts := divertest.BPFFS(t)
-	a := &node.Agent{Client: fake.NewClientset(p, reconciled), NodeName: "node-1", CgroupRoot: t.TempDir(), Loader: opts, Defaults: policy.Default()}
 	for _, c := range []struct {
+		name string
 		pod  *corev1.Pod
 		ips  []string
-		want string
+		ipv6 bool
 	}{
-		{p, []string{"198.18.0.5", "fd00:10:244::5"}, "fd00:10:244::5"},
-		{p, []string{"fd00:10:244::5", "198.18.0.5"}, "fd00:10:244::5"},
-		{reconciled, []string{"198.18.0.9"}, "fd00:10:244::9"},
+		{"dual-stack", meshedPod(newUID()), []string{"198.18.0.5", "fd00:10:244::5"}, false},
+		{"dual-stack, IPv6 first", meshedPod(newUID()), []string{"fd00:10:244::5", "198.18.0.5"}, false},
+		{"dual-stack with ISTIO_DUAL_STACK", dual(meshedPod(newUID())), []string{"198.18.0.5", "fd00:10:244::5"}, true},
+		{"IPv6 only", meshedPod(newUID()), []string{"fd00:10:244::5"}, true},
+		{"dual-stack from the API, ISTIO_DUAL_STACK", dual(reconciled), []string{"198.18.0.9"}, true},
 	} {
-		_, err := a.Add(context.Background(), node.Request{Command: "ADD", Netns: "/proc/self/ns/net",
-			PodNamespace: c.pod.Namespace, PodName: c.pod.Name, PodUID: string(c.pod.UID), IPs: c.ips})
-		if err == nil {
-			t.Fatalf("pod with IPs %v (status %v) was captured", c.ips, c.pod.Status.PodIPs)
-		}
-		for _, w := range []string{c.pod.Namespace + "/" + c.pod.Name, c.want, "IPv6", "ISTIO_DUAL_STACK"} {
-			if !strings.Contains(err.Error(), w) {
-				t.Errorf("error %q does not name %q", err, w)
+		t.Run(c.name, func(t *testing.T) {
+			opts := divertest.BPFFS(t)
+			a := &node.Agent{Client: fake.NewClientset(c.pod), NodeName: "node-1", CgroupRoot: cgroupRoot(t), Loader: opts, Defaults: policy.Default()}
+			pod := testpod.NewStack(t, testpod.DualStack)
+			req := node.Request{Command: "ADD", Netns: pod.NetNSPath, PodNamespace: c.pod.Namespace, PodName: c.pod.Name, PodUID: string(c.pod.UID), IPs: c.ips}
+			if _, err := a.Add(context.Background(), req); err != nil {
+				t.Fatalf("ADD with IPs %v (status %v): %v", c.ips, c.pod.Status.PodIPs, err)
 			}
-		}
-		if strings.Contains(err.Error(), "\n") {
-			t.Errorf("error is not one line: %q", err)
-		}
-	}
-	if ids, err := loader.List(opts); err != nil || len(ids) != 0 {
-		t.Fatalf("a refused pod left pins: %v %v", ids, err)
-	}
-	// An IPv4 pod with link-local and loopback IPv6 is not dual-stack.
-	if err := policy.CheckPodAddrs([]netip.Addr{netip.MustParseAddr("198.18.0.5"), netip.MustParseAddr("fe80::1")}); err != nil {
-		t.Fatal(err)
+			t.Cleanup(func() { _ = loader.Detach(string(c.pod.UID), opts) })
+			st, err := loader.Status(string(c.pod.UID), opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.Policy.IPv6 != c.ipv6 {
+				t.Errorf("IPv6 captured: %v, want %v", st.Policy.IPv6, c.ipv6)
+			}
+		})
 	}
 }
 

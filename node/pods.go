@@ -33,6 +33,9 @@ const (
 	AnnotationProxyConfig = "proxy.istio.io/config"
 	// DNSCaptureEnv turns on istio-agent's DNS proxy, and so DNS capture.
 	DNSCaptureEnv = policy.EnvDNSCapture
+	// DualStackEnv turns dual stack on: a pod with an IPv6 address has its IPv6 captured
+	// too (istio-cni reads it from the istio-proxy container, as DNSCaptureEnv).
+	DualStackEnv = policy.EnvDualStack
 
 	trafficPrefix = "traffic.sidecar.istio.io/"
 	// istioProxy is the injected sidecar container's name.

@@ -13,11 +13,12 @@ import (
 // istio-init gets them (the injector gives it the mesh's proxyMetadata, which the proxy
 // gets too): the flag each sets.
 //
-// INVALID_DROP is also what istio-cni reads there. istio-cni reads the owner-group
+// INVALID_DROP and ISTIO_DUAL_STACK are also what istio-cni reads there. istio-cni reads the owner-group
 // variables from its own process, not from the pod, so it never applies a pod's; divert
 // applies them, as istio-init would for the same pod.
 var proxyEnvFlags = []struct{ env, flag string }{
 	{policy.EnvInvalidDrop, policy.FlagDropInvalid},
+	{DualStackEnv, policy.FlagDualStack}, // istio-cni reads it there too
 	{policy.EnvVar(policy.FlagOwnerGroups), policy.FlagOwnerGroups},
 	{policy.EnvVar(policy.FlagOwnerGroupsExclude), policy.FlagOwnerGroupsExclude},
 }

@@ -360,29 +360,6 @@ func TestActionAndVerdictStrings(t *testing.T) {
 	require.True(t, strings.Contains(v, "15001") && strings.Contains(v, "included-cidr"), v)
 }
 
-// A pod with any IPv6 address (besides loopback and link-local) is found, for a backend
-// that cannot capture IPv6 (EBPFUnsupported).
-func TestCheckPodAddrs(t *testing.T) {
-	addrs := func(ss ...string) []netip.Addr {
-		out := make([]netip.Addr, len(ss))
-		for i, s := range ss {
-			out[i] = netip.MustParseAddr(s)
-		}
-		return out
-	}
-	require.NoError(t, policy.CheckPodAddrs(addrs("10.244.0.5")))
-	require.NoError(t, policy.CheckPodAddrs(addrs("10.244.0.5", "127.0.0.1", "::1", "fe80::1")))
-	require.NoError(t, policy.CheckPodAddrs(addrs("::ffff:10.244.0.5")))
-	for _, a := range [][]netip.Addr{addrs("10.244.0.5", "fd00::5"), addrs("fd00::5", "10.244.0.5"), addrs("2001:db8::5")} {
-		err := policy.CheckPodAddrs(a)
-		var v6 *policy.IPv6PodError
-		require.ErrorAs(t, err, &v6, "%v", a)
-		require.Contains(t, err.Error(), "IPv6")
-		require.Contains(t, err.Error(), v6.Addr.String())
-		require.NotContains(t, err.Error(), "\n")
-	}
-}
-
 // TestRefused: the connections that fail in the kernel whatever the rules; Decide leaves
 // them to it whatever the policy.
 func TestRefused(t *testing.T) {

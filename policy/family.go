@@ -1,7 +1,6 @@
 package policy
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 )
@@ -142,66 +141,6 @@ func PodIPv6(addrs []netip.Addr, dualStack bool) bool {
 // that knows the pod's addresses calls it once the flags are parsed: the init container
 // (its interfaces), attach (the netns), the node agent (CNI result and API).
 func (c *Config) DecideIPv6(podAddrs []netip.Addr) { c.IPv6 = PodIPv6(podAddrs, c.DualStack) }
-
-// EBPFUnsupportedError is why the eBPF backend cannot capture a pod as istio-iptables would.
-type EBPFUnsupportedError struct {
-	// Addr is the pod's IPv6 address that makes it so (invalid when only the config does).
-	Addr netip.Addr
-	// Capture is true when istio's rules capture IPv6 for this pod (Config.IPv6).
-	Capture bool
-}
-
-func (e *EBPFUnsupportedError) Error() string {
-	what := "the pod has IPv6 address " + e.Addr.String()
-	if e.Capture {
-		what = "the pod needs IPv6 capture (dual stack, or an IPv6 pod)"
-		if e.Addr.IsValid() {
-			what = fmt.Sprintf("the pod needs IPv6 capture (IPv6 address %s)", e.Addr)
-		}
-	}
-	return what + ", which eBPF mode does not do yet (iptables mode does)"
-}
-
-// EBPFUnsupported is the one place that says what the eBPF backend cannot capture yet:
-// IPv6. It returns an *EBPFUnsupportedError when c captures IPv6 (c.IPv6) or the pod has an
-// IPv6 address (podAddrs; the loader refuses those too, CheckPodAddrs), else nil. The init
-// container falls back to iptables on it (--mode auto) or refuses (--mode ebpf); divert
-// attach and the node agent refuse. Delete it when the eBPF programs capture IPv6.
-func (c *Config) EBPFUnsupported(podAddrs []netip.Addr) error {
-	var addr netip.Addr
-	var v6 *IPv6PodError
-	if errors.As(CheckPodAddrs(podAddrs), &v6) {
-		addr = v6.Addr
-	}
-	if !c.IPv6 && !addr.IsValid() {
-		return nil
-	}
-	return &EBPFUnsupportedError{Addr: addr, Capture: c.IPv6}
-}
-
-// IPv6PodError is a pod with an IPv6 address, for a backend that captures IPv4 only.
-type IPv6PodError struct {
-	// Addr is the pod's first IPv6 address that is neither loopback nor link-local.
-	Addr netip.Addr
-}
-
-func (e *IPv6PodError) Error() string {
-	return fmt.Sprintf("the pod has IPv6 address %s, and IPv6 is not captured: its IPv6 connections would bypass the proxy", e.Addr)
-}
-
-// CheckPodAddrs finds a pod's IPv6 address (an IPv6-only or dual-stack pod, in any order of
-// addresses) for a backend that cannot capture IPv6. Loopback and link-local addresses do
-// not count (every interface has them); a v4-mapped address is IPv4.
-func CheckPodAddrs(addrs []netip.Addr) error {
-	for _, a := range addrs {
-		a = a.Unmap()
-		if a.Is4() || a.IsLoopback() || a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || !a.IsValid() {
-			continue
-		}
-		return &IPv6PodError{Addr: a}
-	}
-	return nil
-}
 
 // checkPrefixes refuses a v4-mapped prefix in -i or -x: istio would write it into its
 // IPv6 rules, where it never matches (IPv4 dialled as ::ffff:a.b.c.d is IPv4 on the wire),

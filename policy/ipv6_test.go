@@ -1,7 +1,6 @@
 package policy_test
 
 import (
-	"errors"
 	"net/netip"
 	"testing"
 
@@ -242,27 +241,4 @@ func TestResolvConfIPv6(t *testing.T) {
 	v6 := writeResolvConf(t, "nameserver fd00:10:96::a\nnameserver 10.96.0.10\n")
 	cfg := mustParse(t, "--redirect-dns", "--resolv-conf", v6)
 	require.Equal(t, []netip.Addr{netip.MustParseAddr("fd00:10:96::a"), netip.MustParseAddr("10.96.0.10")}, cfg.DNSServers)
-}
-
-// The eBPF gate is one function: a config that captures IPv6, or a pod with an IPv6
-// address, is refused with one line naming the address; an IPv4 pod is not.
-func TestEBPFUnsupported(t *testing.T) {
-	v4, v6 := []netip.Addr{podIP}, []netip.Addr{podIP, podIP6}
-	cfg := policy.Default()
-	require.NoError(t, cfg.EBPFUnsupported(v4))
-	require.NoError(t, cfg.EBPFUnsupported([]netip.Addr{podIP, netip.MustParseAddr("fe80::1"), policy.Localhost6}))
-
-	var e *policy.EBPFUnsupportedError
-	err := cfg.EBPFUnsupported(v6)
-	require.True(t, errors.As(err, &e))
-	require.False(t, e.Capture)
-	require.Equal(t, "the pod has IPv6 address fd00::5, which eBPF mode does not do yet (iptables mode does)", err.Error())
-
-	cfg.DualStack = true
-	cfg.DecideIPv6(v6)
-	err = cfg.EBPFUnsupported(v6)
-	require.True(t, errors.As(err, &e))
-	require.True(t, e.Capture)
-	require.Equal(t, "the pod needs IPv6 capture (IPv6 address fd00::5), which eBPF mode does not do yet (iptables mode does)", err.Error())
-	require.ErrorContains(t, cfg.EBPFUnsupported(nil), "needs IPv6 capture (dual stack, or an IPv6 pod)")
 }

@@ -55,9 +55,6 @@ policy in place and swaps in this build's programs without a gap in capture.`,
 		// istio-iptables would decide it in that pod.
 		if addrs, err := iptables.PodAddrs(pod.NetNS); err == nil {
 			cfg.DecideIPv6(addrs)
-			if err := cfg.EBPFUnsupported(addrs); err != nil {
-				return fmt.Errorf("invalid --netns %q: %v; capture this pod with iptables (divert iptables apply, or divert istio-iptables in the pod)", pod.NetNS, err)
-			}
 		}
 		if err := loader.Attach(cmd.Context(), pod, &cfg, opts); err != nil {
 			return incompatibleHint(capturedHint(err, pod), pod.ID)

@@ -7,13 +7,10 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/cilium/ebpf"
-
 	"github.com/meshdivert/divert/policy"
 )
 
-// IP families in istio-iptables mode: which ones the pod's rules capture, and what eBPF mode
-// cannot capture yet (policy.Config.EBPFUnsupported).
+// IP families in istio-iptables mode: which ones the pod's rules capture.
 
 // decideFamilies reads the pod's addresses and decides, as istio-iptables does, whether
 // its IPv6 connections are captured too (policy.Config.DecideIPv6). istio-iptables does not
@@ -44,13 +41,13 @@ func (r *istioRun) decideFamilies() error {
 // proxyMetadata.
 const envAgentDualStack = "ISTIO_AGENT_DUAL_STACK"
 
-// fallbackReason is a reason to use iptables that is not the kernel's: what eBPF mode does
-// not do yet (policy.Config.EBPFUnsupported). It counts as ebpf.ErrNotSupported, its text
-// unchanged.
-type fallbackReason struct{ error }
-
-func (f fallbackReason) Is(target error) bool { return target == ebpf.ErrNotSupported }
-func (f fallbackReason) Unwrap() error        { return f.error }
+// families names the families cfg captures, and why IPv6 is among them.
+func families(cfg *policy.Config) string {
+	if cfg.IPv6 {
+		return "IPv4 and IPv6 (" + ipv6Why(cfg) + ")"
+	}
+	return "IPv4"
+}
 
 // ipv6Why says why IPv6 is captured, as istio-iptables decided it.
 func ipv6Why(cfg *policy.Config) string {

@@ -441,9 +441,6 @@ func (r *istioRun) ebpfUnavailable() error {
 	if v := r.e.getenv(forceNoEBPFEnv); v == "1" {
 		return fmt.Errorf("turned off by $%s=1 (a test hook): %w", forceNoEBPFEnv, ebpf.ErrNotSupported)
 	}
-	if err := r.cfg.EBPFUnsupported(r.ips); err != nil {
-		return fallbackReason{err}
-	}
 	if inUserNS() {
 		return fmt.Errorf("this pod runs in a user namespace (hostUsers: false): the proxy's uid seen by eBPF is the host's, not -u %d: %w", r.cfg.ProxyUID, ebpf.ErrNotSupported)
 	}
@@ -556,12 +553,8 @@ func (r *istioRun) apply(ctx context.Context, dry bool) error {
 	} else if id := r.knownPodID(); id != "" {
 		loader.ClearFallback(id, r.lopts) // iptables by choice now, not for want of eBPF
 	}
-	families := "IPv4"
-	if r.cfg.IPv6 {
-		families = "IPv4 and IPv6 (" + ipv6Why(&r.cfg) + ")"
-	}
 	fmt.Fprintf(out, "iptables rules %s (iptables-%s, %s mode, %s): outbound TCP to port %d, inbound to port %d\n",
-		state, res.Backend, r.cfg.Mode, families, r.cfg.ProxyPort, r.cfg.InboundCapturePort)
+		state, res.Backend, r.cfg.Mode, families(&r.cfg), r.cfg.ProxyPort, r.cfg.InboundCapturePort)
 	for _, b := range res.Removed {
 		fmt.Fprintf(out, "removed istio's iptables-%s rules, replaced by iptables-%s\n", b, res.Backend)
 	}
@@ -638,8 +631,8 @@ func (r *istioRun) attach(ctx context.Context, pod loader.Pod, how string) error
 	if len(gone) > 0 {
 		fmt.Fprintf(out, "removed a stale attachment of pod %s (%s detached by the kernel)\n", pod.ID, strings.Join(gone, ", "))
 	}
-	fmt.Fprintf(out, "attached pod %s with eBPF: cgroup %s (%s), netns %s; outbound TCP to port %d, inbound %s to port %d; pinned in %s\n",
-		pod.ID, pod.Cgroup, how, pod.NetNS, r.cfg.ProxyPort, inboundPorts(&r.cfg), r.cfg.InboundCapturePort, loader.PinDir(r.lopts, pod.ID))
+	fmt.Fprintf(out, "attached pod %s with eBPF: cgroup %s (%s), netns %s; outbound TCP to port %d, inbound %s to port %d; %s; pinned in %s\n",
+		pod.ID, pod.Cgroup, how, pod.NetNS, r.cfg.ProxyPort, inboundPorts(&r.cfg), r.cfg.InboundCapturePort, families(&r.cfg), loader.PinDir(r.lopts, pod.ID))
 	if r.cfg.DropInvalid {
 		fmt.Fprintln(out, loader.DropInvalidNote)
 	}
@@ -686,7 +679,7 @@ func (r *istioRun) removeIptables(ctx context.Context) ([]string, error) {
 }
 
 func (r *istioRun) printEBPFPlan(w io.Writer, pod loader.Pod, how string) {
-	fmt.Fprintf(w, "backend: ebpf (the kernel supports divert's programs)\n")
+	fmt.Fprintf(w, "backend: ebpf (the kernel supports divert's programs), %s\n", families(&r.cfg))
 	fmt.Fprintf(w, "pod %s: cgroup %s (%s), netns %s\n", pod.ID, pod.Cgroup, how, pod.NetNS)
 	dir := loader.PinDir(r.lopts, pod.ID)
 	for _, p := range loader.Plan(r.lopts) {

@@ -296,9 +296,9 @@ func TestIstioIptablesAutoFailsOnInputErrors(t *testing.T) {
 	}
 }
 
-// IPv6 is decided from the pod's addresses as istio-iptables decides it; eBPF mode does not
-// capture IPv6 yet (policy.Config.EBPFUnsupported): auto falls back to iptables saying why
-// in one line, ebpf refuses with that line, iptables just renders both families.
+// IPv6 is decided from the pod's addresses as istio-iptables decides it, and eBPF mode
+// captures both families: auto keeps eBPF and its plan names the families, --mode ebpf
+// too, --mode iptables renders both families' rules exactly when istio would.
 func TestIstioIptablesIPv6Pod(t *testing.T) {
 	v6 := &net.IPNet{IP: net.ParseIP("fd00::5"), Mask: net.CIDRMask(64, 128)}
 	v4 := &net.IPNet{IP: net.ParseIP("10.244.0.5"), Mask: net.CIDRMask(24, 32)}
@@ -309,46 +309,36 @@ func TestIstioIptablesIPv6Pod(t *testing.T) {
 		v6rules = "-A ISTIO_OUTPUT -o lo -s ::6/128 -j RETURN"
 	)
 	for _, c := range []struct {
-		name   string
-		addrs  []net.Addr
-		env    map[string]string
-		ipv6   bool   // IPv6 rules rendered
-		reason string // the fallback's reason
+		name     string
+		addrs    []net.Addr
+		env      map[string]string
+		families string // as the plan names them
 	}{
-		{"IPv6 pod", []net.Addr{loopback6, linkLocal, v6}, nil, true, "the pod needs IPv6 capture (IPv6 address fd00::5), which eBPF mode does not do yet"},
-		{"dual-stack pod", []net.Addr{v4, linkLocal, v6}, nil, false, "the pod has IPv6 address fd00::5, which eBPF mode does not do yet"},
-		{"dual-stack pod, IPv6 listed first", []net.Addr{v6, v4}, nil, false, "the pod has IPv6 address fd00::5"},
-		{"dual-stack pod, $ISTIO_DUAL_STACK", []net.Addr{v4, v6}, map[string]string{"ISTIO_DUAL_STACK": "true"}, true, "the pod needs IPv6 capture"},
-		{"dual-stack pod, $DUAL_STACK", []net.Addr{v4, v6}, map[string]string{"DUAL_STACK": "true"}, true, "the pod needs IPv6 capture"},
-		{"dual-stack pod, $ISTIO_AGENT_DUAL_STACK is not read", []net.Addr{v4, v6}, map[string]string{"ISTIO_AGENT_DUAL_STACK": "true"}, false, "the pod has IPv6 address"},
+		{"IPv6 pod", []net.Addr{loopback6, linkLocal, v6}, nil, "IPv4 and IPv6 (the pod has IPv6 addresses only)"},
+		{"dual-stack pod", []net.Addr{v4, linkLocal, v6}, nil, "IPv4"},
+		{"dual-stack pod, IPv6 listed first", []net.Addr{v6, v4}, nil, "IPv4"},
+		{"dual-stack pod, $ISTIO_DUAL_STACK", []net.Addr{v4, v6}, map[string]string{"ISTIO_DUAL_STACK": "true"}, "IPv4 and IPv6 (dual stack"},
+		{"dual-stack pod, $DUAL_STACK", []net.Addr{v4, v6}, map[string]string{"DUAL_STACK": "true"}, "IPv4 and IPv6 (dual stack"},
+		{"dual-stack pod, $ISTIO_AGENT_DUAL_STACK is not read", []net.Addr{v4, v6}, map[string]string{"ISTIO_AGENT_DUAL_STACK": "true"}, "IPv4"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			stubWorld(t)
 			podAddrs = func() ([]net.Addr, error) { return c.addrs, nil }
-			probeEBPF = func(loader.Options) error { t.Error("probed the kernel for a pod eBPF cannot capture"); return nil }
-			out, errOut, err := runIstio(t, c.env, append(injectorArgs, "-n")...)
-			if err != nil {
-				t.Fatal(err)
+			ipv6 := c.families != "IPv4"
+			for _, mode := range [][]string{nil, {"--mode", "ebpf"}} {
+				out, errOut, err := runIstio(t, c.env, append(append(injectorArgs, "-n"), mode...)...)
+				plan := "backend: ebpf (the kernel supports divert's programs), " + c.families
+				if err != nil || !strings.Contains(out, plan) || strings.Contains(errOut, "using iptables") {
+					t.Errorf("%v: want the eBPF plan with %q, got %v\nstdout %s\nstderr %q", mode, plan, err, out, errOut)
+				}
+				if agent := c.env["ISTIO_AGENT_DUAL_STACK"] != ""; agent != strings.Contains(errOut, "$ISTIO_AGENT_DUAL_STACK is not read") {
+					t.Errorf("%v: stderr: %q", mode, errOut)
+				}
 			}
-			lines := strings.Split(strings.TrimSpace(errOut), "\n")
-			if !strings.Contains(lines[len(lines)-1], c.reason) || !strings.Contains(lines[len(lines)-1], "using iptables") {
-				t.Errorf("want the fallback reason %q on stderr, got %q", c.reason, errOut)
-			}
-			if agent := c.env["ISTIO_AGENT_DUAL_STACK"] != ""; agent != strings.Contains(errOut, "$ISTIO_AGENT_DUAL_STACK is not read") || len(lines) != map[bool]int{false: 1, true: 2}[agent] {
-				t.Errorf("stderr: %q", errOut)
-			}
-			if !strings.Contains(out, v4rules) || strings.Contains(out, v6rules) != c.ipv6 || strings.Contains(out, "# ip6tables-restore") != c.ipv6 {
-				t.Errorf("dry run (IPv6 rules wanted: %v):\n%s", c.ipv6, out)
-			}
-
-			_, _, err = runIstio(t, c.env, append(injectorArgs, "-n", "--mode", "ebpf")...)
-			if err == nil || !strings.Contains(err.Error(), "--mode ebpf") || !strings.Contains(err.Error(), c.reason) || strings.Contains(err.Error(), "\n") {
-				t.Errorf("--mode ebpf: want one line with %q, got %v", c.reason, err)
-			}
-
-			out, errOut, err = runIstio(t, c.env, append(injectorArgs, "-n", "--mode", "iptables")...)
-			if err != nil || strings.Contains(errOut, "using iptables") || strings.Contains(out, v6rules) != c.ipv6 {
-				t.Errorf("--mode iptables: %v, stderr %q, stdout:\n%s", err, errOut, out)
+			out, errOut, err := runIstio(t, c.env, append(injectorArgs, "-n", "--mode", "iptables")...)
+			if err != nil || strings.Contains(errOut, "using iptables") || !strings.Contains(out, v4rules) || strings.Contains(out, v6rules) != ipv6 ||
+				strings.Contains(out, "# ip6tables-restore") != ipv6 {
+				t.Errorf("--mode iptables (IPv6 rules wanted: %v): %v, stderr %q, stdout:\n%s", ipv6, err, errOut, out)
 			}
 		})
 	}

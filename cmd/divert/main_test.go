@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -447,24 +446,33 @@ func TestExplainPodID(t *testing.T) {
 	}
 }
 
-// A dual-stack pod (IPv4 first, IPv6 second) is refused, naming --netns and the address,
-// and nothing is attached: eBPF mode does not capture IPv6 yet (policy.Config.
-// EBPFUnsupported), and would capture its IPv4 half and let IPv6 bypass the proxy.
-func TestAttachRefusesDualStackPod(t *testing.T) {
-	pod := testpod.New(t)
+// A dual-stack pod is attached as istio-iptables would capture it: IPv4 only without
+// --dual-stack ($ISTIO_DUAL_STACK), its IPv6 connections left alone as istio's rules leave
+// them; both families with it, an update in place. divert status says which.
+func TestAttachDualStackPod(t *testing.T) {
+	pod := testpod.NewStack(t, testpod.DualStack)
 	opts := divertest.BPFFS(t)
-	if out, err := exec.Command("nsenter", "--net="+pod.NetNSPath, "ip", "-6", "addr", "add", "fd00:dead::5/64", "dev", "lo", "nodad").CombinedOutput(); err != nil {
-		t.Fatalf("add an IPv6 address to the pod: %v %s", err, out)
-	}
-	_, err := runCLI(t, nil, "attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS)
-	if err == nil {
-		loader.Detach(pod.Name, opts)
-		t.Fatal("a dual-stack pod was attached")
-	}
-	for _, w := range []string{"--netns", "fd00:dead::5", "IPv6"} {
-		if !strings.Contains(err.Error(), w) || strings.Contains(err.Error(), "\n") {
-			t.Errorf("error should be one line naming %s, got %q", w, err)
+	for _, c := range []struct {
+		env  map[string]string
+		ipv6 bool
+		say  string
+	}{
+		{nil, false, "ipv6     not captured"},
+		{map[string]string{"ISTIO_DUAL_STACK": "true"}, true, "ipv6     captured"},
+	} {
+		if _, err := runCLI(t, c.env, "attach", "--pod-id", pod.Name, "--cgroup", pod.CgroupPath, "--netns", pod.NetNSPath, "--bpffs", opts.BPFFS); err != nil {
+			t.Fatalf("attach (env %v): %v", c.env, err)
 		}
+		st, err := loader.Status(pod.Name, opts)
+		if err != nil || st.Policy.IPv6 != c.ipv6 {
+			t.Errorf("env %v: IPv6 captured %v (%v), want %v", c.env, st.Policy.IPv6, err, c.ipv6)
+		}
+		if out, err := runCLI(t, nil, "status", "--pod-id", pod.Name, "--bpffs", opts.BPFFS); err != nil || !strings.Contains(out, c.say) {
+			t.Errorf("env %v: status should say %q: %v\n%s", c.env, c.say, err, out)
+		}
+	}
+	if _, err := runCLI(t, nil, "detach", "--pod-id", pod.Name, "--bpffs", opts.BPFFS); err != nil {
+		t.Fatal(err)
 	}
 	divertest.AssertNothingAttached(t, pod, opts)
 }

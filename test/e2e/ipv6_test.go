@@ -55,12 +55,12 @@ func TestIPv6Outbound(t *testing.T) {
 				Listen: c.listen, V6Only: c.v6only})
 			var targets []testpod.Target
 			for _, a := range pod.Net.Addrs6 {
-				targets = append(targets, testpod.Target{Dst: ap(a, 80)}, testpod.Target{Dst: ap(a, 80), DualStack: true})
+				targets = append(targets, testpod.Target{Dst: ap(a, 80)}, testpod.Target{Dst: ap(a, 80), Shape: testpod.Shape{DualStack: true}})
 			}
 			native := len(targets)
 			if pod.Addr.IsValid() {
 				d4 := ap(pod.Net.Addrs[1], 80)
-				targets = append(targets, testpod.Target{Dst: d4, DualStack: true}, testpod.Target{Dst: d4})
+				targets = append(targets, testpod.Target{Dst: d4, Shape: testpod.Shape{DualStack: true}}, testpod.Target{Dst: d4})
 			}
 			for i, r := range pod.Dial(t, appUID, appUID, targets...) {
 				dst := targets[i].Dst
@@ -292,8 +292,8 @@ func TestIPv6NotCapturedWithoutIt(t *testing.T) {
 	pod.Server(t, "local", ap(netip.IPv6Loopback(), 8080), appUID, appUID)
 	res := pod.Dial(t, appUID, appUID,
 		testpod.Target{Dst: ap(netip.IPv6Loopback(), 8080)},
-		testpod.Target{Dst: ap(netip.IPv6Loopback(), 8080), DualStack: true},
-		testpod.Target{Dst: ap(pod.Net.Addrs[0], 80), DualStack: true})
+		testpod.Target{Dst: ap(netip.IPv6Loopback(), 8080), Shape: testpod.Shape{DualStack: true}},
+		testpod.Target{Dst: ap(pod.Net.Addrs[0], 80), Shape: testpod.Shape{DualStack: true}})
 	if len(res[0].Hops) != 1 || res[0].Hops[0].Who != "local" || len(res[1].Hops) != 1 || res[1].Hops[0].Who != "local" {
 		t.Errorf("IPv6 to [::1]:8080 should reach the local server untouched: %+v", res[:2])
 	}

@@ -55,7 +55,7 @@ func newDNSWorld6(t *testing.T) *dnsWorld {
 }
 
 func TestDNSParityIPv6(t *testing.T) {
-	for _, b := range backends6() {
+	for _, b := range backends() {
 		t.Run(b.name, func(t *testing.T) {
 			w := newDNSWorld6(t)
 			b.setup(t, w.world)

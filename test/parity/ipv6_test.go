@@ -1,34 +1,14 @@
 package parity
 
 import (
-	"errors"
 	"math/rand/v2"
 	"net/netip"
 	"os/exec"
 	"testing"
 
 	"github.com/meshdivert/divert/internal/nsexec"
-	"github.com/meshdivert/divert/iptables"
-	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/testpod"
 )
-
-// ebpfCapturesIPv6 is the one switch between the IPv6 rows' two eBPF columns. Off (today):
-// eBPF mode does not capture IPv6, and every IPv6 world checks that the gate says so
-// (policy.Config.EBPFUnsupported, which makes the CLI fall back or refuse). On: the eBPF
-// backend runs every IPv6 row like the iptables ones (its counters checked too), and the
-// gate must let these pods through. Turn it on with the eBPF IPv6 capture, when the gate
-// goes.
-const ebpfCapturesIPv6 = false
-
-// backends6 are the backends the IPv6 rows run on.
-func backends6() []backend {
-	bs := []backend{iptablesBackend(iptables.BackendNFT), iptablesBackend(iptables.BackendLegacy)}
-	if ebpfCapturesIPv6 {
-		bs = append(bs, ebpfBackend())
-	}
-	return bs
-}
 
 // newWorld6 is newWorld for a pod of the given stack: the proxy listens on 0.0.0.0 and, for
 // IPv6, on [::] (IPV6_V6ONLY, beside 0.0.0.0, as Envoy's additional addresses in dual
@@ -151,7 +131,7 @@ var ipv6Worlds = []struct {
 func TestOutboundParityIPv6(t *testing.T) {
 	for _, pw := range ipv6Worlds {
 		t.Run(pw.name, func(t *testing.T) {
-			for _, b := range backends6() {
+			for _, b := range backends() {
 				t.Run(b.name, func(t *testing.T) {
 					w := newWorld6(t, pw.stack)
 					b.setup(t, w)
@@ -205,7 +185,7 @@ var inboundScenarios6 = []scenario{
 func TestInboundParityIPv6(t *testing.T) {
 	for _, pw := range ipv6Worlds {
 		t.Run(pw.name, func(t *testing.T) {
-			for _, b := range backends6() {
+			for _, b := range backends() {
 				t.Run(b.name, func(t *testing.T) {
 					w := newWorld6(t, pw.stack)
 					b.setup(t, w)
@@ -216,29 +196,6 @@ func TestInboundParityIPv6(t *testing.T) {
 					}
 					inboundRows(t, w, b, scenarios)
 				})
-			}
-		})
-	}
-}
-
-// The eBPF column of the IPv6 rows while eBPF mode does not capture IPv6: for every IPv6
-// world, the gate (the one place that says so) refuses the pod, so the init container falls
-// back to iptables and attach and the node agent refuse. With ebpfCapturesIPv6 the rows
-// above run on eBPF instead, and the gate must let these pods through.
-func TestIPv6EBPFColumn(t *testing.T) {
-	for _, pw := range ipv6Worlds {
-		t.Run(pw.name, func(t *testing.T) {
-			pod := testpod.NewStack(t, pw.stack)
-			cfg := (&world{pod: pod}).config(t, scenario{flags: pw.flags})
-			err := cfg.EBPFUnsupported(pod.Addrs())
-			var gate *policy.EBPFUnsupportedError
-			switch {
-			case ebpfCapturesIPv6 && err != nil:
-				t.Errorf("eBPF captures IPv6 now, but the gate still refuses pod %v: %v", pod.Addrs(), err)
-			case !ebpfCapturesIPv6 && !errors.As(err, &gate):
-				t.Errorf("pod %v (IPv6 capture %v): the eBPF gate let it through (%v); these rows would be uncaptured IPv6", pod.Addrs(), cfg.IPv6, err)
-			case !ebpfCapturesIPv6 && (gate.Addr != pod.Addr6 || gate.Capture != pw.ipv6):
-				t.Errorf("pod %v: the gate names %s (capture %v), want %s (capture %v)", pod.Addrs(), gate.Addr, gate.Capture, pod.Addr6, pw.ipv6)
 			}
 		})
 	}
@@ -255,14 +212,8 @@ var (
 // configs with mixed -i/-x lists and --dual-stack three times in four (else istio writes
 // no IPv6 rules for it), connections of either family from every socket type.
 func TestRandomParityIPv6(t *testing.T) {
-	randomParity(t, "TestRandomParityIPv6", backends6(), func(t *testing.T) *world {
-		w := newWorld6(t, testpod.DualStack)
-		if !ebpfCapturesIPv6 {
-			if err := w.config(t, scenario{flags: []string{"--dual-stack"}}).EBPFUnsupported(w.pod.Addrs()); err == nil {
-				t.Fatalf("the eBPF gate lets a dual-stack pod through, but the eBPF column does not run")
-			}
-		}
-		return w
+	randomParity(t, "TestRandomParityIPv6", backends(), func(t *testing.T) *world {
+		return newWorld6(t, testpod.DualStack)
 	}, func(r *rand.Rand) []string {
 		f := randomFlags(r, cidrPool6)
 		if r.IntN(4) != 0 {
