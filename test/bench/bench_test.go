@@ -280,6 +280,8 @@ func (s *scope) Close() {
 type network struct {
 	*testpod.Network
 	server netip.AddrPort
+	// ipv6: pods are IPv6-only and reach the server over IPv6.
+	ipv6 bool
 }
 
 func newNetwork(s *scope) *network {
@@ -287,6 +289,15 @@ func newNetwork(s *scope) *network {
 	srv := n.Start(s, testpod.ProcSpec{Args: []string{cmdServer, "--listen", fmt.Sprintf("0.0.0.0:%d", serverPort)}})
 	waitReady(s, srv)
 	return &network{Network: n, server: netip.AddrPortFrom(n.Addrs[0], serverPort)}
+}
+
+// newNetwork6 is newNetwork for IPv6-only pods: the app dials the server's IPv6 address
+// (which the remote gets with its first IPv6 pod; the server listens on [::]).
+func newNetwork6(s *scope) *network {
+	n := testpod.NewNetwork(s)
+	srv := n.Start(s, testpod.ProcSpec{Args: []string{cmdServer, "--listen", fmt.Sprintf("[::]:%d", serverPort)}})
+	waitReady(s, srv)
+	return &network{Network: n, server: netip.AddrPortFrom(testpod.PrimaryAddr6, serverPort), ipv6: true}
 }
 
 func waitReady(tb testing.TB, pr *testpod.Proc) {
@@ -317,8 +328,16 @@ type modePod struct {
 // addPod makes a fresh pod for mode with policy cfg. A policy the mode cannot install is
 // returned as an error; anything else that fails ends the benchmark.
 func (r *rig) addPod(s *scope, n *network, mode Mode, cfg *policy.Config) (*modePod, error) {
-	pod := n.AddPod(s)
+	stack := testpod.IPv4Only
+	if n.ipv6 {
+		stack = testpod.IPv6Only
+	}
+	pod := n.AddStackPod(s, stack)
 	mp := &modePod{mode: mode, pod: pod, dst: n.server}
+	// The families as istio-iptables decides them: IPv6 for an IPv6-only pod.
+	c := *cfg
+	c.DecideIPv6(pod.Addrs())
+	cfg = &c
 	ctx := context.Background()
 	start := time.Now()
 	switch mode {
@@ -339,16 +358,21 @@ func (r *rig) addPod(s *scope, n *network, mode Mode, cfg *policy.Config) (*mode
 		// The rules go with the netns.
 	}
 	mp.setup = time.Since(start)
+	// The proxy listens in the family it is reached in (IPv4 mode keeps its AF_INET listener).
+	listen, local := "0.0.0.0:15001", "127.0.0.1:15001"
+	if n.ipv6 {
+		listen, local = "[::]:15001", "[::1]:15001"
+	}
 	switch mode {
 	case Direct:
 		return mp, nil
 	case Explicit:
-		mp.dst = netip.MustParseAddrPort("127.0.0.1:15001")
+		mp.dst = netip.MustParseAddrPort(local)
 		mp.proxy = pod.Start(s, testpod.ProcSpec{UID: proxyUID, GID: proxyUID,
-			Args: []string{cmdProxy, "--listen", "0.0.0.0:15001", "--upstream", n.server.String()}})
+			Args: []string{cmdProxy, "--listen", listen, "--upstream", n.server.String()}})
 	default:
 		mp.proxy = pod.Start(s, testpod.ProcSpec{UID: proxyUID, GID: proxyUID,
-			Args: []string{cmdProxy, "--listen", "0.0.0.0:15001"}})
+			Args: []string{cmdProxy, "--listen", listen}})
 	}
 	waitReady(s, mp.proxy)
 	if mode == EBPF {
@@ -485,22 +509,31 @@ func (r *rig) connRound(s *scope, bench string, param int, mp *modePod, round, n
 	return us
 }
 
-// b1: connection setup latency. One fresh pod per mode for the whole benchmark; the rounds
-// interleave the modes.
+// b1: connection setup latency, over IPv4 (B1) then IPv6 (B1IPv6). One fresh pod per mode
+// for the whole benchmark; the rounds interleave the modes.
 func (r *rig) b1() {
-	s := newScope(r.b)
-	defer s.Close()
-	n := newNetwork(s)
-	pods := r.pods(s, n, defaultConfig())
-	for round := range r.p.Rounds {
-		for _, mp := range rotate(pods, round) {
-			us := r.connRound(s, B1, 0, mp, round, r.p.B1Conns, r.p.B1Warmup)
-			r.res.B1Latencies[mp.mode] = append(r.res.B1Latencies[mp.mode], us...)
-		}
-	}
-	r.check(s, pods)
-	for _, m := range AllModes {
-		r.logf("  B1 %-16s p50 %s µs, CPU %s µs/conn", m, Summarize(r.res.Values(B1, P50, 0, m)), Summarize(r.res.Values(B1, CPUConn, 0, m)))
+	for _, bench := range []string{B1, B1IPv6} {
+		func() {
+			s := newScope(r.b)
+			defer s.Close()
+			n := newNetwork(s)
+			if bench == B1IPv6 {
+				n = newNetwork6(s)
+			}
+			pods := r.pods(s, n, defaultConfig())
+			for round := range r.p.Rounds {
+				for _, mp := range rotate(pods, round) {
+					us := r.connRound(s, bench, 0, mp, round, r.p.B1Conns, r.p.B1Warmup)
+					if bench == B1 {
+						r.res.B1Latencies[mp.mode] = append(r.res.B1Latencies[mp.mode], us...)
+					}
+				}
+			}
+			r.check(s, pods)
+			for _, m := range AllModes {
+				r.logf("  %s %-16s p50 %s µs, CPU %s µs/conn", bench, m, Summarize(r.res.Values(bench, P50, 0, m)), Summarize(r.res.Values(bench, CPUConn, 0, m)))
+			}
+		}()
 	}
 }
 
@@ -564,9 +597,9 @@ func (r *rig) b3() {
 	}
 }
 
-// ScaleConfig is the default policy plus n excluded CIDRs (kind B4CIDRs) or n excluded
-// outbound ports (B4Ports), none of which matches the benchmark's traffic (198.18.0.1:8080
-// and the proxy's 15001).
+// ScaleConfig is the default policy plus n excluded CIDRs (kind B4CIDRs), IPv6 ranges
+// (B4CIDRsIPv6) or excluded outbound ports (B4Ports), none of which matches the benchmark's
+// traffic (198.18.0.1:8080 or [fd00:18::1]:8080, and the proxy's 15001).
 func ScaleConfig(kind string, n int) *policy.Config {
 	cfg := policy.Default()
 	for i := range n {
@@ -575,6 +608,10 @@ func ScaleConfig(kind string, n int) *policy.Config {
 			// 10.0.0.0/24, 10.0.1.0/24, ...: /24s as real exclusion lists have them.
 			cfg.OutboundExcludeCIDRs = append(cfg.OutboundExcludeCIDRs,
 				netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0}), 24))
+		case B4CIDRsIPv6:
+			// fd01:0:0::/48, fd01:0:1::/48, ...
+			cfg.OutboundExcludeCIDRs = append(cfg.OutboundExcludeCIDRs,
+				netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, 0x01, 4: byte(i >> 8), 5: byte(i)}), 48))
 		case B4Ports:
 			cfg.OutboundExcludePorts = append(cfg.OutboundExcludePorts, uint16(20000+i))
 		}
@@ -587,8 +624,16 @@ func ScaleConfig(kind string, n int) *policy.Config {
 func (r *rig) b4() {
 	s := newScope(r.b)
 	defer s.Close()
-	n := newNetwork(s)
-	for _, kind := range []string{B4CIDRs, B4Ports} {
+	n4 := newNetwork(s)
+	var n6 *network // made when first needed
+	for _, kind := range []string{B4CIDRs, B4Ports, B4CIDRsIPv6} {
+		n := n4
+		if kind == B4CIDRsIPv6 {
+			if n6 == nil {
+				n6 = newNetwork6(s)
+			}
+			n = n6
+		}
 		for _, N := range r.p.B4Ns {
 			func() {
 				ps := newScope(s)

@@ -98,11 +98,24 @@ func outliveForkingThread() {
 	}()
 }
 
-// listen opens a plain TCP (not MPTCP, Go's default for listeners) listener.
+// listen opens a plain TCP (not MPTCP, Go's default for listeners) listener: IPv4 for an
+// IPv4 address, both families for [::].
 func listen(addr string) (net.Listener, error) {
 	var lc net.ListenConfig
 	lc.SetMultipathTCP(false)
-	return lc.Listen(context.Background(), "tcp4", addr)
+	network := "tcp4"
+	if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Is6() {
+		network = "tcp" // Go's [::] listener takes both families
+	}
+	return lc.Listen(context.Background(), network, addr)
+}
+
+// tcpNetwork is Go's network for dialling a: "tcp4" or "tcp6".
+func tcpNetwork(a netip.Addr) string {
+	if a.Unmap().Is4() {
+		return "tcp4"
+	}
+	return "tcp6"
 }
 
 // runServer: the server in the remote netns.
@@ -130,10 +143,12 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, ioBuf); return &b }}
 
 func serve(c *net.TCPConn) {
 	defer c.Close()
-	var peer [6]byte
-	if a, ok := netip.AddrFromSlice(c.RemoteAddr().(*net.TCPAddr).IP.To4()); ok {
-		copy(peer[:4], a.AsSlice())
-		binary.BigEndian.PutUint16(peer[4:], uint16(c.RemoteAddr().(*net.TCPAddr).Port))
+	// The peer, 16 bytes (IPv4 as ::ffff:a.b.c.d) and the port, for the app's wrongPath.
+	var peer [18]byte
+	if ap := c.RemoteAddr().(*net.TCPAddr).AddrPort(); ap.IsValid() {
+		a16 := ap.Addr().Unmap().As16()
+		copy(peer[:16], a16[:])
+		binary.BigEndian.PutUint16(peer[16:], ap.Port())
 	}
 	var msg [msgSize]byte
 	for {
@@ -142,7 +157,7 @@ func serve(c *net.TCPConn) {
 		}
 		switch msg[0] {
 		case opRR:
-			copy(msg[:6], peer[:])
+			copy(msg[:len(peer)], peer[:])
 			if _, err := c.Write(msg[:]); err != nil {
 				return
 			}
@@ -220,7 +235,7 @@ func relay(c *net.TCPConn, fixed netip.AddrPort) error {
 			return fmt.Errorf("SO_ORIGINAL_DST of %s: %w", c.RemoteAddr(), err)
 		}
 	}
-	uc, err := upstreamDialer.Dial("tcp4", dst.String())
+	uc, err := upstreamDialer.Dial(tcpNetwork(dst.Addr()), dst.String())
 	if err != nil {
 		return fmt.Errorf("dial %s: %w", dst, err)
 	}
@@ -308,7 +323,10 @@ func runLoad(args []string) error {
 	if err != nil {
 		return fmt.Errorf("--dst: %w", err)
 	}
-	sa := &unix.SockaddrInet4{Addr: dst.Addr().As4(), Port: int(dst.Port())}
+	var sa unix.Sockaddr = &unix.SockaddrInet4{Addr: dst.Addr().Unmap().As4(), Port: int(dst.Port())}
+	if dst.Addr().Unmap().Is6() {
+		sa = &unix.SockaddrInet6{Addr: dst.Addr().As16(), Port: int(dst.Port())}
+	}
 	var res LoadResult
 	switch *kind {
 	case "conn":
@@ -383,7 +401,7 @@ func (t *tally) add(wrongPath bool, err error) {
 	}
 }
 
-func loadConns(sa *unix.SockaddrInet4, proxied bool, warmup, n int) LoadResult {
+func loadConns(sa unix.Sockaddr, proxied bool, warmup, n int) LoadResult {
 	runtime.LockOSThread()
 	var t tally
 	t.LatNS = make([]int64, 0, n)
@@ -407,7 +425,7 @@ func loadConns(sa *unix.SockaddrInet4, proxied bool, warmup, n int) LoadResult {
 	return t.LoadResult
 }
 
-func loadRate(sa *unix.SockaddrInet4, proxied bool, clients int, warmup, duration time.Duration) LoadResult {
+func loadRate(sa unix.Sockaddr, proxied bool, clients int, warmup, duration time.Duration) LoadResult {
 	var measuring, stop atomic.Bool
 	tallies := make([]tally, clients)
 	counts := make([]int64, clients)
@@ -453,7 +471,7 @@ func loadRate(sa *unix.SockaddrInet4, proxied bool, clients int, warmup, duratio
 	return res
 }
 
-func loadRR(sa *unix.SockaddrInet4, proxied bool, warmup, n int) LoadResult {
+func loadRR(sa unix.Sockaddr, proxied bool, warmup, n int) LoadResult {
 	runtime.LockOSThread()
 	var t tally
 	fd, err := dial(sa)
@@ -498,7 +516,7 @@ func loadRR(sa *unix.SockaddrInet4, proxied bool, warmup, n int) LoadResult {
 
 // loadBulk streams bytes on one connection and times it until the server confirms it has
 // received them all. A smaller transfer on its own connection warms up first.
-func loadBulk(sa *unix.SockaddrInet4, bytes int64) LoadResult {
+func loadBulk(sa unix.Sockaddr, bytes int64) LoadResult {
 	runtime.LockOSThread()
 	var res LoadResult
 	for i, size := range []int64{max(bytes/16, 1<<20), bytes} {
@@ -524,7 +542,7 @@ func loadBulk(sa *unix.SockaddrInet4, bytes int64) LoadResult {
 	return res
 }
 
-func bulkOnce(sa *unix.SockaddrInet4, size int64) (int64, error) {
+func bulkOnce(sa unix.Sockaddr, size int64) (int64, error) {
 	fd, err := dial(sa)
 	if err != nil {
 		return 0, err
@@ -555,7 +573,7 @@ func bulkOnce(sa *unix.SockaddrInet4, size int64) (int64, error) {
 
 // oneConn: connect, one request/response, close (reset). It reports whether the answer
 // shows the wrong path.
-func oneConn(sa *unix.SockaddrInet4, proxied bool, req, resp []byte) (bool, error) {
+func oneConn(sa unix.Sockaddr, proxied bool, req, resp []byte) (bool, error) {
 	fd, err := dial(sa)
 	if err != nil {
 		return false, err
@@ -574,16 +592,26 @@ func oneConn(sa *unix.SockaddrInet4, proxied bool, req, resp []byte) (bool, erro
 // wrongPath compares the peer the server saw with the app's own address: equal means the
 // app reached the server itself, different means a proxy dialled it.
 func wrongPath(local unix.Sockaddr, resp []byte, proxied bool) bool {
-	l, ok := local.(*unix.SockaddrInet4)
-	if !ok {
+	var addr netip.Addr
+	var port int
+	switch l := local.(type) {
+	case *unix.SockaddrInet4:
+		addr, port = netip.AddrFrom4(l.Addr), l.Port
+	case *unix.SockaddrInet6:
+		addr, port = netip.AddrFrom16(l.Addr).Unmap(), l.Port
+	default:
 		return true
 	}
-	same := [4]byte(resp[0:4]) == l.Addr && int(binary.BigEndian.Uint16(resp[4:6])) == l.Port
+	same := [16]byte(resp[0:16]) == addr.As16() && int(binary.BigEndian.Uint16(resp[16:18])) == port
 	return same == proxied
 }
 
-func dial(sa *unix.SockaddrInet4) (int, error) {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+func dial(sa unix.Sockaddr) (int, error) {
+	family := unix.AF_INET
+	if _, ok := sa.(*unix.SockaddrInet6); ok {
+		family = unix.AF_INET6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 	if err != nil {
 		return -1, fmt.Errorf("socket: %w", err)
 	}

@@ -122,6 +122,12 @@ func Markdown(res *Results, prefix string) string {
 		}
 		w("![B1 latency distribution](%s%s)\n\n", prefix, plotB1)
 	}
+	if has(B1IPv6) {
+		w("## B1 over IPv6\n\n")
+		w("B1 in IPv6-only pods: the app dials the server's IPv6 address; eBPF redirects to `[::1]:15001` and the\n")
+		w("proxy reads `IP6T_SO_ORIGINAL_DST`, iptables applies istio's ip6tables rules (and its IPv4 ones).\n\n")
+		table(&b, res, B1IPv6, 0, []string{P50, P90, P99, CPUConn, BPFNS, BPFRuns}, modes)
+	}
 	if has(B2) {
 		w("## B2 connection rate\n\n")
 		w("%d clients in parallel, a new connection per request (same exchange as B1), for %s per round; completed\n", p.B2Clients, p.B2Duration)
@@ -134,14 +140,15 @@ func Markdown(res *Results, prefix string) string {
 		w("streamed app → proxy → server on a new connection, timed until the server confirms it has all of it.\n\n")
 		table(&b, res, B3, 0, []string{RRP50, RRP99, CPURR, Bulk, CPUBulk}, modes)
 	}
-	if has(B4CIDRs) || has(B4Ports) {
+	if has(B4CIDRs) || has(B4Ports) || has(B4CIDRsIPv6) {
 		w("## B4 policy scaling\n\n")
 		w("B1 (%d measured connections per round, %d warm-up) in pods whose policy also excludes N CIDRs (`-x`,\n", p.B4Conns, p.B4Warmup)
-		w("10.i.j.0/24) or N outbound ports (`-o`, 20000…), none of which matches the traffic. Median p50 in µs over\n")
+		w("10.i.j.0/24; over IPv6, in IPv6-only pods, fd01:0:i::/48) or N outbound ports (`-o`, 20000…), none of which\n")
+		w("matches the traffic. Median p50 in µs over\n")
 		w("%d rounds (lowest–highest round); direct and explicit ignore the policy and show the noise floor.\n", p.Rounds)
 		w("\"install\" is the time to attach (eBPF) or apply (iptables-restore) that policy in a fresh pod;\n")
 		w("\"eBPF programs ns/conn\" is the kernel's timing of divert's programs (see B1).\n\n")
-		for _, kind := range []string{B4CIDRs, B4Ports} {
+		for _, kind := range []string{B4CIDRs, B4Ports, B4CIDRsIPv6} {
 			if has(kind) {
 				scaleTable(&b, res, kind)
 			}
@@ -267,7 +274,8 @@ func joinModes(modes []Mode) string {
 
 // scaleTable writes B4 for one kind: a row per N.
 func scaleTable(b *strings.Builder, res *Results, kind string) {
-	title := map[string]string{B4CIDRs: "Excluded CIDRs (`-x`)", B4Ports: "Excluded outbound ports (`-o`)"}[kind]
+	title := map[string]string{B4CIDRs: "Excluded CIDRs (`-x`)", B4Ports: "Excluded outbound ports (`-o`)",
+		B4CIDRsIPv6: "Excluded IPv6 ranges (`-x`), over IPv6"}[kind]
 	fmt.Fprintf(b, "%s, p50 µs:\n\n", title)
 	fmt.Fprintf(b, "| N | %s | ebpf / iptables-nft | ebpf / explicit | eBPF programs ns/conn | install ms: ebpf / nft / legacy |\n", joinModes(AllModes))
 	fmt.Fprintf(b, "|---:|%s---|---|---|---|\n", strings.Repeat("---|", len(AllModes)))
@@ -307,6 +315,7 @@ func summary(res *Results) []string {
 	say(B1, P50, true, "B1 connection setup p50")
 	say(B1, P99, true, "B1 connection setup p99")
 	say(B1, CPUConn, true, "B1 CPU time per connection")
+	say(B1IPv6, P50, true, "B1 over IPv6 connection setup p50")
 	say(B2, ConnRate, false, "B2 connections/s")
 	say(B2, CPUConn, true, "B2 CPU time per connection")
 	say(B3, RRP50, true, "B3 keep-alive round trip p50")
@@ -315,7 +324,7 @@ func summary(res *Results) []string {
 	say(B3, CPUBulk, true, "B3 CPU time per GiB of bulk")
 	if ns := res.Params.B4Ns; len(ns) > 1 {
 		first, last := ns[0], ns[len(ns)-1]
-		for _, kind := range []string{B4CIDRs, B4Ports} {
+		for _, kind := range []string{B4CIDRs, B4Ports, B4CIDRsIPv6} {
 			var parts []string
 			for _, m := range []Mode{EBPF, NFT, Legacy} {
 				a := Summarize(res.Values(kind, P50, first, m)).Median
@@ -330,7 +339,7 @@ func summary(res *Results) []string {
 				parts = append(parts, fmt.Sprintf("%s %.0f → %.0f µs (%+.0f%%)", m, a, z, 100*(z/a-1)))
 			}
 			if len(parts) > 0 {
-				what := map[string]string{B4CIDRs: "excluded CIDRs", B4Ports: "excluded ports"}[kind]
+				what := map[string]string{B4CIDRs: "excluded CIDRs", B4Ports: "excluded ports", B4CIDRsIPv6: "excluded IPv6 ranges (over IPv6)"}[kind]
 				out = append(out, fmt.Sprintf("B4 p50 from %d to %d %s: %s.", first, last, what, strings.Join(parts, ", ")))
 			}
 		}

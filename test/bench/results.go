@@ -42,9 +42,12 @@ const (
 	B3      = "B3"       // one keep-alive connection: round trips, then bulk throughput
 	B4CIDRs = "B4-cidrs" // B1 with N excluded CIDRs (-x)
 	B4Ports = "B4-ports" // B1 with N excluded outbound ports (-o)
-	B6      = "B6"       // a burst of connections waiting in the proxy's accept queue
-	B7UDP   = "B7-udp"   // DNS capture: a query per UDP socket, through the capture to the agent
-	B7TCP   = "B7-tcp"   // the same over TCP
+	// The same over IPv6, in IPv6-only pods (istio's ip6tables rules, eBPF's IPv6 path).
+	B1IPv6      = "B1-ipv6"       // B1
+	B4CIDRsIPv6 = "B4-cidrs-ipv6" // B4-cidrs with N excluded IPv6 ranges
+	B6          = "B6"            // a burst of connections waiting in the proxy's accept queue
+	B7UDP       = "B7-udp"        // DNS capture: a query per UDP socket, through the capture to the agent
+	B7TCP       = "B7-tcp"        // the same over TCP
 
 	P50      = "p50 µs"
 	P90      = "p90 µs"
