@@ -55,8 +55,9 @@ func cgroupID(path string) (uint64, error) {
 
 // LocalAddrs returns the addresses of the network namespace at path, both families: the
 // destinations iptables would route via lo ("-o lo"), besides 127.0.0.0/8 and ::1. IPv6
-// link-local addresses are among them (a connection to the pod's own fe80:: address goes
-// via lo too); a v4-mapped address is IPv4.
+// link-local addresses are left out, as istio leaves them out of a pod's addresses: the
+// kernel gives every interface one, a moment after it comes up, so whether one would be
+// listed depended on timing (seen in the VM guests); a v4-mapped address is IPv4.
 func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 	if netnsPath == "" {
 		return nil, &InputError{Field: "netns", Value: netnsPath, Msg: "required: a path to the pod's network namespace, like /proc/<pid>/ns/net or /run/netns/<name>"}
@@ -79,7 +80,7 @@ func LocalAddrs(netnsPath string) ([]netip.Addr, error) {
 			if !ok {
 				continue
 			}
-			if ip = ip.Unmap(); !ip.IsLoopback() {
+			if ip = ip.Unmap(); !ip.IsLoopback() && !(ip.Is6() && ip.IsLinkLocalUnicast()) {
 				addrs = append(addrs, ip)
 			}
 		}
