@@ -283,7 +283,8 @@ func runBurstApp(args []string) error {
 		}
 	}
 	fmt.Println(burstDone)
-	select {} // hold the connections until killed
+	holdUntilKilled() // with the connections open
+	return nil
 }
 
 // burst-proxy: listen with a queue deep enough for the burst, accept nothing until
@@ -367,7 +368,8 @@ func runBurstProxy(args []string) error {
 		time.Sleep(*acceptEvery)
 	}
 	fmt.Println(burstDone)
-	select {}
+	holdUntilKilled()
+	return nil
 }
 
 // sockaddr is ap as a socket address of its own family.
@@ -376,4 +378,13 @@ func sockaddr(ap netip.AddrPort) (family int, sa unix.Sockaddr) {
 		return unix.AF_INET6, &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
 	}
 	return unix.AF_INET, &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+}
+
+// holdUntilKilled blocks until the process is killed. Not select{}: with no goroutine
+// left that could run and no timer, the Go runtime calls that a deadlock and exits (seen
+// in a VM guest while the proxy of a trickling burst was still accepting).
+func holdUntilKilled() {
+	for {
+		time.Sleep(time.Hour)
+	}
 }
