@@ -323,9 +323,11 @@ func runLoad(args []string) error {
 	if err != nil {
 		return fmt.Errorf("--dst: %w", err)
 	}
-	var sa unix.Sockaddr = &unix.SockaddrInet4{Addr: dst.Addr().Unmap().As4(), Port: int(dst.Port())}
-	if dst.Addr().Unmap().Is6() {
-		sa = &unix.SockaddrInet6{Addr: dst.Addr().As16(), Port: int(dst.Port())}
+	var sa unix.Sockaddr
+	if a := dst.Addr().Unmap(); a.Is4() {
+		sa = &unix.SockaddrInet4{Addr: a.As4(), Port: int(dst.Port())}
+	} else {
+		sa = &unix.SockaddrInet6{Addr: a.As16(), Port: int(dst.Port())}
 	}
 	var res LoadResult
 	switch *kind {
