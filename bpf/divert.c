@@ -545,19 +545,30 @@ static __always_inline int socket_owner_listed(__u64 owner)
 // to lo (SO_BINDTODEVICE) sends its SYN out lo, where nothing answers an address outside
 // 127/8 (a timeout; under iptables, even the proxy's hairpin REDIRECT goes nowhere).
 // Captured, each would reach the proxy instead. (The pod's subnet broadcast is a broadcast
-// route too, which connect4 cannot look up: docs/semantics.md.) IPv4's rules, v4-mapped
-// destinations included; native IPv6 is left to the rules.
+// route too, which connect4 cannot look up: docs/semantics.md.) v4-mapped destinations
+// are IPv4's. Native IPv6 (ip6tables' kernel): tcp_v6_connect, after this hook, fails a
+// multicast destination (ENETUNREACH) and a link-local one from a socket bound to no
+// interface (EINVAL), and the route lookup from a socket bound to lo finds nothing but ::1
+// (ENETUNREACH). (A link-local destination with a scope id binds the socket after this
+// hook, which cannot see it: left to the kernel too, docs/semantics.md.)
 static __always_inline int kernel_fails(int v4, const struct inet_addr *src, const struct inet_addr *dst,
-					int bound_lo)
+					__u32 bound_dev)
 {
-	if (!v4)
-		return 0;
+	if (!v4) {
+		__u32 w0 = bpf_ntohl(dst->w[0]);
+		if ((w0 >> 24) == 0xff)
+			return 1; // ff00::/8
+		if ((dst->w[0] | dst->w[1] | dst->w[2] | (dst->w[3] ^ bpf_htonl(LOCALHOST6))) == 0)
+			return 0; // ::1
+		return bound_dev == LOOPBACK_IFINDEX || ((w0 & 0xffc00000) == 0xfe800000 && !bound_dev);
+	}
 	__u32 d = bpf_ntohl(dst->w[3]);
 	if (d == 0xffffffff || (d >> 28) == 0xe || d == 0x7fffffff)
 		return 1;
 	if ((d >> 24) == 127)
 		return 0;
-	return bound_lo || (is_v4(src) && (bpf_ntohl(src->w[3]) >> 24) == 127 && !is_local(dst));
+	return bound_dev == LOOPBACK_IFINDEX ||
+	       (is_v4(src) && (bpf_ntohl(src->w[3]) >> 24) == 127 && !is_local(dst));
 }
 
 // decide_outbound mirrors policy.Config.Decide for outbound connections: istio's
@@ -670,7 +681,7 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, int udp,
 		return 1; // istio wrote no ip6tables rules: IPv6 is not decided, nor counted
 	__u16 dport_be = (__u16)ctx->user_port; // the port's two bytes, as the app wrote them
 	__u16 dport = bpf_ntohs(dport_be);
-	if (!udp && kernel_fails(v4, src, dst, ctx->sk && ctx->sk->bound_dev_if == LOOPBACK_IFINDEX))
+	if (!udp && kernel_fails(v4, src, dst, ctx->sk ? ctx->sk->bound_dev_if : 0))
 		return 1; // no rule decides it: nothing counted
 	enum reason r = REASON_NONE;
 	if (!udp || (cfg->dns_capture && dport == DNS_PORT)) {
@@ -901,8 +912,8 @@ int divert_getpeername6(struct bpf_sock_addr *ctx) { return show_nameserver6(ctx
 // beside MSS, SACK-permitted, timestamps and window scale (20 bytes) only 20 of TCP's 40
 // bytes of options are left. The later segments carry the timestamps alone (12 bytes),
 // which leaves room for either (36 of 40 bytes with IPv6's, padded); the SYN never
-// establishes the proxy's socket, but with Fast Open, whose cookie leaves no room for
-// either option.
+// establishes the proxy's socket, but with a Fast Open cookie, which leaves no room for
+// either option (counted as orig-dst-unsent).
 static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -926,10 +937,12 @@ static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 			return;
 		}
 		if (!v4 && (skops->skb_tcp_flags & TCPHDR_SYN)) {
-			// A Fast Open SYN with data may establish the proxy's socket by itself:
-			// then the destination is lost, as for IPv4, whose option finds no room
-			// beside Fast Open's cookie either.
-			if (skops->skb_len > 0)
+			// A SYN with a Fast Open cookie (with data or not) establishes the proxy's
+			// socket by itself: then the destination is lost, as for IPv4, whose option
+			// finds no room beside the cookie either. Probing with IPv4's size tells that
+			// SYN (8 bytes left) from the others (16 or 20 left); the space a probe gets
+			// is left unwritten, which the kernel fills with NOPs.
+			if (bpf_reserve_hdr_opt(skops, sizeof(struct orig_dst_opt), 0))
 				count_drop(DROP_ORIG_DST_UNSENT);
 			return;
 		}
@@ -937,6 +950,8 @@ static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 			count_drop(DROP_ORIG_DST_UNSENT);
 		return;
 	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB: {
+		if (!v4 && (skops->skb_tcp_flags & TCPHDR_SYN))
+			return; // the probe's space (above)
 		long err;
 		if (v4) {
 			struct orig_dst_opt opt = {
@@ -966,9 +981,9 @@ static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 }
 
 // proxied reports which family's redirected connections a socket could be one of: to the
-// family's localhost, where redirects go, from the pod's own addresses of that family (for
-// IPv4 127.0.0.1, or the address an app bound before connecting; IPv4 also on an AF_INET6
-// socket, as ::ffff:a.b.c.d; for IPv6 ::1). 1 for IPv4, 2 for IPv6, 0 for neither: a peer
+// family's localhost, where redirects go, from the pod's own addresses of that family
+// (127.0.0.1 or ::1, or the address an app bound before connecting; IPv4 also on an
+// AF_INET6 socket, as ::ffff:a.b.c.d). 1 for IPv4, 2 for IPv6, 0 for neither: a peer
 // outside the pod cannot make the proxy believe another destination (the kernel drops
 // packets to 127/8 or ::1 arriving on other devices than lo).
 static __always_inline int proxied(struct bpf_sock_ops *skops)
@@ -985,9 +1000,7 @@ static __always_inline int proxied(struct bpf_sock_ops *skops)
 	}
 	int v4 = is_v4(&local);
 	struct inet_addr lo = localhost(v4);
-	if (!addr_eq(&local, &lo) || is_v4(&remote) != v4)
-		return 0;
-	if (!(v4 ? is_local(&remote) : addr_eq(&remote, &lo)))
+	if (!addr_eq(&local, &lo) || is_v4(&remote) != v4 || !is_local(&remote))
 		return 0;
 	return v4 ? 1 : 2;
 }

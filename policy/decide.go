@@ -53,16 +53,21 @@ type Conn struct {
 	// BoundLo is true for a socket bound to lo (SO_BINDTODEVICE): its SYN leaves through lo
 	// whatever its destination.
 	BoundLo bool
+	// BoundDevice is true for a socket bound to any interface (SO_BINDTODEVICE, or bind()
+	// to a scoped link-local address), lo included: an IPv6 link-local destination needs one.
+	BoundDevice bool
 }
 
 // Refusal is how a TCP connect fails in the kernel whatever the rules.
 type Refusal uint8
 
 const (
-	NotRefused  Refusal = iota
-	Unreachable         // ENETUNREACH: a broadcast or multicast route
-	Invalid             // EINVAL: the route lookup itself fails
-	Unanswered          // the SYN goes where nothing answers: connect times out
+	NotRefused     Refusal = iota
+	Unreachable            // ENETUNREACH: a broadcast or multicast route
+	Invalid                // EINVAL: the route lookup itself fails
+	Unanswered             // the SYN goes where nothing answers: connect times out
+	NoRouteFromLo          // ENETUNREACH: IPv6 from a socket bound to lo to anything but ::1
+	NeedsInterface         // EINVAL: an IPv6 link-local destination from a socket bound to none
 )
 
 func (r Refusal) String() string {
@@ -73,6 +78,10 @@ func (r Refusal) String() string {
 		return "EINVAL: a loopback source cannot leave the pod"
 	case Unanswered:
 		return "a timeout: bound to lo, the SYN goes where nothing answers"
+	case NoRouteFromLo:
+		return "ENETUNREACH: bound to lo, no IPv6 route but ::1's leaves it"
+	case NeedsInterface:
+		return "EINVAL: a link-local destination needs an interface"
 	}
 	return "not refused"
 }
@@ -85,11 +94,15 @@ func (r Refusal) String() string {
 // answers an address outside 127/8, not even the proxy after iptables' hairpin REDIRECT.
 // The pod's subnet broadcast address is a broadcast route too, but neither this model nor
 // the programs know the pod's prefixes (docs/semantics.md). 0.x.y.z is unicast (Linux 5.3+).
+// Native IPv6 has its own cases (refused6).
 func (conn Conn) Refused() Refusal {
 	conn = conn.Routed()
 	dst := conn.Dst.Addr().Unmap()
-	if conn.Direction != Outbound || conn.Proto != TCP || !dst.Is4() {
+	if conn.Direction != Outbound || conn.Proto != TCP {
 		return NotRefused
+	}
+	if !dst.Is4() {
+		return conn.refused6(dst)
 	}
 	switch {
 	case dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) || dst.IsMulticast() || dst == netip.AddrFrom4([4]byte{127, 255, 255, 255}):
@@ -100,6 +113,26 @@ func (conn Conn) Refused() Refusal {
 		return Unanswered
 	case conn.Src.IsValid() && conn.Src.Unmap().IsLoopback() && !conn.DstLocal:
 		return Invalid
+	}
+	return NotRefused
+}
+
+// refused6 is Refused for a native IPv6 destination, as ip6tables' kernel refuses it:
+// tcp_v6_connect fails a multicast destination (ENETUNREACH) and a link-local one from a
+// socket bound to no interface (EINVAL), after the connect6 hook ran; the route lookup
+// from a socket bound to lo finds nothing but ::1 (ENETUNREACH, where IPv4 sends the SYN
+// out lo). IPv6 has no broadcast, and a ::1 source is not refused: the SYN leaves, and the
+// peer drops it (RFC 4291), which is what the rules decide, not a refusal.
+func (conn Conn) refused6(dst netip.Addr) Refusal {
+	switch {
+	case dst.IsMulticast():
+		return Unreachable
+	case dst == Localhost6:
+		return NotRefused
+	case conn.BoundLo:
+		return NoRouteFromLo
+	case dst.IsLinkLocalUnicast() && !conn.BoundDevice && !conn.BoundLo:
+		return NeedsInterface
 	}
 	return NotRefused
 }

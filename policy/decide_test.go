@@ -364,7 +364,9 @@ func TestActionAndVerdictStrings(t *testing.T) {
 // them to it whatever the policy.
 func TestRefused(t *testing.T) {
 	loopback := netip.MustParseAddr("127.0.0.1")
-	boundLo := func(c policy.Conn) policy.Conn { c.BoundLo = true; return c }
+	boundLo := func(c policy.Conn) policy.Conn { c.BoundLo, c.BoundDevice = true, true; return c }
+	boundEth0 := func(c policy.Conn) policy.Conn { c.BoundDevice = true; return c }
+	loopback6 := netip.MustParseAddr("::1")
 	for _, tt := range []struct {
 		conn policy.Conn
 		want policy.Refusal
@@ -386,6 +388,20 @@ func TestRefused(t *testing.T) {
 		{out(app, app, unbound, "240.0.0.1:80", false), policy.NotRefused},
 		{udp(out(app, app, unbound, "255.255.255.255:53", false)), policy.NotRefused}, // TCP only
 		{policy.Conn{Direction: policy.Inbound, Dst: netip.MustParseAddrPort("224.0.0.1:80")}, policy.NotRefused},
+		// Native IPv6 (test/parity's edgeScenarios6 show ip6tables' kernel doing so).
+		{out(app, app, unbound, "[ff02::1]:80", false), policy.Unreachable},
+		{out(proxy, proxy, unbound, "[ff0e::1]:1900", false), policy.Unreachable},
+		{boundLo(out(app, app, unbound, "[ff02::1]:80", false)), policy.Unreachable},
+		{out(app, app, unbound, "[fe80::1]:80", false), policy.NeedsInterface},
+		{boundEth0(out(app, app, unbound, "[fe80::1]:80", false)), policy.NotRefused},
+		{boundLo(out(app, app, unbound, "[fe80::1]:80", false)), policy.NoRouteFromLo},
+		{boundLo(out(app, app, unbound, "[fd00::5]:80", false)), policy.NoRouteFromLo},
+		{boundLo(out(app, app, unbound, "[fd00::2]:8080", true)), policy.NoRouteFromLo},
+		{boundLo(out(app, app, unbound, "[::1]:8080", true)), policy.NotRefused},
+		{boundLo(out(app, app, unbound, "[::]:8080", true)), policy.NotRefused}, // ::1
+		{out(app, app, loopback6, "[fd00::5]:80", false), policy.NotRefused},
+		{out(app, app, unbound, "[fd00::5]:80", false), policy.NotRefused},
+		{udp(out(app, app, unbound, "[ff02::1]:53", false)), policy.NotRefused},
 	} {
 		require.Equal(t, tt.want, tt.conn.Refused(), "%+v", tt.conn)
 		if tt.want != policy.NotRefused {

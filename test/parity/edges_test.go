@@ -133,9 +133,14 @@ func TestDocumentedDifferences(t *testing.T) {
 		{scenario{name: "TFO with a cookie: proxy to own pod IP hairpins", uid: proxyUID, gid: proxyUID, dst: "pod:8080", shape: testpod.Shape{FastOpen: true}, tfoCookie: true},
 			outcome{Landed: "proxy:15006", Orig: "{pod}:8080"}, outcome{Landed: "proxy:15006", Orig: unreadable}},
 	}
+	documentedDifferences(t, newWorld, differences)
+}
+
+// documentedDifferences runs each difference in a world made by newW, per backend.
+func documentedDifferences(t *testing.T, newW func(*testing.T) *world, differences []difference) {
 	for _, b := range backends() {
 		t.Run(b.name, func(t *testing.T) {
-			w := newWorld(t)
+			w := newW(t)
 			b.setup(t, w)
 			for _, d := range differences {
 				t.Run(d.s.name, func(t *testing.T) {

@@ -24,6 +24,7 @@ func newWorld6(t *testing.T, stack testpod.Stack) *world {
 	if out, err := nsexec.CombinedOutput(pod.NetNSPath, exec.Command("ip", "-6", "addr", "add", "::6/128", "dev", "lo")); err != nil {
 		t.Fatalf("add ::6 to lo: %v %s", err, out)
 	}
+	pod.Sysctl(t, "net/ipv4/tcp_fastopen", "1027") // as newWorld: it covers IPv6 too
 	any4, any6 := netip.IPv4Unspecified(), netip.IPv6Unspecified()
 	var listen []netip.AddrPort
 	for _, p := range proxyPorts {
@@ -135,29 +136,16 @@ func TestOutboundParityIPv6(t *testing.T) {
 				t.Run(b.name, func(t *testing.T) {
 					w := newWorld6(t, pw.stack)
 					b.setup(t, w)
-					for _, row := range ipv6Scenarios {
+					for _, row := range append(ipv6Scenarios, edgeScenarios6...) {
 						if row.needs4 && !w.pod.Addr.IsValid() {
 							continue // an IPv6-only pod has no IPv4 route out
 						}
 						s := row.scenario
 						s.flags = append(append([]string{}, pw.flags...), s.flags...)
-						t.Run(s.name, func(t *testing.T) {
-							cfg := w.config(t, s)
-							if cfg.IPv6 != pw.ipv6 {
-								t.Fatalf("IPv6 capture %v for pod %v with %q, want %v", cfg.IPv6, w.pod.Addrs(), s.flags, pw.ipv6)
-							}
-							c := w.conn(t, s)
-							v, want := w.verdictAndOutcome(s, cfg, c)
-							b.apply(t, w, cfg)
-							got := observed(w.pod.Dial(t, s.uid, s.gid, s.target(c))[0])
-							if got != want {
-								t.Errorf("%s: uid %d gid %d src %q -> %s (%s)\n  model (%s): %s\n  %s: %s\n  (%s)",
-									s.name, s.uid, s.gid, s.src, c.Dst, s.socket(), v, want, b.name, got, w.health())
-							}
-							if b.after != nil {
-								b.after(t, w, v)
-							}
-						})
+						if cfg := w.config(t, s); cfg.IPv6 != pw.ipv6 {
+							t.Fatalf("IPv6 capture %v for pod %v with %q, want %v", cfg.IPv6, w.pod.Addrs(), s.flags, pw.ipv6)
+						}
+						outboundRow(t, w, b, s)
 					}
 				})
 			}
