@@ -43,12 +43,8 @@ func newWorld6(t *testing.T, stack testpod.Stack) *world {
 
 // ipv6Scenarios are every outbound rule of istio's ip6tables rules, in IPv6: the IPv4
 // table's rows with ::6, ::1, the pod's IPv6 address and IPv6 ranges, from Go's IPv6
-// sockets and from dual-stack ones. needs4 rows dial IPv4 too (mixed lists, v4-mapped):
-// only the dual-stack pod runs them.
-var ipv6Scenarios = []struct {
-	scenario
-	needs4 bool
-}{
+// sockets and from dual-stack ones.
+var ipv6Scenarios = []scenario6{
 	{scenario: scenario{name: "app to remote is captured", uid: appUID, gid: appUID, dst: "remote6:80"}},
 	{scenario: scenario{name: "excluded outbound port passes", flags: []string{"-o", "80"}, uid: appUID, gid: appUID, dst: "remote6:80"}},
 	{scenario: scenario{name: "excluded outbound port beats the hairpin", flags: []string{"-o", "8080"}, uid: proxyUID, gid: proxyUID, dst: "pod6:8080"}},
@@ -114,6 +110,13 @@ var ipv6Scenarios = []struct {
 	{scenario: scenario{name: "IPv4 proxy bound to 127.0.0.6 to the pod passes", uid: proxyUID, gid: proxyUID, src: "127.0.0.6", dst: "pod:8080"}, needs4: true},
 }
 
+// scenario6 is an IPv6 row; needs4 rows dial IPv4 too (mixed lists, v4-mapped): only the
+// dual-stack pods run them.
+type scenario6 struct {
+	scenario
+	needs4 bool
+}
+
 // ipv6Worlds are the pods the IPv6 rows run in, with the flags every row gets there:
 // a dual-stack pod with --dual-stack ($ISTIO_DUAL_STACK), an IPv6-only pod (istio captures
 // its IPv6 without the flag), and a dual-stack pod without it, where istio writes IPv4
@@ -129,14 +132,17 @@ var ipv6Worlds = []struct {
 	{"dual-stack pod without --dual-stack", testpod.DualStack, nil, false},
 }
 
-func TestOutboundParityIPv6(t *testing.T) {
+func TestOutboundParityIPv6(t *testing.T) { outboundParity6(t, ipv6Scenarios) }
+
+// outboundParity6 runs rows in every IPv6 world through every backend.
+func outboundParity6(t *testing.T, rows []scenario6) {
 	for _, pw := range ipv6Worlds {
 		t.Run(pw.name, func(t *testing.T) {
 			for _, b := range backends() {
 				t.Run(b.name, func(t *testing.T) {
 					w := newWorld6(t, pw.stack)
 					b.setup(t, w)
-					for _, row := range append(ipv6Scenarios, edgeScenarios6...) {
+					for _, row := range rows {
 						if row.needs4 && !w.pod.Addr.IsValid() {
 							continue // an IPv6-only pod has no IPv4 route out
 						}
