@@ -523,11 +523,22 @@ __attribute__((noinline)) __u64 socket_owner(struct bpf_sock_addr *ctx)
 	return (__u64)cred->fsgid.val << 32 | cred->fsuid.val;
 }
 
+// socket_ids returns the ids decide_outbound matches, gid << 32 | uid: the socket file's
+// where the kernel shows them (as xt_owner matches), else the connecting task's.
 // socket_owner_listed says whether the socket's owner group is in owner_gids: 1, 0, or -1
 // when this kernel cannot tell (never armed then: the loader refuses the setting on such
-// a kernel). A socket without a file is in no group, as xt_owner says.
-static __always_inline int socket_owner_listed(__u64 owner)
+// a kernel). A socket without a file is in no group, as xt_owner says. Both are global
+// functions: in line, their choices on socket_owner's answer forked the verifier's walk of
+// every rule after them (connect6 processed twice the instructions).
+__noinline __u64 socket_ids(struct bpf_sock_addr *ctx)
 {
+	__u64 owner = socket_owner(ctx);
+	return owner >= OWNER_NO_FILE ? bpf_get_current_uid_gid() : owner;
+}
+
+__noinline int socket_owner_listed(struct bpf_sock_addr *ctx)
+{
+	__u64 owner = socket_owner(ctx);
 	if (owner == OWNER_UNKNOWN)
 		return -1;
 	if (owner == OWNER_NO_FILE)
@@ -551,24 +562,30 @@ static __always_inline int socket_owner_listed(__u64 owner)
 // interface (EINVAL), and the route lookup from a socket bound to lo finds nothing but ::1
 // (ENETUNREACH). (A link-local destination with a scope id binds the socket after this
 // hook, which cannot see it: left to the kernel too, docs/semantics.md.)
-static __always_inline int kernel_fails(int v4, const struct inet_addr *src, const struct inet_addr *dst,
-					__u32 bound_dev)
+// How kernel_fails is told about the socket, as bits (a global function takes five
+// scalars at most).
+#define KF_BOUND_DEV 1	  // bound to an interface (SO_BINDTODEVICE, a scoped bind)
+#define KF_BOUND_LO 2	  // ... which is lo
+#define KF_LOOPBACK_SRC 4 // bound to an IPv4 loopback source
+// A global function, as the lookups by address are: in line, its branches forked the
+// verifier's walk of every rule after it (connect6 processed twice the instructions).
+__noinline int kernel_fails(__u32 w0, __u32 w1, __u32 w2, __u32 w3, __u32 how)
 {
-	if (!v4) {
-		__u32 w0 = bpf_ntohl(dst->w[0]);
-		if ((w0 >> 24) == 0xff)
+	struct inet_addr dst = {.w = {w0, w1, w2, w3}};
+	if (!is_v4(&dst)) {
+		__u32 a = bpf_ntohl(w0);
+		if ((a >> 24) == 0xff)
 			return 1; // ff00::/8
-		if ((dst->w[0] | dst->w[1] | dst->w[2] | (dst->w[3] ^ bpf_htonl(LOCALHOST6))) == 0)
+		if ((w0 | w1 | w2 | (w3 ^ bpf_htonl(LOCALHOST6))) == 0)
 			return 0; // ::1
-		return bound_dev == LOOPBACK_IFINDEX || ((w0 & 0xffc00000) == 0xfe800000 && !bound_dev);
+		return (how & KF_BOUND_LO) || ((a & 0xffc00000) == 0xfe800000 && !(how & KF_BOUND_DEV));
 	}
-	__u32 d = bpf_ntohl(dst->w[3]);
+	__u32 d = bpf_ntohl(w3);
 	if (d == 0xffffffff || (d >> 28) == 0xe || d == 0x7fffffff)
 		return 1;
 	if ((d >> 24) == 127)
 		return 0;
-	return bound_dev == LOOPBACK_IFINDEX ||
-	       (is_v4(src) && (bpf_ntohl(src->w[3]) >> 24) == 127 && !is_local(dst));
+	return (how & KF_BOUND_LO) || ((how & KF_LOOPBACK_SRC) && !addr_is_local(w0, w1, w2, w3));
 }
 
 // decide_outbound mirrors policy.Config.Decide for outbound connections: istio's
@@ -580,10 +597,7 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 						   const struct inet_addr *dst, __u16 dport,
 						   __u16 *to_port)
 {
-	// The socket's ids where the kernel shows them (as xt_owner matches), else the
-	// connecting task's.
-	__u64 owner = socket_owner(ctx);
-	__u64 ids = owner >= OWNER_NO_FILE ? bpf_get_current_uid_gid() : owner;
+	__u64 ids = socket_ids(ctx);
 	__u32 uid = (__u32)ids, gid = ids >> 32;
 	__u8 pflags = port_flags(dport);
 	struct inet_addr lo = localhost(v4), pass_src = passthrough(v4);
@@ -620,7 +634,7 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 	// istio's owner-group rule ("-m owner [!] --gid-owner G ... -j RETURN"). A kernel that
 	// cannot tell passes the connection, never captures it.
 	if (cfg->owner_groups) {
-		int listed = socket_owner_listed(owner);
+		int listed = socket_owner_listed(ctx);
 		if (cfg->owner_groups == OWNER_GROUPS_ONLY && listed != 1)
 			return REASON_OWNER_GROUP_NOT_INCLUDED;
 		if (cfg->owner_groups == OWNER_GROUPS_NOT && listed != 0)
@@ -681,8 +695,13 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, int udp,
 		return 1; // istio wrote no ip6tables rules: IPv6 is not decided, nor counted
 	__u16 dport_be = (__u16)ctx->user_port; // the port's two bytes, as the app wrote them
 	__u16 dport = bpf_ntohs(dport_be);
-	if (!udp && kernel_fails(v4, src, dst, ctx->sk ? ctx->sk->bound_dev_if : 0))
-		return 1; // no rule decides it: nothing counted
+	if (!udp) {
+		__u32 dev = ctx->sk ? ctx->sk->bound_dev_if : 0;
+		__u32 how = (dev ? KF_BOUND_DEV : 0) | (dev == LOOPBACK_IFINDEX ? KF_BOUND_LO : 0) |
+			    ((is_v4(src) & ((bpf_ntohl(src->w[3]) >> 24) == 127)) ? KF_LOOPBACK_SRC : 0);
+		if (kernel_fails(dst->w[0], dst->w[1], dst->w[2], dst->w[3], how))
+			return 1; // no rule decides it: nothing counted
+	}
 	enum reason r = REASON_NONE;
 	if (!udp || (cfg->dns_capture && dport == DNS_PORT)) {
 		r = decide_outbound(ctx, cfg, udp, v4, src, dst, dport, to_port);
