@@ -379,6 +379,9 @@ func TestExplain(t *testing.T) {
 		{[]string{"--uid", "1000", "--dst", "224.0.0.1:80"}, "reason:  none: the kernel fails this connect whatever the rules (ENETUNREACH"},
 		{[]string{"--uid", "1337", "--dst", "127.255.255.255:8080"}, "verdict: pass (none)"},
 		{[]string{"--uid", "1000", "--src", "127.0.0.6", "--dst", "10.0.0.5:80"}, "(EINVAL: a loopback source cannot leave the pod)"},
+		{[]string{"--uid", "1000", "--dst", "[ff02::1]:80", "--pod-ip", "fd00::5"}, "the kernel fails this connect whatever the rules (ENETUNREACH: a broadcast or multicast route)"},
+		{[]string{"--uid", "1000", "--dst", "[fe80::1]:80", "--pod-ip", "fd00::5"}, "(EINVAL: a link-local destination needs an interface)"},
+		{[]string{"--uid", "1000", "--src", "::1", "--dst", "[fd00::9]:80", "--pod-ip", "fd00::5"}, "redirect-outbound to port 15001"},
 	}
 	for _, c := range cases {
 		out, err := runCLI(t, nil, append([]string{"explain"}, c.args...)...)
