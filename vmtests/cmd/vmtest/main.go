@@ -44,6 +44,7 @@ var Slow = []string{
 	"TestRandomParity",           // test/parity: randomised configs, property test
 	"TestRandomParityIPv6",       // test/parity: the same over both families
 	"TestOutboundParityIPv6",     // test/parity: every outbound row on three pod shapes (~6.5 min)
+	"TestEdgeParityIPv6",         // test/parity: the IPv6 edge rows on two pod shapes (218 s on 5.10)
 	"TestRandomDNSParity",        // test/parity: randomised DNS configs (~1-2.5 min)
 	"TestCLIKilled",              // cmd/divert: 160 kills of the CLI (over 5 min under TCG)
 	"TestCrashAtEveryStep",       // loader: a kill after each of 51 steps (~4 min)
