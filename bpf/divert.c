@@ -331,6 +331,27 @@ struct {
 	__uint(value_size, sizeof(__u64));
 } inbound_listeners SEC(".maps");
 
+// The proxy's connections to the pod from a client's address (TPROXY mode's original_src,
+// see decide_outbound), from the SYN's departure (sockops TCP_CONNECT) to its lookup: the
+// kernel cannot tell sk_lookup such a SYN from the client's own arriving from outside
+// (ingress_ifindex is the device of the pod address it goes to, not lo), and without this
+// sk_lookup would hand it back to the proxy. An entry lives for one handshake's first SYN;
+// LRU, so entries of SYNs that never arrived make room. Should one be evicted before its
+// SYN arrives, the proxy gets the connection once more and forwards it again.
+struct transparent_syn {
+	__u32 client;	   // network byte order
+	__u32 pod;	   // network byte order
+	__u16 client_port; // network byte order
+	__u16 pod_port;	   // host byte order
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 512);
+	__type(key, struct transparent_syn);
+	__type(value, __u8);
+} transparent_syns SEC(".maps");
+
 // is_v4 tells IPv4 (::ffff:a.b.c.d) from IPv6. Tests of addresses combine the words
 // without a branch per word: each branch would fork the verifier's walk of what follows.
 static __always_inline int is_v4(const struct inet_addr *a)
@@ -614,6 +635,13 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 	if (pflags & PORT_OUTBOUND_EXCLUDE)
 		return REASON_EXCLUDED_OUTBOUND_PORT;
 	if (local && addr_eq(src, &pass_src))
+		return REASON_INBOUND_PASSTHROUGH;
+	// TPROXY mode's passthrough (policy.Config.TransparentPassthrough): the proxy forwards
+	// an inbound connection from the client's own address (Envoy's original_src), a source
+	// only a transparent socket can bind. istio's nat hairpin catches it and the connection
+	// never completes (docs/semantics.md); its mangle rules mean it to pass, and it does.
+	// TPROXY is the one mode where the tunnel port does not pass inbound.
+	if (local && v4 && !cfg->inbound_tunnel_passes && src->w[3] && !is_local(src))
 		return REASON_INBOUND_PASSTHROUGH;
 	if (hairpinnable && !dns && uid == cfg->proxy_uid) {
 		*to_port = cfg->inbound_capture_port;
@@ -1062,11 +1090,36 @@ static __always_inline void proxy_established(struct bpf_sock_ops *skops)
 	s->side = SIDE_PROXY;
 }
 
+// transparent_connect writes down a TPROXY pod's connection from a source that is not the
+// pod's to the pod itself (the one connect4 let pass as inbound passthrough), for sk_lookup.
+static __always_inline void transparent_connect(struct bpf_sock_ops *skops)
+{
+	if (skops->family != AF_INET)
+		return;
+	struct inet_addr client = v4_addr(LOAD(skops->local_ip4)), pod = v4_addr(LOAD(skops->remote_ip4));
+	if (!client.w[3] || is_local(&client) || !is_local(&pod))
+		return;
+	struct config *cfg = get_config();
+	if (!cfg || cfg->inbound_tunnel_passes)
+		return;
+	struct transparent_syn syn = {
+		.client = client.w[3],
+		.pod = pod.w[3],
+		.client_port = bpf_htons((__u16)skops->local_port),
+		.pod_port = bpf_ntohs((__u16)(skops->remote_port >> 16)), // network order, high half
+	};
+	__u8 one = 1;
+	bpf_map_update_elem(&transparent_syns, &syn, &one, BPF_ANY);
+}
+
 SEC("sockops")
 int divert_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		transparent_connect(skops);
+		app_handshake(skops);
+		break;
 	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
 	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:
 		app_handshake(skops);
@@ -1211,6 +1264,20 @@ int divert_sk_lookup(struct bpf_sk_lookup *ctx)
 	// iptables terms they never traverse nat PREROUTING.
 	if (is_local(&remote))
 		return SK_PASS;
+	// In TPROXY mode so is the proxy's connection from the client's address (sockops wrote
+	// it down before its SYN left), which istio's mangle ISTIO_INBOUND returns by its mark.
+	if (v4 && !cfg->inbound_tunnel_passes) {
+		struct transparent_syn syn = {
+			.client = remote.w[3],
+			.pod = LOAD(ctx->local_ip4),
+			.client_port = ctx->remote_port,
+			.pod_port = (__u16)ctx->local_port,
+		};
+		if (bpf_map_lookup_elem(&transparent_syns, &syn)) {
+			bpf_map_delete_elem(&transparent_syns, &syn);
+			return SK_PASS;
+		}
+	}
 
 	enum reason r = decide_inbound(cfg, (__u16)ctx->local_port);
 	count(r, v4);
