@@ -175,6 +175,15 @@ func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Op
 		}
 		step("pin " + p.name)
 	}
+	undoNet, err := syncReturnPath(pod.NetNS, cfg, opts, false)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, undoNet())
+		}
+	}()
 	if testHookBeforeCommit != nil {
 		if err := testHookBeforeCommit(); err != nil {
 			return err
@@ -261,10 +270,25 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 	if outChange {
 		applied = outboundInert(cfg)
 	}
+	old, err := maps.ReadConfig(pinned)
+	if err != nil {
+		return fmt.Errorf("pod %s: read config_map: %w", pod.ID, err)
+	}
 	if err := maps.Apply(pinned, applied, addrs); err != nil {
 		return err
 	}
 	step("apply maps")
+	_, hadInbound := existing["divert_sk_lookup"]
+	hadReturnPath := old.InboundTunnelPasses == 0 && hadInbound // TPROXY mode before
+	undoNet, err := syncReturnPath(pod.NetNS, cfg, opts, hadReturnPath)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, undoNet())
+		}
+	}()
 	if !opts.NoInbound {
 		// Also after a change of -z: the listeners on the new port were never registered.
 		if _, err := adoptListeners(pod, cfg.InboundCapturePort, pinned.InboundListeners); err != nil {

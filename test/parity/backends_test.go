@@ -8,6 +8,7 @@ import (
 
 	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/maps"
+	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
 )
 
@@ -40,11 +41,21 @@ func ebpfBackend() backend {
 		name: "ebpf",
 		setup: func(t *testing.T, w *world) {
 			att = divertest.Attach(t, w.pod, divertest.BPFFS(t), divertest.Config(t))
+			w.ebpf = att
 		},
 		drops: func(t *testing.T) map[maps.Drop]uint64 { return att.Drops(t) },
 		apply: func(t *testing.T, w *world, cfg *policy.Config) {
 			divertest.Attach(t, w.pod, att.Opts, cfg) // updates in place
 			before = att.Counters(t)
+		},
+		// TPROXY mode needs Linux 5.17 (loader.CheckPolicy): before it the refusal is the
+		// eBPF backend's answer (istio-iptables mode falls back to istio's rules).
+		refuses: func(t *testing.T, w *world, cfg *policy.Config) bool {
+			if err := loader.CheckPolicy(cfg); err != nil {
+				refused(t, w, cfg, err)
+				return true
+			}
+			return false
 		},
 		after: func(t *testing.T, w *world, v policy.Verdict) {
 			after := att.Counters(t)

@@ -127,8 +127,9 @@ var outboundScenarios = []scenario{
 type world struct {
 	pod            *testpod.Pod
 	cidrA, cidrB   netip.Addr
-	cidrA6, cidrB6 netip.Addr      // with IPv6 (ipv6_test.go)
-	procs          []*testpod.Proc // listeners that must stay up for the whole test
+	cidrA6, cidrB6 netip.Addr          // with IPv6 (ipv6_test.go)
+	procs          []*testpod.Proc     // listeners that must stay up for the whole test
+	ebpf           *divertest.Attached // the eBPF backend's attachment, if it is this world's backend
 }
 
 // health reports listeners of the world that died, to tell a broken world from a
@@ -316,6 +317,9 @@ type backend struct {
 	after func(t *testing.T, w *world, v policy.Verdict)
 	// drops, if set, reads what the backend's programs gave up on (eBPF).
 	drops func(t *testing.T) map[maps.Drop]uint64
+	// refuses, if set, says whether the backend cannot express cfg on this kernel, having
+	// checked that it refuses it the way it must (then the scenario has no connection).
+	refuses func(t *testing.T, w *world, cfg *policy.Config) bool
 }
 
 func TestOutboundParity(t *testing.T) {
@@ -337,6 +341,9 @@ func outboundRow(t *testing.T, w *world, b backend, s scenario) {
 		cfg := w.config(t, s)
 		c := w.conn(t, s)
 		v, want := w.verdictAndOutcome(s, cfg, c)
+		if b.refuses != nil && b.refuses(t, w, cfg) {
+			return
+		}
 		b.apply(t, w, cfg)
 		uid, gid := s.runAs()
 		if s.tfoCookie {
@@ -467,6 +474,9 @@ func inboundRows(t *testing.T, w *world, b backend, scenarios []scenario) {
 			c := policy.Conn{Direction: policy.Inbound, Dst: w.resolve(t, s.dst), DstLocal: true}
 			v := cfg.Decide(c)
 			want := w.expected(v, c)
+			if b.refuses != nil && b.refuses(t, w, cfg) {
+				return
+			}
 			b.apply(t, w, cfg)
 			got := observed(w.pod.Net.Dial(t, targetOf(c))[0])
 			if got != want {
