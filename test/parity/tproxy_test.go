@@ -19,8 +19,6 @@ import (
 // source port). A row checks who accepted, the original destination the proxy read, and the
 // address the app saw its peer at: the client's, the point of TPROXY mode.
 
-const tproxyMark = 1337 // istio's default -t, which Envoy's original_src uses
-
 type tproxyScenario struct {
 	name  string
 	flags []string // on top of -m TPROXY
