@@ -164,3 +164,13 @@ func writeFwmarkAccept(netnsPath, v string) error {
 	}
 	return nil
 }
+
+// ReturnPathPlan says what Attach adds to the pod's netns for cfg, for dry runs; "" when
+// nothing.
+func ReturnPathPlan(cfg *policy.Config, opts Options) string {
+	if !wantsReturnPath(cfg, opts) {
+		return ""
+	}
+	return fmt.Sprintf("would set net.ipv4.tcp_fwmark_accept=1 and add ip rule fwmark %d lookup %d and route local default dev lo table %d (TPROXY mode's return path)",
+		cfg.TProxyMark, cfg.TProxyRouteTable, cfg.TProxyRouteTable)
+}
