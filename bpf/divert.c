@@ -337,7 +337,8 @@ struct {
 // (ingress_ifindex is the device of the pod address it goes to, not lo), and without this
 // sk_lookup would hand it back to the proxy. An entry lives for one handshake's first SYN;
 // LRU, so entries of SYNs that never arrived make room. Should one be evicted before its
-// SYN arrives, the proxy gets the connection once more and forwards it again.
+// SYN arrives (256 handshakes in flight at once), the proxy gets the connection once more
+// and forwards it again.
 struct transparent_syn {
 	__u32 client;	   // network byte order
 	__u32 pod;	   // network byte order
@@ -347,7 +348,7 @@ struct transparent_syn {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 512);
+	__uint(max_entries, 256); // ~23 KiB of kernel memory per pod
 	__type(key, struct transparent_syn);
 	__type(value, __u8);
 } transparent_syns SEC(".maps");
