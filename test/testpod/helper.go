@@ -170,7 +170,10 @@ func runProxy(args []string) error {
 	reuseport := fs.Int("reuseport", 0, "listen this many times on each address with SO_REUSEPORT")
 	transparent := fs.Bool("transparent", false, "set IP_TRANSPARENT on the listeners (TPROXY)")
 	v6only := fs.Bool("v6only", false, "make [::] listeners IPv6-only (IPV6_V6ONLY)")
-	originalSrc := fs.Uint("original-src-mark", 0, "forward inbound from the client's address with this SO_MARK (Envoy's original_src; 0: off)")
+	osrcMark := fs.Uint("original-src-mark", 0, "forward inbound from the client's address with this SO_MARK (Envoy's original_src; 0: off)")
+	// Under istio's rules that dial never completes (docs/semantics.md): it must give up
+	// well before the client stops waiting for our line.
+	originalSrcTimeout := fs.Duration("original-src-timeout", ClientTimeout/2, "how long an original-src dial may take")
 	var addrs listFlag
 	fs.Var(&addrs, "listen", "ip:port (repeatable)")
 	if err := fs.Parse(args); err != nil {
@@ -210,7 +213,7 @@ func runProxy(args []string) error {
 		var bind []netip.Addr
 		var mark uint32
 		if ln.Addr().(*net.TCPAddr).Port == *inboundPort {
-			bind, mark = srcs, uint32(*originalSrc)
+			bind, mark = srcs, uint32(*osrcMark)
 		}
 		go func() {
 			for {
@@ -219,7 +222,7 @@ func runProxy(args []string) error {
 					errc <- err
 					return
 				}
-				go proxyConn(c.(*net.TCPConn), *name, *mode == "forward", bind, mark, ln.Addr().String(), index[i])
+				go proxyConn(c.(*net.TCPConn), *name, *mode == "forward", bind, originalSrc{mark, *originalSrcTimeout}, ln.Addr().String(), index[i])
 			}
 		}()
 	}
@@ -230,7 +233,7 @@ func runProxy(args []string) error {
 // it binds the one of bindSrcs in the original destination's family, as Envoy binds
 // 127.0.0.6 or ::6 for inbound passthrough; or, with a mark, the client's own address, as
 // Envoy's original_src does in TPROXY mode (originalSrcDialer).
-func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr, mark uint32, listener string, index int) {
+func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr, osrc originalSrc, listener string, index int) {
 	defer c.Close()
 	hop := Hop{Who: name, Listener: listener, Index: index, Local: c.LocalAddr().String(), Peer: c.RemoteAddr().String()}
 	orig, err := origdst.Get(c)
@@ -250,10 +253,8 @@ func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr,
 			}
 		}
 		d := dialer(3*time.Second, bindSrc)
-		if mark != 0 {
-			// Under istio's rules this dial never completes (docs/semantics.md): it times out
-			// well before the client stops waiting for our line.
-			d = originalSrcDialer(ClientTimeout/2, c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr(), mark)
+		if osrc.mark != 0 {
+			d = originalSrcDialer(osrc.timeout, c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr(), osrc.mark)
 		}
 		if up, err = d.Dial(tcpNetwork(orig.Addr()), hop.Orig); err != nil {
 			hop.Err = errText(err)
@@ -268,6 +269,13 @@ func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr,
 	defer up.Close()
 	go func() { _, _ = io.Copy(up, c) }() // ends when c is closed below
 	_, _ = io.Copy(c, up)
+}
+
+// originalSrc is how a proxy forwards inbound connections from the client's address: with
+// this mark (0: it does not), giving up after timeout.
+type originalSrc struct {
+	mark    uint32
+	timeout time.Duration
 }
 
 // originalSrcDialer dials from client's address as Envoy's original_src does: IP_TRANSPARENT

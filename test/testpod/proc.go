@@ -250,7 +250,9 @@ func (p *Pod) StartProxy(tb testing.TB, c ProxyConfig) *Proc {
 		args = append(args, "--transparent")
 	}
 	if c.OriginalSrcMark != 0 {
-		args = append(args, "--original-src-mark", strconv.FormatUint(uint64(c.OriginalSrcMark), 10))
+		// This process knows the client's timeout (longer in the vmtests guests).
+		args = append(args, "--original-src-mark", strconv.FormatUint(uint64(c.OriginalSrcMark), 10),
+			"--original-src-timeout", (ClientTimeout / 2).String())
 	}
 	if c.Transparent || c.OriginalSrcMark != 0 {
 		caps = []uintptr{unix.CAP_NET_ADMIN}
