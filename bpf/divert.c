@@ -1095,9 +1095,20 @@ static __always_inline void proxy_established(struct bpf_sock_ops *skops)
 // pod's to the pod itself (the one connect4 let pass as inbound passthrough), for sk_lookup.
 static __always_inline void transparent_connect(struct bpf_sock_ops *skops)
 {
-	if (skops->family != AF_INET)
+	struct inet_addr client, pod;
+	if (skops->family == AF_INET6) {
+		client = V6_ADDR(skops->local_ip6);
+		pod = V6_ADDR(skops->remote_ip6);
+		// A dual-stack socket's connection to ::ffff:a.b.c.d is IPv4 on the wire, and
+		// connect6 decided it as such.
+		if (!is_v4(&client) || !is_v4(&pod))
+			return;
+	} else if (skops->family == AF_INET) {
+		client = v4_addr(LOAD(skops->local_ip4));
+		pod = v4_addr(LOAD(skops->remote_ip4));
+	} else {
 		return;
-	struct inet_addr client = v4_addr(LOAD(skops->local_ip4)), pod = v4_addr(LOAD(skops->remote_ip4));
+	}
 	if (!client.w[3] || is_local(&client) || !is_local(&pod))
 		return;
 	struct config *cfg = get_config();

@@ -24,6 +24,9 @@ type tproxyScenario struct {
 	flags []string // on top of -m TPROXY
 	dst   string   // "pod:8080"
 	src   string   // the client's source: "remote" (its primary address) or "cidrA"
+	// dual: the proxy forwards from a dual-stack AF_INET6 socket (::ffff:<client> to
+	// ::ffff:<pod>), IPv4 on the wire.
+	dual bool
 }
 
 var tproxyScenarios = []tproxyScenario{
@@ -33,6 +36,7 @@ var tproxyScenarios = []tproxyScenario{
 	{name: "-b list: another port reaches the app directly", flags: []string{"-b", "9090"}, dst: "pod:8080", src: "remote"},
 	{name: "-d: an excluded port reaches its server directly", dst: "pod:15090", src: "remote"},
 	{name: "custom -t and -r", flags: []string{"-t", "1400", "-r", "140"}, dst: "pod:8080", src: "remote"},
+	{name: "the proxy forwards from a dual-stack socket", dst: "pod:8080", src: "remote", dual: true},
 }
 
 // tproxyOutcome is what the client's two hops show.
@@ -93,14 +97,14 @@ func deleteNATHairpin(t *testing.T, w *world, cfg *policy.Config) {
 	}
 }
 
-func newTProxyWorld(t *testing.T, mark uint32) *world {
+func newTProxyWorld(t *testing.T, mark uint32, dual bool) *world {
 	pod := testpod.New(t)
 	w := &world{pod: pod, cidrA: pod.Net.Addrs[1], cidrB: pod.Net.Addrs[2]}
 	any := netip.IPv4Unspecified()
 	w.procs = append(w.procs,
 		pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Mode: "forward", UID: proxyUID, GID: proxyUID, Transparent: true,
 			Listen:          []netip.AddrPort{netip.AddrPortFrom(any, 15001), netip.AddrPortFrom(any, 15006)},
-			OriginalSrcMark: mark}),
+			OriginalSrcMark: mark, OriginalSrcDualStack: dual}),
 		pod.Server(t, "app", netip.AddrPortFrom(any, 8080), appUID, appUID),
 		pod.Server(t, "app", netip.AddrPortFrom(any, 9090), appUID, appUID),
 		pod.Server(t, "metrics", netip.AddrPortFrom(any, 15090), proxyUID, proxyUID))
@@ -110,17 +114,22 @@ func newTProxyWorld(t *testing.T, mark uint32) *world {
 func TestTProxyParity(t *testing.T) {
 	for _, b := range tproxyBackends() {
 		t.Run(b.name, func(t *testing.T) {
-			// The proxy's mark is the pod's -t: one world per mark, made for the first row
-			// that needs it and kept for the backend's rows.
-			worlds := map[uint32]*world{}
+			// The proxy's mark is the pod's -t: one world per mark (and kind of proxy
+			// socket), made for the first row that needs it and kept for the backend's rows.
+			type proxyKind struct {
+				mark uint32
+				dual bool
+			}
+			worlds := map[proxyKind]*world{}
 			bt := t
 			for _, s := range tproxyScenarios {
 				t.Run(s.name, func(t *testing.T) {
 					cfg := divertest.Config(t, append([]string{"-m", "TPROXY"}, s.flags...)...)
-					w := worlds[cfg.TProxyMark]
+					kind := proxyKind{cfg.TProxyMark, s.dual}
+					w := worlds[kind]
 					if w == nil {
-						w = newTProxyWorld(bt, cfg.TProxyMark)
-						worlds[cfg.TProxyMark] = w
+						w = newTProxyWorld(bt, kind.mark, kind.dual)
+						worlds[kind] = w
 						b.setup(bt, w)
 					}
 					tproxyRow(t, w, b, s, cfg)

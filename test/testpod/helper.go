@@ -174,6 +174,7 @@ func runProxy(args []string) error {
 	// Under istio's rules that dial never completes (docs/semantics.md): it must give up
 	// well before the client stops waiting for our line.
 	originalSrcTimeout := fs.Duration("original-src-timeout", ClientTimeout/2, "how long an original-src dial may take")
+	originalSrcDual := fs.Bool("original-src-dual-stack", false, "make original-src dials from a dual-stack AF_INET6 socket (::ffff:a.b.c.d)")
 	var addrs listFlag
 	fs.Var(&addrs, "listen", "ip:port (repeatable)")
 	if err := fs.Parse(args); err != nil {
@@ -222,7 +223,7 @@ func runProxy(args []string) error {
 					errc <- err
 					return
 				}
-				go proxyConn(c.(*net.TCPConn), *name, *mode == "forward", bind, originalSrc{mark, *originalSrcTimeout}, ln.Addr().String(), index[i])
+				go proxyConn(c.(*net.TCPConn), *name, *mode == "forward", bind, originalSrc{mark, *originalSrcTimeout, *originalSrcDual}, ln.Addr().String(), index[i])
 			}
 		}()
 	}
@@ -253,10 +254,19 @@ func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr,
 			}
 		}
 		d := dialer(3*time.Second, bindSrc)
+		client := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
 		if osrc.mark != 0 {
-			d = originalSrcDialer(osrc.timeout, c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr(), osrc.mark)
+			d = originalSrcDialer(osrc.timeout, client, osrc.mark)
 		}
-		if up, err = d.Dial(tcpNetwork(orig.Addr()), hop.Orig); err != nil {
+		if osrc.mark != 0 && osrc.dual {
+			up, err = dialSocket(hop.Orig, client, osrc.timeout, Shape{V4Mapped: true}, func(fd int) error {
+				return errors.Join(unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1),
+					unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(osrc.mark)))
+			})
+		} else {
+			up, err = d.Dial(tcpNetwork(orig.Addr()), hop.Orig)
+		}
+		if err != nil {
 			hop.Err = errText(err)
 		} else {
 			hop.UpstreamSrc = up.LocalAddr().String()
@@ -276,6 +286,7 @@ func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr,
 type originalSrc struct {
 	mark    uint32
 	timeout time.Duration
+	dual    bool // from a dual-stack AF_INET6 socket, IPv4 as ::ffff:a.b.c.d
 }
 
 // originalSrcDialer dials from client's address as Envoy's original_src does: IP_TRANSPARENT

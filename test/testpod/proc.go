@@ -219,6 +219,9 @@ type ProxyConfig struct {
 	// the app from the client's own address (any port) with IP_TRANSPARENT and this SO_MARK,
 	// as Envoy's original_src does in TPROXY mode (mark 1337); it gets CAP_NET_ADMIN.
 	OriginalSrcMark uint32
+	// OriginalSrcDualStack makes those dials from a dual-stack AF_INET6 socket (the client
+	// as ::ffff:a.b.c.d), as a proxy with IPv6 sockets for everything would.
+	OriginalSrcDualStack bool
 }
 
 // Proxy starts a proxy helper listening on one address and waits until it listens.
@@ -253,6 +256,9 @@ func (p *Pod) StartProxy(tb testing.TB, c ProxyConfig) *Proc {
 		// This process knows the client's timeout (longer in the vmtests guests).
 		args = append(args, "--original-src-mark", strconv.FormatUint(uint64(c.OriginalSrcMark), 10),
 			"--original-src-timeout", (ClientTimeout / 2).String())
+		if c.OriginalSrcDualStack {
+			args = append(args, "--original-src-dual-stack")
+		}
 	}
 	if c.Transparent || c.OriginalSrcMark != 0 {
 		caps = []uintptr{unix.CAP_NET_ADMIN}
