@@ -8,7 +8,6 @@ import (
 
 	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/maps"
-	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
 )
 
@@ -47,15 +46,6 @@ func ebpfBackend() backend {
 		apply: func(t *testing.T, w *world, cfg *policy.Config) {
 			divertest.Attach(t, w.pod, att.Opts, cfg) // updates in place
 			before = att.Counters(t)
-		},
-		// TPROXY mode needs Linux 5.17 (loader.CheckPolicy): before it the refusal is the
-		// eBPF backend's answer (istio-iptables mode falls back to istio's rules).
-		refuses: func(t *testing.T, w *world, cfg *policy.Config) bool {
-			if err := loader.CheckPolicy(cfg); err != nil {
-				refused(t, w, cfg, err)
-				return true
-			}
-			return false
 		},
 		after: func(t *testing.T, w *world, v policy.Verdict) {
 			after := att.Counters(t)

@@ -317,9 +317,6 @@ type backend struct {
 	after func(t *testing.T, w *world, v policy.Verdict)
 	// drops, if set, reads what the backend's programs gave up on (eBPF).
 	drops func(t *testing.T) map[maps.Drop]uint64
-	// refuses, if set, says whether the backend cannot express cfg on this kernel, having
-	// checked that it refuses it the way it must (then the scenario has no connection).
-	refuses func(t *testing.T, w *world, cfg *policy.Config) bool
 }
 
 func TestOutboundParity(t *testing.T) {
@@ -341,9 +338,6 @@ func outboundRow(t *testing.T, w *world, b backend, s scenario) {
 		cfg := w.config(t, s)
 		c := w.conn(t, s)
 		v, want := w.verdictAndOutcome(s, cfg, c)
-		if b.refuses != nil && b.refuses(t, w, cfg) {
-			return
-		}
 		b.apply(t, w, cfg)
 		uid, gid := s.runAs()
 		if s.tfoCookie {
@@ -474,9 +468,6 @@ func inboundRows(t *testing.T, w *world, b backend, scenarios []scenario) {
 			c := policy.Conn{Direction: policy.Inbound, Dst: w.resolve(t, s.dst), DstLocal: true}
 			v := cfg.Decide(c)
 			want := w.expected(v, c)
-			if b.refuses != nil && b.refuses(t, w, cfg) {
-				return
-			}
 			b.apply(t, w, cfg)
 			got := observed(w.pod.Net.Dial(t, targetOf(c))[0])
 			if got != want {

@@ -159,9 +159,6 @@ func tproxyRow(t *testing.T, w *world, b tproxyBackend, s tproxyScenario, cfg *p
 	default:
 		t.Fatalf("the model captures the proxy's original_src connection (%s): no row expects that", upV)
 	}
-	if b.refuses != nil && b.refuses(t, w, cfg) {
-		return
-	}
 	b.apply(t, w, cfg)
 	var before map[policy.Reason]uint64
 	att := w.ebpf // set by the eBPF backend only
