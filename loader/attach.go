@@ -270,17 +270,12 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 	if outChange {
 		applied = outboundInert(cfg)
 	}
-	old, err := maps.ReadConfig(pinned)
+	// TPROXY's return path before the maps, so that failing to set it up changes nothing.
+	had, err := hadReturnPath(pinned, existing)
 	if err != nil {
-		return fmt.Errorf("pod %s: read config_map: %w", pod.ID, err)
+		return fmt.Errorf("pod %s: %w", pod.ID, err)
 	}
-	if err := maps.Apply(pinned, applied, addrs); err != nil {
-		return err
-	}
-	step("apply maps")
-	_, hadInbound := existing["divert_sk_lookup"]
-	hadReturnPath := old.InboundTunnelPasses == 0 && hadInbound // TPROXY mode before
-	undoNet, err := syncReturnPath(pod.NetNS, cfg, opts, hadReturnPath)
+	undoNet, err := syncReturnPath(pod.NetNS, cfg, opts, had)
 	if err != nil {
 		return err
 	}
@@ -289,6 +284,10 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 			err = errors.Join(err, undoNet())
 		}
 	}()
+	if err := maps.Apply(pinned, applied, addrs); err != nil {
+		return err
+	}
+	step("apply maps")
 	if !opts.NoInbound {
 		// Also after a change of -z: the listeners on the new port were never registered.
 		if _, err := adoptListeners(pod, cfg.InboundCapturePort, pinned.InboundListeners); err != nil {

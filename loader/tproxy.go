@@ -23,6 +23,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/nsexec"
@@ -55,16 +56,13 @@ func syncReturnPath(netnsPath string, cfg *policy.Config, opts Options, had bool
 	if err != nil {
 		return nil, err
 	}
-	changed, undoRoute, err := iptables.SyncTProxyRoute4(netnsPath, routeCfg)
+	_, undoRoute, err := iptables.SyncTProxyRoute4(netnsPath, routeCfg)
 	if err != nil {
 		return nil, err
 	}
-	next := prev
-	switch {
-	case want:
+	next := "0" // the pod had it: divert set it
+	if want {
 		next = "1"
-	case changed:
-		next = "0" // the route was divert's: so was the setting
 	}
 	if next != prev {
 		if err := writeFwmarkAccept(netnsPath, next); err != nil {
@@ -80,26 +78,38 @@ func syncReturnPath(netnsPath string, cfg *policy.Config, opts Options, had bool
 	}, nil
 }
 
-// removeReturnPath is Detach's part: the pod's pins say TPROXY mode, so the route and the
-// setting in the pod's netns are divert's. The netns is found from the sk_lookup link's
-// inode (netnsByInode); when nothing holds it any more, it is gone with what divert put
-// there.
+// hadReturnPath says whether an attached pod (its pinned maps and links) has the return
+// path: the policy its maps hold wants it, and its sk_lookup program is attached.
+func hadReturnPath(pinned *maps.Maps, links map[string]link.Link) (bool, error) {
+	cfg, _, err := maps.ReadPolicy(pinned)
+	if err != nil {
+		return false, err
+	}
+	_, inbound := links["divert_sk_lookup"]
+	return inbound && wantsReturnPath(&cfg, Options{}), nil
+}
+
+// removeReturnPath is Detach's part: when the pod's pins say it has the return path, the
+// route and the setting in its netns are divert's. The netns is found from the sk_lookup
+// link's inode (netnsByInode); when nothing holds it any more, it is gone with what divert
+// put there.
 func removeReturnPath(dir string) error {
 	pinned, err := loadPinnedMaps(dir)
 	if err != nil {
 		return nil // nothing of a pod's policy to go by: an interrupted attach's leftovers
 	}
-	cfg, _, err := maps.ReadPolicy(pinned)
-	pinned.Close()
-	if err != nil || cfg.Mode != policy.TProxy {
-		return nil
-	}
 	l, err := loadPinnedLink(filepath.Join(dir, "link_sk_lookup"))
 	if err != nil {
+		pinned.Close()
 		return nil // outbound only (--no-inbound): no return path was set up
 	}
+	defer l.Close()
+	had, err := hadReturnPath(pinned, map[string]link.Link{"divert_sk_lookup": l})
+	pinned.Close()
+	if err != nil || !had {
+		return nil
+	}
 	info, err := l.Info()
-	l.Close()
 	if err != nil {
 		return fmt.Errorf("read sk_lookup link: %w", err)
 	}

@@ -55,6 +55,10 @@ func TestTProxyReturnPath(t *testing.T) {
 	check("updated to TPROXY capturing no inbound port", none)
 	attach(opts, cfg)
 	check("updated to TPROXY again", istios)
+	attach(loader.Options{BPFFS: opts.BPFFS, NoInbound: true}, cfg)
+	check("updated to outbound only", none)
+	attach(opts, cfg)
+	check("updated to both directions", istios)
 	if err := loader.Detach(pod.Name, opts); err != nil {
 		t.Fatal(err)
 	}
