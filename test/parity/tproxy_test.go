@@ -27,14 +27,18 @@ type tproxyScenario struct {
 	// dual: the proxy forwards from a dual-stack AF_INET6 socket (::ffff:<client> to
 	// ::ffff:<pod>), IPv4 on the wire.
 	dual bool
+	// istio: the row runs under istio's own rules too. There every forwarded connection
+	// hangs until the proxy gives up (ClientTimeout/2, 5 s in the vmtests guests), so one
+	// such row shows it and the others run without the nat hairpin and under eBPF.
+	istio bool
 }
 
 var tproxyScenarios = []tproxyScenario{
-	{name: "the app sees the client's address", dst: "pod:8080", src: "remote"},
+	{name: "the app sees the client's address", dst: "pod:8080", src: "remote", istio: true},
 	{name: "the app sees a second client address", dst: "pod:8080", src: "cidrA"},
 	{name: "-b list: a listed port", flags: []string{"-b", "9090"}, dst: "pod:9090", src: "remote"},
-	{name: "-b list: another port reaches the app directly", flags: []string{"-b", "9090"}, dst: "pod:8080", src: "remote"},
-	{name: "-d: an excluded port reaches its server directly", dst: "pod:15090", src: "remote"},
+	{name: "-b list: another port reaches the app directly", flags: []string{"-b", "9090"}, dst: "pod:8080", src: "remote", istio: true},
+	{name: "-d: an excluded port reaches its server directly", dst: "pod:15090", src: "remote", istio: true},
 	{name: "custom -t and -r", flags: []string{"-t", "1400", "-r", "140"}, dst: "pod:8080", src: "remote"},
 	{name: "the proxy forwards from a dual-stack socket", dst: "pod:8080", src: "remote", dual: true},
 }
@@ -123,6 +127,9 @@ func TestTProxyParity(t *testing.T) {
 			worlds := map[proxyKind]*world{}
 			bt := t
 			for _, s := range tproxyScenarios {
+				if b.upstreamErr != "" && !s.istio {
+					continue
+				}
 				t.Run(s.name, func(t *testing.T) {
 					cfg := divertest.Config(t, append([]string{"-m", "TPROXY"}, s.flags...)...)
 					kind := proxyKind{cfg.TProxyMark, s.dual}
