@@ -97,6 +97,8 @@ enum drop {
 				// query's nameserver): connect or send refused
 	DROP_ORIG_DST_UNSENT,	 // the app's handshake segment had no room for the option
 	DROP_ORIG_DST_UNSTORED, // the proxy's socket got it but could not keep it
+	DROP_TRANSPARENT_UNSTORED, // TPROXY: the proxy's original_src SYN not written down for
+				   // sk_lookup (it reaches the proxy once more)
 	NUM_DROPS,
 };
 
@@ -1121,7 +1123,8 @@ static __always_inline void transparent_connect(struct bpf_sock_ops *skops)
 		.pod_port = bpf_ntohs((__u16)(skops->remote_port >> 16)), // network order, high half
 	};
 	__u8 one = 1;
-	bpf_map_update_elem(&transparent_syns, &syn, &one, BPF_ANY);
+	if (bpf_map_update_elem(&transparent_syns, &syn, &one, BPF_ANY))
+		count_drop(DROP_TRANSPARENT_UNSTORED);
 }
 
 SEC("sockops")

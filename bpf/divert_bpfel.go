@@ -34,11 +34,12 @@ type DivertConfig struct {
 type DivertDrop uint32
 
 const (
-	DivertDropDROP_NO_LISTENER       DivertDrop = 0
-	DivertDropDROP_CONNECT_NO_MEMORY DivertDrop = 1
-	DivertDropDROP_ORIG_DST_UNSENT   DivertDrop = 2
-	DivertDropDROP_ORIG_DST_UNSTORED DivertDrop = 3
-	DivertDropNUM_DROPS              DivertDrop = 4
+	DivertDropDROP_NO_LISTENER          DivertDrop = 0
+	DivertDropDROP_CONNECT_NO_MEMORY    DivertDrop = 1
+	DivertDropDROP_ORIG_DST_UNSENT      DivertDrop = 2
+	DivertDropDROP_ORIG_DST_UNSTORED    DivertDrop = 3
+	DivertDropDROP_TRANSPARENT_UNSTORED DivertDrop = 4
+	DivertDropNUM_DROPS                 DivertDrop = 5
 )
 
 type DivertInetAddr struct {

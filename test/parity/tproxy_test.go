@@ -195,6 +195,7 @@ func tproxyRow(t *testing.T, w *world, b tproxyBackend, s tproxyScenario, cfg *p
 			t.Errorf("counter %s went from %d to %d; the model decided %s, upstream %s", r, before[r], after[r], v, upV)
 		}
 	}
+	att.NoDrops(t)
 }
 
 // tproxyObserved reads the client's hops: the proxy's (who accepted, the original
