@@ -340,17 +340,17 @@ struct {
 // sk_lookup would hand it back to the proxy. An entry lives for one handshake's first SYN;
 // LRU, so entries of SYNs that never arrived make room. Should one be evicted before its
 // SYN arrives (256 handshakes in flight at once), the proxy gets the connection once more
-// and forwards it again.
+// and forwards it again. Either family: IPv4 as ::ffff:a.b.c.d.
 struct transparent_syn {
-	__u32 client;	   // network byte order
-	__u32 pod;	   // network byte order
+	struct inet_addr client;
+	struct inet_addr pod;
 	__u16 client_port; // network byte order
 	__u16 pod_port;	   // host byte order
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 256); // ~23 KiB of kernel memory per pod
+	__uint(max_entries, 256); // ~30 KiB of kernel memory per pod
 	__type(key, struct transparent_syn);
 	__type(value, __u8);
 } transparent_syns SEC(".maps");
@@ -485,6 +485,16 @@ __noinline int addr_in_cidrs(int include, __u32 w0, __u32 w1, __u32 w2, __u32 w3
 static __always_inline int is_local(const struct inet_addr *a)
 {
 	return addr_is_local(a->w[0], a->w[1], a->w[2], a->w[3]);
+}
+
+// addr_is_foreign reports whether the bound source w is set and not the pod's
+// (policy.SrcForeign): only a transparent socket can bind such an address.
+__noinline int addr_is_foreign(__u32 w0, __u32 w1, __u32 w2, __u32 w3)
+{
+	struct inet_addr a = {.w = {w0, w1, w2, w3}};
+	if (is_zero6(&a) | (is_v4(&a) & !w3))
+		return 0;
+	return !addr_is_local(w0, w1, w2, w3);
 }
 
 // The kernel's types on the way from the hook's context to the socket file's credentials,
@@ -644,7 +654,7 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 	// only a transparent socket can bind. istio's nat hairpin catches it and the connection
 	// never completes (docs/semantics.md); its mangle rules mean it to pass, and it does.
 	// TPROXY is the one mode where the tunnel port does not pass inbound.
-	if (local && v4 && !cfg->inbound_tunnel_passes && src->w[3] && !is_local(src))
+	if (local && !cfg->inbound_tunnel_passes && addr_is_foreign(src->w[0], src->w[1], src->w[2], src->w[3]))
 		return REASON_INBOUND_PASSTHROUGH;
 	if (hairpinnable && !dns && uid == cfg->proxy_uid) {
 		*to_port = cfg->inbound_capture_port;
@@ -1094,31 +1104,30 @@ static __always_inline void proxy_established(struct bpf_sock_ops *skops)
 }
 
 // transparent_connect writes down a TPROXY pod's connection from a source that is not the
-// pod's to the pod itself (the one connect4 let pass as inbound passthrough), for sk_lookup.
+// pod's to the pod itself (the one connect4 or connect6 let pass as inbound passthrough),
+// for sk_lookup: IPv4 (from an AF_INET socket, or a dual-stack one as ::ffff:a.b.c.d) or
+// native IPv6.
 static __always_inline void transparent_connect(struct bpf_sock_ops *skops)
 {
 	struct inet_addr client, pod;
 	if (skops->family == AF_INET6) {
 		client = V6_ADDR(skops->local_ip6);
 		pod = V6_ADDR(skops->remote_ip6);
-		// A dual-stack socket's connection to ::ffff:a.b.c.d is IPv4 on the wire, and
-		// connect6 decided it as such.
-		if (!is_v4(&client) || !is_v4(&pod))
-			return;
 	} else if (skops->family == AF_INET) {
 		client = v4_addr(LOAD(skops->local_ip4));
 		pod = v4_addr(LOAD(skops->remote_ip4));
 	} else {
 		return;
 	}
-	if (!client.w[3] || is_local(&client) || !is_local(&pod))
+	if (!addr_is_foreign(client.w[0], client.w[1], client.w[2], client.w[3]) || !is_local(&pod))
 		return;
 	struct config *cfg = get_config();
-	if (!cfg || cfg->inbound_tunnel_passes)
+	// Without IPv6 capture sk_lookup leaves IPv6 alone: nothing would take the entry.
+	if (!cfg || cfg->inbound_tunnel_passes || (!is_v4(&client) && !cfg->capture_ipv6))
 		return;
 	struct transparent_syn syn = {
-		.client = client.w[3],
-		.pod = pod.w[3],
+		.client = client,
+		.pod = pod,
 		.client_port = bpf_htons((__u16)skops->local_port),
 		.pod_port = bpf_ntohs((__u16)(skops->remote_port >> 16)), // network order, high half
 	};
@@ -1281,10 +1290,10 @@ int divert_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	// In TPROXY mode so is the proxy's connection from the client's address (sockops wrote
 	// it down before its SYN left), which istio's mangle ISTIO_INBOUND returns by its mark.
-	if (v4 && !cfg->inbound_tunnel_passes) {
+	if (!cfg->inbound_tunnel_passes) {
 		struct transparent_syn syn = {
-			.client = remote.w[3],
-			.pod = LOAD(ctx->local_ip4),
+			.client = remote,
+			.pod = v4 ? v4_addr(LOAD(ctx->local_ip4)) : V6_ADDR(ctx->local_ip6),
 			.client_port = ctx->remote_port,
 			.pod_port = (__u16)ctx->local_port,
 		};

@@ -129,8 +129,8 @@ type DivertSockOrigDst struct {
 
 type DivertTransparentSyn struct {
 	_          structs.HostLayout
-	Client     uint32
-	Pod        uint32
+	Client     DivertInetAddr
+	Pod        DivertInetAddr
 	ClientPort uint16
 	PodPort    uint16
 }

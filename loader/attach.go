@@ -175,7 +175,7 @@ func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Op
 		}
 		step("pin " + p.name)
 	}
-	undoNet, err := syncReturnPath(pod.NetNS, cfg, opts, false)
+	undoNet, err := syncReturnPath(pod.NetNS, cfg, opts, returnPathState{})
 	if err != nil {
 		return err
 	}

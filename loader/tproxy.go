@@ -9,7 +9,7 @@
 // (inet_request_mark: ir_mark = skb->mark when the listener has no mark; the SYN-ACK is
 // routed with ir_mark, and the child socket's sk_mark is ir_mark), so every reply carries
 // the proxy's mark and istio's own policy route ("fwmark M lookup T", "local default dev lo
-// table T") delivers it locally. Only SYNs that carry a mark are concerned: from outside
+// table T"; with IPv6 capture its ip -6 twin too) delivers it locally. Only SYNs that carry a mark are concerned: from outside
 // the pod they arrive with none (a veth clears it), and in the pod only a socket that sets
 // SO_MARK (the transparent proxy) makes them.
 
@@ -41,11 +41,14 @@ func wantsReturnPath(cfg *policy.Config, opts Options) bool {
 }
 
 // syncReturnPath gives the pod's netns the return path when cfg wants it, and removes it
-// when cfg does not and the pod had it (had: an update from TPROXY mode). undo puts back
-// what it changed.
-func syncReturnPath(netnsPath string, cfg *policy.Config, opts Options, had bool) (undo func() error, err error) {
+// when cfg does not and the pod had it (had: an update from TPROXY mode). The IPv6 policy
+// route goes with IPv6 capture (as istio's); had.v6 says the pod had one. The one setting,
+// net.ipv4.tcp_fwmark_accept, serves both families: tcp_conn_request gives an IPv6
+// request socket the SYN's mark as well (docs/kernel-facts.md). undo puts back what it
+// changed.
+func syncReturnPath(netnsPath string, cfg *policy.Config, opts Options, had returnPathState) (undo func() error, err error) {
 	want := wantsReturnPath(cfg, opts)
-	if !want && !had {
+	if !want && !had.on {
 		return func() error { return nil }, nil
 	}
 	routeCfg := cfg
@@ -56,9 +59,17 @@ func syncReturnPath(netnsPath string, cfg *policy.Config, opts Options, had bool
 	if err != nil {
 		return nil, err
 	}
-	_, undoRoute, err := iptables.SyncTProxyRoute4(netnsPath, routeCfg)
+	_, undoRoute, err := iptables.SyncTProxyRoute(netnsPath, routeCfg, policy.IPv4)
 	if err != nil {
 		return nil, err
+	}
+	if (want && cfg.IPv6) || had.v6 {
+		_, undo6, err := iptables.SyncTProxyRoute(netnsPath, routeCfg, policy.IPv6)
+		if err != nil {
+			return nil, errors.Join(err, undoRoute())
+		}
+		undo4 := undoRoute
+		undoRoute = func() error { return errors.Join(undo6(), undo4()) }
 	}
 	next := "0" // the pod had it: divert set it
 	if want {
@@ -78,15 +89,20 @@ func syncReturnPath(netnsPath string, cfg *policy.Config, opts Options, had bool
 	}, nil
 }
 
+// returnPathState is what of the return path a pod has: on, and with it an IPv6 policy
+// route (v6).
+type returnPathState struct{ on, v6 bool }
+
 // hadReturnPath says whether an attached pod (its pinned maps and links) has the return
 // path: the policy its maps hold wants it, and its sk_lookup program is attached.
-func hadReturnPath(pinned *maps.Maps, links map[string]link.Link) (bool, error) {
+func hadReturnPath(pinned *maps.Maps, links map[string]link.Link) (returnPathState, error) {
 	cfg, _, err := maps.ReadPolicy(pinned)
 	if err != nil {
-		return false, err
+		return returnPathState{}, err
 	}
 	_, inbound := links["divert_sk_lookup"]
-	return inbound && wantsReturnPath(&cfg, Options{}), nil
+	on := inbound && wantsReturnPath(&cfg, Options{})
+	return returnPathState{on: on, v6: on && cfg.IPv6}, nil
 }
 
 // removeReturnPath is Detach's part: when the pod's pins say it has the return path, the
@@ -106,7 +122,7 @@ func removeReturnPath(dir string) error {
 	defer l.Close()
 	had, err := hadReturnPath(pinned, map[string]link.Link{"divert_sk_lookup": l})
 	pinned.Close()
-	if err != nil || !had {
+	if err != nil || !had.on {
 		return nil
 	}
 	info, err := l.Info()
@@ -121,8 +137,13 @@ func removeReturnPath(dir string) error {
 	if path == "" {
 		return nil
 	}
-	if _, _, err := iptables.SyncTProxyRoute4(path, nil); err != nil {
+	if _, _, err := iptables.SyncTProxyRoute(path, nil, policy.IPv4); err != nil {
 		return err
+	}
+	if had.v6 {
+		if _, _, err := iptables.SyncTProxyRoute(path, nil, policy.IPv6); err != nil {
+			return err
+		}
 	}
 	return writeFwmarkAccept(path, "0")
 }
@@ -181,6 +202,10 @@ func ReturnPathPlan(cfg *policy.Config, opts Options) string {
 	if !wantsReturnPath(cfg, opts) {
 		return ""
 	}
-	return fmt.Sprintf("would set net.ipv4.tcp_fwmark_accept=1 and add ip rule fwmark %d lookup %d and route local default dev lo table %d (TPROXY mode's return path)",
-		cfg.TProxyMark, cfg.TProxyRouteTable, cfg.TProxyRouteTable)
+	ip := "ip"
+	if cfg.IPv6 {
+		ip = "ip and ip -6"
+	}
+	return fmt.Sprintf("would set net.ipv4.tcp_fwmark_accept=1 and add %s rule fwmark %d lookup %d and route local default dev lo table %d (TPROXY mode's return path)",
+		ip, cfg.TProxyMark, cfg.TProxyRouteTable, cfg.TProxyRouteTable)
 }

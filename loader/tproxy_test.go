@@ -83,30 +83,60 @@ func TestTProxyReturnPath(t *testing.T) {
 	divertest.AssertNothingAttached(t, pod, opts)
 }
 
-type returnPath struct{ rule, route, fwmarkAccept string }
+// TestTProxyReturnPathIPv6: with IPv6 capture the pod gets istio's ip -6 policy route as
+// well (net.ipv4.tcp_fwmark_accept serves both families), and it goes with IPv6 capture,
+// the mode and the pod.
+func TestTProxyReturnPathIPv6(t *testing.T) {
+	pod := testpod.NewStack(t, testpod.DualStack)
+	opts := divertest.BPFFS(t)
+	cfg := divertest.Config(t, "-m", "TPROXY")
+	cfg.IPv6 = true
+	if err := loader.CheckPolicy(cfg); err != nil {
+		t.Fatalf("TPROXY mode with IPv6 refused: %v", err)
+	}
+	v4 := returnPath{rule: "fwmark 0x539 lookup 133", route: "local default table 133 scope host", fwmarkAccept: "1"}
+	both := v4
+	both.rule6, both.route6 = "fwmark 0x539 lookup 133", "local default table 133"
+	none := returnPath{fwmarkAccept: "0"}
+	check := func(step string, want returnPath) {
+		t.Helper()
+		if got := readReturnPath(t, pod); got != want {
+			t.Errorf("%s: the pod's netns has %+v, want %+v", step, got, want)
+		}
+	}
+	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
+	attach := func(cfg *policy.Config) {
+		t.Helper()
+		if err := loader.Attach(context.Background(), lp, cfg, opts); err != nil {
+			t.Fatalf("attach: %v", err)
+		}
+	}
+	t.Cleanup(func() {
+		if err := loader.Detach(pod.Name, opts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
+			t.Errorf("detach: %v", err)
+		}
+	})
+	attach(cfg)
+	check("attached in TPROXY mode with IPv6", both)
+	attach(divertest.Config(t, "-m", "TPROXY"))
+	check("updated to IPv4 only", v4)
+	attach(cfg)
+	check("updated to IPv6 again", both)
+	if err := loader.Detach(pod.Name, opts); err != nil {
+		t.Fatal(err)
+	}
+	check("detached", none)
+	divertest.AssertNothingAttached(t, pod, opts)
+}
+
+type returnPath struct{ rule, route, rule6, route6, fwmarkAccept string }
 
 func readReturnPath(t *testing.T, pod *testpod.Pod) returnPath {
 	t.Helper()
 	var rp returnPath
-	out, err := nsexec.CombinedOutput(pod.NetNSPath, exec.Command("ip", "-4", "rule", "show"))
-	if err != nil {
-		t.Fatalf("ip rule: %v: %s", err, out)
-	}
-	for _, l := range strings.Split(string(out), "\n") {
-		if i := strings.Index(l, "fwmark"); i >= 0 {
-			rp.rule = strings.TrimSpace(l[i:])
-		}
-	}
-	out, err = nsexec.CombinedOutput(pod.NetNSPath, exec.Command("ip", "-4", "route", "show", "table", "all", "type", "local", "dev", "lo"))
-	if err != nil {
-		t.Fatalf("ip route: %v: %s", err, out)
-	}
-	for _, l := range strings.Split(string(out), "\n") {
-		if strings.HasPrefix(l, "local default") {
-			rp.route = strings.TrimSpace(l)
-		}
-	}
-	err = nsexec.Do(pod.NetNSPath, func() error {
+	rp.rule, rp.route = readPolicyRoute(t, pod, "-4")
+	rp.rule6, rp.route6 = readPolicyRoute(t, pod, "-6")
+	err := nsexec.Do(pod.NetNSPath, func() error {
 		b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_fwmark_accept")
 		rp.fwmarkAccept = strings.TrimSpace(string(b))
 		return err
@@ -115,4 +145,29 @@ func readReturnPath(t *testing.T, pod *testpod.Pod) returnPath {
 		t.Fatal(err)
 	}
 	return rp
+}
+
+// readPolicyRoute reads a TPROXY-shaped policy route of a family ("-4", "-6"): its fwmark
+// rule and its local default route on lo.
+func readPolicyRoute(t *testing.T, pod *testpod.Pod, family string) (rule, route string) {
+	t.Helper()
+	out, err := nsexec.CombinedOutput(pod.NetNSPath, exec.Command("ip", family, "rule", "show"))
+	if err != nil {
+		t.Fatalf("ip %s rule: %v: %s", family, err, out)
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if i := strings.Index(l, "fwmark"); i >= 0 {
+			rule = strings.TrimSpace(l[i:])
+		}
+	}
+	out, err = nsexec.CombinedOutput(pod.NetNSPath, exec.Command("ip", family, "route", "show", "table", "all", "type", "local", "dev", "lo"))
+	if err != nil {
+		t.Fatalf("ip %s route: %v: %s", family, err, out)
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(l, "local default") {
+			route, _, _ = strings.Cut(strings.TrimSpace(l), " metric ") // IPv6's metric and pref
+		}
+	}
+	return rule, route
 }
