@@ -27,6 +27,9 @@ type tproxyScenario struct {
 	// dual: the proxy forwards from a dual-stack AF_INET6 socket (::ffff:<client> to
 	// ::ffff:<pod>), IPv4 on the wire.
 	dual bool
+	// stack is the pod's families (IPv4 only by default); with IPv6 captured (--dual-stack,
+	// or an IPv6-only pod) its IPv6 clients are forwarded from their address too.
+	stack testpod.Stack
 	// istio: the row runs under istio's own rules too. There every forwarded connection
 	// hangs until the proxy gives up (ClientTimeout/2, 5 s in the vmtests guests), so one
 	// such row shows it and the others run without the nat hairpin and under eBPF.
@@ -41,6 +44,13 @@ var tproxyScenarios = []tproxyScenario{
 	{name: "-d: an excluded port reaches its server directly", dst: "pod:15090", src: "remote", istio: true},
 	{name: "custom -t and -r", flags: []string{"-t", "1400", "-r", "140"}, dst: "pod:8080", src: "remote"},
 	{name: "the proxy forwards from a dual-stack socket", dst: "pod:8080", src: "remote", dual: true},
+	// Under istio's ip6tables rules the client's IPv6 connection times out before the
+	// proxy's forwarded one gives up (not the IPv4 row's upstream timeout): not a row there.
+	{name: "IPv6: the app sees the client's address", flags: []string{"--dual-stack"}, dst: "pod6:8080", src: "remote6", stack: testpod.DualStack},
+	{name: "IPv6: the app sees a second client address", flags: []string{"--dual-stack"}, dst: "pod6:8080", src: "cidrA6", stack: testpod.DualStack},
+	{name: "IPv6: an IPv4 client beside", flags: []string{"--dual-stack"}, dst: "pod:8080", src: "remote", stack: testpod.DualStack},
+	{name: "IPv6: -d: an excluded port reaches its server directly", flags: []string{"--dual-stack"}, dst: "pod6:15090", src: "remote6", stack: testpod.DualStack},
+	{name: "IPv6-only pod: the app sees the client's address", dst: "pod6:8080", src: "remote6", stack: testpod.IPv6Only},
 }
 
 // tproxyOutcome is what the client's two hops show.
@@ -90,25 +100,43 @@ func tproxyBackends() []tproxyBackend {
 	return append(bs, tproxyBackend{nohp, ""}, tproxyBackend{ebpfBackend(), ""})
 }
 
-// deleteNATHairpin removes istio's uid and gid hairpin rules from nat ISTIO_OUTPUT.
+// deleteNATHairpin removes istio's uid and gid hairpin rules from nat ISTIO_OUTPUT, and
+// from ip6tables' too when it wrote IPv6 rules.
 func deleteNATHairpin(t *testing.T, w *world, cfg *policy.Config) {
-	for _, owner := range []string{fmt.Sprint("--uid-owner ", cfg.ProxyUID), fmt.Sprint("--gid-owner ", cfg.ProxyGID)} {
-		rule := fmt.Sprintf("ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport %d -m owner %s -j ISTIO_IN_REDIRECT", cfg.InboundTunnelPort, owner)
-		cmd := exec.Command("iptables-nft", append([]string{"-t", "nat", "-D"}, strings.Fields(rule)...)...)
-		if out, err := nsexec.CombinedOutput(w.pod.NetNSPath, cmd); err != nil {
-			t.Fatalf("iptables -t nat -D %s: %v: %s", rule, err, out)
+	tables := []struct{ cmd, localhost string }{{"iptables-nft", "127.0.0.1/32"}}
+	if cfg.IPv6 {
+		tables = append(tables, struct{ cmd, localhost string }{"ip6tables-nft", "::1/128"})
+	}
+	for _, tb := range tables {
+		for _, owner := range []string{fmt.Sprint("--uid-owner ", cfg.ProxyUID), fmt.Sprint("--gid-owner ", cfg.ProxyGID)} {
+			rule := fmt.Sprintf("ISTIO_OUTPUT -o lo ! -d %s -p tcp ! --dport %d -m owner %s -j ISTIO_IN_REDIRECT", tb.localhost, cfg.InboundTunnelPort, owner)
+			cmd := exec.Command(tb.cmd, append([]string{"-t", "nat", "-D"}, strings.Fields(rule)...)...)
+			if out, err := nsexec.CombinedOutput(w.pod.NetNSPath, cmd); err != nil {
+				t.Fatalf("%s -t nat -D %s: %v: %s", tb.cmd, rule, err, out)
+			}
 		}
 	}
 }
 
-func newTProxyWorld(t *testing.T, mark uint32, dual bool) *world {
-	pod := testpod.New(t)
-	w := &world{pod: pod, cidrA: pod.Net.Addrs[1], cidrB: pod.Net.Addrs[2]}
+func newTProxyWorld(t *testing.T, mark uint32, dual bool, stack testpod.Stack) *world {
+	pod := testpod.NewStack(t, stack)
+	w := &world{pod: pod}
+	if pod.Addr.IsValid() {
+		w.cidrA, w.cidrB = pod.Net.Addrs[1], pod.Net.Addrs[2]
+	}
 	any := netip.IPv4Unspecified()
+	listen := []netip.AddrPort{netip.AddrPortFrom(any, 15001), netip.AddrPortFrom(any, 15006)}
+	if stack != testpod.IPv4Only {
+		// The proxy as Envoy listens in dual stack: [::] beside 0.0.0.0 (IPV6_V6ONLY); the
+		// servers on dual-stack [::] sockets answer both families.
+		w.cidrA6, w.cidrB6 = pod.Net.Addrs6[1], pod.Net.Addrs6[2]
+		any6 := netip.IPv6Unspecified()
+		listen = append(listen, netip.AddrPortFrom(any6, 15001), netip.AddrPortFrom(any6, 15006))
+		any = any6
+	}
 	w.procs = append(w.procs,
 		pod.StartProxy(t, testpod.ProxyConfig{Name: "proxy", Mode: "forward", UID: proxyUID, GID: proxyUID, Transparent: true,
-			Listen:          []netip.AddrPort{netip.AddrPortFrom(any, 15001), netip.AddrPortFrom(any, 15006)},
-			OriginalSrcMark: mark, OriginalSrcDualStack: dual}),
+			Listen: listen, V6Only: stack != testpod.IPv4Only, OriginalSrcMark: mark, OriginalSrcDualStack: dual}),
 		pod.Server(t, "app", netip.AddrPortFrom(any, 8080), appUID, appUID),
 		pod.Server(t, "app", netip.AddrPortFrom(any, 9090), appUID, appUID),
 		pod.Server(t, "metrics", netip.AddrPortFrom(any, 15090), proxyUID, proxyUID))
@@ -121,8 +149,9 @@ func TestTProxyParity(t *testing.T) {
 			// The proxy's mark is the pod's -t: one world per mark (and kind of proxy
 			// socket), made for the first row that needs it and kept for the backend's rows.
 			type proxyKind struct {
-				mark uint32
-				dual bool
+				mark  uint32
+				dual  bool
+				stack testpod.Stack
 			}
 			worlds := map[proxyKind]*world{}
 			bt := t
@@ -132,13 +161,14 @@ func TestTProxyParity(t *testing.T) {
 				}
 				t.Run(s.name, func(t *testing.T) {
 					cfg := divertest.Config(t, append([]string{"-m", "TPROXY"}, s.flags...)...)
-					kind := proxyKind{cfg.TProxyMark, s.dual}
+					kind := proxyKind{cfg.TProxyMark, s.dual, s.stack}
 					w := worlds[kind]
 					if w == nil {
-						w = newTProxyWorld(bt, kind.mark, kind.dual)
+						w = newTProxyWorld(bt, kind.mark, kind.dual, kind.stack)
 						worlds[kind] = w
 						b.setup(bt, w)
 					}
+					cfg.DecideIPv6(w.pod.Addrs())
 					tproxyRow(t, w, b, s, cfg)
 				})
 			}
@@ -209,7 +239,7 @@ func tproxyObserved(t *testing.T, r testpod.Result, client netip.Addr) tproxyOut
 		switch h.Who {
 		case "proxy":
 			o.Err = h.Err
-			if h.UpstreamSrc != "" && !strings.HasPrefix(h.UpstreamSrc, client.String()+":") {
+			if up, err := netip.ParseAddrPort(h.UpstreamSrc); h.UpstreamSrc != "" && (err != nil || up.Addr().Unmap() != client) {
 				t.Errorf("the proxy's upstream came from %s, not the client's address %s", h.UpstreamSrc, client)
 			}
 		case "app", "metrics":
