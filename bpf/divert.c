@@ -350,7 +350,7 @@ struct transparent_syn {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 256); // ~30 KiB of kernel memory per pod
+	__uint(max_entries, 256); // ~29 KiB of kernel memory per pod
 	__type(key, struct transparent_syn);
 	__type(value, __u8);
 } transparent_syns SEC(".maps");
