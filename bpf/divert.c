@@ -97,6 +97,8 @@ enum drop {
 				// query's nameserver): connect or send refused
 	DROP_ORIG_DST_UNSENT,	 // the app's handshake segment had no room for the option
 	DROP_ORIG_DST_UNSTORED, // the proxy's socket got it but could not keep it
+	DROP_TRANSPARENT_UNSTORED, // TPROXY: the proxy's original_src SYN not written down for
+				   // sk_lookup (it reaches the proxy once more)
 	NUM_DROPS,
 };
 
@@ -331,6 +333,28 @@ struct {
 	__uint(value_size, sizeof(__u64));
 } inbound_listeners SEC(".maps");
 
+// The proxy's connections to the pod from a client's address (TPROXY mode's original_src,
+// see decide_outbound), from the SYN's departure (sockops TCP_CONNECT) to its lookup: the
+// kernel cannot tell sk_lookup such a SYN from the client's own arriving from outside
+// (ingress_ifindex is the device of the pod address it goes to, not lo), and without this
+// sk_lookup would hand it back to the proxy. An entry lives for one handshake's first SYN;
+// LRU, so entries of SYNs that never arrived make room. Should one be evicted before its
+// SYN arrives (256 handshakes in flight at once), the proxy gets the connection once more
+// and forwards it again. Either family: IPv4 as ::ffff:a.b.c.d.
+struct transparent_syn {
+	struct inet_addr client;
+	struct inet_addr pod;
+	__u16 client_port; // network byte order
+	__u16 pod_port;	   // host byte order
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 256); // ~29 KiB of kernel memory per pod
+	__type(key, struct transparent_syn);
+	__type(value, __u8);
+} transparent_syns SEC(".maps");
+
 // is_v4 tells IPv4 (::ffff:a.b.c.d) from IPv6. Tests of addresses combine the words
 // without a branch per word: each branch would fork the verifier's walk of what follows.
 static __always_inline int is_v4(const struct inet_addr *a)
@@ -461,6 +485,16 @@ __noinline int addr_in_cidrs(int include, __u32 w0, __u32 w1, __u32 w2, __u32 w3
 static __always_inline int is_local(const struct inet_addr *a)
 {
 	return addr_is_local(a->w[0], a->w[1], a->w[2], a->w[3]);
+}
+
+// addr_is_foreign reports whether the bound source w is set and not the pod's
+// (policy.SrcForeign): only a transparent socket can bind such an address.
+__noinline int addr_is_foreign(__u32 w0, __u32 w1, __u32 w2, __u32 w3)
+{
+	struct inet_addr a = {.w = {w0, w1, w2, w3}};
+	if (is_zero6(&a) | (is_v4(&a) & !w3))
+		return 0;
+	return !addr_is_local(w0, w1, w2, w3);
 }
 
 // The kernel's types on the way from the hook's context to the socket file's credentials,
@@ -614,6 +648,13 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 	if (pflags & PORT_OUTBOUND_EXCLUDE)
 		return REASON_EXCLUDED_OUTBOUND_PORT;
 	if (local && addr_eq(src, &pass_src))
+		return REASON_INBOUND_PASSTHROUGH;
+	// TPROXY mode's passthrough (policy.Config.TransparentPassthrough): the proxy forwards
+	// an inbound connection from the client's own address (Envoy's original_src), a source
+	// only a transparent socket can bind. istio's nat hairpin catches it and the connection
+	// never completes (docs/semantics.md); its mangle rules mean it to pass, and it does.
+	// TPROXY is the one mode where the tunnel port does not pass inbound.
+	if (local && !cfg->inbound_tunnel_passes && addr_is_foreign(src->w[0], src->w[1], src->w[2], src->w[3]))
 		return REASON_INBOUND_PASSTHROUGH;
 	if (hairpinnable && !dns && uid == cfg->proxy_uid) {
 		*to_port = cfg->inbound_capture_port;
@@ -1062,11 +1103,47 @@ static __always_inline void proxy_established(struct bpf_sock_ops *skops)
 	s->side = SIDE_PROXY;
 }
 
+// transparent_connect writes down a TPROXY pod's connection from a source that is not the
+// pod's to the pod itself (the one connect4 or connect6 let pass as inbound passthrough),
+// for sk_lookup: IPv4 (from an AF_INET socket, or a dual-stack one as ::ffff:a.b.c.d) or
+// native IPv6.
+static __always_inline void transparent_connect(struct bpf_sock_ops *skops)
+{
+	struct inet_addr client, pod;
+	if (skops->family == AF_INET6) {
+		client = V6_ADDR(skops->local_ip6);
+		pod = V6_ADDR(skops->remote_ip6);
+	} else if (skops->family == AF_INET) {
+		client = v4_addr(LOAD(skops->local_ip4));
+		pod = v4_addr(LOAD(skops->remote_ip4));
+	} else {
+		return;
+	}
+	if (!addr_is_foreign(client.w[0], client.w[1], client.w[2], client.w[3]) || !is_local(&pod))
+		return;
+	struct config *cfg = get_config();
+	// Without IPv6 capture sk_lookup leaves IPv6 alone: nothing would take the entry.
+	if (!cfg || cfg->inbound_tunnel_passes || (!is_v4(&client) && !cfg->capture_ipv6))
+		return;
+	struct transparent_syn syn = {
+		.client = client,
+		.pod = pod,
+		.client_port = bpf_htons((__u16)skops->local_port),
+		.pod_port = bpf_ntohs((__u16)(skops->remote_port >> 16)), // network order, high half
+	};
+	__u8 one = 1;
+	if (bpf_map_update_elem(&transparent_syns, &syn, &one, BPF_ANY))
+		count_drop(DROP_TRANSPARENT_UNSTORED);
+}
+
 SEC("sockops")
 int divert_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		transparent_connect(skops);
+		app_handshake(skops);
+		break;
 	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
 	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:
 		app_handshake(skops);
@@ -1211,6 +1288,20 @@ int divert_sk_lookup(struct bpf_sk_lookup *ctx)
 	// iptables terms they never traverse nat PREROUTING.
 	if (is_local(&remote))
 		return SK_PASS;
+	// In TPROXY mode so is the proxy's connection from the client's address (sockops wrote
+	// it down before its SYN left), which istio's mangle ISTIO_INBOUND returns by its mark.
+	if (!cfg->inbound_tunnel_passes) {
+		struct transparent_syn syn = {
+			.client = remote,
+			.pod = v4 ? v4_addr(LOAD(ctx->local_ip4)) : V6_ADDR(ctx->local_ip6),
+			.client_port = ctx->remote_port,
+			.pod_port = (__u16)ctx->local_port,
+		};
+		if (bpf_map_lookup_elem(&transparent_syns, &syn)) {
+			bpf_map_delete_elem(&transparent_syns, &syn);
+			return SK_PASS;
+		}
+	}
 
 	enum reason r = decide_inbound(cfg, (__u16)ctx->local_port);
 	count(r, v4);

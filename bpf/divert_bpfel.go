@@ -34,11 +34,12 @@ type DivertConfig struct {
 type DivertDrop uint32
 
 const (
-	DivertDropDROP_NO_LISTENER       DivertDrop = 0
-	DivertDropDROP_CONNECT_NO_MEMORY DivertDrop = 1
-	DivertDropDROP_ORIG_DST_UNSENT   DivertDrop = 2
-	DivertDropDROP_ORIG_DST_UNSTORED DivertDrop = 3
-	DivertDropNUM_DROPS              DivertDrop = 4
+	DivertDropDROP_NO_LISTENER          DivertDrop = 0
+	DivertDropDROP_CONNECT_NO_MEMORY    DivertDrop = 1
+	DivertDropDROP_ORIG_DST_UNSENT      DivertDrop = 2
+	DivertDropDROP_ORIG_DST_UNSTORED    DivertDrop = 3
+	DivertDropDROP_TRANSPARENT_UNSTORED DivertDrop = 4
+	DivertDropNUM_DROPS                 DivertDrop = 5
 )
 
 type DivertInetAddr struct {
@@ -126,6 +127,14 @@ type DivertSockOrigDst struct {
 	Pad  [3]uint8
 }
 
+type DivertTransparentSyn struct {
+	_          structs.HostLayout
+	Client     DivertInetAddr
+	Pod        DivertInetAddr
+	ClientPort uint16
+	PodPort    uint16
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -143,6 +152,7 @@ const (
 	DivertMapOutboundIncludeCidrs6 = "outbound_include_cidrs6"
 	DivertMapOwnerGids             = "owner_gids"
 	DivertMapPortSetsMap           = "port_sets_map"
+	DivertMapTransparentSyns       = "transparent_syns"
 	DivertProgDivertConnect4       = "divert_connect4"
 	DivertProgDivertConnect6       = "divert_connect6"
 	DivertProgDivertGetpeername4   = "divert_getpeername4"
@@ -232,6 +242,7 @@ type DivertMapSpecs struct {
 	OutboundIncludeCidrs6 *ebpf.MapSpec `ebpf:"outbound_include_cidrs6"`
 	OwnerGids             *ebpf.MapSpec `ebpf:"owner_gids"`
 	PortSetsMap           *ebpf.MapSpec `ebpf:"port_sets_map"`
+	TransparentSyns       *ebpf.MapSpec `ebpf:"transparent_syns"`
 }
 
 // DivertVariableSpecs contains global variables before they are loaded into the kernel.
@@ -277,6 +288,7 @@ type DivertMaps struct {
 	OutboundIncludeCidrs6 *ebpf.Map `ebpf:"outbound_include_cidrs6"`
 	OwnerGids             *ebpf.Map `ebpf:"owner_gids"`
 	PortSetsMap           *ebpf.Map `ebpf:"port_sets_map"`
+	TransparentSyns       *ebpf.Map `ebpf:"transparent_syns"`
 }
 
 func (m *DivertMaps) Close() error {
@@ -294,6 +306,7 @@ func (m *DivertMaps) Close() error {
 		m.OutboundIncludeCidrs6,
 		m.OwnerGids,
 		m.PortSetsMap,
+		m.TransparentSyns,
 	)
 }
 

@@ -14,6 +14,9 @@ import (
 // When the model names a reason for which istio renders no rule with these settings, the
 // answer is "" too; the parity suite, not this function, judges who is right.
 func MatchingRule(cfg *policy.Config, conn policy.Conn) string {
+	// istio's rules know no transparent passthrough (Config.TransparentPassthrough): for
+	// them a connection from a foreign source is like any other.
+	conn.SrcForeign = false
 	v := cfg.Decide(conn)
 	if v.Reason == policy.ReasonNone {
 		return ""

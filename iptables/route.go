@@ -257,3 +257,17 @@ func PodAddrs(netnsPath string) ([]netip.Addr, error) {
 	})
 	return out, err
 }
+
+// SyncTProxyRoute gives the network namespace at netnsPath istio's TPROXY policy route of
+// family f (fwmark cfg.TProxyMark lookup cfg.TProxyRouteTable, local 0.0.0.0/0 or ::/0 dev
+// lo there) when cfg wants one, or, for a nil cfg or one that does not (IPv6: when it does
+// not capture IPv6), removes every route of that shape. eBPF mode's TPROXY return path
+// uses it too (loader/tproxy.go). undo removes what this call added; changed says whether
+// it changed anything.
+func SyncTProxyRoute(netnsPath string, cfg *policy.Config, f policy.Family) (changed bool, undo func() error, err error) {
+	var want *tproxyRoute
+	if cfg != nil {
+		want = wantRoute(cfg, f)
+	}
+	return syncRoutes(netnsPath, want, f)
+}

@@ -175,6 +175,15 @@ func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Op
 		}
 		step("pin " + p.name)
 	}
+	undoNet, err := syncReturnPath(pod.NetNS, cfg, opts, returnPathState{})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, undoNet())
+		}
+	}()
 	if testHookBeforeCommit != nil {
 		if err := testHookBeforeCommit(); err != nil {
 			return err
@@ -261,6 +270,20 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 	if outChange {
 		applied = outboundInert(cfg)
 	}
+	// TPROXY's return path before the maps, so that failing to set it up changes nothing.
+	had, err := hadReturnPath(pinned, existing)
+	if err != nil {
+		return fmt.Errorf("pod %s: %w", pod.ID, err)
+	}
+	undoNet, err := syncReturnPath(pod.NetNS, cfg, opts, had)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, undoNet())
+		}
+	}()
 	if err := maps.Apply(pinned, applied, addrs); err != nil {
 		return err
 	}

@@ -34,6 +34,7 @@ func mapFields(m *maps.Maps) []field[ebpf.Map] {
 		{"outbound_include_cidrs6", &m.OutboundIncludeCidrs6},
 		{"owner_gids", &m.OwnerGids},
 		{"port_sets_map", &m.PortSetsMap},
+		{"transparent_syns", &m.TransparentSyns},
 	}
 }
 

@@ -194,13 +194,19 @@ func teardown(opts Options, id string) error {
 		return fmt.Errorf("pod %s: %w", id, err)
 	}
 	step("disarm")
+	// While the pins still say the pod's mode and netns (tproxy.go); a failure here leaves
+	// a route that only the proxy's marked packets use, and the detach goes on.
+	rpErr := removeReturnPath(PinDir(opts, id))
 	retired, err := retireDir(opts, id)
 	if err != nil {
-		return err
+		return errors.Join(err, rpErr)
 	}
 	step("retire")
 	if err := detachDir(retired); err != nil {
-		return fmt.Errorf("pod %s: %w", id, err)
+		return errors.Join(fmt.Errorf("pod %s: %w", id, err), rpErr)
+	}
+	if rpErr != nil {
+		return fmt.Errorf("pod %s: remove TPROXY return path: %w", id, rpErr)
 	}
 	return nil
 }

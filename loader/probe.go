@@ -66,6 +66,7 @@ var kernelNeeds = []kernelNeed{
 	needMapType(ebpf.SkStorage),
 	needMapType(ebpf.PerCPUArray),
 	needMapType(ebpf.SockMap),
+	needMapType(ebpf.LRUHash), // transparent_syns (TPROXY mode)
 }
 
 // probeKernel runs the feature probes once per process: a kernel does not change under it,

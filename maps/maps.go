@@ -401,7 +401,10 @@ const (
 	DropConnectNoMemory = Drop(bpf.DivertDropDROP_CONNECT_NO_MEMORY)
 	DropOrigDstUnsent   = Drop(bpf.DivertDropDROP_ORIG_DST_UNSENT)
 	DropOrigDstUnstored = Drop(bpf.DivertDropDROP_ORIG_DST_UNSTORED)
-	numDrops            = Drop(bpf.DivertDropNUM_DROPS)
+	// TPROXY mode: sockops could not write the proxy's original_src SYN down for sk_lookup,
+	// which hands it to the proxy once more (docs/semantics.md).
+	DropTransparentUnstored = Drop(bpf.DivertDropDROP_TRANSPARENT_UNSTORED)
+	numDrops                = Drop(bpf.DivertDropNUM_DROPS)
 )
 
 var dropNames = [numDrops]string{
@@ -409,6 +412,8 @@ var dropNames = [numDrops]string{
 	DropConnectNoMemory: "connect-no-memory",
 	DropOrigDstUnsent:   "orig-dst-unsent",
 	DropOrigDstUnstored: "orig-dst-unstored",
+
+	DropTransparentUnstored: "transparent-syn-unstored",
 }
 
 func (d Drop) String() string {

@@ -46,6 +46,9 @@ type Conn struct {
 	// DstLocal is true when Dst is an address of the pod itself (it routes via lo): its own
 	// IPs and all of 127.0.0.0/8.
 	DstLocal bool
+	// SrcForeign is true when Src is an address that is not the pod's (SrcForeign): only a
+	// transparent socket (IP_TRANSPARENT, as Envoy's original_src) can bind one.
+	SrcForeign bool
 	// Iface is the interface an inbound connection arrives on, or the one routing sends an
 	// outbound connection out through (lo for DstLocal, whatever this says); "" when it
 	// does not matter (no -c or -k setting names it).
@@ -329,6 +332,9 @@ func (c *Config) Decide(conn Conn) Verdict {
 		return pass(ReasonExcludedOutboundPort)
 	}
 	if conn.DstLocal && conn.Src == fam.PassthroughSource() {
+		return pass(ReasonInboundPassthrough)
+	}
+	if conn.DstLocal && conn.SrcForeign && c.TransparentPassthrough() {
 		return pass(ReasonInboundPassthrough)
 	}
 	if uidHairpinnable && conn.UID == c.ProxyUID {

@@ -269,6 +269,24 @@ var orderCases = []decideCase{
 		pass(policy.ReasonNotIncluded)},
 	// TPROXY mode returns the tunnel port only in a nat chain it does not use.
 	{"TPROXY captures the tunnel port inbound", []string{"-m", "TPROXY"}, in(15008), toInbound(15006, policy.ReasonInboundIncludedPort)},
+	// The proxy forwarding from the client's address (original_src): TPROXY mode passes it
+	// as inbound passthrough (where istio's nat hairpin catches it, docs/semantics.md).
+	{"TPROXY: the proxy from a foreign source to the pod passes", []string{"-m", "TPROXY"}, foreign(out(proxy, proxy, clientIP, "10.244.0.5:8080", true)),
+		pass(policy.ReasonInboundPassthrough)},
+	{"TPROXY: the proxy from a foreign source to 127.0.0.2 passes", []string{"-m", "TPROXY"}, foreign(out(proxy, proxy, clientIP, "127.0.0.2:8080", true)),
+		pass(policy.ReasonInboundPassthrough)},
+	{"TPROXY: a foreign source to a remote is still the proxy's own", []string{"-m", "TPROXY"}, foreign(out(proxy, proxy, clientIP, "10.0.0.9:80", false)),
+		pass(policy.ReasonProxyUID)},
+	{"REDIRECT: the proxy from a foreign source to the pod hairpins", nil, foreign(out(proxy, proxy, clientIP, "10.244.0.5:8080", true)),
+		toInbound(15006, policy.ReasonProxyHairpin)},
+}
+
+var clientIP = netip.MustParseAddr("10.0.0.7") // a client outside the pod
+
+// foreign marks c's bound source as not the pod's (a transparent socket's).
+func foreign(c policy.Conn) policy.Conn {
+	c.SrcForeign = policy.SrcForeign(c.Src, []netip.Addr{podIP})
+	return c
 }
 
 func runDecide(t *testing.T, cases []decideCase) {

@@ -39,6 +39,21 @@ func (c *Config) InboundExcludes() []uint16 {
 // is captured like any other.
 func (c *Config) InboundTunnelPasses() bool { return c.Mode != TProxy }
 
+// TransparentPassthrough reports whether a connection to the pod from a source that is not
+// the pod's (Conn.SrcForeign) passes like one from 127.0.0.6: in TPROXY mode the proxy
+// forwards an inbound connection from the client's own address (Envoy's original_src,
+// IP_TRANSPARENT and the TPROXY mark), and the app must get it. istio's mangle rules let it
+// pass ("-o lo -m mark --mark 1337 -j RETURN"), but its nat hairpin catches it first and the
+// connection never completes: here divert differs from istio's rules on purpose
+// (docs/semantics.md). The programs read it as !InboundTunnelPasses (both are TPROXY mode).
+func (c *Config) TransparentPassthrough() bool { return c.Mode == TProxy }
+
+// SrcForeign reports whether src is a bound source that is not an address of the pod
+// (Conn.SrcForeign): not unbound, not unspecified, not loopback, not one of podAddrs.
+func SrcForeign(src netip.Addr, podAddrs []netip.Addr) bool {
+	return src.IsValid() && !src.Unmap().IsUnspecified() && !DstLocal(src, podAddrs)
+}
+
 // DstLocal reports whether dst is a destination of the pod itself, one that routes via lo
 // (Conn.DstLocal): all of 127.0.0.0/8 (and ::1), and the pod's own addresses podAddrs.
 func DstLocal(dst netip.Addr, podAddrs []netip.Addr) bool {

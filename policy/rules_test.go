@@ -45,3 +45,29 @@ func TestDstLocal(t *testing.T) {
 	}
 	require.False(t, policy.DstLocal(netip.MustParseAddr("10.1.0.5"), nil), "no pod addresses: only loopback")
 }
+
+// The programs read TPROXY mode's transparent passthrough from inbound_tunnel_passes (one
+// byte of config for both): the two rules must stay two faces of one mode.
+func TestTransparentPassthroughIsTProxyMode(t *testing.T) {
+	for _, m := range []policy.InterceptMode{policy.Redirect, policy.TProxy} {
+		c := policy.Config{Mode: m}
+		if c.TransparentPassthrough() == c.InboundTunnelPasses() {
+			t.Errorf("mode %s: TransparentPassthrough %v, InboundTunnelPasses %v; bpf/divert.c reads one as !the other",
+				m, c.TransparentPassthrough(), c.InboundTunnelPasses())
+		}
+	}
+}
+
+func TestSrcForeign(t *testing.T) {
+	pod := []netip.Addr{netip.MustParseAddr("10.244.0.5")}
+	for src, want := range map[string]bool{"": false, "0.0.0.0": false, "127.0.0.6": false, "10.244.0.5": false,
+		"10.0.0.7": true, "::ffff:10.244.0.5": false, "::ffff:10.0.0.7": true} {
+		var a netip.Addr
+		if src != "" {
+			a = netip.MustParseAddr(src)
+		}
+		if got := policy.SrcForeign(a, pod); got != want {
+			t.Errorf("SrcForeign(%q) = %v, want %v", src, got, want)
+		}
+	}
+}

@@ -125,6 +125,8 @@ verdicts under the same reason names:
 			from = "flags (istio-iptables' defaults for those not given)"
 		}
 		conn.DstLocal = policy.DstLocal(conn.Dst.Addr(), local)
+		// Without the pod's addresses a bound source cannot be told from the pod's own.
+		conn.SrcForeign = len(local) > 0 && policy.SrcForeign(conn.Src, local)
 
 		where := "not local"
 		if conn.DstLocal {
@@ -157,6 +159,9 @@ verdicts under the same reason names:
 			rule = "(no rule matches: the chain falls through to the built-in chain's ACCEPT)"
 		}
 		fmt.Fprintf(e.stdout, "iptables: %s\n", rule)
+		if conn.SrcForeign && conn.DstLocal && cfg.TransparentPassthrough() {
+			fmt.Fprintln(e.stdout, "note:    divert differs from istio's rules here on purpose: a TPROXY proxy forwarding from the client's address passes (istio's nat hairpin catches it and it never completes; docs/semantics.md, TPROXY mode)")
+		}
 		return nil
 	}
 	return cmd

@@ -689,6 +689,9 @@ func (r *istioRun) printEBPFPlan(w io.Writer, pod loader.Pod, how string) {
 		}
 		fmt.Fprintf(w, "would attach %s (%s) to %s %s, pinned as %s\n", p.Name, p.Attach, p.Target, target, filepath.Join(dir, p.Pin))
 	}
+	if s := loader.ReturnPathPlan(&r.cfg, r.lopts); s != "" {
+		fmt.Fprintf(w, "%s in netns %s\n", s, pod.NetNS)
+	}
 	fmt.Fprintf(w, "policy: %s\n", strings.Join(quoteArgs(r.cfg.Args()), " "))
 	if r.cfg.DropInvalid {
 		fmt.Fprintln(w, loader.DropInvalidNote)

@@ -236,6 +236,24 @@ func TestIstioIptablesDryRunEBPF(t *testing.T) {
 			t.Errorf("dry run output lacks %q:\n%s", want, out)
 		}
 	}
+	if strings.Contains(out, "tcp_fwmark_accept") {
+		t.Errorf("REDIRECT mode's dry run plans TPROXY's return path:\n%s", out)
+	}
+	// TPROXY mode adds its return path to the pod's netns.
+	out, _, err = runIstio(t, nil, append(append([]string{"-n", "--bpffs", "/nonexistent/bpffs"}, injectorArgs...), "-m", "TPROXY", "-t", "1400", "-r", "140")...)
+	want := "would set net.ipv4.tcp_fwmark_accept=1 and add ip rule fwmark 1400 lookup 140 and route local default dev lo table 140 (TPROXY mode's return path) in netns /proc/self/ns/net"
+	if err != nil || !strings.Contains(out, want) {
+		t.Errorf("TPROXY dry run (%v) lacks %q:\n%s", err, want, out)
+	}
+	// With IPv6 captured, istio's ip -6 policy route too.
+	podAddrs = func() ([]net.Addr, error) {
+		return []net.Addr{&net.IPNet{IP: net.ParseIP("fd00::5"), Mask: net.CIDRMask(64, 128)}}, nil
+	}
+	out, _, err = runIstio(t, nil, append(append([]string{"-n", "--bpffs", "/nonexistent/bpffs"}, injectorArgs...), "-m", "TPROXY")...)
+	want = "would set net.ipv4.tcp_fwmark_accept=1 and add ip and ip -6 rule fwmark 1337 lookup 133 and route local default dev lo table 133 (TPROXY mode's return path)"
+	if err != nil || !strings.Contains(out, want) {
+		t.Errorf("IPv6 TPROXY dry run (%v) lacks %q:\n%s", err, want, out)
+	}
 	// A layout with no pod UID needs --pod-id.
 	findPod = func(cgroups.Finder) (cgroups.Found, error) {
 		return cgroups.Found{Pod: "/sys/fs/cgroup/test/p1", Own: "/sys/fs/cgroup/test/p1/init", Driver: cgroups.Parent}, nil

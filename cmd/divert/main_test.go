@@ -369,6 +369,13 @@ func TestExplain(t *testing.T) {
 		{[]string{"--uid", "1000", "--dst", "[::ffff:10.0.0.5]:80"}, "redirect-outbound to port 15001 (included-cidr)"},
 		{[]string{"--uid", "1337", "--gid", "1337", "--dst", "10.0.0.5:80"}, "pass (proxy-uid)"},
 		{[]string{"--uid", "1337", "--gid", "1337", "--dst", "10.1.1.1:8080", "--pod-ip", "10.1.1.1"}, "redirect-inbound to port 15006 (proxy-hairpin)"},
+		// TPROXY: the proxy forwarding from a client's address (original_src) passes, where
+		// istio's hairpin catches it; without the pod's addresses nothing is foreign.
+		{[]string{"-m", "TPROXY", "--uid", "1337", "--src", "10.9.9.9", "--dst", "10.1.1.1:8080", "--pod-ip", "10.1.1.1"}, "pass (inbound-passthrough)"},
+		{[]string{"-m", "TPROXY", "--uid", "1337", "--src", "10.9.9.9", "--dst", "10.1.1.1:8080", "--pod-ip", "10.1.1.1"}, "note:    divert differs from istio's rules here on purpose"},
+		{[]string{"-m", "TPROXY", "--uid", "1337", "--src", "10.9.9.9", "--dst", "10.1.1.1:8080", "--pod-ip", "10.1.1.1"}, "iptables: -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT"},
+		{[]string{"--uid", "1337", "--src", "10.9.9.9", "--dst", "10.1.1.1:8080", "--pod-ip", "10.1.1.1"}, "redirect-inbound to port 15006 (proxy-hairpin)"},
+		{[]string{"-m", "TPROXY", "--uid", "1337", "--src", "10.9.9.9", "--dst", "127.0.0.2:8080"}, "redirect-inbound to port 15006 (proxy-hairpin)"},
 		{[]string{"-o", "80", "--uid", "1000", "--gid", "1000", "--dst", "10.0.0.5:80"}, "pass (excluded-outbound-port)"},
 		{[]string{"--direction", "inbound", "--dst", "10.1.1.1:15021"}, "pass (inbound-excluded-port)"},
 		{[]string{"-c", "net1", "--iface", "net1", "--uid", "1000", "--dst", "10.0.0.5:80"}, "iptables: -A OUTPUT -o net1 -j RETURN"},

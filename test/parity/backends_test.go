@@ -40,6 +40,7 @@ func ebpfBackend() backend {
 		name: "ebpf",
 		setup: func(t *testing.T, w *world) {
 			att = divertest.Attach(t, w.pod, divertest.BPFFS(t), divertest.Config(t))
+			w.ebpf = att
 		},
 		drops: func(t *testing.T) map[maps.Drop]uint64 { return att.Drops(t) },
 		apply: func(t *testing.T, w *world, cfg *policy.Config) {

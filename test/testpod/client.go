@@ -107,8 +107,9 @@ func clientDial(target string, timeout time.Duration) Result {
 // Java does; an IPPROTO_MPTCP socket; a socket bound to a device; TCP Fast Open; io_uring.
 // Go's dialer cannot make these (it dials IPv4 addresses from AF_INET sockets, refuses
 // v4-mapped ones for "tcp6", sets IPV6_V6ONLY on its IPv6 sockets, and retries MPTCP with
-// plain TCP after any failure, which would make two connects out of one).
-func dialSocket(dst string, src netip.Addr, timeout time.Duration, shape Shape) (net.Conn, error) {
+// plain TCP after any failure, which would make two connects out of one). setup, if any,
+// runs on the socket before it is bound.
+func dialSocket(dst string, src netip.Addr, timeout time.Duration, shape Shape, setup ...func(fd int) error) (net.Conn, error) {
 	ap, err := netip.ParseAddrPort(dst)
 	if err != nil {
 		return nil, err
@@ -151,6 +152,11 @@ func dialSocket(dst string, src netip.Addr, timeout time.Duration, shape Shape) 
 	}
 	if err := bindDevice(fd, shape); err != nil {
 		return nil, err
+	}
+	for _, set := range setup {
+		if err := set(fd); err != nil {
+			return nil, err
+		}
 	}
 	deadline := time.Now().Add(timeout)
 	// A blocking connect gives up after SO_SNDTIMEO (EINPROGRESS).

@@ -170,6 +170,11 @@ func runProxy(args []string) error {
 	reuseport := fs.Int("reuseport", 0, "listen this many times on each address with SO_REUSEPORT")
 	transparent := fs.Bool("transparent", false, "set IP_TRANSPARENT on the listeners (TPROXY)")
 	v6only := fs.Bool("v6only", false, "make [::] listeners IPv6-only (IPV6_V6ONLY)")
+	osrcMark := fs.Uint("original-src-mark", 0, "forward inbound from the client's address with this SO_MARK (Envoy's original_src; 0: off)")
+	// Under istio's rules that dial never completes (docs/semantics.md): it must give up
+	// well before the client stops waiting for our line.
+	originalSrcTimeout := fs.Duration("original-src-timeout", ClientTimeout/2, "how long an original-src dial may take")
+	originalSrcDual := fs.Bool("original-src-dual-stack", false, "make original-src dials from a dual-stack AF_INET6 socket (::ffff:a.b.c.d)")
 	var addrs listFlag
 	fs.Var(&addrs, "listen", "ip:port (repeatable)")
 	if err := fs.Parse(args); err != nil {
@@ -207,8 +212,9 @@ func runProxy(args []string) error {
 		// Inbound is decided by the listener, not by the accepted socket's local address:
 		// with sk_lookup steering, getsockname() shows the original destination, not 15006.
 		var bind []netip.Addr
+		var mark uint32
 		if ln.Addr().(*net.TCPAddr).Port == *inboundPort {
-			bind = srcs
+			bind, mark = srcs, uint32(*osrcMark)
 		}
 		go func() {
 			for {
@@ -217,7 +223,7 @@ func runProxy(args []string) error {
 					errc <- err
 					return
 				}
-				go proxyConn(c.(*net.TCPConn), *name, *mode == "forward", bind, ln.Addr().String(), index[i])
+				go proxyConn(c.(*net.TCPConn), *name, *mode == "forward", bind, originalSrc{mark, *originalSrcTimeout, *originalSrcDual}, ln.Addr().String(), index[i])
 			}
 		}()
 	}
@@ -226,8 +232,9 @@ func runProxy(args []string) error {
 
 // proxyConn reports (and in forward mode relays) one accepted connection. When forwarding,
 // it binds the one of bindSrcs in the original destination's family, as Envoy binds
-// 127.0.0.6 or ::6 for inbound passthrough.
-func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr, listener string, index int) {
+// 127.0.0.6 or ::6 for inbound passthrough; or, with a mark, the client's own address, as
+// Envoy's original_src does in TPROXY mode (originalSrcDialer).
+func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr, osrc originalSrc, listener string, index int) {
 	defer c.Close()
 	hop := Hop{Who: name, Listener: listener, Index: index, Local: c.LocalAddr().String(), Peer: c.RemoteAddr().String()}
 	orig, err := origdst.Get(c)
@@ -246,8 +253,23 @@ func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr,
 				bindSrc = a
 			}
 		}
-		if up, err = dialer(3*time.Second, bindSrc).Dial(tcpNetwork(orig.Addr()), hop.Orig); err != nil {
+		d := dialer(3*time.Second, bindSrc)
+		client := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
+		if osrc.mark != 0 {
+			d = originalSrcDialer(osrc.timeout, client, osrc.mark)
+		}
+		if osrc.mark != 0 && osrc.dual {
+			up, err = dialSocket(hop.Orig, client, osrc.timeout, Shape{V4Mapped: true}, func(fd int) error {
+				return errors.Join(unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1),
+					unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(osrc.mark)))
+			})
+		} else {
+			up, err = d.Dial(tcpNetwork(orig.Addr()), hop.Orig)
+		}
+		if err != nil {
 			hop.Err = errText(err)
+		} else {
+			hop.UpstreamSrc = up.LocalAddr().String()
 		}
 	}
 	// Our line goes first, so the client sees the hops in path order.
@@ -257,6 +279,38 @@ func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr,
 	defer up.Close()
 	go func() { _, _ = io.Copy(up, c) }() // ends when c is closed below
 	_, _ = io.Copy(c, up)
+}
+
+// originalSrc is how a proxy forwards inbound connections from the client's address: with
+// this mark (0: it does not), giving up after timeout.
+type originalSrc struct {
+	mark    uint32
+	timeout time.Duration
+	dual    bool // from a dual-stack AF_INET6 socket, IPv4 as ::ffff:a.b.c.d
+}
+
+// originalSrcDialer dials from client's address as Envoy's original_src does: IP_TRANSPARENT
+// to bind an address that is not the pod's (needs CAP_NET_ADMIN), SO_MARK so that policy
+// routing brings the app's replies back to this socket over lo, and any source port: the
+// client's own would give this connection the 4-tuple of the client's connection to the
+// pod, which the proxy's accepted socket already holds in the same namespace.
+func originalSrcDialer(timeout time.Duration, client netip.Addr, mark uint32) *net.Dialer {
+	d := dialer(timeout, client.Unmap())
+	d.Control = func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		err := rc.Control(func(fd uintptr) {
+			if client.Unmap().Is4() {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+			} else {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+			}
+			if serr == nil {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(mark))
+			}
+		})
+		return errors.Join(err, serr)
+	}
+	return d
 }
 
 func writeHop(w io.Writer, h Hop) bool {

@@ -215,6 +215,13 @@ type ProxyConfig struct {
 	// Transparent sets IP_TRANSPARENT on the listeners (iptables TPROXY mode needs it) and
 	// gives the proxy CAP_NET_ADMIN for that.
 	Transparent bool
+	// OriginalSrcMark, if not 0, makes a forward-mode proxy connect inbound connections to
+	// the app from the client's own address (any port) with IP_TRANSPARENT and this SO_MARK,
+	// as Envoy's original_src does in TPROXY mode (mark 1337); it gets CAP_NET_ADMIN.
+	OriginalSrcMark uint32
+	// OriginalSrcDualStack makes those dials from a dual-stack AF_INET6 socket (the client
+	// as ::ffff:a.b.c.d), as a proxy with IPv6 sockets for everything would.
+	OriginalSrcDualStack bool
 }
 
 // Proxy starts a proxy helper listening on one address and waits until it listens.
@@ -244,6 +251,16 @@ func (p *Pod) StartProxy(tb testing.TB, c ProxyConfig) *Proc {
 	var caps []uintptr
 	if c.Transparent {
 		args = append(args, "--transparent")
+	}
+	if c.OriginalSrcMark != 0 {
+		// This process knows the client's timeout (longer in the vmtests guests).
+		args = append(args, "--original-src-mark", strconv.FormatUint(uint64(c.OriginalSrcMark), 10),
+			"--original-src-timeout", (ClientTimeout / 2).String())
+		if c.OriginalSrcDualStack {
+			args = append(args, "--original-src-dual-stack")
+		}
+	}
+	if c.Transparent || c.OriginalSrcMark != 0 {
 		caps = []uintptr{unix.CAP_NET_ADMIN}
 	}
 	if c.InboundPort != 0 {
@@ -297,6 +314,8 @@ type Hop struct {
 	Orig     string `json:"orig,omitempty"`
 	OrigErr  string `json:"orig_err,omitempty"` // SO_ORIGINAL_DST failed: errno text
 	Err      string `json:"err,omitempty"`      // forward-mode proxy could not reach Orig
+	// UpstreamSrc is the local address of a forward-mode proxy's connection to Orig.
+	UpstreamSrc string `json:"upstream_src,omitempty"`
 }
 
 // Dial runs a client in the pod as uid/gid and returns one Result per target, in order.

@@ -47,6 +47,7 @@ func TestNodeMode(t *testing.T) {
 		{"meshed/outbound", func(t *testing.T) { outbound(t, nodeMesh) }},
 		{"meshed/inbound", func(t *testing.T) { inbound(t, nodeMesh, addr(nodeMesh, appPort)) }},
 		{"meshed/annotation-excludes-cidr", nodeAnnotationHonoured},
+		{"tproxy/app-sees-client", nodeTProxy},
 		{"services", nodeServices},
 		{"dns/captured", func(t *testing.T) { dnsRows(t, dnsCase{nodeDNS, "istio-proxy", true, true}) }},
 		{"dns/not-captured", func(t *testing.T) { dnsRows(t, dnsCase{nodeMesh, "proxy", false, true}) }},
@@ -247,6 +248,46 @@ func nodeAnnotationHonoured(t *testing.T) {
 	expect(t, r, nodeMesh, "app", addr(meshIpt, appPort),
 		want{who: meshIpt + "-proxy", listener: "0.0.0.0:" + inboundPrt, orig: addr(meshIpt, appPort), local: addr(meshIpt, inboundPrt)},
 		want{who: meshIpt + "-app", peerIP: "127.0.0.6"})
+}
+
+// nodeTProxy: sidecar.istio.io/interceptionMode: TPROXY, with the proxy as Istio's
+// injector runs it in that mode (istio-proxy as uid 0, group 1337, NET_ADMIN) and forwarding
+// inbound connections from the client's address as Envoy's original_src does (mark 1337):
+// the app must see the client pod's address, the point of TPROXY mode (docs/semantics.md).
+func nodeTProxy(t *testing.T) {
+	r := scenario(t)
+	const name = "node-tproxy"
+	proxy := container("istio-proxy", 0, "proxy", "--name", name+"-proxy", "--mode", "forward", "--transparent",
+		"--original-src-mark", "1337", "--listen", "0.0.0.0:"+outboundPrt, "--listen", "0.0.0.0:"+inboundPrt)
+	proxy["securityContext"] = obj{"runAsUser": 0, "runAsGroup": proxyUID, "allowPrivilegeEscalation": false,
+		"capabilities": obj{"add": []string{"NET_ADMIN"}}}
+	p := pod(name, map[string]string{"app": name}, obj{"containers": []obj{proxy,
+		container("app", appUID, "server", "--name", name+"-app", "--listen", "0.0.0.0:"+appPort)}})
+	p["metadata"].(obj)["annotations"] = obj{"sidecar.istio.io/status": `{"containers":["istio-proxy"]}`,
+		"sidecar.istio.io/interceptionMode": "TPROXY"}
+	if _, err := suite.c.KubectlIn(ctx, list(p), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, name, "--wait=false")
+	})
+	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", name, "--timeout=120s"); err != nil {
+		t.Fatalf("%v\n%s", err, suite.describe())
+	}
+	out, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, name, "-o", `jsonpath={.status.podIP}={.metadata.uid}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Split(strings.TrimSpace(out), "=")
+	suite.ips[name], suite.uids[name] = f[0], f[1]
+	for _, ctr := range []string{"istio-proxy", "app"} {
+		if err := waitListening(name, ctr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	expect(t, r, plainName, "app", addr(name, appPort),
+		want{who: name + "-proxy", listener: "0.0.0.0:" + inboundPrt, orig: addr(name, appPort), local: addr(name, appPort)},
+		want{who: name + "-app", peerIP: suite.ips[plainName]})
 }
 
 // nodeNativeSidecar: Istio's native sidecar (istio-proxy as an init container with
