@@ -48,6 +48,7 @@ func TestNodeMode(t *testing.T) {
 		{"meshed/inbound", func(t *testing.T) { inbound(t, nodeMesh, addr(nodeMesh, appPort)) }},
 		{"meshed/annotation-excludes-cidr", nodeAnnotationHonoured},
 		{"tproxy/app-sees-client", nodeTProxy},
+		{"exclude-interfaces/refused", nodeExcludeInterfacesRefused},
 		{"services", nodeServices},
 		{"dns/captured", func(t *testing.T) { dnsRows(t, dnsCase{nodeDNS, "istio-proxy", true, true}) }},
 		{"dns/not-captured", func(t *testing.T) { dnsRows(t, dnsCase{nodeMesh, "proxy", false, true}) }},
@@ -288,6 +289,46 @@ func nodeTProxy(t *testing.T) {
 	expect(t, r, plainName, "app", addr(name, appPort),
 		want{who: name + "-proxy", listener: "0.0.0.0:" + inboundPrt, orig: addr(name, appPort), local: addr(name, appPort)},
 		want{who: name + "-app", peerIP: suite.ips[plainName]})
+}
+
+// nodeExcludeInterfacesRefused: traffic.sidecar.istio.io/excludeInterfaces cannot be done
+// in eBPF (a connect or sk_lookup hook does not know the interface a connection will take
+// or came in on before routing) and node mode has no iptables to fall back to, so the agent
+// refuses the pod's sandbox in one line naming the annotation, and the pod stays Pending
+// rather than starting with traffic on the excluded interface captured.
+func nodeExcludeInterfacesRefused(t *testing.T) {
+	r := scenario(t)
+	const name = "node-excl-if"
+	p := nodePod(name, true, map[string]string{"traffic.sidecar.istio.io/excludeInterfaces": "net1"})
+	if _, err := suite.c.KubectlIn(ctx, list(p), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, name, "--wait=false")
+	})
+	var msg string
+	if err := suite.c.WaitFor(ctx, name+"'s sandbox refused by divert-cni", 60*time.Second, func() error {
+		out, err := suite.c.Kubectl(ctx, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name="+name,
+			"-o", `jsonpath={range .items[*]}{.reason}: {.message}{"\n"}{end}`)
+		if err != nil {
+			return err
+		}
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "FailedCreatePodSandBox") && strings.Contains(l, "traffic.sidecar.istio.io/excludeInterfaces") {
+				msg = l
+				return nil
+			}
+		}
+		return fmt.Errorf("no FailedCreatePodSandBox event naming the annotation yet: %s", tailLines(out, 3))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	phase, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, name, "-o", "jsonpath={.status.phase}")
+	if err != nil || phase != "Pending" {
+		t.Fatalf("%s: phase %q (%v), want Pending: the agent refuses what it cannot capture", name, phase, err)
+	}
+	_, rest, _ := strings.Cut(msg, "divert: ")
+	r.note("Pending, event: divert: %s", rest)
 }
 
 // nodeNativeSidecar: Istio's native sidecar (istio-proxy as an init container with
