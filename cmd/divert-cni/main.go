@@ -26,6 +26,13 @@ import (
 // DefaultSocket is where the agent listens unless the plugin config says otherwise.
 const DefaultSocket = "/var/run/divert/cni.sock"
 
+// addTimeout bounds how long ADD waits for the agent. The agent attaches pods one at a
+// time, each loading and verifying its programs (~0.1 s of CPU, seconds of wall on a loaded
+// node: issue 24), so a burst of pod starts queues there; the bound stays under the
+// kubelet's 2-minute runtime request timeout, so the pod's events show divert's error
+// rather than the kubelet's.
+const addTimeout = 90 * time.Second
+
 // pluginConf is the plugin's entry in the conflist.
 type pluginConf struct {
 	types.PluginConf
@@ -108,7 +115,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 		return err
 	}
 	if k.K8S_POD_NAME != "" && !conf.excluded(string(k.K8S_POD_NAMESPACE)) {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), addTimeout)
 		defer cancel()
 		if _, err := callAgent(ctx, conf.Socket, request("ADD", args, k, conf.PrevResult)); err != nil {
 			if !conf.FailOpen {
