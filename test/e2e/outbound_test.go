@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -33,25 +32,11 @@ var anyAddr = netip.IPv4Unspecified()
 // "server s 0.0.0.0:0", i.e. to the original destination it reads with SO_ORIGINAL_DST.
 // An app in the pod reaches a server in the remote netns through it.
 func TestHAProxyTransparentProxy(t *testing.T) {
-	haproxy, err := exec.LookPath("haproxy")
-	if err != nil {
-		t.Fatalf("haproxy is required (make deps installs it): %v", err)
-	}
 	pod := testpod.New(t)
 	att := divertest.Attach(t, pod, divertest.BPFFS(t), divertest.Config(t))
 	pod.Net.Server(t, "remote", netip.AddrPortFrom(anyAddr, 80))
 
-	// t.TempDir's parent is 0700: uid 1337 could not read the config there.
-	dir, err := os.MkdirTemp("", "divert-haproxy-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	cfg := filepath.Join(dir, "haproxy.cfg")
-	err = os.WriteFile(cfg, []byte(`global
+	startHAProxy(t, pod, `global
   maxconn 100
 defaults
   mode tcp
@@ -63,12 +48,7 @@ frontend outbound
   default_backend original_destination
 backend original_destination
   server s 0.0.0.0:0
-`), 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pod.Start(t, testpod.ProcSpec{UID: proxyUID, GID: proxyUID, Path: haproxy, Args: []string{"-db", "-f", cfg}})
-	waitListening(t, pod.NetNSPath, 15001)
+`)
 
 	before := att.Counters(t)
 	dst := netip.AddrPortFrom(pod.Net.Addrs[0], 80)
