@@ -18,8 +18,8 @@ import (
 )
 
 // startHAProxy runs Debian's haproxy, unmodified, in the pod as uid 1337 with the given
-// configuration and waits until it listens on 15001.
-func startHAProxy(t *testing.T, pod *testpod.Pod, config string) *testpod.Proc {
+// configuration and waits until it listens on port.
+func startHAProxy(t *testing.T, pod *testpod.Pod, port uint16, config string) *testpod.Proc {
 	t.Helper()
 	haproxy, err := exec.LookPath("haproxy")
 	if err != nil {
@@ -39,7 +39,7 @@ func startHAProxy(t *testing.T, pod *testpod.Pod, config string) *testpod.Proc {
 		t.Fatal(err)
 	}
 	pr := pod.Start(t, testpod.ProcSpec{UID: proxyUID, GID: proxyUID, Path: haproxy, Args: []string{"-db", "-f", cfg}})
-	waitListening(t, pod.NetNSPath, 15001)
+	waitListening(t, pod.NetNSPath, port)
 	return pr
 }
 
@@ -48,7 +48,16 @@ func startHAProxy(t *testing.T, pod *testpod.Pod, config string) *testpod.Proc {
 // ("dst=" is what its dst fetch, i.e. the server 0.0.0.0:0 forwarding, uses). A
 // connection whose destination reads as HAProxy's own listener is refused rather than
 // sent back to it, where it would read the same again until maxconn.
-const haproxyDualStack = `global
+const haproxyDualStack = haproxyLogging + `frontend outbound
+  bind 0.0.0.0:15001
+  bind [::]:15001 v6only
+  tcp-request content reject if { dst_port 15001 }
+  default_backend original_destination
+backend original_destination
+  server s 0.0.0.0:0
+`
+
+const haproxyLogging = `global
   maxconn 100
   log stdout format raw local0
 defaults
@@ -58,13 +67,6 @@ defaults
   timeout connect 3s
   timeout client 5s
   timeout server 5s
-frontend outbound
-  bind 0.0.0.0:15001
-  bind [::]:15001 v6only
-  tcp-request content reject if { dst_port 15001 }
-  default_backend original_destination
-backend original_destination
-  server s 0.0.0.0:0
 `
 
 // HAProxy in its transparent mode ("server s 0.0.0.0:0") cannot forward a captured native
@@ -83,7 +85,7 @@ func TestHAProxyIPv6ReadsOnlyItsOwnAddress(t *testing.T) {
 
 	check := func(t *testing.T) {
 		t.Helper()
-		ha := startHAProxy(t, pod, haproxyDualStack)
+		ha := startHAProxy(t, pod, 15001, haproxyDualStack)
 		res := pod.Dial(t, appUID, appUID, testpod.Target{Dst: dst4}, testpod.Target{Dst: dst6})
 		if r := res[0]; r.Err != "" || len(r.Hops) != 1 || r.Hops[0].Who != "remote" || r.Hops[0].Local != dst4.String() {
 			t.Errorf("app -> %s through haproxy: want the remote server answering there, got %+v", dst4, r)
@@ -126,6 +128,68 @@ func TestHAProxyIPv6ReadsOnlyItsOwnAddress(t *testing.T) {
 				}
 			})
 			check(t)
+		})
+	}
+}
+
+// HAProxy as the inbound proxy on an IPv6-only [::]:15006, forwarding to the
+// destination it reads, from ::6 as Envoy does. Inbound, divert needs no
+// IP6T_SO_ORIGINAL_DST: sk_lookup hands the connection over untranslated, so the accepted
+// socket's own address is the original destination (as with TPROXY) and HAProxy's
+// getsockname reads it. istio's ip6tables REDIRECT makes that address <pod IP>:15006, so
+// there HAProxy reads its own listener again, and the connection never reaches the app
+// (docs/semantics.md: inbound local address).
+func TestHAProxyIPv6Inbound(t *testing.T) {
+	pod := testpod.NewStack(t, testpod.DualStack)
+	pod.Server(t, "app", ap(any6, 8080), appUID, appUID)
+	dst := ap(pod.Addr6, 8080)
+	cfg := ipv6Config(t)
+	config := haproxyLogging + `frontend inbound
+  bind [::]:15006 v6only
+  tcp-request content reject if { dst_port 15006 }
+  default_backend inbound_passthrough
+backend inbound_passthrough
+  source [::6]
+  server s [::]:0
+`
+	t.Run("ebpf", func(t *testing.T) {
+		att := divertest.Attach(t, pod, divertest.BPFFS(t), cfg)
+		ha := startHAProxy(t, pod, 15006, config)
+		res := pod.Net.Dial(t, testpod.Target{Dst: dst})[0]
+		if res.Err != "" || len(res.Hops) != 1 || res.Hops[0].Who != "app" || res.Hops[0].Local != dst.String() ||
+			!strings.HasPrefix(res.Hops[0].Peer, "[::6]:") {
+			t.Errorf("remote -> %s through haproxy: want the app answering there to ::6, got %+v", dst, res)
+		}
+		want := fmt.Sprintf("dst=%s:%d server=%s:%d", dst.Addr(), dst.Port(), dst.Addr(), dst.Port())
+		if got := haproxyLog(t, ha, 1); len(got) != 1 || got[0] != want {
+			t.Errorf("haproxy logged %q, want %q", got, want)
+		}
+		v6 := att.CountersByFamily(t, maps.IPv6)
+		if v6[policy.ReasonInboundIncludedPort] != 1 || v6[policy.ReasonInboundPassthrough] != 1 {
+			t.Errorf("IPv6 counters %v: want one inbound connection captured and haproxy's passed from ::6", v6)
+		}
+		att.NoDrops(t)
+	})
+	for _, b := range []iptables.Backend{iptables.BackendNFT, iptables.BackendLegacy} {
+		t.Run("iptables-"+b.String(), func(t *testing.T) {
+			o := iptables.Options{Backend: b}
+			if _, err := o.Apply(context.Background(), pod.NetNSPath, cfg); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				if err := o.Cleanup(context.Background(), pod.NetNSPath); err != nil {
+					t.Error(err)
+				}
+			})
+			ha := startHAProxy(t, pod, 15006, config)
+			res := pod.Net.Dial(t, testpod.Target{Dst: dst})[0]
+			if len(res.Hops) != 0 {
+				t.Errorf("remote -> %s: haproxy forwarded it somewhere after all: %+v", dst, res)
+			}
+			want := fmt.Sprintf("dst=%s:15006 server=-:-", pod.Addr6)
+			if got := haproxyLog(t, ha, 1); len(got) != 1 || got[0] != want {
+				t.Errorf("haproxy logged %q, want %q", got, want)
+			}
 		})
 	}
 }

@@ -36,7 +36,7 @@ func TestHAProxyTransparentProxy(t *testing.T) {
 	att := divertest.Attach(t, pod, divertest.BPFFS(t), divertest.Config(t))
 	pod.Net.Server(t, "remote", netip.AddrPortFrom(anyAddr, 80))
 
-	startHAProxy(t, pod, `global
+	startHAProxy(t, pod, 15001, `global
   maxconn 100
 defaults
   mode tcp
