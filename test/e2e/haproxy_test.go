@@ -76,7 +76,8 @@ defaults
 // sock_get_dst, in 2.6 as in 3.x). So after istio's REDIRECT to [::1]:15001 it reads
 // [::1]:15001, itself. The same happens under istio's ip6tables rules (the oracle) as
 // under divert, while IPv4 from the same dual-stack pod lands on its server: this is
-// HAProxy's limit, not the capture's (docs/semantics.md).
+// HAProxy's limit, not the capture's (docs/semantics.md). A HAProxy that asks fails this
+// test: then it works outbound too, and the docs should say so.
 func TestHAProxyIPv6ReadsOnlyItsOwnAddress(t *testing.T) {
 	pod := testpod.NewStack(t, testpod.DualStack)
 	pod.Net.Server(t, "remote", ap(any6, 80)) // dual-stack: both families
