@@ -53,6 +53,7 @@ func TestNodeMode(t *testing.T) {
 		{"dns/captured", func(t *testing.T) { dnsRows(t, dnsCase{nodeDNS, "istio-proxy", true, true}) }},
 		{"dns/not-captured", func(t *testing.T) { dnsRows(t, dnsCase{nodeMesh, "proxy", false, true}) }},
 		{"native-sidecar/non-1337-uid", nodeNativeSidecar},
+		{"dual-stack", nodeDualStack},
 		{"unmeshed/untouched", nodeUnmeshedUntouched},
 		{"metrics", nodeMetrics},
 		{"agent-restart-no-escape", nodeAgentRestart},

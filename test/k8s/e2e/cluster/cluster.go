@@ -33,18 +33,24 @@ import (
 
 // Fixed parameters of the cluster. Ports are off the usual defaults so a development
 // machine's own etcd or apiserver does not collide; the pod CIDR is a /24 on one bridge.
+// The cluster is dual-stack, IPv4 first (every .status.podIP stays IPv4): pods get an
+// IPv6 address too, from unique local ranges (fd00::/8) that do not overlap the host's
+// own, and Services may have an IPv6 ClusterIP.
 const (
-	NodeName    = "divert-e2e"
-	PodCIDR     = "10.244.0.0/24"
-	PodGateway  = "10.244.0.1"
-	ServiceCIDR = "10.96.0.0/16"
-	Bridge      = "dvt-k8s0"
-	CNINetwork  = "divert-e2e"
-	APIPort     = 16443
-	etcdClient  = 12379
-	etcdPeer    = 12380
-	lockFile    = "/run/lock/divert-k8s-e2e.lock"
-	cniResults  = "/var/lib/cni/results"
+	NodeName     = "divert-e2e"
+	PodCIDR      = "10.244.0.0/24"
+	PodGateway   = "10.244.0.1"
+	ServiceCIDR  = "10.96.0.0/16"
+	PodCIDR6     = "fd00:10:244::/64"
+	PodGateway6  = "fd00:10:244::1"
+	ServiceCIDR6 = "fd00:10:96::/112"
+	Bridge       = "dvt-k8s0"
+	CNINetwork   = "divert-e2e"
+	APIPort      = 16443
+	etcdClient   = 12379
+	etcdPeer     = 12380
+	lockFile     = "/run/lock/divert-k8s-e2e.lock"
+	cniResults   = "/var/lib/cni/results"
 	// The kubelet always links container logs into /var/log/containers (not configurable).
 	containerLogLinks = "/var/log/containers"
 )
@@ -469,7 +475,7 @@ func (c *Cluster) startAll(ctx context.Context) error {
 		"--bind-address", "0.0.0.0",
 		"--secure-port", strconv.Itoa(APIPort),
 		"--advertise-address", c.NodeIP,
-		"--service-cluster-ip-range", ServiceCIDR,
+		"--service-cluster-ip-range", ServiceCIDR+","+ServiceCIDR6,
 		"--client-ca-file", filepath.Join(pki, "ca.crt"),
 		"--tls-cert-file", filepath.Join(pki, "apiserver.crt"),
 		"--tls-private-key-file", filepath.Join(pki, "apiserver.key"),
@@ -505,6 +511,10 @@ func (c *Cluster) startAll(ctx context.Context) error {
 		"--service-account-private-key-file", filepath.Join(pki, "sa.key"),
 		"--root-ca-file", filepath.Join(pki, "ca.crt"),
 		"--cluster-name", NodeName,
+		// Dual-stack as the apiserver; no --allocate-node-cidrs: host-local IPAM has the
+		// ranges (configs.go), so the cluster CIDR only has to agree with them.
+		"--service-cluster-ip-range", ServiceCIDR+","+ServiceCIDR6,
+		"--cluster-cidr", PodCIDR+","+PodCIDR6,
 		"--profiling=false",
 	); err != nil {
 		return err
@@ -653,7 +663,7 @@ func (c *Cluster) teardown() error {
 	add(unmountAll(c.State))
 	add(deleteLink(Bridge))
 	add(c.cleanupProxy())
-	add(restoreIptables(c.rec.IPTables, PodCIDR, Bridge, c.logf))
+	add(restoreIptables(c.rec.IPTables, []string{PodCIDR, PodCIDR6, Bridge}, c.logf))
 	add(restoreNFTables(c.rec.NFTables, c.logf))
 	add(restoreSysctls(c.rec.Sysctls, c.logf))
 	// Files the run left outside the state directory.

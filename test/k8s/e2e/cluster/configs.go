@@ -138,9 +138,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 		c.CNIBinDir, c.CNIConfDir, c.path("runc"))
 }
 
-// cniConfig is a plain bridge with host-local addresses. isGateway gives pods a route to
-// the host (and sets ip_forward, restored at teardown); no ipMasq, so the plugin writes no
-// iptables rules: pods only talk to each other and to the host.
+// cniConfig is a plain bridge with host-local addresses, one range per family (IPv4
+// first: the kubelet lists the node's family first anyway). isGateway gives pods a route
+// to the host in each family (and sets ip_forward and net.ipv6.conf.all.forwarding,
+// restored at teardown); no ipMasq, so the plugin writes no iptables rules: pods only
+// talk to each other and to the host.
 func (c *Cluster) cniConfig() string {
 	return fmt.Sprintf(`{
   "cniVersion": "1.0.0",
@@ -155,13 +157,13 @@ func (c *Cluster) cniConfig() string {
       "ipam": {
         "type": "host-local",
         "dataDir": %q,
-        "ranges": [[{"subnet": %q, "gateway": %q}]],
-        "routes": [{"dst": "0.0.0.0/0"}]
+        "ranges": [[{"subnet": %q, "gateway": %q}], [{"subnet": %q, "gateway": %q}]],
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]
       }
     }
   ]
 }
-`, CNINetwork, Bridge, c.path("cni", "ipam"), PodCIDR, PodGateway)
+`, CNINetwork, Bridge, c.path("cni", "ipam"), PodCIDR, PodGateway, PodCIDR6, PodGateway6)
 }
 
 // kubeletConfig: cgroupfs because /sys/fs/cgroup is a tmpfs (cgroup v1 layout) and there

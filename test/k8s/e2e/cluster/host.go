@@ -155,7 +155,7 @@ func sysctlName(p string) string {
 
 // iptables: the host's tables are recorded before the cluster starts; afterwards, rules and
 // chains that appeared and belong to the cluster (KUBE-*/CNI-* chains, or rules naming the
-// pod CIDR or the bridge) are removed. Changes someone else made meanwhile are reported and
+// pod CIDRs or the bridge) are removed. Changes someone else made meanwhile are reported and
 // left alone. IPv6 too: kube-proxy sets up both families where the kernel has them.
 var iptablesVariants = []string{"nft", "legacy", "nft6", "legacy6"}
 
@@ -195,12 +195,13 @@ func parseSave(dump string) (chains, rules map[string][]string) {
 
 var builtinChains = map[string]bool{"PREROUTING": true, "INPUT": true, "FORWARD": true, "OUTPUT": true, "POSTROUTING": true}
 
-func ours(s, podCIDR, bridge string) bool {
+// ours: a KUBE-/CNI- chain, or a rule naming one of names (the pod CIDRs, the bridge).
+func ours(s string, names []string) bool {
 	return strings.Contains(s, "KUBE-") || strings.Contains(s, "CNI-") ||
-		strings.Contains(s, podCIDR) || strings.Contains(s, bridge)
+		slices.ContainsFunc(names, func(n string) bool { return strings.Contains(s, n) })
 }
 
-func restoreIptables(before map[string]string, podCIDR, bridge string, logf func(string, ...any)) error {
+func restoreIptables(before map[string]string, names []string, logf func(string, ...any)) error {
 	var errs []error
 	for _, v := range iptablesVariants {
 		now, err := iptablesSave(v)
@@ -218,7 +219,7 @@ func restoreIptables(before map[string]string, podCIDR, bridge string, logf func
 					br[table] = slices.Delete(slices.Clone(br[table]), i, i+1)
 					continue
 				}
-				if ours(r, podCIDR, bridge) {
+				if ours(r, names) {
 					dels = append(dels, "-D "+strings.TrimPrefix(r, "-A "))
 				} else {
 					logf("iptables-%s: rule %q appeared during the run and is not the cluster's; left alone", v, r)
@@ -229,7 +230,7 @@ func restoreIptables(before map[string]string, podCIDR, bridge string, logf func
 				if slices.Contains(bc[table], c) || builtinChains[c] {
 					continue // built-in chains come with a table iptables-nft made: restoreNFTables
 				}
-				if ours(c, podCIDR, bridge) {
+				if ours(c, names) {
 					flush, drop = append(flush, "-F "+c), append(drop, "-X "+c)
 				} else {
 					logf("iptables-%s: chain %s appeared during the run and is not the cluster's; left alone", v, c)

@@ -36,7 +36,7 @@ mode: %s
 clientConnection:
   kubeconfig: %s
 hostnameOverride: %s
-clusterCIDR: %s
+clusterCIDR: %s,%s
 healthzBindAddress: 127.0.0.1:%d
 metricsBindAddress: 127.0.0.1:%d
 nodePortAddresses: ["primary"]
@@ -46,7 +46,7 @@ conntrack:
   tcpCloseWaitTimeout: 0s
 iptables:
   localhostNodePorts: false
-`, mode, c.path("kube-proxy.kubeconfig"), NodeName, PodCIDR, proxyHealthz, proxyMetrics)
+`, mode, c.path("kube-proxy.kubeconfig"), NodeName, PodCIDR, PodCIDR6, proxyHealthz, proxyMetrics)
 }
 
 // ProxyMode is the mode kube-proxy runs in now.
@@ -142,6 +142,7 @@ func serviceRoute() error {
 		{"link", "add", Bridge, "type", "bridge"},
 		{"link", "set", Bridge, "up"},
 		{"route", "add", ServiceCIDR, "dev", Bridge},
+		{"-6", "route", "add", ServiceCIDR6, "dev", Bridge},
 	} {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))

@@ -1,0 +1,221 @@
+package e2e
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+// Dual stack (issue 15 item 6): the cluster gives every pod an IPv4 and an IPv6 address
+// (cluster.PodCIDR6), IPv4 first. A pod with ISTIO_DUAL_STACK=true (the mesh's
+// proxyMetadata, which Istio's injector puts into istio-init's and istio-proxy's
+// environment) is captured in both families; its proxy listens on 0.0.0.0 and [::] (IPv6
+// only), as Envoy does in dual stack, and forwards inbound from 127.0.0.6 or ::6.
+const (
+	dsPlain = "ds-plain" // unmeshed, [::]:8080 (dual-stack socket)
+	dsEBPF  = "ds-ebpf"  // divert as istio-init, Istio's template, eBPF
+	dsIpt   = "ds-ipt"   // the same with --mode iptables: istio's ip6tables rules
+	nodeDS  = "node-ds"  // node mode: no divert container (node_test.go)
+)
+
+// ips6 holds the dual-stack pods' IPv6 addresses (.status.podIPs[1]).
+var ips6 = map[string]string{}
+
+func addr6(pod, port string) string {
+	return netip.AddrPortFrom(netip.MustParseAddr(ips6[pod]), mustPort(port)).String()
+}
+
+func mustPort(p string) uint16 {
+	ap := netip.MustParseAddrPort("0.0.0.0:" + p)
+	return ap.Port()
+}
+
+// dsProxy is the proxy of a dual-stack pod: IPv4 and IPv6-only listeners on both ports,
+// one inbound passthrough source per family.
+func dsProxy(ctrName, name string) obj {
+	c := container(ctrName, proxyUID, "proxy", "--name", name+"-proxy", "--mode", "forward",
+		"--inbound-src", "127.0.0.6", "--inbound-src", "::6", "--v6only",
+		"--listen", "0.0.0.0:"+outboundPrt, "--listen", "0.0.0.0:"+inboundPrt,
+		"--listen", "[::]:"+outboundPrt, "--listen", "[::]:"+inboundPrt)
+	setEnv(c, "ISTIO_DUAL_STACK", "true")
+	return c
+}
+
+// dsApp listens on a dual-stack [::] socket: IPv4 peers show as ::ffff:a.b.c.d.
+func dsApp(name string) obj {
+	return container("app", appUID, "server", "--name", name+"-app", "--listen", "[::]:"+appPort)
+}
+
+// dsInitPod is meshedPod (Istio's template) with ISTIO_DUAL_STACK=true in istio-init's
+// environment and the dual-stack proxy and app.
+func dsInitPod(name string, b backend) obj {
+	p := meshedPod(name, b, istioTemplate, outboundPrt, suite.c.BPFFS)
+	spec := p["spec"].(obj)
+	setEnv(spec["initContainers"].([]obj)[0], "ISTIO_DUAL_STACK", "true")
+	spec["containers"] = []obj{dsProxy("proxy", name), dsApp(name)}
+	return p
+}
+
+// podIPs fills suite.ips and ips6 for the pods and fails unless each has one address per
+// family, IPv4 first (.status.podIP unchanged by dual stack).
+func podIPs(t *testing.T, pods ...string) {
+	t.Helper()
+	out, err := suite.c.Kubectl(ctx, append([]string{"get", "pods", "-n", namespace, "-o",
+		`jsonpath={range .items[*]}{.metadata.name}={.metadata.uid}={range .status.podIPs[*]}{.ip},{end}{"\n"}{end}`}, pods...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Fields(out) {
+		f := strings.Split(l, "=")
+		ips := strings.Split(strings.TrimSuffix(f[2], ","), ",")
+		if len(ips) != 2 || !netip.MustParseAddr(ips[0]).Is4() || !netip.MustParseAddr(ips[1]).Is6() {
+			t.Fatalf("%s has pod IPs %v, want IPv4 then IPv6", f[0], ips)
+		}
+		suite.ips[f[0]], suite.uids[f[0]], ips6[f[0]] = ips[0], f[1], ips[1]
+	}
+}
+
+// TestDualStack: init-container pods captured in both families, over IPv6 through both
+// sidecars.
+func TestDualStack(t *testing.T) {
+	steps := []struct {
+		name string
+		fn   func(t *testing.T)
+	}{
+		{"pods-start", dsPodsUp},
+		{"ebpf/outbound-ipv6", func(t *testing.T) { outbound6(t, dsEBPF) }},
+		{"ebpf/inbound-ipv6", func(t *testing.T) { inbound6(t, dsEBPF, addr6(dsEBPF, appPort)) }},
+		{"ebpf/outbound-ipv4", func(t *testing.T) { outbound(t, dsEBPF) }},
+		{"ebpf/inbound-ipv4", func(t *testing.T) { inbound4DS(t, dsEBPF, addr(dsEBPF, appPort)) }},
+		{"iptables/outbound-ipv6", func(t *testing.T) { outbound6(t, dsIpt) }},
+		{"iptables/inbound-ipv6", func(t *testing.T) { inbound6(t, dsIpt, addr6(dsIpt, inboundPrt)) }},
+		{"iptables/outbound-ipv4", func(t *testing.T) { outbound(t, dsIpt) }},
+		{"iptables/inbound-ipv4", func(t *testing.T) { inbound4DS(t, dsIpt, addr(dsIpt, inboundPrt)) }},
+		{"mesh-ipv6/ds-ebpf->ds-ipt", func(t *testing.T) { mesh6(t, dsEBPF, dsIpt) }},
+		{"mesh-ipv6/ds-ipt->ds-ebpf", func(t *testing.T) { mesh6(t, dsIpt, dsEBPF) }},
+	}
+	for _, s := range steps {
+		if !t.Run(s.name, s.fn) && s.name == "pods-start" {
+			t.Fatal("the dual-stack pods did not start")
+		}
+	}
+}
+
+func dsPodsUp(t *testing.T) {
+	r := scenario(t)
+	plain := pod(dsPlain, map[string]string{"app": dsPlain}, obj{"containers": []obj{
+		container("app", appUID, "server", "--name", dsPlain, "--listen", "[::]:"+appPort)}})
+	if _, err := suite.c.KubectlIn(ctx, list(plain, dsInitPod(dsEBPF, ebpf), dsInitPod(dsIpt, iptables)), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	names := []string{dsPlain, dsEBPF, dsIpt}
+	if _, err := suite.c.Kubectl(ctx, append([]string{"wait", "-n", namespace, "--for=condition=Ready", "pod", "--timeout=120s"}, names...)...); err != nil {
+		t.Fatalf("%v\n%s", err, suite.describe())
+	}
+	podIPs(t, names...)
+	for p, ctrs := range map[string][]string{dsPlain: {"app"}, dsEBPF: {"proxy", "app"}, dsIpt: {"proxy", "app"}} {
+		for _, ctr := range ctrs {
+			if err := waitListening(p, ctr); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// istio-init says which families it captured and why (cmd/divert/family.go).
+	for _, p := range []string{dsEBPF, dsIpt} {
+		logs, err := suite.c.Kubectl(ctx, "logs", "-n", namespace, p, "-c", "istio-init")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(logs, "dual stack, the pod has an IPv6 address") {
+			t.Fatalf("%s's istio-init does not say it captures IPv6 (dual stack):\n%s", p, tailLines(logs, 20))
+		}
+	}
+	r.note("%s %s/%s, %s %s/%s", dsEBPF, suite.ips[dsEBPF], ips6[dsEBPF], dsIpt, suite.ips[dsIpt], ips6[dsIpt])
+}
+
+// outbound6: the app's native IPv6 connect() lands on the proxy's [::]:15001 listener
+// (captured to [::1]), which reads the IPv6 original destination (IP6T_SO_ORIGINAL_DST)
+// and reaches the server.
+func outbound6(t *testing.T, meshed string) {
+	r := scenario(t)
+	expect(t, r, meshed, "app", addr6(dsPlain, appPort),
+		want{who: meshed + "-proxy", listener: "[::]:" + outboundPrt, orig: addr6(dsPlain, appPort)},
+		want{who: dsPlain, peerIP: ips6[meshed]})
+}
+
+// inbound6: IPv6 from outside to the app's port lands on [::]:15006 with the original
+// destination kept; the proxy forwards from ::6 (not captured again). local tells the
+// backend as for IPv4 (sk_lookup: the original destination; REDIRECT: [pod IPv6]:15006).
+func inbound6(t *testing.T, meshed, local string) {
+	r := scenario(t)
+	expect(t, r, dsPlain, "app", addr6(meshed, appPort),
+		want{who: meshed + "-proxy", listener: "[::]:" + inboundPrt, orig: addr6(meshed, appPort), local: local, peerIP: ips6[dsPlain]},
+		want{who: meshed + "-app", peerIP: "::6"})
+}
+
+// inbound4DS is inbound for a dual-stack pod: the app's [::] socket sees the proxy's
+// 127.0.0.6 as a v4-mapped address.
+func inbound4DS(t *testing.T, meshed, local string) {
+	r := scenario(t)
+	expect(t, r, plainName, "app", addr(meshed, appPort),
+		want{who: meshed + "-proxy", listener: "0.0.0.0:" + inboundPrt, orig: addr(meshed, appPort), local: local},
+		want{who: meshed + "-app", peerIP: "::ffff:127.0.0.6"})
+}
+
+// mesh6: pod to pod over IPv6 through both sidecars.
+func mesh6(t *testing.T, from, to string) {
+	r := scenario(t)
+	expect(t, r, from, "app", addr6(to, appPort),
+		want{who: from + "-proxy", listener: "[::]:" + outboundPrt, orig: addr6(to, appPort)},
+		want{who: to + "-proxy", listener: "[::]:" + inboundPrt, orig: addr6(to, appPort), peerIP: ips6[from]},
+		want{who: to + "-app", peerIP: "::6"})
+}
+
+// nodeDualStack: node mode captures a pod with ISTIO_DUAL_STACK=true in its istio-proxy
+// container (as istio-cni reads it) in both families.
+func nodeDualStack(t *testing.T) {
+	steps := []struct {
+		name string
+		fn   func(t *testing.T)
+	}{
+		{"pod-starts", nodeDSUp},
+		{"outbound-ipv6", func(t *testing.T) { outbound6(t, nodeDS) }},
+		{"inbound-ipv6", func(t *testing.T) { inbound6(t, nodeDS, addr6(nodeDS, appPort)) }},
+		{"outbound-ipv4", func(t *testing.T) { outbound(t, nodeDS) }},
+		{"mesh-ipv6/node-ds->ds-ipt", func(t *testing.T) { mesh6(t, nodeDS, dsIpt) }},
+		{"mesh-ipv6/ds-ebpf->node-ds", func(t *testing.T) { mesh6(t, dsEBPF, nodeDS) }},
+		// Gone before the agent restart and uninstall rows, which count what it captures.
+		{"pod-deleted", func(t *testing.T) {
+			if _, err := suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, nodeDS, "--wait=true", "--timeout=60s"); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	}
+	for _, s := range steps {
+		if !t.Run(s.name, s.fn) && s.name == "pod-starts" {
+			t.Fatal("node-ds did not start")
+		}
+	}
+}
+
+func nodeDSUp(t *testing.T) {
+	r := scenario(t)
+	if ips6[dsPlain] == "" || ips6[dsEBPF] == "" || ips6[dsIpt] == "" {
+		t.Fatal("TestDualStack's pods are not up (run it before TestNodeMode: -run 'TestDualStack|TestNodeMode')")
+	}
+	p := pod(nodeDS, map[string]string{"app": nodeDS}, obj{"containers": []obj{dsProxy("istio-proxy", nodeDS), dsApp(nodeDS)}})
+	p["metadata"].(obj)["annotations"] = map[string]string{"sidecar.istio.io/status": `{"containers":["istio-proxy"]}`}
+	if _, err := suite.c.KubectlIn(ctx, list(p), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", nodeDS, "--timeout=120s"); err != nil {
+		t.Fatalf("%v\n%s", err, suite.describe())
+	}
+	podIPs(t, nodeDS)
+	for _, ctr := range []string{"istio-proxy", "app"} {
+		if err := waitListening(nodeDS, ctr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.note("%s %s/%s; agent: %s", nodeDS, suite.ips[nodeDS], ips6[nodeDS], pinState(t, nodeDS, true))
+}
