@@ -65,7 +65,8 @@ func ensurePackages(logf func(string, ...any)) error {
 }
 
 // sysctlRoots are the host settings a cluster may change: the CNI bridge plugin turns on
-// ip_forward, and the kubelet sets vm.overcommit_memory, vm.panic_on_oom, kernel.panic,
+// ip_forward and net.ipv6.conf.all.forwarding (which sets every interface's; the host's
+// interfaces are recorded too, see sysctlDirs), and the kubelet sets vm.overcommit_memory, vm.panic_on_oom, kernel.panic,
 // kernel.panic_on_oops and kernel.keys.* at start. Only files that are both readable and
 // writable are recorded, and only those that differ afterwards are written back.
 var sysctlRoots = []struct {
@@ -113,6 +114,18 @@ func snapshotSysctls() map[string]string {
 			vals[p] = strings.TrimSpace(string(b))
 		}
 	}
+	// Writing conf/all/forwarding (ip_forward for IPv4) rewrites every interface's, and
+	// putting all back need not put an interface's own value back: record the host's
+	// interfaces' forwarding too (only that: other engineers' veths come and go).
+	ifs, _ := filepath.Glob("/proc/sys/net/ipv[46]/conf/*/forwarding")
+	for _, p := range ifs {
+		if d := filepath.Base(filepath.Dir(p)); d == "all" || d == "default" {
+			continue
+		}
+		if b, err := os.ReadFile(p); err == nil {
+			vals[p] = strings.TrimSpace(string(b))
+		}
+	}
 	return vals
 }
 
@@ -123,11 +136,22 @@ func restoreSysctls(before map[string]string, logf func(string, ...any)) error {
 	for k := range before {
 		keys = append(keys, k)
 	}
-	// ip_forward first: writing it resets conf/*/forwarding, which are then restored after.
+	// ip_forward first, then conf/all, then conf/default: each rewrites what follows it
+	// (conf/*/forwarding), which is then restored after.
+	rank := func(k string) int {
+		switch {
+		case strings.HasSuffix(k, "/ip_forward"):
+			return 0
+		case strings.Contains(k, "/conf/all/"):
+			return 1
+		case strings.Contains(k, "/conf/default/"):
+			return 2
+		}
+		return 3
+	}
 	sort.Slice(keys, func(i, j int) bool {
-		fi, fj := strings.HasSuffix(keys[i], "/ip_forward"), strings.HasSuffix(keys[j], "/ip_forward")
-		if fi != fj {
-			return fi
+		if ri, rj := rank(keys[i]), rank(keys[j]); ri != rj {
+			return ri < rj
 		}
 		return keys[i] < keys[j]
 	})
