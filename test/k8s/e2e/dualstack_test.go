@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -60,19 +61,33 @@ func dsInitPod(name string, b backend) obj {
 // family, IPv4 first (.status.podIP unchanged by dual stack).
 func podIPs(t *testing.T, pods ...string) {
 	t.Helper()
-	out, err := suite.c.Kubectl(ctx, append([]string{"get", "pods", "-n", namespace, "-o",
-		`jsonpath={range .items[*]}{.metadata.name}={.metadata.uid}={range .status.podIPs[*]}{.ip},{end}{"\n"}{end}`}, pods...)...)
+	// The whole namespace: kubectl get of one named pod prints a Pod, not a List.
+	out, err := suite.c.Kubectl(ctx, "get", "pods", "-n", namespace, "-o",
+		`jsonpath={range .items[*]}{.metadata.name}={.metadata.uid}={range .status.podIPs[*]}{.ip},{end}{"\n"}{end}`)
 	if err != nil {
 		t.Fatal(err)
 	}
+	found := 0
 	for _, l := range strings.Fields(out) {
 		f := strings.Split(l, "=")
+		if !slices.Contains(pods, f[0]) {
+			continue
+		}
+		found++
 		ips := strings.Split(strings.TrimSuffix(f[2], ","), ",")
-		if len(ips) != 2 || !netip.MustParseAddr(ips[0]).Is4() || !netip.MustParseAddr(ips[1]).Is6() {
+		if len(ips) != 2 || !isFamily(ips[0], false) || !isFamily(ips[1], true) {
 			t.Fatalf("%s has pod IPs %v, want IPv4 then IPv6", f[0], ips)
 		}
 		suite.ips[f[0]], suite.uids[f[0]], ips6[f[0]] = ips[0], f[1], ips[1]
 	}
+	if found != len(pods) {
+		t.Fatalf("found %d of the pods %v:\n%s", found, pods, out)
+	}
+}
+
+func isFamily(ip string, six bool) bool {
+	a, err := netip.ParseAddr(ip)
+	return err == nil && a.Is6() == six
 }
 
 // TestDualStack: init-container pods captured in both families, over IPv6 through both
@@ -93,6 +108,7 @@ func TestDualStack(t *testing.T) {
 		{"iptables/inbound-ipv4", func(t *testing.T) { inbound(t, dsIpt, addr(dsIpt, inboundPrt)) }},
 		{"mesh-ipv6/ds-ebpf->ds-ipt", func(t *testing.T) { mesh6(t, dsEBPF, dsIpt) }},
 		{"mesh-ipv6/ds-ipt->ds-ebpf", func(t *testing.T) { mesh6(t, dsIpt, dsEBPF) }},
+		{"mesh-a/ipv6-not-captured-without-dual-stack", ipv6NotCaptured},
 	}
 	for _, s := range steps {
 		if !t.Run(s.name, s.fn) && s.name == "pods-start" {
@@ -112,7 +128,7 @@ func dsPodsUp(t *testing.T) {
 	if _, err := suite.c.Kubectl(ctx, append([]string{"wait", "-n", namespace, "--for=condition=Ready", "pod", "--timeout=120s"}, names...)...); err != nil {
 		t.Fatalf("%v\n%s", err, suite.describe())
 	}
-	podIPs(t, names...)
+	podIPs(t, append(names, meshA)...)
 	for p, ctrs := range map[string][]string{dsPlain: {"app"}, dsEBPF: {"proxy", "app"}, dsIpt: {"proxy", "app"}} {
 		for _, ctr := range ctrs {
 			if err := waitListening(p, ctr); err != nil {
@@ -151,6 +167,14 @@ func inbound6(t *testing.T, meshed, local string) {
 	expect(t, r, dsPlain, "app", addr6(meshed, appPort),
 		want{who: meshed + "-proxy", listener: "[::]:" + inboundPrt, orig: addr6(meshed, appPort), local: local, peerIP: ips6[dsPlain]},
 		want{who: meshed + "-app", peerIP: "::6"})
+}
+
+// ipv6NotCaptured: mesh-a has an IPv6 address too but no ISTIO_DUAL_STACK, so istio
+// decides it IPv4-only (docs/semantics.md) and so does divert: its app's IPv6 connection
+// goes straight to the server, past the proxy.
+func ipv6NotCaptured(t *testing.T) {
+	r := scenario(t)
+	expect(t, r, meshA, "app", addr6(dsPlain, appPort), want{who: dsPlain, peerIP: ips6[meshA]})
 }
 
 // mesh6: pod to pod over IPv6 through both sidecars.
