@@ -154,6 +154,11 @@ func Up(ctx context.Context, cfg Config, bins Binaries) (_ *Cluster, err error) 
 		CNIConfDir:     filepath.Join(state, "cni", "net.d"),
 		NetNSDir:       filepath.Join(state, "containerd", "state", "io.containerd.grpc.v1.cri", "netns"),
 	}
+	// Descriptors this process inherited without close-on-exec (flock(1)'s lock on
+	// /tmp/divert-e2e.lock) would be inherited by every component: after a crash that skips
+	// Down, the left-over cluster would hold the caller's lock and the next run, which
+	// would tear it down, could never take it. Best effort (Linux 5.11+).
+	_ = unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
 	if c.lock, err = takeLock(ctx, c.logf); err != nil {
 		return nil, err
 	}
