@@ -110,10 +110,11 @@ func handBackPod(ctx context.Context, id string, o HandBackOptions) (r HandBackR
 		return r
 	}
 	for _, a := range addrs {
-		if a.Is6() && !a.Is4In6() && !a.IsLoopback() && !a.IsLinkLocalUnicast() {
-			// The maps hold the IPv4 policy only (eBPF captures IPv4-only pods): the
-			// IPv6 rules istio would write for this pod are not known here.
-			r.Err = fmt.Errorf("pod %s has IPv6 address %s, whose policy its maps do not hold; restart it with istio-init instead", id, a)
+		// A pod with an IPv6 address whose policy is IPv4-only (a dual-stack pod without
+		// dual stack) gets IPv4 rules only from istio too, so the maps hold all of it.
+		// Handing back a policy that captures IPv6 is not proven yet: refused.
+		if cfg.IPv6 && a.Is6() && !a.Is4In6() && !a.IsLoopback() && !a.IsLinkLocalUnicast() {
+			r.Err = fmt.Errorf("pod %s has IPv6 address %s and its policy captures IPv6, which to-iptables does not hand back yet; restart it with istio-init instead", id, a)
 			return r
 		}
 	}
