@@ -307,28 +307,7 @@ func nodeExcludeInterfacesRefused(t *testing.T) {
 	t.Cleanup(func() {
 		suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, name, "--wait=false")
 	})
-	var msg string
-	if err := suite.c.WaitFor(ctx, name+"'s sandbox refused by divert-cni", 60*time.Second, func() error {
-		out, err := suite.c.Kubectl(ctx, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name="+name,
-			"-o", `jsonpath={range .items[*]}{.reason}: {.message}{"\n"}{end}`)
-		if err != nil {
-			return err
-		}
-		for _, l := range strings.Split(out, "\n") {
-			if strings.HasPrefix(l, "FailedCreatePodSandBox") && strings.Contains(l, "traffic.sidecar.istio.io/excludeInterfaces") {
-				msg = l
-				return nil
-			}
-		}
-		return fmt.Errorf("no FailedCreatePodSandBox event naming the annotation yet: %s", tailLines(out, 3))
-	}); err != nil {
-		t.Fatal(err)
-	}
-	phase, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, name, "-o", "jsonpath={.status.phase}")
-	if err != nil || phase != "Pending" {
-		t.Fatalf("%s: phase %q (%v), want Pending: the agent refuses what it cannot capture", name, phase, err)
-	}
-	_, rest, _ := strings.Cut(msg, "divert: ")
+	rest := sandboxRefused(t, name, "traffic.sidecar.istio.io/excludeInterfaces")
 	r.note("Pending, event: divert: %s", rest)
 }
 
@@ -608,29 +587,38 @@ func nodeAgentDownFailsClosed(t *testing.T) {
 	if _, err := suite.c.KubectlIn(ctx, list(nodePod(nodeLate, true, map[string]string{})), "apply", "-f", "-"); err != nil {
 		t.Fatal(err)
 	}
+	rest := sandboxRefused(t, nodeLate, "not captured")
+	r.note("still chained; Pending, event: divert: %s", rest)
+}
+
+// sandboxRefused waits until the runtime reports divert-cni's refusal of name's sandbox
+// (a FailedCreatePodSandBox event containing want), checks that the pod stays Pending,
+// and returns the event's text after "divert: ".
+func sandboxRefused(t *testing.T, name, want string) string {
+	t.Helper()
 	var msg string
-	if err := suite.c.WaitFor(ctx, nodeLate+"'s sandbox refused by divert-cni", 60*time.Second, func() error {
-		out, err := suite.c.Kubectl(ctx, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name="+nodeLate,
+	if err := suite.c.WaitFor(ctx, name+"'s sandbox refused by divert-cni", 60*time.Second, func() error {
+		out, err := suite.c.Kubectl(ctx, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name="+name,
 			"-o", `jsonpath={range .items[*]}{.reason}: {.message}{"\n"}{end}`)
 		if err != nil {
 			return err
 		}
 		for _, l := range strings.Split(out, "\n") {
-			if strings.HasPrefix(l, "FailedCreatePodSandBox") && strings.Contains(l, "not captured") {
+			if strings.HasPrefix(l, "FailedCreatePodSandBox") && strings.Contains(l, want) {
 				msg = l
 				return nil
 			}
 		}
-		return fmt.Errorf("no FailedCreatePodSandBox event from divert-cni yet: %s", tailLines(out, 3))
+		return fmt.Errorf("no FailedCreatePodSandBox event with %q yet: %s", want, tailLines(out, 3))
 	}); err != nil {
 		t.Fatal(err)
 	}
-	phase, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, nodeLate, "-o", "jsonpath={.status.phase}")
+	phase, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, name, "-o", "jsonpath={.status.phase}")
 	if err != nil || phase != "Pending" {
-		t.Fatalf("%s: phase %q (%v), want Pending while the agent is down", nodeLate, phase, err)
+		t.Fatalf("%s: phase %q (%v), want Pending: divert-cni refused its sandbox", name, phase, err)
 	}
 	_, rest, _ := strings.Cut(msg, "divert: ")
-	r.note("still chained; Pending, event: divert: %s", rest)
+	return rest
 }
 
 // waitNoAgent waits until no agent pod exists.
