@@ -152,7 +152,7 @@ func Config(pod *corev1.Pod, defaults policy.Config) (policy.Config, []string, e
 		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s %s: %w", pod.Namespace, pod.Name, culprit(args, sources, defaults), err)
 	}
 	if err := checkPolicy(&cfg); err != nil {
-		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s not captured: %s asks for what eBPF cannot do (%w); node mode has no iptables fallback: "+
+		return policy.Config{}, warnings, fmt.Errorf("pod %s/%s: %s asks for what eBPF cannot do (%w); node mode has no iptables fallback: "+
 			"drop the setting, or capture this pod with divert as its init container (which falls back to istio's rules) or with Istio's own",
 			pod.Namespace, pod.Name, culprit(args, sources, defaults, checkPolicy), err)
 	}

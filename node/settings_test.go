@@ -48,7 +48,7 @@ func TestConfigProxyEnvSettings(t *testing.T) {
 		return nil
 	}
 	_, _, err = Config(withProxyEnv(pod(meshed, nil), corev1.EnvVar{Name: "ISTIO_OUTBOUND_OWNER_GROUPS", Value: "1000"}), policy.Default())
-	require.ErrorContains(t, err, "pod shop/web not captured: env ISTIO_OUTBOUND_OWNER_GROUPS of container istio-proxy asks for what eBPF cannot do ($ISTIO_OUTBOUND_OWNER_GROUPS: needs Linux 6.2 or later); node mode has no iptables fallback")
+	require.ErrorContains(t, err, "pod shop/web: env ISTIO_OUTBOUND_OWNER_GROUPS of container istio-proxy asks for what eBPF cannot do ($ISTIO_OUTBOUND_OWNER_GROUPS: needs Linux 6.2 or later); node mode has no iptables fallback")
 }
 
 // Interface annotations are what eBPF cannot do, and node mode has no iptables to fall back
