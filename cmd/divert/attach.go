@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/meshdivert/divert/internal/clierr"
 	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
@@ -57,13 +58,13 @@ policy in place and swaps in this build's programs without a gap in capture.`,
 			cfg.DecideIPv6(addrs)
 		}
 		if err := loader.Attach(cmd.Context(), pod, &cfg, opts); err != nil {
-			return incompatibleHint(capturedHint(err, pod), pod.ID)
+			return clierr.IncompatibleHint(capturedHint(err, pod), pod.ID)
 		}
 		if !opts.NoOutbound {
 			fmt.Fprintf(e.stdout, "attached %s: outbound TCP from cgroup %s now goes to port %d\n", pod.ID, pod.Cgroup, cfg.ProxyPort)
 		}
 		if !opts.NoInbound {
-			fmt.Fprintf(e.stdout, "attached %s: inbound TCP to ports %s of netns %s now goes to the listener on port %d\n", pod.ID, inboundPorts(&cfg), pod.NetNS, cfg.InboundCapturePort)
+			fmt.Fprintf(e.stdout, "attached %s: inbound TCP to ports %s of netns %s now goes to the listener on port %d\n", pod.ID, cfg.InboundPortsText(), pod.NetNS, cfg.InboundCapturePort)
 		}
 		return nil
 	}
@@ -122,22 +123,4 @@ func capturedHint(err error, pod loader.Pod) error {
 		fix = "detach the pod that holds it first (divert status --bpffs <its bpffs>)"
 	}
 	return fmt.Errorf("invalid --%s %q: %v; %s, or pass this pod's own %s", flag, value, ce, fix, flag)
-}
-
-// incompatibleHint adds the way out of pins this build cannot update (loader.ErrIncompatible).
-func incompatibleHint(err error, podID string) error {
-	if errors.Is(err, loader.ErrIncompatible) {
-		return fmt.Errorf("%w; run divert detach --pod-id %s first", err, podID)
-	}
-	return err
-}
-
-func inboundPorts(cfg *policy.Config) string {
-	if !cfg.InboundPorts.All {
-		return "[" + cfg.InboundPorts.String() + "]"
-	}
-	if len(cfg.InboundExcludes()) == 0 {
-		return "*"
-	}
-	return "* except " + policy.PortList{Ports: cfg.InboundExcludes()}.String()
 }

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"strings"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -133,7 +132,7 @@ verdicts under the same reason names:
 			where = "local: loopback or the pod's own address"
 		}
 		fmt.Fprintf(e.stdout, "connection: %s %s%s, to %s (%s)\n", direction, conn.Proto, ids, conn.Dst, where)
-		fmt.Fprintf(e.stdout, "policy:  %s: %s; pod addresses %v\n", from, strings.Join(quoteArgs(cfg.Args()), " "), local)
+		fmt.Fprintf(e.stdout, "policy:  %s: %s; pod addresses %v\n", from, cfg.CommandLine(), local)
 		v := cfg.Decide(conn)
 		fmt.Fprintf(e.stdout, "verdict: %s\n", v)
 		if v.Reason == policy.ReasonNone && conn.Proto == policy.UDP {

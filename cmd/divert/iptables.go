@@ -139,7 +139,7 @@ that divert's eBPF programs capture is refused: detach that pod first.`,
 		out := cmd.OutOrStdout()
 		families := "IPv4"
 		if res.IPv6 {
-			families = "IPv4 and IPv6 (" + ipv6Why(&cfg) + ")"
+			families = "IPv4 and IPv6 (" + cfg.IPv6Why() + ")"
 		}
 		if _, err := fmt.Fprintf(out, "iptables rules %s in %s (iptables-%s, %s mode, %s%s)\n",
 			state, netnsPath, res.Backend, cfg.Mode, families, route); err != nil {

@@ -2,12 +2,8 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/netip"
-	"os"
 	"os/user"
 	"path/filepath"
 	"strconv"
@@ -15,45 +11,26 @@ import (
 	"time"
 	"unicode"
 
-	"github.com/cilium/ebpf"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/meshdivert/divert/internal/cgroups"
 	"github.com/meshdivert/divert/iptables"
+	"github.com/meshdivert/divert/istioinit"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
-)
-
-// ownNetNS is the network namespace an init container shares with its pod.
-const ownNetNS = "/proc/self/ns/net"
-
-// forceNoEBPFEnv is a test hook: set to 1, the kernel probe fails, so auto mode's iptables
-// fallback can be exercised on a kernel that supports everything.
-const forceNoEBPFEnv = "DIVERT_TEST_FORCE_NO_EBPF"
-
-// The outside world of istio-iptables mode, replaced by in-process tests.
-var (
-	probeEBPF   = loader.Probe
-	checkPolicy = loader.CheckPolicy
-	findPod     = func(f cgroups.Finder) (cgroups.Found, error) { return f.Find() }
-	podAddrs    = net.InterfaceAddrs
-	lookupUser  = user.Lookup
-	// uidMapFile says whether this process is in a user namespace.
-	uidMapFile = "/proc/self/uid_map"
 )
 
 // Flag names of istio-iptables' flags that are not policy (see policy.Flag* for those).
 const (
 	flagDryRun              = "dry-run"
 	flagCleanupOnly         = "cleanup-only"
-	flagSkipRuleApply       = "skip-rule-apply"
+	flagSkipRuleApply       = istioinit.FlagSkipRuleApply
 	flagRunValidation       = "run-validation"
 	flagProbePort           = "iptables-probe-port"
 	flagProbeTimeout        = "probe-timeout"
 	flagReconcile           = "reconcile"
 	flagForceApply          = "force-apply"
-	flagNativeNftables      = "native-nftables"
+	flagNativeNftables      = istioinit.FlagNativeNftables
 	flagForceIptablesBinary = "force-iptables-binary"
 	flagTraceLogging        = "iptables-trace-logging"
 	flagCNIMode             = "cni-mode"
@@ -61,9 +38,9 @@ const (
 
 	// divert's own.
 	flagMode            = "mode"
-	flagCgroupRoot      = "cgroup-root"
-	flagCgroup          = "cgroup"
-	flagPodID           = "pod-id"
+	flagCgroupRoot      = istioinit.FlagCgroupRoot
+	flagCgroup          = istioinit.FlagCgroup
+	flagPodID           = istioinit.FlagPodID
 	flagBPFFS           = "bpffs"
 	flagIptablesBackend = "iptables-backend"
 )
@@ -193,36 +170,19 @@ func resolveIstioOpts(fs *pflag.FlagSet, getenv func(string) string) (istioSetti
 	return s, nil
 }
 
-// captureMode is --mode.
-type captureMode string
-
-const (
-	modeAuto     captureMode = "auto"
-	modeEBPF     captureMode = "ebpf"
-	modeIptables captureMode = "iptables"
-)
-
-func parseMode(s string) (captureMode, error) {
-	switch m := captureMode(strings.ToLower(strings.TrimSpace(s))); m {
-	case modeAuto, modeEBPF, modeIptables:
+func parseMode(s string) (istioinit.Mode, error) {
+	switch m := istioinit.Mode(strings.ToLower(strings.TrimSpace(s))); m {
+	case istioinit.ModeAuto, istioinit.ModeEBPF, istioinit.ModeIptables:
 		return m, nil
 	}
 	return "", fmt.Errorf("invalid --mode %q: use auto, ebpf or iptables", s)
 }
 
-// istioRun is one resolved invocation of istio-iptables mode.
+// istioRun is one invocation of istio-iptables mode, resolved from its flags.
 type istioRun struct {
-	e        env
-	cfg      policy.Config
-	opts     istioSettings
-	mode     captureMode
-	lopts    loader.Options
-	backend  iptables.Backend
-	podID    string       // --pod-id
-	cgroupFl string       // --cgroup
-	root     string       // --cgroup-root
-	rootSrc  string       // where root came from, for messages: "--cgroup-root" or "$DIVERT_CGROUP_ROOT"
-	ips      []netip.Addr // the pod's addresses (its interfaces')
+	e    env
+	o    istioinit.Options
+	opts istioSettings
 }
 
 func newIstioIptablesCmd(e env) *cobra.Command {
@@ -283,10 +243,10 @@ not implement at all (CNI mode, ...) are refused with a message naming them, nev
 	}
 	fs.Bool("log_as_json", false, "istio's logging flag: accepted, no effect")
 	fs.StringVar(&mode, flagMode, "auto", "capture backend: auto (eBPF if the kernel can, else iptables), ebpf or iptables (env DIVERT_MODE)")
-	fs.StringVar(&r.root, flagCgroupRoot, "", "where the host's cgroup v2 hierarchy (or its /sys/fs/cgroup) is mounted, if not at a cgroup2 mount listed in /proc/self/mountinfo (env DIVERT_CGROUP_ROOT)")
-	fs.StringVar(&r.cgroupFl, flagCgroup, "", "the pod's cgroup v2 directory, instead of finding it from /proc/self/cgroup (env DIVERT_CGROUP)")
-	fs.StringVar(&r.podID, flagPodID, "", "name of the pod's pin directory; default: the pod UID from its cgroup path (env DIVERT_POD_ID)")
-	fs.StringVar(&r.lopts.BPFFS, flagBPFFS, loader.DefaultBPFFS, "bpffs mount to pin under; mounted there if missing (env DIVERT_BPFFS)")
+	fs.StringVar(&r.o.CgroupRoot, flagCgroupRoot, "", "where the host's cgroup v2 hierarchy (or its /sys/fs/cgroup) is mounted, if not at a cgroup2 mount listed in /proc/self/mountinfo (env DIVERT_CGROUP_ROOT)")
+	fs.StringVar(&r.o.Cgroup, flagCgroup, "", "the pod's cgroup v2 directory, instead of finding it from /proc/self/cgroup (env DIVERT_CGROUP)")
+	fs.StringVar(&r.o.PodID, flagPodID, "", "name of the pod's pin directory; default: the pod UID from its cgroup path (env DIVERT_POD_ID)")
+	fs.StringVar(&r.o.Loader.BPFFS, flagBPFFS, loader.DefaultBPFFS, "bpffs mount to pin under; mounted there if missing (env DIVERT_BPFFS)")
 	fs.StringVar(&backend, flagIptablesBackend, "auto", "iptables backend when iptables is used: auto, nft or legacy")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		fromEnv := func(flag, env string, v *string) {
@@ -295,25 +255,25 @@ not implement at all (CNI mode, ...) are refused with a message naming them, nev
 			}
 		}
 		fromEnv(flagMode, "DIVERT_MODE", &mode)
-		fromEnv(flagCgroupRoot, "DIVERT_CGROUP_ROOT", &r.root)
-		r.rootSrc = "--" + flagCgroupRoot
-		if !fs.Changed(flagCgroupRoot) && r.root != "" {
-			r.rootSrc = "$DIVERT_CGROUP_ROOT"
+		fromEnv(flagCgroupRoot, "DIVERT_CGROUP_ROOT", &r.o.CgroupRoot)
+		r.o.CgroupRootSource = "--" + flagCgroupRoot
+		if !fs.Changed(flagCgroupRoot) && r.o.CgroupRoot != "" {
+			r.o.CgroupRootSource = "$DIVERT_CGROUP_ROOT"
 		}
-		fromEnv(flagCgroup, "DIVERT_CGROUP", &r.cgroupFl)
-		fromEnv(flagPodID, "DIVERT_POD_ID", &r.podID)
-		fromEnv(flagBPFFS, "DIVERT_BPFFS", &r.lopts.BPFFS)
+		fromEnv(flagCgroup, "DIVERT_CGROUP", &r.o.Cgroup)
+		fromEnv(flagPodID, "DIVERT_POD_ID", &r.o.PodID)
+		fromEnv(flagBPFFS, "DIVERT_BPFFS", &r.o.Loader.BPFFS)
 		var err error
-		if r.cfg, err = parsePolicy(e.getenv); err != nil {
+		if r.o.Policy, err = parsePolicy(e.getenv); err != nil {
 			return err
 		}
 		if r.opts, err = resolveIstioOpts(fs, e.getenv); err != nil {
 			return err
 		}
-		if r.mode, err = parseMode(mode); err != nil {
+		if r.o.Mode, err = parseMode(mode); err != nil {
 			return err
 		}
-		if r.backend, err = iptablesBackend(backend, r.opts); err != nil {
+		if r.o.Backend, err = iptablesBackend(backend, r.opts); err != nil {
 			return err
 		}
 		r.resolveProxyUser(fs)
@@ -352,7 +312,11 @@ func (r *istioRun) resolveProxyUser(fs *pflag.FlagSet) {
 	if name == "" {
 		name = "istio-proxy"
 	}
-	u, err := lookupUser(name)
+	lookup := r.e.lookupUser
+	if lookup == nil {
+		lookup = user.Lookup
+	}
+	u, err := lookup(name)
 	if err != nil {
 		return
 	}
@@ -360,397 +324,28 @@ func (r *istioRun) resolveProxyUser(fs *pflag.FlagSet) {
 	if err != nil {
 		return
 	}
-	r.cfg.ProxyUID = uint32(uid)
+	r.o.Policy.ProxyUID = uint32(uid)
 	if !given(policy.FlagProxyGID) {
-		r.cfg.ProxyGID = uint32(uid)
+		r.o.Policy.ProxyGID = uint32(uid)
 	}
 }
 
 func (r *istioRun) run(ctx context.Context) error {
-	out, dry := r.e.stdout, r.opts.bool(flagDryRun)
-	if dry {
-		fmt.Fprintln(out, "dry run: nothing is changed")
+	r.o.DryRun = r.opts.bool(flagDryRun)
+	r.o.CleanupOnly = r.opts.bool(flagCleanupOnly)
+	r.o.SkipRuleApply = r.opts.bool(flagSkipRuleApply)
+	r.o.NativeNftables = r.opts.bool(flagNativeNftables)
+	if r.opts.bool(flagRunValidation) {
+		r.o.Validate = r.validate
 	}
-	if err := r.decideFamilies(); err != nil {
-		return err
-	}
-	if r.opts.bool(flagCleanupOnly) {
-		return r.cleanup(ctx, dry)
-	}
-	if r.opts.bool(flagSkipRuleApply) {
-		fmt.Fprintf(out, "--%s: nothing installed\n", flagSkipRuleApply)
-	} else if err := r.apply(ctx, dry); err != nil {
-		return err
-	}
-	if r.opts.bool(flagRunValidation) && !dry {
-		return r.validate(ctx)
-	}
-	return nil
+	ie := r.e.istio
+	ie.Stdout, ie.Stderr, ie.Getenv = r.e.stdout, r.e.stderr, r.e.getenv
+	return istioinit.Run(ctx, ie, r.o)
 }
 
-// pod finds the pod's cgroup and pin id (--cgroup and --pod-id override).
-func (r *istioRun) pod() (loader.Pod, string, error) {
-	pod := loader.Pod{ID: r.podID, Cgroup: r.cgroupFl, NetNS: ownNetNS}
-	var err error
-	if pod.Name, err = r.podName(); err != nil {
-		return pod, "", err
-	}
-	if pod.Cgroup != "" {
-		if pod.ID == "" {
-			if pp, ok := cgroups.ParsePath(pod.Cgroup); ok {
-				pod.ID = pp.UID
-			}
-		}
-		if pod.ID == "" {
-			return pod, "", fmt.Errorf("missing --%s: --%s %s names no pod UID (no kubepods pod<uid> directory)", flagPodID, flagCgroup, pod.Cgroup)
-		}
-		return pod, fmt.Sprintf("given by --%s", flagCgroup), nil
-	}
-	found, err := findPod(cgroups.Finder{Root: r.root})
-	if err != nil {
-		return pod, "", fmt.Errorf("%w; mount the host's /sys/fs/cgroup and pass --%s (or $DIVERT_CGROUP_ROOT), or pass --%s (or $DIVERT_CGROUP)", err, flagCgroupRoot, flagCgroup)
-	}
-	pod.Cgroup = found.Pod
-	how := fmt.Sprintf("%s layout, this process in %s", found.Driver, found.Own)
-	if pod.ID == "" {
-		pod.ID = found.UID
-	}
-	if found.Driver == cgroups.Parent && r.podID == "" {
-		return pod, "", fmt.Errorf("missing --%s: this process's cgroup %s is not in a Kubernetes pod layout (kubepods/.../pod<uid>); pass --%s to capture its parent %s, or --%s",
-			flagPodID, found.Own, flagPodID, found.Pod, flagCgroup)
-	}
-	return pod, how, nil
-}
-
-// podName is the pod's namespace/name for divert status, from the downward API's
-// $POD_NAMESPACE and $POD_NAME (divert's injector template sets them; Istio's istio-init
-// has neither), or "" without them.
-func (r *istioRun) podName() (string, error) {
-	ns, name := r.e.getenv("POD_NAMESPACE"), r.e.getenv("POD_NAME")
-	if ns == "" || name == "" {
-		return "", nil
-	}
-	if err := loader.CheckPodName(ns + "/" + name); err != nil {
-		return "", fmt.Errorf("invalid $POD_NAMESPACE/$POD_NAME %q: not a Kubernetes namespace and pod name; set them from the downward API (metadata.namespace, metadata.name), or unset them", ns+"/"+name)
-	}
-	return ns + "/" + name, nil
-}
-
-// ebpfUnavailable says why the eBPF backend cannot be used here, or nil.
-func (r *istioRun) ebpfUnavailable() error {
-	if v := r.e.getenv(forceNoEBPFEnv); v == "1" {
-		return fmt.Errorf("turned off by $%s=1 (a test hook): %w", forceNoEBPFEnv, ebpf.ErrNotSupported)
-	}
-	if inUserNS() {
-		return fmt.Errorf("this pod runs in a user namespace (hostUsers: false): the proxy's uid seen by eBPF is the host's, not -u %d: %w", r.cfg.ProxyUID, ebpf.ErrNotSupported)
-	}
-	if err := probeEBPF(r.lopts); err != nil {
-		return err
-	}
-	// What the programs cannot express of the settings falls back like what the kernel lacks.
-	return checkPolicy(&r.cfg)
-}
-
-// inUserNS reports whether this process is in a user namespace other than the initial one,
-// whose uid map is the identity over all ids.
-func inUserNS() bool {
-	b, err := os.ReadFile(uidMapFile)
-	if err != nil {
-		return false
-	}
-	f := strings.Fields(string(b))
-	return !(len(f) == 3 && f[0] == "0" && f[1] == "0" && f[2] == "4294967295")
-}
-
-// checkCgroupRoot checks --cgroup-root ($DIVERT_CGROUP_ROOT): a missing or wrong path is
-// the pod spec's mistake (a hostPath volume missing or mounted elsewhere) and fails; a
-// host that has no cgroup v2 hierarchy at all (cgroup v1 only) is a reason for iptables
-// and wraps ebpf.ErrNotSupported.
-func (r *istioRun) checkCgroupRoot() error {
-	if r.root == "" {
-		return nil
-	}
-	if _, err := os.Stat(r.root); err != nil {
-		return fmt.Errorf("invalid %s %q: %v; mount the host's /sys/fs/cgroup there (a hostPath volume), or unset it", r.rootSrc, r.root, unwrapPath(err))
-	}
-	_, err := cgroups.RootMount(r.root, "")
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, cgroups.ErrV1Only):
-		return fmt.Errorf("%s %q: %v: %w", r.rootSrc, r.root, err, ebpf.ErrNotSupported)
-	}
-	return fmt.Errorf("invalid %s %q: %v; point it at where the host's /sys/fs/cgroup is mounted", r.rootSrc, r.root, err)
-}
-
-func unwrapPath(err error) error {
-	var pe *os.PathError
-	if errors.As(err, &pe) {
-		return pe.Err
-	}
-	return err
-}
-
-// apply captures the pod with eBPF when it can (and may), else with iptables. It falls
-// back to iptables only on the kernel's (or host's) verdict, ebpf.ErrNotSupported; a
-// setting or a mount that is wrong fails, so a broken pod spec is fixed rather than
-// silently captured another way.
-func (r *istioRun) apply(ctx context.Context, dry bool) error {
-	out := r.e.stdout
-	var reason error
-	if r.mode != modeIptables {
-		reason = r.checkCgroupRoot()
-		if reason == nil {
-			reason = r.ebpfUnavailable()
-		}
-		if reason != nil && !errors.Is(reason, ebpf.ErrNotSupported) {
-			return reason
-		}
-		var pod loader.Pod
-		var how string
-		if reason == nil {
-			if pod, how, reason = r.pod(); reason != nil {
-				return reason // the pod's cgroup must be found wherever the kernel can do eBPF
-			}
-		}
-		if reason == nil {
-			if dry {
-				r.printEBPFPlan(out, pod, how)
-				return nil
-			}
-			return r.attach(ctx, pod, how)
-		}
-		if r.mode == modeEBPF {
-			return fmt.Errorf("--mode ebpf: eBPF capture is not possible here: %v", reason)
-		}
-		fmt.Fprintf(r.e.stderr, "divert: eBPF capture is not possible here (%s); using iptables\n", oneLine(reason))
-	}
-	if r.opts.bool(flagNativeNftables) {
-		return fmt.Errorf("--%s is not supported with the iptables backend: divert writes iptables rules (iptables-nft or iptables-legacy), not native nftables", flagNativeNftables)
-	}
-	if dry {
-		input := "iptables-restore --noflush input"
-		if r.cfg.IPv6 {
-			input = "iptables-restore and ip6tables-restore --noflush input, IPv6 for " + ipv6Why(&r.cfg)
-		}
-		fmt.Fprintf(out, "backend: iptables\nwould apply in network namespace %s (%s):\n", ownNetNS, input)
-		_, err := io.WriteString(out, iptables.RenderAll(&r.cfg))
-		return err
-	}
-	res, err := iptables.Options{Backend: r.backend}.Apply(ctx, ownNetNS, &r.cfg)
-	if err != nil {
-		if reason != nil {
-			return fmt.Errorf("eBPF capture is not possible (%s), and iptables failed: %w", oneLine(reason), err)
-		}
-		return err
-	}
-	state := "applied"
-	if !res.Changed {
-		state = "already in place"
-	}
-	if reason != nil {
-		r.recordFallback(reason)
-	} else if id := r.knownPodID(); id != "" {
-		loader.ClearFallback(id, r.lopts) // iptables by choice now, not for want of eBPF
-	}
-	fmt.Fprintf(out, "iptables rules %s (iptables-%s, %s mode, %s): outbound TCP to port %d, inbound to port %d\n",
-		state, res.Backend, r.cfg.Mode, families(&r.cfg), r.cfg.ProxyPort, r.cfg.InboundCapturePort)
-	for _, b := range res.Removed {
-		fmt.Fprintf(out, "removed istio's iptables-%s rules, replaced by iptables-%s\n", b, res.Backend)
-	}
-	// The same pod captured by eBPF earlier (another mode, an older run) would capture twice.
-	if id := r.knownPodID(); id != "" && pinned(r.lopts, id) {
-		if err := loader.Detach(id, r.lopts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
-			return err
-		}
-		fmt.Fprintf(out, "removed the eBPF attachment of pod %s, replaced by the rules\n", id)
-	}
-	return nil
-}
-
-// recordFallback leaves a marker that divert status (and the node) list, so a pod captured
-// by iptables for want of eBPF is found without this container's logs. Not being able to
-// write it does not undo the capture: it is said on stderr.
-func (r *istioRun) recordFallback(reason error) {
-	id := r.knownPodID()
-	if id == "" {
-		fmt.Fprintf(r.e.stderr, "divert: the iptables fallback is not recorded for divert status: no pod id (pass --%s)\n", flagPodID)
-		return
-	}
-	if err := loader.RecordFallback(id, oneLine(reason), r.lopts); err != nil {
-		fmt.Fprintf(r.e.stderr, "divert: the iptables fallback is not recorded for divert status: %s\n", oneLine(err))
-		return
-	}
-	fmt.Fprintf(r.e.stdout, "recorded the fallback for divert status in %s\n", loader.FallbackPath(r.lopts, id))
-}
-
-// pinned reports whether the pod has a pin directory; checked before Detach, which would
-// mount a bpffs at the default place just to find it empty.
-func pinned(opts loader.Options, id string) bool {
-	_, err := os.Stat(loader.PinDir(opts, id))
-	return err == nil
-}
-
-// knownPodID is the pod id when it can be known without failing: --pod-id, or the UID
-// from the cgroup path.
-func (r *istioRun) knownPodID() string {
-	if r.podID != "" {
-		return r.podID
-	}
-	if pod, _, err := r.pod(); err == nil {
-		return pod.ID
-	}
-	return ""
-}
-
-func (r *istioRun) attach(ctx context.Context, pod loader.Pod, how string) error {
-	out := r.e.stdout
-	// Attach replaces a pin directory left by an earlier sandbox of this pod (its network
-	// namespace is gone, or its cgroup); it is only said here.
-	gone, _ := loader.Defunct(pod.ID, r.lopts)
-	if !loader.IsBPFFS(r.lopts.BPFFS) {
-		// The loader mounts it. In a container that mount is only the host's if the
-		// volume propagates it back (mountPropagation: Bidirectional); otherwise the pins,
-		// and capture, end with this container.
-		fmt.Fprintf(r.e.stderr, "divert: mounting bpffs at %s: in a container it must reach the host (hostPath volume with mountPropagation: Bidirectional), or capture ends when the container exits\n", r.lopts.BPFFS)
-	}
-	created := !pinned(r.lopts, pod.ID) || len(gone) > 0
-	if err := loader.Attach(ctx, pod, &r.cfg, r.lopts); err != nil {
-		var ce *loader.CapturedError
-		if errors.As(err, &ce) && ce.Holder != "" {
-			return fmt.Errorf("pod %s (cgroup %s, %s): %v; remove that attachment on the node first (divert detach --pod-id %s), or pass --%s", pod.ID, pod.Cgroup, how, ce, ce.Holder, flagCgroup)
-		}
-		if errors.As(err, &ce) {
-			return fmt.Errorf("pod %s (cgroup %s, %s): %v; detach that pod first, or pass --%s", pod.ID, pod.Cgroup, how, ce, flagCgroup)
-		}
-		if errors.Is(err, ebpf.ErrNotSupported) {
-			return fmt.Errorf("%w; use --mode iptables", err)
-		}
-		return incompatibleHint(err, pod.ID)
-	}
-	if len(gone) > 0 {
-		fmt.Fprintf(out, "removed a stale attachment of pod %s (%s detached by the kernel)\n", pod.ID, strings.Join(gone, ", "))
-	}
-	fmt.Fprintf(out, "attached pod %s with eBPF: cgroup %s (%s), netns %s; outbound TCP to port %d, inbound %s to port %d; %s; pinned in %s\n",
-		pod.ID, pod.Cgroup, how, pod.NetNS, r.cfg.ProxyPort, inboundPorts(&r.cfg), r.cfg.InboundCapturePort, families(&r.cfg), loader.PinDir(r.lopts, pod.ID))
-	if r.cfg.DropInvalid {
-		fmt.Fprintln(out, loader.DropInvalidNote)
-	}
-	// An earlier --mode iptables run (or istio-init) left istio's rules: they would capture
-	// on top of eBPF. They go after eBPF is in, so capture has no gap; if they cannot go,
-	// a fresh attachment is undone and the pod is left as it was.
-	if err := loader.ClearFallback(pod.ID, r.lopts); err != nil {
-		fmt.Fprintf(r.e.stderr, "divert: %s\n", oneLine(err))
-	}
-	removed, err := r.removeIptables(ctx)
-	if err != nil {
-		if !created {
-			return fmt.Errorf("pod %s is captured by eBPF, but istio's iptables rules in its netns could not be removed (%v): remove them with divert istio-iptables --cleanup-only and run again", pod.ID, oneLine(err))
-		}
-		if derr := loader.Detach(pod.ID, r.lopts); derr != nil {
-			err = errors.Join(err, derr)
-		}
-		return fmt.Errorf("istio's iptables rules in this pod's netns could not be removed, so the eBPF attachment was undone: %v", oneLine(err))
-	}
-	if len(removed) > 0 {
-		fmt.Fprintf(out, "removed istio's iptables rules (%s) from %s, replaced by eBPF\n", strings.Join(removed, ", "), ownNetNS)
-	}
-	return nil
-}
-
-// removeIptables removes istio's rules from this pod's netns, returning the backends that
-// held them.
-func (r *istioRun) removeIptables(ctx context.Context) ([]string, error) {
-	if !iptables.Available() {
-		return nil, nil // nothing can have written them here
-	}
-	held, err := iptables.Installed(ctx, ownNetNS)
-	if err != nil || len(held) == 0 {
-		return nil, err
-	}
-	var names []string
-	for _, b := range held {
-		if err := (iptables.Options{Backend: b}).Cleanup(ctx, ownNetNS); err != nil {
-			return nil, err
-		}
-		names = append(names, "iptables-"+b.String())
-	}
-	return names, nil
-}
-
-func (r *istioRun) printEBPFPlan(w io.Writer, pod loader.Pod, how string) {
-	fmt.Fprintf(w, "backend: ebpf (the kernel supports divert's programs), %s\n", families(&r.cfg))
-	fmt.Fprintf(w, "pod %s: cgroup %s (%s), netns %s\n", pod.ID, pod.Cgroup, how, pod.NetNS)
-	dir := loader.PinDir(r.lopts, pod.ID)
-	for _, p := range loader.Plan(r.lopts) {
-		target := pod.Cgroup
-		if p.Target == "netns" {
-			target = pod.NetNS
-		}
-		fmt.Fprintf(w, "would attach %s (%s) to %s %s, pinned as %s\n", p.Name, p.Attach, p.Target, target, filepath.Join(dir, p.Pin))
-	}
-	if s := loader.ReturnPathPlan(&r.cfg, r.lopts); s != "" {
-		fmt.Fprintf(w, "%s in netns %s\n", s, pod.NetNS)
-	}
-	fmt.Fprintf(w, "policy: %s\n", strings.Join(quoteArgs(r.cfg.Args()), " "))
-	if r.cfg.DropInvalid {
-		fmt.Fprintln(w, loader.DropInvalidNote)
-	}
-}
-
-func quoteArgs(args []string) []string {
-	out := make([]string, len(args))
-	for i, a := range args {
-		if a == "" || strings.ContainsAny(a, "* ") {
-			a = "'" + a + "'"
-		}
-		out[i] = a
-	}
-	return out
-}
-
-// cleanup removes this pod's eBPF pins and istio's iptables rules, whichever exist.
-func (r *istioRun) cleanup(ctx context.Context, dry bool) error {
-	out := r.e.stdout
-	// A pod whose cgroup cannot be found cannot have been attached by this command either
-	// (attach finds it the same way); its iptables rules are still removed.
-	pod, _, perr := r.pod()
-	if dry {
-		if perr == nil {
-			fmt.Fprintf(out, "would remove the eBPF pins of pod %s (%s)\n", pod.ID, loader.PinDir(r.lopts, pod.ID))
-		}
-		fmt.Fprintf(out, "would remove istio's iptables rules in %s\n", ownNetNS)
-		return nil
-	}
-	var errs []error
-	switch {
-	case perr != nil:
-		fmt.Fprintf(out, "no eBPF attachment to remove: %s\n", oneLine(perr))
-	case !pinned(r.lopts, pod.ID):
-		fmt.Fprintf(out, "pod %s had no eBPF attachment\n", pod.ID)
-	default:
-		if err := loader.Detach(pod.ID, r.lopts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
-			errs = append(errs, err)
-		} else {
-			fmt.Fprintf(out, "detached pod %s (eBPF)\n", pod.ID)
-		}
-	}
-	if perr == nil {
-		if err := loader.ClearFallback(pod.ID, r.lopts); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if !iptables.Available() {
-		fmt.Fprintln(out, "no iptables binaries here, so no iptables rules to remove")
-	} else if err := (iptables.Options{Backend: r.backend}).Cleanup(ctx, ownNetNS); err != nil {
-		errs = append(errs, err)
-	} else {
-		fmt.Fprintf(out, "istio iptables rules removed from %s\n", ownNetNS)
-	}
-	return errors.Join(errs...)
-}
-
-func (r *istioRun) validate(ctx context.Context) error {
+// validate is --run-validation, run once the capture is in place; its settings are read
+// only then.
+func (r *istioRun) validate(ctx context.Context, cfg *policy.Config) error {
 	port, err := strconv.ParseUint(r.opts.values[flagProbePort], 10, 16)
 	if err != nil || port == 0 {
 		return fmt.Errorf("invalid --%s %q: use a port between 1 and 65535", flagProbePort, r.opts.values[flagProbePort])
@@ -759,7 +354,5 @@ func (r *istioRun) validate(ctx context.Context) error {
 	if err != nil || timeout <= 0 {
 		return fmt.Errorf("invalid --%s %q: use a duration like 5s", flagProbeTimeout, r.opts.values[flagProbeTimeout])
 	}
-	return runValidation(ctx, r.e, &r.cfg, uint16(port), timeout, netip.AddrPort{}, 0, 0)
+	return runValidation(ctx, r.e, cfg, uint16(port), timeout, netip.AddrPort{}, 0, 0)
 }
-
-func oneLine(err error) string { return strings.ReplaceAll(flagNamed(err).Error(), "\n", " ") }

@@ -9,21 +9,27 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"os/user"
 	"path/filepath"
 	"strings"
 	"syscall"
 
+	"github.com/meshdivert/divert/internal/clierr"
 	"github.com/meshdivert/divert/internal/version"
+	"github.com/meshdivert/divert/istioinit"
 
 	"github.com/spf13/cobra"
-
-	"github.com/meshdivert/divert/loader"
 )
 
 // env is everything the CLI touches of the outside world, so tests can drive it in-process.
 type env struct {
 	stdout, stderr io.Writer
 	getenv         func(string) string
+	// lookupUser finds istio's proxy user by name; nil is user.Lookup.
+	lookupUser func(string) (*user.User, error)
+	// istio is what istio-iptables mode touches of the machine; a nil field is the
+	// host's own. Its Stdout, Stderr and Getenv are these.
+	istio istioinit.Env
 }
 
 func main() {
@@ -53,26 +59,11 @@ func run(ctx context.Context, args []string, e env) error {
 	return flagNamed(root.ExecuteContext(ctx))
 }
 
-// flagNamed phrases the loader's InputError, which names the setting at fault, as the
-// flag of the same name: "invalid cgroup ..." reads "invalid --cgroup ..." here.
-func flagNamed(err error) error {
-	var ie *loader.InputError
-	if !errors.As(err, &ie) {
-		return err
-	}
-	return &flaggedError{err, ie}
-}
+// flagNamed phrases the loader's InputError as the flag of the same name.
+func flagNamed(err error) error { return clierr.FlagNamed(err) }
 
-type flaggedError struct {
-	err error
-	ie  *loader.InputError
-}
-
-func (f *flaggedError) Error() string {
-	return strings.Replace(f.err.Error(), f.ie.Error(), fmt.Sprintf("invalid --%s %q: %s", f.ie.Field, f.ie.Value, f.ie.Msg), 1)
-}
-
-func (f *flaggedError) Unwrap() error { return f.err }
+// oneLine is err, flag-named, on one line.
+func oneLine(err error) string { return clierr.OneLine(err) }
 
 func newRootCmd(e env) *cobra.Command {
 	root := &cobra.Command{

@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/meshdivert/divert/internal/validation"
+	"github.com/meshdivert/divert/istioinit"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
 )
@@ -85,7 +86,7 @@ diagnosis when capture does not work.`,
 // outboundCaptured refuses an --outbound check the policy itself would not capture: it
 // would fail for the wrong reason.
 func outboundCaptured(cfg *policy.Config, dst netip.AddrPort, uid, gid uint32) error {
-	addrs, _ := loader.LocalAddrs(ownNetNS) // none known: only loopback is local
+	addrs, _ := loader.LocalAddrs(istioinit.OwnNetNS) // none known: only loopback is local
 	v := cfg.Decide(policy.Conn{Direction: policy.Outbound, UID: uid, GID: gid, Dst: dst, DstLocal: policy.DstLocal(dst.Addr(), addrs)})
 	if v.Action != policy.RedirectOutbound {
 		return fmt.Errorf("invalid --outbound %s: the policy does not capture it for uid %d gid %d (%s); pick a destination and --app-uid it captures (see divert explain)", dst, uid, gid, v)

@@ -1,4 +1,4 @@
-package main
+package istioinit
 
 import (
 	"fmt"
@@ -16,8 +16,8 @@ import (
 // its IPv6 connections are captured too (policy.Config.DecideIPv6). istio-iptables does not
 // read $ISTIO_AGENT_DUAL_STACK, the pre-1.18 name of $ISTIO_DUAL_STACK, and neither does
 // divert; one line says so when it alone asks for dual stack.
-func (r *istioRun) decideFamilies() error {
-	addrs, err := podAddrs()
+func (r *run) decideFamilies() error {
+	addrs, err := r.e.PodAddrs()
 	if err != nil {
 		return fmt.Errorf("read this pod's addresses: %w", err)
 	}
@@ -29,8 +29,8 @@ func (r *istioRun) decideFamilies() error {
 			}
 		}
 	}
-	if on, _ := strconv.ParseBool(strings.TrimSpace(r.e.getenv(envAgentDualStack))); on && !r.cfg.DualStack {
-		fmt.Fprintf(r.e.stderr, "divert: $%s is not read (istio-iptables reads --%s, $DUAL_STACK and $%s): dual stack stays off\n",
+	if on, _ := strconv.ParseBool(strings.TrimSpace(r.e.Getenv(envAgentDualStack))); on && !r.cfg.DualStack {
+		fmt.Fprintf(r.e.Stderr, "divert: $%s is not read (istio-iptables reads --%s, $DUAL_STACK and $%s): dual stack stays off\n",
 			envAgentDualStack, policy.FlagDualStack, policy.EnvDualStack)
 	}
 	r.cfg.DecideIPv6(r.ips)
@@ -40,19 +40,3 @@ func (r *istioRun) decideFamilies() error {
 // envAgentDualStack is the pre-1.18 name of $ISTIO_DUAL_STACK, still found in meshes'
 // proxyMetadata.
 const envAgentDualStack = "ISTIO_AGENT_DUAL_STACK"
-
-// families names the families cfg captures, and why IPv6 is among them.
-func families(cfg *policy.Config) string {
-	if cfg.IPv6 {
-		return "IPv4 and IPv6 (" + ipv6Why(cfg) + ")"
-	}
-	return "IPv4"
-}
-
-// ipv6Why says why IPv6 is captured, as istio-iptables decided it.
-func ipv6Why(cfg *policy.Config) string {
-	if cfg.DualStack {
-		return "dual stack, the pod has an IPv6 address"
-	}
-	return "the pod has IPv6 addresses only"
-}
