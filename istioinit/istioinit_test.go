@@ -64,6 +64,12 @@ func stubWorld(t *testing.T) *Env {
 // (cmd/divert's tests cover the rest of its flags).
 func runIstio(t *testing.T, w *Env, vars map[string]string, args ...string) (stdout, stderr string, err error) {
 	t.Helper()
+	return runIstioWith(t, w, nil, vars, args...)
+}
+
+// runIstioWith is runIstio with the Options changed by mod, when not nil.
+func runIstioWith(t *testing.T, w *Env, mod func(*Options), vars map[string]string, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
 	fs := pflag.NewFlagSet("istio-iptables", pflag.ContinueOnError)
 	parse := policy.Flags(fs, policy.IstioIptablesDefaults())
 	var o Options
@@ -84,6 +90,9 @@ func runIstio(t *testing.T, w *Env, vars map[string]string, args ...string) (std
 	getenv := func(k string) string { return vars[k] }
 	if o.Policy, err = parse(getenv); err != nil {
 		t.Fatal(err)
+	}
+	if mod != nil {
+		mod(&o)
 	}
 	var out, errOut bytes.Buffer
 	e := *w
