@@ -12,6 +12,8 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
 	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/internal/cgroups"
 )
 
 // kernelNeed is one kernel feature divert's programs use, and what it is for.
@@ -126,7 +128,7 @@ func probeCgroup2() error {
 	if !fileHasLine("/proc/filesystems", "cgroup2") {
 		return fmt.Errorf("this kernel has no cgroup v2 (cgroup2 is not in /proc/filesystems): %w", ebpf.ErrNotSupported)
 	}
-	if !fileHasLine("/proc/self/mountinfo", "cgroup2") {
+	if _, err := cgroups.Mountpoint(); err != nil {
 		return fmt.Errorf("no cgroup v2 file system is mounted here (mount the host's /sys/fs/cgroup into the container): %w", ebpf.ErrNotSupported)
 	}
 	return nil

@@ -14,6 +14,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/meshdivert/divert/internal/cgroups"
 	"github.com/meshdivert/divert/internal/nsexec"
 )
 
@@ -36,11 +37,11 @@ func cgroupID(path string) (uint64, error) {
 	if path == "" {
 		return 0, &InputError{Field: "cgroup", Value: path, Msg: "required: the pod's cgroup v2 directory"}
 	}
-	var fs unix.Statfs_t
-	if err := unix.Statfs(path, &fs); err != nil {
+	on, err := cgroups.OnCgroup2(path)
+	if err != nil {
 		return 0, &InputError{Field: "cgroup", Value: path, Msg: fmt.Sprintf("%v; pass the pod's cgroup v2 directory", unwrapPathError(err))}
 	}
-	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+	if !on {
 		return 0, &InputError{Field: "cgroup", Value: path, Msg: "not on a cgroup v2 file system; pass a directory under the cgroup2 mount (see /proc/mounts)"}
 	}
 	var st unix.Stat_t

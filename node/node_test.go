@@ -80,17 +80,7 @@ func randHex(n int) string {
 // cgroupRoot makes a private stand-in for the host's cgroup2 root, removed (bottom-up, after
 // the test's processes are gone) at the end.
 func cgroupRoot(t *testing.T) string {
-	var mnt string
-	b, _ := os.ReadFile("/proc/self/mounts")
-	for _, l := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(l); len(f) > 2 && f[2] == "cgroup2" {
-			mnt = f[1]
-			break
-		}
-	}
-	if mnt == "" {
-		t.Fatal("no cgroup2 mount")
-	}
+	mnt := divertest.Cgroup2Mount(t)
 	root := filepath.Join(mnt, "divert-test", "node-"+randHex(4))
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		t.Fatal(err)

@@ -28,12 +28,20 @@ type Finder struct {
 
 // IsCgroup2Dir reports whether dir is a directory on a cgroup v2 file system.
 func IsCgroup2Dir(dir string) bool {
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil || st.Type != unix.CGROUP2_SUPER_MAGIC {
+	if on, err := OnCgroup2(dir); err != nil || !on {
 		return false
 	}
 	fi, err := os.Stat(dir)
 	return err == nil && fi.IsDir()
+}
+
+// OnCgroup2 reports whether p is on a cgroup v2 file system; the error is statfs(2)'s.
+func OnCgroup2(p string) (bool, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(p, &st); err != nil {
+		return false, err
+	}
+	return st.Type == unix.CGROUP2_SUPER_MAGIC, nil
 }
 
 // ErrNoCgroup2 is wrapped by MountAt's and RootMount's errors when no cgroup2 file system is
