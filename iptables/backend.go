@@ -42,6 +42,19 @@ func ParseBackend(s string) (Backend, error) {
 	return "", fmt.Errorf("unknown iptables backend %q: use auto, nft or legacy", s)
 }
 
+// BackendOfBinary is the backend an iptables binary's name says (iptables-nft,
+// iptables-legacy-restore, /usr/sbin/ip6tables-nft, ...), as istio's
+// --force-iptables-binary names one; false when the name says neither.
+func BackendOfBinary(path string) (Backend, bool) {
+	switch bin := filepath.Base(path); {
+	case strings.Contains(bin, "legacy"):
+		return BackendLegacy, true
+	case strings.Contains(bin, "nft"):
+		return BackendNFT, true
+	}
+	return BackendAuto, false
+}
+
 func (b Backend) String() string {
 	if b == BackendAuto {
 		return "auto"

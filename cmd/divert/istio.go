@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os/user"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -289,14 +288,11 @@ func iptablesBackend(flag string, s istioSettings) (iptables.Backend, error) {
 	if err != nil {
 		return "", fmt.Errorf("invalid --%s: %w", flagIptablesBackend, err)
 	}
-	bin := filepath.Base(s.values[flagForceIptablesBinary])
-	switch {
-	case s.values[flagForceIptablesBinary] == "":
+	if s.values[flagForceIptablesBinary] == "" {
 		return b, nil
-	case strings.Contains(bin, "legacy"):
-		return iptables.BackendLegacy, nil
-	case strings.Contains(bin, "nft"):
-		return iptables.BackendNFT, nil
+	}
+	if b, ok := iptables.BackendOfBinary(s.values[flagForceIptablesBinary]); ok {
+		return b, nil
 	}
 	return "", fmt.Errorf("invalid --%s %q: name iptables-nft or iptables-legacy (divert runs their -restore and -save)", flagForceIptablesBinary, s.values[flagForceIptablesBinary])
 }
