@@ -83,8 +83,8 @@ type Options struct {
 	Validate func(context.Context, *policy.Config) error
 }
 
-// Env is what istio-iptables mode touches of the outside world. Tests replace any of it;
-// a nil field is the host's own (see fill).
+// Env is what istio-iptables mode touches of the outside world: Host's, or in tests
+// stubs of any of it. Every field is used.
 type Env struct {
 	Stdout, Stderr io.Writer
 	Getenv         func(string) string
@@ -112,53 +112,23 @@ type Env struct {
 	CleanupIptables func(ctx context.Context, netns string, b iptables.Backend) error
 }
 
-// fill sets every nil field to the host's own.
-func (e *Env) fill() {
-	if e.Stdout == nil {
-		e.Stdout = os.Stdout
-	}
-	if e.Stderr == nil {
-		e.Stderr = os.Stderr
-	}
-	if e.Getenv == nil {
-		e.Getenv = os.Getenv
-	}
-	if e.Probe == nil {
-		e.Probe = loader.Probe
-	}
-	if e.CheckPolicy == nil {
-		e.CheckPolicy = loader.CheckPolicy
-	}
-	if e.FindPod == nil {
-		e.FindPod = func(f cgroups.Finder) (cgroups.Found, error) { return f.Find() }
-	}
-	if e.PodAddrs == nil {
-		e.PodAddrs = net.InterfaceAddrs
-	}
-	if e.InUserNS == nil {
-		e.InUserNS = func() bool { return InUserNS("/proc/self/uid_map") }
-	}
-	if e.Attach == nil {
-		e.Attach = loader.Attach
-	}
-	if e.Detach == nil {
-		e.Detach = loader.Detach
-	}
-	if e.IptablesAvailable == nil {
-		e.IptablesAvailable = iptables.Available
-	}
-	if e.ApplyIptables == nil {
-		e.ApplyIptables = func(ctx context.Context, netns string, b iptables.Backend, cfg *policy.Config) (iptables.Result, error) {
+// Host is this machine, as `divert istio-iptables` uses it.
+func Host() Env {
+	return Env{
+		Stdout: os.Stdout, Stderr: os.Stderr, Getenv: os.Getenv,
+		Probe: loader.Probe, CheckPolicy: loader.CheckPolicy,
+		FindPod:  func(f cgroups.Finder) (cgroups.Found, error) { return f.Find() },
+		PodAddrs: net.InterfaceAddrs,
+		InUserNS: func() bool { return InUserNS("/proc/self/uid_map") },
+		Attach:   loader.Attach, Detach: loader.Detach,
+		IptablesAvailable: iptables.Available,
+		ApplyIptables: func(ctx context.Context, netns string, b iptables.Backend, cfg *policy.Config) (iptables.Result, error) {
 			return iptables.Options{Backend: b}.Apply(ctx, netns, cfg)
-		}
-	}
-	if e.InstalledIptables == nil {
-		e.InstalledIptables = iptables.Installed
-	}
-	if e.CleanupIptables == nil {
-		e.CleanupIptables = func(ctx context.Context, netns string, b iptables.Backend) error {
+		},
+		InstalledIptables: iptables.Installed,
+		CleanupIptables: func(ctx context.Context, netns string, b iptables.Backend) error {
 			return iptables.Options{Backend: b}.Cleanup(ctx, netns)
-		}
+		},
 	}
 }
 
@@ -191,7 +161,6 @@ type run struct {
 // Run does what `divert istio-iptables` does with o: decide the families, then clean up
 // (CleanupOnly) or capture (unless SkipRuleApply), then validate.
 func Run(ctx context.Context, e Env, o Options) error {
-	e.fill()
 	r := &run{e: e, o: o, cfg: o.Policy, mode: o.Mode, lopts: o.Loader, backend: o.Backend,
 		podID: o.PodID, cgroupFl: o.Cgroup, root: o.CgroupRoot, rootSrc: o.CgroupRootSource}
 	out, dry := r.e.Stdout, o.DryRun

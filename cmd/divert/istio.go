@@ -334,7 +334,10 @@ func (r *istioRun) run(ctx context.Context) error {
 	if r.opts.bool(flagRunValidation) {
 		r.o.Validate = r.validate
 	}
-	ie := r.e.istio
+	ie := istioinit.Host()
+	if r.e.istio != nil {
+		ie = *r.e.istio
+	}
 	ie.Stdout, ie.Stderr, ie.Getenv = r.e.stdout, r.e.stderr, r.e.getenv
 	return istioinit.Run(ctx, ie, r.o)
 }

@@ -26,12 +26,12 @@ var injectorArgs = []string{"-p", "15001", "-z", "15006", "-u", "1337", "-m", "R
 // the test: these dry runs use --mode iptables or are refused before probing.
 func stubEnv(t *testing.T, e env) env {
 	e.lookupUser = func(name string) (*user.User, error) { return nil, user.UnknownUserError(name) }
-	e.istio = istioinit.Env{
-		Probe: func(loader.Options) error { t.Error("probed the kernel"); return nil },
-		PodAddrs: func() ([]net.Addr, error) {
-			return []net.Addr{&net.IPNet{IP: net.IPv4(127, 0, 0, 1), Mask: net.CIDRMask(8, 32)}, &net.IPNet{IP: net.IPv4(10, 244, 0, 5), Mask: net.CIDRMask(24, 32)}}, nil
-		},
+	ie := istioinit.Host()
+	ie.Probe = func(loader.Options) error { t.Error("probed the kernel"); return nil }
+	ie.PodAddrs = func() ([]net.Addr, error) {
+		return []net.Addr{&net.IPNet{IP: net.IPv4(127, 0, 0, 1), Mask: net.CIDRMask(8, 32)}, &net.IPNet{IP: net.IPv4(10, 244, 0, 5), Mask: net.CIDRMask(24, 32)}}, nil
 	}
+	e.istio = &ie
 	return e
 }
 

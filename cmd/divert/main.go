@@ -27,9 +27,9 @@ type env struct {
 	getenv         func(string) string
 	// lookupUser finds istio's proxy user by name; nil is user.Lookup.
 	lookupUser func(string) (*user.User, error)
-	// istio is what istio-iptables mode touches of the machine; a nil field is the
-	// host's own. Its Stdout, Stderr and Getenv are these.
-	istio istioinit.Env
+	// istio is what istio-iptables mode touches of the machine; nil is istioinit.Host().
+	// Its Stdout, Stderr and Getenv are these.
+	istio *istioinit.Env
 }
 
 func main() {
