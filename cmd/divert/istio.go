@@ -206,10 +206,10 @@ instead; --mode iptables always writes the rules. One backend per pod: eBPF remo
 rules, iptables detaches eBPF, and one iptables backend removes the other's chains.
 
 IPv6 is captured as istio-iptables decides it from the pod's addresses: for an IPv6 pod,
-and with --dual-stack ($ISTIO_DUAL_STACK) for a pod with any IPv6 address; eBPF mode does
-not capture IPv6 yet, so such a pod uses iptables (--mode auto, recorded as a fallback).
-So do the istio-iptables settings the eBPF programs cannot express (-c, -k, owner groups on
-kernels before 6.2); --mode ebpf fails on them with the reason. The settings divert does
+and with --dual-stack ($ISTIO_DUAL_STACK) for a pod with any IPv6 address, by either
+backend. The istio-iptables settings the eBPF programs cannot express (-c, -k, owner groups
+on kernels before 6.2) use iptables (--mode auto, recorded as a fallback); --mode ebpf
+fails on them with the reason. The settings divert does
 not implement at all (CNI mode, ...) are refused with a message naming them, never ignored.`,
 		Example: `  divert istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020
   istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020 -n
