@@ -28,6 +28,13 @@ func ConnectOnce(fd int, sa unix.Sockaddr, deadline time.Time) error {
 	case !errors.Is(err, unix.EINTR):
 		return err
 	}
+	return WaitConnected(fd, deadline)
+}
+
+// WaitConnected waits until deadline for the outcome of a connect() in progress on fd (a
+// non-blocking one, or one a signal interrupted): poll for POLLOUT, then SO_ERROR. Signals
+// do not cut the wait short. An expired deadline is os.ErrDeadlineExceeded.
+func WaitConnected(fd int, deadline time.Time) error {
 	for {
 		left := time.Until(deadline)
 		if left <= 0 {
