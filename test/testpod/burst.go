@@ -121,7 +121,7 @@ func (p *Pod) BurstWith(tb testing.TB, c BurstConfig) BurstResult {
 	trickle := c.Backlog > 0
 	proxy := p.Start(tb, ProcSpec{UID: c.ProxyID, GID: c.ProxyID, Args: []string{
 		"burst-proxy", "--listen", c.Proxy.String(), "--count", fmt.Sprint(count),
-		"--backlog", fmt.Sprint(c.Backlog), "--accept-every", c.AcceptEvery.String()}}).waitReady(tb)
+		"--backlog", fmt.Sprint(c.Backlog), "--accept-every", c.AcceptEvery.String()}}).WaitReady(tb)
 
 	addrs := make([]string, len(addrList))
 	for i, a := range addrList {
@@ -164,35 +164,20 @@ func (p *Pod) BurstWith(tb testing.TB, c BurstConfig) BurstResult {
 // of them, unless want < 0).
 func waitLines[T any](tb testing.TB, pr *Proc, want int, timeout time.Duration) []T {
 	tb.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		out := pr.Stdout()
-		if body, ok := strings.CutSuffix(out, burstDone+"\n"); ok {
-			var lines []T
-			for _, l := range strings.Split(strings.TrimSpace(body), "\n") {
-				if l == "" || l == readyLine {
-					continue
-				}
-				var v T
-				must(tb, json.Unmarshal([]byte(l), &v), "decode "+l)
-				lines = append(lines, v)
-			}
-			if want >= 0 && len(lines) != want {
-				tb.Fatalf("testpod: %v reported %d lines, want %d", pr.Cmd.Args[1:], len(lines), want)
-			}
-			return lines
+	out := pr.waitStdout(tb, "done", timeout, func(out string) bool { return strings.HasSuffix(out, burstDone+"\n") })
+	var lines []T
+	for _, l := range strings.Split(strings.TrimSpace(strings.TrimSuffix(out, burstDone+"\n")), "\n") {
+		if l == "" || l == readyLine {
+			continue
 		}
-		select {
-		case <-pr.done:
-			pr.reported.Store(true)
-			tb.Fatalf("testpod: %v exited (%v); stderr:\n%s", pr.Cmd.Args[1:], pr.Cmd.ProcessState, pr.stderr)
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			pr.reported.Store(true)
-			tb.Fatalf("testpod: %v not done after %v; stderr:\n%s", pr.Cmd.Args[1:], timeout, pr.stderr)
-		}
+		var v T
+		must(tb, json.Unmarshal([]byte(l), &v), "decode "+l)
+		lines = append(lines, v)
 	}
+	if want >= 0 && len(lines) != want {
+		tb.Fatalf("testpod: %v reported %d lines, want %d", pr.Cmd.Args[1:], len(lines), want)
+	}
+	return lines
 }
 
 // burst-app: connect to every target at once (non-blocking), wait until each connect is
@@ -329,7 +314,7 @@ func runBurstProxy(args []string) error {
 	if err := unix.Listen(ln, depth); err != nil {
 		return err
 	}
-	fmt.Println(readyLine)
+	Ready()
 	if *backlog == 0 {
 		<-go1
 	}

@@ -11,12 +11,115 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 )
 
-// The client helper: one connect per target, from the kind of socket each target asks for.
+// The client helper: one connect per target, from the kind of socket each target asks for;
+// what a test asks (Target) and what it gets back (Result), from the test's side first.
+
+// Target is one connection a client makes.
+type Target struct {
+	Dst     netip.AddrPort
+	BindSrc netip.Addr // optional: bind before connect
+	Shape              // how the socket connects (zero: Go's dialer)
+	// ThenGID, if set, switches the client's gids to it between socket() and connect() (the
+	// client must run as root): the socket file keeps the group it was made with.
+	ThenGID uint32
+}
+
+// setgidPrefix marks a ThenGID target on the client's command line (before the Shape's).
+const setgidPrefix = "setgid="
+
+func (t Target) String() string {
+	s := t.Dst.String()
+	if t.BindSrc.IsValid() {
+		s += "@" + t.BindSrc.String()
+	}
+	s = t.Shape.prefix() + s
+	if t.ThenGID != 0 {
+		s = setgidPrefix + strconv.FormatUint(uint64(t.ThenGID), 10) + ":" + s
+	}
+	return s
+}
+
+// Result is what a client saw for one Target.
+type Result struct {
+	Dst  string `json:"dst"`
+	Err  string `json:"err,omitempty"` // "connection refused", "timeout", or errno text
+	Hops []Hop  `json:"hops,omitempty"`
+}
+
+// Hop is the JSON line a listener writes for each connection it accepts.
+type Hop struct {
+	Who string `json:"who"`
+	// Listener is the address of the proxy listener that accepted (with sk_lookup the
+	// accepted socket's Local is the original destination, not the listener's port), and
+	// Index which of its SO_REUSEPORT sockets did.
+	Listener string `json:"listener,omitempty"`
+	Index    int    `json:"index,omitempty"`
+	Local    string `json:"local"` // accepted socket's local address
+	Peer     string `json:"peer"`  // accepted socket's peer address
+	Orig     string `json:"orig,omitempty"`
+	OrigErr  string `json:"orig_err,omitempty"` // SO_ORIGINAL_DST failed: errno text
+	Err      string `json:"err,omitempty"`      // forward-mode proxy could not reach Orig
+	// UpstreamSrc is the local address of a forward-mode proxy's connection to Orig.
+	UpstreamSrc string `json:"upstream_src,omitempty"`
+}
+
+// Dial runs a client in the pod as uid/gid and returns one Result per target, in order.
+func (p *Pod) Dial(tb testing.TB, uid, gid uint32, targets ...Target) []Result {
+	tb.Helper()
+	return p.DialWithin(tb, uid, gid, ClientTimeout, targets...)
+}
+
+// DialWithin is Dial giving each target timeout instead of ClientTimeout: for connections
+// expected to time out, which nothing answers however long the client waits.
+func (p *Pod) DialWithin(tb testing.TB, uid, gid uint32, timeout time.Duration, targets ...Target) []Result {
+	tb.Helper()
+	return dialWithin(tb, func(s ProcSpec) *Proc { return p.Start(tb, s) }, ProcSpec{UID: uid, GID: gid}, timeout, targets)
+}
+
+// DialGroups is Dial with supplementary groups.
+func (p *Pod) DialGroups(tb testing.TB, uid, gid uint32, groups []uint32, targets ...Target) []Result {
+	tb.Helper()
+	return dial(tb, func(s ProcSpec) *Proc { return p.Start(tb, s) }, ProcSpec{UID: uid, GID: gid, Groups: groups}, targets)
+}
+
+// Dial runs a client (as root) in the remote netns, e.g. for inbound tests.
+func (n *Network) Dial(tb testing.TB, targets ...Target) []Result {
+	tb.Helper()
+	return dial(tb, func(s ProcSpec) *Proc { return n.Start(tb, s) }, ProcSpec{}, targets)
+}
+
+func dial(tb testing.TB, start func(ProcSpec) *Proc, who ProcSpec, targets []Target) []Result {
+	tb.Helper()
+	return dialWithin(tb, start, who, ClientTimeout, targets)
+}
+
+func dialWithin(tb testing.TB, start func(ProcSpec) *Proc, who ProcSpec, timeout time.Duration, targets []Target) []Result {
+	tb.Helper()
+	args := []string{"client", "--timeout", timeout.String()}
+	for _, t := range targets {
+		args = append(args, "--target", t.String())
+	}
+	who.Args = args
+	out := start(who).
+		Wait(tb, time.Duration(len(targets))*timeout+readyTimeout)
+	var res []Result
+	dec := json.NewDecoder(strings.NewReader(out))
+	for dec.More() {
+		var r Result
+		must(tb, dec.Decode(&r), "decode client output "+out)
+		res = append(res, r)
+	}
+	if len(res) != len(targets) {
+		tb.Fatalf("testpod: client printed %d results for %d targets: %s", len(res), len(targets), out)
+	}
+	return res
+}
 
 // client: connect to each target in turn and print one Result line per target.
 func runClient(args []string) error {
@@ -63,7 +166,7 @@ func clientDial(target string, timeout time.Duration) Result {
 			return res
 		}
 	}
-	d := dialer(timeout, src)
+	d := Dialer(timeout, src)
 	d.Deadline = time.Now().Add(timeout)
 	if thenGID != 0 {
 		// After socket(), before connect(): Setresgid changes every thread's ids.
@@ -78,7 +181,7 @@ func clientDial(target string, timeout time.Duration) Result {
 	} else if ap, perr := netip.ParseAddrPort(dst); perr != nil {
 		err = perr
 	} else {
-		c, err = d.Dial(tcpNetwork(ap.Addr()), dst)
+		c, err = d.Dial(TCPNetwork(ap.Addr()), dst)
 	}
 	if err != nil {
 		res.Err = errText(err)

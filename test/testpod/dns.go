@@ -68,14 +68,14 @@ type QueryResult struct {
 // UDPServer starts a udp-server helper in the pod as uid/gid, bound to listen.
 func (p *Pod) UDPServer(tb testing.TB, name string, listen netip.AddrPort, uid, gid uint32) *Proc {
 	tb.Helper()
-	return p.Start(tb, ProcSpec{UID: uid, GID: gid, Args: []string{"udp-server", name, listen.String()}}).waitReady(tb)
+	return p.Start(tb, ProcSpec{UID: uid, GID: gid, Args: []string{"udp-server", name, listen.String()}}).WaitReady(tb)
 }
 
 // UDPServer starts a udp-server helper in the remote netns, bound to listen (so its
 // replies come from that address).
 func (n *Network) UDPServer(tb testing.TB, name string, listen netip.AddrPort) *Proc {
 	tb.Helper()
-	return n.Start(tb, ProcSpec{Args: []string{"udp-server", name, listen.String()}}).waitReady(tb)
+	return n.Start(tb, ProcSpec{Args: []string{"udp-server", name, listen.String()}}).WaitReady(tb)
 }
 
 // Query runs one query in the pod as uid/gid.
@@ -141,15 +141,11 @@ func runUDPServer(args []string) error {
 	if err != nil {
 		return err
 	}
-	network := "udp4"
-	if !ap.Addr().Is4() {
-		network = "udp6"
-	}
-	pc, err := net.ListenPacket(network, args[1])
+	pc, err := net.ListenPacket(udpNetwork(ap.Addr()), args[1])
 	if err != nil {
 		return err
 	}
-	fmt.Println(readyLine)
+	Ready()
 	buf := make([]byte, 512)
 	for {
 		_, from, err := pc.ReadFrom(buf)

@@ -1,7 +1,6 @@
 package testpod
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -19,116 +18,6 @@ import (
 	"github.com/meshdivert/divert/internal/origdst"
 )
 
-const (
-	helperEnv = "DIVERT_TESTPOD_HELPER"
-	readyLine = "ready"
-)
-
-// RunHelperIfRequested turns the test binary into a helper process when testpod started it
-// that way; otherwise it returns at once. Call it first thing in TestMain:
-//
-//	func TestMain(m *testing.M) {
-//		testpod.RunHelperIfRequested()
-//		os.Exit(m.Run())
-//	}
-func RunHelperIfRequested() {
-	if os.Getenv(helperEnv) != "1" {
-		return
-	}
-	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "testpod helper: no command")
-		os.Exit(2)
-	}
-	cmds := map[string]func([]string) error{
-		"server": runServer,
-		"proxy":  runProxy,
-		"client": runClient,
-		"id":     runID,
-		"udp":    runUDP,
-
-		"udp-server": runUDPServer,
-		"query":      runQuery,
-		"resolve":    runResolve,
-
-		"burst-app":   runBurstApp,
-		"burst-proxy": runBurstProxy,
-		"soak-app":    runSoakApp,
-		"soak-proxy":  runSoakProxy,
-	}
-	run, ok := cmds[os.Args[1]]
-	if !ok {
-		fmt.Fprintf(os.Stderr, "testpod helper: unknown command %q\n", os.Args[1])
-		os.Exit(2)
-	}
-	if err := run(os.Args[2:]); err != nil {
-		fmt.Fprintf(os.Stderr, "testpod helper %s: %v\n", os.Args[1], err)
-		os.Exit(1)
-	}
-	os.Exit(0)
-}
-
-// listen opens a plain TCP listener. Go >= 1.24 makes listeners MPTCP by default, and
-// SOCKMAP (used by the eBPF inbound path) refuses MPTCP sockets.
-func listen(addr string) (net.Listener, error) { return listenWith(addr, false, false, false) }
-
-// listenWith optionally sets SO_REUSEPORT, as Envoy does with one listener per worker, and
-// IP_TRANSPARENT (IPV6_TRANSPARENT on IPv6 sockets), which iptables TPROXY needs on the
-// listener it delivers to. An IPv4 address gets an AF_INET socket; [::] a dual-stack
-// AF_INET6 socket (IPV6_V6ONLY off: IPv4 clients arrive as ::ffff:a.b.c.d), unless
-// v6only, as Envoy's [::] listener next to a 0.0.0.0 one on the same port; any other IPv6
-// address an AF_INET6 socket.
-func listenWith(addr string, reuseport, transparent, v6only bool) (net.Listener, error) {
-	ap, err := netip.ParseAddrPort(addr)
-	if err != nil {
-		return nil, err
-	}
-	network := "tcp4"
-	switch {
-	case ap.Addr().Is6() && (v6only || !ap.Addr().IsUnspecified()):
-		network = "tcp6" // Go sets IPV6_V6ONLY on "tcp6" sockets
-	case ap.Addr().Is6():
-		network = "tcp" // Go's dual-stack wildcard listener
-	}
-	var lc net.ListenConfig
-	lc.SetMultipathTCP(false)
-	lc.Control = func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		err := rc.Control(func(fd uintptr) {
-			if reuseport {
-				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-			}
-			if transparent && serr == nil {
-				if ap.Addr().Is6() {
-					serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
-				} else {
-					serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
-				}
-			}
-		})
-		return errors.Join(err, serr)
-	}
-	return lc.Listen(context.Background(), network, addr)
-}
-
-// tcpNetwork is Go's network name for a plain dial to a: "tcp4" or "tcp6" (an AF_INET6
-// socket with IPV6_V6ONLY set, as Go makes them).
-func tcpNetwork(a netip.Addr) string {
-	if a.Is4() || a.Is4In6() {
-		return "tcp4"
-	}
-	return "tcp6"
-}
-
-// dialer returns a plain-TCP dialer (never MPTCP, so cgroup hooks see ordinary TCP).
-func dialer(timeout time.Duration, src netip.Addr) *net.Dialer {
-	d := &net.Dialer{Timeout: timeout}
-	d.SetMultipathTCP(false)
-	if src.IsValid() {
-		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
-	}
-	return d
-}
-
 // server: on each connection write one Hop line, then close.
 func runServer(args []string) error {
 	fs := flag.NewFlagSet("server", flag.ContinueOnError)
@@ -137,21 +26,10 @@ func runServer(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	ln, err := listen(*addr)
-	if err != nil {
-		return err
-	}
-	fmt.Println(readyLine)
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return err
-		}
-		go func() {
-			defer c.Close()
-			writeHop(c, Hop{Who: *name, Local: c.LocalAddr().String(), Peer: c.RemoteAddr().String()})
-		}()
-	}
+	return Serve(*addr, func(c *net.TCPConn) {
+		defer c.Close()
+		writeHop(c, Hop{Who: *name, Local: c.LocalAddr().String(), Peer: c.RemoteAddr().String()})
+	})
 }
 
 type listFlag []string
@@ -206,7 +84,7 @@ func runProxy(args []string) error {
 	if len(lns) == 0 {
 		return errors.New("no --listen")
 	}
-	fmt.Println(readyLine)
+	Ready()
 	errc := make(chan error)
 	for i, ln := range lns {
 		// Inbound is decided by the listener, not by the accepted socket's local address:
@@ -216,15 +94,11 @@ func runProxy(args []string) error {
 		if ln.Addr().(*net.TCPAddr).Port == *inboundPort {
 			bind, mark = srcs, uint32(*osrcMark)
 		}
+		osrc := originalSrc{mark, *originalSrcTimeout, *originalSrcDual}
 		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					errc <- err
-					return
-				}
-				go proxyConn(c.(*net.TCPConn), *name, *mode == "forward", bind, originalSrc{mark, *originalSrcTimeout, *originalSrcDual}, ln.Addr().String(), index[i])
-			}
+			errc <- Accept(ln, func(c *net.TCPConn) {
+				proxyConn(c, *name, *mode == "forward", bind, osrc, ln.Addr().String(), index[i])
+			})
 		}()
 	}
 	return <-errc
@@ -253,7 +127,7 @@ func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr,
 				bindSrc = a
 			}
 		}
-		d := dialer(3*time.Second, bindSrc)
+		d := Dialer(3*time.Second, bindSrc)
 		client := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
 		if osrc.mark != 0 {
 			d = originalSrcDialer(osrc.timeout, client, osrc.mark)
@@ -264,7 +138,7 @@ func proxyConn(c *net.TCPConn, name string, forward bool, bindSrcs []netip.Addr,
 					unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(osrc.mark)))
 			})
 		} else {
-			up, err = d.Dial(tcpNetwork(orig.Addr()), hop.Orig)
+			up, err = d.Dial(TCPNetwork(orig.Addr()), hop.Orig)
 		}
 		if err != nil {
 			hop.Err = errText(err)
@@ -295,7 +169,7 @@ type originalSrc struct {
 // client's own would give this connection the 4-tuple of the client's connection to the
 // pod, which the proxy's accepted socket already holds in the same namespace.
 func originalSrcDialer(timeout time.Duration, client netip.Addr, mark uint32) *net.Dialer {
-	d := dialer(timeout, client.Unmap())
+	d := Dialer(timeout, client.Unmap())
 	d.Control = func(_, _ string, rc syscall.RawConn) error {
 		var serr error
 		err := rc.Control(func(fd uintptr) {
@@ -368,11 +242,7 @@ func runUDP(args []string) error {
 	if err != nil {
 		return err
 	}
-	network := "udp4"
-	if !ap.Addr().Is4() {
-		network = "udp6"
-	}
-	c, err := net.Dial(network, args[0])
+	c, err := net.Dial(udpNetwork(ap.Addr()), args[0])
 	if err != nil {
 		return err
 	}

@@ -278,30 +278,13 @@ func rawSockaddr(sa unix.Sockaddr) ([]byte, error) {
 	return nil, fmt.Errorf("io_uring: unsupported address %T", sa)
 }
 
-// waitConnected waits for a non-blocking connect's outcome until deadline.
+// waitConnected waits for a non-blocking connect's outcome until deadline and makes the
+// socket blocking again.
 func waitConnected(fd int, deadline time.Time) error {
-	for {
-		left := time.Until(deadline)
-		if left <= 0 {
-			return os.ErrDeadlineExceeded
-		}
-		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
-		n, err := unix.Poll(pfd, int(left.Milliseconds())+1)
-		if errors.Is(err, unix.EINTR) || (err == nil && n == 0) {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		soErr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
-		if err != nil {
-			return err
-		}
-		if soErr != 0 {
-			return unix.Errno(soErr)
-		}
-		return unix.SetNonblock(fd, false)
+	if err := sockio.WaitConnected(fd, deadline); err != nil {
+		return err
 	}
+	return unix.SetNonblock(fd, false)
 }
 
 // bindDevice applies shape's SO_BINDTODEVICE, if any.

@@ -51,7 +51,7 @@ type Soak struct {
 // StartSoak starts a soak proxy on proxyAddr (uid/gid proxyID) and a soak app (appID).
 func (p *Pod) StartSoak(tb testing.TB, proxyAddr netip.AddrPort, proxyID, appID uint32, c SoakConfig) *Soak {
 	tb.Helper()
-	p.Start(tb, ProcSpec{UID: proxyID, GID: proxyID, Args: []string{"soak-proxy", "--listen", proxyAddr.String()}}).waitReady(tb)
+	p.Start(tb, ProcSpec{UID: proxyID, GID: proxyID, Args: []string{"soak-proxy", "--listen", proxyAddr.String()}}).WaitReady(tb)
 	addrs := make([]string, len(p.Net.Addrs))
 	for i, a := range p.Net.Addrs {
 		addrs[i] = a.String()
@@ -65,19 +65,7 @@ func (p *Pod) StartSoak(tb testing.TB, proxyAddr netip.AddrPort, proxyID, appID 
 // Phase waits until the app has printed the phase line.
 func (s *Soak) Phase(phase string, timeout time.Duration) {
 	s.tb.Helper()
-	deadline := time.Now().Add(timeout)
-	for !strings.Contains(s.app.Stdout(), phase+"\n") {
-		select {
-		case <-s.app.done:
-			s.app.reported.Store(true)
-			s.tb.Fatalf("testpod: soak app exited before %q (%v); stderr:\n%s", phase, s.app.Cmd.ProcessState, s.app.stderr)
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			s.app.reported.Store(true)
-			s.tb.Fatalf("testpod: soak app not at %q after %v; stdout:\n%s\nstderr:\n%s", phase, timeout, s.app.Stdout(), s.app.stderr)
-		}
-	}
+	s.app.waitStdout(s.tb, phase, timeout, func(out string) bool { return strings.Contains(out, phase+"\n") })
 }
 
 // Continue lets the app go on from "long-open" to the short connections.
@@ -105,34 +93,23 @@ func runSoakProxy(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	ln, err := listen(*listenAddr)
-	if err != nil {
-		return err
-	}
-	fmt.Println(readyLine)
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return err
+	return Serve(*listenAddr, func(c *net.TCPConn) {
+		defer c.Close()
+		var b [1]byte
+		if _, err := io.ReadFull(c, b[:]); err != nil {
+			return
 		}
-		go func() {
-			defer c.Close()
-			var b [1]byte
-			if _, err := io.ReadFull(c, b[:]); err != nil {
-				return
-			}
-			var answer string
-			if orig, err := origdst.Get(c.(*net.TCPConn)); err != nil {
-				answer = "err " + errText(err)
-			} else {
-				answer = orig.String()
-			}
-			if _, err := io.WriteString(c, answer+"\n"); err != nil {
-				return
-			}
-			_, _ = io.Copy(io.Discard, c) // the app closes first: its port's TIME_WAIT is reusable on loopback
-		}()
-	}
+		var answer string
+		if orig, err := origdst.Get(c); err != nil {
+			answer = "err " + errText(err)
+		} else {
+			answer = orig.String()
+		}
+		if _, err := io.WriteString(c, answer+"\n"); err != nil {
+			return
+		}
+		_, _ = io.Copy(io.Discard, c) // the app closes first: its port's TIME_WAIT is reusable on loopback
+	})
 }
 
 // soak-app: open the long-lived connections, make the short ones with workers, then wait
@@ -199,7 +176,7 @@ func runSoakApp(args []string) error {
 		}
 		return true
 	}
-	d := dialer(10*time.Second, netip.Addr{})
+	d := Dialer(10*time.Second, netip.Addr{})
 
 	longConns := make([]net.Conn, *long)
 	for i := range longConns {

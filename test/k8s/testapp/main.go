@@ -27,13 +27,6 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == "pause" {
 		pause()
 	}
-	if len(os.Args) > 1 && os.Args[1] == "dns" {
-		if err := runDNS(os.Args[2:]); err != nil {
-			fmt.Fprintf(os.Stderr, "testapp dns: %v\n", err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
 	if len(os.Args) > 1 && os.Args[1] == "proxy" && dnsCaptureOn() {
 		// Listening before the proxy prints its ready line, which the tests wait for.
 		if err := startDNSAgent(flagValue(os.Args[2:], "--name")); err != nil {
@@ -41,12 +34,8 @@ func main() {
 			os.Exit(1)
 		}
 	}
-	// testpod's helpers run when this variable says so (normally set by the test binary
-	// re-executing itself); here the binary is always a helper.
-	os.Setenv("DIVERT_TESTPOD_HELPER", "1")
-	testpod.RunHelperIfRequested()
-	os.Stderr.WriteString("usage: testapp server|proxy|client|dns|id|udp|pause [flags]\n")
-	os.Exit(2)
+	// Always a helper (testpod's, and dns): an unknown command exits 2 naming them all.
+	testpod.RunHelper(testpod.Helpers{"dns": runDNS})
 }
 
 // pause is what the pause image's process does: hold the pod's namespaces, reap children
