@@ -48,7 +48,7 @@ func (r *rig) b7() {
 	defer s.Close()
 	n := testpod.NewNetwork(s)
 	ns := netip.AddrPortFrom(n.Addrs[3], policy.DNSPort)
-	waitReady(s, n.Start(s, testpod.ProcSpec{Args: []string{cmdDNS, "--listen", ns.String(), "--marker", string(rune(markerServer))}}))
+	n.Start(s, testpod.ProcSpec{Args: dnsArgs(ns, markerServer)}).WaitReady(s)
 	cfg := divertest.Config(s, "--redirect-dns", "--dns-servers", ns.Addr().String())
 	modes := dnsModes()
 	rounds := r.p.Rounds
@@ -135,8 +135,8 @@ func (r *rig) dnsPod(s *scope, n *testpod.Network, mode Mode, cfg *policy.Config
 			s.Fatalf("%s: %v", mode, err)
 		}
 	}
-	waitReady(s, pod.Start(s, testpod.ProcSpec{UID: proxyUID, GID: proxyUID,
-		Args: []string{cmdDNS, "--listen", agentDNS.String(), "--marker", string(rune(markerAgent))}}))
+	pod.Start(s, testpod.ProcSpec{UID: proxyUID, GID: proxyUID,
+		Args: dnsArgs(agentDNS, markerAgent)}).WaitReady(s)
 	if mode == EBPF {
 		dp.ctr0 = (&divertest.Attached{Pod: pod, Opts: r.opts}).Counters(s)[policy.ReasonDNSCaptured]
 	}

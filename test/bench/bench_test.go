@@ -40,8 +40,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	RunHelperIfRequested()
-	testpod.RunHelperIfRequested()
+	testpod.RunHelperIfRequested(helpers)
 	os.Exit(m.Run())
 }
 
@@ -286,8 +285,7 @@ type network struct {
 
 func newNetwork(s *scope) *network {
 	n := testpod.NewNetwork(s)
-	srv := n.Start(s, testpod.ProcSpec{Args: []string{cmdServer, "--listen", fmt.Sprintf("0.0.0.0:%d", serverPort)}})
-	waitReady(s, srv)
+	n.Start(s, testpod.ProcSpec{Args: []string{cmdServer, "--listen", fmt.Sprintf("0.0.0.0:%d", serverPort)}}).WaitReady(s)
 	return &network{Network: n, server: netip.AddrPortFrom(n.Addrs[0], serverPort)}
 }
 
@@ -295,20 +293,8 @@ func newNetwork(s *scope) *network {
 // (which the remote gets with its first IPv6 pod; the server listens on [::]).
 func newNetwork6(s *scope) *network {
 	n := testpod.NewNetwork(s)
-	srv := n.Start(s, testpod.ProcSpec{Args: []string{cmdServer, "--listen", fmt.Sprintf("[::]:%d", serverPort)}})
-	waitReady(s, srv)
+	n.Start(s, testpod.ProcSpec{Args: []string{cmdServer, "--listen", fmt.Sprintf("[::]:%d", serverPort)}}).WaitReady(s)
 	return &network{Network: n, server: netip.AddrPortFrom(testpod.PrimaryAddr6, serverPort), ipv6: true}
-}
-
-func waitReady(tb testing.TB, pr *testpod.Proc) {
-	tb.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !strings.HasPrefix(pr.Stdout(), readyLine+"\n") {
-		if time.Now().After(deadline) {
-			tb.Fatalf("%v not ready after 10s; stderr: %s", pr.Cmd.Args[1:], pr.Stderr())
-		}
-		time.Sleep(time.Millisecond)
-	}
 }
 
 // modePod is one mode's pod: a fresh netns and cgroup with the mode's capture installed and,
@@ -374,7 +360,7 @@ func (r *rig) addPod(s *scope, n *network, mode Mode, cfg *policy.Config) (*mode
 		mp.proxy = pod.Start(s, testpod.ProcSpec{UID: proxyUID, GID: proxyUID,
 			Args: []string{cmdProxy, "--listen", listen}})
 	}
-	waitReady(s, mp.proxy)
+	mp.proxy.WaitReady(s)
 	if mode == EBPF {
 		mp.ctr0 = r.redirects(s, mp)
 	}

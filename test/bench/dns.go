@@ -6,18 +6,17 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"runtime"
-	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/sockio"
+	"github.com/meshdivert/divert/test/testpod"
 )
 
 // B7's helper processes (see helpers.go for how they start).
@@ -40,6 +39,11 @@ const (
 	dnsTimeout   = 2 * time.Second // a lost UDP answer fails the run instead of hanging it
 )
 
+// dnsArgs is the command line of a bench-dns answering on listen with marker.
+func dnsArgs(listen netip.AddrPort, marker byte) []string {
+	return []string{cmdDNS, "--listen", listen.String(), "--marker", string(rune(marker))}
+}
+
 // runDNS answers UDP and TCP queries on --listen with --marker.
 func runDNS(args []string) error {
 	fs := flag.NewFlagSet(cmdDNS, flag.ContinueOnError)
@@ -59,7 +63,7 @@ func runDNS(args []string) error {
 	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}); err != nil {
 		return fmt.Errorf("bind udp %s: %w", ap, err)
 	}
-	ln, err := listen(*addr)
+	ln, err := testpod.Listen(*addr)
 	if err != nil {
 		return err
 	}
@@ -70,17 +74,8 @@ func runDNS(args []string) error {
 	for range 2 {
 		go func() { errc <- serveUDP(fd, m) }()
 	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				errc <- err
-				return
-			}
-			go serveDNSConn(c, m)
-		}
-	}()
-	fmt.Println(readyLine)
+	go func() { errc <- testpod.Accept(ln, func(c *net.TCPConn) { serveDNSConn(c, m) }) }()
+	testpod.Ready()
 	return <-errc
 }
 
@@ -109,14 +104,14 @@ func serveDNSConn(c net.Conn, marker byte) {
 	defer c.Close()
 	buf := make([]byte, 2+512)
 	for {
-		if _, err := readConn(c, buf[:2]); err != nil {
+		if _, err := io.ReadFull(c, buf[:2]); err != nil {
 			return
 		}
 		n := int(binary.BigEndian.Uint16(buf))
 		if n > 512 {
 			return
 		}
-		if _, err := readConn(c, buf[2:2+n]); err != nil {
+		if _, err := io.ReadFull(c, buf[2:2+n]); err != nil {
 			return
 		}
 		if n >= 3 {
@@ -126,18 +121,6 @@ func serveDNSConn(c net.Conn, marker byte) {
 			return
 		}
 	}
-}
-
-func readConn(c net.Conn, b []byte) (int, error) {
-	k := 0
-	for k < len(b) {
-		n, err := c.Read(b[k:])
-		k += n
-		if err != nil {
-			return k, err
-		}
-	}
-	return k, nil
 }
 
 // runDNSQuery is the app: --n queries after --warmup ones, each on its own socket (connect,
@@ -154,15 +137,8 @@ func runDNSQuery(args []string) error {
 	warmup := fs.Int("warmup", 100, "discarded queries first")
 	clients := fs.Int("clients", 0, "parallel resolvers for --duration instead of --n sequential queries")
 	duration := fs.Duration("duration", time.Second, "measured time (parallel)")
-	cgroups := fs.String("cgroups", "", "comma-separated cgroup v2 directories whose CPU time to report")
-	if err := fs.Parse(args); err != nil {
+	if err := parseWithCgroups(fs, args); err != nil {
 		return err
-	}
-	if *cgroups != "" {
-		cpuDirs = strings.Split(*cgroups, ",")
-		if _, err := cpuUsage(); err != nil {
-			return err
-		}
 	}
 	dst, err := netip.ParseAddrPort(*dstText)
 	if err != nil || !dst.Addr().Is4() {
@@ -172,11 +148,13 @@ func runDNSQuery(args []string) error {
 		return fmt.Errorf("--proto must be udp or tcp, not %q", *proto)
 	}
 	q := &querier{tcp: *proto == "tcp", sa: &unix.SockaddrInet4{Addr: dst.Addr().As4(), Port: int(dst.Port())}}
+	ask := func(i int) (bool, error) { return q.ask(uint16(i), i == 0) }
 	var res LoadResult
 	if *clients > 0 {
-		res = q.parallel(*clients, *warmup, *duration)
+		// Each resolver checks its first answer's peer among its warm-up queries.
+		res = parallel(*clients, *warmup, 0, *duration, func() func(int) (bool, error) { return ask })
 	} else {
-		res = q.sequential(*warmup, *n)
+		res = sequential(*warmup, *n, false, ask)
 	}
 	return json.NewEncoder(os.Stdout).Encode(res)
 }
@@ -184,83 +162,6 @@ func runDNSQuery(args []string) error {
 type querier struct {
 	tcp bool
 	sa  *unix.SockaddrInet4
-}
-
-func (q *querier) sequential(warmup, n int) LoadResult {
-	runtime.LockOSThread()
-	var t tally
-	t.LatNS = make([]int64, 0, n)
-	var cpu cpuMeter
-	var start0 time.Time
-	for i := range warmup + n {
-		if i == warmup {
-			cpu.start()
-			start0 = time.Now()
-		}
-		start := time.Now()
-		wrong, err := q.ask(uint16(i), i == 0)
-		d := time.Since(start)
-		t.add(wrong, err)
-		if i >= warmup && err == nil {
-			t.LatNS = append(t.LatNS, int64(d))
-		}
-	}
-	t.Seconds = time.Since(start0).Seconds()
-	t.CPUMicros = cpu.stop()
-	t.Count = int64(len(t.LatNS))
-	return t.LoadResult
-}
-
-// parallel runs clients resolvers; each asks warmup queries first (checking the first
-// one's peer), then all ask until the measured window ends.
-func (q *querier) parallel(clients, warmup int, duration time.Duration) LoadResult {
-	var measuring, stop atomic.Bool
-	tallies := make([]tally, clients)
-	counts := make([]int64, clients)
-	var ready, wg sync.WaitGroup
-	for c := range clients {
-		ready.Add(1)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			runtime.LockOSThread()
-			for i := 0; !stop.Load(); i++ {
-				if i == warmup {
-					ready.Done()
-				}
-				m := measuring.Load()
-				wrong, err := q.ask(uint16(i), i == 0)
-				tallies[c].add(wrong, err)
-				if m && err == nil && !stop.Load() {
-					counts[c]++
-				}
-				if err != nil && i < warmup {
-					ready.Done() // a broken path fails the run, it must not hang it
-					return
-				}
-			}
-		}()
-	}
-	ready.Wait()
-	var cpu cpuMeter
-	cpu.start()
-	measuring.Store(true)
-	start := time.Now()
-	time.Sleep(duration)
-	stop.Store(true)
-	elapsed := time.Since(start)
-	res := LoadResult{CPUMicros: cpu.stop(), Seconds: elapsed.Seconds()}
-	wg.Wait()
-	for c := range clients {
-		res.Conns += tallies[c].Conns
-		res.Errors += tallies[c].Errors
-		res.WrongPath += tallies[c].WrongPath
-		if res.FirstErr == "" {
-			res.FirstErr = tallies[c].FirstErr
-		}
-		res.Count += counts[c]
-	}
-	return res
 }
 
 // ask makes one query on a new socket and reports whether the answer took the wrong path:

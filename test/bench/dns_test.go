@@ -18,10 +18,10 @@ import (
 func TestDNSQueryChecksTheAnswer(t *testing.T) {
 	n := testpod.NewNetwork(t)
 	ns := netip.AddrPortFrom(n.Addrs[3], policy.DNSPort)
-	waitReady(t, n.Start(t, testpod.ProcSpec{Args: []string{cmdDNS, "--listen", ns.String(), "--marker", string(rune(markerServer))}}))
+	n.Start(t, testpod.ProcSpec{Args: dnsArgs(ns, markerServer)}).WaitReady(t)
 	pod := n.AddPod(t)
-	waitReady(t, pod.Start(t, testpod.ProcSpec{UID: proxyUID, GID: proxyUID,
-		Args: []string{cmdDNS, "--listen", agentDNS.String(), "--marker", string(rune(markerAgent))}}))
+	pod.Start(t, testpod.ProcSpec{UID: proxyUID, GID: proxyUID,
+		Args: dnsArgs(agentDNS, markerAgent)}).WaitReady(t)
 	ask := func(t *testing.T, proto string, dst netip.AddrPort, args ...string) LoadResult {
 		t.Helper()
 		out := pod.Start(t, testpod.ProcSpec{UID: appUID, GID: appUID,
