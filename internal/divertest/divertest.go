@@ -17,6 +17,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
@@ -54,6 +55,24 @@ func BPFFS(tb testing.TB) loader.Options {
 		}
 	})
 	return loader.Options{BPFFS: dir}
+}
+
+// IPTablesBackends are the iptables flavours istio-iptables runs with.
+var IPTablesBackends = []iptables.Backend{iptables.BackendNFT, iptables.BackendLegacy}
+
+// ApplyIPTables installs cfg as istio's rules (backend b) in pod's netns and removes them at
+// the end of the test, checking that the cleanup works.
+func ApplyIPTables(tb testing.TB, pod *testpod.Pod, b iptables.Backend, cfg *policy.Config) {
+	tb.Helper()
+	o := iptables.Options{Backend: b}
+	if _, err := o.Apply(context.Background(), pod.NetNSPath, cfg); err != nil {
+		tb.Fatalf("apply istio's %s rules: %v", b, err)
+	}
+	tb.Cleanup(func() {
+		if err := o.Cleanup(context.Background(), pod.NetNSPath); err != nil {
+			tb.Errorf("clean up istio's %s rules: %v", b, err)
+		}
+	})
 }
 
 // Attached is a pod with divert attached.

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -11,7 +10,6 @@ import (
 	"time"
 
 	"github.com/meshdivert/divert/internal/divertest"
-	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/test/testpod"
 )
 
@@ -121,17 +119,9 @@ func TestRealResolvers(t *testing.T) {
 		expect(t, agentName, agentAddr)
 		expect(t, upstreamName, upstreamAddr)
 	})
-	for _, b := range []iptables.Backend{iptables.BackendNFT, iptables.BackendLegacy} {
+	for _, b := range divertest.IPTablesBackends {
 		t.Run("iptables-"+b.String(), func(t *testing.T) {
-			o := iptables.Options{Backend: b}
-			if _, err := o.Apply(context.Background(), pod.NetNSPath, cfg); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				if err := o.Cleanup(context.Background(), pod.NetNSPath); err != nil {
-					t.Error(err)
-				}
-			})
+			divertest.ApplyIPTables(t, pod, b, cfg)
 			expect(t, agentName, agentAddr)
 			expect(t, upstreamName, upstreamAddr)
 		})

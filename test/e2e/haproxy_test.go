@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,7 +10,6 @@ import (
 	"time"
 
 	"github.com/meshdivert/divert/internal/divertest"
-	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/testpod"
@@ -117,17 +115,9 @@ func TestHAProxyIPv6ReadsOnlyItsOwnAddress(t *testing.T) {
 		}
 		att.NoDrops(t)
 	})
-	for _, b := range []iptables.Backend{iptables.BackendNFT, iptables.BackendLegacy} {
+	for _, b := range divertest.IPTablesBackends {
 		t.Run("iptables-"+b.String(), func(t *testing.T) {
-			o := iptables.Options{Backend: b}
-			if _, err := o.Apply(context.Background(), pod.NetNSPath, cfg); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				if err := o.Cleanup(context.Background(), pod.NetNSPath); err != nil {
-					t.Error(err)
-				}
-			})
+			divertest.ApplyIPTables(t, pod, b, cfg)
 			check(t)
 		})
 	}
@@ -171,17 +161,9 @@ backend inbound_passthrough
 		}
 		att.NoDrops(t)
 	})
-	for _, b := range []iptables.Backend{iptables.BackendNFT, iptables.BackendLegacy} {
+	for _, b := range divertest.IPTablesBackends {
 		t.Run("iptables-"+b.String(), func(t *testing.T) {
-			o := iptables.Options{Backend: b}
-			if _, err := o.Apply(context.Background(), pod.NetNSPath, cfg); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				if err := o.Cleanup(context.Background(), pod.NetNSPath); err != nil {
-					t.Error(err)
-				}
-			})
+			divertest.ApplyIPTables(t, pod, b, cfg)
 			ha := startHAProxy(t, pod, 15006, config)
 			res := pod.Net.Dial(t, testpod.Target{Dst: dst})[0]
 			if len(res.Hops) != 0 {
