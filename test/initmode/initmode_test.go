@@ -6,7 +6,6 @@
 package initmode
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -240,6 +239,14 @@ type probe struct {
 	dst  netip.AddrPort
 }
 
+// requireEBPF fails the test unless divert's four programs are on pod's cgroup and netns.
+func requireEBPF(t *testing.T, pod *testpod.Pod) {
+	t.Helper()
+	if n := divertest.AttachedPrograms(t, pod); n != 4 {
+		t.Fatalf("%d programs on the pod's cgroup and netns, want 4", n)
+	}
+}
+
 // checkCapture runs a proxy, an app server and a remote server, makes connections that
 // exercise capture both ways and the bypasses, and requires for each what policy.Decide (the
 // reference model the parity suite holds both backends to) says for cfg: which listener
@@ -295,8 +302,20 @@ func checkCapture(t *testing.T, k *k8sPod, cfg *policy.Config) {
 // istioRules returns the ISTIO_ lines iptables-save (nft and legacy) shows in a netns.
 func istioRules(t *testing.T, netns string) string {
 	t.Helper()
+	return savedRules(t, netns, "iptables")
+}
+
+// ip6Rules is istioRules for ip6tables.
+func ip6Rules(t *testing.T, netns string) string {
+	t.Helper()
+	return savedRules(t, netns, "ip6tables")
+}
+
+// savedRules returns the ISTIO_ lines that tool's nft and legacy save commands show in netns.
+func savedRules(t *testing.T, netns, tool string) string {
+	t.Helper()
 	var lines []string
-	for _, save := range []string{"iptables-nft-save", "iptables-legacy-save"} {
+	for _, save := range []string{tool + "-nft-save", tool + "-legacy-save"} {
 		path, err := exec.LookPath(save)
 		if err != nil {
 			continue
@@ -305,10 +324,9 @@ func istioRules(t *testing.T, netns string) string {
 		if err != nil {
 			t.Fatalf("%s: %v\n%s", save, err, out)
 		}
-		sc := bufio.NewScanner(strings.NewReader(string(out)))
-		for sc.Scan() {
-			if strings.Contains(sc.Text(), "ISTIO_") {
-				lines = append(lines, sc.Text())
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.Contains(l, "ISTIO_") {
+				lines = append(lines, l)
 			}
 		}
 	}
@@ -379,9 +397,7 @@ func TestInjectorCommandLine(t *testing.T) {
 			if r.stderr != "" {
 				t.Errorf("stderr: %s", r.stderr)
 			}
-			if n := divertest.AttachedPrograms(t, k.view()); n != 4 {
-				t.Fatalf("%d programs on the pod's cgroup and netns, want 4", n)
-			}
+			requireEBPF(t, k.view())
 			assertPinned(t, opts, k.UID)
 			checkCapture(t, k, divertest.Config(t, injectorArgs...))
 		})
@@ -406,9 +422,7 @@ func TestParentLayoutNeedsPodID(t *testing.T) {
 	r = initContainer(t, k, nil, divert, append(args, "--pod-id", pod.Name)...)
 	r.mustSucceed(t, "istio-iptables --pod-id")
 	t.Cleanup(func() { loader.Detach(pod.Name, opts) })
-	if n := divertest.AttachedPrograms(t, pod); n != 4 {
-		t.Fatalf("%d programs on the pod, want 4", n)
-	}
+	requireEBPF(t, pod)
 	checkCapture(t, k, divertest.Config(t, injectorArgs...))
 }
 
@@ -595,9 +609,7 @@ func TestCleanupOnlyEBPF(t *testing.T) {
 	k := newK8sPod(t, cgroupfsLayout)
 	opts := divertest.BPFFS(t)
 	initContainer(t, k, nil, divert, append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, injectorArgs...)...).mustSucceed(t, "attach")
-	if n := divertest.AttachedPrograms(t, k.view()); n != 4 {
-		t.Fatalf("%d programs attached, want 4", n)
-	}
+	requireEBPF(t, k.view())
 	r := initContainer(t, k, nil, divert, "istio-iptables", "--cleanup-only", "--bpffs", opts.BPFFS)
 	r.mustSucceed(t, "--cleanup-only")
 	if !strings.Contains(r.stdout, "detached pod "+k.UID) {
@@ -815,9 +827,7 @@ func TestCgroupNamespace(t *testing.T) {
 	if !strings.Contains(r.stdout, "attached pod "+k.UID) {
 		t.Errorf("stdout: %s", r.stdout)
 	}
-	if n := divertest.AttachedPrograms(t, k.view()); n != 4 {
-		t.Fatalf("%d programs on the pod's cgroup and netns, want 4", n)
-	}
+	requireEBPF(t, k.view())
 	checkCapture(t, k, divertest.Config(t, injectorArgs...))
 }
 
@@ -853,9 +863,7 @@ func TestBackendsReplaceEachOther(t *testing.T) {
 	if rules := istioRules(t, k.NetNSPath); rules != "" {
 		t.Errorf("istio's rules left under eBPF capture:\n%s", rules)
 	}
-	if n := divertest.AttachedPrograms(t, k.view()); n != 4 {
-		t.Fatalf("%d programs on the pod's cgroup and netns, want 4", n)
-	}
+	requireEBPF(t, k.view())
 	checkCapture(t, k, divertest.Config(t, injectorArgs...))
 
 	r = initContainer(t, k, nil, divert, append(args, "--mode", "iptables")...)

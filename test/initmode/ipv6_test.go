@@ -11,7 +11,6 @@ import (
 
 	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/internal/image"
-	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/test/testpod"
 )
@@ -92,26 +91,4 @@ func TestIPv6Pod(t *testing.T) {
 			divertest.AssertNothingAttached(t, k.view(), opts)
 		})
 	}
-}
-
-// ip6Rules is istioRules for ip6tables.
-func ip6Rules(t *testing.T, netns string) string {
-	t.Helper()
-	var lines []string
-	for _, save := range []string{"ip6tables-nft-save", "ip6tables-legacy-save"} {
-		path, err := exec.LookPath(save)
-		if err != nil {
-			continue
-		}
-		out, err := nsexec.CombinedOutput(netns, exec.Command(path))
-		if err != nil {
-			t.Fatalf("%s: %v\n%s", save, err, out)
-		}
-		for _, l := range strings.Split(string(out), "\n") {
-			if strings.Contains(l, "ISTIO_") {
-				lines = append(lines, l)
-			}
-		}
-	}
-	return strings.Join(lines, "\n")
 }
