@@ -220,9 +220,7 @@ func nodeDSUp(t *testing.T) {
 	if _, err := suite.c.KubectlIn(ctx, list(p), "apply", "-f", "-"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", nodeDS, "--timeout=120s"); err != nil {
-		t.Fatalf("%v\n%s", err, suite.describe())
-	}
+	podReady(t, nodeDS, "120s")
 	podIPs(t, nodeDS)
 	for _, ctr := range []string{"istio-proxy", "app"} {
 		if err := waitListening(nodeDS, ctr); err != nil {

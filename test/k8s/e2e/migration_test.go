@@ -40,19 +40,8 @@ func migrationPodUp(t *testing.T) {
 	if _, err := suite.c.KubectlIn(ctx, list(p), "apply", "-f", "-"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", nodeMig, "--timeout=120s"); err != nil {
-		t.Fatalf("%v\n%s", err, suite.describe())
-	}
-	out, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, nodeMig, "-o", `jsonpath={.status.podIP}={.metadata.uid}`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	suite.ips[nodeMig], suite.uids[nodeMig], _ = strings.Cut(out, "=")
-	for _, ctr := range []string{"proxy", "app"} {
-		if err := waitListening(nodeMig, ctr); err != nil {
-			t.Fatal(err)
-		}
-	}
+	podReady(t, nodeMig, "120s")
+	podListening(t, nodeMig, "proxy", "app")
 	chains := istioChains(t, nodeMig)
 	if chains == 0 {
 		t.Fatal("istio-init (--mode iptables) left no ISTIO_ chains in the pod's netns")

@@ -267,26 +267,9 @@ func nodeTProxy(t *testing.T) {
 		container("app", appUID, "server", "--name", name+"-app", "--listen", "0.0.0.0:"+appPort)}})
 	p["metadata"].(obj)["annotations"] = obj{"sidecar.istio.io/status": `{"containers":["istio-proxy"]}`,
 		"sidecar.istio.io/interceptionMode": "TPROXY"}
-	if _, err := suite.c.KubectlIn(ctx, list(p), "apply", "-f", "-"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, name, "--wait=false")
-	})
-	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", name, "--timeout=120s"); err != nil {
-		t.Fatalf("%v\n%s", err, suite.describe())
-	}
-	out, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, name, "-o", `jsonpath={.status.podIP}={.metadata.uid}`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := strings.Split(strings.TrimSpace(out), "=")
-	suite.ips[name], suite.uids[name] = f[0], f[1]
-	for _, ctr := range []string{"istio-proxy", "app"} {
-		if err := waitListening(name, ctr); err != nil {
-			t.Fatal(err)
-		}
-	}
+	applyPod(t, p, name)
+	podReady(t, name, "120s")
+	podListening(t, name, "istio-proxy", "app")
 	expect(t, r, plainName, "app", addr(name, appPort),
 		want{who: name + "-proxy", listener: "0.0.0.0:" + inboundPrt, orig: addr(name, appPort), local: addr(name, appPort)},
 		want{who: name + "-app", peerIP: suite.ips[plainName]})
@@ -301,12 +284,7 @@ func nodeExcludeInterfacesRefused(t *testing.T) {
 	r := scenario(t)
 	const name = "node-excl-if"
 	p := nodePod(name, true, map[string]string{"traffic.sidecar.istio.io/excludeInterfaces": "net1"})
-	if _, err := suite.c.KubectlIn(ctx, list(p), "apply", "-f", "-"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, name, "--wait=false")
-	})
+	applyPod(t, p, name)
 	rest := sandboxRefused(t, name, "traffic.sidecar.istio.io/excludeInterfaces")
 	r.note("Pending, event: divert: %s", rest)
 }
@@ -323,26 +301,9 @@ func nodeNativeSidecar(t *testing.T) {
 		"containers":     []obj{container("app", appUID, "server", "--name", name+"-app", "--listen", "0.0.0.0:"+appPort)},
 	})
 	p["metadata"].(obj)["annotations"] = obj{"sidecar.istio.io/status": `{"initContainers":["istio-proxy"]}`}
-	if _, err := suite.c.KubectlIn(ctx, list(p), "apply", "-f", "-"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, name, "--wait=false")
-	})
-	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", name, "--timeout=120s"); err != nil {
-		t.Fatalf("%v\n%s", err, suite.describe())
-	}
-	out, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, name, "-o", `jsonpath={.status.podIP}={.metadata.uid}`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := strings.Split(strings.TrimSpace(out), "=")
-	suite.ips[name], suite.uids[name] = f[0], f[1]
-	for _, ctr := range []string{"istio-proxy", "app"} {
-		if err := waitListening(name, ctr); err != nil {
-			t.Fatal(err)
-		}
-	}
+	applyPod(t, p, name)
+	podReady(t, name, "120s")
+	podListening(t, name, "istio-proxy", "app")
 	logged := pinState(t, name, true)
 	initPath := appInitThroughSidecar(t, name)
 	expect(t, r, name, "app", addr(plainName, appPort),
@@ -655,20 +616,9 @@ func nodeAgentBack(t *testing.T) {
 	}
 	start := time.Now()
 	waitAgentReady(t, "")
-	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", nodeLate, "--timeout=180s"); err != nil {
-		t.Fatalf("%v\n%s", err, suite.describe())
-	}
+	podReady(t, nodeLate, "180s")
 	started := time.Since(start)
-	out, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, nodeLate, "-o", `jsonpath={.status.podIP}={.metadata.uid}`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	suite.ips[nodeLate], suite.uids[nodeLate], _ = strings.Cut(out, "=")
-	for _, ctr := range []string{"proxy", "app"} {
-		if err := waitListening(nodeLate, ctr); err != nil {
-			t.Fatal(err)
-		}
-	}
+	podListening(t, nodeLate, "proxy", "app")
 	pinState(t, nodeLate, true)
 	expect(t, r, nodeLate, "app", addr(plainName, appPort),
 		want{who: nodeLate + "-proxy", listener: "0.0.0.0:" + outboundPrt, orig: addr(plainName, appPort)},
@@ -690,6 +640,42 @@ func podCgroups(t *testing.T, uid string) []string {
 		found = append(found, m...)
 	}
 	return found
+}
+
+// applyPod creates the pod p (named name) and deletes it, without waiting, when the test
+// ends.
+func applyPod(t *testing.T, p obj, name string) {
+	t.Helper()
+	if _, err := suite.c.KubectlIn(ctx, list(p), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		suite.c.Kubectl(ctx, "delete", "pod", "-n", namespace, name, "--wait=false")
+	})
+}
+
+// podReady waits for the pod to be Ready (timeout: kubectl's, e.g. "120s").
+func podReady(t *testing.T, name, timeout string) {
+	t.Helper()
+	if _, err := suite.c.Kubectl(ctx, "wait", "-n", namespace, "--for=condition=Ready", "pod", name, "--timeout="+timeout); err != nil {
+		t.Fatalf("%v\n%s", err, suite.describe())
+	}
+}
+
+// podListening records the Ready pod's IP and UID (suite.ips, suite.uids) and waits until
+// each of its containers ctrs listens.
+func podListening(t *testing.T, name string, ctrs ...string) {
+	t.Helper()
+	out, err := suite.c.Kubectl(ctx, "get", "pod", "-n", namespace, name, "-o", `jsonpath={.status.podIP}={.metadata.uid}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	suite.ips[name], suite.uids[name], _ = strings.Cut(strings.TrimSpace(out), "=")
+	for _, ctr := range ctrs {
+		if err := waitListening(name, ctr); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 // waitListening waits for the ready line testpod's helpers print once they listen.
