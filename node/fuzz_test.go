@@ -26,6 +26,7 @@ import (
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/node/cniapi"
 	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/testutil"
 )
 
 // fuzzAnnotations are the annotations FuzzConfig sets, by bit of its present mask.
@@ -153,6 +154,8 @@ func FuzzServer(f *testing.F) {
 	} {
 		f.Add(s.raw, []byte(s.data))
 	}
+	// The agent serves root peers only (SO_PEERCRED): as anyone else every request is a 403.
+	testutil.RequireRoot(f)
 	// Not a bpffs: a DEL with a pod uid is refused ("not a bpffs mount") and nothing is
 	// mounted, so a fuzz worker killed by the fuzzer (cleanups do not run) leaves no mount.
 	dir := f.TempDir()

@@ -16,15 +16,25 @@ const SkipPrivilegedEnv = "DIVERT_TEST_UNPRIVILEGED"
 // (cilium/ebpf's pattern). Fixtures call it, so a test that uses one needs nothing more.
 func RequirePrivileged(tb testing.TB) {
 	tb.Helper()
-	reason := ""
 	switch {
 	case os.Getenv(SkipPrivilegedEnv) == "1":
-		reason = SkipPrivilegedEnv + "=1"
+		skip(tb, SkipPrivilegedEnv+"=1")
 	case os.Geteuid() != 0:
-		reason = "not root"
-	default:
-		return
+		skip(tb, "not root")
 	}
+}
+
+// RequireRoot is RequirePrivileged for a test that needs uid 0 but changes nothing in the
+// kernel (a server that answers root peers only), so make unit, run as root, keeps it.
+func RequireRoot(tb testing.TB) {
+	tb.Helper()
+	if os.Geteuid() != 0 {
+		skip(tb, "not root")
+	}
+}
+
+func skip(tb testing.TB, reason string) {
+	tb.Helper()
 	if os.Getenv("CI") != "" {
 		tb.Fatalf("privileged test cannot run (%s) and CI is set: CI must run every test as root", reason)
 	}
