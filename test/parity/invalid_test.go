@@ -3,7 +3,6 @@ package parity
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -161,15 +160,7 @@ func sequences(t *testing.T, c *net.TCPConn) (snd, rcv uint32) {
 // netnsPath, through a raw socket (the kernel adds the IP header).
 func injectACK(t *testing.T, netnsPath string, src, dst netip.AddrPort, seq, ack uint32) {
 	t.Helper()
-	seg := make([]byte, 20)
-	binary.BigEndian.PutUint16(seg[0:], src.Port())
-	binary.BigEndian.PutUint16(seg[2:], dst.Port())
-	binary.BigEndian.PutUint32(seg[4:], seq)
-	binary.BigEndian.PutUint32(seg[8:], ack)
-	seg[12] = 5 << 4 // data offset: 5 words
-	seg[13] = 0x10   // ACK
-	binary.BigEndian.PutUint16(seg[14:], 65535)
-	binary.BigEndian.PutUint16(seg[16:], tcpChecksum(src.Addr(), dst.Addr(), seg))
+	seg := testpod.TCPSegment(src, dst, seq, ack, 0x10 /* ACK */, nil)
 	if err := nsexec.Do(netnsPath, func() error {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 		if err != nil {
@@ -180,24 +171,6 @@ func injectACK(t *testing.T, netnsPath string, src, dst netip.AddrPort, seq, ack
 	}); err != nil {
 		t.Fatalf("inject an ACK: %v", err)
 	}
-}
-
-func tcpChecksum(src, dst netip.Addr, seg []byte) uint16 {
-	s, d := src.As4(), dst.As4()
-	pseudo := append(append(append([]byte{}, s[:]...), d[:]...), 0, unix.IPPROTO_TCP, byte(len(seg)>>8), byte(len(seg)))
-	var sum uint32
-	for _, b := range [][]byte{pseudo, seg} {
-		for i := 0; i+1 < len(b); i += 2 {
-			sum += uint32(binary.BigEndian.Uint16(b[i:]))
-		}
-		if len(b)%2 == 1 {
-			sum += uint32(b[len(b)-1]) << 8
-		}
-	}
-	for sum>>16 != 0 {
-		sum = sum&0xffff + sum>>16
-	}
-	return ^uint16(sum)
 }
 
 // ask sends the soak proxy's question (one byte) and reads its answer: the original

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/meshdivert/divert/test/testpod"
 	"golang.org/x/sys/unix"
 )
 
@@ -30,7 +31,7 @@ func rawHandshake(src, dst netip.AddrPort, opt []byte, hdrincl bool) (string, er
 	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
 	to := &unix.SockaddrInet4{Addr: dst.Addr().As4()}
 	send := func(flags uint8, seq, ack uint32) error {
-		seg := segment(src.Addr(), dst.Addr(), src.Port(), dst.Port(), seq, ack, flags, opt)
+		seg := testpod.TCPSegment(src, dst, seq, ack, flags, opt)
 		if hdrincl {
 			seg = append(ipHeader(src.Addr(), dst.Addr(), len(seg)), seg...)
 		}
@@ -82,34 +83,4 @@ func ipHeader(src, dst netip.Addr, n int) []byte {
 	copy(h[12:16], s[:])
 	copy(h[16:20], d[:])
 	return h
-}
-
-// segment builds a TCP segment carrying opt (a multiple of 4 bytes), checksummed over the
-// IPv4 pseudo-header.
-func segment(src, dst netip.Addr, sport, dport uint16, seq, ack uint32, flags uint8, opt []byte) []byte {
-	seg := make([]byte, 20+len(opt))
-	binary.BigEndian.PutUint16(seg[0:], sport)
-	binary.BigEndian.PutUint16(seg[2:], dport)
-	binary.BigEndian.PutUint32(seg[4:], seq)
-	binary.BigEndian.PutUint32(seg[8:], ack)
-	seg[12] = byte(len(seg)/4) << 4
-	seg[13] = flags
-	binary.BigEndian.PutUint16(seg[14:], 65535)
-	copy(seg[20:], opt)
-	s4, d4 := src.As4(), dst.As4()
-	pseudo := append(append(append([]byte{}, s4[:]...), d4[:]...), 0, unix.IPPROTO_TCP, byte(len(seg)>>8), byte(len(seg)))
-	var sum uint32
-	for _, b := range [][]byte{pseudo, seg} {
-		for i := 0; i+1 < len(b); i += 2 {
-			sum += uint32(binary.BigEndian.Uint16(b[i:]))
-		}
-		if len(b)%2 == 1 {
-			sum += uint32(b[len(b)-1]) << 8
-		}
-	}
-	for sum>>16 != 0 {
-		sum = sum&0xffff + sum>>16
-	}
-	binary.BigEndian.PutUint16(seg[16:], ^uint16(sum))
-	return seg
 }
