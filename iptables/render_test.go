@@ -58,21 +58,7 @@ func TestRenderDNSReference(t *testing.T) {
 		"reference-dns-exclusions-ipv4.rules": {"--redirect-dns", "--dns-servers", "10.96.0.10", "-x", "10.0.0.0/8", "-o", "3306"},
 	} {
 		t.Run(file, func(t *testing.T) {
-			raw, err := os.ReadFile(filepath.Join("testdata", file))
-			if err != nil {
-				t.Fatal(err)
-			}
-			var lines []string
-			for _, l := range strings.SplitAfter(string(raw), "\n") {
-				if strings.HasPrefix(l, "# iptables-restore") {
-					continue
-				}
-				if strings.HasPrefix(l, "*") && !strings.HasPrefix(l, "* ") {
-					l = "* " + l[1:]
-				}
-				lines = append(lines, l)
-			}
-			want := strings.Join(lines, "")
+			want := referenceRules(t, file)
 			if got := Render(caseConfig(t, args)); got != want {
 				t.Errorf("Render(%q) differs from istio's output:\n%s", args, lineDiff(want, got))
 			}
@@ -127,6 +113,23 @@ func spacedTables(s string) string {
 		lines = append(lines, l)
 	}
 	return strings.Join(lines, "")
+}
+
+// referenceRules reads a testdata file of istio's rules as Render writes them: without the
+// "# iptables-restore" comment lines, and "* nat" for "*nat" (spacedTables).
+func referenceRules(tb testing.TB, file string) string {
+	tb.Helper()
+	raw, err := os.ReadFile(filepath.Join("testdata", file))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var lines []string
+	for _, l := range strings.SplitAfter(string(raw), "\n") {
+		if !strings.HasPrefix(l, "# iptables-restore") {
+			lines = append(lines, l)
+		}
+	}
+	return spacedTables(strings.Join(lines, ""))
 }
 
 func caseByName(tb testing.TB, name string) renderCase {
@@ -196,21 +199,7 @@ func TestRenderSettingsReference(t *testing.T) {
 		"istio-golden-ipnets-with-kube-virt-interfaces.rules": {false, []string{"-k", "eth1,eth2", "-i", "10.0.0.0/8"}},
 	} {
 		t.Run(file, func(t *testing.T) {
-			raw, err := os.ReadFile(filepath.Join("testdata", file))
-			if err != nil {
-				t.Fatal(err)
-			}
-			var lines []string
-			for _, l := range strings.SplitAfter(string(raw), "\n") {
-				if strings.HasPrefix(l, "# iptables-restore") {
-					continue
-				}
-				if strings.HasPrefix(l, "*") && !strings.HasPrefix(l, "* ") {
-					l = "* " + l[1:]
-				}
-				lines = append(lines, l)
-			}
-			want := strings.Join(lines, "")
+			want := referenceRules(t, file)
 			cfg := caseConfig(t, tc.args)
 			if !tc.injector {
 				c, err := policy.ParseArgs(policy.IstioIptablesDefaults(), tc.args...)

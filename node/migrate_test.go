@@ -43,15 +43,7 @@ func TestLiveMigration(t *testing.T) {
 	probe := divertest.NewCrashProbe(t, pod) // remote :80, app :8080, proxy :15001 and :15006
 	id := string(p.UID)
 
-	// istio-init: istio's rules for the pod's policy (its annotations, as the injector
-	// renders them into istio-init's arguments).
-	cfg, _, err := node.Config(p, policy.Default())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := iptables.Apply(ctx, pod.NetNSPath, &cfg); err != nil {
-		t.Fatal(err)
-	}
+	cfg := istioInit(t, p, pod)
 	loop := func(start func(testpod.ProcSpec) *testpod.Proc, uid uint32, tgt testpod.Target) *testpod.Proc {
 		return start(testpod.ProcSpec{UID: uid, GID: uid, Args: []string{"client", "--timeout", "3s",
 			"--for", "10m", "--interval", "20ms", "--target", tgt.String()}})
@@ -120,7 +112,7 @@ func TestLiveMigration(t *testing.T) {
 
 	// Back: istio's rules for the policy in the pod's maps, then the programs go.
 	var results []node.HandBackResult
-	err = node.HandBack(ctx, node.HandBackOptions{Loader: w.agent.Loader, CgroupRoot: w.cgroups, DryRun: true},
+	err := node.HandBack(ctx, node.HandBackOptions{Loader: w.agent.Loader, CgroupRoot: w.cgroups, DryRun: true},
 		func(r node.HandBackResult) { results = append(results, r) })
 	if err != nil || len(results) != 1 || results[0].ID != id || results[0].NetNS == "" {
 		t.Fatalf("dry run: %v %+v", err, results)
@@ -287,14 +279,8 @@ func TestAgentKeepsTPROXYRules(t *testing.T) {
 	p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodInitialized, Status: corev1.ConditionTrue}}
 	w := newCNIWorld(t, p)
 	pod := runningPod(t, w, p)
-	cfg, _, err := node.Config(p, policy.Default())
-	if err != nil {
-		t.Fatal(err)
-	}
+	istioInit(t, p, pod)
 	ctx := context.Background()
-	if _, err := iptables.Apply(ctx, pod.NetNSPath, &cfg); err != nil {
-		t.Fatal(err)
-	}
 	if err := w.agent.Reconcile(ctx, true); err != nil {
 		t.Fatal(err)
 	}
@@ -313,19 +299,13 @@ func TestAgentKeepsRulesOfPodItDoesNotCapture(t *testing.T) {
 	p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodInitialized, Status: corev1.ConditionTrue}}
 	w := newCNIWorld(t, p)
 	pod := runningPod(t, w, p)
-	cfg, _, err := node.Config(p, policy.Default())
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := istioInit(t, p, pod)
 	ctx := context.Background()
-	if _, err := iptables.Apply(ctx, pod.NetNSPath, &cfg); err != nil {
-		t.Fatal(err)
-	}
 	elsewhere := w.net.AddPod(t)
 	if err := loader.Attach(ctx, loader.Pod{ID: string(p.UID), Cgroup: pod.CgroupPath, NetNS: elsewhere.NetNSPath}, &cfg, w.agent.Loader); err != nil {
 		t.Fatal(err)
 	}
-	err = w.agent.Reconcile(ctx, false)
+	err := w.agent.Reconcile(ctx, false)
 	if err == nil || !strings.Contains(err.Error(), "left in place") || !strings.Contains(err.Error(), "netns inode") {
 		t.Fatalf("want the removal refused naming the netns, got %v", err)
 	}
@@ -337,4 +317,19 @@ func TestAgentKeepsRulesOfPodItDoesNotCapture(t *testing.T) {
 	if !strings.Contains(m.String(), `divert_agent_errors_total{operation="remove-istio-iptables"} 1`) {
 		t.Fatalf("the failure is not counted:\n%s", m.String())
 	}
+}
+
+// istioInit does istio-init's part for p in pod's netns: istio's rules for the pod's policy
+// (its annotations, as the injector renders them into istio-init's arguments), which it
+// returns.
+func istioInit(t *testing.T, p *corev1.Pod, pod *testpod.Pod) policy.Config {
+	t.Helper()
+	cfg, _, err := node.Config(p, policy.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := iptables.Apply(context.Background(), pod.NetNSPath, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
 }
