@@ -26,24 +26,7 @@ func TestTProxyReturnPath(t *testing.T) {
 	}
 	none := returnPath{fwmarkAccept: "0"}
 	istios := returnPath{rule: "fwmark 0x539 lookup 133", route: "local default table 133 scope host", fwmarkAccept: "1"}
-	check := func(step string, want returnPath) {
-		t.Helper()
-		if got := readReturnPath(t, pod); got != want {
-			t.Errorf("%s: the pod's netns has %+v, want %+v", step, got, want)
-		}
-	}
-	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
-	attach := func(opts loader.Options, cfg *policy.Config) {
-		t.Helper()
-		if err := loader.Attach(context.Background(), lp, cfg, opts); err != nil {
-			t.Fatalf("attach: %v", err)
-		}
-	}
-	t.Cleanup(func() {
-		if err := loader.Detach(pod.Name, opts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
-			t.Errorf("detach: %v", err)
-		}
-	})
+	attach, check := followReturnPath(t, pod, opts)
 	check("before", none)
 	attach(opts, cfg)
 	check("attached in TPROXY mode", istios)
@@ -76,6 +59,7 @@ func TestTProxyReturnPath(t *testing.T) {
 		return injected
 	})
 	defer loader.SetTestHookBeforeCommit(nil)
+	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
 	if err := loader.Attach(context.Background(), lp, cfg, opts); !errors.Is(err, injected) {
 		t.Fatalf("attach returned %v, want the injected failure", err)
 	}
@@ -98,35 +82,43 @@ func TestTProxyReturnPathIPv6(t *testing.T) {
 	both := v4
 	both.rule6, both.route6 = "fwmark 0x539 lookup 133", "local default table 133"
 	none := returnPath{fwmarkAccept: "0"}
-	check := func(step string, want returnPath) {
-		t.Helper()
-		if got := readReturnPath(t, pod); got != want {
-			t.Errorf("%s: the pod's netns has %+v, want %+v", step, got, want)
-		}
-	}
-	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
-	attach := func(cfg *policy.Config) {
-		t.Helper()
-		if err := loader.Attach(context.Background(), lp, cfg, opts); err != nil {
-			t.Fatalf("attach: %v", err)
-		}
-	}
-	t.Cleanup(func() {
-		if err := loader.Detach(pod.Name, opts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
-			t.Errorf("detach: %v", err)
-		}
-	})
-	attach(cfg)
+	attach, check := followReturnPath(t, pod, opts)
+	attach(opts, cfg)
 	check("attached in TPROXY mode with IPv6", both)
-	attach(divertest.Config(t, "-m", "TPROXY"))
+	attach(opts, divertest.Config(t, "-m", "TPROXY"))
 	check("updated to IPv4 only", v4)
-	attach(cfg)
+	attach(opts, cfg)
 	check("updated to IPv6 again", both)
 	if err := loader.Detach(pod.Name, opts); err != nil {
 		t.Fatal(err)
 	}
 	check("detached", none)
 	divertest.AssertNothingAttached(t, pod, opts)
+}
+
+// followReturnPath returns attach, which attaches pod with a policy (failing the test on
+// error), and check, which requires the return path the pod's netns has; the pod is
+// detached when the test ends.
+func followReturnPath(t *testing.T, pod *testpod.Pod, opts loader.Options) (attach func(loader.Options, *policy.Config), check func(step string, want returnPath)) {
+	lp := loader.Pod{ID: pod.Name, Cgroup: pod.CgroupPath, NetNS: pod.NetNSPath}
+	t.Cleanup(func() {
+		if err := loader.Detach(pod.Name, opts); err != nil && !errors.Is(err, loader.ErrNotAttached) {
+			t.Errorf("detach: %v", err)
+		}
+	})
+	attach = func(opts loader.Options, cfg *policy.Config) {
+		t.Helper()
+		if err := loader.Attach(context.Background(), lp, cfg, opts); err != nil {
+			t.Fatalf("attach: %v", err)
+		}
+	}
+	check = func(step string, want returnPath) {
+		t.Helper()
+		if got := readReturnPath(t, pod); got != want {
+			t.Errorf("%s: the pod's netns has %+v, want %+v", step, got, want)
+		}
+	}
+	return attach, check
 }
 
 type returnPath struct{ rule, route, rule6, route6, fwmarkAccept string }

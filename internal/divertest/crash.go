@@ -66,7 +66,8 @@ func ProgramsByKind(pod *testpod.Pod) (map[ebpf.AttachType]int, error) {
 }
 
 // CrashProbe tells whether a pod is captured, from the kernel's attachments and from real
-// traffic, and refuses the states a killed loader must never leave.
+// traffic, and refuses the states a killed loader must never leave. Landed serves any test
+// that needs a pod's traffic to land where it should.
 type CrashProbe struct {
 	Pod     *testpod.Pod
 	Out, In testpod.Target // out: app → a server outside; in: outside → the app's port
@@ -84,6 +85,18 @@ func NewCrashProbe(tb testing.TB, pod *testpod.Pod) *CrashProbe {
 	return &CrashProbe{Pod: pod,
 		Out: testpod.Target{Dst: netip.AddrPortFrom(pod.Net.Addrs[0], 80)},
 		In:  testpod.Target{Dst: netip.AddrPortFrom(pod.Addr, 8080)}}
+}
+
+// Landed requires Out to be answered by wantOut ("proxy" or "remote") and In by wantIn
+// ("proxy" or "app"); step names the moment in the test's errors.
+func (c *CrashProbe) Landed(tb testing.TB, step, wantOut, wantIn string) {
+	tb.Helper()
+	if r := c.Pod.Dial(tb, AppUID, AppUID, c.Out)[0]; len(r.Hops) != 1 || r.Hops[0].Who != wantOut {
+		tb.Errorf("%s: outbound landed %+v, want %s", step, r, wantOut)
+	}
+	if r := c.Pod.Net.Dial(tb, c.In)[0]; len(r.Hops) != 1 || r.Hops[0].Who != wantIn {
+		tb.Errorf("%s: inbound landed %+v, want %s", step, r, wantIn)
+	}
 }
 
 // Captured reports whether the pod is captured whole (every program attached once,
