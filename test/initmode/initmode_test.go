@@ -247,6 +247,15 @@ func requireEBPF(t *testing.T, pod *testpod.Pod) {
 	}
 }
 
+// requireUncaptured fails the test if the pod has divert's programs, pins or istio's rules.
+func requireUncaptured(t *testing.T, k *k8sPod, opts loader.Options) {
+	t.Helper()
+	divertest.AssertNothingAttached(t, k.view(), opts)
+	if rules := istioRules(t, k.NetNSPath); rules != "" {
+		t.Errorf("istio's rules in the pod's netns:\n%s", rules)
+	}
+}
+
 // checkCapture runs a proxy, an app server and a remote server, makes connections that
 // exercise capture both ways and the bypasses, and requires for each what policy.Decide (the
 // reference model the parity suite holds both backends to) says for cfg: which listener
@@ -571,10 +580,7 @@ func TestModeEBPFFailsWithReason(t *testing.T) {
 		strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
 		t.Fatalf("want exit 1 and one line with the reason, got %d %q", r.code, r.stderr)
 	}
-	divertest.AssertNothingAttached(t, k.view(), opts)
-	if rules := istioRules(t, k.NetNSPath); rules != "" {
-		t.Errorf("iptables rules installed:\n%s", rules)
-	}
+	requireUncaptured(t, k, opts)
 }
 
 // -n prints the plan (eBPF) or the rules (iptables) and changes nothing.
@@ -597,10 +603,7 @@ func TestDryRun(t *testing.T) {
 	if !strings.Contains(r.stdout, "-A ISTIO_OUTPUT -j ISTIO_REDIRECT") {
 		t.Errorf("iptables dry run should print the rules:\n%s", r.stdout)
 	}
-	divertest.AssertNothingAttached(t, k.view(), opts)
-	if rules := istioRules(t, k.NetNSPath); rules != "" {
-		t.Errorf("a dry run installed rules:\n%s", rules)
-	}
+	requireUncaptured(t, k, opts)
 }
 
 // --cleanup-only removes an eBPF attachment made by an earlier init container.
