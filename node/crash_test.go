@@ -84,11 +84,7 @@ func runAgentChildIfRequested() {
 // agentCmd is an agent child process doing job, not started yet.
 func agentCmd(job agentJob) (*exec.Cmd, *bytes.Buffer) {
 	b, _ := json.Marshal(job)
-	cmd := exec.Command("/proc/self/exe")
-	cmd.Env = append(os.Environ(), agentChildEnv+"="+string(b))
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	return cmd, &out
+	return divertest.ChildCmd(agentChildEnv + "=" + string(b))
 }
 
 // The node agent killed (SIGKILL) at random times (seeded; -crash.seed replays,

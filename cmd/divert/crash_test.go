@@ -40,11 +40,7 @@ func runCLIChildIfRequested() {
 
 // cliCmd is the CLI as a child process, not started yet.
 func cliCmd(args []string) (*exec.Cmd, *bytes.Buffer) {
-	cmd := exec.Command("/proc/self/exe", args...)
-	cmd.Env = append(os.Environ(), cliChildEnv+"=1")
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	return cmd, &out
+	return divertest.ChildCmd(cliChildEnv+"=1", args...)
 }
 
 // divert attach (create, then update with another policy) and divert detach, killed with

@@ -330,6 +330,17 @@ func (k KillPlan) String() string {
 	return fmt.Sprintf("%d steps in %v", k.Steps, k.Total.Round(time.Millisecond/10))
 }
 
+// ChildCmd is the test binary run again as a child a crash test can kill, with env
+// (NAME=value) added to its environment and args as its arguments, not started yet; its
+// stdout and stderr go to the returned buffer.
+func ChildCmd(env string, args ...string) (*exec.Cmd, *bytes.Buffer) {
+	cmd := exec.Command("/proc/self/exe", args...)
+	cmd.Env = append(os.Environ(), env)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	return cmd, &out
+}
+
 // KillPlans runs each named command to its end twice, crash points counting only, and
 // returns a plan per name from the faster run: how many steps it passes and how long it
 // takes, child process start included, so kills are spread over all of it. command(i)
