@@ -1,6 +1,7 @@
 package maps_test
 
 import (
+	"cmp"
 	"net/netip"
 	"reflect"
 	"slices"
@@ -81,14 +82,6 @@ func TestReadPolicyInvertsApply(t *testing.T) {
 			t.Fatalf("%q: read back: %v", args, err)
 		}
 		want := cfg
-		sorted := func(p []uint16) []uint16 {
-			if len(p) == 0 {
-				return nil
-			}
-			p = slices.Clone(p)
-			slices.Sort(p)
-			return p
-		}
 		want.InboundPorts.Ports = sorted(want.InboundPorts.Ports)
 		want.InboundExcludePorts = sorted(cfg.InboundExcludes())
 		want.OutboundPorts, want.OutboundExcludePorts = sorted(want.OutboundPorts), sorted(want.OutboundExcludePorts)
@@ -102,16 +95,8 @@ func TestReadPolicyInvertsApply(t *testing.T) {
 		}
 		want.DNSServers = slices.Clone(want.DNSServers)
 		slices.SortFunc(want.DNSServers, netip.Addr.Compare)
-		ids := func(g []uint32) []uint32 {
-			if len(g) == 0 {
-				return nil
-			}
-			g = slices.Clone(g)
-			slices.Sort(g)
-			return g
-		}
-		want.OutboundOwnerGroups.Include = ids(want.OutboundOwnerGroups.Include)
-		want.OutboundOwnerGroups.Exclude = ids(want.OutboundOwnerGroups.Exclude)
+		want.OutboundOwnerGroups.Include = sorted(want.OutboundOwnerGroups.Include)
+		want.OutboundOwnerGroups.Exclude = sorted(want.OutboundOwnerGroups.Exclude)
 		def := policy.Default()
 		want.TProxyMark, want.TProxyRouteTable = def.TProxyMark, def.TProxyRouteTable
 		if !reflect.DeepEqual(got, want) {
@@ -125,4 +110,14 @@ func TestReadPolicyInvertsApply(t *testing.T) {
 			t.Errorf("%q: the policy read back decides otherwise", args)
 		}
 	}
+}
+
+// sorted is a sorted copy of s, nil when s is empty: as ReadPolicy returns lists.
+func sorted[T cmp.Ordered](s []T) []T {
+	if len(s) == 0 {
+		return nil
+	}
+	s = slices.Clone(s)
+	slices.Sort(s)
+	return s
 }
