@@ -65,15 +65,7 @@ func fakePackage(t *testing.T) []byte {
 func files(t *testing.T, img v1.Image) map[string]string {
 	t.Helper()
 	out := map[string]string{}
-	tr := tar.NewReader(mutate.Extract(img))
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			return out
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+	eachEntry(t, mutate.Extract(img), func(h *tar.Header, tr *tar.Reader) {
 		p := "/" + strings.Trim(h.Name, "/")
 		switch h.Typeflag {
 		case tar.TypeSymlink:
@@ -87,6 +79,23 @@ func files(t *testing.T, img v1.Image) map[string]string {
 		if h.Uid != 0 || h.Gid != 0 || !h.ModTime.Equal(epoch) {
 			t.Errorf("%s: uid %d gid %d mtime %s: want root's, at the epoch", p, h.Uid, h.Gid, h.ModTime)
 		}
+	})
+	return out
+}
+
+// eachEntry calls fn for each entry of the tar stream r, with the reader at its contents.
+func eachEntry(t *testing.T, r io.Reader, fn func(h *tar.Header, tr *tar.Reader)) {
+	t.Helper()
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		fn(h, tr)
 	}
 }
 
@@ -231,18 +240,8 @@ func layerFiles(t *testing.T, l v1.Layer) map[string]bool {
 	}
 	defer rc.Close()
 	out := map[string]bool{}
-	tr := tar.NewReader(rc)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			return out
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		p := "/" + strings.TrimPrefix(h.Name, "/")
-		out[p] = true
-	}
+	eachEntry(t, rc, func(h *tar.Header, _ *tar.Reader) { out["/"+strings.TrimPrefix(h.Name, "/")] = true })
+	return out
 }
 
 // The real image (make image-check): built as make image builds it, its amd64 layers
