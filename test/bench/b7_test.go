@@ -67,11 +67,7 @@ func (r *rig) b7() {
 				proto := map[string]string{B7UDP: "udp", B7TCP: "tcp"}[bench]
 				for _, dp := range rotate(pods, round) {
 					res := r.dnsLoad(rs, dp, proto, "--n", strconv.Itoa(r.p.B7Queries), "--warmup", strconv.Itoa(r.p.B7Warmup))
-					us := make([]float64, len(res.LatNS))
-					for i, ns := range res.LatNS {
-						us[i] = float64(ns) / 1e3
-					}
-					q := Percentiles(us, 0.5, 0.99)
+					q := Percentiles(res.micros(), 0.5, 0.99)
 					r.res.Add(bench, QueryP50, 0, dp.mode, round, q[0])
 					r.res.Add(bench, QueryP99, 0, dp.mode, round, q[1])
 					r.res.Add(bench, QPSOne, 0, dp.mode, round, float64(res.Count)/res.Seconds)

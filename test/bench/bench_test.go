@@ -480,10 +480,7 @@ func (r *rig) connArgs(n, warmup int) []string {
 // in microseconds.
 func (r *rig) connRound(s *scope, bench string, param int, mp *modePod, round, n, warmup int) []float64 {
 	res := r.load(s, mp, r.connArgs(n, warmup)...)
-	us := make([]float64, len(res.LatNS))
-	for i, ns := range res.LatNS {
-		us[i] = float64(ns) / 1e3
-	}
+	us := res.micros()
 	q := Percentiles(us, 0.5, 0.9, 0.99)
 	r.res.Add(bench, P50, param, mp.mode, round, q[0])
 	r.res.Add(bench, P90, param, mp.mode, round, q[1])
@@ -561,11 +558,7 @@ func (r *rig) b3() {
 	for round := range r.p.Rounds {
 		for _, mp := range rotate(pods, round) {
 			res := r.load(s, mp, "--kind", "rr", "--n", strconv.Itoa(r.p.B3Requests), "--warmup", strconv.Itoa(r.p.B3Warmup))
-			us := make([]float64, len(res.LatNS))
-			for i, ns := range res.LatNS {
-				us[i] = float64(ns) / 1e3
-			}
-			q := Percentiles(us, 0.5, 0.99)
+			q := Percentiles(res.micros(), 0.5, 0.99)
 			r.res.Add(B3, RRP50, 0, mp.mode, round, q[0])
 			r.res.Add(B3, RRP99, 0, mp.mode, round, q[1])
 			r.res.Add(B3, CPURR, 0, mp.mode, round, float64(res.CPUMicros)/float64(res.Count))

@@ -36,6 +36,15 @@ type LoadResult struct {
 	CPUMicros int64 `json:"cpu_us"`
 }
 
+// micros are the measured latencies in microseconds.
+func (res LoadResult) micros() []float64 {
+	us := make([]float64, len(res.LatNS))
+	for i, ns := range res.LatNS {
+		us[i] = float64(ns) / 1e3
+	}
+	return us
+}
+
 // runLoad: the application. It runs inside the pod's cgroup as an ordinary uid and uses
 // blocking system calls on its own sockets, so the time measured is the kernel's and the
 // proxy's, not a scheduler's. Sockets close with SO_LINGER 0 (a reset): the app leaves no
