@@ -123,13 +123,9 @@ func (p *Pod) BurstWith(tb testing.TB, c BurstConfig) BurstResult {
 		"burst-proxy", "--listen", c.Proxy.String(), "--count", fmt.Sprint(count),
 		"--backlog", fmt.Sprint(c.Backlog), "--accept-every", c.AcceptEvery.String()}}).WaitReady(tb)
 
-	addrs := make([]string, len(addrList))
-	for i, a := range addrList {
-		addrs[i] = a.String()
-	}
 	start := time.Now()
 	app := p.Start(tb, ProcSpec{UID: c.AppID, GID: c.AppID, Args: []string{
-		"burst-app", "--addrs", strings.Join(addrs, ","), "--count", fmt.Sprint(count), fmt.Sprintf("--send=%v", trickle)}})
+		"burst-app", "--addrs", addrsArg(addrList), "--count", fmt.Sprint(count), fmt.Sprintf("--send=%v", trickle)}})
 	dials := waitLines[burstDial](tb, app, count, 2*time.Minute)
 	settle := time.Since(start)
 
@@ -184,22 +180,15 @@ func waitLines[T any](tb testing.TB, pr *Proc, want int, timeout time.Duration) 
 // settled, report one line per target, then hold the connections open until killed.
 func runBurstApp(args []string) error {
 	fs := flag.NewFlagSet("burst-app", flag.ContinueOnError)
-	addrList := fs.String("addrs", "", "destination addresses, comma-separated")
+	var addrs addrsFlag
+	fs.Var(&addrs, "addrs", "destination addresses, comma-separated")
 	count := fs.Int("count", 0, "connections")
 	timeout := fs.Duration("timeout", time.Minute, "for all connects to settle")
 	send := fs.Bool("send", false, "send one byte on each connection once connected")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	var n Network
-	for _, a := range strings.Split(*addrList, ",") {
-		addr, err := netip.ParseAddr(a)
-		if err != nil {
-			return err
-		}
-		n.Addrs = append(n.Addrs, addr)
-	}
-	targets := n.BurstTargets(*count)
+	targets := (&Network{Addrs: addrs}).BurstTargets(*count)
 	fds := make([]int, len(targets))
 	out := make([]burstDial, len(targets))
 	for i, t := range targets {

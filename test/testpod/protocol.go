@@ -182,6 +182,31 @@ func udpNetwork(a netip.Addr) string {
 	return "udp6"
 }
 
+// addrsFlag is a helper's flag of comma-separated addresses, as addrsArg writes them.
+type addrsFlag []netip.Addr
+
+func (a *addrsFlag) String() string { return addrsArg(*a) }
+
+func (a *addrsFlag) Set(v string) error {
+	for _, s := range strings.Split(v, ",") {
+		addr, err := netip.ParseAddr(s)
+		if err != nil {
+			return err
+		}
+		*a = append(*a, addr)
+	}
+	return nil
+}
+
+// addrsArg is addrs as an addrsFlag value.
+func addrsArg(addrs []netip.Addr) string {
+	s := make([]string, len(addrs))
+	for i, a := range addrs {
+		s[i] = a.String()
+	}
+	return strings.Join(s, ",")
+}
+
 // Dialer returns a plain-TCP dialer (never MPTCP, so cgroup hooks see ordinary TCP),
 // binding src if it is valid.
 func Dialer(timeout time.Duration, src netip.Addr) *net.Dialer {

@@ -52,12 +52,8 @@ type Soak struct {
 func (p *Pod) StartSoak(tb testing.TB, proxyAddr netip.AddrPort, proxyID, appID uint32, c SoakConfig) *Soak {
 	tb.Helper()
 	p.Start(tb, ProcSpec{UID: proxyID, GID: proxyID, Args: []string{"soak-proxy", "--listen", proxyAddr.String()}}).WaitReady(tb)
-	addrs := make([]string, len(p.Net.Addrs))
-	for i, a := range p.Net.Addrs {
-		addrs[i] = a.String()
-	}
 	app := p.Start(tb, ProcSpec{UID: appID, GID: appID, Args: []string{"soak-app",
-		"--addrs", strings.Join(addrs, ","), "--short", fmt.Sprint(c.Short),
+		"--addrs", addrsArg(p.Net.Addrs), "--short", fmt.Sprint(c.Short),
 		"--long", fmt.Sprint(c.Long), "--workers", fmt.Sprint(max(c.Workers, 1))}})
 	return &Soak{app: app, tb: tb}
 }
@@ -116,7 +112,8 @@ func runSoakProxy(args []string) error {
 // for SIGUSR1 and ask the long-lived ones last.
 func runSoakApp(args []string) error {
 	fs := flag.NewFlagSet("soak-app", flag.ContinueOnError)
-	addrList := fs.String("addrs", "", "destination addresses, comma-separated")
+	var addrs addrsFlag
+	fs.Var(&addrs, "addrs", "destination addresses, comma-separated")
 	short := fs.Int("short", 0, "short connections")
 	long := fs.Int("long", 0, "long-lived connections")
 	workers := fs.Int("workers", 4, "goroutines making short connections")
@@ -125,20 +122,12 @@ func runSoakApp(args []string) error {
 	}
 	finish := make(chan os.Signal, 1)
 	signal.Notify(finish, syscall.SIGUSR1)
-	var n Network
-	for _, a := range strings.Split(*addrList, ",") {
-		addr, err := netip.ParseAddr(a)
-		if err != nil {
-			return err
-		}
-		n.Addrs = append(n.Addrs, addr)
-	}
 	// Destinations cycle over the addresses and 50,000 ports: every connection open at one
 	// time has its own.
 	const ports = 50000
 	dst := func(i int) netip.AddrPort {
-		i %= ports * len(n.Addrs)
-		return netip.AddrPortFrom(n.Addrs[i%len(n.Addrs)], uint16(1024+i/len(n.Addrs)))
+		i %= ports * len(addrs)
+		return netip.AddrPortFrom(addrs[i%len(addrs)], uint16(1024+i/len(addrs)))
 	}
 	var res SoakResult
 	var mu sync.Mutex
