@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -26,8 +25,6 @@ import (
 // The escape helper is the pod's process in the escape tests (escape_test.go): started in
 // the pod's netns and cgroup, it does what an order says and reports where each of its
 // connections landed and what stopped each step.
-
-const escapeEnv = "DIVERT_SECURITY_ESCAPE"
 
 // order is what the escape helper is told to do.
 type order struct {
@@ -60,15 +57,14 @@ type report struct {
 	Pid     int      `json:"pid"`
 }
 
-func runEscapeIfRequested() {
-	arg := os.Getenv(escapeEnv)
-	if arg == "" {
-		return
-	}
+// runEscape is the escape helper: its one argument is the order, as JSON.
+func runEscape(args []string) error {
 	var o order
-	if err := json.Unmarshal([]byte(arg), &o); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(2)
+	if len(args) != 1 {
+		return errors.New("usage: escape ORDER-JSON")
+	}
+	if err := json.Unmarshal([]byte(args[0]), &o); err != nil {
+		return err
 	}
 	r := report{Pid: os.Getpid()}
 	step := func(what string, err error) {
@@ -133,12 +129,10 @@ func runEscapeIfRequested() {
 		}
 		r.Trick = l
 	default:
-		fmt.Fprintf(os.Stderr, "unknown mode %q\n", o.Mode)
-		os.Exit(2)
+		return fmt.Errorf("unknown mode %q", o.Mode)
 	}
 	r.Self = selfCgroup()
-	_ = json.NewEncoder(os.Stdout).Encode(r)
-	os.Exit(0)
+	return json.NewEncoder(os.Stdout).Encode(r)
 }
 
 // land connects fd (a TCP socket, closed here) to dst and reads the listener's first line.
@@ -224,9 +218,7 @@ func escape(t *testing.T, pod *testpod.Pod, o order, extra []*os.File, unshare u
 		t.Fatal(err)
 	}
 	defer unix.Close(cg)
-	cmd := exec.Command("/proc/self/exe")
-	cmd.Env = []string{escapeEnv + "=" + string(arg)}
-	cmd.Dir = "/"
+	cmd := testpod.HelperCommand("escape", string(arg))
 	cmd.ExtraFiles = extra
 	var stdout, stderr strings.Builder
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr

@@ -3,7 +3,6 @@ package security
 import (
 	"fmt"
 	"net/netip"
-	"os/exec"
 	"slices"
 	"syscall"
 	"testing"
@@ -53,8 +52,7 @@ func sleepIn(t *testing.T, netns, cgroup string) int {
 		t.Fatal(err)
 	}
 	defer unix.Close(cg)
-	cmd := exec.Command("/proc/self/exe") // no sleep(1) in the vmtests guests
-	cmd.Env = []string{escapeEnv + `={"mode":"idle"}`}
+	cmd := testpod.HelperCommand("escape", `{"mode":"idle"}`) // no sleep(1) in the vmtests guests
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cg, Pdeathsig: syscall.SIGKILL}
 	if err := nsexec.Start(netns, cmd); err != nil {
 		t.Fatal(err)

@@ -5,9 +5,9 @@ package security
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -26,9 +26,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	runAttackerIfRequested()
-	runEscapeIfRequested()
-	testpod.RunHelperIfRequested()
+	testpod.RunHelperIfRequested(testpod.Helpers{"attacker": runAttacker, "escape": runEscape})
 	os.Exit(m.Run())
 }
 
@@ -153,9 +151,7 @@ func TestPodCannotTouchAnotherPod(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(cg)
-	cmd := exec.Command("/proc/self/exe")
-	cmd.Env = []string{attackerEnv + "=" + string(arg)}
-	cmd.Dir = "/"
+	cmd := testpod.HelperCommand("attacker", string(arg))
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Cloneflags: syscall.CLONE_NEWUSER,
 		// setuid(0) once the map is written: uid 1000 to the kernel, root in the namespace.
@@ -208,18 +204,15 @@ func TestPodCannotTouchAnotherPod(t *testing.T) {
 	}
 }
 
-const attackerEnv = "DIVERT_SECURITY_ATTACKER"
-
-// runAttackerIfRequested is the attacker: it tries each way in and prints what stopped it.
-func runAttackerIfRequested() {
-	arg := os.Getenv(attackerEnv)
-	if arg == "" {
-		return
-	}
+// runAttacker is the attacker helper: it tries each way in and prints what stopped it. Its
+// one argument is the victim, as JSON.
+func runAttacker(args []string) error {
 	var v victim
-	if err := json.Unmarshal([]byte(arg), &v); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(2)
+	if len(args) != 1 {
+		return errors.New("usage: attacker VICTIM-JSON")
+	}
+	if err := json.Unmarshal([]byte(args[0]), &v); err != nil {
+		return err
 	}
 	var attacks []attack
 	try := func(what string, err error) {
@@ -292,6 +285,5 @@ func runAttackerIfRequested() {
 			capEff = f[1]
 		}
 	}
-	json.NewEncoder(os.Stdout).Encode(map[string]any{"uid": os.Getuid(), "capEff": capEff, "attacks": attacks})
-	os.Exit(0)
+	return json.NewEncoder(os.Stdout).Encode(map[string]any{"uid": os.Getuid(), "capEff": capEff, "attacks": attacks})
 }

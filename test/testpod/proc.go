@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -88,10 +87,7 @@ func start(tb testing.TB, netnsPath, cgroupPath string, spec ProcSpec) *Proc {
 		path = spec.Path
 	}
 	cmd := exec.Command(path, spec.Args...)
-	// A minimal environment: the helpers need no HOME or PATH. Under -race, keep the
-	// parent's GORACE but skip the race runtime's default 1 s sleep at exit.
-	cmd.Env = []string{helperEnv + "=1", "GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0")}
-	cmd.Dir = "/"
+	helperProcess(cmd)
 	pr := &Proc{Cmd: cmd, stdout: newOutBuf(), stderr: newOutBuf(), done: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = pr.stdout, pr.stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{

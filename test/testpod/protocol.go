@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"syscall"
@@ -93,6 +94,23 @@ func RunHelper(more ...Helpers) {
 		os.Exit(1)
 	}
 	os.Exit(0)
+}
+
+// HelperCommand is the test binary run again as helper args[0] with the arguments after
+// it, not started: for a test that must start it its own way (a new user namespace, extra
+// files). Pod.Start and Network.Start are the usual way.
+func HelperCommand(args ...string) *exec.Cmd {
+	cmd := exec.Command("/proc/self/exe", args...)
+	helperProcess(cmd)
+	return cmd
+}
+
+// helperProcess gives cmd a helper's environment and working directory.
+func helperProcess(cmd *exec.Cmd) {
+	// A minimal environment: the helpers need no HOME or PATH. Under -race, keep the
+	// parent's GORACE but skip the race runtime's default 1 s sleep at exit.
+	cmd.Env = []string{helperEnv + "=1", "GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0")}
+	cmd.Dir = "/"
 }
 
 // Ready tells the test that started this helper that it now serves (Proc.WaitReady
