@@ -187,22 +187,13 @@ func TestImageNamesAgree(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The chart's default: values.yaml's image.repository at Chart.yaml's appVersion.
-	chart, err := os.ReadFile(gen.ChartPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	values, err := os.ReadFile(gen.ValuesPath)
-	if err != nil {
-		t.Fatal(err)
-	}
+	chart := readFile(t, gen.ChartPath)
+	values := readFile(t, gen.ValuesPath)
 	if got := gen.ChartImage(chart, values); got != imageRef {
 		t.Errorf("deploy/helm/divert installs %s by default, want the Makefile's %s (make manifests sets it)", got, imageRef)
 	}
 	for _, f := range files {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
+		b := readFile(t, f)
 		n := 0
 		for _, ref := range gen.Images(b) {
 			if gen.IsDivert(ref) {
@@ -254,14 +245,8 @@ func TestImageNamesAgree(t *testing.T) {
 // The injection template has one source, divert-init-template.yaml: the IstioOperator is
 // generated from it, byte for byte (make manifests).
 func TestOperatorGeneratedFromTemplate(t *testing.T) {
-	tmpl, err := os.ReadFile(gen.TemplatePath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	op, err := os.ReadFile(gen.OperatorPath)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tmpl := readFile(t, gen.TemplatePath)
+	op := readFile(t, gen.OperatorPath)
 	if want := gen.Operator(tmpl); !bytes.Equal(op, want) {
 		t.Errorf("%s is not what make manifests generates from %s: run make manifests", gen.OperatorPath, gen.TemplatePath)
 	}
@@ -382,10 +367,7 @@ func TestIstioTemplate(t *testing.T) {
 	}
 	checkCaptureContainer(t, path, &pod.Spec, c)
 
-	text, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	text := readFile(t, path)
 	for p, op := range ops {
 		w := op.Spec.Values.SidecarInjectorWebhook
 		if op.APIVersion != "install.istio.io/v1alpha1" || op.Metadata.Namespace != "istio-system" {
@@ -560,10 +542,7 @@ func TestDockerfile(t *testing.T) {
 // stated: the Pod Security level the init container needs, and node mode as the way out.
 func TestDocsInstallCommands(t *testing.T) {
 	for _, f := range []string{"../README.md", "../docs/istio.md", "../docs/install.md"} {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
+		b := readFile(t, f)
 		text := strings.ReplaceAll(string(b), "\\\n", " ")
 		var helm, istioctl int
 		for _, l := range strings.Split(text, "\n") {
@@ -596,11 +575,18 @@ func TestDocsInstallCommands(t *testing.T) {
 			}
 		}
 	}
-	op, err := os.ReadFile(gen.OperatorPath)
-	if err != nil {
-		t.Fatal(err)
-	}
+	op := readFile(t, gen.OperatorPath)
 	if !bytes.Contains(op, []byte("istioctl install -f <your IstioOperator> -f deploy/"+gen.OperatorPath)) {
 		t.Errorf("%s: its comment must show istioctl install with the user's installation first", gen.OperatorPath)
 	}
+}
+
+// readFile reads path or fails the test.
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
