@@ -622,6 +622,8 @@ __noinline int kernel_fails(__u32 w0, __u32 w1, __u32 w2, __u32 w3, __u32 how)
 	return (how & KF_BOUND_LO) || ((how & KF_LOOPBACK_SRC) && !addr_is_local(w0, w1, w2, w3));
 }
 
+#include "trace.h"
+
 // decide_outbound mirrors policy.Config.Decide for outbound connections: istio's
 // ISTIO_OUTPUT chain, first match wins, with the family's localhost and passthrough
 // source (ip6tables' rules are the same with ::1 and ::6). It sets *to_port for redirects.
@@ -747,6 +749,7 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, int udp,
 	if (!udp || (cfg->dns_capture && dport == DNS_PORT)) {
 		r = decide_outbound(ctx, cfg, udp, v4, src, dst, dport, to_port);
 		count(r, v4);
+		trace_outbound(ctx, r, udp, src, dst, dport, *to_port);
 	}
 	if (!*to_port) {
 		// A UDP socket connected anew no longer talks to the agent: forget the nameserver
@@ -1305,15 +1308,21 @@ int divert_sk_lookup(struct bpf_sk_lookup *ctx)
 
 	enum reason r = decide_inbound(cfg, (__u16)ctx->local_port);
 	count(r, v4);
-	if (r != REASON_INBOUND_INCLUDED_PORT)
-		return SK_PASS;
-
-	// A bounded loop (Linux 5.3+), not unrolled: unrolling made this the biggest program
-	// (16 KiB of kernel memory per pod). The verifier walks every iteration either way.
-	for (__u32 i = 0; i < LISTENER_SLOTS; i++) {
-		if (try_listener(ctx, cfg, i))
-			return SK_PASS;
+	__u8 verdict = TRACE_PASSED;
+	if (r == REASON_INBOUND_INCLUDED_PORT) {
+		// A bounded loop (Linux 5.3+), not unrolled: unrolling made this the biggest program
+		// (16 KiB of kernel memory per pod). The verifier walks every iteration either way.
+		verdict = TRACE_DROPPED;
+		for (__u32 i = 0; i < LISTENER_SLOTS; i++) {
+			if (try_listener(ctx, cfg, i)) {
+				verdict = TRACE_CAPTURED;
+				break;
+			}
+		}
 	}
+	trace_inbound(ctx, r, verdict, verdict == TRACE_CAPTURED ? cfg->inbound_capture_port : 0);
+	if (verdict != TRACE_DROPPED)
+		return SK_PASS;
 	// Captured but no proxy listening: refuse, as iptables' REDIRECT to a closed port
 	// does. Passing would hand the connection to the app behind the proxy's back.
 	count_drop(DROP_NO_LISTENER);

@@ -127,6 +127,38 @@ type DivertSockOrigDst struct {
 	Pad  [3]uint8
 }
 
+type DivertTraceControl struct {
+	_        structs.HostLayout
+	Lost     uint64
+	Verdicts uint32
+	Pad      uint32
+}
+
+type DivertTraceEvent struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	Src      DivertInetAddr
+	Dst      DivertInetAddr
+	Uid      uint32
+	Gid      uint32
+	SrcPort  uint16
+	DstPort  uint16
+	ToPort   uint16
+	Reason   uint8
+	Verdict  uint8
+	Protocol uint8
+	Inbound  uint8
+	Pad      [6]uint8
+}
+
+type DivertTraceVerdict uint32
+
+const (
+	DivertTraceVerdictTRACE_PASSED   DivertTraceVerdict = 1
+	DivertTraceVerdictTRACE_CAPTURED DivertTraceVerdict = 2
+	DivertTraceVerdictTRACE_DROPPED  DivertTraceVerdict = 3
+)
+
 type DivertTransparentSyn struct {
 	_          structs.HostLayout
 	Client     DivertInetAddr
@@ -152,6 +184,9 @@ const (
 	DivertMapOutboundIncludeCidrs6 = "outbound_include_cidrs6"
 	DivertMapOwnerGids             = "owner_gids"
 	DivertMapPortSetsMap           = "port_sets_map"
+	DivertMapTraceControlMap       = "trace_control_map"
+	DivertMapTraceEvents           = "trace_events"
+	DivertMapTraceOwner            = "trace_owner"
 	DivertMapTransparentSyns       = "transparent_syns"
 	DivertProgDivertConnect4       = "divert_connect4"
 	DivertProgDivertConnect6       = "divert_connect6"
@@ -168,6 +203,8 @@ const (
 	DivertVarUnusedOwnerGroups     = "unused_owner_groups"
 	DivertVarUnusedPortFlag        = "unused_port_flag"
 	DivertVarUnusedReason          = "unused_reason"
+	DivertVarUnusedTraceEvent      = "unused_trace_event"
+	DivertVarUnusedTraceVerdict    = "unused_trace_verdict"
 )
 
 // LoadDivert returns the embedded CollectionSpec for Divert.
@@ -242,6 +279,9 @@ type DivertMapSpecs struct {
 	OutboundIncludeCidrs6 *ebpf.MapSpec `ebpf:"outbound_include_cidrs6"`
 	OwnerGids             *ebpf.MapSpec `ebpf:"owner_gids"`
 	PortSetsMap           *ebpf.MapSpec `ebpf:"port_sets_map"`
+	TraceControlMap       *ebpf.MapSpec `ebpf:"trace_control_map"`
+	TraceEvents           *ebpf.MapSpec `ebpf:"trace_events"`
+	TraceOwner            *ebpf.MapSpec `ebpf:"trace_owner"`
 	TransparentSyns       *ebpf.MapSpec `ebpf:"transparent_syns"`
 }
 
@@ -249,10 +289,12 @@ type DivertMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DivertVariableSpecs struct {
-	UnusedDrop        *ebpf.VariableSpec `ebpf:"unused_drop"`
-	UnusedOwnerGroups *ebpf.VariableSpec `ebpf:"unused_owner_groups"`
-	UnusedPortFlag    *ebpf.VariableSpec `ebpf:"unused_port_flag"`
-	UnusedReason      *ebpf.VariableSpec `ebpf:"unused_reason"`
+	UnusedDrop         *ebpf.VariableSpec `ebpf:"unused_drop"`
+	UnusedOwnerGroups  *ebpf.VariableSpec `ebpf:"unused_owner_groups"`
+	UnusedPortFlag     *ebpf.VariableSpec `ebpf:"unused_port_flag"`
+	UnusedReason       *ebpf.VariableSpec `ebpf:"unused_reason"`
+	UnusedTraceEvent   *ebpf.VariableSpec `ebpf:"unused_trace_event"`
+	UnusedTraceVerdict *ebpf.VariableSpec `ebpf:"unused_trace_verdict"`
 }
 
 // DivertObjects contains all objects after they have been loaded into the kernel.
@@ -288,6 +330,9 @@ type DivertMaps struct {
 	OutboundIncludeCidrs6 *ebpf.Map `ebpf:"outbound_include_cidrs6"`
 	OwnerGids             *ebpf.Map `ebpf:"owner_gids"`
 	PortSetsMap           *ebpf.Map `ebpf:"port_sets_map"`
+	TraceControlMap       *ebpf.Map `ebpf:"trace_control_map"`
+	TraceEvents           *ebpf.Map `ebpf:"trace_events"`
+	TraceOwner            *ebpf.Map `ebpf:"trace_owner"`
 	TransparentSyns       *ebpf.Map `ebpf:"transparent_syns"`
 }
 
@@ -306,6 +351,9 @@ func (m *DivertMaps) Close() error {
 		m.OutboundIncludeCidrs6,
 		m.OwnerGids,
 		m.PortSetsMap,
+		m.TraceControlMap,
+		m.TraceEvents,
+		m.TraceOwner,
 		m.TransparentSyns,
 	)
 }
@@ -314,10 +362,12 @@ func (m *DivertMaps) Close() error {
 //
 // It can be passed to LoadDivertObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DivertVariables struct {
-	UnusedDrop        *ebpf.Variable `ebpf:"unused_drop"`
-	UnusedOwnerGroups *ebpf.Variable `ebpf:"unused_owner_groups"`
-	UnusedPortFlag    *ebpf.Variable `ebpf:"unused_port_flag"`
-	UnusedReason      *ebpf.Variable `ebpf:"unused_reason"`
+	UnusedDrop         *ebpf.Variable `ebpf:"unused_drop"`
+	UnusedOwnerGroups  *ebpf.Variable `ebpf:"unused_owner_groups"`
+	UnusedPortFlag     *ebpf.Variable `ebpf:"unused_port_flag"`
+	UnusedReason       *ebpf.Variable `ebpf:"unused_reason"`
+	UnusedTraceEvent   *ebpf.Variable `ebpf:"unused_trace_event"`
+	UnusedTraceVerdict *ebpf.Variable `ebpf:"unused_trace_verdict"`
 }
 
 // DivertPrograms contains all programs after they have been loaded into the kernel.

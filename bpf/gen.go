@@ -3,4 +3,4 @@
 // pinned clang-14 against the vendored headers in include/ (include/README.md).
 package bpf
 
-//go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -nostdinc -Iinclude" -target bpfel -type config -type orig_dst -type sock_orig_dst -type drop -type lpm_v4_key -type lpm_v6_key -type inet_addr -type reason -type port_flag -type port_sets -type owner_groups Divert divert.c
+//go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -nostdinc -Iinclude" -target bpfel -type config -type orig_dst -type sock_orig_dst -type drop -type lpm_v4_key -type lpm_v6_key -type inet_addr -type reason -type port_flag -type port_sets -type owner_groups -type trace_event -type trace_control -type trace_verdict Divert divert.c

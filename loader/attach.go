@@ -120,8 +120,13 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) (err
 }
 
 func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Options) (err error) {
+	var node maps.Maps // the node-wide maps alone (trace.go)
+	defer node.Close()
+	if err := openNodeMaps(&node, opts); err != nil {
+		return err
+	}
 	var objs objects
-	if err := loadObjects(&objs, nil); err != nil {
+	if err := loadObjects(&objs, &node); err != nil {
 		return err
 	}
 	defer closeAll(&objs)
@@ -224,6 +229,9 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		return err
 	}
 	defer pinned.Close()
+	if err := openNodeMaps(pinned, opts); err != nil {
+		return err
+	}
 
 	// Check every pinned link before changing anything, so a mismatch changes nothing.
 	existing := make(map[string]link.Link)

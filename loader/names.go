@@ -34,8 +34,23 @@ func mapFields(m *maps.Maps) []field[ebpf.Map] {
 		{"outbound_include_cidrs6", &m.OutboundIncludeCidrs6},
 		{"owner_gids", &m.OwnerGids},
 		{"port_sets_map", &m.PortSetsMap},
+		{"trace_control_map", &m.TraceControlMap},
+		{"trace_events", &m.TraceEvents},
+		{"trace_owner", &m.TraceOwner},
 		{"transparent_syns", &m.TransparentSyns},
 	}
+}
+
+// podMapFields lists m's maps a pod pins in its own directory: all but the node-wide ones
+// (trace.go), in mapFields' order.
+func podMapFields(m *maps.Maps) []field[ebpf.Map] {
+	var fs []field[ebpf.Map]
+	for _, f := range mapFields(m) {
+		if !nodeMaps[f.name] {
+			fs = append(fs, f)
+		}
+	}
+	return fs
 }
 
 // programFields lists p's programs in bpf.DivertPrograms' order.
@@ -55,8 +70,19 @@ func programFields(p *bpf.DivertPrograms) []field[ebpf.Program] {
 	}
 }
 
-// forEachMap calls fn with each map m holds (nil fields are skipped) and its name.
+// forEachMap calls fn with each of the pod's own maps m holds (nil fields and the node-wide
+// maps are skipped) and its name.
 func forEachMap(m *maps.Maps, fn func(name string, mp *ebpf.Map)) {
+	for _, f := range podMapFields(m) {
+		if *f.ptr != nil {
+			fn(f.name, *f.ptr)
+		}
+	}
+}
+
+// forEachLoadMap is forEachMap with the node-wide maps m holds too: what programs are
+// loaded with.
+func forEachLoadMap(m *maps.Maps, fn func(name string, mp *ebpf.Map)) {
 	for _, f := range mapFields(m) {
 		if *f.ptr != nil {
 			fn(f.name, *f.ptr)
@@ -64,10 +90,10 @@ func forEachMap(m *maps.Maps, fn func(name string, mp *ebpf.Map)) {
 	}
 }
 
-// MapNames lists the pinned map names, in struct order.
+// MapNames lists the map names a pod pins, in struct order.
 func MapNames() []string {
 	var names []string
-	for _, f := range mapFields(&maps.Maps{}) {
+	for _, f := range podMapFields(&maps.Maps{}) {
 		names = append(names, f.name)
 	}
 	return names

@@ -156,7 +156,7 @@ func pinMaps(m *maps.Maps, dir string) (err error) {
 
 func loadPinnedMaps(dir string) (*maps.Maps, error) {
 	m := &maps.Maps{}
-	for _, f := range mapFields(m) {
+	for _, f := range podMapFields(m) {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(dir, f.name), nil)
 		if err != nil {
 			m.Close()

@@ -69,6 +69,15 @@ var kernelNeeds = []kernelNeed{
 	needMapType(ebpf.PerCPUArray),
 	needMapType(ebpf.SockMap),
 	needMapType(ebpf.LRUHash), // transparent_syns (TPROXY mode)
+	// divert trace (bpf/trace.h): the node's ring buffer (Linux 5.8+), the tracer's socket
+	// looked up in a sockmap and released, the connecting task's cgroup (5.7+).
+	needMapType(ebpf.RingBuf),
+	needHelper(ebpf.CGroupSockAddr, asm.FnRingbufReserve),
+	needHelper(ebpf.CGroupSockAddr, asm.FnRingbufSubmit),
+	needHelper(ebpf.CGroupSockAddr, asm.FnSkRelease),
+	needHelper(ebpf.CGroupSockAddr, asm.FnGetCurrentCgroupId),
+	needHelper(ebpf.SkLookup, asm.FnRingbufReserve),
+	needHelper(ebpf.SkLookup, asm.FnRingbufSubmit),
 }
 
 // probeKernel runs the feature probes once per process: a kernel does not change under it,

@@ -114,7 +114,7 @@ func loadObjects(objs *objects, pinned *maps.Maps) error {
 	opts.Cache, opts.Programs.KernelTypes = btfCache, kernelTypes()
 	if pinned != nil {
 		opts.MapReplacements = map[string]*ebpf.Map{}
-		forEachMap(pinned, func(name string, m *ebpf.Map) { opts.MapReplacements[name] = m })
+		forEachLoadMap(pinned, func(name string, m *ebpf.Map) { opts.MapReplacements[name] = m })
 	}
 	if err := spec.LoadAndAssign(objs, &opts); err != nil {
 		var verr *ebpf.VerifierError

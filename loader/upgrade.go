@@ -46,7 +46,7 @@ func rememberTags(o *objects) {
 }
 
 // programsCurrent reports whether every program opts want runs already, as this build's
-// code on the pod's own pinned maps: the tag of its instructions is the one this process
+// code on the pod's own pinned maps (and the node's, trace.go): the tag of its instructions is the one this process
 // got loading them, and every map it uses is one of the pinned ones. Then swapping in a
 // fresh copy would change nothing but program ids. Anything unknown answers false (load
 // and swap, as always), so the first update in a process loads the programs.
@@ -59,7 +59,7 @@ func programsCurrent(running map[string]ebpf.ProgramID, pinned *maps.Maps, opts 
 	}
 	mapIDs := map[ebpf.MapID]bool{}
 	ok := true
-	forEachMap(pinned, func(_ string, m *ebpf.Map) {
+	forEachLoadMap(pinned, func(_ string, m *ebpf.Map) {
 		info, err := m.Info()
 		if err != nil {
 			ok = false
@@ -109,7 +109,7 @@ func checkPinnedMaps(pinned *maps.Maps) error {
 	if err != nil {
 		return fmt.Errorf("load embedded BPF spec: %w", err)
 	}
-	forEachMap(pinned, func(name string, m *ebpf.Map) {
+	forEachLoadMap(pinned, func(name string, m *ebpf.Map) {
 		if ms := spec.Maps[name]; err == nil && ms != nil {
 			if cerr := ms.Compatible(m); cerr != nil {
 				err = fmt.Errorf("using replacement map %s: %w", name, cerr)

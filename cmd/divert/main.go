@@ -86,6 +86,6 @@ Policy flags are istio-iptables' flags (short and long) and environment variable
 	root.SetOut(e.stdout)
 	root.SetErr(e.stderr)
 	root.AddCommand(newAttachCmd(e), newDetachCmd(e), newStatusCmd(e), newExplainCmd(e), newIptablesCmd(e), newNodeCmd(e),
-		newIstioIptablesCmd(e), newValidateCmd(e), newGCCmd(e), newToIptablesCmd(e))
+		newIstioIptablesCmd(e), newValidateCmd(e), newGCCmd(e), newToIptablesCmd(e), newTraceCmd(e))
 	return root
 }
