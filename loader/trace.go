@@ -92,6 +92,7 @@ type Tracer struct {
 	control *ebpf.Map
 	owner   *ebpf.Map
 	sock    net.Listener
+	owns    bool // its socket is the one in owner: Close takes it out
 }
 
 // StartTrace turns tracing on for the verdicts listed (all if none) until Close. Tracing
@@ -99,7 +100,7 @@ type Tracer struct {
 // that nothing accepts from. The kernel drops a socket from a sockmap when it closes,
 // and it closes when this process ends in any way (SIGKILL too), so tracing cannot be
 // left on. One tracer per node: another gets ErrTraceBusy.
-func StartTrace(opts Options, verdicts []bpf.DivertTraceVerdict) (t *Tracer, err error) {
+func StartTrace(opts Options, verdicts []bpf.DivertTraceVerdict) (_ *Tracer, err error) {
 	unlock, err := lockState(opts)
 	if err != nil {
 		return nil, err
@@ -111,7 +112,7 @@ func StartTrace(opts Options, verdicts []bpf.DivertTraceVerdict) (t *Tracer, err
 		m.Close()
 		return nil, err
 	}
-	t = &Tracer{Events: m.TraceEvents, control: m.TraceControlMap, owner: m.TraceOwner}
+	t := &Tracer{Events: m.TraceEvents, control: m.TraceControlMap, owner: m.TraceOwner}
 	defer func() {
 		if err != nil {
 			t.Close()
@@ -139,6 +140,7 @@ func StartTrace(opts Options, verdicts []bpf.DivertTraceVerdict) (t *Tracer, err
 	if uerr != nil {
 		return nil, fmt.Errorf("trace: turn on (update trace_owner): %w", uerr)
 	}
+	t.owns = true
 	var ctl bpf.DivertTraceControl
 	for _, v := range verdicts {
 		ctl.Verdicts |= 1 << v
@@ -160,15 +162,19 @@ func (t *Tracer) Lost() (uint64, error) {
 // would empty it too.
 func (t *Tracer) Close() error {
 	var errs []error
-	if t.sock != nil {
+	if t.owns {
 		if err := t.owner.Delete(uint32(0)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, fmt.Errorf("trace: turn off: %w", err))
 		}
+		t.owns = false
+	}
+	if t.sock != nil {
 		errs = append(errs, t.sock.Close())
+		t.sock = nil
 	}
 	for _, m := range []*ebpf.Map{t.Events, t.control, t.owner} {
 		if m != nil {
-			m.Close()
+			m.Close() // again is harmless: runTrace closes early to say how it went
 		}
 	}
 	return errors.Join(errs...)
