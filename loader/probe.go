@@ -74,10 +74,12 @@ var kernelNeeds = []kernelNeed{
 	needMapType(ebpf.RingBuf),
 	needHelper(ebpf.CGroupSockAddr, asm.FnRingbufReserve),
 	needHelper(ebpf.CGroupSockAddr, asm.FnRingbufSubmit),
+	needHelper(ebpf.CGroupSockAddr, asm.FnRingbufQuery),
 	needHelper(ebpf.CGroupSockAddr, asm.FnSkRelease),
 	needHelper(ebpf.CGroupSockAddr, asm.FnGetCurrentCgroupId),
 	needHelper(ebpf.SkLookup, asm.FnRingbufReserve),
 	needHelper(ebpf.SkLookup, asm.FnRingbufSubmit),
+	needHelper(ebpf.SkLookup, asm.FnRingbufQuery),
 }
 
 // probeKernel runs the feature probes once per process: a kernel does not change under it,

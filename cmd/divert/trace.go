@@ -291,7 +291,8 @@ func runTrace(ctx context.Context, e env, opts loader.Options, f *traceFilter, p
 	var lost uint64
 	var rec ringbuf.Record
 	for ctx.Err() == nil {
-		rd.SetDeadline(time.Now().Add(500 * time.Millisecond))
+		// The programs do not wake the reader per record (bpf/trace.h): poll.
+		rd.SetDeadline(time.Now().Add(100 * time.Millisecond))
 		err := rd.ReadInto(&rec)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			if n, err := t.Lost(); err == nil && n > lost {

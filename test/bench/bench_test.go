@@ -34,7 +34,7 @@ var (
 	flagQuick  = flag.Bool("bench.quick", false, "smoke run: fewer rounds, shorter runs, smaller sweeps (CI)")
 	flagRounds = flag.Int("bench.rounds", 0, "rounds per benchmark (0: 9, or 3 with -bench.quick)")
 	flagCmd    = flag.String("bench.cmd", "", "the command to record in the report (default: make bench [QUICK=1])")
-	flagOnly   = flag.String("bench.only", "", "comma-separated subset of B1,…,B7; with -bench.docs, only their sections of benchmarks.md are replaced")
+	flagOnly   = flag.String("bench.only", "", "comma-separated subset of B1,…,B8; with -bench.docs, only their sections of benchmarks.md are replaced")
 	flagModes  = flag.String("bench.modes", "", "comma-separated subset of the modes (for development)")
 	flagFrom   = flag.String("bench.from", "", "measure nothing: render the report again from this results.json")
 )
@@ -162,6 +162,7 @@ func BenchmarkDivert(b *testing.B) {
 	run("B5", r.b5)
 	run("B6", r.b6)
 	run("B7", r.b7)
+	run("B8", r.b8)
 	r.res.Elapsed = time.Since(r.res.Start)
 	r.res.Machine.LoadEnd = loadavg()
 	if err := Write(r.res, *flagOut, *flagDocs); err != nil {
@@ -390,7 +391,7 @@ func (r *rig) load(s *scope, mp *modePod, args ...string) LoadResult {
 	full := append([]string{cmdLoad, "--dst", mp.dst.String(), "--proxied=" + strconv.FormatBool(mp.mode.Proxied()),
 		"--cgroups", mp.pod.CgroupPath + "," + mp.pod.Net.CgroupPath}, args...)
 	var before progStats
-	if mp.mode == EBPF && r.bpfStats {
+	if (mp.mode == EBPF || mp.mode == EBPFTrace) && r.bpfStats {
 		before = r.progStats(s, mp)
 	}
 	out := mp.pod.Start(s, testpod.ProcSpec{UID: appUID, GID: appUID, Args: full}).Wait(s, 3*time.Minute)
@@ -486,8 +487,8 @@ func (r *rig) connRound(s *scope, bench string, param int, mp *modePod, round, n
 	r.res.Add(bench, P90, param, mp.mode, round, q[1])
 	r.res.Add(bench, P99, param, mp.mode, round, q[2])
 	r.res.Add(bench, CPUConn, param, mp.mode, round, float64(res.CPUMicros)/float64(res.Count))
-	if mp.mode == EBPF {
-		r.recordBPF(bench, param, round, mp.bpfBefore, mp.bpfAfter, res.Conns)
+	if mp.mode == EBPF || mp.mode == EBPFTrace {
+		r.recordBPFFor(mp.mode, bench, param, round, mp.bpfBefore, mp.bpfAfter, res.Conns)
 	}
 	return us
 }
@@ -889,6 +890,11 @@ func (r *rig) progStats(tb testing.TB, mp *modePod) progStats {
 
 // recordBPF records the eBPF programs' own run time per connection between two readings.
 func (r *rig) recordBPF(bench string, param, round int, before, after progStats, conns int) {
+	r.recordBPFFor(EBPF, bench, param, round, before, after, conns)
+}
+
+// recordBPFFor is recordBPF for another mode's eBPF pod (B8's ebpf-trace).
+func (r *rig) recordBPFFor(mode Mode, bench string, param, round int, before, after progStats, conns int) {
 	if !r.bpfStats || conns == 0 {
 		return
 	}
@@ -898,10 +904,10 @@ func (r *rig) recordBPF(bench string, param, round int, before, after progStats,
 		b := before[name]
 		total += a.Runtime - b.Runtime
 		runs += a.RunCount - b.RunCount
-		r.res.Add(bench, BPFProgNS+" "+name, param, EBPF, round, float64(a.Runtime-b.Runtime)/float64(conns))
+		r.res.Add(bench, BPFProgNS+" "+name, param, mode, round, float64(a.Runtime-b.Runtime)/float64(conns))
 	}
-	r.res.Add(bench, BPFNS, param, EBPF, round, float64(total)/float64(conns))
-	r.res.Add(bench, BPFRuns, param, EBPF, round, float64(runs)/float64(conns))
+	r.res.Add(bench, BPFNS, param, mode, round, float64(total)/float64(conns))
+	r.res.Add(bench, BPFRuns, param, mode, round, float64(runs)/float64(conns))
 }
 
 // fdMemlock reads the "memlock:" line of a BPF object's fdinfo.

@@ -215,6 +215,9 @@ func Markdown(res *Results, prefix string) string {
 	if has(B7UDP) || has(B7TCP) {
 		b.WriteString(dnsSection(res))
 	}
+	if has(B8) {
+		b.WriteString(traceSection(res))
+	}
 	w("## Soak\n\n")
 	w("`make soak` (1,000,000 connections through one pod with long-lived ones read last) is a test, not a\n")
 	w("benchmark: its last run's figures are in [soak.md](soak.md).\n\n")
@@ -354,7 +357,8 @@ func summary(res *Results) []string {
 				c.Pods, c.Mode, c.Attach, c.AttachCPU, c.Reattach, c.ReattachCPU, c.Detach))
 		}
 	}
-	return append(out, dnsSummary(res)...)
+	out = append(out, dnsSummary(res)...)
+	return append(out, traceSummary(res)...)
 }
 
 func slicesMax(xs []int) int {

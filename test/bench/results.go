@@ -32,6 +32,10 @@ const (
 // AllModes is every mode, in report order.
 var AllModes = []Mode{Direct, Explicit, EBPF, NFT, Legacy}
 
+// EBPFTrace is B8's eBPF pod with divert trace on and a reader draining it (not one of
+// AllModes: only B8 runs it).
+const EBPFTrace Mode = "ebpf-trace"
+
 // Proxied reports whether the app's connections go through the proxy.
 func (m Mode) Proxied() bool { return m != Direct }
 
@@ -48,6 +52,7 @@ const (
 	B6          = "B6"            // a burst of connections waiting in the proxy's accept queue
 	B7UDP       = "B7-udp"        // DNS capture: a query per UDP socket, through the capture to the agent
 	B7TCP       = "B7-tcp"        // the same over TCP
+	B8          = "B8"            // B1 and B2's rate on an eBPF pod, divert trace off and on
 
 	P50      = "p50 µs"
 	P90      = "p90 µs"
@@ -74,8 +79,10 @@ const (
 	BPFNSQuery  = "BPF programs ns/query"
 	// CPU time of the app, proxy and server (their cgroups) per unit of work.
 	CPUConn = "CPU µs/conn"
-	CPURR   = "CPU µs/round trip"
-	CPUBulk = "CPU ms/GiB"
+	// B8: decisions the ring buffer had no room for, percent of the connections.
+	TraceLost = "trace records lost %"
+	CPURR     = "CPU µs/round trip"
+	CPUBulk   = "CPU ms/GiB"
 	// eBPF only: the kernel's run time of divert's programs (BPF_ENABLE_STATS) per app
 	// connection, in total, per program (BPFProgNS + " " + program) and how many runs.
 	BPFNS     = "BPF programs ns/conn"
