@@ -28,6 +28,7 @@ import (
 type tracer struct {
 	events chan traceEvent
 	stderr chan string
+	said   []string // stderr before tracing was on
 	stop   func() error
 }
 
@@ -96,7 +97,7 @@ func startTrace(t *testing.T, opts loader.Options, child bool, args ...string) *
 			if l == traceReady {
 				return tr
 			}
-			t.Logf("trace: %s", l)
+			tr.said = append(tr.said, l)
 		case <-time.After(20 * time.Second):
 			t.Fatalf("divert trace %v: tracing not on after 20 s", args)
 		}
@@ -267,5 +268,40 @@ func assertNothingWritten(t *testing.T, opts loader.Options, traffic func()) {
 	traffic()
 	if err := read(); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Errorf("tracing off, but the programs wrote to the ring buffer (%v, %d bytes)", err, len(rec.RawSample))
+	}
+}
+
+// A pod whose programs do not write to the node's ring buffer (attached by a divert older
+// than trace, here: attached before the node's maps were made anew) is named as not seen;
+// attaching it again swaps its programs for ones that write there.
+func TestTraceNamesPodsItCannotSee(t *testing.T) {
+	net := testpod.NewNetwork(t)
+	old, cur := net.AddPod(t), net.AddPod(t)
+	opts := divertest.BPFFS(t)
+	attach := func(p *testpod.Pod) {
+		t.Helper()
+		if _, err := runCLI(t, nil, "attach", "--pod-id", p.Name, "--cgroup", p.CgroupPath, "--netns", p.NetNSPath, "--bpffs", opts.BPFFS); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { loader.Detach(p.Name, opts) })
+	}
+	attach(old)
+	if err := os.RemoveAll(filepath.Join(opts.BPFFS, "divert_trace")); err != nil {
+		t.Fatal(err)
+	}
+	attach(cur)
+	notSeen := func() []string {
+		t.Helper()
+		tr := startTrace(t, opts, false)
+		tr.stop()
+		return tr.said
+	}
+	want := "trace: pod " + old.Name + " not seen: attached by a divert older than trace; attach it again to see it"
+	if got := notSeen(); len(got) != 1 || got[0] != want {
+		t.Errorf("trace said %q, want only %q", got, want)
+	}
+	attach(old)
+	if got := notSeen(); len(got) != 0 {
+		t.Errorf("after attaching %s again trace said %q", old.Name, got)
 	}
 }
