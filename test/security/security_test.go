@@ -47,18 +47,21 @@ func TestPinDirModes(t *testing.T) {
 	t.Cleanup(func() { loader.ClearFallback("other-pod", opts) })
 
 	podDir := loader.PinDir(opts, pod.Name)
-	for _, d := range []string{filepath.Dir(podDir), podDir, filepath.Join(opts.BPFFS, "divert_staging"), filepath.Join(opts.BPFFS, "divert_fallback")} {
+	traceDir := filepath.Join(opts.BPFFS, "divert_trace") // the node's trace maps
+	for _, d := range []string{filepath.Dir(podDir), podDir, filepath.Join(opts.BPFFS, "divert_staging"), filepath.Join(opts.BPFFS, "divert_fallback"), traceDir} {
 		assertMode(t, d, os.ModeDir|0o700)
 	}
-	pins, err := os.ReadDir(podDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(pins) == 0 {
-		t.Fatalf("no pins in %s", podDir)
-	}
-	for _, p := range pins {
-		assertMode(t, filepath.Join(podDir, p.Name()), 0o600)
+	for _, dir := range []string{podDir, traceDir} {
+		pins, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(pins) == 0 {
+			t.Fatalf("no pins in %s", dir)
+		}
+		for _, p := range pins {
+			assertMode(t, filepath.Join(dir, p.Name()), 0o600)
+		}
 	}
 }
 
