@@ -261,8 +261,9 @@ enum orig_dst_side {
 
 struct sock_orig_dst {
 	struct orig_dst orig;
-	__u8 side; // enum orig_dst_side
-	__u8 pad[3];
+	__u8 side;   // enum orig_dst_side
+	__u8 traced; // divert trace wrote this socket's decision (bpf/trace.h); 0 otherwise
+	__u8 pad[2];
 };
 
 struct {
@@ -1146,6 +1147,7 @@ int divert_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		transparent_connect(skops);
 		app_handshake(skops);
+		trace_connected(skops);
 		break;
 	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
 	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:

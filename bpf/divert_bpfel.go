@@ -121,10 +121,11 @@ const (
 )
 
 type DivertSockOrigDst struct {
-	_    structs.HostLayout
-	Orig DivertOrigDst
-	Side uint8
-	Pad  [3]uint8
+	_      structs.HostLayout
+	Orig   DivertOrigDst
+	Side   uint8
+	Traced uint8
+	Pad    [2]uint8
 }
 
 type DivertTraceControl struct {
@@ -135,20 +136,22 @@ type DivertTraceControl struct {
 }
 
 type DivertTraceEvent struct {
-	_        structs.HostLayout
-	CgroupId uint64
-	Src      DivertInetAddr
-	Dst      DivertInetAddr
-	Uid      uint32
-	Gid      uint32
-	SrcPort  uint16
-	DstPort  uint16
-	ToPort   uint16
-	Reason   uint8
-	Verdict  uint8
-	Protocol uint8
-	Inbound  uint8
-	Pad      [6]uint8
+	_         structs.HostLayout
+	CgroupId  uint64
+	Src       DivertInetAddr
+	Dst       DivertInetAddr
+	Uid       uint32
+	Gid       uint32
+	SrcPort   uint16
+	DstPort   uint16
+	ToPort    uint16
+	Reason    uint8
+	Verdict   uint8
+	Protocol  uint8
+	Inbound   uint8
+	Connected uint8
+	Pad       [5]uint8
+	Cookie    uint64
 }
 
 type DivertTraceVerdict uint32

@@ -26,18 +26,21 @@ const enum trace_verdict *unused_trace_verdict __attribute__((unused));
 
 struct trace_event {
 	__u64 cgroup_id;	     // outbound: the connecting task's cgroup (the pod's or below); 0 inbound
-	struct inet_addr src;	     // the source as known at the decision (:: or 0.0.0.0 if unbound)
+	struct inet_addr src;	     // the source as known at the decision (:: or 0.0.0.0 if unbound;
+				     // a TCP connect's comes in the record trace_connected writes)
 	struct inet_addr dst;	     // the original destination: where the app (or client) sent it
 	__u32 uid;		     // the socket's owner as the rules match it; -1 inbound
 	__u32 gid;
-	__u16 src_port;		     // host byte order; 0 when not chosen yet (connect before bind)
+	__u16 src_port;		     // host byte order; 0 when not chosen yet (see src)
 	__u16 dst_port;		     // host byte order
 	__u16 to_port;		     // captured: the port on localhost it went to (inbound: listener's)
 	__u8 reason;		     // enum reason
 	__u8 verdict;		     // enum trace_verdict
 	__u8 protocol;		     // IPPROTO_TCP or IPPROTO_UDP
 	__u8 inbound;		     // 1: sk_lookup (from outside the pod), 0: the pod's own connect/send
-	__u8 pad[6];
+	__u8 connected;		     // 1: not a decision but the source a TCP connect got (below)
+	__u8 pad[5];
+	__u64 cookie;		     // outbound: the socket's cookie, which joins the two
 };
 const struct trace_event *unused_trace_event __attribute__((unused));
 
@@ -79,7 +82,7 @@ __noinline int trace_wanted(__u32 verdict)
 		return 0; // off: the one lookup
 	bpf_sk_release(owner);
 	struct trace_control *c = bpf_map_lookup_elem(&trace_control_map, &key);
-	return c && (!c->verdicts || (c->verdicts & (1 << (verdict & 31))));
+	return c && (!verdict || !c->verdicts || (c->verdicts & (1 << (verdict & 31))));
 }
 
 // trace_submit hands a record to the reader without waking it, unless an eighth of the
@@ -131,6 +134,14 @@ static __always_inline void trace_outbound(struct bpf_sock_addr *ctx, enum reaso
 	e->dst = *dst;
 	struct bpf_sock *sk = ctx->sk;
 	e->src_port = sk ? (__u16)sk->src_port : 0;
+	e->cookie = bpf_get_socket_cookie(ctx);
+	// Mark the socket for trace_connected, which cannot look the tracer up (sockops has no
+	// bpf_sk_release). The storage outlives nothing: it goes with the socket.
+	if (!udp && sk) {
+		struct sock_orig_dst *s = bpf_sk_storage_get(&orig_dst_storage, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (s)
+			s->traced = 1;
+	}
 	e->dst_port = dport;
 	e->to_port = to_port;
 	e->protocol = udp ? IPPROTO_UDP : IPPROTO_TCP;
@@ -158,6 +169,37 @@ __noinline int trace_inbound(struct bpf_sk_lookup *ctx, __u32 reason, __u32 verd
 	e->to_port = to_port;
 	e->protocol = IPPROTO_TCP;
 	e->inbound = 1;
+	trace_submit(e);
+	return 1;
+}
+
+// trace_connected: a TCP connect's source, once the kernel has chosen it (sockops
+// TCP_CONNECT, after connect4/6 decided and before the SYN leaves), for the tracer to
+// complete the decision of the same socket (by cookie) into a whole 5-tuple. Only for a
+// socket trace_outbound marked: sockops cannot look the tracer up (no bpf_sk_release
+// there), so a connect decided while tracing was on writes this one record even if the
+// tracer ended in the microseconds between. A global function, verified once.
+__noinline int trace_connected(struct bpf_sock_ops *skops)
+{
+	if (!skops)
+		return 0;
+	struct bpf_sock *sk = skops->sk;
+	struct sock_orig_dst *s = sk ? bpf_sk_storage_get(&orig_dst_storage, sk, 0, 0) : 0;
+	if (!s || !s->traced)
+		return 0;
+	s->traced = 0;
+	struct trace_event *e = bpf_ringbuf_reserve(&trace_events, sizeof(*e), 0);
+	if (!e)
+		return 0;
+	__builtin_memset(e, 0, sizeof(*e));
+	e->connected = 1;
+	e->cookie = bpf_get_socket_cookie(skops);
+	if (skops->family == AF_INET6)
+		e->src = V6_ADDR(skops->local_ip6);
+	else
+		e->src = v4_addr(LOAD(skops->local_ip4));
+	e->src_port = (__u16)skops->local_port;
+	e->protocol = IPPROTO_TCP;
 	trace_submit(e);
 	return 1;
 }

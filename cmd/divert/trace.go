@@ -40,15 +40,16 @@ rule that decided it. It answers "why did this connection (not) go to the proxy?
 
 One line per decision:
 
-  15:04:05.123 pod-a (default/web) outbound tcp 10.244.0.5:0 -> 10.96.0.10:80 captured included-cidr -> 127.0.0.1:15001 uid 1000 gid 1000
-  15:04:05.130 pod-a (default/web) outbound tcp 0.0.0.0:0 -> 10.0.0.9:5432 passed excluded-outbound-port uid 1000 gid 1000
+  15:04:05.123 pod-a (default/web) outbound tcp 127.0.0.1:48312 -> 10.96.0.10:80 captured included-cidr -> 127.0.0.1:15001 uid 1000 gid 1000
+  15:04:05.130 pod-a (default/web) outbound tcp 10.244.0.5:39020 -> 10.0.0.9:5432 passed excluded-outbound-port uid 1000 gid 1000
   15:04:06.001 pod-a (default/web) inbound tcp 10.244.0.9:41234 -> 10.244.0.5:8080 captured inbound-included-port -> :15006
 
 verdict: captured (sent to the proxy, or the DNS agent), passed (left alone), dropped
 (refused: inbound captured with no proxy listening). The reason is the rule, named as in
 divert status' counters and divert explain (excluded-cidr, proxy-uid, localhost, ...).
-The destination is the original one, what the proxy reads with SO_ORIGINAL_DST. A source
-port of 0 is one the kernel had not chosen yet: connect() is decided before it binds.
+The destination is the original one, what the proxy reads with SO_ORIGINAL_DST; the source
+is the socket's as the peer sees it (a captured connection's is on 127.0.0.1 or ::1, as the
+proxy sees it). A UDP datagram's source port may show as 0: the kernel picks it later.
 
 Tracing is off unless trace runs, and costs nothing then; it goes off when trace ends,
 however it ends (Ctrl-C, SIGTERM, SIGKILL). One trace at a time per node. Pods attached by
@@ -157,7 +158,7 @@ type traceEvent struct {
 	PodName   string    `json:"podName,omitempty"` // namespace/name, where the attacher knew it
 	Direction string    `json:"direction"`         // outbound (the pod's connect or send), inbound
 	Protocol  string    `json:"protocol"`          // tcp, udp
-	Src       string    `json:"src"`               // the source as known at the decision
+	Src       string    `json:"src"`               // the socket's source, as its peer sees it
 	Dst       string    `json:"dst"`               // the original destination
 	Verdict   string    `json:"verdict"`           // captured, passed, dropped
 	Reason    string    `json:"reason"`            // the rule, as divert status names it
@@ -166,9 +167,12 @@ type traceEvent struct {
 	GID       *uint32   `json:"gid,omitempty"`
 	CgroupID  uint64    `json:"cgroupId,omitempty"` // outbound: the connecting process's cgroup
 
-	src, dst netip.Addr
-	verdict  bpf.DivertTraceVerdict
-	reason   policy.Reason
+	src, dst  netip.Addr
+	verdict   bpf.DivertTraceVerdict
+	reason    policy.Reason
+	cookie    uint64 // outbound: the socket's, joining a TCP decision and its source
+	connected bool   // not a decision: the source a TCP connect got (bpf/trace.h)
+	srcPort   uint16
 }
 
 func decodeTraceEvent(raw []byte, now time.Time) (*traceEvent, error) {
@@ -177,7 +181,7 @@ func decodeTraceEvent(raw []byte, now time.Time) (*traceEvent, error) {
 		return nil, fmt.Errorf("trace: decode a record of %d bytes: %w", len(raw), err)
 	}
 	ev := &traceEvent{Time: now, Protocol: "tcp", Direction: "outbound", verdict: bpf.DivertTraceVerdict(r.Verdict),
-		reason: policy.Reason(r.Reason), CgroupID: r.CgroupId}
+		reason: policy.Reason(r.Reason), CgroupID: r.CgroupId, cookie: r.Cookie, connected: r.Connected != 0, srcPort: r.SrcPort}
 	ev.src = inetAddr(r.Src.W)
 	ev.dst = inetAddr(r.Dst.W)
 	ev.Src = netip.AddrPortFrom(ev.src, r.SrcPort).String()
@@ -288,9 +292,38 @@ func runTrace(ctx context.Context, e env, opts loader.Options, f *traceFilter, p
 	}
 	fmt.Fprintln(e.stderr, traceReady)
 
+	emit := func(ev *traceEvent) error {
+		p := pods.lookup(ev)
+		if p != nil {
+			ev.Pod, ev.PodName = p.ID, p.Name
+		}
+		if !f.match(ev, p) {
+			return nil
+		}
+		return printTraceEvent(e.stdout, ev, f.json)
+	}
+	// A TCP connect is decided before the kernel picks its source: the decision waits
+	// (briefly) for the record sockops writes once it has, to show the whole 5-tuple.
+	pending := map[uint64]*traceEvent{}
+	flush := func(all bool) error {
+		for c, ev := range pending {
+			if all || time.Since(ev.Time) > 200*time.Millisecond {
+				delete(pending, c)
+				if err := emit(ev); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	}
+	defer flush(true)
+
 	var lost uint64
 	var rec ringbuf.Record
 	for ctx.Err() == nil {
+		if err := flush(false); err != nil {
+			return err
+		}
 		// The programs do not wake the reader per record (bpf/trace.h): poll.
 		rd.SetDeadline(time.Now().Add(100 * time.Millisecond))
 		err := rd.ReadInto(&rec)
@@ -308,14 +341,19 @@ func runTrace(ctx context.Context, e env, opts loader.Options, f *traceFilter, p
 		if err != nil {
 			return err
 		}
-		p := pods.lookup(ev)
-		if p != nil {
-			ev.Pod, ev.PodName = p.ID, p.Name
+		switch d := pending[ev.cookie]; {
+		case ev.connected && d != nil:
+			delete(pending, ev.cookie)
+			d.src = ev.src
+			d.Src = netip.AddrPortFrom(ev.src, ev.srcPort).String()
+			err = emit(d)
+		case ev.connected: // its decision was filtered out, or came before trace
+		case ev.Direction == "outbound" && ev.Protocol == "tcp" && ev.cookie != 0:
+			pending[ev.cookie] = ev
+		default:
+			err = emit(ev)
 		}
-		if !f.match(ev, p) {
-			continue
-		}
-		if err := printTraceEvent(e.stdout, ev, f.json); err != nil {
+		if err != nil {
 			return err
 		}
 	}

@@ -151,29 +151,33 @@ func TestTrace(t *testing.T) {
 	if !traceOn(t, opts) {
 		t.Fatal("trace runs but the owner sockmap is empty")
 	}
-	if r := pod.Dial(t, divertest.AppUID, divertest.AppUID, testpod.Target{Dst: captured})[0]; len(r.Hops) != 1 || r.Hops[0].Orig != captured.String() {
+	r := pod.Dial(t, divertest.AppUID, divertest.AppUID, testpod.Target{Dst: captured})[0]
+	if len(r.Hops) != 1 || r.Hops[0].Orig != captured.String() {
 		t.Fatalf("app -> %s: %+v, want the proxy reading it", captured, r)
 	}
+	// The source is the app's socket as the proxy sees its peer (127.0.0.1: it dialled
+	// 127.0.0.1:15001 in the end).
 	ev := tr.next(t)
 	if ev.Pod != pod.Name || ev.PodName != "shop/web" || ev.Direction != "outbound" || ev.Protocol != "tcp" ||
 		ev.Verdict != "captured" || ev.Reason != "included-cidr" || ev.Dst != captured.String() ||
-		ev.To != "127.0.0.1:15001" || ev.UID == nil || *ev.UID != divertest.AppUID || *ev.GID != divertest.AppUID {
+		ev.To != "127.0.0.1:15001" || ev.UID == nil || *ev.UID != divertest.AppUID || *ev.GID != divertest.AppUID ||
+		ev.Src != r.Hops[0].Peer {
 		t.Errorf("captured connection traced as %+v", ev)
 	}
-	if r := pod.Dial(t, divertest.AppUID, divertest.AppUID, testpod.Target{Dst: excluded})[0]; len(r.Hops) != 1 || r.Hops[0].Who != "remote" {
+	if r = pod.Dial(t, divertest.AppUID, divertest.AppUID, testpod.Target{Dst: excluded})[0]; len(r.Hops) != 1 || r.Hops[0].Who != "remote" {
 		t.Fatalf("app -> %s: %+v, want the remote server directly", excluded, r)
 	}
 	if ev = tr.next(t); ev.Pod != pod.Name || ev.Verdict != "passed" || ev.Reason != "excluded-outbound-port" ||
-		ev.Dst != excluded.String() || ev.To != "" {
+		ev.Dst != excluded.String() || ev.To != "" || ev.Src != r.Hops[0].Peer {
 		t.Errorf("excluded connection traced as %+v", ev)
 	}
 	inbound := netip.AddrPortFrom(pod.Addr, 8080)
-	if r := pod.Net.Dial(t, testpod.Target{Dst: inbound})[0]; len(r.Hops) != 1 || r.Hops[0].Listener != "0.0.0.0:15006" {
+	if r = pod.Net.Dial(t, testpod.Target{Dst: inbound})[0]; len(r.Hops) != 1 || r.Hops[0].Listener != "0.0.0.0:15006" {
 		t.Fatalf("remote -> %s: %+v, want the proxy's inbound listener", inbound, r)
 	}
 	if ev = tr.next(t); ev.Pod != pod.Name || ev.Direction != "inbound" || ev.Verdict != "captured" ||
 		ev.Reason != "inbound-included-port" || ev.Dst != inbound.String() || ev.To != ":15006" ||
-		!strings.HasPrefix(ev.Src, gateway(pod.Addr).String()+":") || strings.HasSuffix(ev.Src, ":0") || ev.UID != nil {
+		ev.Src != r.Hops[0].Peer || !strings.HasPrefix(ev.Src, gateway(pod.Addr).String()+":") || ev.UID != nil {
 		t.Errorf("inbound connection traced as %+v", ev)
 	}
 	// One trace at a time.
