@@ -13,8 +13,9 @@ func traceSection(res *Results) string {
 	w("B1's sequential connections and B2's connection rate on an eBPF pod with `divert trace` off (ebpf) and\n")
 	w("on with a reader draining and decoding the ring buffer as `divert trace` does (ebpf-trace); a fresh pod\n")
 	w("per state and round, the states taking turns to go first. Off, the programs look one sockmap slot up per\n")
-	w("decision and write nothing; on, they write a 72-byte record per decision (and one more with a TCP connect's source). Every connection made with\n")
-	w("tracing on reached the reader or was counted lost (the run fails otherwise).\n\n")
+	w("decision and write nothing; on, they write a 72-byte record per decision (and one more with a TCP\n")
+	w("connect's source). Every connection made with tracing on reached the reader or was counted lost (the\n")
+	w("run fails otherwise).\n\n")
 	w("| | ebpf (trace off) | ebpf-trace (trace on) | on / off |\n|---|---|---|---|\n")
 	for _, metric := range []string{P50, P90, P99, CPUConn, BPFNS, ConnRate, TraceLost} {
 		w("| %s | %s | %s | %s |\n", metric, Summarize(res.Values(B8, metric, 0, EBPF)), Summarize(res.Values(B8, metric, 0, EBPFTrace)),
