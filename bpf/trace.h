@@ -150,8 +150,9 @@ static __always_inline void trace_outbound(struct bpf_sock_addr *ctx, enum reaso
 
 // trace_inbound: a connection from outside the pod decided by sk_lookup, read from ctx.
 // It runs in softirq, where no task is the pod's: the tracer names the pod by the
-// destination, one of the pod's own addresses. A global function, verified once.
-__noinline int trace_inbound(struct bpf_sk_lookup *ctx, __u32 reason, __u32 verdict, __u32 to_port)
+// destination, one of the pod's own addresses. Static, not global: Linux 5.10 takes no
+// sk_lookup context into a global function ("Arg#0 type PTR ... is not supported yet").
+static __noinline int trace_inbound(struct bpf_sk_lookup *ctx, __u32 reason, __u32 verdict, __u32 to_port)
 {
 	struct trace_event *e = trace_reserve(reason, verdict);
 	if (!e)
