@@ -47,6 +47,7 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define SK_DROP 0
 #define SK_PASS 1
 #define LISTENER_SLOTS 64 /* half for AF_INET listeners, half for AF_INET6 ones */
+#define MAX_SLOTS 512	  /* pods per node with the node's programs (kubelet allows 110 by default); slot 0 is "not armed" */
 #define FAMILY_COUNTERS 24 /* counters per family (room for more reasons): IPv4's, then IPv6's */
 #define LOCALHOST 0x7f000001		 /* 127.0.0.1, host order */
 #define INBOUND_PASSTHROUGH 0x7f000006 /* 127.0.0.6, host order */
@@ -146,13 +147,18 @@ struct lpm_v6_key {
 	__u32 addr[4]; // network byte order
 };
 
+// The tries' keys by value: clang's BTF names a struct reached only through a pointer in a
+// map-in-map's inner definition as a forward declaration, which cilium/ebpf cannot size.
+struct lpm_v4_key unused_lpm_v4_key __attribute__((unused));
+struct lpm_v6_key unused_lpm_v6_key __attribute__((unused));
+
 struct orig_dst {
 	struct inet_addr addr;
 	__u16 port; // network byte order
 	__u16 pad;
 };
 
-struct {
+struct config_map_def {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -169,7 +175,7 @@ struct port_sets {
 	__u64 inbound_include[1024];  // -b list
 };
 
-struct {
+struct port_sets_map_def {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -182,7 +188,7 @@ struct {
 // ranges into its own table (an IPv6 range such as ::/0 never matches an IPv4 connection,
 // which one trie of ::ffff:a.b.c.d keys would make it do). Not preallocated: empty tries
 // cost no kernel memory.
-struct {
+struct outbound_exclude_cidrs_def {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -190,7 +196,7 @@ struct {
 	__type(value, __u8);
 } outbound_exclude_cidrs SEC(".maps");
 
-struct {
+struct outbound_include_cidrs_def {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -198,7 +204,7 @@ struct {
 	__type(value, __u8);
 } outbound_include_cidrs SEC(".maps");
 
-struct {
+struct outbound_exclude_cidrs6_def {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -206,7 +212,7 @@ struct {
 	__type(value, __u8);
 } outbound_exclude_cidrs6 SEC(".maps");
 
-struct {
+struct outbound_include_cidrs6_def {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -217,7 +223,7 @@ struct {
 // The pod's own addresses, both families (127.0.0.0/8 and ::1 are implied): iptables'
 // "-o lo". Not preallocated: a pod has a few, and 64 preallocated entries were a tenth of its
 // kernel memory.
-struct {
+struct local_addrs_def {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 64);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -226,7 +232,7 @@ struct {
 } local_addrs SEC(".maps");
 
 // The pod's nameservers, both families, for DNS capture by nameserver.
-struct {
+struct dns_servers_def {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 64); // policy.MaxDNSServers
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -235,7 +241,7 @@ struct {
 } dns_servers SEC(".maps");
 
 // The owner groups' gids (policy.MaxOwnerGroupsExclude).
-struct {
+struct owner_gids_def {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -300,7 +306,7 @@ struct orig_dst_opt6 {
 // Verdicts by reason, IPv4's (v4-mapped included: IPv4 on the wire) at reason, IPv6's at
 // FAMILY_COUNTERS + reason. Each slot costs 8 bytes per CPU: 48 of them, 24 KiB on a
 // 64-CPU node.
-struct {
+struct counters_def {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 2 * FAMILY_COUNTERS);
 	__type(key, __u32);
@@ -309,7 +315,7 @@ struct {
 
 _Static_assert(NUM_REASONS <= FAMILY_COUNTERS, "counters: a family's reasons overlap the next");
 
-struct {
+struct drops_def {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, NUM_DROPS);
 	__type(key, __u32);
@@ -355,6 +361,67 @@ struct {
 	__type(key, struct transparent_syn);
 	__type(value, __u8);
 } transparent_syns SEC(".maps");
+
+// The programs are loaded once per node and build (loader/node.go) and serve every pod
+// attached with them; each pod's own maps above (same definitions as when every pod loaded
+// its own programs, so package maps writes them as before) are reached through the node's
+// outer maps below, indexed by the pod's slot. A cgroup program finds its pod's slot in
+// pod_slot, cgroup storage keyed by the cgroup id alone: the kernel makes one per cgroup the
+// programs are attached to, shared by every attach type there, and bpf_get_local_storage
+// returns that of the attachment that runs, the pod's cgroup, whatever container below it
+// the socket belongs to. It starts zeroed at attach; the loader writes the slot after the
+// links are made, and slot 0 means "not armed": every program passes and counts nothing.
+// sk_lookup has no cgroup: it is loaded per pod with its slot as a constant.
+struct {
+	__uint(type, BPF_MAP_TYPE_CGROUP_STORAGE);
+	__type(key, __u64); // the cgroup id alone: shared by the attach types (Linux 5.9+)
+	__type(value, __u32);
+} pod_slot SEC(".maps");
+
+volatile const __u32 lookup_slot = 0; // sk_lookup's pod, set at its (per pod) load
+
+#define SLOT_MAP(name)                                    \
+	struct {                                          \
+		__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS); \
+		__uint(max_entries, MAX_SLOTS);           \
+		__type(key, __u32);                       \
+		__array(values, struct name##_def);       \
+	} slot_##name SEC(".maps")
+
+SLOT_MAP(config_map);
+SLOT_MAP(port_sets_map);
+SLOT_MAP(outbound_exclude_cidrs);
+SLOT_MAP(outbound_include_cidrs);
+SLOT_MAP(outbound_exclude_cidrs6);
+SLOT_MAP(outbound_include_cidrs6);
+SLOT_MAP(local_addrs);
+SLOT_MAP(dns_servers);
+SLOT_MAP(owner_gids);
+SLOT_MAP(counters);
+SLOT_MAP(drops);
+
+// The node's proxy listeners: pod slot s owns entries s * LISTENER_SLOTS to
+// (s + 1) * LISTENER_SLOTS - 1, laid out as inbound_listeners is for one pod (the loader
+// empties a slot's range before it gives the slot out). 8 bytes an entry, 256 KiB a node.
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, MAX_SLOTS * LISTENER_SLOTS);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u64));
+} node_listeners SEC(".maps");
+
+// slot_inner returns slot's inner map of outer, or 0 when the slot has none.
+static __always_inline void *slot_inner(void *outer, __u32 slot)
+{
+	return bpf_map_lookup_elem(outer, &slot);
+}
+
+// cgroup_slot is the pod slot of the cgroup program that runs (0: not armed).
+static __always_inline __u32 cgroup_slot(void)
+{
+	__u32 *slot = bpf_get_local_storage(&pod_slot, 0);
+	return *slot;
+}
 
 // is_v4 tells IPv4 (::ffff:a.b.c.d) from IPv6. Tests of addresses combine the words
 // without a branch per word: each branch would fork the verifier's walk of what follows.
@@ -406,26 +473,30 @@ static __always_inline struct inet_addr passthrough(int v4)
 		  : (struct inet_addr){.w = {0, 0, 0, bpf_htonl(INBOUND_PASSTHROUGH6)}};
 }
 
-static __always_inline void count(enum reason r, int v4)
+static __always_inline void count(__u32 slot, enum reason r, int v4)
 {
 	__u32 key = r + (v4 ? 0 : FAMILY_COUNTERS);
-	__u64 *n = bpf_map_lookup_elem(&counters, &key);
+	void *m = slot_inner(&slot_counters, slot);
+	__u64 *n = m ? bpf_map_lookup_elem(m, &key) : 0;
 	if (n)
 		*n += 1;
 }
 
-static __always_inline void count_drop(enum drop d)
+static __always_inline void count_drop(__u32 slot, enum drop d)
 {
 	__u32 key = d;
-	__u64 *n = bpf_map_lookup_elem(&drops, &key);
+	void *m = slot_inner(&slot_drops, slot);
+	__u64 *n = m ? bpf_map_lookup_elem(m, &key) : 0;
 	if (n)
 		*n += 1;
 }
 
-static __always_inline struct config *get_config(void)
+// get_config is the slot's config, or 0 (then the program passes: an unarmed slot).
+static __always_inline struct config *get_config(__u32 slot)
 {
 	__u32 key = 0;
-	return bpf_map_lookup_elem(&config_map, &key);
+	void *m = slot ? slot_inner(&slot_config_map, slot) : 0;
+	return m ? bpf_map_lookup_elem(m, &key) : 0;
 }
 
 static __always_inline int port_in(__u64 *set, __u16 port)
@@ -434,10 +505,11 @@ static __always_inline int port_in(__u64 *set, __u16 port)
 }
 
 // port_flags says which lists a port is on, as enum port_flag bits.
-static __always_inline __u8 port_flags(__u16 port)
+static __always_inline __u8 port_flags(__u32 slot, __u16 port)
 {
 	__u32 key = 0;
-	struct port_sets *sets = bpf_map_lookup_elem(&port_sets_map, &key);
+	void *m = slot_inner(&slot_port_sets_map, slot);
+	struct port_sets *sets = m ? bpf_map_lookup_elem(m, &key) : 0;
 	if (!sets)
 		return 0;
 	return (port_in(sets->outbound_exclude, port) ? PORT_OUTBOUND_EXCLUDE : 0) |
@@ -449,53 +521,66 @@ static __always_inline __u8 port_flags(__u16 port)
 // Lookups by address are global functions taking the address's words: the verifier checks
 // each once, on its own, and its callers see one unknown answer, instead of walking every
 // outcome of the lookup through all the rules that follow (a lookup in line doubled the
-// verifier's work on connect6). Global functions need Linux 5.6 and BTF.
+// verifier's work on connect6). Global functions need Linux 5.6 and BTF. A global function
+// cannot take a map, so each finds its pod's inner map from the slot it is given.
 
 // addr_is_local reports whether the address w is the pod itself: all of 127.0.0.0/8, ::1,
 // and the pod's own addresses (those route via lo).
-__noinline int addr_is_local(__u32 w0, __u32 w1, __u32 w2, __u32 w3)
+__noinline int addr_is_local(__u32 slot, __u32 w0, __u32 w1, __u32 w2, __u32 w3)
 {
 	struct inet_addr a = {.w = {w0, w1, w2, w3}};
 	if (is_v4(&a) ? (bpf_ntohl(w3) >> 24) == 127 : (w0 | w1 | w2 | (w3 ^ bpf_htonl(LOCALHOST6))) == 0)
 		return 1;
-	return bpf_map_lookup_elem(&local_addrs, &a) != NULL;
+	void *m = slot_inner(&slot_local_addrs, slot);
+	return m && bpf_map_lookup_elem(m, &a) != NULL;
 }
 
 // addr_is_nameserver reports whether the address w is one of the pod's nameservers.
-__noinline int addr_is_nameserver(__u32 w0, __u32 w1, __u32 w2, __u32 w3)
+__noinline int addr_is_nameserver(__u32 slot, __u32 w0, __u32 w1, __u32 w2, __u32 w3)
 {
 	struct inet_addr a = {.w = {w0, w1, w2, w3}};
-	return bpf_map_lookup_elem(&dns_servers, &a) != NULL;
+	void *m = slot_inner(&slot_dns_servers, slot);
+	return m && bpf_map_lookup_elem(m, &a) != NULL;
 }
 
 // addr_in_cidrs looks the address w up in its family's trie of -x ranges, or with include
-// of -i ranges.
-__noinline int addr_in_cidrs(int include, __u32 w0, __u32 w1, __u32 w2, __u32 w3)
+// of -i ranges, of the pod in slot_include >> 1 (include is its low bit: a global function
+// takes five scalars at most).
+__noinline int addr_in_cidrs(__u32 slot_include, __u32 w0, __u32 w1, __u32 w2, __u32 w3)
 {
 	struct inet_addr a = {.w = {w0, w1, w2, w3}};
+	__u32 slot = slot_include >> 1;
+	int include = slot_include & 1;
+	void *m;
 	if (is_v4(&a)) {
 		struct lpm_v4_key key = {.prefixlen = 32, .addr = w3};
-		return bpf_map_lookup_elem(include ? (void *)&outbound_include_cidrs : (void *)&outbound_exclude_cidrs,
-					   &key) != NULL;
+		if (include)
+			m = slot_inner(&slot_outbound_include_cidrs, slot);
+		else
+			m = slot_inner(&slot_outbound_exclude_cidrs, slot);
+		return m && bpf_map_lookup_elem(m, &key) != NULL;
 	}
 	struct lpm_v6_key key = {.prefixlen = 128, .addr = {w0, w1, w2, w3}};
-	return bpf_map_lookup_elem(include ? (void *)&outbound_include_cidrs6 : (void *)&outbound_exclude_cidrs6,
-				   &key) != NULL;
+	if (include)
+		m = slot_inner(&slot_outbound_include_cidrs6, slot);
+	else
+		m = slot_inner(&slot_outbound_exclude_cidrs6, slot);
+	return m && bpf_map_lookup_elem(m, &key) != NULL;
 }
 
-static __always_inline int is_local(const struct inet_addr *a)
+static __always_inline int is_local(__u32 slot, const struct inet_addr *a)
 {
-	return addr_is_local(a->w[0], a->w[1], a->w[2], a->w[3]);
+	return addr_is_local(slot, a->w[0], a->w[1], a->w[2], a->w[3]);
 }
 
 // addr_is_foreign reports whether the bound source w is set and not the pod's
 // (policy.SrcForeign): only a transparent socket can bind such an address.
-__noinline int addr_is_foreign(__u32 w0, __u32 w1, __u32 w2, __u32 w3)
+__noinline int addr_is_foreign(__u32 slot, __u32 w0, __u32 w1, __u32 w2, __u32 w3)
 {
 	struct inet_addr a = {.w = {w0, w1, w2, w3}};
 	if (is_zero6(&a) | (is_v4(&a) & !w3))
 		return 0;
-	return !addr_is_local(w0, w1, w2, w3);
+	return !addr_is_local(slot, w0, w1, w2, w3);
 }
 
 // The kernel's types on the way from the hook's context to the socket file's credentials,
@@ -571,7 +656,7 @@ __noinline __u64 socket_ids(struct bpf_sock_addr *ctx)
 	return owner >= OWNER_NO_FILE ? bpf_get_current_uid_gid() : owner;
 }
 
-__noinline int socket_owner_listed(struct bpf_sock_addr *ctx)
+__noinline int socket_owner_listed(struct bpf_sock_addr *ctx, __u32 slot)
 {
 	__u64 owner = socket_owner(ctx);
 	if (owner == OWNER_UNKNOWN)
@@ -579,7 +664,8 @@ __noinline int socket_owner_listed(struct bpf_sock_addr *ctx)
 	if (owner == OWNER_NO_FILE)
 		return 0;
 	__u32 gid = owner >> 32;
-	return bpf_map_lookup_elem(&owner_gids, &gid) != 0;
+	void *m = slot_inner(&slot_owner_gids, slot);
+	return m && bpf_map_lookup_elem(m, &gid) != 0;
 }
 
 #define LOOPBACK_IFINDEX 1 /* lo, in every netns */
@@ -597,11 +683,12 @@ __noinline int socket_owner_listed(struct bpf_sock_addr *ctx)
 // interface (EINVAL), and the route lookup from a socket bound to lo finds nothing but ::1
 // (ENETUNREACH). (A link-local destination with a scope id binds the socket after this
 // hook, which cannot see it: left to the kernel too, docs/semantics.md.)
-// How kernel_fails is told about the socket, as bits (a global function takes five
-// scalars at most).
+// How kernel_fails is told about the socket, as bits, and the pod's slot above them (a
+// global function takes five scalars at most).
 #define KF_BOUND_DEV 1	  // bound to an interface (SO_BINDTODEVICE, a scoped bind)
 #define KF_BOUND_LO 2	  // ... which is lo
 #define KF_LOOPBACK_SRC 4 // bound to an IPv4 loopback source
+#define KF_SLOT_SHIFT 8
 // A global function, as the lookups by address are: in line, its branches forked the
 // verifier's walk of every rule after it (connect6 processed twice the instructions).
 __noinline int kernel_fails(__u32 w0, __u32 w1, __u32 w2, __u32 w3, __u32 how)
@@ -620,7 +707,8 @@ __noinline int kernel_fails(__u32 w0, __u32 w1, __u32 w2, __u32 w3, __u32 how)
 		return 1;
 	if ((d >> 24) == 127)
 		return 0;
-	return (how & KF_BOUND_LO) || ((how & KF_LOOPBACK_SRC) && !addr_is_local(w0, w1, w2, w3));
+	return (how & KF_BOUND_LO) ||
+	       ((how & KF_LOOPBACK_SRC) && !addr_is_local(how >> KF_SLOT_SHIFT, w0, w1, w2, w3));
 }
 
 #include "trace.h"
@@ -629,16 +717,16 @@ __noinline int kernel_fails(__u32 w0, __u32 w1, __u32 w2, __u32 w3, __u32 how)
 // ISTIO_OUTPUT chain, first match wins, with the family's localhost and passthrough
 // source (ip6tables' rules are the same with ::1 and ::6). It sets *to_port for redirects.
 // UDP is only decided for DNS queries (the callers check dns_query first).
-static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, struct config *cfg, int udp, int v4,
+static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, __u32 slot, struct config *cfg, int udp, int v4,
 						   const struct inet_addr *src,
 						   const struct inet_addr *dst, __u16 dport,
 						   __u16 *to_port)
 {
 	__u64 ids = socket_ids(ctx);
 	__u32 uid = (__u32)ids, gid = ids >> 32;
-	__u8 pflags = port_flags(dport);
+	__u8 pflags = port_flags(slot, dport);
 	struct inet_addr lo = localhost(v4), pass_src = passthrough(v4);
-	int local = is_local(dst);
+	int local = is_local(slot, dst);
 	int to_localhost = addr_eq(dst, &lo);
 	int dns = cfg->dns_capture && dport == DNS_PORT;
 	// The shape of istio's hairpin rules: "-o lo ! -d 127.0.0.1/32 -p tcp ! --dport <tunnel>".
@@ -657,7 +745,7 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 	// only a transparent socket can bind. istio's nat hairpin catches it and the connection
 	// never completes (docs/semantics.md); its mangle rules mean it to pass, and it does.
 	// TPROXY is the one mode where the tunnel port does not pass inbound.
-	if (local && !cfg->inbound_tunnel_passes && addr_is_foreign(src->w[0], src->w[1], src->w[2], src->w[3]))
+	if (local && !cfg->inbound_tunnel_passes && addr_is_foreign(slot, src->w[0], src->w[1], src->w[2], src->w[3]))
 		return REASON_INBOUND_PASSTHROUGH;
 	if (hairpinnable && !dns && uid == cfg->proxy_uid) {
 		*to_port = cfg->inbound_capture_port;
@@ -678,20 +766,20 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 	// istio's owner-group rule ("-m owner [!] --gid-owner G ... -j RETURN"). A kernel that
 	// cannot tell passes the connection, never captures it.
 	if (cfg->owner_groups) {
-		int listed = socket_owner_listed(ctx);
+		int listed = socket_owner_listed(ctx, slot);
 		if (cfg->owner_groups == OWNER_GROUPS_ONLY && listed != 1)
 			return REASON_OWNER_GROUP_NOT_INCLUDED;
 		if (cfg->owner_groups == OWNER_GROUPS_NOT && listed != 0)
 			return REASON_OWNER_GROUP_EXCLUDED;
 	}
 	// istio's ISTIO_OUTPUT_DNS: after the proxy's own traffic, before everything else.
-	if (dns && (cfg->dns_capture_all || addr_is_nameserver(dst->w[0], dst->w[1], dst->w[2], dst->w[3]))) {
+	if (dns && (cfg->dns_capture_all || addr_is_nameserver(slot, dst->w[0], dst->w[1], dst->w[2], dst->w[3]))) {
 		*to_port = cfg->dns_agent_port;
 		return REASON_DNS_CAPTURED;
 	}
 	if (to_localhost)
 		return REASON_LOCALHOST;
-	if (addr_in_cidrs(0, dst->w[0], dst->w[1], dst->w[2], dst->w[3]))
+	if (addr_in_cidrs(slot << 1, dst->w[0], dst->w[1], dst->w[2], dst->w[3]))
 		return REASON_EXCLUDED_CIDR;
 	if (udp) // istio's -q and ISTIO_REDIRECT are "-p tcp"
 		return REASON_DNS_NOT_CAPTURED;
@@ -699,7 +787,7 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 		*to_port = cfg->proxy_port;
 		return REASON_INCLUDED_OUTBOUND_PORT;
 	}
-	if (cfg->outbound_include_all || addr_in_cidrs(1, dst->w[0], dst->w[1], dst->w[2], dst->w[3])) {
+	if (cfg->outbound_include_all || addr_in_cidrs(slot << 1 | 1, dst->w[0], dst->w[1], dst->w[2], dst->w[3])) {
 		*to_port = cfg->proxy_port;
 		return REASON_INCLUDED_CIDR;
 	}
@@ -708,11 +796,11 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, st
 
 // decide_inbound mirrors policy.Config.Decide for inbound connections: istio's
 // ISTIO_INBOUND chain (the same in ip6tables).
-static __always_inline enum reason decide_inbound(struct config *cfg, __u16 port)
+static __always_inline enum reason decide_inbound(__u32 slot, struct config *cfg, __u16 port)
 {
 	if (cfg->inbound_tunnel_passes && port == cfg->inbound_tunnel_port)
 		return REASON_INBOUND_TUNNEL_PORT;
-	__u8 pflags = port_flags(port);
+	__u8 pflags = port_flags(slot, port);
 	// The loader sets PORT_INBOUND_EXCLUDE only with -b '*', as istio renders -d only then.
 	if (pflags & PORT_INBOUND_EXCLUDE)
 		return REASON_INBOUND_EXCLUDED_PORT;
@@ -728,11 +816,11 @@ static __always_inline enum reason decide_inbound(struct config *cfg, __u16 port
 // *to_port. For UDP (and for TCP with DNS capture on) it also keeps or forgets the
 // nameserver a socket's replies must come from: reconnect says whether this decision
 // replaces the socket's peer (connect) rather than adding a datagram (sendmsg).
-static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, int udp, int reconnect, int v4,
+static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, __u32 slot, int udp, int reconnect, int v4,
 					     const struct inet_addr *src, const struct inet_addr *dst,
 					     __u16 *to_port)
 {
-	struct config *cfg = get_config();
+	struct config *cfg = get_config(slot);
 	if (!cfg)
 		return 1;
 	if (!v4 && !cfg->capture_ipv6)
@@ -742,14 +830,15 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, int udp,
 	if (!udp) {
 		__u32 dev = ctx->sk ? ctx->sk->bound_dev_if : 0;
 		__u32 how = (dev ? KF_BOUND_DEV : 0) | (dev == LOOPBACK_IFINDEX ? KF_BOUND_LO : 0) |
-			    ((is_v4(src) & ((bpf_ntohl(src->w[3]) >> 24) == 127)) ? KF_LOOPBACK_SRC : 0);
+			    ((is_v4(src) & ((bpf_ntohl(src->w[3]) >> 24) == 127)) ? KF_LOOPBACK_SRC : 0) |
+			    slot << KF_SLOT_SHIFT;
 		if (kernel_fails(dst->w[0], dst->w[1], dst->w[2], dst->w[3], how))
 			return 1; // no rule decides it: nothing counted
 	}
 	enum reason r = REASON_NONE;
 	if (!udp || (cfg->dns_capture && dport == DNS_PORT)) {
-		r = decide_outbound(ctx, cfg, udp, v4, src, dst, dport, to_port);
-		count(r, v4);
+		r = decide_outbound(ctx, slot, cfg, udp, v4, src, dst, dport, to_port);
+		count(slot, r, v4);
 		trace_outbound(ctx, r, udp, src, dst, dport, *to_port);
 	}
 	if (!*to_port) {
@@ -769,7 +858,7 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, int udp,
 	struct sock_orig_dst *s = ctx->sk ? bpf_sk_storage_get(&orig_dst_storage, ctx->sk, 0,
 								BPF_SK_STORAGE_GET_F_CREATE) : 0;
 	if (!s) {
-		count_drop(DROP_CONNECT_NO_MEMORY);
+		count_drop(slot, DROP_CONNECT_NO_MEMORY);
 		return 0;
 	}
 	s->orig.addr = *dst;
@@ -799,14 +888,14 @@ static __always_inline int sock_proto(struct bpf_sock_addr *ctx)
 // when the socket is bound to a v4-mapped source (tcp_v6_connect's and
 // ip6_datagram_connect's "connect to self"). That is what iptables sees and what the proxy
 // must read back.
-static __always_inline int decide4(struct bpf_sock_addr *ctx, int udp, int reconnect, __u32 src4)
+static __always_inline int decide4(struct bpf_sock_addr *ctx, __u32 slot, int udp, int reconnect, __u32 src4)
 {
 	__u32 dst4 = ctx->user_ip4;
 	if (!dst4)
 		dst4 = src4 ? src4 : bpf_htonl(LOCALHOST);
 	struct inet_addr src = v4_addr(src4), dst = v4_addr(dst4);
 	__u16 to_port = 0;
-	if (!redirect_outbound(ctx, udp, reconnect, 1, &src, &dst, &to_port))
+	if (!redirect_outbound(ctx, slot, udp, reconnect, 1, &src, &dst, &to_port))
 		return 0;
 	if (to_port) {
 		ctx->user_ip4 = bpf_htonl(LOCALHOST);
@@ -815,7 +904,7 @@ static __always_inline int decide4(struct bpf_sock_addr *ctx, int udp, int recon
 	return 1;
 }
 
-static __always_inline int decide6(struct bpf_sock_addr *ctx, int udp, int reconnect,
+static __always_inline int decide6(struct bpf_sock_addr *ctx, __u32 slot, int udp, int reconnect,
 				   const struct inet_addr *src)
 {
 	struct inet_addr dst = V6_ADDR(ctx->user_ip6);
@@ -827,7 +916,7 @@ static __always_inline int decide6(struct bpf_sock_addr *ctx, int udp, int recon
 		dst = localhost(v4);
 	}
 	__u16 to_port = 0;
-	if (!redirect_outbound(ctx, udp, reconnect, v4, src, &dst, &to_port))
+	if (!redirect_outbound(ctx, slot, udp, reconnect, v4, src, &dst, &to_port))
 		return 0;
 	if (to_port) {
 		struct inet_addr lo = localhost(v4);
@@ -852,11 +941,12 @@ static __always_inline struct inet_addr sock_src6(struct bpf_sock *sk)
 SEC("cgroup/connect4")
 int divert_connect4(struct bpf_sock_addr *ctx)
 {
+	__u32 slot = cgroup_slot();
 	int udp = sock_proto(ctx);
-	if (udp < 0)
+	if (!slot || udp < 0)
 		return 1;
 	struct bpf_sock *sk = ctx->sk;
-	return decide4(ctx, udp, 1, sk ? sk->src_ip4 : 0);
+	return decide4(ctx, slot, udp, 1, sk ? sk->src_ip4 : 0);
 }
 
 // An AF_INET6 socket's connect: native IPv6 (captured when istio would write ip6tables
@@ -867,11 +957,12 @@ int divert_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int divert_connect6(struct bpf_sock_addr *ctx)
 {
+	__u32 slot = cgroup_slot();
 	int udp = sock_proto(ctx);
-	if (udp < 0)
+	if (!slot || udp < 0)
 		return 1;
 	struct inet_addr src = sock_src6(ctx->sk);
-	return decide6(ctx, udp, 1, &src);
+	return decide6(ctx, slot, udp, 1, &src);
 }
 
 // An unconnected UDP socket's datagram (sendto, sendmsg with an address): DNS queries to a
@@ -880,7 +971,8 @@ int divert_connect6(struct bpf_sock_addr *ctx)
 SEC("cgroup/sendmsg4")
 int divert_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	if (sock_proto(ctx) != 1)
+	__u32 slot = cgroup_slot();
+	if (!slot || sock_proto(ctx) != 1)
 		return 1;
 	struct bpf_sock *sk = ctx->sk;
 	// A dual-stack socket connected to ::ffff:a.b.c.d runs this for each send(), with its
@@ -889,7 +981,7 @@ int divert_sendmsg4(struct bpf_sock_addr *ctx)
 	if (sk && sk->family == AF_INET6 && sk->state == BPF_TCP_ESTABLISHED &&
 	    sk->dst_ip4 == ctx->user_ip4)
 		return 1;
-	return decide4(ctx, 1, 0, ctx->msg_src_ip4 ? ctx->msg_src_ip4 : (sk ? sk->src_ip4 : 0));
+	return decide4(ctx, slot, 1, 0, ctx->msg_src_ip4 ? ctx->msg_src_ip4 : (sk ? sk->src_ip4 : 0));
 }
 
 // sendmsg4's twin for AF_INET6 sockets: native IPv6 datagrams (the source given with
@@ -899,12 +991,13 @@ int divert_sendmsg4(struct bpf_sock_addr *ctx)
 SEC("cgroup/sendmsg6")
 int divert_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	if (sock_proto(ctx) != 1)
+	__u32 slot = cgroup_slot();
+	if (!slot || sock_proto(ctx) != 1)
 		return 1;
 	struct inet_addr src = V6_ADDR(ctx->msg_src_ip6);
 	if (is_zero6(&src))
 		src = sock_src6(ctx->sk);
-	return decide6(ctx, 1, 0, &src);
+	return decide6(ctx, slot, 1, 0, &src);
 }
 
 // dns_peer returns the nameserver to show in place of the agent (the family's localhost
@@ -915,7 +1008,7 @@ static __always_inline struct orig_dst *dns_peer(struct bpf_sock_addr *ctx, cons
 	struct inet_addr lo = localhost(is_v4(a));
 	if (!addr_eq(a, &lo) || !ctx->sk)
 		return 0;
-	struct config *cfg = get_config();
+	struct config *cfg = get_config(cgroup_slot());
 	if (!cfg || (__u16)ctx->user_port != bpf_htons(cfg->dns_agent_port))
 		return 0;
 	struct sock_orig_dst *s = bpf_sk_storage_get(&orig_dst_storage, ctx->sk, 0, 0);
@@ -978,7 +1071,7 @@ int divert_getpeername6(struct bpf_sock_addr *ctx) { return show_nameserver6(ctx
 // which leaves room for either (36 of 40 bytes with IPv6's, padded); the SYN never
 // establishes the proxy's socket, but with a Fast Open cookie, which leaves no room for
 // either option (counted as orig-dst-unsent).
-static __always_inline void app_handshake(struct bpf_sock_ops *skops)
+static __always_inline void app_handshake(struct bpf_sock_ops *skops, __u32 slot)
 {
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
@@ -1007,11 +1100,11 @@ static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 			// SYN (8 bytes left) from the others (16 or 20 left); the space a probe gets
 			// is left unwritten, which the kernel fills with NOPs.
 			if (bpf_reserve_hdr_opt(skops, sizeof(struct orig_dst_opt), 0))
-				count_drop(DROP_ORIG_DST_UNSENT);
+				count_drop(slot, DROP_ORIG_DST_UNSENT);
 			return;
 		}
 		if (bpf_reserve_hdr_opt(skops, v4 ? sizeof(struct orig_dst_opt) : ORIG_DST_OPT6_LEN, 0))
-			count_drop(DROP_ORIG_DST_UNSENT);
+			count_drop(slot, DROP_ORIG_DST_UNSENT);
 		return;
 	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB: {
 		if (!v4 && (skops->skb_tcp_flags & TCPHDR_SYN))
@@ -1038,7 +1131,7 @@ static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 		}
 		// EEXIST: a retransmission that already carries it.
 		if (err && err != -17)
-			count_drop(DROP_ORIG_DST_UNSENT);
+			count_drop(slot, DROP_ORIG_DST_UNSENT);
 		return;
 	}
 	}
@@ -1050,7 +1143,7 @@ static __always_inline void app_handshake(struct bpf_sock_ops *skops)
 // AF_INET6 socket, as ::ffff:a.b.c.d). 1 for IPv4, 2 for IPv6, 0 for neither: a peer
 // outside the pod cannot make the proxy believe another destination (the kernel drops
 // packets to 127/8 or ::1 arriving on other devices than lo).
-static __always_inline int proxied(struct bpf_sock_ops *skops)
+static __always_inline int proxied(struct bpf_sock_ops *skops, __u32 slot)
 {
 	struct inet_addr remote, local;
 	if (skops->family == AF_INET6) {
@@ -1064,7 +1157,7 @@ static __always_inline int proxied(struct bpf_sock_ops *skops)
 	}
 	int v4 = is_v4(&local);
 	struct inet_addr lo = localhost(v4);
-	if (!addr_eq(&local, &lo) || is_v4(&remote) != v4 || !is_local(&remote))
+	if (!addr_eq(&local, &lo) || is_v4(&remote) != v4 || !is_local(slot, &remote))
 		return 0;
 	return v4 ? 1 : 2;
 }
@@ -1072,9 +1165,9 @@ static __always_inline int proxied(struct bpf_sock_ops *skops)
 // The proxy's side: its accepted socket reads the option from the segment that
 // established it (the SYN itself under TCP Fast Open with a cookie) and keeps the original
 // destination for getsockopt. Only connections of the option's own family (proxied).
-static __always_inline void proxy_established(struct bpf_sock_ops *skops)
+static __always_inline void proxy_established(struct bpf_sock_ops *skops, __u32 slot)
 {
-	int family = proxied(skops);
+	int family = proxied(skops, slot);
 	if (!family)
 		return;
 	// One buffer for either option; the IPv4 one's address sits at an odd 2-byte offset, so
@@ -1099,7 +1192,7 @@ static __always_inline void proxy_established(struct bpf_sock_ops *skops)
 	struct sock_orig_dst *s =
 		sk ? bpf_sk_storage_get(&orig_dst_storage, sk, 0, BPF_SK_STORAGE_GET_F_CREATE) : 0;
 	if (!s) {
-		count_drop(DROP_ORIG_DST_UNSTORED);
+		count_drop(slot, DROP_ORIG_DST_UNSTORED);
 		return;
 	}
 	s->orig.addr = orig;
@@ -1111,7 +1204,7 @@ static __always_inline void proxy_established(struct bpf_sock_ops *skops)
 // pod's to the pod itself (the one connect4 or connect6 let pass as inbound passthrough),
 // for sk_lookup: IPv4 (from an AF_INET socket, or a dual-stack one as ::ffff:a.b.c.d) or
 // native IPv6.
-static __always_inline void transparent_connect(struct bpf_sock_ops *skops)
+static __always_inline void transparent_connect(struct bpf_sock_ops *skops, __u32 slot)
 {
 	struct inet_addr client, pod;
 	if (skops->family == AF_INET6) {
@@ -1123,9 +1216,9 @@ static __always_inline void transparent_connect(struct bpf_sock_ops *skops)
 	} else {
 		return;
 	}
-	if (!addr_is_foreign(client.w[0], client.w[1], client.w[2], client.w[3]) || !is_local(&pod))
+	if (!addr_is_foreign(slot, client.w[0], client.w[1], client.w[2], client.w[3]) || !is_local(slot, &pod))
 		return;
-	struct config *cfg = get_config();
+	struct config *cfg = get_config(slot);
 	// Without IPv6 capture sk_lookup leaves IPv6 alone: nothing would take the entry.
 	if (!cfg || cfg->inbound_tunnel_passes || (!is_v4(&client) && !cfg->capture_ipv6))
 		return;
@@ -1137,32 +1230,38 @@ static __always_inline void transparent_connect(struct bpf_sock_ops *skops)
 	};
 	__u8 one = 1;
 	if (bpf_map_update_elem(&transparent_syns, &syn, &one, BPF_ANY))
-		count_drop(DROP_TRANSPARENT_UNSTORED);
+		count_drop(slot, DROP_TRANSPARENT_UNSTORED);
 }
 
 SEC("sockops")
 int divert_sockops(struct bpf_sock_ops *skops)
 {
+	// The app's handshake runs on in an unarmed slot: only a socket connect4 or connect6
+	// captured, when it was armed, carries an original destination.
+	__u32 slot = cgroup_slot();
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		transparent_connect(skops);
-		app_handshake(skops);
+		if (slot)
+			transparent_connect(skops, slot);
+		app_handshake(skops, slot);
 		trace_connected(skops);
 		break;
 	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
 	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:
-		app_handshake(skops);
+		app_handshake(skops, slot);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		proxy_established(skops);
+		if (slot)
+			proxy_established(skops, slot);
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB: {
-		struct config *cfg = get_config();
+		struct config *cfg = get_config(slot);
 		if (!cfg || skops->local_port != cfg->inbound_capture_port)
 			return 1;
 		__u32 half = LISTENER_SLOTS / 2;
-		__u32 slot = bpf_get_socket_cookie(skops) % half + (skops->family == AF_INET6 ? half : 0);
-		bpf_sock_map_update(skops, &inbound_listeners, &slot, BPF_ANY);
+		__u32 i = slot * LISTENER_SLOTS + bpf_get_socket_cookie(skops) % half +
+			  (skops->family == AF_INET6 ? half : 0);
+		bpf_sock_map_update(skops, &node_listeners, &i, BPF_ANY);
 		break;
 	}
 	}
@@ -1206,8 +1305,9 @@ int divert_getsockopt(struct bpf_sockopt *ctx)
 		// the socket's own local address, which is what conntrack answers for it under
 		// iptables. Answer only where the kernel has no answer of its own, and for IPv6
 		// only where istio would have written ip6tables rules (conntrack tracks IPv6 then).
-		struct config *cfg = get_config();
-		if (ctx->retval == 0 || is_local(&peer) || (!want4 && (!cfg || !cfg->capture_ipv6)))
+		__u32 slot = cgroup_slot();
+		struct config *cfg = get_config(slot);
+		if (!cfg || ctx->retval == 0 || is_local(slot, &peer) || (!want4 && !cfg->capture_ipv6))
 			goto passthrough;
 	}
 	if (is_v4(&orig->addr) != want4)
@@ -1259,26 +1359,46 @@ passthrough:
 	return 1;
 }
 
-// try_listener hands the connection to the listener in slot, if there is one, it is still
-// the proxy's inbound port (a listener left over from an older -z is not), and it takes the
-// connection's family (bpf_sk_assign refuses an AF_INET listener for IPv6, and an IPv6-only
-// one for IPv4).
-static __noinline int try_listener(struct bpf_sk_lookup *ctx, struct config *cfg, __u32 slot)
+// TRY_LISTENER hands the connection to the listener in entry i of node_listeners, if there
+// is one, it is still the proxy's inbound port (a listener left over from an older -z is
+// not), and it takes the connection's family (bpf_sk_assign refuses an AF_INET listener for
+// IPv6, and an IPv6-only one for IPv4). It is 1 when the listener took it.
+#define TRY_LISTENER(ctx, i, port)                                                      \
+	({                                                                              \
+		__u32 __i = (i);                                                        \
+		struct bpf_sock *__sk = bpf_map_lookup_elem(&node_listeners, &__i);     \
+		long __err = -1;                                                        \
+		if (__sk) {                                                             \
+			__err = __sk->src_port == (port) ? bpf_sk_assign(ctx, __sk, 0) : -1; \
+			bpf_sk_release(__sk);                                           \
+		}                                                                       \
+		!__err;                                                                 \
+	})
+
+// try_listener is TRY_LISTENER as a global function: verified once, not once per iteration
+// of sk_lookup's loop over the pod's 64 entries, which made sk_lookup, loaded for every pod,
+// most of a pod's attach CPU (1,781 instructions processed with it). Linux 5.10 takes no
+// sk_lookup context into a global function ("Arg#0 type PTR in try_listener() is not
+// supported yet"): there the loader loads divert_sk_lookup_static, which calls
+// try_listener_static, verified at each call.
+__noinline int try_listener(struct bpf_sk_lookup *ctx, __u32 i, __u32 port)
 {
-	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listeners, &slot);
-	if (!sk)
+	if (!ctx)
 		return 0;
-	long err = sk->src_port == cfg->inbound_capture_port ? bpf_sk_assign(ctx, sk, 0) : -1;
-	bpf_sk_release(sk);
-	return !err;
+	return TRY_LISTENER(ctx, i, port);
 }
 
-SEC("sk_lookup")
-int divert_sk_lookup(struct bpf_sk_lookup *ctx)
+static __noinline int try_listener_static(struct bpf_sk_lookup *ctx, __u32 i, __u32 port)
 {
+	return TRY_LISTENER(ctx, i, port);
+}
+
+static __always_inline int sk_lookup(struct bpf_sk_lookup *ctx, int global)
+{
+	__u32 slot = lookup_slot;
 	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
-	struct config *cfg = get_config();
+	struct config *cfg = get_config(slot);
 	if (!cfg)
 		return SK_PASS;
 	int v4 = ctx->family == AF_INET;
@@ -1291,7 +1411,7 @@ int divert_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	// The pod's connections to itself are outbound business, decided at connect time; in
 	// iptables terms they never traverse nat PREROUTING.
-	if (is_local(&remote))
+	if (is_local(slot, &remote))
 		return SK_PASS;
 	// In TPROXY mode so is the proxy's connection from the client's address (sockops wrote
 	// it down before its SYN left), which istio's mangle ISTIO_INBOUND returns by its mark.
@@ -1308,15 +1428,17 @@ int divert_sk_lookup(struct bpf_sk_lookup *ctx)
 		}
 	}
 
-	enum reason r = decide_inbound(cfg, (__u16)ctx->local_port);
-	count(r, v4);
+	enum reason r = decide_inbound(slot, cfg, (__u16)ctx->local_port);
+	count(slot, r, v4);
 	__u8 verdict = TRACE_PASSED;
 	if (r == REASON_INBOUND_INCLUDED_PORT) {
 		// A bounded loop (Linux 5.3+), not unrolled: unrolling made this the biggest program
 		// (16 KiB of kernel memory per pod). The verifier walks every iteration either way.
 		verdict = TRACE_DROPPED;
 		for (__u32 i = 0; i < LISTENER_SLOTS; i++) {
-			if (try_listener(ctx, cfg, i)) {
+			__u32 at = slot * LISTENER_SLOTS + i;
+			if (global ? try_listener(ctx, at, cfg->inbound_capture_port)
+				   : try_listener_static(ctx, at, cfg->inbound_capture_port)) {
 				verdict = TRACE_CAPTURED;
 				break;
 			}
@@ -1327,6 +1449,12 @@ int divert_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	// Captured but no proxy listening: refuse, as iptables' REDIRECT to a closed port
 	// does. Passing would hand the connection to the app behind the proxy's back.
-	count_drop(DROP_NO_LISTENER);
+	count_drop(slot, DROP_NO_LISTENER);
 	return SK_DROP;
 }
+
+SEC("sk_lookup")
+int divert_sk_lookup(struct bpf_sk_lookup *ctx) { return sk_lookup(ctx, 1); }
+
+SEC("sk_lookup")
+int divert_sk_lookup_static(struct bpf_sk_lookup *ctx) { return sk_lookup(ctx, 0); }

@@ -174,40 +174,57 @@ type DivertTransparentSyn struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	DivertMapConfigMap             = "config_map"
-	DivertMapCounters              = "counters"
-	DivertMapDnsServers            = "dns_servers"
-	DivertMapDrops                 = "drops"
-	DivertMapInboundListeners      = "inbound_listeners"
-	DivertMapLocalAddrs            = "local_addrs"
-	DivertMapOrigDstStorage        = "orig_dst_storage"
-	DivertMapOutboundExcludeCidrs  = "outbound_exclude_cidrs"
-	DivertMapOutboundExcludeCidrs6 = "outbound_exclude_cidrs6"
-	DivertMapOutboundIncludeCidrs  = "outbound_include_cidrs"
-	DivertMapOutboundIncludeCidrs6 = "outbound_include_cidrs6"
-	DivertMapOwnerGids             = "owner_gids"
-	DivertMapPortSetsMap           = "port_sets_map"
-	DivertMapTraceControlMap       = "trace_control_map"
-	DivertMapTraceEvents           = "trace_events"
-	DivertMapTraceOwner            = "trace_owner"
-	DivertMapTransparentSyns       = "transparent_syns"
-	DivertProgDivertConnect4       = "divert_connect4"
-	DivertProgDivertConnect6       = "divert_connect6"
-	DivertProgDivertGetpeername4   = "divert_getpeername4"
-	DivertProgDivertGetpeername6   = "divert_getpeername6"
-	DivertProgDivertGetsockopt     = "divert_getsockopt"
-	DivertProgDivertRecvmsg4       = "divert_recvmsg4"
-	DivertProgDivertRecvmsg6       = "divert_recvmsg6"
-	DivertProgDivertSendmsg4       = "divert_sendmsg4"
-	DivertProgDivertSendmsg6       = "divert_sendmsg6"
-	DivertProgDivertSkLookup       = "divert_sk_lookup"
-	DivertProgDivertSockops        = "divert_sockops"
-	DivertVarUnusedDrop            = "unused_drop"
-	DivertVarUnusedOwnerGroups     = "unused_owner_groups"
-	DivertVarUnusedPortFlag        = "unused_port_flag"
-	DivertVarUnusedReason          = "unused_reason"
-	DivertVarUnusedTraceEvent      = "unused_trace_event"
-	DivertVarUnusedTraceVerdict    = "unused_trace_verdict"
+	DivertMapConfigMap                 = "config_map"
+	DivertMapCounters                  = "counters"
+	DivertMapDnsServers                = "dns_servers"
+	DivertMapDrops                     = "drops"
+	DivertMapInboundListeners          = "inbound_listeners"
+	DivertMapLocalAddrs                = "local_addrs"
+	DivertMapNodeListeners             = "node_listeners"
+	DivertMapOrigDstStorage            = "orig_dst_storage"
+	DivertMapOutboundExcludeCidrs      = "outbound_exclude_cidrs"
+	DivertMapOutboundExcludeCidrs6     = "outbound_exclude_cidrs6"
+	DivertMapOutboundIncludeCidrs      = "outbound_include_cidrs"
+	DivertMapOutboundIncludeCidrs6     = "outbound_include_cidrs6"
+	DivertMapOwnerGids                 = "owner_gids"
+	DivertMapPodSlot                   = "pod_slot"
+	DivertMapPortSetsMap               = "port_sets_map"
+	DivertMapSlotConfigMap             = "slot_config_map"
+	DivertMapSlotCounters              = "slot_counters"
+	DivertMapSlotDnsServers            = "slot_dns_servers"
+	DivertMapSlotDrops                 = "slot_drops"
+	DivertMapSlotLocalAddrs            = "slot_local_addrs"
+	DivertMapSlotOutboundExcludeCidrs  = "slot_outbound_exclude_cidrs"
+	DivertMapSlotOutboundExcludeCidrs6 = "slot_outbound_exclude_cidrs6"
+	DivertMapSlotOutboundIncludeCidrs  = "slot_outbound_include_cidrs"
+	DivertMapSlotOutboundIncludeCidrs6 = "slot_outbound_include_cidrs6"
+	DivertMapSlotOwnerGids             = "slot_owner_gids"
+	DivertMapSlotPortSetsMap           = "slot_port_sets_map"
+	DivertMapTraceControlMap           = "trace_control_map"
+	DivertMapTraceEvents               = "trace_events"
+	DivertMapTraceOwner                = "trace_owner"
+	DivertMapTransparentSyns           = "transparent_syns"
+	DivertProgDivertConnect4           = "divert_connect4"
+	DivertProgDivertConnect6           = "divert_connect6"
+	DivertProgDivertGetpeername4       = "divert_getpeername4"
+	DivertProgDivertGetpeername6       = "divert_getpeername6"
+	DivertProgDivertGetsockopt         = "divert_getsockopt"
+	DivertProgDivertRecvmsg4           = "divert_recvmsg4"
+	DivertProgDivertRecvmsg6           = "divert_recvmsg6"
+	DivertProgDivertSendmsg4           = "divert_sendmsg4"
+	DivertProgDivertSendmsg6           = "divert_sendmsg6"
+	DivertProgDivertSkLookup           = "divert_sk_lookup"
+	DivertProgDivertSkLookupStatic     = "divert_sk_lookup_static"
+	DivertProgDivertSockops            = "divert_sockops"
+	DivertVarLookupSlot                = "lookup_slot"
+	DivertVarUnusedDrop                = "unused_drop"
+	DivertVarUnusedLpmV4Key            = "unused_lpm_v4_key"
+	DivertVarUnusedLpmV6Key            = "unused_lpm_v6_key"
+	DivertVarUnusedOwnerGroups         = "unused_owner_groups"
+	DivertVarUnusedPortFlag            = "unused_port_flag"
+	DivertVarUnusedReason              = "unused_reason"
+	DivertVarUnusedTraceEvent          = "unused_trace_event"
+	DivertVarUnusedTraceVerdict        = "unused_trace_verdict"
 )
 
 // LoadDivert returns the embedded CollectionSpec for Divert.
@@ -252,47 +269,64 @@ type DivertSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DivertProgramSpecs struct {
-	DivertConnect4     *ebpf.ProgramSpec `ebpf:"divert_connect4"`
-	DivertConnect6     *ebpf.ProgramSpec `ebpf:"divert_connect6"`
-	DivertGetpeername4 *ebpf.ProgramSpec `ebpf:"divert_getpeername4"`
-	DivertGetpeername6 *ebpf.ProgramSpec `ebpf:"divert_getpeername6"`
-	DivertGetsockopt   *ebpf.ProgramSpec `ebpf:"divert_getsockopt"`
-	DivertRecvmsg4     *ebpf.ProgramSpec `ebpf:"divert_recvmsg4"`
-	DivertRecvmsg6     *ebpf.ProgramSpec `ebpf:"divert_recvmsg6"`
-	DivertSendmsg4     *ebpf.ProgramSpec `ebpf:"divert_sendmsg4"`
-	DivertSendmsg6     *ebpf.ProgramSpec `ebpf:"divert_sendmsg6"`
-	DivertSkLookup     *ebpf.ProgramSpec `ebpf:"divert_sk_lookup"`
-	DivertSockops      *ebpf.ProgramSpec `ebpf:"divert_sockops"`
+	DivertConnect4       *ebpf.ProgramSpec `ebpf:"divert_connect4"`
+	DivertConnect6       *ebpf.ProgramSpec `ebpf:"divert_connect6"`
+	DivertGetpeername4   *ebpf.ProgramSpec `ebpf:"divert_getpeername4"`
+	DivertGetpeername6   *ebpf.ProgramSpec `ebpf:"divert_getpeername6"`
+	DivertGetsockopt     *ebpf.ProgramSpec `ebpf:"divert_getsockopt"`
+	DivertRecvmsg4       *ebpf.ProgramSpec `ebpf:"divert_recvmsg4"`
+	DivertRecvmsg6       *ebpf.ProgramSpec `ebpf:"divert_recvmsg6"`
+	DivertSendmsg4       *ebpf.ProgramSpec `ebpf:"divert_sendmsg4"`
+	DivertSendmsg6       *ebpf.ProgramSpec `ebpf:"divert_sendmsg6"`
+	DivertSkLookup       *ebpf.ProgramSpec `ebpf:"divert_sk_lookup"`
+	DivertSkLookupStatic *ebpf.ProgramSpec `ebpf:"divert_sk_lookup_static"`
+	DivertSockops        *ebpf.ProgramSpec `ebpf:"divert_sockops"`
 }
 
 // DivertMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DivertMapSpecs struct {
-	ConfigMap             *ebpf.MapSpec `ebpf:"config_map"`
-	Counters              *ebpf.MapSpec `ebpf:"counters"`
-	DnsServers            *ebpf.MapSpec `ebpf:"dns_servers"`
-	Drops                 *ebpf.MapSpec `ebpf:"drops"`
-	InboundListeners      *ebpf.MapSpec `ebpf:"inbound_listeners"`
-	LocalAddrs            *ebpf.MapSpec `ebpf:"local_addrs"`
-	OrigDstStorage        *ebpf.MapSpec `ebpf:"orig_dst_storage"`
-	OutboundExcludeCidrs  *ebpf.MapSpec `ebpf:"outbound_exclude_cidrs"`
-	OutboundExcludeCidrs6 *ebpf.MapSpec `ebpf:"outbound_exclude_cidrs6"`
-	OutboundIncludeCidrs  *ebpf.MapSpec `ebpf:"outbound_include_cidrs"`
-	OutboundIncludeCidrs6 *ebpf.MapSpec `ebpf:"outbound_include_cidrs6"`
-	OwnerGids             *ebpf.MapSpec `ebpf:"owner_gids"`
-	PortSetsMap           *ebpf.MapSpec `ebpf:"port_sets_map"`
-	TraceControlMap       *ebpf.MapSpec `ebpf:"trace_control_map"`
-	TraceEvents           *ebpf.MapSpec `ebpf:"trace_events"`
-	TraceOwner            *ebpf.MapSpec `ebpf:"trace_owner"`
-	TransparentSyns       *ebpf.MapSpec `ebpf:"transparent_syns"`
+	ConfigMap                 *ebpf.MapSpec `ebpf:"config_map"`
+	Counters                  *ebpf.MapSpec `ebpf:"counters"`
+	DnsServers                *ebpf.MapSpec `ebpf:"dns_servers"`
+	Drops                     *ebpf.MapSpec `ebpf:"drops"`
+	InboundListeners          *ebpf.MapSpec `ebpf:"inbound_listeners"`
+	LocalAddrs                *ebpf.MapSpec `ebpf:"local_addrs"`
+	NodeListeners             *ebpf.MapSpec `ebpf:"node_listeners"`
+	OrigDstStorage            *ebpf.MapSpec `ebpf:"orig_dst_storage"`
+	OutboundExcludeCidrs      *ebpf.MapSpec `ebpf:"outbound_exclude_cidrs"`
+	OutboundExcludeCidrs6     *ebpf.MapSpec `ebpf:"outbound_exclude_cidrs6"`
+	OutboundIncludeCidrs      *ebpf.MapSpec `ebpf:"outbound_include_cidrs"`
+	OutboundIncludeCidrs6     *ebpf.MapSpec `ebpf:"outbound_include_cidrs6"`
+	OwnerGids                 *ebpf.MapSpec `ebpf:"owner_gids"`
+	PodSlot                   *ebpf.MapSpec `ebpf:"pod_slot"`
+	PortSetsMap               *ebpf.MapSpec `ebpf:"port_sets_map"`
+	SlotConfigMap             *ebpf.MapSpec `ebpf:"slot_config_map"`
+	SlotCounters              *ebpf.MapSpec `ebpf:"slot_counters"`
+	SlotDnsServers            *ebpf.MapSpec `ebpf:"slot_dns_servers"`
+	SlotDrops                 *ebpf.MapSpec `ebpf:"slot_drops"`
+	SlotLocalAddrs            *ebpf.MapSpec `ebpf:"slot_local_addrs"`
+	SlotOutboundExcludeCidrs  *ebpf.MapSpec `ebpf:"slot_outbound_exclude_cidrs"`
+	SlotOutboundExcludeCidrs6 *ebpf.MapSpec `ebpf:"slot_outbound_exclude_cidrs6"`
+	SlotOutboundIncludeCidrs  *ebpf.MapSpec `ebpf:"slot_outbound_include_cidrs"`
+	SlotOutboundIncludeCidrs6 *ebpf.MapSpec `ebpf:"slot_outbound_include_cidrs6"`
+	SlotOwnerGids             *ebpf.MapSpec `ebpf:"slot_owner_gids"`
+	SlotPortSetsMap           *ebpf.MapSpec `ebpf:"slot_port_sets_map"`
+	TraceControlMap           *ebpf.MapSpec `ebpf:"trace_control_map"`
+	TraceEvents               *ebpf.MapSpec `ebpf:"trace_events"`
+	TraceOwner                *ebpf.MapSpec `ebpf:"trace_owner"`
+	TransparentSyns           *ebpf.MapSpec `ebpf:"transparent_syns"`
 }
 
 // DivertVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DivertVariableSpecs struct {
+	LookupSlot         *ebpf.VariableSpec `ebpf:"lookup_slot"`
 	UnusedDrop         *ebpf.VariableSpec `ebpf:"unused_drop"`
+	UnusedLpmV4Key     *ebpf.VariableSpec `ebpf:"unused_lpm_v4_key"`
+	UnusedLpmV6Key     *ebpf.VariableSpec `ebpf:"unused_lpm_v6_key"`
 	UnusedOwnerGroups  *ebpf.VariableSpec `ebpf:"unused_owner_groups"`
 	UnusedPortFlag     *ebpf.VariableSpec `ebpf:"unused_port_flag"`
 	UnusedReason       *ebpf.VariableSpec `ebpf:"unused_reason"`
@@ -320,23 +354,36 @@ func (o *DivertObjects) Close() error {
 //
 // It can be passed to LoadDivertObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DivertMaps struct {
-	ConfigMap             *ebpf.Map `ebpf:"config_map"`
-	Counters              *ebpf.Map `ebpf:"counters"`
-	DnsServers            *ebpf.Map `ebpf:"dns_servers"`
-	Drops                 *ebpf.Map `ebpf:"drops"`
-	InboundListeners      *ebpf.Map `ebpf:"inbound_listeners"`
-	LocalAddrs            *ebpf.Map `ebpf:"local_addrs"`
-	OrigDstStorage        *ebpf.Map `ebpf:"orig_dst_storage"`
-	OutboundExcludeCidrs  *ebpf.Map `ebpf:"outbound_exclude_cidrs"`
-	OutboundExcludeCidrs6 *ebpf.Map `ebpf:"outbound_exclude_cidrs6"`
-	OutboundIncludeCidrs  *ebpf.Map `ebpf:"outbound_include_cidrs"`
-	OutboundIncludeCidrs6 *ebpf.Map `ebpf:"outbound_include_cidrs6"`
-	OwnerGids             *ebpf.Map `ebpf:"owner_gids"`
-	PortSetsMap           *ebpf.Map `ebpf:"port_sets_map"`
-	TraceControlMap       *ebpf.Map `ebpf:"trace_control_map"`
-	TraceEvents           *ebpf.Map `ebpf:"trace_events"`
-	TraceOwner            *ebpf.Map `ebpf:"trace_owner"`
-	TransparentSyns       *ebpf.Map `ebpf:"transparent_syns"`
+	ConfigMap                 *ebpf.Map `ebpf:"config_map"`
+	Counters                  *ebpf.Map `ebpf:"counters"`
+	DnsServers                *ebpf.Map `ebpf:"dns_servers"`
+	Drops                     *ebpf.Map `ebpf:"drops"`
+	InboundListeners          *ebpf.Map `ebpf:"inbound_listeners"`
+	LocalAddrs                *ebpf.Map `ebpf:"local_addrs"`
+	NodeListeners             *ebpf.Map `ebpf:"node_listeners"`
+	OrigDstStorage            *ebpf.Map `ebpf:"orig_dst_storage"`
+	OutboundExcludeCidrs      *ebpf.Map `ebpf:"outbound_exclude_cidrs"`
+	OutboundExcludeCidrs6     *ebpf.Map `ebpf:"outbound_exclude_cidrs6"`
+	OutboundIncludeCidrs      *ebpf.Map `ebpf:"outbound_include_cidrs"`
+	OutboundIncludeCidrs6     *ebpf.Map `ebpf:"outbound_include_cidrs6"`
+	OwnerGids                 *ebpf.Map `ebpf:"owner_gids"`
+	PodSlot                   *ebpf.Map `ebpf:"pod_slot"`
+	PortSetsMap               *ebpf.Map `ebpf:"port_sets_map"`
+	SlotConfigMap             *ebpf.Map `ebpf:"slot_config_map"`
+	SlotCounters              *ebpf.Map `ebpf:"slot_counters"`
+	SlotDnsServers            *ebpf.Map `ebpf:"slot_dns_servers"`
+	SlotDrops                 *ebpf.Map `ebpf:"slot_drops"`
+	SlotLocalAddrs            *ebpf.Map `ebpf:"slot_local_addrs"`
+	SlotOutboundExcludeCidrs  *ebpf.Map `ebpf:"slot_outbound_exclude_cidrs"`
+	SlotOutboundExcludeCidrs6 *ebpf.Map `ebpf:"slot_outbound_exclude_cidrs6"`
+	SlotOutboundIncludeCidrs  *ebpf.Map `ebpf:"slot_outbound_include_cidrs"`
+	SlotOutboundIncludeCidrs6 *ebpf.Map `ebpf:"slot_outbound_include_cidrs6"`
+	SlotOwnerGids             *ebpf.Map `ebpf:"slot_owner_gids"`
+	SlotPortSetsMap           *ebpf.Map `ebpf:"slot_port_sets_map"`
+	TraceControlMap           *ebpf.Map `ebpf:"trace_control_map"`
+	TraceEvents               *ebpf.Map `ebpf:"trace_events"`
+	TraceOwner                *ebpf.Map `ebpf:"trace_owner"`
+	TransparentSyns           *ebpf.Map `ebpf:"transparent_syns"`
 }
 
 func (m *DivertMaps) Close() error {
@@ -347,13 +394,26 @@ func (m *DivertMaps) Close() error {
 		m.Drops,
 		m.InboundListeners,
 		m.LocalAddrs,
+		m.NodeListeners,
 		m.OrigDstStorage,
 		m.OutboundExcludeCidrs,
 		m.OutboundExcludeCidrs6,
 		m.OutboundIncludeCidrs,
 		m.OutboundIncludeCidrs6,
 		m.OwnerGids,
+		m.PodSlot,
 		m.PortSetsMap,
+		m.SlotConfigMap,
+		m.SlotCounters,
+		m.SlotDnsServers,
+		m.SlotDrops,
+		m.SlotLocalAddrs,
+		m.SlotOutboundExcludeCidrs,
+		m.SlotOutboundExcludeCidrs6,
+		m.SlotOutboundIncludeCidrs,
+		m.SlotOutboundIncludeCidrs6,
+		m.SlotOwnerGids,
+		m.SlotPortSetsMap,
 		m.TraceControlMap,
 		m.TraceEvents,
 		m.TraceOwner,
@@ -365,7 +425,10 @@ func (m *DivertMaps) Close() error {
 //
 // It can be passed to LoadDivertObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DivertVariables struct {
+	LookupSlot         *ebpf.Variable `ebpf:"lookup_slot"`
 	UnusedDrop         *ebpf.Variable `ebpf:"unused_drop"`
+	UnusedLpmV4Key     *ebpf.Variable `ebpf:"unused_lpm_v4_key"`
+	UnusedLpmV6Key     *ebpf.Variable `ebpf:"unused_lpm_v6_key"`
 	UnusedOwnerGroups  *ebpf.Variable `ebpf:"unused_owner_groups"`
 	UnusedPortFlag     *ebpf.Variable `ebpf:"unused_port_flag"`
 	UnusedReason       *ebpf.Variable `ebpf:"unused_reason"`
@@ -377,17 +440,18 @@ type DivertVariables struct {
 //
 // It can be passed to LoadDivertObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DivertPrograms struct {
-	DivertConnect4     *ebpf.Program `ebpf:"divert_connect4"`
-	DivertConnect6     *ebpf.Program `ebpf:"divert_connect6"`
-	DivertGetpeername4 *ebpf.Program `ebpf:"divert_getpeername4"`
-	DivertGetpeername6 *ebpf.Program `ebpf:"divert_getpeername6"`
-	DivertGetsockopt   *ebpf.Program `ebpf:"divert_getsockopt"`
-	DivertRecvmsg4     *ebpf.Program `ebpf:"divert_recvmsg4"`
-	DivertRecvmsg6     *ebpf.Program `ebpf:"divert_recvmsg6"`
-	DivertSendmsg4     *ebpf.Program `ebpf:"divert_sendmsg4"`
-	DivertSendmsg6     *ebpf.Program `ebpf:"divert_sendmsg6"`
-	DivertSkLookup     *ebpf.Program `ebpf:"divert_sk_lookup"`
-	DivertSockops      *ebpf.Program `ebpf:"divert_sockops"`
+	DivertConnect4       *ebpf.Program `ebpf:"divert_connect4"`
+	DivertConnect6       *ebpf.Program `ebpf:"divert_connect6"`
+	DivertGetpeername4   *ebpf.Program `ebpf:"divert_getpeername4"`
+	DivertGetpeername6   *ebpf.Program `ebpf:"divert_getpeername6"`
+	DivertGetsockopt     *ebpf.Program `ebpf:"divert_getsockopt"`
+	DivertRecvmsg4       *ebpf.Program `ebpf:"divert_recvmsg4"`
+	DivertRecvmsg6       *ebpf.Program `ebpf:"divert_recvmsg6"`
+	DivertSendmsg4       *ebpf.Program `ebpf:"divert_sendmsg4"`
+	DivertSendmsg6       *ebpf.Program `ebpf:"divert_sendmsg6"`
+	DivertSkLookup       *ebpf.Program `ebpf:"divert_sk_lookup"`
+	DivertSkLookupStatic *ebpf.Program `ebpf:"divert_sk_lookup_static"`
+	DivertSockops        *ebpf.Program `ebpf:"divert_sockops"`
 }
 
 func (p *DivertPrograms) Close() error {
@@ -402,6 +466,7 @@ func (p *DivertPrograms) Close() error {
 		p.DivertSendmsg4,
 		p.DivertSendmsg6,
 		p.DivertSkLookup,
+		p.DivertSkLookupStatic,
 		p.DivertSockops,
 	)
 }

@@ -1,6 +1,7 @@
-// Attach, update in place and Detach: the orchestration. Each step that changes the kernel
-// or the bpffs is a named crashpoint (step); the pins, programs and targets it works with
-// are in pins.go, programs.go, upgrade.go and target.go, arming in crash.go.
+// Attach, update in place and Detach: the orchestration (a new pod's attach in create.go).
+// Each step that changes the kernel or the bpffs is a named crashpoint (step); the pins,
+// programs and targets it works with are in pins.go, programs.go, upgrade.go and target.go,
+// the node's programs and maps in node.go, pod slots in slots.go, arming in crash.go.
 
 package loader
 
@@ -116,95 +117,7 @@ func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) (err
 			return err
 		}
 	}
-	return create(dir, pod, cfg, addrs, opts)
-}
-
-func create(dir string, pod Pod, cfg *policy.Config, addrs []netip.Addr, opts Options) (err error) {
-	var node maps.Maps // the node-wide maps alone (trace.go)
-	defer node.Close()
-	if err := openNodeMaps(&node, opts); err != nil {
-		return err
-	}
-	var objs objects
-	if err := loadObjects(&objs, &node); err != nil {
-		return err
-	}
-	defer closeAll(&objs)
-	if err := maps.Apply(&objs.DivertMaps, cfg, addrs); err != nil {
-		return err
-	}
-	// Inert until every link is pinned in place (crash.go).
-	if err := disarm(&objs.DivertMaps); err != nil {
-		return err
-	}
-	if !opts.NoInbound {
-		if _, err := adoptListeners(pod, cfg.InboundCapturePort, objs.InboundListeners); err != nil {
-			return err
-		}
-	}
-
-	// Pins go to a temporary directory that is renamed into place at the end, so a crash
-	// or an error leaves either no pod directory or a complete one.
-	tmp, err := os.MkdirTemp(stagingDir(opts), pod.ID+"-")
-	if err != nil {
-		return fmt.Errorf("create pin directory: %w", err)
-	}
-	step("staging dir")
-	defer func() {
-		if err != nil {
-			os.RemoveAll(tmp)
-		}
-	}()
-	if err := pinMaps(&objs.DivertMaps, tmp); err != nil {
-		return err
-	}
-	if pod.Name != "" {
-		if err := writePodName(tmp, pod.Name); err != nil {
-			return err
-		}
-	}
-	var links []link.Link
-	defer func() { closeLinks(links, err != nil) }()
-	for _, p := range programs {
-		if !p.wanted(opts) {
-			continue
-		}
-		l, err := p.attachTo(pod, objs.program(p.name))
-		if err != nil {
-			return err
-		}
-		links = append(links, l)
-		step("attach " + p.name)
-		if err := l.Pin(filepath.Join(tmp, p.pin)); err != nil {
-			return fmt.Errorf("pin %s link: %w", p.name, err)
-		}
-		step("pin " + p.name)
-	}
-	undoNet, err := syncReturnPath(pod.NetNS, cfg, opts, returnPathState{})
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			err = errors.Join(err, undoNet())
-		}
-	}()
-	if testHookBeforeCommit != nil {
-		if err := testHookBeforeCommit(); err != nil {
-			return err
-		}
-	}
-	if err := os.Rename(tmp, dir); err != nil {
-		return fmt.Errorf("move pins into %s: %w", dir, err)
-	}
-	step("commit")
-	if err := arm(&objs.DivertMaps, cfg); err != nil {
-		closeLinks(links, false)
-		links = nil
-		return errors.Join(err, detachDir(dir))
-	}
-	step("arm")
-	return nil
+	return create(dir, pod, tgt, cfg, addrs, opts)
 }
 
 // closeLinks closes link handles; with detach, it undoes the attachments first. Detach is
@@ -260,11 +173,33 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		running[p.name] = info.Program
 	}
 
-	var objs objects
-	defer closeAll(&objs)
-	current, err := loadForUpdate(&objs, running, pinned, opts)
+	slot, err := readSlot(dir)
 	if err != nil {
-		return fmt.Errorf("pod %s: %w (%w)", pod.ID, ErrIncompatible, err)
+		return err
+	}
+	// The programs this update attaches or swaps in: the node's for a pod of the node
+	// layout. A pod of the per-pod layout keeps its own programs: theirs use no cgroup
+	// storage, so none of the node's may replace them (the kernel allocates the storage at
+	// attach only), and its maps are rewritten in place.
+	var n *node
+	if slot != 0 {
+		if n, err = loadNode(opts); err != nil {
+			return err
+		}
+		defer n.Close()
+	} else {
+		if err := checkPinnedMaps(pinned); err != nil {
+			return fmt.Errorf("pod %s: %w (%w)", pod.ID, ErrIncompatible, err)
+		}
+		for _, p := range programs {
+			if _, ok := existing[p.name]; !ok && p.wanted(opts) {
+				return fmt.Errorf("pod %s: %w (attached by the per-pod layout, which cannot turn %s on: detach and attach it again)", pod.ID, ErrIncompatible, p.name)
+			}
+		}
+	}
+	listeners, base := pinned.InboundListeners, uint32(0)
+	if slot != 0 {
+		listeners, base = pinned.NodeListeners, slot*listenerSlots
 	}
 	// Turning outbound on or off adds or removes connect4 and connect6 one at a time: the
 	// maps go in with outbound inert, and arm turns it on once both are in (crash.go).
@@ -292,13 +227,18 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 			err = errors.Join(err, undoNet())
 		}
 	}()
+	if slot != 0 {
+		if err := growOwnerGids(n, slot, pinned, dir, applied, addrs); err != nil {
+			return err
+		}
+	}
 	if err := maps.Apply(pinned, applied, addrs); err != nil {
 		return err
 	}
 	step("apply maps")
 	if !opts.NoInbound {
 		// Also after a change of -z: the listeners on the new port were never registered.
-		if _, err := adoptListeners(pod, cfg.InboundCapturePort, pinned.InboundListeners); err != nil {
+		if _, err := adoptListeners(pod, cfg.InboundCapturePort, listeners, base); err != nil {
 			return err
 		}
 	}
@@ -311,7 +251,14 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		if _, ok := existing[p.name]; ok || !p.wanted(opts) {
 			continue
 		}
-		l, err := p.attachTo(pod, objs.program(p.name))
+		prog := n.progs[p.name]
+		if p.attach == ebpf.AttachSkLookup {
+			if prog, err = loadSkLookup(n, slot); err != nil {
+				return err
+			}
+			defer prog.Close()
+		}
+		l, err := p.attachTo(pod, prog)
 		if err != nil {
 			return err
 		}
@@ -322,8 +269,8 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		}
 		step("pin " + p.name)
 	}
-	if !current {
-		if err := swapPrograms(existing, &objs, opts); err != nil {
+	if n != nil {
+		if err := swapPrograms(existing, running, n, slot, opts); err != nil {
 			return err
 		}
 	}

@@ -25,13 +25,16 @@ import (
 // Besides ns/op it reports cpu-ms/op: the process's user+system CPU time, which a busy
 // machine inflates much less than the wall time.
 //
-//   - new: a pod seen for the first time (create: load, pin, attach, rename into place).
+//   - new: a pod seen for the first time (create: its maps made and put in a slot, the
+//     node's programs (loaded once, before the timer) attached, its sk_lookup loaded,
+//     pins renamed into place).
 //   - new-listener: the same with the proxy already listening on the inbound port, so the
 //     listener is adopted (found in the netns and borrowed with pidfd_getfd).
 //   - update: the same pod again (the agent's refresh), its programs this build's: maps
 //     rewritten in place, listeners adopted, no program loaded.
-//   - update-swap: the same, in a process that has not loaded the programs yet (the
-//     agent's first refresh, or an upgrade): programs loaded and swapped in with link.Update.
+//   - update-swap: the same, each time by the other of two builds (an upgrade, the builds'
+//     programs loaded once before the timer): the pod's programs swapped in with
+//     link.Update, its sk_lookup loaded for its slot.
 func BenchmarkAttach(b *testing.B) {
 	b.Run("new", func(b *testing.B) { benchAttach(b, false, false, false) })
 	b.Run("new-listener", func(b *testing.B) { benchAttach(b, true, false, false) })
@@ -67,6 +70,17 @@ func benchAttach(b *testing.B, listener, update, swap bool) {
 			b.Fatal(err)
 		}
 	}
+	// The node's programs, as the first pod on the node (or the agent) loads them.
+	defer loader.SetBuildTag("")
+	for _, tag := range []string{"bench-other", ""} {
+		if !swap && tag != "" {
+			continue
+		}
+		loader.SetBuildTag(tag)
+		if err := loader.Probe(opts); err != nil {
+			b.Fatal(err)
+		}
+	}
 	var p *testpod.Pod
 	if update {
 		p = newPod()
@@ -77,12 +91,14 @@ func benchAttach(b *testing.B, listener, update, swap bool) {
 	var wall time.Duration
 	b.ResetTimer()
 	b.StopTimer()
-	for range b.N {
+	for i := range b.N {
 		if !update {
 			p = newPod()
 		}
-		if swap {
-			loader.SetLoadedTag("", "") // as a fresh process: the running programs are not known
+		if swap && i%2 == 0 {
+			loader.SetBuildTag("bench-other")
+		} else if swap {
+			loader.SetBuildTag("")
 		}
 		start, cpu0 := time.Now(), cpuTime()
 		b.StartTimer()

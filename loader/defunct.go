@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 )
 
 // Defunct returns the programs of an attached pod whose links the kernel has detached
@@ -51,7 +54,9 @@ func GC(opts Options) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	if staged, _ := os.ReadDir(stagingDir(opts)); len(ids) == 0 && len(staged) == 0 {
+	staged, _ := os.ReadDir(stagingDir(opts))
+	builds, _ := os.ReadDir(buildsDir(opts))
+	if len(ids) == 0 && len(staged) == 0 && len(builds) == 0 {
 		return nil, nil // and no bpffs mounted just to find it empty
 	}
 	unlock, err := lockState(opts)
@@ -84,5 +89,84 @@ func GC(opts Options) ([]string, error) {
 		}
 		removed = append(removed, id)
 	}
+	if err := gcBuilds(opts); err != nil {
+		errs = append(errs, err)
+	}
+	if err := gcSlots(opts); err != nil {
+		errs = append(errs, err)
+	}
 	return removed, errors.Join(errs...)
+}
+
+// gcBuilds removes the node's programs of every build but this one that no pod's link
+// runs any more (an upgrade swapped them all, or their pods went), for a caller that holds
+// the state lock.
+func gcBuilds(opts Options) error {
+	builds, err := os.ReadDir(buildsDir(opts))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	running := map[ebpf.ProgramID]bool{}
+	ids, err := List(opts)
+	if err != nil {
+		return err
+	}
+	for _, id := range ids {
+		for pid := range pinnedProgramIDs(PinDir(opts, id)) {
+			running[pid] = true
+		}
+	}
+	var errs []error
+	for _, b := range builds {
+		if b.Name() == buildTag() || !b.IsDir() {
+			continue
+		}
+		dir := filepath.Join(buildsDir(opts), b.Name())
+		if buildRuns(dir, running) {
+			continue
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			errs = append(errs, fmt.Errorf("remove unused programs of build %s: %w", b.Name(), err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// buildRuns says whether a pod's link runs one of the programs pinned in a build's dir
+// (sk_lookup's is the build's template, which no pod runs: each pod has its own copy).
+func buildRuns(dir string, running map[ebpf.ProgramID]bool) bool {
+	for _, p := range programs {
+		prog, err := ebpf.LoadPinnedProgram(filepath.Join(dir, p.name), nil)
+		if err != nil {
+			continue
+		}
+		info, err := prog.Info()
+		prog.Close()
+		if err != nil {
+			return true // unknown: keep it
+		}
+		if id, _ := info.ID(); running[id] {
+			return true
+		}
+	}
+	return false
+}
+
+// pinnedProgramIDs returns the ids of the programs behind the links pinned in dir.
+func pinnedProgramIDs(dir string) map[ebpf.ProgramID]bool {
+	ids := map[ebpf.ProgramID]bool{}
+	for _, p := range programs {
+		l, err := link.LoadPinnedLink(filepath.Join(dir, p.pin), nil)
+		if err != nil {
+			continue
+		}
+		if info, err := l.Info(); err == nil {
+			ids[info.Program] = true
+		}
+		l.Close()
+	}
+	return ids
 }

@@ -1,21 +1,104 @@
 package loader
 
+import (
+	"path/filepath"
+	"slices"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/meshdivert/divert/maps"
+	"github.com/meshdivert/divert/policy"
+)
+
 // SetTestHookBeforeCommit lets tests fail an attach at its last step.
 func SetTestHookBeforeCommit(fn func() error) { testHookBeforeCommit = fn }
 
-// SetLoadedTag makes the process believe this build's program name has tag, as if a newer
-// divert were re-attaching; with tag "" it forgets every tag, as a fresh process would.
-func SetLoadedTag(name, tag string) {
-	loadedTags.Lock()
-	defer loadedTags.Unlock()
-	if tag == "" {
-		loadedTags.byName = nil
-		return
+// SetBuildTag makes the process load and attach the node's programs under tag, as another
+// build would (its own programs, the node's maps); "" goes back to this build's.
+func SetBuildTag(tag string) { testBuildTag = tag }
+
+// NodeProgramIDs are the program IDs of the node's programs of the current build tag, by
+// name (sk_lookup's is the build's template).
+func NodeProgramIDs(opts Options) (map[string]uint32, error) {
+	unlock, err := lockState(opts)
+	if err != nil {
+		return nil, err
 	}
-	tags := map[string]string{}
-	for k, v := range loadedTags.byName {
-		tags[k] = v
+	defer unlock()
+	n, err := loadNode(opts)
+	if err != nil {
+		return nil, err
 	}
-	tags[name] = tag
-	loadedTags.byName = tags
+	defer n.Close()
+	ids := map[string]uint32{}
+	for name, p := range n.progs {
+		info, err := p.Info()
+		if err != nil {
+			return nil, err
+		}
+		id, _ := info.ID()
+		ids[name] = uint32(id)
+	}
+	return ids, nil
+}
+
+// AttachPerPodLayout attaches pod as divert did before the node's programs (main before
+// issue 24, whose object is testdata/perpod/divert_bpfel.o): the pod's own copy of every
+// program and map, loaded for it, pinned in its directory, armed. It stands for a pod an
+// earlier version attached, which this build must keep working.
+func AttachPerPodLayout(pod Pod, cfg *policy.Config, opts Options) error {
+	unlock, err := lockState(opts)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	addrs, err := LocalAddrs(pod.NetNS)
+	if err != nil {
+		return err
+	}
+	spec, err := ebpf.LoadCollectionSpec("testdata/perpod/divert_bpfel.o")
+	if err != nil {
+		return err
+	}
+	var copts ebpf.CollectionOptions
+	copts.Programs.KernelTypes = kernelTypes()
+	coll, err := ebpf.NewCollectionWithOptions(spec, copts)
+	if err != nil {
+		return err
+	}
+	defer coll.Close()
+	m := &maps.Maps{}
+	for _, f := range mapFields(m) {
+		if slices.Contains(perPodLayoutMaps, f.name) {
+			*f.ptr = coll.Maps[f.name]
+		}
+	}
+	if err := maps.Apply(m, cfg, addrs); err != nil {
+		return err
+	}
+	if err := disarm(m); err != nil {
+		return err
+	}
+	if _, err := adoptListeners(pod, cfg.InboundCapturePort, m.InboundListeners, 0); err != nil {
+		return err
+	}
+	dir := PinDir(opts, pod.ID)
+	if err := mkdirPrivate(dir); err != nil {
+		return err
+	}
+	if err := pinMaps(m, dir); err != nil {
+		return err
+	}
+	for _, p := range programs {
+		l, err := p.attachTo(pod, coll.Programs[p.name])
+		if err != nil {
+			return err
+		}
+		err = l.Pin(filepath.Join(dir, p.pin))
+		l.Close()
+		if err != nil {
+			return err
+		}
+	}
+	return arm(m, cfg)
 }

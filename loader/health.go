@@ -7,8 +7,6 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
-
-	"github.com/meshdivert/divert/maps"
 )
 
 // HasProgram reports whether the pod has the named program attached (pinned).
@@ -50,18 +48,19 @@ func (st *PodStatus) Assess() {
 	st.Health = "degraded: " + strings.Join(problems, "; ")
 }
 
-// countListeners counts the occupied slots of the inbound_listeners sockmap. A lookup from
-// user space answers a socket's cookie (value_size 8), or ENOENT for an empty slot.
-func countListeners(m *maps.Maps) (int, error) {
+// countListeners counts the occupied entries of a pod's listener range: base and the
+// listenerSlots after it. A lookup from user space answers a socket's cookie (value_size
+// 8), or ENOENT for an empty entry.
+func countListeners(m *ebpf.Map, base uint32) (int, error) {
 	n := 0
-	for slot := range m.InboundListeners.MaxEntries() {
+	for slot := base; slot < base+listenerSlots; slot++ {
 		var cookie uint64
-		err := m.InboundListeners.Lookup(slot, &cookie)
+		err := m.Lookup(slot, &cookie)
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			continue
 		}
 		if err != nil {
-			return 0, fmt.Errorf("read inbound_listeners slot %d: %w", slot, err)
+			return 0, fmt.Errorf("read listener map entry %d: %w", slot, err)
 		}
 		n++
 	}

@@ -22,8 +22,9 @@ import (
 // into the inbound listener map. sockops registers listeners when they call listen(); this
 // covers a proxy that was listening before divert was attached (or re-attached). The
 // sockets are borrowed from their owners with pidfd_getfd (Linux 5.6), which needs no help
-// from the proxy.
-func adoptListeners(pod Pod, port uint16, m *ebpf.Map) (int, error) {
+// from the proxy. The pod's listeners are m's entries from base on (node_listeners: its
+// slot's range; a per-pod layout's inbound_listeners: all of it).
+func adoptListeners(pod Pod, port uint16, m *ebpf.Map, base uint32) (int, error) {
 	inodes, err := listeningInodes(pod.NetNS, port)
 	if err != nil || len(inodes) == 0 {
 		return 0, err
@@ -43,13 +44,13 @@ func adoptListeners(pod Pod, port uint16, m *ebpf.Map) (int, error) {
 			return adopted, fmt.Errorf("borrow listener fd %d of pid %d: %w (needs Linux 5.6+ and CAP_SYS_PTRACE)", o.fd, o.pid, err)
 		}
 		var slot uint32
-		slot, err = listenerSlot(fd, m.MaxEntries())
+		slot, err = listenerSlot(fd, listenerSlots)
 		if err == nil {
-			err = m.Update(slot, uint64(fd), ebpf.UpdateAny)
+			err = m.Update(base+slot, uint64(fd), ebpf.UpdateAny)
 		}
 		unix.Close(fd)
 		if err != nil {
-			return adopted, fmt.Errorf("add listener of pid %d to inbound_listeners: %w", o.pid, err)
+			return adopted, fmt.Errorf("add listener of pid %d to the listener map: %w", o.pid, err)
 		}
 		adopted++
 	}

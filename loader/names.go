@@ -6,6 +6,8 @@
 package loader
 
 import (
+	"slices"
+
 	"github.com/cilium/ebpf"
 
 	"github.com/meshdivert/divert/bpf"
@@ -27,13 +29,26 @@ func mapFields(m *maps.Maps) []field[ebpf.Map] {
 		{"drops", &m.Drops},
 		{"inbound_listeners", &m.InboundListeners},
 		{"local_addrs", &m.LocalAddrs},
+		{"node_listeners", &m.NodeListeners},
 		{"orig_dst_storage", &m.OrigDstStorage},
 		{"outbound_exclude_cidrs", &m.OutboundExcludeCidrs},
 		{"outbound_exclude_cidrs6", &m.OutboundExcludeCidrs6},
 		{"outbound_include_cidrs", &m.OutboundIncludeCidrs},
 		{"outbound_include_cidrs6", &m.OutboundIncludeCidrs6},
 		{"owner_gids", &m.OwnerGids},
+		{"pod_slot", &m.PodSlot},
 		{"port_sets_map", &m.PortSetsMap},
+		{"slot_config_map", &m.SlotConfigMap},
+		{"slot_counters", &m.SlotCounters},
+		{"slot_dns_servers", &m.SlotDnsServers},
+		{"slot_drops", &m.SlotDrops},
+		{"slot_local_addrs", &m.SlotLocalAddrs},
+		{"slot_outbound_exclude_cidrs", &m.SlotOutboundExcludeCidrs},
+		{"slot_outbound_exclude_cidrs6", &m.SlotOutboundExcludeCidrs6},
+		{"slot_outbound_include_cidrs", &m.SlotOutboundIncludeCidrs},
+		{"slot_outbound_include_cidrs6", &m.SlotOutboundIncludeCidrs6},
+		{"slot_owner_gids", &m.SlotOwnerGids},
+		{"slot_port_sets_map", &m.SlotPortSetsMap},
 		{"trace_control_map", &m.TraceControlMap},
 		{"trace_events", &m.TraceEvents},
 		{"trace_owner", &m.TraceOwner},
@@ -53,6 +68,10 @@ func podMapFields(m *maps.Maps) []field[ebpf.Map] {
 	return fs
 }
 
+// perPodLayoutMaps are the maps a pod attached by the per-pod layout (before the node's
+// programs) has pinned in its directory.
+var perPodLayoutMaps = append([]string{"inbound_listeners", "orig_dst_storage", "transparent_syns"}, podMapNames...)
+
 // programFields lists p's programs in bpf.DivertPrograms' order.
 func programFields(p *bpf.DivertPrograms) []field[ebpf.Program] {
 	return []field[ebpf.Program]{
@@ -66,6 +85,7 @@ func programFields(p *bpf.DivertPrograms) []field[ebpf.Program] {
 		{"divert_sendmsg4", &p.DivertSendmsg4},
 		{"divert_sendmsg6", &p.DivertSendmsg6},
 		{"divert_sk_lookup", &p.DivertSkLookup},
+		{"divert_sk_lookup_static", &p.DivertSkLookupStatic},
 		{"divert_sockops", &p.DivertSockops},
 	}
 }
@@ -90,11 +110,8 @@ func forEachLoadMap(m *maps.Maps, fn func(name string, mp *ebpf.Map)) {
 	}
 }
 
-// MapNames lists the map names a pod pins, in struct order.
+// MapNames lists what a pod's pin directory holds besides its links and name: its own
+// maps and its slot.
 func MapNames() []string {
-	var names []string
-	for _, f := range podMapFields(&maps.Maps{}) {
-		names = append(names, f.name)
-	}
-	return names
+	return append(slices.Clone(podMapNames), slotPin)
 }

@@ -17,7 +17,9 @@ func TestNameListsMatchGenerated(t *testing.T) {
 	var p bpf.DivertPrograms
 	checkFields(t, &p, programFields(&p))
 
-	var inTable []string
+	// divert_sk_lookup_static is divert_sk_lookup for kernels that refuse the other
+	// (node.go): loaded in its place, attached under its name.
+	inTable := []string{skLookupStatic}
 	for _, pr := range programs {
 		inTable = append(inTable, pr.name)
 	}
@@ -42,5 +44,19 @@ func checkFields[T any](t *testing.T, structPtr any, list []field[T]) {
 		if list[i].name != tag || any(list[i].ptr) != v.Field(i).Addr().Interface() {
 			t.Errorf("%s field %d is %s `ebpf:%q`; the list has %q at that place, or for another field", v.Type(), i, v.Type().Field(i).Name, tag, list[i].name)
 		}
+	}
+}
+
+// The loader's slot sizes are bpf/divert.c's MAX_SLOTS and LISTENER_SLOTS.
+func TestSlotSizesMatchC(t *testing.T) {
+	spec, err := parsedSpec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := spec.Maps["slot_config_map"].MaxEntries; got != maxSlots {
+		t.Errorf("MAX_SLOTS is %d, maxSlots %d", got, maxSlots)
+	}
+	if got := spec.Maps["node_listeners"].MaxEntries; got != maxSlots*listenerSlots {
+		t.Errorf("node_listeners holds %d, want maxSlots*listenerSlots = %d", got, maxSlots*listenerSlots)
 	}
 }

@@ -82,16 +82,24 @@ func isCgroupRoot(dir string) bool {
 // kernel's own lists (programs attached to the cgroup, effective from its ancestors, attached
 // to each descendant, and sk_lookup on the netns) are the truth; the pins under opts' bpffs
 // only name the holder. The pod's own links (a re-attach) are not in the way.
+//
+// Programs are the node's, shared by every pod (node.go), so a program id says nothing of
+// whose attachment it is: the pod's own are told apart by count (its pinned links of that
+// attach type on that cgroup or netns), the holder by its links' cgroup or netns.
 func checkOverlap(pod Pod, opts Options) error {
-	ours := pinnedProgramIDs(PinDir(opts, pod.ID))
+	ours := pinnedTargets(PinDir(opts, pod.ID))
 	check := func(target, relation string, flags uint32, types ...ebpf.AttachType) error {
 		for _, at := range types {
-			id, name, err := findDivert(target, at, flags, ours)
+			mine := 0
+			if relation == "cgroup" || relation == "ancestor" || relation == "netns" {
+				mine = ours[at] // the pod's own, on its cgroup (listed as effective too) or netns
+			}
+			id, name, err := findDivert(target, at, flags, mine)
 			if err != nil {
 				return err
 			}
 			if id != 0 {
-				return captured(opts, pod, relation, target, id, name)
+				return captured(opts, pod, relation, target, at, id, name)
 			}
 		}
 		return nil
@@ -125,9 +133,10 @@ func checkOverlap(pod Pod, opts Options) error {
 	return check(pod.NetNS, "netns", 0, ebpf.AttachSkLookup)
 }
 
-// findDivert returns one of divert's programs (not in ours) that the kernel lists for
-// target (a cgroup directory or netns path) and attach type, or id 0.
-func findDivert(target string, attach ebpf.AttachType, flags uint32, ours map[ebpf.ProgramID]bool) (ebpf.ProgramID, string, error) {
+// findDivert returns one of divert's programs that the kernel lists for target (a cgroup
+// directory or netns path) and attach type beyond the first mine of them (the pod's own),
+// or id 0.
+func findDivert(target string, attach ebpf.AttachType, flags uint32, mine int) (ebpf.ProgramID, string, error) {
 	f, err := os.Open(target)
 	if err != nil {
 		return 0, "", err
@@ -137,13 +146,17 @@ func findDivert(target string, attach ebpf.AttachType, flags uint32, ours map[eb
 	if err != nil {
 		return 0, "", fmt.Errorf("query %s programs on %s: %w", attach, target, err)
 	}
+	var id ebpf.ProgramID
+	var name string
+	found := 0
 	for _, p := range res.Programs {
-		if ours[p.ID] {
-			continue
+		if n, ok := divertProgram(p.ID); ok {
+			found++
+			id, name = p.ID, n
 		}
-		if name, ok := divertProgram(p.ID); ok {
-			return p.ID, name, nil
-		}
+	}
+	if found > mine {
+		return id, name, nil
 	}
 	return 0, "", nil
 }
@@ -153,12 +166,12 @@ func findDivert(target string, attach ebpf.AttachType, flags uint32, ours map[eb
 // It returns nil when there is none. A pod attached with NoInbound has no program on its
 // netns and is not seen.
 func NetNSCaptured(netnsPath string, opts Options) (*CapturedError, error) {
-	id, name, err := findDivert(netnsPath, ebpf.AttachSkLookup, 0, nil)
+	id, name, err := findDivert(netnsPath, ebpf.AttachSkLookup, 0, 0)
 	if err != nil || id == 0 {
 		return nil, err
 	}
 	var ce *CapturedError
-	errors.As(captured(opts, Pod{NetNS: netnsPath}, "netns", netnsPath, id, name), &ce)
+	errors.As(captured(opts, Pod{NetNS: netnsPath}, "netns", netnsPath, ebpf.AttachSkLookup, id, name), &ce)
 	return ce, nil
 }
 
@@ -177,45 +190,81 @@ func divertProgram(id ebpf.ProgramID) (string, bool) {
 	return info.Name, strings.HasPrefix(info.Name, "divert_")
 }
 
-// pinnedProgramIDs returns the ids of the programs behind the links pinned in dir.
-func pinnedProgramIDs(dir string) map[ebpf.ProgramID]bool {
-	ids := map[ebpf.ProgramID]bool{}
+// pinnedTargets counts the links pinned in dir that are still attached, by attach type.
+func pinnedTargets(dir string) map[ebpf.AttachType]int {
+	n := map[ebpf.AttachType]int{}
 	for _, p := range programs {
 		l, err := link.LoadPinnedLink(filepath.Join(dir, p.pin), nil)
 		if err != nil {
 			continue
 		}
-		if info, err := l.Info(); err == nil {
-			ids[info.Program] = true
+		if info, err := l.Info(); err == nil && linkAttached(info) {
+			n[p.attach]++
 		}
 		l.Close()
 	}
-	return ids
+	return n
+}
+
+// linkAttached says whether a link still has its cgroup or netns (the kernel detaches a
+// link whose target went away).
+func linkAttached(info *link.Info) bool {
+	if cg := info.Cgroup(); cg != nil {
+		return cg.CgroupId != 0
+	}
+	if ns := info.NetNs(); ns != nil {
+		return ns.NetnsInode != 0
+	}
+	return false
 }
 
 // captured builds the error for a divert program found in the way, naming the pod whose
-// pins hold it (and, for an ancestor, which one) when this bpffs has them.
-func captured(opts Options, pod Pod, relation, target string, id ebpf.ProgramID, name string) error {
+// pins hold a link of that attach type on the target (for an ancestor: on one of the
+// pod's ancestors, and which) when this bpffs has them.
+func captured(opts Options, pod Pod, relation, target string, at ebpf.AttachType, id ebpf.ProgramID, name string) error {
 	e := &CapturedError{Relation: relation, Where: target, Program: name, ProgramID: id}
 	if relation == "ancestor" {
 		e.Where = ""
 	}
+	var st unix.Stat_t
+	if unix.Stat(target, &st) != nil {
+		return e
+	}
 	ids, _ := List(opts)
 	for _, other := range ids {
+		if other == pod.ID {
+			continue
+		}
 		for _, p := range programs {
+			if p.attach != at {
+				continue
+			}
 			l, err := link.LoadPinnedLink(filepath.Join(PinDir(opts, other), p.pin), nil)
 			if err != nil {
 				continue
 			}
 			info, err := l.Info()
 			l.Close()
-			if err != nil || info.Program != id {
+			if err != nil {
+				continue
+			}
+			switch {
+			case info.NetNs() != nil:
+				if uint64(info.NetNs().NetnsInode) != st.Ino {
+					continue
+				}
+			case info.Cgroup() != nil && relation == "ancestor":
+				if e.Where = ancestorByID(pod.Cgroup, info.Cgroup().CgroupId); e.Where == "" {
+					continue
+				}
+			case info.Cgroup() != nil:
+				if info.Cgroup().CgroupId != st.Ino {
+					continue
+				}
+			default:
 				continue
 			}
 			e.Holder = other
-			if cg := info.Cgroup(); cg != nil && relation == "ancestor" {
-				e.Where = ancestorByID(pod.Cgroup, cg.CgroupId)
-			}
 			return e
 		}
 	}

@@ -154,10 +154,29 @@ func pinMaps(m *maps.Maps, dir string) (err error) {
 	return err
 }
 
+// loadPinnedMaps opens the maps of the pod whose pins are in dir: all its own in the
+// per-pod layout; in the node layout its own (podMapNames) and, from the node's maps, the
+// socket storage, transparent_syns and node_listeners.
 func loadPinnedMaps(dir string) (*maps.Maps, error) {
+	slot, err := readSlot(dir)
+	if err != nil {
+		return nil, err
+	}
 	m := &maps.Maps{}
-	for _, f := range podMapFields(m) {
-		mp, err := ebpf.LoadPinnedMap(filepath.Join(dir, f.name), nil)
+	for _, f := range mapFields(m) {
+		from := dir
+		if slot != 0 {
+			switch {
+			case slices.Contains(podMapNames, f.name):
+			case f.name == "orig_dst_storage" || f.name == "transparent_syns" || f.name == "node_listeners":
+				from = nodeMapsDirOf(dir)
+			default:
+				continue
+			}
+		} else if !slices.Contains(perPodLayoutMaps, f.name) {
+			continue
+		}
+		mp, err := ebpf.LoadPinnedMap(filepath.Join(from, f.name), nil)
 		if err != nil {
 			m.Close()
 			return nil, fmt.Errorf("open pinned map %s: %w", f.name, err)
@@ -165,6 +184,12 @@ func loadPinnedMaps(dir string) (*maps.Maps, error) {
 		*f.ptr = mp
 	}
 	return m, nil
+}
+
+// nodeMapsDirOf is the node maps' directory under the bpffs of a pod's (or a staged) pin
+// directory: <bpffs>/divert/<id> or <bpffs>/divert_staging/<name>.
+func nodeMapsDirOf(dir string) string {
+	return filepath.Join(filepath.Dir(filepath.Dir(dir)), "divert_node", "maps")
 }
 
 func loadPinnedLink(path string) (link.Link, error) {
@@ -250,5 +275,7 @@ func detachDir(dir string) error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
+	// The slot is free once the directory that records it is gone; its maps stay in the
+	// node's outer maps for the next pod (node.go).
 	return os.RemoveAll(dir)
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/cgroups"
@@ -64,6 +65,13 @@ var kernelNeeds = []kernelNeed{
 	needHelper(ebpf.SockOps, asm.FnSockMapUpdate),
 	needHelper(ebpf.SkLookup, asm.FnSkAssign),
 	needHelper(ebpf.SkLookup, asm.FnSkRelease),
+	// The pod's slot, in cgroup storage shared by the attach types (key: the cgroup id
+	// alone, Linux 5.9+), read by every cgroup program (node.go).
+	needHelper(ebpf.CGroupSockAddr, asm.FnGetLocalStorage),
+	needHelper(ebpf.SockOps, asm.FnGetLocalStorage),
+	needHelper(ebpf.CGroupSockopt, asm.FnGetLocalStorage),
+	needMapType(ebpf.CGroupStorage),
+	needMapType(ebpf.ArrayOfMaps), // the pods' maps by slot
 	needMapType(ebpf.LPMTrie),
 	needMapType(ebpf.SkStorage),
 	needMapType(ebpf.PerCPUArray),
@@ -114,8 +122,10 @@ func notSupported(what string, err error) error {
 // Probe reports whether the eBPF backend can work here: the program types, helpers and
 // map types divert's programs use, cgroup v2 (mounted: the programs hang off the pod's
 // cgroup v2 directory), a bpffs at opts.BPFFS or the right to mount one, and the kernel's
-// verifier accepting the programs themselves. It changes nothing (a bpffs it mounts to
-// test is unmounted at once).
+// verifier accepting the programs themselves. The programs it loads are the node's
+// (node.go): where a bpffs is mounted they are pinned there for every attach of this build
+// to use, so that nothing is loaded twice; otherwise it changes nothing (a bpffs it mounts
+// to test is unmounted at once).
 //
 // The error is one line naming what is missing and wraps ebpf.ErrNotSupported, so callers
 // can fall back to the iptables backend with errors.Is. Requires Linux 5.9 or later.
@@ -130,13 +140,51 @@ func Probe(opts Options) error {
 		return err
 	}
 	// The probes above cannot see verifier limits of older kernels; loading the real
-	// programs (and closing them again) can.
-	var objs objects
-	if err := loadObjects(&objs, nil); err != nil {
+	// programs can. They are the node's (node.go): loaded once, pinned where the bpffs is
+	// mounted, so that the attach after the probe loads nothing again, and reused by every
+	// later probe and attach of this build.
+	if err := probePrograms(opts); err != nil {
 		return fmt.Errorf("%s: %w", strings.ReplaceAll(err.Error(), "\n", " "), ebpf.ErrNotSupported)
 	}
-	closeAll(&objs)
 	return nil
+}
+
+// probePrograms loads the node's programs of this build: pinned (loadNode) where the
+// bpffs is mounted, else only loaded and closed again.
+func probePrograms(opts Options) error {
+	if IsBPFFS(opts.root()) {
+		unlock, err := lockState(opts)
+		if err != nil {
+			return err
+		}
+		defer unlock()
+		n, err := loadNode(opts)
+		if err != nil {
+			return err
+		}
+		n.Close()
+		return nil
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return err
+	}
+	spec, err := divertSpec()
+	if err != nil {
+		return err
+	}
+	n := &node{maps: map[string]*ebpf.Map{}}
+	defer n.Close()
+	for _, name := range nodeMapNames() {
+		m, err := ebpf.NewMap(spec.Maps[name])
+		if err != nil {
+			return fmt.Errorf("create node map %s: %w", name, err)
+		}
+		n.maps[name] = m
+	}
+	if n.progs, err = loadNodePrograms(spec, n.maps); err != nil {
+		return err
+	}
+	return loadSkLookupTemplate(n)
 }
 
 func probeCgroup2() error {

@@ -11,10 +11,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/cilium/ebpf/rlimit"
 
 	"github.com/meshdivert/divert/bpf"
-	"github.com/meshdivert/divert/maps"
 )
 
 // program is one attached program: its name in the collection, how it attaches, the name of
@@ -68,23 +66,6 @@ func (p program) attachTo(pod Pod, prog *ebpf.Program) (link.Link, error) {
 	return l, nil
 }
 
-// objects is what gets loaded: the programs and maps, not bpf2go's variables (they only
-// exist to carry types into BTF, and would cost a .bss map per pod).
-type objects struct {
-	bpf.DivertPrograms
-	bpf.DivertMaps
-}
-
-// program returns the loaded program of that name, or nil.
-func (o *objects) program(name string) *ebpf.Program {
-	for _, f := range programFields(&o.DivertPrograms) {
-		if f.name == name {
-			return *f.ptr
-		}
-	}
-	return nil
-}
-
 // parsedSpec is the embedded collection, parsed once per process: parsing the ELF is the
 // same work for every pod (a node agent attaches hundreds).
 var parsedSpec = sync.OnceValues(bpf.LoadDivert)
@@ -98,39 +79,6 @@ func divertSpec() (*ebpf.CollectionSpec, error) {
 		return nil, err
 	}
 	return spec.Copy(), nil
-}
-
-func loadObjects(objs *objects, pinned *maps.Maps) error {
-	// Kernels before 5.11 charge BPF objects to RLIMIT_MEMLOCK (64 KiB by default before
-	// 5.16): lift it. On newer kernels (memcg accounting) this does nothing.
-	if err := rlimit.RemoveMemlock(); err != nil {
-		return fmt.Errorf("raise RLIMIT_MEMLOCK for BPF maps (needs CAP_SYS_RESOURCE on kernels before 5.11): %w", err)
-	}
-	spec, err := divertSpec()
-	if err != nil {
-		return fmt.Errorf("load embedded BPF spec: %w", err)
-	}
-	var opts ebpf.CollectionOptions
-	opts.Cache, opts.Programs.KernelTypes = btfCache, kernelTypes()
-	if pinned != nil {
-		opts.MapReplacements = map[string]*ebpf.Map{}
-		forEachLoadMap(pinned, func(name string, m *ebpf.Map) { opts.MapReplacements[name] = m })
-	}
-	if err := spec.LoadAndAssign(objs, &opts); err != nil {
-		var verr *ebpf.VerifierError
-		if errors.As(err, &verr) {
-			return fmt.Errorf("kernel rejected divert's programs: %v", verr) // one line; %+v has the log
-		}
-		return fmt.Errorf("load BPF programs: %w", err)
-	}
-	rememberTags(objs)
-	return nil
-}
-
-// closeAll closes what was loaded (bpf2go's Close skips the nil fields of a failed load).
-func closeAll(o *objects) {
-	o.DivertMaps.Close()
-	o.DivertPrograms.Close()
 }
 
 // target is what the program attaches to: "netns" (sk_lookup) or "cgroup" (the rest).

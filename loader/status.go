@@ -153,7 +153,15 @@ func Status(id string, opts Options) (*PodStatus, error) {
 		st.Drops[d.String()] = n
 	}
 	if st.HasProgram("divert_sk_lookup") {
-		n, err := countListeners(m)
+		slot, err := readSlot(PinDir(opts, id))
+		if err != nil {
+			return nil, err
+		}
+		listeners, base := m.InboundListeners, uint32(0)
+		if slot != 0 {
+			listeners, base = m.NodeListeners, slot*listenerSlots
+		}
+		n, err := countListeners(listeners, base)
 		if err != nil {
 			return nil, err
 		}

@@ -329,8 +329,9 @@ func TestReconcile(t *testing.T) {
 	}
 
 	// While the agent is down the pod's policy changes (81 no longer excluded, 80 is). A
-	// restarted (or upgraded) agent refreshes every pin: the kernel holds the new policy and
-	// the new process's programs, swapped into the same links.
+	// restarted agent refreshes every pin: the kernel holds the new policy in the same links,
+	// still running the node's programs of this build (pinned: nothing loaded again; an
+	// upgrade's new build would be swapped in, loader's TestReattachSwapsOnlyOtherPrograms).
 	meshed.Annotations["traffic.sidecar.istio.io/excludeOutboundPorts"] = "80"
 	if _, err := w.agent.Client.CoreV1().Pods(meshed.Namespace).Update(ctx, meshed, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
@@ -351,8 +352,8 @@ func TestReconcile(t *testing.T) {
 		if b.LinkID != a.LinkID {
 			t.Errorf("%s: link replaced on agent restart (%d -> %d): capture had a gap", b.Name, b.LinkID, a.LinkID)
 		}
-		if b.ProgramID == a.ProgramID {
-			t.Errorf("%s: program %d kept over the restart: the new agent's programs were not swapped in", b.Name, b.ProgramID)
+		if b.ProgramID != a.ProgramID {
+			t.Errorf("%s: program %d replaced by %d over a restart of the same build: the node's programs were loaded again", b.Name, b.ProgramID, a.ProgramID)
 		}
 	}
 	if got := landedAt(t, pods[0], port81); got != "proxy" {

@@ -48,10 +48,17 @@ func TestPinDirModes(t *testing.T) {
 
 	podDir := loader.PinDir(opts, pod.Name)
 	traceDir := filepath.Join(opts.BPFFS, "divert_trace") // the node's trace maps
-	for _, d := range []string{filepath.Dir(podDir), podDir, filepath.Join(opts.BPFFS, "divert_staging"), filepath.Join(opts.BPFFS, "divert_fallback"), traceDir} {
+	node := filepath.Join(opts.BPFFS, "divert_node")
+	builds, err := os.ReadDir(filepath.Join(node, "programs"))
+	if err != nil || len(builds) != 1 {
+		t.Fatalf("node program builds %v, %v: want one", builds, err)
+	}
+	build := filepath.Join(node, "programs", builds[0].Name())
+	for _, d := range []string{filepath.Dir(podDir), podDir, filepath.Join(opts.BPFFS, "divert_staging"), filepath.Join(opts.BPFFS, "divert_fallback"),
+		traceDir, node, filepath.Join(node, "maps"), filepath.Join(node, "programs"), build} {
 		assertMode(t, d, os.ModeDir|0o700)
 	}
-	for _, dir := range []string{podDir, traceDir} {
+	for _, dir := range []string{podDir, traceDir, filepath.Join(node, "maps"), build} {
 		pins, err := os.ReadDir(dir)
 		if err != nil {
 			t.Fatal(err)
@@ -60,6 +67,9 @@ func TestPinDirModes(t *testing.T) {
 			t.Fatalf("no pins in %s", dir)
 		}
 		for _, p := range pins {
+			if p.Type()&os.ModeSymlink != 0 {
+				continue // the pod's slot (and name): a number, no way to a kernel object
+			}
 			assertMode(t, filepath.Join(dir, p.Name()), 0o600)
 		}
 	}
@@ -120,6 +130,9 @@ func TestPodCannotTouchAnotherPod(t *testing.T) {
 	}
 	for _, e := range entries {
 		v.Pins = append(v.Pins, e.Name())
+		if e.Type()&os.ModeSymlink != 0 {
+			continue // the pod's slot
+		}
 		path := filepath.Join(v.PinDir, e.Name())
 		if strings.HasPrefix(e.Name(), "link_") {
 			l, err := link.LoadPinnedLink(path, nil)
@@ -136,6 +149,26 @@ func TestPodCannotTouchAnotherPod(t *testing.T) {
 			continue
 		}
 		m, err := ebpf.LoadPinnedMap(path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := m.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := info.ID()
+		v.MapIDs = append(v.MapIDs, uint32(id))
+		m.Close()
+	}
+
+	// The node's maps (every pod's slot, the outer maps that lead to each pod's maps) are
+	// as much pod A's state: the attacker gets their ids too.
+	nodeMaps, err := os.ReadDir(filepath.Join(opts.BPFFS, "divert_node", "maps"))
+	if err != nil || len(nodeMaps) == 0 {
+		t.Fatalf("node maps %v, %v", nodeMaps, err)
+	}
+	for _, e := range nodeMaps {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(opts.BPFFS, "divert_node", "maps", e.Name()), nil)
 		if err != nil {
 			t.Fatal(err)
 		}

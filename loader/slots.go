@@ -1,0 +1,312 @@
+// Pod slots of the node's programs: which slot a pod holds (a symlink in its pin
+// directory), taking and filling slots, reusing their maps, and giving them back.
+
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshdivert/divert/maps"
+	"github.com/meshdivert/divert/policy"
+)
+
+// readSlot is the slot recorded in a pod's pin directory (a symlink to its number, as the
+// pod name is), or 0 for a pod of the per-pod layout.
+func readSlot(dir string) (uint32, error) {
+	s, err := os.Readlink(filepath.Join(dir, slotPin))
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	v, err := strconv.ParseUint(s, 10, 32)
+	if err != nil || v == 0 || v >= maxSlots {
+		return 0, fmt.Errorf("pod slot %q in %s is not a slot", s, dir)
+	}
+	return uint32(v), nil
+}
+
+// Slots and their maps. Putting a map into an outer map (or taking it out) from user space
+// waits for an RCU grace period (the kernel's maybe_wait_bpf_programs: ~15 ms here, most
+// of an attach's wall time if paid eleven times per pod). So a slot keeps its maps when its
+// pod goes and the next pod in it reuses them (rewritten by package maps, counters zeroed):
+// no outer map changes. New slots are filled slotChunk at a time, every update at once from
+// its own thread, so the grace periods overlap: about one per chunk. gc gives the maps of
+// free slots back (gcSlots). A slot is taken while a pod directory (or a staged attach)
+// records it (slotPin); the state lock serialises who takes one.
+const slotChunk = 8
+
+// takenSlots are the slots the pod directories record.
+func takenSlots(opts Options) (map[uint32]bool, error) {
+	taken := map[uint32]bool{}
+	ids, err := List(opts)
+	if err != nil {
+		return nil, err
+	}
+	for _, id := range ids {
+		slot, err := readSlot(PinDir(opts, id))
+		if err != nil {
+			return nil, err
+		}
+		taken[slot] = true
+	}
+	return taken, nil
+}
+
+// filled says whether slot has its maps in the outer maps (slot_config_map's entry goes
+// in last and out first).
+func filled(n *node, slot uint32) (bool, error) {
+	var id uint32
+	err := n.maps["slot_config_map"].Lookup(slot, &id)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// allocSlot takes the lowest free slot, filling it (and the next free ones, up to
+// slotChunk) with maps if it has none, and empties its range of node_listeners.
+func allocSlot(n *node, opts Options) (uint32, error) {
+	taken, err := takenSlots(opts)
+	if err != nil {
+		return 0, err
+	}
+	var slot uint32
+	var fill []uint32
+	for s := uint32(1); s < maxSlots && len(fill) < slotChunk; s++ {
+		if taken[s] {
+			continue
+		}
+		has, err := filled(n, s)
+		if err != nil {
+			return 0, fmt.Errorf("read slot_config_map: %w", err)
+		}
+		if slot == 0 {
+			slot = s
+			if has {
+				break
+			}
+		}
+		if !has {
+			fill = append(fill, s)
+		}
+	}
+	if slot == 0 {
+		return 0, fmt.Errorf("no free pod slot: %d pods are attached with the node's programs", maxSlots-1)
+	}
+	if err := fillSlots(n, fill); err != nil {
+		return 0, err
+	}
+	for i := slot * listenerSlots; i < (slot+1)*listenerSlots; i++ {
+		// A sockmap answers EINVAL for an empty entry.
+		if err := n.maps["node_listeners"].Delete(i); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) && !errors.Is(err, unix.EINVAL) {
+			return 0, fmt.Errorf("empty node_listeners for slot %d: %w", slot, err)
+		}
+	}
+	return slot, nil
+}
+
+// fillSlots gives each slot new maps of its own, every outer map update at once: the
+// grace periods they wait for overlap. slot_config_map's entries go in last.
+func fillSlots(n *node, slots []uint32) error {
+	if len(slots) == 0 {
+		return nil
+	}
+	spec, err := parsedSpec()
+	if err != nil {
+		return err
+	}
+	var made []*ebpf.Map
+	defer func() {
+		for _, m := range made {
+			m.Close() // the outer maps hold them
+		}
+	}()
+	type put struct {
+		outer *ebpf.Map
+		slot  uint32
+		inner *ebpf.Map
+	}
+	var first, last []put
+	for _, slot := range slots {
+		for _, name := range podMapNames {
+			ms := spec.Maps[name]
+			if name == "owner_gids" {
+				// Sized for what most policies hold (none): a hash's buckets cost memory
+				// even empty (16 KiB for 1,024). growOwnerGids swaps in a bigger one when
+				// a policy needs it; an inner hash may differ in size (Linux 5.10+).
+				ms = ms.Copy()
+				ms.MaxEntries = smallOwnerGids
+			}
+			m, err := ebpf.NewMap(ms)
+			if err != nil {
+				return fmt.Errorf("create map %s: %w", name, err)
+			}
+			made = append(made, m)
+			pu := put{n.maps["slot_"+name], slot, m}
+			if name == "config_map" {
+				last = append(last, pu)
+			} else {
+				first = append(first, pu)
+			}
+		}
+	}
+	for _, batch := range [][]put{first, last} {
+		errs := make([]error, len(batch))
+		var wg sync.WaitGroup
+		for i, pu := range batch {
+			wg.Go(func() { errs[i] = pu.outer.Update(pu.slot, pu.inner, ebpf.UpdateAny) })
+		}
+		wg.Wait()
+		if err := errors.Join(errs...); err != nil {
+			return fmt.Errorf("fill pod slots %v: %w", slots, err)
+		}
+	}
+	return nil
+}
+
+// smallOwnerGids is the size a slot's owner_gids starts with.
+const smallOwnerGids = 8
+
+// growOwnerGids makes sure the owner_gids of the pod in slot (pm; pinned in dir) holds
+// gids: if it is too small, a full-size one with cfg's policy replaces it, in the outer map
+// (one grace period: rare) and in dir, before the caller's own maps.Apply.
+func growOwnerGids(n *node, slot uint32, pm *maps.Maps, dir string, cfg *policy.Config, addrs []netip.Addr) error {
+	_, gids := cfg.OwnerGroupFilter()
+	if len(gids) <= int(pm.OwnerGids.MaxEntries()) {
+		return nil
+	}
+	spec, err := parsedSpec()
+	if err != nil {
+		return err
+	}
+	big, err := ebpf.NewMap(spec.Maps["owner_gids"])
+	if err != nil {
+		return fmt.Errorf("create map owner_gids: %w", err)
+	}
+	defer big.Close()
+	with := *pm
+	with.OwnerGids = big
+	if err := maps.Apply(&with, cfg, addrs); err != nil {
+		return err
+	}
+	if err := n.maps["slot_owner_gids"].Update(slot, big, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("put owner_gids in slot %d: %w", slot, err)
+	}
+	tmp := filepath.Join(dir, "owner_gids_new")
+	os.Remove(tmp)
+	if err := big.Pin(tmp); err != nil {
+		return fmt.Errorf("pin map owner_gids: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, "owner_gids")); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("pin map owner_gids: %w", err)
+	}
+	old := pm.OwnerGids
+	pm.OwnerGids, _ = big.Clone()
+	old.Close()
+	return nil
+}
+
+// slotMaps opens slot's maps from the outer maps, by name.
+func slotMaps(n *node, slot uint32) (map[string]*ebpf.Map, error) {
+	own := map[string]*ebpf.Map{}
+	for _, name := range podMapNames {
+		var id uint32
+		if err := n.maps["slot_"+name].Lookup(slot, &id); err != nil {
+			closeMaps(own)
+			return nil, fmt.Errorf("read slot %d of slot_%s: %w", slot, name, err)
+		}
+		m, err := ebpf.NewMapFromID(ebpf.MapID(id))
+		if err != nil {
+			closeMaps(own)
+			return nil, fmt.Errorf("open slot %d's %s: %w", slot, name, err)
+		}
+		own[name] = m
+	}
+	return own, nil
+}
+
+func closeMaps(ms map[string]*ebpf.Map) {
+	for _, m := range ms {
+		m.Close()
+	}
+}
+
+// zeroCounters empties a reused slot's counters and drops.
+func zeroCounters(own map[string]*ebpf.Map) error {
+	zero := make([]uint64, ebpf.MustPossibleCPU())
+	for _, name := range []string{"counters", "drops"} {
+		m := own[name]
+		for k := range m.MaxEntries() {
+			if err := m.Update(k, zero, ebpf.UpdateAny); err != nil {
+				return fmt.Errorf("zero %s: %w", name, err)
+			}
+		}
+	}
+	return nil
+}
+
+// gcSlots gives back the maps of the slots no pod holds, for a caller that holds the state
+// lock: slot_config_map's entries go first (the slot is then unfilled), all at once.
+func gcSlots(opts Options) error {
+	if _, err := os.Stat(nodeMapsDir(opts)); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	taken, err := takenSlots(opts)
+	if err != nil {
+		return err
+	}
+	outer := map[string]*ebpf.Map{}
+	defer closeMaps(outer)
+	for _, name := range podMapNames {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(nodeMapsDir(opts), "slot_"+name), nil)
+		if err != nil {
+			return fmt.Errorf("open node map slot_%s: %w", name, err)
+		}
+		outer[name] = m
+	}
+	var free []uint32
+	var slot, id uint32
+	for it := outer["config_map"].Iterate(); it.Next(&slot, &id); {
+		if !taken[slot] {
+			free = append(free, slot)
+		}
+	}
+	for _, batch := range [][]string{{"config_map"}, podMapNames[1:]} {
+		var wg sync.WaitGroup
+		errs := make([]error, len(batch)*len(free))
+		for i, name := range batch {
+			for j, s := range free {
+				wg.Go(func() {
+					if err := outer[name].Delete(s); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+						errs[i*len(free)+j] = fmt.Errorf("free slot %d of slot_%s: %w", s, name, err)
+					}
+				})
+			}
+		}
+		wg.Wait()
+		if err := errors.Join(errs...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// writeSlot records a pod's slot in its pin directory.
+func writeSlot(dir string, slot uint32) error {
+	if err := os.Symlink(strconv.FormatUint(uint64(slot), 10), filepath.Join(dir, slotPin)); err != nil {
+		return fmt.Errorf("record pod slot: %w", err)
+	}
+	return nil
+}
