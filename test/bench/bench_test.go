@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -683,7 +682,13 @@ func (r *rig) b5() {
 		}
 		attach[i], attachCPU[i] = ms(time.Since(start)), ms(cpuTime()-cpu)
 		if slices.Contains(r.p.B5Pods, i+1) {
-			var total [2]int64
+			// Every pod's own objects, and the node's once (its maps and programs, and the
+			// maps of the slots kept for the next pods): per pod is the total over pods.
+			nm, np, err := NodeMemlock(r.opts)
+			if err != nil {
+				s.Fatalf("memlock of the node's objects: %v", err)
+			}
+			total := [2]int64{sum(nm), sum(np)}
 			for k, q := range pods[:i+1] {
 				m, pr, err := PodMemlock(r.opts, q.Name)
 				if err != nil {
@@ -698,6 +703,12 @@ func (r *rig) b5() {
 					}
 					for name, v := range pr {
 						r.res.B5Memlock["program "+name] = v
+					}
+					for name, v := range nm {
+						r.res.B5Memlock["node map "+name] = v
+					}
+					for name, v := range np {
+						r.res.B5Memlock["node program "+name] = v
 					}
 				}
 			}
@@ -783,42 +794,182 @@ func cpuTime() time.Duration {
 }
 
 // PodMemlock returns the kernel memory (memlock, as /proc/self/fdinfo reports it) of an
-// attached pod's maps, by map name, and of the programs its pinned links hold, by link.
+// attached pod's own objects: the maps pinned in its directory, by map name, and the
+// programs its pinned links hold that are its own, by link (with the node's programs,
+// loader/node.go, only sk_lookup; NodeMemlock counts the rest once).
 func PodMemlock(opts loader.Options, id string) (maps, progs map[string]int64, err error) {
-	m, err := loader.OpenMaps(id, opts)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer loader.CloseMaps(m)
-	maps, progs = map[string]int64{}, map[string]int64{}
-	v := reflect.ValueOf(m).Elem()
-	for i := range v.NumField() {
-		mp, ok := v.Field(i).Interface().(*ebpf.Map)
-		if !ok || mp == nil {
-			continue
-		}
-		b, err := fdMemlock(mp.FD())
-		if err != nil {
-			return nil, nil, err
-		}
-		maps[v.Type().Field(i).Tag.Get("ebpf")] = b
-	}
 	dir := loader.PinDir(opts, id)
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, nil, err
 	}
+	node, err := nodeProgramIDs(opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	maps, progs = map[string]int64{}, map[string]int64{}
 	for _, e := range entries {
-		if !strings.HasPrefix(e.Name(), "link_") {
+		if e.Type()&os.ModeSymlink != 0 {
+			continue // the pod's name and slot
+		}
+		pin := filepath.Join(dir, e.Name())
+		if name, ok := strings.CutPrefix(e.Name(), "link_"); ok {
+			err := linkProgram(pin, func(p *ebpf.Program) error {
+				info, err := p.Info()
+				if err != nil {
+					return err
+				}
+				if id, _ := info.ID(); node[id] {
+					return nil
+				}
+				b, err := fdMemlock(p.FD())
+				progs[name] = b
+				if err != nil {
+					return err
+				}
+				// Its own .rodata (sk_lookup's slot), which only the program holds.
+				ids, _ := info.MapIDs()
+				for _, id := range ids {
+					m, err := ebpf.NewMapFromID(id)
+					if err != nil {
+						continue
+					}
+					if mi, err := m.Info(); err == nil && strings.HasSuffix(mi.Name, ".rodata") {
+						if b, err := fdMemlock(m.FD()); err == nil {
+							maps[name+" .rodata"] = b
+						}
+					}
+					m.Close()
+				}
+				return nil
+			})
+			if err != nil {
+				return nil, nil, err
+			}
 			continue
 		}
-		b, err := linkProgMemlock(filepath.Join(dir, e.Name()))
+		m, err := ebpf.LoadPinnedMap(pin, nil)
 		if err != nil {
 			return nil, nil, err
 		}
-		progs[strings.TrimPrefix(e.Name(), "link_")] = b
+		b, err := fdMemlock(m.FD())
+		m.Close()
+		if err != nil {
+			return nil, nil, err
+		}
+		maps[e.Name()] = b
 	}
 	return maps, progs, nil
+}
+
+// NodeMemlock returns the kernel memory of the node's objects (loader/node.go): its maps,
+// by name; the maps of the slots no pod holds (kept for the next pods), as "spare slots";
+// and each build's programs, by name.
+func NodeMemlock(opts loader.Options) (maps, progs map[string]int64, err error) {
+	maps, progs = map[string]int64{}, map[string]int64{}
+	dir := filepath.Join(opts.BPFFS, "divert_node")
+	entries, err := os.ReadDir(filepath.Join(dir, "maps"))
+	if err != nil {
+		return nil, nil, err
+	}
+	taken := map[ebpf.MapID]bool{}
+	ids, err := loader.List(opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, id := range ids {
+		pins, _ := os.ReadDir(loader.PinDir(opts, id))
+		for _, e := range pins {
+			if m, err := ebpf.LoadPinnedMap(filepath.Join(loader.PinDir(opts, id), e.Name()), nil); err == nil {
+				if info, err := m.Info(); err == nil {
+					mid, _ := info.ID()
+					taken[mid] = true
+				}
+				m.Close()
+			}
+		}
+	}
+	for _, e := range entries {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, "maps", e.Name()), nil)
+		if err != nil {
+			return nil, nil, err
+		}
+		b, err := fdMemlock(m.FD())
+		if err == nil && m.Type() == ebpf.ArrayOfMaps {
+			var slot, inner uint32
+			for it := m.Iterate(); it.Next(&slot, &inner); {
+				if taken[ebpf.MapID(inner)] {
+					continue
+				}
+				im, err := ebpf.NewMapFromID(ebpf.MapID(inner))
+				if err != nil {
+					continue
+				}
+				ib, _ := fdMemlock(im.FD())
+				maps["spare slots"] += ib
+				im.Close()
+			}
+		}
+		m.Close()
+		if err != nil {
+			return nil, nil, err
+		}
+		maps[e.Name()] = b
+	}
+	builds, err := os.ReadDir(filepath.Join(dir, "programs"))
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, bd := range builds {
+		pins, err := os.ReadDir(filepath.Join(dir, "programs", bd.Name()))
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, e := range pins {
+			if e.Type()&os.ModeSymlink != 0 {
+				continue // which sk_lookup the build uses
+			}
+			p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, "programs", bd.Name(), e.Name()), nil)
+			if err != nil {
+				return nil, nil, err
+			}
+			b, err := fdMemlock(p.FD())
+			p.Close()
+			if err != nil {
+				return nil, nil, err
+			}
+			progs[e.Name()] += b
+		}
+	}
+	return maps, progs, nil
+}
+
+// nodeProgramIDs are the ids of the node's programs, every build's.
+func nodeProgramIDs(opts loader.Options) (map[ebpf.ProgramID]bool, error) {
+	ids := map[ebpf.ProgramID]bool{}
+	dir := filepath.Join(opts.BPFFS, "divert_node", "programs")
+	builds, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	for _, bd := range builds {
+		pins, _ := os.ReadDir(filepath.Join(dir, bd.Name()))
+		for _, e := range pins {
+			if e.Type()&os.ModeSymlink != 0 {
+				continue
+			}
+			p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, bd.Name(), e.Name()), nil)
+			if err != nil {
+				return nil, err
+			}
+			if info, err := p.Info(); err == nil {
+				id, _ := info.ID()
+				ids[id] = true
+			}
+			p.Close()
+		}
+	}
+	return ids, nil
 }
 
 func sum(m map[string]int64) int64 {
@@ -827,15 +978,6 @@ func sum(m map[string]int64) int64 {
 		n += v
 	}
 	return n
-}
-
-func linkProgMemlock(pin string) (int64, error) {
-	var n int64
-	err := linkProgram(pin, func(p *ebpf.Program) (err error) {
-		n, err = fdMemlock(p.FD())
-		return err
-	})
-	return n, err
 }
 
 // linkProgram calls fn with the program a pinned link holds.
