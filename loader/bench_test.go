@@ -9,8 +9,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -16,9 +16,9 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/meshdivert/divert/internal/crashpoint"
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -4,8 +4,8 @@ import (
 	"context"
 	"testing"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -8,10 +8,10 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -21,10 +21,10 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/meshdivert/divert/internal/crashpoint"
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/node"
 	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -15,12 +15,12 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/node"
 	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -13,10 +13,10 @@ import (
 
 	"k8s.io/client-go/kubernetes/fake"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/node"
 	"github.com/meshdivert/divert/node/cniapi"
 	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/divertest"
 )
 
 // cniCallEnv makes the test binary a CNI client: one DEL on the socket it names, the

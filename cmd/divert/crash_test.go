@@ -13,8 +13,8 @@ import (
 	"time"
 
 	"github.com/meshdivert/divert/internal/crashpoint"
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -18,8 +18,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -6,8 +6,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/meshdivert/divert/internal/divertest"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -15,9 +15,9 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -24,11 +24,11 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/internal/image"
 	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -9,9 +9,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/internal/image"
 	"github.com/meshdivert/divert/iptables"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

@@ -5,9 +5,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/internal/image"
 	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

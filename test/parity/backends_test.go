@@ -6,9 +6,9 @@ import (
 
 	"github.com/meshdivert/divert/iptables"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/divertest"
 )
 
 func backends() []backend {

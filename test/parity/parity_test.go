@@ -16,9 +16,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 

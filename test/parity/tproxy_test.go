@@ -7,10 +7,10 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 	"github.com/meshdivert/divert/test/testutil"
 )

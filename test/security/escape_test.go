@@ -11,9 +11,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/meshdivert/divert/internal/divertest"
 	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/iptables"
+	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
 )
 
