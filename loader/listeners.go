@@ -58,7 +58,7 @@ func adoptListeners(pod Pod, port uint16, m *ebpf.Map, base uint32) (int, error)
 }
 
 // listenerSlot is where sockops puts a listener in the inbound_listeners map of size slots
-// (LISTENER_SLOTS in bpf/divert.c): its cookie modulo half the map, in the first half for
+// (LISTENER_SLOTS in bpf/types.h): its cookie modulo half the map, in the first half for
 // an AF_INET socket and in the second for an AF_INET6 one.
 func listenerSlot(fd int, slots uint32) (uint32, error) {
 	cookie, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)

@@ -47,7 +47,7 @@ func checkFields[T any](t *testing.T, structPtr any, list []field[T]) {
 	}
 }
 
-// The loader's slot sizes are bpf/divert.c's MAX_SLOTS and LISTENER_SLOTS.
+// The loader's slot sizes are bpf/types.h's MAX_SLOTS and LISTENER_SLOTS.
 func TestSlotSizesMatchC(t *testing.T) {
 	spec, err := parsedSpec()
 	if err != nil {

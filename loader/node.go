@@ -26,7 +26,7 @@ import (
 )
 
 const (
-	maxSlots      = 512 // MAX_SLOTS in bpf/divert.c
+	maxSlots      = 512 // MAX_SLOTS in bpf/types.h
 	listenerSlots = 64  // LISTENER_SLOTS: a pod's range of node_listeners
 	slotPin       = "slot"
 )
@@ -322,7 +322,7 @@ func loadNodePrograms(spec *ebpf.CollectionSpec, nodeMaps map[string]*ebpf.Map) 
 
 // loadSkLookupTemplate loads the build's sk_lookup template (slot 0) as n.progs'
 // divert_sk_lookup: the faster program where the kernel takes it, else the one for 5.10
-// (try_listener in bpf/divert.c), and records which in n.skLookup.
+// (try_listener in bpf/sk_lookup.h), and records which in n.skLookup.
 func loadSkLookupTemplate(n *node) error {
 	var errs []error
 	for _, name := range []string{skLookupFast, skLookupStatic} {

@@ -20,7 +20,7 @@ type OrigDstsHeld struct {
 	App, Proxy int
 }
 
-// struct sock_orig_dst's side and its values (bpf/divert.c's enum orig_dst_side).
+// struct sock_orig_dst's side and its values (bpf/maps.h's enum orig_dst_side).
 const (
 	sideOffset = int(unsafe.Offsetof(bpf.DivertSockOrigDst{}.Side))
 	sideApp    = 1

@@ -361,7 +361,7 @@ func (f Family) String() string {
 // CountersByFamily sums the per-CPU verdict counters by family and reason.
 func CountersByFamily(m *Maps) (map[Family]map[policy.Reason]uint64, error) {
 	out := map[Family]map[policy.Reason]uint64{}
-	// IPv4's counters fill the first half of the map, IPv6's the second (bpf/divert.c's
+	// IPv4's counters fill the first half of the map, IPv6's the second (bpf/types.h's
 	// FAMILY_COUNTERS).
 	familyCounters := m.Counters.MaxEntries() / 2
 	for _, f := range []Family{IPv4, IPv6} {
@@ -392,7 +392,7 @@ func Counters(m *Maps) (map[policy.Reason]uint64, error) {
 	return out, nil
 }
 
-// Drop names what the programs gave up on (bpf/divert.c's enum drop), as status and
+// Drop names what the programs gave up on (bpf/types.h's enum drop), as status and
 // metrics print it.
 type Drop uint32
 

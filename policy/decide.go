@@ -184,7 +184,7 @@ func (a Action) String() string {
 	return "pass"
 }
 
-// Reason names the rule that decided. The numbering is shared with bpf/divert.c's enum
+// Reason names the rule that decided. The numbering is shared with bpf/types.h's enum
 // reason (a test keeps them equal) and indexes the kernel's per-reason counters.
 type Reason uint8
 
