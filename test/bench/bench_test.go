@@ -20,6 +20,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/meshdivert/divert/internal/image"
 	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
@@ -40,7 +41,9 @@ var (
 
 func TestMain(m *testing.M) {
 	testpod.RunHelperIfRequested(helpers)
-	os.Exit(m.Run())
+	code := m.Run()
+	image.Cleanup() // B5's divert binary
+	os.Exit(code)
 }
 
 const (
@@ -758,6 +761,7 @@ func (r *rig) b5() {
 		}
 		r.addPodCosts(m, attach, attachCPU, reattach, reattachCPU, detach, nil)
 	}
+	r.b5Init(s, pods)
 	for _, c := range r.res.B5 {
 		r.logf("  B5 %-16s %3d pods: attach %s ms (CPU %s ms), re-attach %s ms (CPU %s ms), detach %s ms, memlock/pod %d KiB",
 			c.Mode, c.Pods, c.Attach, c.AttachCPU, c.Reattach, c.ReattachCPU, c.Detach, c.Memlock/int64(c.Pods)/1024)

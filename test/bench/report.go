@@ -192,6 +192,7 @@ func Markdown(res *Results, prefix string) string {
 			w("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |\n", c.Mode, c.Pods, kth, c.Attach, c.AttachCPU, c.Reattach, c.ReattachCPU, c.Detach, memAll, memPer)
 		}
 		w("\n")
+		b.WriteString(initRunSection(res))
 		if len(res.B5Memlock) > 0 {
 			w("Where one pod's eBPF kernel memory goes (memlock):\n\n| object | memlock |\n|---|---:|\n")
 			names := make([]string, 0, len(res.B5Memlock))
@@ -359,6 +360,7 @@ func summary(res *Results) []string {
 				c.Pods, c.Mode, c.Attach, c.AttachCPU, c.Reattach, c.ReattachCPU, c.Detach))
 		}
 	}
+	out = append(out, initRunSummary(res)...)
 	out = append(out, dnsSummary(res)...)
 	return append(out, traceSummary(res)...)
 }
