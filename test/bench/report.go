@@ -199,7 +199,10 @@ func Markdown(res *Results, prefix string) string {
 			for k := range res.B5Memlock {
 				names = append(names, k)
 			}
-			slices.SortFunc(names, func(a, b string) int { return cmp.Compare(res.B5Memlock[b], res.B5Memlock[a]) })
+			// Largest first; equal sizes by name, so that a rerun does not reorder the table.
+			slices.SortFunc(names, func(a, b string) int {
+				return cmp.Or(cmp.Compare(res.B5Memlock[b], res.B5Memlock[a]), cmp.Compare(a, b))
+			})
 			for _, k := range names {
 				w("| %s | %s |\n", k, kib(res.B5Memlock[k]))
 			}
