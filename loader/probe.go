@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 
@@ -130,6 +131,12 @@ func notSupported(what string, err error) error {
 // The error is one line naming what is missing and wraps ebpf.ErrNotSupported, so callers
 // can fall back to the iptables backend with errors.Is. Requires Linux 5.9 or later.
 func Probe(opts Options) error {
+	// This build's programs already pinned on the node were loaded by this kernel: the
+	// feature probes and the load would only repeat that (the sk_storage probe alone waits
+	// out an RCU grace period, 17-40 ms here, in every init container).
+	if buildPinned(opts) {
+		return probeCgroup2()
+	}
 	if err := probeKernel(); err != nil {
 		return err
 	}
@@ -147,6 +154,24 @@ func Probe(opts Options) error {
 		return fmt.Errorf("%s: %w", strings.ReplaceAll(err.Error(), "\n", " "), ebpf.ErrNotSupported)
 	}
 	return nil
+}
+
+// buildPinned says whether this build's node programs are pinned under opts' bpffs and
+// this process may use them: opening one is the bpf() access an attach needs too.
+func buildPinned(opts Options) bool {
+	if !IsBPFFS(opts.root()) {
+		return false
+	}
+	dir := filepath.Join(buildsDir(opts), buildTag())
+	if _, err := os.Readlink(filepath.Join(dir, skLookupPin)); err != nil {
+		return false
+	}
+	prog, err := ebpf.LoadPinnedProgram(filepath.Join(dir, "divert_connect4"), nil)
+	if err != nil {
+		return false
+	}
+	prog.Close()
+	return true
 }
 
 // probePrograms loads the node's programs of this build: pinned (loadNode) where the
