@@ -347,8 +347,11 @@ func loadSkLookup(n *node, slot uint32) (*ebpf.Program, error) {
 	if err := spec.Variables["lookup_slot"].Set(slot); err != nil {
 		return nil, fmt.Errorf("set sk_lookup's slot: %w", err)
 	}
+	// No KernelTypes: sk_lookup reads no kernel structure (every CO-RE relocation is in
+	// socket_owner, which only the cgroup programs call), and kernelTypes parses the
+	// kernel's BTF, a fifth of an init container's CPU when the node's programs are pinned.
 	var opts ebpf.CollectionOptions
-	opts.Cache, opts.Programs.KernelTypes = btfCache, kernelTypes()
+	opts.Cache = btfCache
 	opts.MapReplacements = n.maps
 	var fast struct {
 		SkLookup *ebpf.Program `ebpf:"divert_sk_lookup"`
