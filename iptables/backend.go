@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/policy"
@@ -219,27 +220,49 @@ func (o Options) candidates(ctx context.Context, netnsPath string) ([]candidate,
 	if _, err := os.Stat(netnsPath); err != nil {
 		return nil, fmt.Errorf("network namespace %s: %w; pass the pod's netns path (like /run/netns/NAME or /proc/PID/ns/net)", netnsPath, errors.Unwrap(err))
 	}
-	var out []candidate
-	var errs []string
-	found := false
-	for _, b := range backends {
+	// Every backend's two dumps run at once: each is a process started in the netns, and
+	// an init container's run waited for four of them in turn after attaching.
+	type dumped struct {
+		found bool
+		c     candidate
+		err   error
+	}
+	res := make([]dumped, len(backends))
+	var wg sync.WaitGroup
+	for i, b := range backends {
 		t, ok := findTool(b, policy.IPv4)
 		if !ok {
 			continue
 		}
-		found = true
-		state, err := t.dump(ctx, netnsPath)
-		if err != nil {
-			errs = append(errs, err.Error())
-			continue
+		res[i] = dumped{found: true, c: candidate{tool: t}}
+		r := &res[i]
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			r.c.state, r.err = t.dump(ctx, netnsPath)
+		}()
+		go func() {
+			defer wg.Done()
+			if t6, ok := findTool(b, policy.IPv6); !ok {
+				r.c.err6 = fmt.Errorf("ip6tables-%s-restore not found: install the iptables package (it provides ip6tables-nft-restore and ip6tables-legacy-restore)", b)
+			} else if r.c.state6, r.c.err6 = t6.dump(ctx, netnsPath); r.c.err6 == nil {
+				r.c.v6 = &t6
+			}
+		}()
+	}
+	wg.Wait()
+	var out []candidate
+	var errs []string
+	found := false
+	for _, r := range res {
+		found = found || r.found
+		switch {
+		case !r.found:
+		case r.err != nil:
+			errs = append(errs, r.err.Error())
+		default:
+			out = append(out, r.c)
 		}
-		c := candidate{tool: t, state: state}
-		if t6, ok := findTool(b, policy.IPv6); !ok {
-			c.err6 = fmt.Errorf("ip6tables-%s-restore not found: install the iptables package (it provides ip6tables-nft-restore and ip6tables-legacy-restore)", b)
-		} else if c.state6, c.err6 = t6.dump(ctx, netnsPath); c.err6 == nil {
-			c.v6 = &t6
-		}
-		out = append(out, c)
 	}
 	switch {
 	case !found && o.Backend != BackendAuto:
