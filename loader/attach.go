@@ -251,23 +251,9 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		if _, ok := existing[p.name]; ok || !p.wanted(opts) {
 			continue
 		}
-		prog := n.progs[p.name]
-		if p.attach == ebpf.AttachSkLookup {
-			if prog, err = loadSkLookup(n, slot); err != nil {
-				return err
-			}
-			defer prog.Close()
-		}
-		l, err := p.attachTo(pod, prog)
-		if err != nil {
+		if err := attachAndPin(pod, n, slot, p, dir, &added); err != nil {
 			return err
 		}
-		added = append(added, l)
-		step("attach " + p.name)
-		if err := l.Pin(filepath.Join(dir, p.pin)); err != nil {
-			return fmt.Errorf("pin %s link: %w", p.name, err)
-		}
-		step("pin " + p.name)
 	}
 	if n != nil {
 		if err := swapPrograms(existing, running, n, slot, opts); err != nil {

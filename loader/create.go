@@ -88,23 +88,9 @@ func create(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		if !p.wanted(opts) {
 			continue
 		}
-		prog := n.progs[p.name]
-		if p.attach == ebpf.AttachSkLookup {
-			if prog, err = loadSkLookup(n, slot); err != nil {
-				return err
-			}
-			defer prog.Close()
-		}
-		l, err := p.attachTo(pod, prog)
-		if err != nil {
+		if err := attachAndPin(pod, n, slot, p, tmp, &links); err != nil {
 			return err
 		}
-		links = append(links, l)
-		step("attach " + p.name)
-		if err := l.Pin(filepath.Join(tmp, p.pin)); err != nil {
-			return fmt.Errorf("pin %s link: %w", p.name, err)
-		}
-		step("pin " + p.name)
 	}
 	// The links made the pod's cgroup storage (zero: the programs pass); the slot tells
 	// the programs whose maps are the pod's.
@@ -148,4 +134,29 @@ func podMaps(own map[string]*ebpf.Map) *maps.Maps {
 		OutboundIncludeCidrs: own["outbound_include_cidrs"], OutboundIncludeCidrs6: own["outbound_include_cidrs6"],
 		OwnerGids: own["owner_gids"], PortSetsMap: own["port_sets_map"],
 	}
+}
+
+// attachAndPin attaches p's node program (sk_lookup: the pod's own copy, loaded for its
+// slot) to pod and pins the link in dir; the link is added to links first, so that the
+// caller's undo closes it whatever fails after.
+func attachAndPin(pod Pod, n *node, slot uint32, p program, dir string, links *[]link.Link) error {
+	prog := n.progs[p.name]
+	if p.attach == ebpf.AttachSkLookup {
+		var err error
+		if prog, err = loadSkLookup(n, slot); err != nil {
+			return err
+		}
+		defer prog.Close() // the link holds the program
+	}
+	l, err := p.attachTo(pod, prog)
+	if err != nil {
+		return err
+	}
+	*links = append(*links, l)
+	step("attach " + p.name)
+	if err := l.Pin(filepath.Join(dir, p.pin)); err != nil {
+		return fmt.Errorf("pin %s link: %w", p.name, err)
+	}
+	step("pin " + p.name)
+	return nil
 }

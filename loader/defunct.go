@@ -25,17 +25,12 @@ func Defunct(id string, opts Options) ([]string, error) {
 	}
 	var gone []string
 	for _, p := range programs {
-		l, err := loadPinnedLink(filepath.Join(dir, p.pin))
-		if errors.Is(err, os.ErrNotExist) {
-			continue // that direction is turned off
-		}
+		info, err := pinnedLinkInfo(dir, p)
 		if err != nil {
 			return nil, err
 		}
-		info, err := l.Info()
-		l.Close()
-		if err != nil {
-			return nil, fmt.Errorf("read %s link: %w", p.name, err)
+		if info == nil {
+			continue // that direction is turned off
 		}
 		cg, ns := info.Cgroup(), info.NetNs()
 		if (cg != nil && cg.CgroupId == 0) || (ns != nil && ns.NetnsInode == 0) {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/cilium/ebpf/link"
 	"github.com/meshdivert/divert/maps"
 )
 
@@ -101,17 +102,12 @@ func Status(id string, opts Options) (*PodStatus, error) {
 	st := &PodStatus{ID: id, Pod: readPodName(PinDir(opts, id)), Counters: map[string]uint64{},
 		CountersByFamily: map[string]map[string]uint64{}}
 	for _, p := range programs {
-		l, err := loadPinnedLink(filepath.Join(PinDir(opts, id), p.pin))
-		if errors.Is(err, os.ErrNotExist) {
-			continue // that direction is turned off
-		}
+		info, err := pinnedLinkInfo(PinDir(opts, id), p)
 		if err != nil {
 			return nil, err
 		}
-		info, err := l.Info()
-		l.Close()
-		if err != nil {
-			return nil, fmt.Errorf("read %s link: %w", p.name, err)
+		if info == nil {
+			continue // that direction is turned off
 		}
 		ps := ProgramStatus{Name: p.name, Attach: p.attach.String(), LinkID: uint32(info.ID), ProgramID: uint32(info.Program)}
 		if cg := info.Cgroup(); cg != nil {
@@ -203,4 +199,22 @@ func prefixStrings(prefixes []netip.Prefix) []string {
 		out = append(out, p.String())
 	}
 	return out
+}
+
+// pinnedLinkInfo reads the link p pinned in dir, or nil where there is none (that
+// direction is turned off).
+func pinnedLinkInfo(dir string, p program) (*link.Info, error) {
+	l, err := loadPinnedLink(filepath.Join(dir, p.pin))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	info, err := l.Info()
+	l.Close()
+	if err != nil {
+		return nil, fmt.Errorf("read %s link: %w", p.name, err)
+	}
+	return info, nil
 }
