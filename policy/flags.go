@@ -1,6 +1,7 @@
 // istio-iptables' command line as divert reads it: every flag, its default and its
 // environment variable, in one table with its parser. Over 400 lines because the table is
 // istio's whole flag set; splitting it would put one flag's rules in two files.
+
 package policy
 
 import (
