@@ -7,10 +7,12 @@ import (
 	"io"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/cilium/ebpf"
 
 	"github.com/meshdivert/divert/internal/clierr"
+	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/loader"
 )
 
@@ -26,7 +28,13 @@ func (r *run) attach(ctx context.Context, pod loader.Pod, how string) error {
 		fmt.Fprintf(r.e.Stderr, "divert: mounting bpffs at %s: in a container it must reach the host (hostPath volume with mountPropagation: Bidirectional), or capture ends when the container exits\n", r.lopts.BPFFS)
 	}
 	created := !pinned(r.lopts, pod.ID) || len(gone) > 0
+	// The search for istio's rules an earlier run left (an iptables-save per backend and
+	// family, each a process in the netns) runs while eBPF attaches, which is mostly the
+	// kernel's work in this process: the run waited for both in turn. Nothing writes rules
+	// in between.
+	held := r.findIptables(ctx)
 	if err := r.e.Attach(ctx, pod, &r.cfg, r.lopts); err != nil {
+		held() // not needed; waited for, so nothing outlives the run
 		var ce *loader.CapturedError
 		if errors.As(err, &ce) && ce.Holder != "" {
 			return fmt.Errorf("pod %s (cgroup %s, %s): %v; remove that attachment on the node first (divert detach --pod-id %s), or pass --%s", pod.ID, pod.Cgroup, how, ce, ce.Holder, FlagCgroup)
@@ -53,7 +61,7 @@ func (r *run) attach(ctx context.Context, pod loader.Pod, how string) error {
 	if err := loader.ClearFallback(pod.ID, r.lopts); err != nil {
 		fmt.Fprintf(r.e.Stderr, "divert: %s\n", clierr.OneLine(err))
 	}
-	removed, err := r.removeIptables(ctx)
+	removed, err := r.removeIptables(ctx, held)
 	if err != nil {
 		if !created {
 			return fmt.Errorf("pod %s is captured by eBPF, but istio's iptables rules in its netns could not be removed (%v): remove them with divert istio-iptables --cleanup-only and run again", pod.ID, clierr.OneLine(err))
@@ -69,13 +77,31 @@ func (r *run) attach(ctx context.Context, pod loader.Pod, how string) error {
 	return nil
 }
 
-// removeIptables removes istio's rules from this pod's netns, returning the backends that
-// held them.
-func (r *run) removeIptables(ctx context.Context) ([]string, error) {
+// findIptables starts looking for the backends holding istio's rules in this pod's netns;
+// the function it returns waits for the answer.
+func (r *run) findIptables(ctx context.Context) func() ([]iptables.Backend, error) {
 	if !r.e.IptablesAvailable() {
-		return nil, nil // nothing can have written them here
+		return func() ([]iptables.Backend, error) { return nil, nil } // nothing can have written them here
 	}
-	held, err := r.e.InstalledIptables(ctx, OwnNetNS)
+	type found struct {
+		held []iptables.Backend
+		err  error
+	}
+	done := make(chan found, 1)
+	go func() {
+		held, err := r.e.InstalledIptables(ctx, OwnNetNS)
+		done <- found{held, err}
+	}()
+	return sync.OnceValues(func() ([]iptables.Backend, error) {
+		f := <-done
+		return f.held, f.err
+	})
+}
+
+// removeIptables removes istio's rules from this pod's netns (found by findIptables),
+// returning the backends that held them.
+func (r *run) removeIptables(ctx context.Context, find func() ([]iptables.Backend, error)) ([]string, error) {
+	held, err := find()
 	if err != nil || len(held) == 0 {
 		return nil, err
 	}
