@@ -143,7 +143,7 @@ func attachAndPin(pod Pod, n *node, slot uint32, p program, dir string, links *[
 	prog := n.progs[p.name]
 	if p.attach == ebpf.AttachSkLookup {
 		var err error
-		if prog, err = loadSkLookup(n, slot); err != nil {
+		if prog, err = podSkLookup(n, slot); err != nil {
 			return err
 		}
 		defer prog.Close() // the link holds the program

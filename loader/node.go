@@ -75,6 +75,7 @@ type node struct {
 	maps  map[string]*ebpf.Map
 	progs map[string]*ebpf.Program
 	tag   string
+	dir   string // the build's directory, once its programs are pinned there
 	// skLookup is the sk_lookup program this kernel takes (see try_listener in
 	// bpf/divert.c), recorded in the build's directory (skLookupPin).
 	skLookup string
@@ -179,6 +180,9 @@ func (n *node) openPrograms(spec *ebpf.CollectionSpec, opts Options) error {
 	if _, err := os.Stat(dir); err == nil {
 		current, err := n.openBuild(dir)
 		if err != nil || current {
+			if current {
+				n.dir = dir
+			}
 			return err
 		}
 		// Loaded with trace maps that are gone (divert_trace made anew): the build is
@@ -225,7 +229,36 @@ func (n *node) openPrograms(spec *ebpf.CollectionSpec, opts Options) error {
 		os.RemoveAll(tmp)
 		return fmt.Errorf("move node programs into %s: %w", dir, err)
 	}
+	n.dir = dir
 	return nil
+}
+
+// slotSkLookupPin names slot's sk_lookup program in the build's directory.
+func slotSkLookupPin(slot uint32) string { return fmt.Sprintf("sk_lookup_slot_%d", slot) }
+
+// podSkLookup is the sk_lookup program of the pod in slot: the one the slot's first pod
+// loaded and pinned in the build's directory, else loaded and pinned now. A pod's copy
+// differs from another's only by its slot, so the slot keeps it for the next pod, as it
+// keeps its maps: on a warm node an attach then neither parses the object nor runs the
+// verifier. An upgrade is a new build's directory; gc removes free slots' copies.
+func podSkLookup(n *node, slot uint32) (*ebpf.Program, error) {
+	if n.dir == "" {
+		return loadSkLookup(n, slot)
+	}
+	pin := filepath.Join(n.dir, slotSkLookupPin(slot))
+	if prog, err := ebpf.LoadPinnedProgram(pin, nil); err == nil {
+		return prog, nil
+	}
+	prog, err := loadSkLookup(n, slot)
+	if err != nil {
+		return nil, err
+	}
+	os.Remove(pin) // one that could not be opened
+	if err := prog.Pin(pin); err != nil {
+		prog.Close()
+		return nil, fmt.Errorf("pin slot %d's sk_lookup: %w", slot, err)
+	}
+	return prog, nil
 }
 
 func mapID(m *ebpf.Map) ebpf.MapID {

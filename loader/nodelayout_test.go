@@ -212,6 +212,7 @@ func TestSlotReuseAndGC(t *testing.T) {
 		t.Fatal(err)
 	}
 	landed(t, "pod a", a.Dial(t, divertest.AppUID, divertest.AppUID, remote)[0], "remote")
+	aLookup := skLookupID(t, a.Name, opts)
 	if err := loader.Detach(a.Name, opts); err != nil {
 		t.Fatal(err)
 	}
@@ -225,6 +226,12 @@ func TestSlotReuseAndGC(t *testing.T) {
 	b := podWithProxy(t, net, "app-b", "proxy-b")
 	st := divertest.Attach(t, b, opts, divertest.Config(t))
 	landed(t, "pod b in pod a's slot", b.Dial(t, divertest.AppUID, divertest.AppUID, remote)[0], "proxy-b")
+	// The slot's sk_lookup (its slot a constant) is kept for the next pod with its maps:
+	// no load, no verifier; and it finds pod b's own proxy.
+	if got := skLookupID(t, b.Name, opts); got != aLookup {
+		t.Errorf("pod b's sk_lookup is program %d, want pod a's slot's %d reused", got, aLookup)
+	}
+	landed(t, "pod b inbound in pod a's slot", net.Dial(t, testpod.Target{Dst: netip.AddrPortFrom(b.Addr, 8080)})[0], "proxy-b")
 	if got := st.Counters(t); got[policy.ReasonExcludedOutboundPort] != 0 || got[policy.ReasonIncludedCIDR] != 1 {
 		t.Errorf("pod b's counters %v: want its one captured connection only, none of pod a's", got)
 	}
@@ -279,4 +286,20 @@ func TestOwnerGidsGrow(t *testing.T) {
 	if st.Health != "healthy" {
 		t.Errorf("pod b: %s", st.Health)
 	}
+}
+
+// skLookupID is the program pod id's sk_lookup link runs.
+func skLookupID(t *testing.T, id string, opts loader.Options) uint32 {
+	t.Helper()
+	st, err := loader.Status(id, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range st.Programs {
+		if p.Attach == ebpf.AttachSkLookup.String() {
+			return p.ProgramID
+		}
+	}
+	t.Fatalf("pod %s has no sk_lookup link: %+v", id, st.Programs)
+	return 0
 }

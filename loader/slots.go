@@ -300,6 +300,11 @@ func gcSlots(opts Options) error {
 			return err
 		}
 	}
+	for _, s := range free {
+		if err := os.Remove(filepath.Join(buildsDir(opts), buildTag(), slotSkLookupPin(s))); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("free slot %d's sk_lookup: %w", s, err)
+		}
+	}
 	return nil
 }
 

@@ -51,7 +51,7 @@ func swapPrograms(existing map[string]link.Link, running map[string]ebpf.Program
 			continue
 		}
 		if p.attach == ebpf.AttachSkLookup {
-			prog, err := loadSkLookup(n, slot)
+			prog, err := podSkLookup(n, slot)
 			if err != nil {
 				return err
 			}
