@@ -924,6 +924,10 @@ func NodeMemlock(opts loader.Options) (maps, progs map[string]int64, err error) 
 	if err != nil {
 		return nil, nil, err
 	}
+	running, err := podProgramIDs(opts)
+	if err != nil {
+		return nil, nil, err
+	}
 	for _, bd := range builds {
 		pins, err := os.ReadDir(filepath.Join(dir, "programs", bd.Name()))
 		if err != nil {
@@ -938,9 +942,21 @@ func NodeMemlock(opts loader.Options) (maps, progs map[string]int64, err error) 
 				return nil, nil, err
 			}
 			b, err := fdMemlock(p.FD())
+			var id ebpf.ProgramID
+			if info, ierr := p.Info(); ierr == nil {
+				id, _ = info.ID()
+			}
 			p.Close()
 			if err != nil {
 				return nil, nil, err
+			}
+			if strings.HasPrefix(e.Name(), slotSkLookupPrefix) {
+				// A slot's sk_lookup: its pod's own (PodMemlock counts it), or kept
+				// for the next pod in a free slot, with that slot's maps.
+				if !running[id] {
+					maps["spare slots"] += b
+				}
+				continue
 			}
 			progs[e.Name()] += b
 		}
@@ -959,8 +975,8 @@ func nodeProgramIDs(opts loader.Options) (map[ebpf.ProgramID]bool, error) {
 	for _, bd := range builds {
 		pins, _ := os.ReadDir(filepath.Join(dir, bd.Name()))
 		for _, e := range pins {
-			if e.Type()&os.ModeSymlink != 0 {
-				continue
+			if e.Type()&os.ModeSymlink != 0 || strings.HasPrefix(e.Name(), slotSkLookupPrefix) {
+				continue // a slot's sk_lookup is its pod's own
 			}
 			p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, bd.Name(), e.Name()), nil)
 			if err != nil {
@@ -1068,4 +1084,27 @@ func fdMemlock(fd int) (int64, error) {
 		}
 	}
 	return 0, fmt.Errorf("fd %d: no memlock in fdinfo", fd)
+}
+
+// slotSkLookupPrefix names the sk_lookup programs a build's directory keeps per slot
+// (loader/node.go's slotSkLookupPin).
+const slotSkLookupPrefix = "sk_lookup_slot_"
+
+// podProgramIDs are the programs the attached pods' pinned links run.
+func podProgramIDs(opts loader.Options) (map[ebpf.ProgramID]bool, error) {
+	ids := map[ebpf.ProgramID]bool{}
+	pods, err := loader.List(opts)
+	if err != nil {
+		return nil, err
+	}
+	for _, pod := range pods {
+		st, err := loader.Status(pod, opts)
+		if err != nil {
+			return nil, err
+		}
+		for _, p := range st.Programs {
+			ids[ebpf.ProgramID(p.ProgramID)] = true
+		}
+	}
+	return ids, nil
 }
