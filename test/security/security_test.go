@@ -148,17 +148,7 @@ func TestPodCannotTouchAnotherPod(t *testing.T) {
 			l.Close()
 			continue
 		}
-		m, err := ebpf.LoadPinnedMap(path, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		info, err := m.Info()
-		if err != nil {
-			t.Fatal(err)
-		}
-		id, _ := info.ID()
-		v.MapIDs = append(v.MapIDs, uint32(id))
-		m.Close()
+		v.MapIDs = append(v.MapIDs, pinnedMapID(t, path))
 	}
 
 	// The node's maps (every pod's slot, the outer maps that lead to each pod's maps) are
@@ -168,17 +158,7 @@ func TestPodCannotTouchAnotherPod(t *testing.T) {
 		t.Fatalf("node maps %v, %v", nodeMaps, err)
 	}
 	for _, e := range nodeMaps {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(opts.BPFFS, "divert_node", "maps", e.Name()), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		info, err := m.Info()
-		if err != nil {
-			t.Fatal(err)
-		}
-		id, _ := info.ID()
-		v.MapIDs = append(v.MapIDs, uint32(id))
-		m.Close()
+		v.MapIDs = append(v.MapIDs, pinnedMapID(t, filepath.Join(opts.BPFFS, "divert_node", "maps", e.Name())))
 	}
 
 	arg, _ := json.Marshal(v)
@@ -322,4 +302,20 @@ func runAttacker(args []string) error {
 		}
 	}
 	return json.NewEncoder(os.Stdout).Encode(map[string]any{"uid": os.Getuid(), "capEff": capEff, "attacks": attacks})
+}
+
+// pinnedMapID is the id of the map pinned at path.
+func pinnedMapID(t *testing.T, path string) uint32 {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	info, err := m.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	return uint32(id)
 }
