@@ -37,7 +37,7 @@ var testHookBeforeCommit func() error
 // descendant (a *CapturedError, ErrCaptured): the kernel would run both pods' programs for
 // the same sockets, and the proxy would read the wrong original destination or none.
 func Attach(ctx context.Context, pod Pod, cfg *policy.Config, opts Options) (err error) {
-	if !validID.MatchString(pod.ID) {
+	if !validID(pod.ID) {
 		return &InputError{Field: "pod-id", Value: pod.ID, Msg: badID}
 	}
 	if opts.NoInbound && opts.NoOutbound {
@@ -290,7 +290,7 @@ func detachPinned(l link.Link, pin string) error {
 // Detach removes everything Attach made for the pod. Unpinning the links detaches the
 // programs; the maps go with their last reference.
 func Detach(id string, opts Options) error {
-	if !validID.MatchString(id) {
+	if !validID(id) {
 		return &InputError{Field: "pod-id", Value: id, Msg: badID}
 	}
 	unlock, err := lockState(opts)

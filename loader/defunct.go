@@ -16,7 +16,7 @@ import (
 // programs and maps) stay until someone removes them, which Detach and GC do. A link
 // whose target is gone reports cgroup id 0 or netns inode 0; that is how it is told.
 func Defunct(id string, opts Options) ([]string, error) {
-	if !validID.MatchString(id) {
+	if !validID(id) {
 		return nil, &InputError{Field: "pod-id", Value: id, Msg: badID}
 	}
 	dir := PinDir(opts, id)

@@ -25,7 +25,7 @@ const maxReason = 1024
 // RecordFallback records that pod id is captured by iptables instead of eBPF, for reason.
 // A marker already there is replaced.
 func RecordFallback(id, reason string, opts Options) error {
-	if !validID.MatchString(id) {
+	if !validID(id) {
 		return &InputError{Field: "pod-id", Value: id, Msg: badID}
 	}
 	unlock, err := lockState(opts)
@@ -52,7 +52,7 @@ func RecordFallback(id, reason string, opts Options) error {
 
 // ClearFallback removes pod id's fallback marker, if any; it mounts nothing to find none.
 func ClearFallback(id string, opts Options) error {
-	if !validID.MatchString(id) {
+	if !validID(id) {
 		return &InputError{Field: "pod-id", Value: id, Msg: badID}
 	}
 	err := os.Remove(filepath.Join(fallbackDir(opts), id))
@@ -73,7 +73,7 @@ func Fallbacks(opts Options) (map[string]string, error) {
 	}
 	out := map[string]string{}
 	for _, e := range entries {
-		if !validID.MatchString(e.Name()) {
+		if !validID(e.Name()) {
 			continue
 		}
 		if reason, err := os.Readlink(filepath.Join(fallbackDir(opts), e.Name())); err == nil {

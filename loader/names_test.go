@@ -1,8 +1,11 @@
 package loader
 
 import (
+	"math/rand/v2"
 	"reflect"
+	"regexp"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/meshdivert/divert/bpf"
@@ -58,5 +61,46 @@ func TestSlotSizesMatchC(t *testing.T) {
 	}
 	if got := spec.Maps["node_listeners"].MaxEntries; got != maxSlots*listenerSlots {
 		t.Errorf("node_listeners holds %d, want maxSlots*listenerSlots = %d", got, maxSlots*listenerSlots)
+	}
+}
+
+// validID and validPodName accept exactly what these regexps (their specification) match:
+// every short string over an alphabet of each class, the length limits, and random strings.
+func TestNameChecksMatchTheirRegexps(t *testing.T) {
+	id := regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$`)
+	podName := regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$`)
+	check := func(s string) {
+		if got, want := validID(s), id.MatchString(s); got != want {
+			t.Errorf("validID(%q) = %v, the regexp says %v", s, got, want)
+		}
+		if got, want := validPodName(s), podName.MatchString(s); got != want {
+			t.Errorf("validPodName(%q) = %v, the regexp says %v", s, got, want)
+		}
+	}
+	const alphabet = "aZ9_-./\x00é"
+	var all func(prefix string, n int)
+	all = func(prefix string, n int) {
+		check(prefix)
+		if n == 0 {
+			return
+		}
+		for _, c := range []byte(alphabet) {
+			all(prefix+string(c), n-1)
+		}
+	}
+	all("", 4)
+	for _, n := range []int{61, 62, 63, 64, 127, 128, 129, 251, 252, 253, 254} {
+		check(strings.Repeat("a", n))
+		check(strings.Repeat("a", n) + "/a")
+		check("a/" + strings.Repeat("a", n))
+		check("a/a" + strings.Repeat(".", n-2) + "a")
+	}
+	r := rand.New(rand.NewPCG(1, 2))
+	for range 20000 {
+		b := make([]byte, r.IntN(12))
+		for i := range b {
+			b[i] = alphabet[r.IntN(len(alphabet))]
+		}
+		check(string(b))
 	}
 }

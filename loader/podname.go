@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
+	"strings"
 )
 
 // A pod's Kubernetes name, where whoever attached it knew it (the node agent from the API,
@@ -19,12 +19,32 @@ const (
 	podNameNewPin = "pod_name_new" // bpffs refuses '.' in names: no "pod_name.tmp"
 )
 
-// A namespace is a DNS label, a pod name a DNS subdomain (Kubernetes' rules).
-var validPodName = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$`)
+// validPodName says whether name is "namespace/name": a namespace is a DNS label, a pod name
+// a DNS subdomain (Kubernetes' rules). By hand, as validID.
+func validPodName(name string) bool {
+	ns, pod, ok := strings.Cut(name, "/")
+	return ok && dnsName(ns, 63, false) && dnsName(pod, 253, true)
+}
+
+// dnsName: 1 to max lower-case letters, digits and '-' (and '.' if dots), a letter or digit at
+// both ends.
+func dnsName(s string, max int, dots bool) bool {
+	if len(s) == 0 || len(s) > max || !isLowerAlnum(s[0]) || !isLowerAlnum(s[len(s)-1]) {
+		return false
+	}
+	for i := range len(s) {
+		if c := s[i]; !isLowerAlnum(c) && c != '-' && (!dots || c != '.') {
+			return false
+		}
+	}
+	return true
+}
+
+func isLowerAlnum(c byte) bool { return 'a' <= c && c <= 'z' || '0' <= c && c <= '9' }
 
 // CheckPodName reports whether name is a Kubernetes "namespace/name".
 func CheckPodName(name string) error {
-	if !validPodName.MatchString(name) {
+	if !validPodName(name) {
 		return &InputError{Field: "pod-name", Value: name, Msg: "use the pod's namespace/name, like default/web-0"}
 	}
 	return nil
