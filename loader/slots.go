@@ -40,8 +40,9 @@ func readSlot(dir string) (uint32, error) {
 // waits for an RCU grace period (the kernel's maybe_wait_bpf_programs: ~15 ms here, most
 // of an attach's wall time if paid eleven times per pod). So a slot keeps its maps when its
 // pod goes and the next pod in it reuses them (rewritten by package maps, counters zeroed):
-// no outer map changes. New slots are filled slotChunk at a time, every update at once from
-// its own thread, so the grace periods overlap: about one per chunk. gc gives the maps of
+// no outer map changes. New slots are filled slotChunk at a time, one batch update per outer
+// map (putInner), the batches at once from their own threads: a grace period or two per
+// chunk. gc gives the maps of
 // free slots back (gcSlots). A slot is taken while a pod directory (or a staged attach)
 // records it (slotPin); the state lock serialises who takes one.
 const slotChunk = 8
@@ -132,13 +133,10 @@ func fillSlots(n *node, slots []uint32) error {
 			m.Close() // the outer maps hold them
 		}
 	}()
-	type put struct {
-		outer *ebpf.Map
-		slot  uint32
-		inner *ebpf.Map
-	}
-	var first, last []put
-	for _, slot := range slots {
+	// Per outer map, the slots' new inner maps: one batch update each, all outer maps at
+	// once: a grace period per batch at most, not one per slot, and a dozen syscalls.
+	inners := map[string][]uint32{}
+	for range slots {
 		for _, name := range podMapNames {
 			ms := spec.Maps[name]
 			if name == "owner_gids" {
@@ -153,19 +151,14 @@ func fillSlots(n *node, slots []uint32) error {
 				return fmt.Errorf("create map %s: %w", name, err)
 			}
 			made = append(made, m)
-			pu := put{n.maps["slot_"+name], slot, m}
-			if name == "config_map" {
-				last = append(last, pu)
-			} else {
-				first = append(first, pu)
-			}
+			inners[name] = append(inners[name], uint32(m.FD()))
 		}
 	}
-	for _, batch := range [][]put{first, last} {
+	for _, batch := range [][]string{podMapNames[1:], {"config_map"}} {
 		errs := make([]error, len(batch))
 		var wg sync.WaitGroup
-		for i, pu := range batch {
-			wg.Go(func() { errs[i] = pu.outer.Update(pu.slot, pu.inner, ebpf.UpdateAny) })
+		for i, name := range batch {
+			wg.Go(func() { errs[i] = putInner(n.maps["slot_"+name], slots, inners[name]) })
 		}
 		wg.Wait()
 		if err := errors.Join(errs...); err != nil {
@@ -173,6 +166,23 @@ func fillSlots(n *node, slots []uint32) error {
 		}
 	}
 	return nil
+}
+
+// putInner puts inner maps (by fd) into outer at slots: one batch update where the kernel
+// has them for an outer map, else one update per slot, all at once so their grace periods
+// overlap.
+func putInner(outer *ebpf.Map, slots, fds []uint32) error {
+	_, err := outer.BatchUpdate(slots, fds, nil)
+	if !errors.Is(err, ebpf.ErrNotSupported) {
+		return err
+	}
+	errs := make([]error, len(slots))
+	var wg sync.WaitGroup
+	for i := range slots {
+		wg.Go(func() { errs[i] = outer.Update(slots[i], fds[i], ebpf.UpdateAny) })
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // smallOwnerGids is the size a slot's owner_gids starts with.
