@@ -45,7 +45,8 @@ func initModeArgs(m Mode) []string {
 // driver does, with the injector's flags; one pass per mode over pods 1..N, the captures
 // staying until the pass ends (pod k starts with k−1 captured), then removed as B5 removes
 // them. eBPF gets a bpffs of its own, so its first run finds no programs pinned and loads
-// the node's.
+// the node's; its first pass takes a new slot per pod, the second (EBPFReused) the slots
+// the first pass's pods left.
 func (r *rig) b5Init(s *scope, pods []*testpod.Pod) {
 	divert := image.Divert(s)
 	opts := divertest.BPFFS(s)
@@ -83,7 +84,7 @@ func (r *rig) b5Init(s *scope, pods []*testpod.Pod) {
 		for i, p := range pods {
 			wall, cpu, out := initRun(s, divert, p, dirs[i], args)
 			want := "attached pod " + uids[i] + " with eBPF"
-			if m != EBPF {
+			if !isEBPF(m) {
 				want = "iptables rules applied (" + string(m) + ","
 			}
 			if !strings.Contains(out, want) {
@@ -96,7 +97,7 @@ func (r *rig) b5Init(s *scope, pods []*testpod.Pod) {
 		}
 		for i := len(pods) - 1; i >= 0; i-- {
 			var err error
-			if m == EBPF {
+			if isEBPF(m) {
 				err = loader.Detach(uids[i], opts)
 			} else {
 				err = iptablesOpts(m).Cleanup(ctx, pods[i].NetNSPath)
@@ -114,6 +115,8 @@ func (r *rig) b5Init(s *scope, pods []*testpod.Pod) {
 		r.logf("  B5 init run, group ending at pod %d: %s", k, strings.Join(line, ", "))
 	}
 }
+
+func isEBPF(m Mode) bool { return m == EBPF || m == EBPFReused }
 
 // groupOf is the B5 group (its last pod count) pod k (1-based) belongs to.
 func groupOf(groups []int, k int) int {

@@ -12,19 +12,21 @@ func TestInitRunReport(t *testing.T) {
 	for pod, ms := range []float64{300, 100, 120} { // pod 0 loads the node's programs
 		res.Add(B5Init, InitWall, groupOf(res.Params.B5Pods, pod+1), EBPF, pod, ms)
 		res.Add(B5Init, InitCPU, groupOf(res.Params.B5Pods, pod+1), EBPF, pod, ms/2)
+		res.Add(B5Init, InitWall, groupOf(res.Params.B5Pods, pod+1), EBPFReused, pod, ms/10)
+		res.Add(B5Init, InitCPU, groupOf(res.Params.B5Pods, pod+1), EBPFReused, pod, ms/20)
 		res.Add(B5Init, InitWall, groupOf(res.Params.B5Pods, pod+1), NFT, pod, 50)
 		res.Add(B5Init, InitCPU, groupOf(res.Params.B5Pods, pod+1), NFT, pod, 40)
 	}
 	sec := initRunSection(res)
-	for _, want := range []string{"| 1 | 1 | 300 | 50.0 | – | 6.00 | 150 | 40.0 | – | 3.75 |",
-		"| 3 | 2–3 | 110 (100–120) | 50.0 | – | 2.20 (2.00–2.40) | 55.0 (50.0–60.0) | 40.0 | – | 1.38 (1.25–1.50) |"} {
+	for _, want := range []string{"| 1 | 1 | 300 | 30.0 | 50.0 | – | 6.00 | 0.60 | 150 | 15.0 | 40.0 | – | 3.75 | 0.38 |",
+		"| 3 | 2–3 | 110 (100–120) | 11.0 (10.0–12.0) | 50.0 | – | 2.20 (2.00–2.40) | 0.22 (0.20–0.24) | 55.0 (50.0–60.0) | 5.50 (5.00–6.00) | 40.0 | – | 1.38 (1.25–1.50) | 0.14 (0.12–0.15) |"} {
 		if !strings.Contains(sec, want) {
 			t.Errorf("section lacks %q:\n%s", want, sec)
 		}
 	}
 	lines := initRunSummary(res)
 	if len(lines) != 1 || !strings.HasPrefix(lines[0], "B5 ") || !strings.Contains(lines[0], "pods 2–3") ||
-		!strings.Contains(lines[0], "ebpf/nft 2.20 (2.00–2.40) (CPU 1.38 (1.25–1.50))") {
+		!strings.Contains(lines[0], "ebpf/nft 2.20 (2.00–2.40) (CPU 1.38 (1.25–1.50)), ebpf-reused/nft 0.22 (0.20–0.24) (CPU 0.14 (0.12–0.15))") {
 		t.Errorf("summary = %q", lines)
 	}
 	old := "# Benchmarks\n\n## Summary\n\n- B5 old line.\n- B6 stays.\n\n## B5 per-pod cost\n\nold\n\n## Soak\n\nx\n"

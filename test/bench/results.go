@@ -36,6 +36,10 @@ var AllModes = []Mode{Direct, Explicit, EBPF, NFT, Legacy}
 // AllModes: only B8 runs it).
 const EBPFTrace Mode = "ebpf-trace"
 
+// EBPFReused is B5's init run of a pod into a slot an earlier pod left (its maps and
+// sk_lookup program kept): pods coming and going, as on a node that has run a while.
+const EBPFReused Mode = "ebpf-reused"
+
 // Proxied reports whether the app's connections go through the proxy.
 func (m Mode) Proxied() bool { return m != Direct }
 
