@@ -245,7 +245,7 @@ SLOT_MAP(drops);
 
 // The node's proxy listeners: pod slot s owns entries s * LISTENER_SLOTS to
 // (s + 1) * LISTENER_SLOTS - 1, laid out as inbound_listeners is for one pod (the loader
-// empties a slot's range before it gives the slot out). 8 bytes an entry, 256 KiB a node.
+// empties a slot's range before it gives the slot out). 8 bytes an entry, 512 KiB a node.
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
 	__uint(max_entries, MAX_SLOTS * LISTENER_SLOTS);

@@ -17,7 +17,7 @@
 #define SK_DROP 0
 #define SK_PASS 1
 #define LISTENER_SLOTS 64 /* half for AF_INET listeners, half for AF_INET6 ones */
-#define MAX_SLOTS 512	  /* pods per node with the node's programs (kubelet allows 110 by default); slot 0 is "not armed" */
+#define MAX_SLOTS 1024	  /* pods per node with the node's programs, plus one (kubelet allows 110 by default); slot 0 is "not armed" */
 #define FAMILY_COUNTERS 24 /* counters per family (room for more reasons): IPv4's, then IPv6's */
 #define LOCALHOST 0x7f000001		 /* 127.0.0.1, host order */
 #define INBOUND_PASSTHROUGH 0x7f000006 /* 127.0.0.6, host order */

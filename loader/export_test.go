@@ -3,6 +3,7 @@ package loader
 import (
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"github.com/cilium/ebpf"
 
@@ -101,4 +102,25 @@ func AttachPerPodLayout(pod Pod, cfg *policy.Config, opts Options) error {
 		}
 	}
 	return arm(m, cfg)
+}
+
+// MakeNodeMaps pins the node's maps as a build whose MAX_SLOTS is slots would have made
+// them (the first node layout's was 512), on a node that has none yet.
+func MakeNodeMaps(opts Options, slots uint32) error {
+	spec, err := divertSpec()
+	if err != nil {
+		return err
+	}
+	for name, ms := range spec.Maps {
+		if strings.HasPrefix(name, "slot_") {
+			ms.MaxEntries = slots
+		}
+	}
+	spec.Maps["node_listeners"].MaxEntries = slots * listenerSlots
+	if err := mkdirPrivate(nodeDir(opts)); err != nil {
+		return err
+	}
+	n := &node{maps: map[string]*ebpf.Map{}}
+	defer n.Close()
+	return n.openMaps(spec, opts)
 }

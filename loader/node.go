@@ -26,7 +26,7 @@ import (
 )
 
 const (
-	maxSlots      = 512 // MAX_SLOTS in bpf/types.h
+	maxSlots      = 1024 // MAX_SLOTS in bpf/types.h: a node made by this build holds maxSlots-1 pods
 	listenerSlots = 64  // LISTENER_SLOTS: a pod's range of node_listeners
 	slotPin       = "slot"
 )
@@ -168,12 +168,30 @@ func (n *node) openMaps(spec *ebpf.CollectionSpec, opts Options) error {
 			return fmt.Errorf("open node map %s: %w", name, err)
 		}
 		n.maps[name] = m
-		if err := spec.Maps[name].Compatible(m); err != nil {
+	}
+	fitToNodeMaps(spec, n.maps)
+	for _, name := range nodeMapNames() {
+		if err := spec.Maps[name].Compatible(n.maps[name]); err != nil {
 			return fmt.Errorf("node map %s: %w (%w)", name, ErrIncompatible, err)
 		}
 	}
 	return nil
 }
+
+// fitToNodeMaps sizes spec's slot-sized maps (the outer maps, node_listeners) as the node's
+// are: a node keeps the slots its maps were made with (an earlier build made 512), and this
+// build's programs load onto them as they are. The programs bound nothing by MAX_SLOTS: a
+// slot past the end finds no inner map and no listener entry.
+func fitToNodeMaps(spec *ebpf.CollectionSpec, nodeMaps map[string]*ebpf.Map) {
+	for name, m := range nodeMaps {
+		if ms := spec.Maps[name]; ms != nil && (strings.HasPrefix(name, "slot_") || name == "node_listeners") {
+			ms.MaxEntries = m.MaxEntries()
+		}
+	}
+}
+
+// slotCount is how many slots the node's maps hold (slot 0 is "not armed").
+func (n *node) slotCount() uint32 { return n.maps["slot_config_map"].MaxEntries() }
 
 func (n *node) openPrograms(spec *ebpf.CollectionSpec, opts Options) error {
 	dir := filepath.Join(buildsDir(opts), n.tag)
@@ -319,6 +337,7 @@ func containsID(ids []ebpf.MapID, id ebpf.MapID) bool {
 // once per node and build.
 func loadNodePrograms(spec *ebpf.CollectionSpec, nodeMaps map[string]*ebpf.Map) (map[string]*ebpf.Program, error) {
 	s := spec.Copy()
+	fitToNodeMaps(s, nodeMaps)
 	var opts ebpf.CollectionOptions
 	opts.Cache, opts.Programs.KernelTypes = btfCache, kernelTypes()
 	opts.MapReplacements = nodeMaps
@@ -380,6 +399,7 @@ func loadSkLookup(n *node, slot uint32) (*ebpf.Program, error) {
 	if err := spec.Variables["lookup_slot"].Set(slot); err != nil {
 		return nil, fmt.Errorf("set sk_lookup's slot: %w", err)
 	}
+	fitToNodeMaps(spec, n.maps)
 	// No KernelTypes: sk_lookup reads no kernel structure (every CO-RE relocation is in
 	// socket_owner, which only the cgroup programs call), and kernelTypes parses the
 	// kernel's BTF, a fifth of an init container's CPU when the node's programs are pinned.

@@ -303,3 +303,43 @@ func skLookupID(t *testing.T, id string, opts loader.Options) uint32 {
 	t.Fatalf("pod %s has no sk_lookup link: %+v", id, st.Programs)
 	return 0
 }
+
+// A node's maps keep the slot count they were made with (the first node layout made 512
+// slots, this build makes 1,024): this build's programs load onto them as they are, and the
+// node is full at their count, refusing one more pod with nothing of it left behind.
+func TestNodeKeepsItsSlotCount(t *testing.T) {
+	net := testpod.NewNetwork(t)
+	opts := divertest.BPFFS(t)
+	if err := loader.MakeNodeMaps(opts, 3); err != nil { // slots 1 and 2
+		t.Fatal(err)
+	}
+	net.Server(t, "remote", netip.AddrPortFrom(netip.IPv4Unspecified(), 80))
+	remote := testpod.Target{Dst: netip.AddrPortFrom(net.Addrs[0], 80)}
+	a := podWithProxy(t, net, "app-a", "proxy-a")
+	b := podWithProxy(t, net, "app-b", "proxy-b")
+	c := podWithProxy(t, net, "app-c", "proxy-c")
+	la := loader.Pod{ID: a.Name, Cgroup: a.CgroupPath, NetNS: a.NetNSPath} // detached below
+	if err := loader.Attach(context.Background(), la, divertest.Config(t), opts); err != nil {
+		t.Fatal(err)
+	}
+	divertest.Attach(t, b, opts, divertest.Config(t))
+	landed(t, "pod a outbound", a.Dial(t, divertest.AppUID, divertest.AppUID, remote)[0], "proxy-a")
+	landed(t, "pod b inbound", net.Dial(t, testpod.Target{Dst: netip.AddrPortFrom(b.Addr, 8080)})[0], "proxy-b")
+
+	lc := loader.Pod{ID: c.Name, Cgroup: c.CgroupPath, NetNS: c.NetNSPath}
+	err := loader.Attach(context.Background(), lc, divertest.Config(t), opts)
+	if err == nil || !strings.Contains(err.Error(), "no free pod slot: 2 pods are attached") {
+		t.Fatalf("attach of a third pod on a node of 2 slots: %v, want no free pod slot", err)
+	}
+	if _, err := loader.Status(c.Name, opts); !errors.Is(err, loader.ErrNotAttached) {
+		t.Errorf("pod c after its refused attach: %v, want not attached", err)
+	}
+	landed(t, "pod c outbound, refused", c.Dial(t, divertest.AppUID, divertest.AppUID, remote)[0], "remote")
+
+	if err := loader.Detach(a.Name, opts); err != nil {
+		t.Fatal(err)
+	}
+	divertest.Attach(t, c, opts, divertest.Config(t))
+	landed(t, "pod c in pod a's slot", c.Dial(t, divertest.AppUID, divertest.AppUID, remote)[0], "proxy-c")
+	landed(t, "pod c inbound", net.Dial(t, testpod.Target{Dst: netip.AddrPortFrom(c.Addr, 8080)})[0], "proxy-c")
+}

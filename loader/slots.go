@@ -84,7 +84,7 @@ func allocSlot(n *node, opts Options) (uint32, error) {
 	}
 	var slot uint32
 	var fill []uint32
-	for s := uint32(1); s < maxSlots && len(fill) < slotChunk; s++ {
+	for s := uint32(1); s < n.slotCount() && len(fill) < slotChunk; s++ {
 		if taken[s] {
 			continue
 		}
@@ -103,7 +103,7 @@ func allocSlot(n *node, opts Options) (uint32, error) {
 		}
 	}
 	if slot == 0 {
-		return 0, fmt.Errorf("no free pod slot: %d pods are attached with the node's programs", maxSlots-1)
+		return 0, fmt.Errorf("no free pod slot: %d pods are attached with the node's programs", n.slotCount()-1)
 	}
 	if err := fillSlots(n, fill); err != nil {
 		return 0, err
