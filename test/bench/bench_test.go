@@ -60,7 +60,7 @@ func params() Params {
 		B2Clients: 2, B2Duration: 2 * time.Second,
 		B3Requests: 5000, B3Warmup: 500, B3BulkBytes: 256 << 20,
 		B4Ns: []int{0, 10, 100, 1000, 10000}, B4Conns: 300, B4Warmup: 50,
-		B5Pods:    []int{1, 10, 100},
+		B5Pods:    []int{1, 10, 100, 1000},
 		B6Conns:   8000,
 		B7Queries: 10000, B7Warmup: 500, B7Clients: 4, B7Duration: time.Second,
 		MsgSize: msgSize,
@@ -657,10 +657,13 @@ func (r *rig) b4() {
 func (r *rig) b5() {
 	s := newScope(r.b)
 	defer s.Close()
-	n := newNetwork(s)
 	total := slices.Max(r.p.B5Pods)
 	pods := make([]*testpod.Pod, total)
+	var n *network
 	for i := range pods {
+		if i%250 == 0 { // testpod wires at most 254 pods to a network
+			n = newNetwork(s)
+		}
 		pods[i] = n.AddPod(s)
 	}
 	cfg := defaultConfig()
