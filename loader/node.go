@@ -19,7 +19,6 @@ import (
 	"sync"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/rlimit"
 
 	"github.com/meshdivert/divert/bpf"
 	"github.com/meshdivert/divert/maps"
@@ -27,7 +26,7 @@ import (
 
 const (
 	maxSlots      = 1024 // MAX_SLOTS in bpf/types.h: a node made by this build holds maxSlots-1 pods
-	listenerSlots = 64  // LISTENER_SLOTS: a pod's range of node_listeners
+	listenerSlots = 64   // LISTENER_SLOTS: a pod's range of node_listeners
 	slotPin       = "slot"
 )
 
@@ -102,8 +101,8 @@ func (n *node) Close() {
 // here: only the first attach on a node takes these steps, and the crash tests count the
 // steps of an attach once and kill by number.)
 func loadNode(opts Options) (*node, error) {
-	if err := rlimit.RemoveMemlock(); err != nil {
-		return nil, fmt.Errorf("raise RLIMIT_MEMLOCK for BPF maps (needs CAP_SYS_RESOURCE on kernels before 5.11): %w", err)
+	if err := raiseMemlock(); err != nil {
+		return nil, err
 	}
 	for _, d := range []string{nodeDir(opts), buildsDir(opts)} {
 		if err := mkdirPrivate(d); err != nil {

@@ -12,7 +12,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
-	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/cgroups"
@@ -190,7 +189,7 @@ func probePrograms(opts Options) error {
 		n.Close()
 		return nil
 	}
-	if err := rlimit.RemoveMemlock(); err != nil {
+	if err := raiseMemlock(); err != nil {
 		return err
 	}
 	spec, err := divertSpec()

@@ -16,7 +16,6 @@ import (
 	"slices"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/rlimit"
 
 	"github.com/meshdivert/divert/bpf"
 	"github.com/meshdivert/divert/maps"
@@ -67,8 +66,8 @@ func openOrCreate(ms *ebpf.MapSpec, path string) (*ebpf.Map, error) {
 	if !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("open pinned map %s: %w", path, err)
 	}
-	if err := rlimit.RemoveMemlock(); err != nil { // as loadObjects, for kernels before 5.11
-		return nil, fmt.Errorf("raise RLIMIT_MEMLOCK for BPF maps: %w", err)
+	if err := raiseMemlock(); err != nil {
+		return nil, err
 	}
 	ms = ms.Copy()
 	ms.Pinning = ebpf.PinNone
