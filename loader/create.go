@@ -116,6 +116,7 @@ func create(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		return fmt.Errorf("move pins into %s: %w", dir, err)
 	}
 	step("commit")
+	indexSlot(opts, slot, pod.ID)
 	if err := arm(pm, cfg); err != nil {
 		closeLinks(links, false)
 		links = nil

@@ -343,3 +343,68 @@ func TestNodeKeepsItsSlotCount(t *testing.T) {
 	landed(t, "pod c in pod a's slot", c.Dial(t, divertest.AppUID, divertest.AppUID, remote)[0], "proxy-c")
 	landed(t, "pod c inbound", net.Dial(t, testpod.Target{Dst: netip.AddrPortFrom(c.Addr, 8080)})[0], "proxy-c")
 }
+
+// The slot index (<bpffs>/divert_node/slots/) names every attached pod with its slot; an
+// index that does not (a pod attached by a build without it, a leftover of a killed detach)
+// is made again from the pods' own slot pins, so no pod is ever given a taken slot.
+func TestSlotIndex(t *testing.T) {
+	net := testpod.NewNetwork(t)
+	opts := divertest.BPFFS(t)
+	net.Server(t, "remote", netip.AddrPortFrom(netip.IPv4Unspecified(), 80))
+	index := filepath.Join(opts.BPFFS, "divert_node", "slots")
+	names := func() []string {
+		t.Helper()
+		entries, err := os.ReadDir(index)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ns []string
+		for _, e := range entries {
+			ns = append(ns, e.Name())
+		}
+		slices.Sort(ns)
+		return ns
+	}
+	slotOf := func(p *testpod.Pod) string {
+		t.Helper()
+		s, err := os.Readlink(filepath.Join(loader.PinDir(opts, p.Name), "slot"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	pods := make([]*testpod.Pod, 4)
+	for i := range pods {
+		pods[i] = podWithProxy(t, net, "app-"+strconv.Itoa(i), "proxy-"+strconv.Itoa(i))
+	}
+	a, b, c, d := pods[0], pods[1], pods[2], pods[3]
+	divertest.Attach(t, a, opts, divertest.Config(t))
+	divertest.Attach(t, b, opts, divertest.Config(t))
+	if got, want := names(), []string{"1-" + a.Name, "2-" + b.Name}; !slices.Equal(got, want) {
+		t.Fatalf("index %v, want %v", got, want)
+	}
+	// Pod b as a build without the index would have left it: not named.
+	if err := os.Remove(filepath.Join(index, "2-"+b.Name)); err != nil {
+		t.Fatal(err)
+	}
+	divertest.Attach(t, c, opts, divertest.Config(t))
+	if got := slotOf(c); got != "3" {
+		t.Errorf("pod c got slot %s with pod b unindexed, want 3 (1 and 2 are taken)", got)
+	}
+	// A leftover entry of a pod that is gone, on a free slot.
+	if err := os.Symlink("gone", filepath.Join(index, "4-gone")); err != nil {
+		t.Fatal(err)
+	}
+	divertest.Attach(t, d, opts, divertest.Config(t))
+	if got := slotOf(d); got != "4" {
+		t.Errorf("pod d got slot %s beside a leftover entry for slot 4, want 4 (free)", got)
+	}
+	want := []string{"1-" + a.Name, "2-" + b.Name, "3-" + c.Name, "4-" + d.Name}
+	if got := names(); !slices.Equal(got, want) {
+		t.Errorf("index %v, want %v made again", got, want)
+	}
+	remote := testpod.Target{Dst: netip.AddrPortFrom(net.Addrs[0], 80)}
+	for i, p := range pods {
+		landed(t, "pod "+strconv.Itoa(i)+" outbound", p.Dial(t, divertest.AppUID, divertest.AppUID, remote)[0], "proxy-"+strconv.Itoa(i))
+	}
+}

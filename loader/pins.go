@@ -227,6 +227,7 @@ func teardown(opts Options, id string) error {
 		return errors.Join(err, rpErr)
 	}
 	step("retire")
+	unindexSlot(opts, id)
 	if err := detachDir(retired); err != nil {
 		return errors.Join(fmt.Errorf("pod %s: %w", id, err), rpErr)
 	}

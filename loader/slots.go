@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -44,14 +45,27 @@ func readSlot(dir string) (uint32, error) {
 // map (putInner), the batches at once from their own threads: a grace period or two per
 // chunk. gc gives the maps of
 // free slots back (gcSlots). A slot is taken while a pod directory (or a staged attach)
-// records it (slotPin); the state lock serialises who takes one.
+// records it (slotPin); the state lock serialises who takes one, and the slot index says
+// which are taken without reading every pod directory.
 const slotChunk = 8
 
-// takenSlots are the slots the pod directories record.
+// takenSlots are the slots the pod directories record, from the slot index when it names
+// exactly the attached pods, else from every pod directory (the index is then made again).
+// For a caller that holds the state lock.
 func takenSlots(opts Options) (map[uint32]bool, error) {
-	taken := map[uint32]bool{}
 	ids, err := List(opts)
 	if err != nil {
+		return nil, err
+	}
+	if taken, ok := readSlotIndex(opts, ids); ok {
+		return taken, nil
+	}
+	taken := map[uint32]bool{}
+	index := slotIndexDir(opts)
+	if err := os.RemoveAll(index); err != nil {
+		return nil, fmt.Errorf("remove the slot index: %w", err)
+	}
+	if err := mkdirPrivate(index); err != nil {
 		return nil, err
 	}
 	for _, id := range ids {
@@ -60,8 +74,62 @@ func takenSlots(opts Options) (map[uint32]bool, error) {
 			return nil, err
 		}
 		taken[slot] = true
+		indexSlot(opts, slot, id)
 	}
 	return taken, nil
+}
+
+// The slot index, <bpffs>/divert_node/slots/, holds a symlink named "<slot>-<pod id>" for
+// every attached pod (slot 0 for a pod of the per-pod layout), so an attach learns the
+// taken slots from one directory listing, not a readlink in every pod's directory (7-16 ms
+// at 1,000 pods). The pods' slot pins stay the truth: the index is trusted only while its
+// names are exactly the attached pods, which an attach or detach killed halfway, gc, or a
+// build without the index (on the same node during an upgrade) all break, and is then made
+// again from the pods (takenSlots). Its names alone say all; the symlinks' targets are the
+// pod ids, for people.
+func slotIndexDir(opts Options) string { return filepath.Join(nodeDir(opts), "slots") }
+
+// readSlotIndex returns the index's slots if its names are exactly the pods ids.
+func readSlotIndex(opts Options, ids []string) (map[uint32]bool, bool) {
+	entries, err := os.ReadDir(slotIndexDir(opts))
+	if err != nil || len(entries) != len(ids) {
+		return nil, false
+	}
+	want := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		want[id] = true
+	}
+	taken := make(map[uint32]bool, len(ids))
+	for _, e := range entries {
+		slot, id, ok := parseSlotIndexName(e.Name())
+		if !ok || !want[id] || slot != 0 && taken[slot] {
+			return nil, false
+		}
+		delete(want, id)
+		taken[slot] = true
+	}
+	return taken, true
+}
+
+func parseSlotIndexName(name string) (slot uint32, id string, ok bool) {
+	num, id, ok := strings.Cut(name, "-")
+	v, err := strconv.ParseUint(num, 10, 32)
+	return uint32(v), id, ok && err == nil && v < maxSlots && validID(id)
+}
+
+// indexSlot adds the pod in slot to the index and unindexSlot takes it out, best effort: an
+// index they fail to keep no longer names the attached pods and is made again.
+func indexSlot(opts Options, slot uint32, id string) {
+	_ = os.Symlink(id, filepath.Join(slotIndexDir(opts), fmt.Sprintf("%d-%s", slot, id)))
+}
+
+func unindexSlot(opts Options, id string) {
+	entries, _ := os.ReadDir(slotIndexDir(opts))
+	for _, e := range entries {
+		if _, other, ok := parseSlotIndexName(e.Name()); ok && other == id {
+			_ = os.Remove(filepath.Join(slotIndexDir(opts), e.Name()))
+		}
+	}
 }
 
 // filled says whether slot has its maps in the outer maps (slot_config_map's entry goes
