@@ -19,6 +19,7 @@ import (
 	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/node"
+	"github.com/meshdivert/divert/node/handback"
 	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
@@ -111,9 +112,9 @@ func TestLiveMigration(t *testing.T) {
 	phase("ebpf", "eBPF", "eBPF")
 
 	// Back: istio's rules for the policy in the pod's maps, then the programs go.
-	var results []node.HandBackResult
-	err := node.HandBack(ctx, node.HandBackOptions{Loader: w.agent.Loader, CgroupRoot: w.cgroups, DryRun: true},
-		func(r node.HandBackResult) { results = append(results, r) })
+	var results []handback.Result
+	err := handback.Run(ctx, handback.Options{Loader: w.agent.Loader, CgroupRoot: w.cgroups, DryRun: true},
+		func(r handback.Result) { results = append(results, r) })
 	if err != nil || len(results) != 1 || results[0].ID != id || results[0].NetNS == "" {
 		t.Fatalf("dry run: %v %+v", err, results)
 	}
@@ -121,8 +122,8 @@ func TestLiveMigration(t *testing.T) {
 		t.Fatal("the dry run applied istio's rules")
 	}
 	results = nil
-	err = node.HandBack(ctx, node.HandBackOptions{Loader: w.agent.Loader, CgroupRoot: w.cgroups},
-		func(r node.HandBackResult) { results = append(results, r) })
+	err = handback.Run(ctx, handback.Options{Loader: w.agent.Loader, CgroupRoot: w.cgroups},
+		func(r handback.Result) { results = append(results, r) })
 	if err != nil || len(results) != 1 || results[0].Err != nil || results[0].Backend == "" {
 		t.Fatalf("hand back: %v %+v", err, results)
 	}
@@ -243,32 +244,6 @@ func clientResults(t *testing.T, pr *testpod.Proc) []testpod.Result {
 		out = append(out, r)
 	}
 	return out
-}
-
-// A pod whose maps cannot give back the policy istio's rules need (TPROXY: they hold no
-// mark or route table) is refused with one line, and stays as it was: captured by divert,
-// no iptables rule written.
-func TestHandBackRefusesTPROXY(t *testing.T) {
-	pod := testpod.New(t)
-	opts := divertest.BPFFS(t)
-	probe := divertest.NewCrashProbe(t, pod)
-	divertest.Attach(t, pod, opts, divertest.Config(t, "-m", "TPROXY"))
-	var results []node.HandBackResult
-	err := node.HandBack(context.Background(), node.HandBackOptions{Loader: opts, CgroupRoot: "/sys/fs/cgroup"},
-		func(r node.HandBackResult) { results = append(results, r) })
-	if err == nil || len(results) != 1 || results[0].Err == nil || !strings.Contains(results[0].Err.Error(), "TPROXY") ||
-		strings.Contains(results[0].Err.Error(), "\n") {
-		t.Fatalf("want the TPROXY pod refused in one line naming TPROXY: %v %+v", err, results)
-	}
-	if ids, _ := loader.List(opts); len(ids) != 1 {
-		t.Fatalf("the refused pod lost its pins: %v", ids)
-	}
-	if b, err := iptables.Installed(context.Background(), pod.NetNSPath); err != nil || len(b) != 0 {
-		t.Fatalf("the refused pod got iptables rules: %v %v", b, err)
-	}
-	if captured, err := probe.Captured(t); err != nil || !captured {
-		t.Fatalf("the refused pod is no longer captured: %v %v", captured, err)
-	}
 }
 
 // A TPROXY pod keeps istio's rules beside divert's programs: their policy route in the

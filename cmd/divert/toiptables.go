@@ -7,11 +7,12 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/meshdivert/divert/node"
+	"github.com/meshdivert/divert/internal/clierr"
+	"github.com/meshdivert/divert/node/handback"
 )
 
 func newToIptablesCmd(e env) *cobra.Command {
-	var o node.HandBackOptions
+	var o handback.Options
 	var cgroupRoot, agentSocket string
 	cmd := &cobra.Command{
 		Use:   "to-iptables [--pod-id ID]... [--dry-run] [--bpffs PATH] [--cgroup-root PATH]",
@@ -39,14 +40,14 @@ uninstall): a running agent would capture its pods again. docs/install.md, "Migr
 			return fmt.Errorf("the node agent answers on --agent-socket %s: it would capture the pods again; helm uninstall divert first", agentSocket)
 		}
 		var err error
-		if o.CgroupRoot, err = nodeCgroupRoot(cgroupRoot, "/proc/self/mountinfo"); err != nil {
+		if o.CgroupRoot, err = clierr.CgroupRoot(cgroupRoot, "/proc/self/mountinfo"); err != nil {
 			return err
 		}
 		verb := "moved"
 		if o.DryRun {
 			verb = "would move"
 		}
-		return node.HandBack(cmd.Context(), o, func(r node.HandBackResult) {
+		return handback.Run(cmd.Context(), o, func(r handback.Result) {
 			switch {
 			case r.Err != nil:
 				fmt.Fprintf(e.stderr, "%s: refused: %v\n", r.ID, r.Err)
@@ -60,7 +61,7 @@ uninstall): a running agent would capture its pods again. docs/install.md, "Migr
 	return cmd
 }
 
-func backendNote(r node.HandBackResult) string {
+func backendNote(r handback.Result) string {
 	if r.Backend == "" {
 		return ""
 	}

@@ -1,4 +1,7 @@
-package node
+// Package handback moves pods from divert's programs back to istio's iptables rules, live
+// (divert to-iptables). It has no Kubernetes dependencies, so the divert binary, which is
+// also the init container, need not link them: its start-up is every pod's.
+package handback
 
 import (
 	"context"
@@ -21,11 +24,11 @@ import (
 
 // Going back from divert to istio's iptables rules, live: for each attached pod, istio's
 // rules for the policy its maps hold are applied in its netns first, and its programs are
-// detached after, so every new connection is captured by one or both (see migrate.go for
-// why both together capture as either does). docs/install.md, "Migration".
+// detached after, so every new connection is captured by one or both (see node/migrate.go
+// for why both together capture as either does). docs/install.md, "Migration".
 
-// HandBackOptions say which pods to hand back to iptables, and where their state lives.
-type HandBackOptions struct {
+// Options say which pods to hand back to iptables, and where their state lives.
+type Options struct {
 	// Loader says where the pins live.
 	Loader loader.Options
 	// CgroupRoot is the cgroup2 mount (as this process sees the host's): a pod's netns is
@@ -37,8 +40,8 @@ type HandBackOptions struct {
 	DryRun bool
 }
 
-// HandBackResult is what happened to one pod.
-type HandBackResult struct {
+// Result is what happened to one pod.
+type Result struct {
 	ID string
 	// NetNS is the pod's network namespace as found; Backend holds istio's rules now.
 	NetNS   string
@@ -51,10 +54,10 @@ type HandBackResult struct {
 	Err error
 }
 
-// HandBack moves pods from divert's programs to istio's iptables rules, one at a time,
+// Run moves pods from divert's programs to istio's iptables rules, one at a time,
 // reporting each; it returns an error when any pod was refused or failed. Run it where no
 // node agent runs: an agent would capture its selected pods again (and remove the rules).
-func HandBack(ctx context.Context, o HandBackOptions, report func(HandBackResult)) error {
+func Run(ctx context.Context, o Options, report func(Result)) error {
 	ids := o.IDs
 	if len(ids) == 0 {
 		var err error
@@ -76,7 +79,7 @@ func HandBack(ctx context.Context, o HandBackOptions, report func(HandBackResult
 	return nil
 }
 
-func handBackPod(ctx context.Context, id string, o HandBackOptions) (r HandBackResult) {
+func handBackPod(ctx context.Context, id string, o Options) (r Result) {
 	r.ID = id
 	st, err := loader.Status(id, o.Loader)
 	if err != nil {

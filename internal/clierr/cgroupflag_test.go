@@ -1,4 +1,4 @@
-package main
+package clierr
 
 import (
 	"os"
@@ -9,7 +9,7 @@ import (
 
 // The DaemonSet passes the host's /sys/fs/cgroup as mounted in the agent's container; on a
 // hybrid host the agent works in the cgroup2 mount below it, found from mountinfo.
-func TestNodeCgroupRoot(t *testing.T) {
+func TestCgroupRoot(t *testing.T) {
 	tmp := t.TempDir()
 	root := filepath.Join(tmp, "host/sys/fs/cgroup")
 	for _, d := range []string{"unified", "memory"} {
@@ -28,15 +28,15 @@ func TestNodeCgroupRoot(t *testing.T) {
 		"30 20 0:30 / " + root + " rw - tmpfs tmpfs rw\n" +
 		"31 30 0:31 / " + root + "/memory rw - cgroup cgroup rw,memory\n" +
 		"32 30 0:32 / " + root + "/unified rw - cgroup2 cgroup2 rw\n")
-	if got, err := nodeCgroupRoot(root, hybrid); err != nil || got != filepath.Join(root, "unified") {
+	if got, err := CgroupRoot(root, hybrid); err != nil || got != filepath.Join(root, "unified") {
 		t.Errorf("hybrid host: got %q, %v; want %s/unified", got, err, root)
 	}
 	pure := write("20 1 8:1 / / rw - ext4 /dev/sda1 rw\n30 20 0:30 / " + root + " rw - cgroup2 cgroup2 rw\n")
-	if got, err := nodeCgroupRoot(root, pure); err != nil || got != root {
+	if got, err := CgroupRoot(root, pure); err != nil || got != root {
 		t.Errorf("cgroup v2 host: got %q, %v; want %s", got, err, root)
 	}
 	none := write("20 1 8:1 / / rw - ext4 /dev/sda1 rw\n")
-	if _, err := nodeCgroupRoot(root, none); err == nil || !strings.Contains(err.Error(), "invalid --cgroup-root") || strings.Contains(err.Error(), "\n") {
+	if _, err := CgroupRoot(root, none); err == nil || !strings.Contains(err.Error(), "invalid --cgroup-root") || strings.Contains(err.Error(), "\n") {
 		t.Errorf("no cgroup2 there: want one line naming --cgroup-root, got %v", err)
 	}
 }
