@@ -14,9 +14,11 @@ COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
 # Static (no cgo): the final stage has no Go toolchain or C library it could depend on.
-# One build for both binaries: divert (init container, node agent, CLI) and divert-cni, the
-# chained CNI plugin the node agent installs on the host (it must run without the image).
-RUN CGO_ENABLED=0 GOFLAGS=-buildvcs=false go build -trimpath -ldflags="-s -w" -o /out/ ./cmd/divert ./cmd/divert-cni
+# One build for the three binaries: divert (init container, CLI), divert-node (the node
+# agent: apart, so divert links no Kubernetes library and starts in a third of the time)
+# and divert-cni, the chained CNI plugin the node agent installs on the host (it must run
+# without the image).
+RUN CGO_ENABLED=0 GOFLAGS=-buildvcs=false go build -trimpath -ldflags="-s -w" -o /out/ ./cmd/divert ./cmd/divert-cni ./cmd/divert-node
 
 FROM debian:12-slim
 # iptables (iptables-nft and iptables-legacy) for the fallback backend, on kernels where
@@ -24,7 +26,7 @@ FROM debian:12-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/divert /out/divert-cni /usr/local/bin/
+COPY --from=build /out/divert /out/divert-cni /out/divert-node /usr/local/bin/
 # Istio's injector runs the image's entrypoint with "istio-iptables" as first argument; the
 # link serves callers that exec istio-iptables by name.
 RUN ln -s divert /usr/local/bin/istio-iptables

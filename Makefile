@@ -15,8 +15,10 @@ deps:
 generate: deps
 	cd bpf && $(GO) generate ./...
 
+# divert-node is the node agent (`divert node` execs the one next to divert); divert-cni the
+# plugin it installs.
 build:
-	CGO_ENABLED=0 $(GO) build $(GOFLAGS) -o $(BIN)/divert ./cmd/divert
+	CGO_ENABLED=0 $(GO) build $(GOFLAGS) -o $(BIN)/ ./cmd/divert ./cmd/divert-node ./cmd/divert-cni
 
 # The image: istio-init's drop-in (docs/istio.md, docs/install.md). make image builds it
 # without Docker (tools/image, its own module: go-containerregistry): the Dockerfile's final

@@ -444,8 +444,9 @@ func TestNodeDaemonSet(t *testing.T) {
 	}
 	spec := ds.Spec.Template.Spec
 	c := spec.Containers[0]
-	if !slices.Equal(c.Command, []string{"/usr/local/bin/divert", "node"}) {
-		t.Errorf("%s: command %v, want divert node", path, c.Command)
+	// The agent's own binary: divert node would exec it too, after divert's start-up.
+	if !slices.Equal(c.Command, []string{"/usr/local/bin/divert-node"}) {
+		t.Errorf("%s: command %v, want divert-node", path, c.Command)
 	}
 	var cgroupRoot string
 	for _, a := range c.Args {
@@ -510,8 +511,8 @@ func TestDockerfile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Contains(bc.Env, "CGO_ENABLED=0") || !slices.Equal(bc.Pkgs, []string{"./cmd/divert", "./cmd/divert-cni"}) {
-		t.Errorf("build: want CGO_ENABLED=0 go build ... ./cmd/divert ./cmd/divert-cni, got %+v", bc)
+	if !slices.Contains(bc.Env, "CGO_ENABLED=0") || !slices.Equal(bc.Pkgs, []string{"./cmd/divert", "./cmd/divert-cni", "./cmd/divert-node"}) {
+		t.Errorf("build: want CGO_ENABLED=0 go build ... ./cmd/divert ./cmd/divert-cni ./cmd/divert-node, got %+v", bc)
 	}
 	last := instrs[len(instrs)-1].Stage
 	var final []string
@@ -524,8 +525,9 @@ func TestDockerfile(t *testing.T) {
 	for _, want := range []string{
 		"FROM debian:12-slim",
 		"apt-get install -y --no-install-recommends iptables",
-		// divert node installs the divert-cni next to it (its --plugin-binary default).
-		"COPY --from=build " + bc.OutDir + "divert " + bc.OutDir + "divert-cni /usr/local/bin/",
+		// divert-node installs the divert-cni next to it (its --plugin-binary default), and
+		// divert node execs the divert-node next to divert.
+		"COPY --from=build " + bc.OutDir + "divert " + bc.OutDir + "divert-cni " + bc.OutDir + "divert-node /usr/local/bin/",
 		"ln -s divert /usr/local/bin/istio-iptables",
 		`ENTRYPOINT ["/usr/local/bin/divert"]`,
 	} {

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/meshdivert/divert/internal/image"
 	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/test/divertest"
@@ -21,7 +22,9 @@ import (
 func TestMain(m *testing.M) {
 	testpod.RunHelperIfRequested()
 	runCLIChildIfRequested()
-	os.Exit(m.Run())
+	code := m.Run()
+	image.Cleanup()
+	os.Exit(code)
 }
 
 func runCLI(t *testing.T, env map[string]string, args ...string) (stdout string, err error) {

@@ -25,7 +25,7 @@ func TestFinalStage(t *testing.T) {
 	want := Final{
 		Base:       "debian:12-slim",
 		Packages:   []string{"iptables"},
-		Copies:     []Copy{{From: "build", Binaries: []string{"divert", "divert-cni"}, Dest: "/usr/local/bin/"}},
+		Copies:     []Copy{{From: "build", Binaries: []string{"divert", "divert-cni", "divert-node"}, Dest: "/usr/local/bin/"}},
 		Links:      []Link{{Target: "divert", Path: "/usr/local/bin/istio-iptables"}},
 		Entrypoint: []string{"/usr/local/bin/divert"},
 	}

@@ -191,7 +191,8 @@ var (
 
 // Divert builds the image's binaries with the Dockerfile's go build command (its environment
 // and flags, into a directory every uid can read) once per test process and returns divert's
-// path. divert-cni and an "istio-iptables" link to divert sit beside it, as in the image.
+// path. divert-cni, divert-node and an "istio-iptables" link to divert sit beside it, as in
+// the image.
 func Divert(tb testing.TB) string {
 	tb.Helper()
 	buildOnce.Do(func() {

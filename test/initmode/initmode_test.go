@@ -352,10 +352,11 @@ func assertPinned(t *testing.T, opts loader.Options, id string) {
 }
 
 // The Dockerfile's build makes static binaries: the final stage has no Go toolchain or
-// C library for divert to depend on, and divert-cni runs on the host, outside the image.
+// C library for divert or divert-node to depend on, and divert-cni runs on the host,
+// outside the image.
 func TestImageBinaryIsStatic(t *testing.T) {
 	divert := image.Divert(t)
-	for _, bin := range []string{divert, filepath.Join(filepath.Dir(divert), "divert-cni")} {
+	for _, bin := range []string{divert, filepath.Join(filepath.Dir(divert), "divert-cni"), filepath.Join(filepath.Dir(divert), "divert-node")} {
 		static, err := image.IsStatic(bin)
 		if err != nil || !static {
 			t.Errorf("the image's %s must be statically linked (CGO_ENABLED=0): static=%v, %v", filepath.Base(bin), static, err)

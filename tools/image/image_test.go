@@ -105,7 +105,7 @@ func eachEntry(t *testing.T, r io.Reader, fn func(h *tar.Header, tr *tar.Reader)
 // nothing else on top. No Docker, no network, no go build: make test runs it.
 func TestImageMatchesDockerfile(t *testing.T) {
 	bins := t.TempDir()
-	for _, b := range []string{"divert", "divert-cni"} {
+	for _, b := range []string{"divert", "divert-cni", "divert-node"} {
 		if err := os.WriteFile(filepath.Join(bins, b), []byte("binary "+b), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -275,7 +275,7 @@ func TestBuiltImage(t *testing.T) {
 			t.Fatal(err)
 		}
 		machine := map[string]elf.Machine{"amd64": elf.EM_X86_64, "arm64": elf.EM_AARCH64}[ai.arch]
-		for _, p := range []string{"usr/local/bin/divert", "usr/local/bin/divert-cni", "usr/sbin/xtables-nft-multi", "usr/sbin/xtables-legacy-multi"} {
+		for _, p := range []string{"usr/local/bin/divert", "usr/local/bin/divert-cni", "usr/local/bin/divert-node", "usr/sbin/xtables-nft-multi", "usr/sbin/xtables-legacy-multi"} {
 			f, err := elf.Open(filepath.Join(root, p))
 			if err != nil {
 				t.Errorf("%s: %s: %v", ai.arch, p, err)

@@ -144,7 +144,8 @@ func run(m *testing.M) (code int) {
 // images: the pause image and the test app share the static testapp binary. The divert
 // image is laid out as the Dockerfile's final stage: iptables (Debian 12's, copied from this
 // Debian 12 host instead of apt-get install in debian:12-slim), /usr/local/bin/divert with
-// divert-cni (node mode installs it on the host) and an istio-iptables link beside it, and
+// divert-node (the DaemonSet's agent), divert-cni (the agent installs it on the host) and an
+// istio-iptables link beside it, and
 // divert as the entrypoint, so pods pass Istio's
 // "istio-iptables ..." as args exactly as the injector does.
 func images(bins cluster.Binaries) ([]cluster.Image, error) {
@@ -159,6 +160,7 @@ func images(bins cluster.Binaries) ([]cluster.Image, error) {
 		{Ref: divertRef, Layers: []cluster.FileSet{ipt, {
 			{Path: "/usr/local/bin/divert", Src: bins.Divert},
 			{Path: "/usr/local/bin/divert-cni", Src: bins.DivertCNI},
+			{Path: "/usr/local/bin/divert-node", Src: bins.DivertNode},
 			{Path: "/usr/local/bin/istio-iptables", Link: "divert"},
 		}}, Entrypoint: []string{"/usr/local/bin/divert"}},
 	}, nil

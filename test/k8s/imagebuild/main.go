@@ -1,9 +1,9 @@
-// Command imagebuild builds cmd/divert exactly as the repository's Dockerfile does (its
-// single `RUN ... go build ...` line: environment, flags, package), into -o, for the
+// Command imagebuild builds divert's binaries exactly as the repository's Dockerfile does
+// (its single `RUN ... go build ...` line: environment, flags, packages), into -o, for the
 // Kubernetes e2e suite's divert image. It reads the Dockerfile with the same parser the
 // initmode tests use, so the cluster runs the very binary the image would carry.
 //
-//	go run ./test/k8s/imagebuild -o DIR    # writes DIR/divert
+//	go run ./test/k8s/imagebuild -o DIR    # writes DIR/divert, DIR/divert-cni, DIR/divert-node
 package main
 
 import (

@@ -37,7 +37,7 @@ const corednsPackage = "./cmd/coredns"
 type Binaries struct {
 	APIServer, ControllerManager, Scheduler, Kubelet, Proxy, Kubectl string
 	CoreDNS                                                          string
-	Divert, DivertCNI, Testapp                                       string
+	Divert, DivertCNI, DivertNode, Testapp                           string
 }
 
 // BuildResult says what a build did, for the timing table.
@@ -103,8 +103,9 @@ func Build(ctx context.Context, repo, cache, out string, logf func(string, ...an
 	}
 	bins.Divert = filepath.Join(out, "divert")
 	bins.DivertCNI = filepath.Join(out, "divert-cni")
+	bins.DivertNode = filepath.Join(out, "divert-node")
 	bins.Testapp = filepath.Join(out, "testapp")
-	// divert and divert-cni exactly as the Dockerfile's build stage makes them
+	// divert, divert-cni and divert-node exactly as the Dockerfile's build stage makes them
 	// (test/k8s/imagebuild reads the Dockerfile's go build line).
 	if err := goCmd(ctx, repo, "run", "./test/k8s/imagebuild", "-o", out); err != nil {
 		return bins, res, fmt.Errorf("building divert: %w", err)
