@@ -12,7 +12,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/meshdivert/divert/internal/image"
 	"github.com/meshdivert/divert/iptables"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/test/divertest"
@@ -22,9 +21,7 @@ import (
 func TestMain(m *testing.M) {
 	testpod.RunHelperIfRequested()
 	runCLIChildIfRequested()
-	code := m.Run()
-	image.Cleanup()
-	os.Exit(code)
+	os.Exit(m.Run())
 }
 
 func runCLI(t *testing.T, env map[string]string, args ...string) (stdout string, err error) {

@@ -1,4 +1,4 @@
-package main
+package initmode
 
 import (
 	"bytes"
@@ -13,12 +13,14 @@ import (
 	"github.com/meshdivert/divert/internal/image"
 )
 
-// divert node becomes the divert-node next to divert (links resolved), with the arguments
-// after "node" and the environment as they are: its --help is the agent's own, its exit
-// code the agent's; without divert-node there, one line names it and where it looked.
+// In the image, divert node (older manifests' command) becomes the divert-node next to divert
+// (links resolved), with the arguments after "node" and the environment as they are: its
+// --help is the agent's own, its exit code the agent's; without divert-node there, one line
+// names it and where it looked. Here, not in cmd/divert, whose tests also run in VM guests
+// without a Go toolchain to build the image's binaries.
 func TestNodeExecsDivertNode(t *testing.T) {
 	divert := image.Divert(t) // the image's binaries, divert-node beside divert
-	agentHelp := output(t, exec.Command(filepath.Join(filepath.Dir(divert), nodeBinary), "--help"))
+	agentHelp := output(t, exec.Command(filepath.Join(filepath.Dir(divert), "divert-node"), "--help"))
 	if !strings.Contains(agentHelp, "--node-name") || !strings.Contains(agentHelp, "divert-node [flags]") {
 		t.Fatalf("divert-node --help is not the agent's:\n%s", agentHelp)
 	}
@@ -34,7 +36,7 @@ func TestNodeExecsDivertNode(t *testing.T) {
 	// A stand-in divert-node shows what it was given.
 	dir := t.TempDir()
 	copied := copyFile(t, divert, filepath.Join(dir, "divert"))
-	stand := filepath.Join(dir, nodeBinary)
+	stand := filepath.Join(dir, "divert-node")
 	if err := os.WriteFile(stand, []byte("#!/bin/sh\nprintf '%s\\n' \"$0\" \"$@\" \"NODE_NAME=$NODE_NAME\"\nexit 7\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}

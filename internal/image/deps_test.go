@@ -1,4 +1,4 @@
-package main
+package image
 
 import (
 	"os/exec"
@@ -9,7 +9,8 @@ import (
 // divert is every pod's init container: its start-up is on the pod's path. Kubernetes'
 // libraries (the node agent's, cmd/divert-node) cost two thirds of it in package init and
 // page faults (issue 24), so neither they nor package node (only its k8s-free subpackages)
-// may come back into divert's build by accident.
+// may come back into divert's build by accident. A build check beside the Dockerfile's,
+// run on the host (cmd/divert's tests also run in VM guests, without a Go toolchain).
 func TestNoKubernetesInDivert(t *testing.T) {
 	deps := goListDeps(t, "github.com/meshdivert/divert/cmd/divert")
 	// The list is the real one: divert's own subpackages are in it.
