@@ -208,6 +208,9 @@ func (o Options) othersHolding(ctx context.Context, netnsPath string, b Backend)
 // Installed returns the backends that hold istio's chains in the network namespace at
 // netnsPath (none when no iptables is installed).
 func Installed(ctx context.Context, netnsPath string) ([]Backend, error) {
+	if !anyTables(netnsPath) {
+		return nil, nil
+	}
 	cs, err := Options{}.candidates(ctx, netnsPath)
 	if errors.Is(err, errNoIptables) {
 		return nil, nil

@@ -454,17 +454,23 @@ const readingNotes = `- **What a capture mode can save is small next to the prox
   keeps CIDRs in an LPM trie and ports in bitmaps, one lookup or bit test each whatever N is.
 - **Attach time and kernel memory per pod (B5).** The cgroup programs are loaded and verified once per
   node and build (docs/architecture.md): the first eBPF pod on a node pays that (the "1 pod" row and
-  the init run's first pod), every later pod only creates its own maps, loads its own sk_lookup
-  program (small; sk_lookup has no cgroup to find a slot from), writes its policy, fills its slot of
-  the node's outer maps and attaches the node's programs, so its attach is a fraction of
-  iptables-restore's. Kernel memory per pod is its own maps and sk_lookup plus the node's objects
-  shared over the pods, hence the fall from 1 to 100 pods. The init container's whole run (process
-  start to exit) adds what a process pays before and after the attach: starting the binary, parsing
-  the embedded object, the pod's sk_lookup through the verifier, and iptables-save in the netns to
-  find istio's rules left by an earlier run; on a node whose programs are pinned it runs no feature
-  probes. (Before issue 24 every pod loaded and verified its own eleven programs: 96.5 ms, CPU 92.3
-  ms, per pod at 100 pods against iptables-nft's 20.4 ms, and 112 KiB of kernel memory per pod.) A
-  map-in-map update from user space waits for an RCU grace period (~15 ms here), which is why a slot
-  keeps its maps for the next pod and new slots are made eight at a time.
+  the init run's first pod). A later pod in a new slot creates the slot's maps (eight slots at a time,
+  one batch update per outer map), loads the slot's sk_lookup program (small; sk_lookup has no cgroup
+  to find a slot from), writes its policy and attaches the node's programs; a pod in a slot an earlier
+  pod left reuses the slot's maps and sk_lookup and loads nothing. Either way its attach is a fraction
+  of iptables-restore's, and flat in the number of pods (the taken slots come from one directory
+  listing, the slot index). Kernel memory per pod is its own maps and sk_lookup plus the node's objects
+  shared over the pods, hence the fall from 1 to 1,000 pods. The init container's whole run (process
+  start to exit) adds what a process pays before and after the attach: starting the binary (§divert§
+  links no Kubernetes library: the node agent is §divert-node§; ~5 ms to start, 14–17 ms before),
+  for a new slot parsing the embedded object and the sk_lookup through the verifier, and iptables-save
+  in the netns to find istio's rules left by an earlier run; on a node whose programs are pinned it
+  runs no feature probes. Here the init runs share the host's mount table, which lists every pod's
+  netns (1,000 at the end): cilium/ebpf reads it once per process, at its first map or program load,
+  to look for a BPF token, so new-slot runs grow with the pod count here, where a container's own
+  mount table is short. (Before issue 24 every pod loaded and verified its own eleven programs: 96.5
+  ms, CPU 92.3 ms, per pod at 100 pods against iptables-nft's 20.4 ms, and 112 KiB of kernel memory
+  per pod.) A map-in-map update from user space waits for an RCU grace period (~15 ms here), which is
+  why a slot keeps its maps for the next pod and new slots are made eight at a time.
   Detach is cheap: one BPF_LINK_DETACH per program, the kernel frees the maps afterwards.
 `
