@@ -30,35 +30,24 @@ func iptablesBackend(flavour iptables.Backend) backend {
 }
 
 // ebpfBackend attaches divert (updating in place between scenarios) and, after each
-// scenario, checks that the kernel counted exactly one verdict, under the model's reason;
-// or none when the model's reason is none (no rule decides it: IPv6 where istio writes no
-// IPv6 rules, UDP other than DNS), as no program decides such a connection.
+// scenario, checks that the programs decided the model's verdict, once per connection
+// (verdictCheck): none when the model's reason is none (no rule decides it: IPv6 where
+// istio writes no IPv6 rules, UDP other than DNS), as no program decides such a connection.
 func ebpfBackend() backend {
-	var att *divertest.Attached
-	var before map[policy.Reason]uint64
+	var att *divertest.Attached // the last world's, for drops
 	return backend{
 		name: "ebpf",
 		setup: func(t *testing.T, w *world) {
 			att = divertest.Attach(t, w.pod, divertest.BPFFS(t), divertest.Config(t))
-			w.ebpf = att
+			w.ebpf, w.verdicts = att, newVerdictCheck(t, att)
 		},
 		drops: func(t *testing.T) map[maps.Drop]uint64 { return att.Drops(t) },
 		apply: func(t *testing.T, w *world, cfg *policy.Config) {
-			divertest.Attach(t, w.pod, att.Opts, cfg) // updates in place
-			before = att.Counters(t)
+			divertest.Attach(t, w.pod, w.ebpf.Opts, cfg) // updates in place
+			w.verdicts.begin(t)
 		},
 		after: func(t *testing.T, w *world, v policy.Verdict) {
-			after := att.Counters(t)
-			for _, r := range policy.Reasons() {
-				want := before[r]
-				// ReasonNone: no program decided it (the kernel refused it first).
-				if r == v.Reason && r != policy.ReasonNone {
-					want++
-				}
-				if after[r] != want {
-					t.Errorf("counter %s went from %d to %d; the model decided %s", r, before[r], after[r], v.Reason)
-				}
-			}
+			w.verdicts.check(t, decisionsOf(v), "ebpf")
 		},
 	}
 }

@@ -201,35 +201,22 @@ func tproxyRow(t *testing.T, w *world, b tproxyBackend, s tproxyScenario, cfg *p
 		t.Fatalf("the model captures the proxy's original_src connection (%s): no row expects that", upV)
 	}
 	b.apply(t, w, cfg)
-	var before map[policy.Reason]uint64
-	att := w.ebpf // set by the eBPF backend only
-	if att != nil {
-		before = att.Counters(t)
-	}
 	r := w.pod.Net.Dial(t, testpod.Target{Dst: c.Dst, BindSrc: client})[0]
 	got := tproxyObserved(t, r, client)
 	if got != want {
 		t.Errorf("%s: %s -> %s\n  model (%s; upstream %s): %s\n  %s: %s\n  (%s)", s.name, client, c.Dst, v, upV, want, b.name, got, w.health())
 	}
-	if att == nil {
+	if w.verdicts == nil { // not the eBPF backend
 		return
 	}
-	// eBPF counts the two decisions the model made: the client's connection (sk_lookup)
-	// and, when it was captured, the proxy's upstream one (connect4); nothing else.
-	after := att.Counters(t)
-	for _, r := range policy.Reasons() {
-		n := before[r]
-		if r == v.Reason {
-			n++
-		}
-		if r == upV.Reason && v.Action != policy.Pass {
-			n++
-		}
-		if after[r] != n {
-			t.Errorf("counter %s went from %d to %d; the model decided %s, upstream %s", r, before[r], after[r], v, upV)
-		}
+	// eBPF decides the two connections the model decided: the client's (sk_lookup) and,
+	// when it was captured, the proxy's upstream one (connect4); nothing else.
+	decisions := decisionsOf(v)
+	if v.Action != policy.Pass {
+		decisions = append(decisions, decisionsOf(upV)...)
 	}
-	att.NoDrops(t)
+	w.verdicts.check(t, decisions, b.name)
+	w.ebpf.NoDrops(t)
 }
 
 // tproxyObserved reads the client's hops: the proxy's (who accepted, the original

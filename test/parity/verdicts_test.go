@@ -1,0 +1,138 @@
+package parity
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshdivert/divert/policy"
+	"github.com/meshdivert/divert/test/divertest"
+)
+
+// verdictCheck is the eBPF backend's check that its programs decided what the model did,
+// each decision once per connection: the one rule for every suite (one owner), kept per
+// world.
+//
+// The counters count program runs, not connections: sk_lookup runs once per listener
+// lookup, and the kernel looks a listener up again for one connection when it drops a SYN
+// after the lookup (accept or SYN queue full) and the client retransmits it, for a
+// syncookie's ACK, or for an ACK whose request socket's listener went away. iptables' nat
+// counters count connections (conntrack sends a connection's first packet only). So the
+// check reads divert trace's record of every run: each must be of a connection the model
+// decided, under its reason; each such connection must be there; and each counter must
+// have risen by exactly its runs. A repeated lookup of one connection is accepted, and
+// logged with the kernel's TCP counters that explain it, and so is a late one of an
+// earlier scenario's connection; a second connection, a wrong reason or a run not
+// counted (or counted and not traced) fails.
+type verdictCheck struct {
+	att    *divertest.Attached
+	trace  *divertest.Tracer
+	before map[policy.Reason]uint64
+	// The TCP counters of the pod's network namespace and of its network's (the remote
+	// end: the client of inbound connections, the server of outbound ones).
+	podStats, netStats divertest.TCPStats
+	// checked are the connections earlier scenarios decided, by reason: a late lookup of
+	// one (a segment that found its socket gone) is its run, not this scenario's.
+	checked map[string]policy.Reason
+}
+
+func newVerdictCheck(t *testing.T, att *divertest.Attached) *verdictCheck {
+	return &verdictCheck{att: att, trace: divertest.Trace(t, att.Opts), checked: map[string]policy.Reason{}}
+}
+
+// begin starts a scenario: what the programs decided so far is not its business.
+func (vc *verdictCheck) begin(t *testing.T) {
+	t.Helper()
+	vc.trace.Take(t)
+	vc.before = vc.att.Counters(t)
+	vc.podStats = divertest.ReadTCPStats(t, vc.att.Pod.NetNSPath)
+	vc.netStats = divertest.ReadTCPStats(t, vc.att.Pod.Net.NetNSPath)
+}
+
+// decisionsOf is what the programs must decide for a connection the model gave v: one
+// decision under its reason, or none where no program decides (ReasonNone: no rule, as
+// IPv6 where istio writes no IPv6 rules; noVerdict: the kernel refused it first).
+func decisionsOf(v policy.Verdict) []policy.Reason {
+	if v.Reason == policy.ReasonNone || v.Reason >= policy.NumReasons {
+		return nil
+	}
+	return []policy.Reason{v.Reason}
+}
+
+// check ends a scenario whose connections the model decided want (one reason per
+// connection), as the rule above says; what says which scenario, for the messages.
+func (vc *verdictCheck) check(t *testing.T, want []policy.Reason, what string) {
+	t.Helper()
+	after := vc.att.Counters(t)
+	var counted uint64
+	for _, r := range policy.Reasons() {
+		counted += after[r] - vc.before[r]
+	}
+	// A program counts, then traces: a run counted may be a few µs from its record.
+	events := vc.trace.Take(t)
+	for deadline := time.Now().Add(200 * time.Millisecond); uint64(len(events)) < counted && time.Now().Before(deadline); {
+		time.Sleep(2 * time.Millisecond)
+		events = append(events, vc.trace.Take(t)...)
+	}
+
+	var problems []string
+	runs := map[policy.Reason]uint64{}
+	var conns []string // in order of their first run
+	byConn := map[string][]divertest.TraceEvent{}
+	for _, e := range events {
+		runs[e.Reason]++
+		if _, ok := byConn[e.Conn()]; !ok {
+			conns = append(conns, e.Conn())
+		}
+		byConn[e.Conn()] = append(byConn[e.Conn()], e)
+	}
+	unmatched := slices.Clone(want)
+	repeated := false
+	for _, c := range conns {
+		es := byConn[c]
+		r := es[0].Reason
+		if i := slices.IndexFunc(es, func(e divertest.TraceEvent) bool { return e.Reason != r }); i >= 0 {
+			problems = append(problems, fmt.Sprintf("%s decided twice, differently: %s, then %s", c, r, es[i].Reason))
+			continue
+		}
+		i := slices.Index(unmatched, r)
+		if i < 0 {
+			if earlier, ok := vc.checked[c]; ok && earlier == r {
+				repeated = true // an earlier scenario's connection, looked up again
+				continue
+			}
+			problems = append(problems, fmt.Sprintf("%s decided %s (%d runs): not a decision of the model's", c, r, len(es)))
+			continue
+		}
+		unmatched = slices.Delete(unmatched, i, i+1)
+		repeated = repeated || len(es) > 1
+		vc.checked[c] = r
+	}
+	for _, r := range unmatched {
+		problems = append(problems, fmt.Sprintf("no connection decided %s", r))
+	}
+	for _, r := range policy.Reasons() {
+		if n := after[r] - vc.before[r]; n != runs[r] {
+			problems = append(problems, fmt.Sprintf("counter %s went from %d to %d (+%d) for %d traced runs", r, vc.before[r], after[r], n, runs[r]))
+		}
+	}
+	if len(problems) == 0 && !repeated {
+		return
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s: the model decided %v; the programs ran %d times:\n", what, want, len(events))
+	for _, e := range events {
+		fmt.Fprintf(&b, "    %s\n", e)
+	}
+	fmt.Fprintf(&b, "  TCP counters that changed, pod: %s\n", divertest.ReadTCPStats(t, vc.att.Pod.NetNSPath).Since(vc.podStats))
+	fmt.Fprintf(&b, "  TCP counters that changed, network (remote end): %s", divertest.ReadTCPStats(t, vc.att.Pod.Net.NetNSPath).Since(vc.netStats))
+	if len(problems) == 0 {
+		// Exact, and explained: the kernel looked a listener up more than once for one
+		// connection (see the counters: a SYN retransmitted after a drop, a syncookie).
+		t.Logf("a connection decided more than once (accepted: the same connection, the same reason)\n%s", b.String())
+		return
+	}
+	t.Errorf("%s\n  %s", strings.Join(problems, "\n  "), b.String())
+}
