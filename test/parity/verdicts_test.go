@@ -65,59 +65,8 @@ func decisionsOf(v policy.Verdict) []policy.Reason {
 // connection), as the rule above says; what says which scenario, for the messages.
 func (vc *verdictCheck) check(t *testing.T, want []policy.Reason, what string) {
 	t.Helper()
-	after := vc.att.Counters(t)
-	var counted uint64
-	for _, r := range policy.Reasons() {
-		counted += after[r] - vc.before[r]
-	}
-	// A program counts, then traces: a run counted may be a few µs from its record.
-	events := vc.trace.Take(t)
-	for deadline := time.Now().Add(200 * time.Millisecond); uint64(len(events)) < counted && time.Now().Before(deadline); {
-		time.Sleep(2 * time.Millisecond)
-		events = append(events, vc.trace.Take(t)...)
-	}
-
-	var problems []string
-	runs := map[policy.Reason]uint64{}
-	var conns []string // in order of their first run
-	byConn := map[string][]divertest.TraceEvent{}
-	for _, e := range events {
-		runs[e.Reason]++
-		if _, ok := byConn[e.Conn()]; !ok {
-			conns = append(conns, e.Conn())
-		}
-		byConn[e.Conn()] = append(byConn[e.Conn()], e)
-	}
-	unmatched := slices.Clone(want)
-	repeated := false
-	for _, c := range conns {
-		es := byConn[c]
-		r := es[0].Reason
-		if i := slices.IndexFunc(es, func(e divertest.TraceEvent) bool { return e.Reason != r }); i >= 0 {
-			problems = append(problems, fmt.Sprintf("%s decided twice, differently: %s, then %s", c, r, es[i].Reason))
-			continue
-		}
-		i := slices.Index(unmatched, r)
-		if i < 0 {
-			if earlier, ok := vc.checked[c]; ok && earlier == r {
-				repeated = true // an earlier scenario's connection, looked up again
-				continue
-			}
-			problems = append(problems, fmt.Sprintf("%s decided %s (%d runs): not a decision of the model's", c, r, len(es)))
-			continue
-		}
-		unmatched = slices.Delete(unmatched, i, i+1)
-		repeated = repeated || len(es) > 1
-		vc.checked[c] = r
-	}
-	for _, r := range unmatched {
-		problems = append(problems, fmt.Sprintf("no connection decided %s", r))
-	}
-	for _, r := range policy.Reasons() {
-		if n := after[r] - vc.before[r]; n != runs[r] {
-			problems = append(problems, fmt.Sprintf("counter %s went from %d to %d (+%d) for %d traced runs", r, vc.before[r], after[r], n, runs[r]))
-		}
-	}
+	deltas, events := vc.collect(t)
+	problems, repeated := judge(want, deltas, events, vc.checked)
 	if len(problems) == 0 && !repeated {
 		return
 	}
@@ -135,4 +84,72 @@ func (vc *verdictCheck) check(t *testing.T, want []policy.Reason, what string) {
 		return
 	}
 	t.Errorf("%s\n  %s", strings.Join(problems, "\n  "), b.String())
+}
+
+// collect reads how much each counter rose since begin, and the runs traced since.
+func (vc *verdictCheck) collect(t *testing.T) (map[policy.Reason]uint64, []divertest.TraceEvent) {
+	t.Helper()
+	after := vc.att.Counters(t)
+	deltas := map[policy.Reason]uint64{}
+	var counted uint64
+	for _, r := range policy.Reasons() {
+		deltas[r] = after[r] - vc.before[r]
+		counted += deltas[r]
+	}
+	// A program counts, then traces: a run counted may be a few µs from its record. The
+	// counters are read first, so every run they counted is traced by now or very soon.
+	events := vc.trace.Take(t)
+	for deadline := time.Now().Add(200 * time.Millisecond); uint64(len(events)) < counted && time.Now().Before(deadline); {
+		time.Sleep(2 * time.Millisecond)
+		events = append(events, vc.trace.Take(t)...)
+	}
+	return deltas, events
+}
+
+// judge applies the rule to one scenario: want is the model's decisions (a reason per
+// connection), deltas how much each counter rose, events the runs traced, checked the
+// connections of earlier scenarios (this one's are added). It returns what breaks the
+// rule, and whether a connection ran more than once (accepted, worth a word).
+func judge(want []policy.Reason, deltas map[policy.Reason]uint64, events []divertest.TraceEvent,
+	checked map[string]policy.Reason) (problems []string, repeated bool) {
+	runs := map[policy.Reason]uint64{}
+	var conns []string // in order of their first run
+	byConn := map[string][]divertest.TraceEvent{}
+	for _, e := range events {
+		runs[e.Reason]++
+		if _, ok := byConn[e.Conn()]; !ok {
+			conns = append(conns, e.Conn())
+		}
+		byConn[e.Conn()] = append(byConn[e.Conn()], e)
+	}
+	unmatched := slices.Clone(want)
+	for _, c := range conns {
+		es := byConn[c]
+		r := es[0].Reason
+		if i := slices.IndexFunc(es, func(e divertest.TraceEvent) bool { return e.Reason != r }); i >= 0 {
+			problems = append(problems, fmt.Sprintf("%s decided twice, differently: %s, then %s", c, r, es[i].Reason))
+			continue
+		}
+		i := slices.Index(unmatched, r)
+		if i < 0 {
+			if earlier, ok := checked[c]; ok && earlier == r {
+				repeated = true // an earlier scenario's connection, looked up again
+				continue
+			}
+			problems = append(problems, fmt.Sprintf("%s decided %s (%d runs): not a decision of the model's", c, r, len(es)))
+			continue
+		}
+		unmatched = slices.Delete(unmatched, i, i+1)
+		repeated = repeated || len(es) > 1
+		checked[c] = r
+	}
+	for _, r := range unmatched {
+		problems = append(problems, fmt.Sprintf("no connection decided %s", r))
+	}
+	for _, r := range policy.Reasons() {
+		if deltas[r] != runs[r] {
+			problems = append(problems, fmt.Sprintf("counter %s rose by %d for %d traced runs", r, deltas[r], runs[r]))
+		}
+	}
+	return problems, repeated
 }
