@@ -44,7 +44,7 @@ func ebpfBackend() backend {
 		drops: func(t *testing.T) map[maps.Drop]uint64 { return att.Drops(t) },
 		apply: func(t *testing.T, w *world, cfg *policy.Config) {
 			divertest.Attach(t, w.pod, w.ebpf.Opts, cfg) // updates in place
-			w.verdicts.begin(t)
+			w.verdicts.begin(t, cfg)
 		},
 		after: func(t *testing.T, w *world, v policy.Verdict) {
 			w.verdicts.check(t, decisionsOf(v), "ebpf")

@@ -24,9 +24,15 @@ func TestJudge(t *testing.T) {
 		return divertest.TraceEvent{Inbound: true, Src: netip.MustParseAddrPort(src), Dst: netip.MustParseAddrPort("198.18.1.2:8080"), Reason: r}
 	}
 	out := func(cookie uint64, r policy.Reason) divertest.TraceEvent {
-		return divertest.TraceEvent{Cookie: cookie, Dst: netip.MustParseAddrPort("198.19.1.1:80"), Reason: r}
+		return divertest.TraceEvent{Cookie: cookie, Src: netip.AddrPortFrom(netip.MustParseAddr("198.18.1.2"), 50000+uint16(cookie)),
+			Dst: netip.MustParseAddrPort("198.19.1.1:80"), Reason: r}
 	}
-	port, excl, incl := policy.ReasonInboundIncludedPort, policy.ReasonInboundExcludedPort, policy.ReasonIncludedCIDR
+	// A segment of the pod's own connection (out(cookie, ...)) coming back to it.
+	back := func(cookie uint64, r policy.Reason) divertest.TraceEvent {
+		o := out(cookie, r)
+		return divertest.TraceEvent{Inbound: true, Src: o.Dst, Dst: o.Src, Reason: r}
+	}
+	port, excl, incl, uid := policy.ReasonInboundIncludedPort, policy.ReasonInboundExcludedPort, policy.ReasonIncludedCIDR, policy.ReasonProxyUID
 	a, b := "198.19.1.1:40000", "198.19.1.1:40001"
 	counts := func(kv ...any) map[policy.Reason]uint64 {
 		m := map[policy.Reason]uint64{}
@@ -41,7 +47,8 @@ func TestJudge(t *testing.T) {
 		deltas   map[policy.Reason]uint64
 		events   []divertest.TraceEvent
 		checked  map[string]policy.Reason
-		problem  string // "" when the rule accepts it
+		inbound  policy.Reason // the inbound rule's reason for any port (default port)
+		problem  string        // "" when the rule accepts it
 		repeated bool
 	}{
 		{name: "one run", want: []policy.Reason{port}, deltas: counts(port, 1), events: []divertest.TraceEvent{in(a, port)}},
@@ -67,13 +74,30 @@ func TestJudge(t *testing.T) {
 			events: []divertest.TraceEvent{in(a, port), out(8, incl)}, checked: map[string]policy.Reason{in(a, port).Conn(): port}, repeated: true},
 		{name: "an earlier connection under another reason", want: []policy.Reason{incl}, deltas: counts(incl, 1, excl, 1),
 			events: []divertest.TraceEvent{in(a, excl), out(8, incl)}, checked: map[string]policy.Reason{in(a, port).Conn(): port}, problem: "not a decision of the model's"},
+		{name: "an earlier connection's ports reused by a new one", want: []policy.Reason{excl}, deltas: counts(excl, 1),
+			events: []divertest.TraceEvent{in(a, excl)}, checked: map[string]policy.Reason{in(a, port).Conn(): port}},
+		// Seen here (seed 1796587679337489180): the proxy's connection to a remote passed,
+		// the remote's TIME_WAIT re-acked a retransmitted FIN after the pod's socket was
+		// gone, and sk_lookup decided that ACK under the rule for the pod's local port.
+		{name: "a segment back to the pod's own connection after its socket", want: []policy.Reason{uid}, deltas: counts(uid, 1, port, 1),
+			events: []divertest.TraceEvent{out(9, uid), back(9, port)}, repeated: true},
+		{name: "a segment back to the pod's own connection under another rule", want: []policy.Reason{uid}, deltas: counts(uid, 1, port, 1),
+			events: []divertest.TraceEvent{out(9, uid), back(9, port)}, inbound: excl, problem: "nor inbound-excluded-port as before"},
+		{name: "a segment back to an earlier scenario's connection", want: []policy.Reason{incl}, deltas: counts(incl, 1, port, 1),
+			events: []divertest.TraceEvent{back(9, port), out(10, incl)}, checked: map[string]policy.Reason{back(9, port).Conn(): strayRun}, repeated: true},
+		{name: "a segment to a connection the pod never made", want: []policy.Reason{incl}, deltas: counts(incl, 1, port, 1),
+			events: []divertest.TraceEvent{back(9, port), out(10, incl)}, problem: "not a decision of the model's"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			checked := c.checked
 			if checked == nil {
 				checked = map[string]policy.Reason{}
 			}
-			problems, repeated := judge(c.want, c.deltas, c.events, checked)
+			rule := c.inbound
+			if rule == policy.ReasonNone {
+				rule = port
+			}
+			problems, repeated := judge(c.want, c.deltas, c.events, checked, func(netip.AddrPort) policy.Reason { return rule })
 			got := strings.Join(problems, "; ")
 			if (c.problem == "") != (got == "") || !strings.Contains(got, c.problem) {
 				t.Errorf("problems %q, want one with %q", got, c.problem)
@@ -133,7 +157,7 @@ func TestRetransmittedSYNCountsAgain(t *testing.T) {
 	must(err)
 	t.Cleanup(func() { first.Close() })
 
-	vc.begin(t)
+	vc.begin(t, cfg)
 	// The SYN at 0 and its retransmission at ~1 s (the initial RTO) are dropped.
 	if c, err := dial(2500 * time.Millisecond); err == nil || !errors.Is(err, context.DeadlineExceeded) && !strings.Contains(err.Error(), "timeout") {
 		if c != nil {
@@ -142,7 +166,7 @@ func TestRetransmittedSYNCountsAgain(t *testing.T) {
 		t.Fatalf("the second connection to a full queue: %v, want a timeout", err)
 	}
 	deltas, events := vc.collect(t)
-	problems, repeated := judge(decisionsOf(v), deltas, events, map[string]policy.Reason{})
+	problems, repeated := judge(decisionsOf(v), deltas, events, map[string]policy.Reason{}, vc.inbound)
 	if len(problems) != 0 || !repeated || len(events) < 2 {
 		t.Errorf("want 2 or more runs of one connection, all %s, each counted; got problems %q, runs %v", v.Reason, problems, events)
 	}
@@ -151,10 +175,10 @@ func TestRetransmittedSYNCountsAgain(t *testing.T) {
 		t.Errorf("the pod's ListenOverflows did not rise: %s", stats)
 	}
 	// The same runs are not the model's if it decided another reason, or two connections.
-	if p, _ := judge([]policy.Reason{policy.ReasonInboundIncludedPort}, deltas, events, map[string]policy.Reason{}); len(p) == 0 {
+	if p, _ := judge([]policy.Reason{policy.ReasonInboundIncludedPort}, deltas, events, map[string]policy.Reason{}, vc.inbound); len(p) == 0 {
 		t.Errorf("the rule accepts these runs for inbound-included-port too: %v", events)
 	}
-	if p, _ := judge(append(decisionsOf(v), v.Reason), deltas, events, map[string]policy.Reason{}); len(p) == 0 {
+	if p, _ := judge(append(decisionsOf(v), v.Reason), deltas, events, map[string]policy.Reason{}, vc.inbound); len(p) == 0 {
 		t.Errorf("the rule accepts these runs as two connections: %v", events)
 	}
 	t.Logf("%d runs, counted %d; pod: %s", len(events), deltas[v.Reason], stats)

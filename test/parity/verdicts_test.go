@@ -2,6 +2,7 @@ package parity
 
 import (
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -24,8 +25,9 @@ import (
 // decided, under its reason; each such connection must be there; and each counter must
 // have risen by exactly its runs. A repeated lookup of one connection is accepted, and
 // logged with the kernel's TCP counters that explain it, and so is a late one of an
-// earlier scenario's connection; a second connection, a wrong reason or a run not
-// counted (or counted and not traced) fails.
+// earlier scenario's connection, and a segment coming back to one of the pod's own
+// connections after its socket is gone (strayRun); a second connection, a wrong reason or
+// a run not counted (or counted and not traced) fails.
 type verdictCheck struct {
 	att    *divertest.Attached
 	trace  *divertest.Tracer
@@ -36,15 +38,17 @@ type verdictCheck struct {
 	// checked are the connections earlier scenarios decided, by reason: a late lookup of
 	// one (a segment that found its socket gone) is its run, not this scenario's.
 	checked map[string]policy.Reason
+	cfg     *policy.Config // the scenario's
 }
 
 func newVerdictCheck(t *testing.T, att *divertest.Attached) *verdictCheck {
 	return &verdictCheck{att: att, trace: divertest.Trace(t, att.Opts), checked: map[string]policy.Reason{}}
 }
 
-// begin starts a scenario: what the programs decided so far is not its business.
-func (vc *verdictCheck) begin(t *testing.T) {
+// begin starts a scenario under cfg: what the programs decided so far is not its business.
+func (vc *verdictCheck) begin(t *testing.T, cfg *policy.Config) {
 	t.Helper()
+	vc.cfg = cfg
 	vc.trace.Take(t)
 	vc.before = vc.att.Counters(t)
 	vc.podStats = divertest.ReadTCPStats(t, vc.att.Pod.NetNSPath)
@@ -66,7 +70,7 @@ func decisionsOf(v policy.Verdict) []policy.Reason {
 func (vc *verdictCheck) check(t *testing.T, want []policy.Reason, what string) {
 	t.Helper()
 	deltas, events := vc.collect(t)
-	problems, repeated := judge(want, deltas, events, vc.checked)
+	problems, repeated := judge(want, deltas, events, vc.checked, vc.inbound)
 	if len(problems) == 0 && !repeated {
 		return
 	}
@@ -84,6 +88,11 @@ func (vc *verdictCheck) check(t *testing.T, want []policy.Reason, what string) {
 		return
 	}
 	t.Errorf("%s\n  %s", strings.Join(problems, "\n  "), b.String())
+}
+
+// inbound is the model's reason for a segment from outside to the pod's dst.
+func (vc *verdictCheck) inbound(dst netip.AddrPort) policy.Reason {
+	return vc.cfg.Decide(policy.Conn{Direction: policy.Inbound, Dst: dst, DstLocal: true}).Reason
 }
 
 // collect reads how much each counter rose since begin, and the runs traced since.
@@ -106,12 +115,20 @@ func (vc *verdictCheck) collect(t *testing.T) (map[policy.Reason]uint64, []diver
 	return deltas, events
 }
 
+// strayRun marks, in verdictCheck.checked, the segments that come back to one of the
+// pod's own connections: one that arrives after the connection's socket is gone (a peer in
+// TIME_WAIT re-acking a retransmitted FIN) finds no socket, and sk_lookup decides it as
+// any segment to that local port, under the inbound rule for the port at that moment.
+// iptables does not count it: conntrack still knows the connection.
+const strayRun = policy.NumReasons + 1
+
 // judge applies the rule to one scenario: want is the model's decisions (a reason per
 // connection), deltas how much each counter rose, events the runs traced, checked the
-// connections of earlier scenarios (this one's are added). It returns what breaks the
-// rule, and whether a connection ran more than once (accepted, worth a word).
+// connections of earlier scenarios (this one's are added), inbound the model's reason for
+// a segment to one of the pod's ports. It returns what breaks the rule, and whether a
+// connection ran more than once (accepted, worth a word).
 func judge(want []policy.Reason, deltas map[policy.Reason]uint64, events []divertest.TraceEvent,
-	checked map[string]policy.Reason) (problems []string, repeated bool) {
+	checked map[string]policy.Reason, inbound func(dst netip.AddrPort) policy.Reason) (problems []string, repeated bool) {
 	runs := map[policy.Reason]uint64{}
 	var conns []string // in order of their first run
 	byConn := map[string][]divertest.TraceEvent{}
@@ -121,8 +138,14 @@ func judge(want []policy.Reason, deltas map[policy.Reason]uint64, events []diver
 			conns = append(conns, e.Conn())
 		}
 		byConn[e.Conn()] = append(byConn[e.Conn()], e)
+		if !e.Inbound && !e.UDP && e.Src.Port() != 0 {
+			checked[divertest.TraceEvent{Inbound: true, Src: e.Dst, Dst: e.Src}.Conn()] = strayRun
+		}
 	}
 	unmatched := slices.Clone(want)
+	// An earlier connection's key may come again as a new connection (a reused port):
+	// the model's decisions go to new connections first, then to known ones.
+	var known []string
 	for _, c := range conns {
 		es := byConn[c]
 		r := es[0].Reason
@@ -130,18 +153,36 @@ func judge(want []policy.Reason, deltas map[policy.Reason]uint64, events []diver
 			problems = append(problems, fmt.Sprintf("%s decided twice, differently: %s, then %s", c, r, es[i].Reason))
 			continue
 		}
+		if _, ok := checked[c]; ok {
+			known = append(known, c)
+			continue
+		}
 		i := slices.Index(unmatched, r)
 		if i < 0 {
-			if earlier, ok := checked[c]; ok && earlier == r {
-				repeated = true // an earlier scenario's connection, looked up again
-				continue
-			}
 			problems = append(problems, fmt.Sprintf("%s decided %s (%d runs): not a decision of the model's", c, r, len(es)))
 			continue
 		}
 		unmatched = slices.Delete(unmatched, i, i+1)
 		repeated = repeated || len(es) > 1
 		checked[c] = r
+	}
+	for _, c := range known {
+		es := byConn[c]
+		r, earlier := es[0].Reason, checked[c]
+		if earlier == strayRun {
+			earlier = inbound(es[0].Dst)
+		}
+		if r == earlier {
+			repeated = true // a segment of a known connection, looked up again
+			continue
+		}
+		if i := slices.Index(unmatched, r); i >= 0 {
+			unmatched = slices.Delete(unmatched, i, i+1)
+			repeated = repeated || len(es) > 1
+			checked[c] = r
+			continue
+		}
+		problems = append(problems, fmt.Sprintf("%s decided %s (%d runs): not a decision of the model's, nor %s as before", c, r, len(es), earlier))
 	}
 	for _, r := range unmatched {
 		problems = append(problems, fmt.Sprintf("no connection decided %s", r))
