@@ -142,7 +142,7 @@ func update(dir string, pod Pod, tgt target, cfg *policy.Config, addrs []netip.A
 		return err
 	}
 	defer pinned.Close()
-	if err := openNodeMaps(pinned, opts); err != nil {
+	if err := openNodeMaps(pinned, opts, true); err != nil {
 		return err
 	}
 

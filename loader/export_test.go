@@ -122,5 +122,5 @@ func MakeNodeMaps(opts Options, slots uint32) error {
 	}
 	n := &node{maps: map[string]*ebpf.Map{}}
 	defer n.Close()
-	return n.openMaps(spec, opts)
+	return n.createMaps(spec, opts)
 }

@@ -112,54 +112,38 @@ func loadNode(opts Options) (*node, error) {
 	if err := cleanNodeStaging(opts); err != nil {
 		return nil, err
 	}
-	spec, err := divertSpec()
-	if err != nil {
-		return nil, fmt.Errorf("load embedded BPF spec: %w", err)
-	}
 	nd := &node{maps: map[string]*ebpf.Map{}, progs: map[string]*ebpf.Program{}, tag: buildTag()}
-	if err := nd.openMaps(spec, opts); err != nil {
+	if err := nd.openMaps(opts); err != nil {
 		nd.Close()
 		return nil, err
 	}
 	// divert trace's maps (trace.go), pinned apart: the programs write to them too.
 	var trace maps.Maps
-	if err := openNodeMaps(&trace, opts); err != nil {
+	if err := openNodeMaps(&trace, opts, false); err != nil {
 		trace.Close()
 		nd.Close()
 		return nil, err
 	}
 	nd.maps["trace_control_map"], nd.maps["trace_events"], nd.maps["trace_owner"] = trace.TraceControlMap, trace.TraceEvents, trace.TraceOwner
-	if err := nd.openPrograms(spec, opts); err != nil {
+	if err := nd.openPrograms(opts); err != nil {
 		nd.Close()
 		return nil, err
 	}
 	return nd, nil
 }
 
-func (n *node) openMaps(spec *ebpf.CollectionSpec, opts Options) error {
+// openMaps opens the node's pinned maps, or creates and pins them. Pinned ones are checked
+// against this build's definitions only where its programs are loaded onto them
+// (openPrograms): this build's pinned programs were, so on a warm node the embedded object
+// is not parsed at all.
+func (n *node) openMaps(opts Options) error {
 	dir := nodeMapsDir(opts)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
-		tmp, err := os.MkdirTemp(nodeDir(opts), "maps-")
+		spec, err := parsedSpec()
 		if err != nil {
-			return err
+			return fmt.Errorf("load embedded BPF spec: %w", err)
 		}
-		for _, name := range nodeMapNames() {
-			m, err := ebpf.NewMap(spec.Maps[name])
-			if err != nil {
-				os.RemoveAll(tmp)
-				return fmt.Errorf("create node map %s: %w", name, err)
-			}
-			n.maps[name] = m
-			if err := m.Pin(filepath.Join(tmp, name)); err != nil {
-				os.RemoveAll(tmp)
-				return fmt.Errorf("pin node map %s: %w", name, err)
-			}
-		}
-		if err := os.Rename(tmp, dir); err != nil {
-			os.RemoveAll(tmp)
-			return fmt.Errorf("move node maps into %s: %w", dir, err)
-		}
-		return nil
+		return n.createMaps(spec, opts)
 	}
 	for _, name := range nodeMapNames() {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
@@ -168,9 +152,41 @@ func (n *node) openMaps(spec *ebpf.CollectionSpec, opts Options) error {
 		}
 		n.maps[name] = m
 	}
-	fitToNodeMaps(spec, n.maps)
+	return nil
+}
+
+// createMaps creates the node's maps as spec defines them and pins them, all at once.
+func (n *node) createMaps(spec *ebpf.CollectionSpec, opts Options) error {
+	dir := nodeMapsDir(opts)
+	tmp, err := os.MkdirTemp(nodeDir(opts), "maps-")
+	if err != nil {
+		return err
+	}
 	for _, name := range nodeMapNames() {
-		if err := spec.Maps[name].Compatible(n.maps[name]); err != nil {
+		m, err := ebpf.NewMap(spec.Maps[name])
+		if err != nil {
+			os.RemoveAll(tmp)
+			return fmt.Errorf("create node map %s: %w", name, err)
+		}
+		n.maps[name] = m
+		if err := m.Pin(filepath.Join(tmp, name)); err != nil {
+			os.RemoveAll(tmp)
+			return fmt.Errorf("pin node map %s: %w", name, err)
+		}
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		os.RemoveAll(tmp)
+		return fmt.Errorf("move node maps into %s: %w", dir, err)
+	}
+	return nil
+}
+
+// checkMaps says whether the node's maps (the trace maps among them) are what spec's
+// programs expect, once fitted to the node's slot count.
+func (n *node) checkMaps(spec *ebpf.CollectionSpec) error {
+	fitToNodeMaps(spec, n.maps)
+	for name, m := range n.maps {
+		if err := spec.Maps[name].Compatible(m); err != nil {
 			return fmt.Errorf("node map %s: %w (%w)", name, ErrIncompatible, err)
 		}
 	}
@@ -192,7 +208,7 @@ func fitToNodeMaps(spec *ebpf.CollectionSpec, nodeMaps map[string]*ebpf.Map) {
 // slotCount is how many slots the node's maps hold (slot 0 is "not armed").
 func (n *node) slotCount() uint32 { return n.maps["slot_config_map"].MaxEntries() }
 
-func (n *node) openPrograms(spec *ebpf.CollectionSpec, opts Options) error {
+func (n *node) openPrograms(opts Options) error {
 	dir := filepath.Join(buildsDir(opts), n.tag)
 	if _, err := os.Stat(dir); err == nil {
 		current, err := n.openBuild(dir)
@@ -217,6 +233,13 @@ func (n *node) openPrograms(spec *ebpf.CollectionSpec, opts Options) error {
 		if err := os.Rename(dir, filepath.Join(aside, n.tag)); err != nil {
 			return fmt.Errorf("move stale node programs aside: %w", err)
 		}
+	}
+	spec, err := divertSpec()
+	if err != nil {
+		return fmt.Errorf("load embedded BPF spec: %w", err)
+	}
+	if err := n.checkMaps(spec); err != nil {
+		return err
 	}
 	progs, err := loadNodePrograms(spec, n.maps)
 	if err != nil {

@@ -30,13 +30,10 @@ var ErrTraceBusy = errors.New("another divert trace is running on this node")
 // traceDir holds the node-wide maps, next to (not in) the pod directories.
 func traceDir(opts Options) string { return filepath.Join(opts.root(), "divert_trace") }
 
-// openNodeMaps sets m's node-wide maps to the pinned ones, creating and pinning any that
-// is missing. The caller holds the state lock, so two loaders cannot both create one.
-func openNodeMaps(m *maps.Maps, opts Options) (err error) {
-	spec, err := parsedSpec()
-	if err != nil {
-		return fmt.Errorf("load embedded BPF spec: %w", err)
-	}
+// openNodeMaps sets m's node-wide maps to the pinned ones, checked against this build's
+// definitions if check, creating and pinning any that is missing. The caller holds the
+// state lock, so two loaders cannot both create one.
+func openNodeMaps(m *maps.Maps, opts Options, check bool) (err error) {
 	if err := mkdirPrivate(traceDir(opts)); err != nil {
 		return err
 	}
@@ -44,7 +41,7 @@ func openNodeMaps(m *maps.Maps, opts Options) (err error) {
 		if !nodeMaps[f.name] {
 			continue
 		}
-		mp, err := openOrCreate(spec.Maps[f.name], filepath.Join(traceDir(opts), f.name))
+		mp, err := openOrCreate(f.name, filepath.Join(traceDir(opts), f.name), check)
 		if err != nil {
 			return err
 		}
@@ -53,8 +50,21 @@ func openNodeMaps(m *maps.Maps, opts Options) (err error) {
 	return nil
 }
 
-func openOrCreate(ms *ebpf.MapSpec, path string) (*ebpf.Map, error) {
+// openOrCreate opens the pinned map name at path (checked against this build's definition
+// if check), or creates and pins it.
+func openOrCreate(name, path string, check bool) (*ebpf.Map, error) {
 	mp, err := ebpf.LoadPinnedMap(path, nil)
+	if err == nil && !check {
+		return mp, nil
+	}
+	spec, serr := parsedSpec()
+	if serr != nil {
+		if mp != nil {
+			mp.Close()
+		}
+		return nil, fmt.Errorf("load embedded BPF spec: %w", serr)
+	}
+	ms := spec.Maps[name]
 	if err == nil {
 		if err := ms.Compatible(mp); err != nil {
 			mp.Close()
@@ -107,7 +117,7 @@ func StartTrace(opts Options, verdicts []bpf.DivertTraceVerdict) (_ *Tracer, err
 		return nil, err
 	}
 	var m maps.Maps
-	err = openNodeMaps(&m, opts)
+	err = openNodeMaps(&m, opts, true)
 	unlock()
 	if err != nil {
 		m.Close()
