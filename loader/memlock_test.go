@@ -1,6 +1,10 @@
 package loader
 
-import "testing"
+import (
+	"testing"
+
+	"github.com/cilium/ebpf"
+)
 
 // Only kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK (Debian's 5.10 does, 6.1 does
 // not): there a missing CAP_SYS_RESOURCE is an error, elsewhere nothing to fix.
@@ -11,6 +15,38 @@ func TestChargesMemlock(t *testing.T) {
 	} {
 		if got := chargesMemlock(release); got != want {
 			t.Errorf("chargesMemlock(%q) = %v, want %v", release, got, want)
+		}
+	}
+}
+
+// Every kernel divert supports (5.10+) takes a batch update of an ARRAY_OF_MAPS, which
+// fillSlots relies on: one grace period per outer map, not one per slot.
+func TestOuterMapBatchUpdate(t *testing.T) {
+	if err := raiseMemlock(); err != nil {
+		t.Fatal(err)
+	}
+	inner := &ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1}
+	outer, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.ArrayOfMaps, KeySize: 4, ValueSize: 4, MaxEntries: 4, InnerMap: inner})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer outer.Close()
+	var fds []uint32
+	for range 2 {
+		m, err := ebpf.NewMap(inner)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		fds = append(fds, uint32(m.FD()))
+	}
+	if n, err := outer.BatchUpdate([]uint32{1, 3}, fds, nil); err != nil || n != 2 {
+		t.Fatalf("batch update of an ARRAY_OF_MAPS: %d, %v", n, err)
+	}
+	for _, k := range []uint32{1, 3} {
+		var id uint32
+		if err := outer.Lookup(k, &id); err != nil || id == 0 {
+			t.Errorf("slot %d after the batch: %d, %v", k, id, err)
 		}
 	}
 }
