@@ -15,7 +15,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/image"
-	"github.com/meshdivert/divert/internal/nsexec"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
@@ -50,6 +49,10 @@ func initModeArgs(m Mode) []string {
 func (r *rig) b5Init(s *scope, pods []*testpod.Pod) {
 	divert := image.Divert(s)
 	opts := divertest.BPFFS(s)
+	ctr, err := newContainerSpawner() // after the bpffs mount, which its copy of the table keeps
+	if err != nil {
+		s.Fatal(err)
+	}
 	ctx := context.Background()
 	uids := make([]string, len(pods))
 	dirs := make([]string, len(pods))
@@ -82,7 +85,7 @@ func (r *rig) b5Init(s *scope, pods []*testpod.Pod) {
 	for _, m := range initModes {
 		args := append(append([]string{"istio-iptables", "--bpffs", opts.BPFFS}, initModeArgs(m)...), initArgs...)
 		for i, p := range pods {
-			wall, cpu, out := initRun(s, divert, p, dirs[i], args)
+			wall, cpu, out := initRun(s, ctr, divert, p, dirs[i], args)
 			want := "attached pod " + uids[i] + " with eBPF"
 			if !isEBPF(m) {
 				want = "iptables rules applied (" + string(m) + ","
@@ -129,12 +132,13 @@ func groupOf(groups []int, k int) int {
 }
 
 // initRun runs divert once as an init container of pod p whose cgroup is podDir: born
-// (clone3 into the cgroup) in a fresh container cgroup below podDir and in the pod's netns,
-// as root with only PATH set, as in the image; the cgroup is removed once it exited. It
+// (clone3 into the cgroup) in a fresh container cgroup below podDir, in the pod's netns and
+// in the container mount namespace of ctr, as root with only PATH set, as in the image; the
+// cgroup is removed once it exited. It
 // returns the wall time from just before the fork to the reaping, the CPU time wait4
 // reports for the process and its reaped children (iptables-restore, iptables-save), and
 // its output; anything but a clean exit with nothing on stderr ends the benchmark.
-func initRun(s *scope, divert string, p *testpod.Pod, podDir string, args []string) (wall, cpu time.Duration, stdout string) {
+func initRun(s *scope, ctr *containerSpawner, divert string, p *testpod.Pod, podDir string, args []string) (wall, cpu time.Duration, stdout string) {
 	s.Helper()
 	dir := filepath.Join(podDir, fmt.Sprintf("%064x", time.Now().UnixNano()))
 	if err := os.Mkdir(dir, 0o755); err != nil {
@@ -160,8 +164,13 @@ func initRun(s *scope, divert string, p *testpod.Pod, podDir string, args []stri
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cg, Pdeathsig: syscall.SIGKILL}
+	ns, err := unix.Open(p.NetNSPath, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		s.Fatal(err)
+	}
+	defer unix.Close(ns)
 	start := time.Now()
-	if err := nsexec.Start(p.NetNSPath, cmd); err != nil {
+	if err := ctr.start(ns, cmd); err != nil {
 		s.Fatalf("start %s: %v", divert, err)
 	}
 	err = cmd.Wait()
