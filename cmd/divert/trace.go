@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,7 +9,6 @@ import (
 	"net/netip"
 	"os"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/cilium/ebpf/ringbuf"
@@ -19,16 +16,10 @@ import (
 
 	"github.com/meshdivert/divert/bpf"
 	"github.com/meshdivert/divert/internal/cgroups"
+	"github.com/meshdivert/divert/internal/traceevent"
 	"github.com/meshdivert/divert/loader"
 	"github.com/meshdivert/divert/policy"
 )
-
-// The verdicts as --verdict and the output name them.
-var traceVerdicts = map[string]bpf.DivertTraceVerdict{
-	"passed":   bpf.DivertTraceVerdictTRACE_PASSED,
-	"captured": bpf.DivertTraceVerdictTRACE_CAPTURED,
-	"dropped":  bpf.DivertTraceVerdictTRACE_DROPPED,
-}
 
 // traceReady is what trace says on stderr once tracing is on (tests wait for it).
 const traceReady = "trace: on"
@@ -118,7 +109,7 @@ func parseTraceFilter(pod string, verdicts, addrs []string, output string) (*tra
 		reasons[r.String()] = r
 	}
 	for _, v := range verdicts {
-		if tv, ok := traceVerdicts[v]; ok {
+		if tv, ok := traceevent.Verdicts[v]; ok {
 			f.verdicts[tv] = true
 		} else if r, ok := reasons[v]; ok && r != policy.ReasonNone {
 			f.reasons[r] = true
@@ -169,73 +160,35 @@ type traceEvent struct {
 	GID       *uint32   `json:"gid,omitempty"`
 	CgroupID  uint64    `json:"cgroupId,omitempty"` // outbound: the connecting process's cgroup
 
-	src, dst  netip.Addr
-	verdict   bpf.DivertTraceVerdict
-	reason    policy.Reason
-	cookie    uint64 // outbound: the socket's, joining a TCP decision and its source
-	connected bool   // not a decision: the source a TCP connect got (bpf/trace.h)
-	srcPort   uint16
+	ev traceevent.Event
 }
 
-func decodeTraceEvent(raw []byte, now time.Time) (*traceEvent, error) {
-	var r bpf.DivertTraceEvent
-	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &r); err != nil {
-		return nil, fmt.Errorf("trace: decode a record of %d bytes: %w", len(raw), err)
+// newTraceEvent is ev, seen at now, as trace prints it.
+func newTraceEvent(ev traceevent.Event, now time.Time) *traceEvent {
+	out := &traceEvent{Time: now, Direction: ev.Direction(), Protocol: ev.Protocol(), Src: ev.Src.String(), Dst: ev.Dst.String(),
+		Verdict: traceevent.VerdictName(ev.Verdict), Reason: ev.Reason.String(), To: ev.To(), CgroupID: ev.CgroupID, ev: ev}
+	if !ev.Inbound {
+		uid, gid := ev.UID, ev.GID
+		out.UID, out.GID = &uid, &gid
 	}
-	ev := &traceEvent{Time: now, Protocol: "tcp", Direction: "outbound", verdict: bpf.DivertTraceVerdict(r.Verdict),
-		reason: policy.Reason(r.Reason), CgroupID: r.CgroupId, cookie: r.Cookie, connected: r.Connected != 0, srcPort: r.SrcPort}
-	ev.src = inetAddr(r.Src.W)
-	ev.dst = inetAddr(r.Dst.W)
-	ev.Src = netip.AddrPortFrom(ev.src, r.SrcPort).String()
-	ev.Dst = netip.AddrPortFrom(ev.dst, r.DstPort).String()
-	if r.Protocol == 17 {
-		ev.Protocol = "udp"
-	}
-	for name, v := range traceVerdicts {
-		if v == ev.verdict {
-			ev.Verdict = name
-		}
-	}
-	ev.Reason = ev.reason.String()
-	if r.Inbound != 0 {
-		ev.Direction = "inbound"
-		if r.ToPort != 0 {
-			ev.To = fmt.Sprintf(":%d", r.ToPort)
-		}
-	} else {
-		uid, gid := r.Uid, r.Gid
-		ev.UID, ev.GID = &uid, &gid
-		if r.ToPort != 0 {
-			lo := netip.MustParseAddr("::1")
-			if ev.dst.Is4() {
-				lo = netip.MustParseAddr("127.0.0.1")
-			}
-			ev.To = netip.AddrPortFrom(lo, r.ToPort).String()
-		}
-	}
-	return ev, nil
+	return out
 }
 
-// inetAddr reads struct inet_addr (network byte order words, IPv4 as ::ffff:a.b.c.d).
-func inetAddr(w [4]uint32) netip.Addr {
-	var b [16]byte
-	for i, x := range w {
-		// The words are in network order in memory; on this little-endian target the
-		// uint32 holds them byte-swapped.
-		b[4*i], b[4*i+1], b[4*i+2], b[4*i+3] = byte(x), byte(x>>8), byte(x>>16), byte(x>>24)
-	}
-	return netip.AddrFrom16(b).Unmap()
+// setSource gives a TCP connect's decision the source its socket got (rec, Connected).
+func (e *traceEvent) setSource(rec traceevent.Event) {
+	e.ev.Src = rec.Src
+	e.Src = rec.Src.String()
 }
 
 func (f *traceFilter) match(ev *traceEvent, p *tracePod) bool {
 	if f.pod != "" && (p == nil || (p.ID != f.pod && p.Name != f.pod)) {
 		return false
 	}
-	if (len(f.verdicts) > 0 || len(f.reasons) > 0) && !f.verdicts[ev.verdict] && !f.reasons[ev.reason] {
+	if (len(f.verdicts) > 0 || len(f.reasons) > 0) && !f.verdicts[ev.ev.Verdict] && !f.reasons[ev.ev.Reason] {
 		return false
 	}
 	if len(f.prefixes) > 0 && !slices.ContainsFunc(f.prefixes, func(p netip.Prefix) bool {
-		return p.Contains(ev.src) || p.Contains(ev.dst)
+		return p.Contains(ev.ev.Src.Addr()) || p.Contains(ev.ev.Dst.Addr())
 	}) {
 		return false
 	}
@@ -246,7 +199,6 @@ func printTraceEvent(w io.Writer, ev *traceEvent, asJSON bool) error {
 	if asJSON {
 		return json.NewEncoder(w).Encode(ev)
 	}
-	var b strings.Builder
 	pod := ev.Pod
 	if pod == "" {
 		pod = "?"
@@ -254,14 +206,7 @@ func printTraceEvent(w io.Writer, ev *traceEvent, asJSON bool) error {
 	if ev.PodName != "" {
 		pod += " (" + ev.PodName + ")"
 	}
-	fmt.Fprintf(&b, "%s %s %s %s %s -> %s %s %s", ev.Time.Format("15:04:05.000"), pod, ev.Direction, ev.Protocol, ev.Src, ev.Dst, ev.Verdict, ev.Reason)
-	if ev.To != "" {
-		fmt.Fprintf(&b, " -> %s", ev.To)
-	}
-	if ev.UID != nil {
-		fmt.Fprintf(&b, " uid %d gid %d", *ev.UID, *ev.GID)
-	}
-	_, err := fmt.Fprintln(w, b.String())
+	_, err := fmt.Fprintf(w, "%s %s %s\n", ev.Time.Format("15:04:05.000"), pod, ev.ev)
 	return err
 }
 
@@ -339,21 +284,20 @@ func runTrace(ctx context.Context, e env, opts loader.Options, f *traceFilter, p
 		if err != nil {
 			return fmt.Errorf("trace: read the ring buffer: %w", err)
 		}
-		ev, err := decodeTraceEvent(rec.RawSample, time.Now())
+		ev, err := traceevent.Decode(rec.RawSample)
 		if err != nil {
 			return err
 		}
-		switch d := pending[ev.cookie]; {
-		case ev.connected && d != nil:
-			delete(pending, ev.cookie)
-			d.src = ev.src
-			d.Src = netip.AddrPortFrom(ev.src, ev.srcPort).String()
+		switch d := pending[ev.Cookie]; {
+		case ev.Connected && d != nil:
+			delete(pending, ev.Cookie)
+			d.setSource(ev)
 			err = emit(d)
-		case ev.connected: // its decision was filtered out, or came before trace
-		case ev.Direction == "outbound" && ev.Protocol == "tcp" && ev.cookie != 0:
-			pending[ev.cookie] = ev
+		case ev.Connected: // its decision was filtered out, or came before trace
+		case ev.AwaitsSource():
+			pending[ev.Cookie] = newTraceEvent(ev, time.Now())
 		default:
-			err = emit(ev)
+			err = emit(newTraceEvent(ev, time.Now()))
 		}
 		if err != nil {
 			return err

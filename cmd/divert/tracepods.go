@@ -118,8 +118,8 @@ func (x *podIndex) lookup(ev *traceEvent) *tracePod {
 }
 
 func (x *podIndex) find(ev *traceEvent) *tracePod {
-	if ev.Direction == "inbound" {
-		return x.byAddr[ev.dst]
+	if ev.ev.Inbound {
+		return x.byAddr[ev.ev.Dst.Addr()]
 	}
 	// The pod's cgroup or the nearest of its ancestors that is one.
 	for id, hops := ev.CgroupID, 0; id != 0 && hops < 64; id, hops = x.parent[id], hops+1 {
