@@ -127,10 +127,10 @@ var outboundScenarios = []scenario{
 type world struct {
 	pod            *testpod.Pod
 	cidrA, cidrB   netip.Addr
-	cidrA6, cidrB6 netip.Addr          // with IPv6 (ipv6_test.go)
-	procs          []*testpod.Proc     // listeners that must stay up for the whole test
-	ebpf           *divertest.Attached // the eBPF backend's attachment, if it is this world's backend
-	verdicts       *verdictCheck       // with ebpf: its decisions, checked after each scenario
+	cidrA6, cidrB6 netip.Addr              // with IPv6 (ipv6_test.go)
+	procs          []*testpod.Proc         // listeners that must stay up for the whole test
+	ebpf           *divertest.Attached     // the eBPF backend's attachment, if it is this world's backend
+	verdicts       *divertest.VerdictCheck // with ebpf: its decisions, checked after each scenario
 }
 
 // health reports listeners of the world that died, to tell a broken world from a

@@ -215,7 +215,7 @@ func tproxyRow(t *testing.T, w *world, b tproxyBackend, s tproxyScenario, cfg *p
 	if v.Action != policy.Pass {
 		decisions = append(decisions, decisionsOf(upV)...)
 	}
-	w.verdicts.check(t, decisions, b.name)
+	w.verdicts.Check(t, decisions, b.name)
 	w.ebpf.NoDrops(t)
 }
 

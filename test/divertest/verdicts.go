@@ -1,0 +1,215 @@
+package divertest
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshdivert/divert/policy"
+)
+
+// VerdictCheck is the check that the eBPF programs decided what a test (or the parity
+// model) says, each decision once per connection, and that the verdict counters counted
+// exactly those runs: the one rule for every suite that reads exact counts (one owner).
+//
+// The counters count program runs, not connections: sk_lookup runs once per listener
+// lookup, and the kernel looks a listener up again for one connection when it drops a SYN
+// after the lookup (accept or SYN queue full) and the client retransmits it, for a
+// syncookie's ACK, or for an ACK whose request socket's listener went away. iptables' nat
+// counters count connections (conntrack sends a connection's first packet only). So the
+// check reads divert trace's record of every run: each must be of a connection wanted,
+// under its reason; each such connection must be there; and each counter must have risen
+// by exactly its runs. A repeated lookup of one connection is accepted, and logged with
+// the kernel's TCP counters that explain it, and so is a late one of an earlier
+// scenario's connection, and a segment coming back to one of the pod's own connections
+// after its socket is gone (StrayRun); a second connection, a wrong reason or a run not
+// counted (or counted and not traced) fails (docs/semantics.md, "What the verdict
+// counters count").
+type VerdictCheck struct {
+	att    *Attached
+	trace  *Tracer
+	before map[policy.Reason]uint64
+	// The TCP counters of the pod's network namespace and of its network's (the remote
+	// end: the client of inbound connections, the server of outbound ones).
+	PodStats, NetStats TCPStats
+	// checked are the connections earlier scenarios decided, by reason: a late lookup of
+	// one (a segment that found its socket gone) is its run, not this scenario's.
+	checked map[string]policy.Reason
+	cfg     *policy.Config // the scenario's
+}
+
+// NewVerdictCheck starts tracing att's bpffs for the rest of the test.
+func NewVerdictCheck(t *testing.T, att *Attached) *VerdictCheck {
+	return &VerdictCheck{att: att, trace: Trace(t, att.Opts), checked: map[string]policy.Reason{}}
+}
+
+// Begin starts a scenario under cfg: what the programs decided so far is not its business.
+func (vc *VerdictCheck) Begin(t *testing.T, cfg *policy.Config) {
+	t.Helper()
+	vc.cfg = cfg
+	// Connections made outside a scenario (a TFO cookie's first connect) may still be
+	// looked up later: known, not counted here.
+	for _, e := range vc.trace.Take(t) {
+		remember(vc.checked, e)
+		if _, ok := vc.checked[e.Conn()]; !ok {
+			vc.checked[e.Conn()] = e.Reason
+		}
+	}
+	vc.before = vc.att.Counters(t)
+	vc.PodStats = ReadTCPStats(t, vc.att.Pod.NetNSPath)
+	vc.NetStats = ReadTCPStats(t, vc.att.Pod.Net.NetNSPath)
+}
+
+// Check ends a scenario whose connections must be decided want (one reason per
+// connection), as the rule above says; what says which scenario, for the messages. It
+// returns the first run of each connection decided one of want, in the order they ran,
+// for a test to say which connections those are.
+func (vc *VerdictCheck) Check(t *testing.T, want []policy.Reason, what string) []TraceEvent {
+	t.Helper()
+	deltas, events := vc.Collect(t)
+	j := Judge(want, deltas, events, vc.checked, vc.Inbound)
+	if len(j.Problems) == 0 && !j.Repeated {
+		return j.Decided
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s: wanted %v; the programs ran %d times:\n", what, want, len(events))
+	for _, e := range events {
+		fmt.Fprintf(&b, "    %s (%s)\n", e, e.Conn())
+	}
+	fmt.Fprintf(&b, "  TCP counters that changed, pod: %s\n", ReadTCPStats(t, vc.att.Pod.NetNSPath).Since(vc.PodStats))
+	fmt.Fprintf(&b, "  TCP counters that changed, network (remote end): %s", ReadTCPStats(t, vc.att.Pod.Net.NetNSPath).Since(vc.NetStats))
+	if len(j.Problems) == 0 {
+		// Exact, and explained: the kernel looked a listener up more than once for one
+		// connection (see the counters: a SYN retransmitted after a drop, a syncookie).
+		t.Logf("a connection decided more than once (accepted: the same connection, the same reason)\n%s", b.String())
+		return j.Decided
+	}
+	t.Errorf("%s\n  %s", strings.Join(j.Problems, "\n  "), b.String())
+	return j.Decided
+}
+
+// Inbound is the scenario's reason for a segment from outside to the pod's dst.
+func (vc *VerdictCheck) Inbound(dst netip.AddrPort) policy.Reason {
+	return vc.cfg.Decide(policy.Conn{Direction: policy.Inbound, Dst: dst, DstLocal: true}).Reason
+}
+
+// Collect reads how much each counter rose since Begin, and the runs traced since.
+func (vc *VerdictCheck) Collect(t *testing.T) (map[policy.Reason]uint64, []TraceEvent) {
+	t.Helper()
+	after := vc.att.Counters(t)
+	deltas := map[policy.Reason]uint64{}
+	var counted uint64
+	for _, r := range policy.Reasons() {
+		deltas[r] = after[r] - vc.before[r]
+		counted += deltas[r]
+	}
+	// A program counts, then traces: a run counted may be a few µs from its record. The
+	// counters are read first, so every run they counted is traced by now or very soon.
+	events := vc.trace.Take(t)
+	for deadline := time.Now().Add(200 * time.Millisecond); uint64(len(events)) < counted && time.Now().Before(deadline); {
+		time.Sleep(2 * time.Millisecond)
+		events = append(events, vc.trace.Take(t)...)
+	}
+	return deltas, events
+}
+
+// StrayRun marks, in the connections checked, the segments that come back to one of the
+// pod's own connections: one that arrives after the connection's socket is gone (a peer in
+// TIME_WAIT re-acking a retransmitted FIN) finds no socket, and sk_lookup decides it as
+// any segment to that local port, under the inbound rule for the port at that moment.
+// iptables does not count it: conntrack still knows the connection.
+const StrayRun = policy.NumReasons + 1
+
+// remember notes, for an outbound TCP run, the segments that may come back to its
+// connection (StrayRun).
+func remember(checked map[string]policy.Reason, e TraceEvent) {
+	if !e.Inbound && !e.UDP && e.Src.Port() != 0 {
+		checked[TraceEvent{Inbound: true, Src: e.Dst, Dst: e.Src}.Conn()] = StrayRun
+	}
+}
+
+// Judgement is what Judge found.
+type Judgement struct {
+	Problems []string     // what breaks the rule
+	Repeated bool         // a connection ran more than once (accepted, worth a word)
+	Decided  []TraceEvent // the first run of each connection decided one of want
+}
+
+// Judge applies the rule to one scenario: want is the decisions wanted (a reason per
+// connection), deltas how much each counter rose, events the runs traced, checked the
+// connections of earlier scenarios (this one's are added), inbound the reason for a
+// segment to one of the pod's ports.
+func Judge(want []policy.Reason, deltas map[policy.Reason]uint64, events []TraceEvent,
+	checked map[string]policy.Reason, inbound func(dst netip.AddrPort) policy.Reason) (j Judgement) {
+	runs := map[policy.Reason]uint64{}
+	var conns []string // in order of their first run
+	byConn := map[string][]TraceEvent{}
+	for _, e := range events {
+		runs[e.Reason]++
+		if _, ok := byConn[e.Conn()]; !ok {
+			conns = append(conns, e.Conn())
+		}
+		byConn[e.Conn()] = append(byConn[e.Conn()], e)
+		remember(checked, e)
+	}
+	unmatched := slices.Clone(want)
+	decided := map[string]bool{}
+	// An earlier connection's key may come again as a new connection (a reused port):
+	// the decisions wanted go to new connections first, then to known ones.
+	var known []string
+	for _, c := range conns {
+		es := byConn[c]
+		r := es[0].Reason
+		if i := slices.IndexFunc(es, func(e TraceEvent) bool { return e.Reason != r }); i >= 0 {
+			j.Problems = append(j.Problems, fmt.Sprintf("%s decided twice, differently: %s, then %s", c, r, es[i].Reason))
+			continue
+		}
+		if _, ok := checked[c]; ok {
+			known = append(known, c)
+			continue
+		}
+		i := slices.Index(unmatched, r)
+		if i < 0 {
+			j.Problems = append(j.Problems, fmt.Sprintf("%s decided %s (%d runs): not a decision wanted", c, r, len(es)))
+			continue
+		}
+		unmatched = slices.Delete(unmatched, i, i+1)
+		j.Repeated = j.Repeated || len(es) > 1
+		checked[c], decided[c] = r, true
+	}
+	for _, c := range known {
+		es := byConn[c]
+		r, earlier := es[0].Reason, checked[c]
+		if earlier == StrayRun {
+			earlier = inbound(es[0].Dst)
+		}
+		if r == earlier {
+			j.Repeated = true // a segment of a known connection, looked up again
+			continue
+		}
+		if i := slices.Index(unmatched, r); i >= 0 {
+			unmatched = slices.Delete(unmatched, i, i+1)
+			j.Repeated = j.Repeated || len(es) > 1
+			checked[c], decided[c] = r, true
+			continue
+		}
+		j.Problems = append(j.Problems, fmt.Sprintf("%s decided %s (%d runs): not a decision wanted, nor %s as before", c, r, len(es), earlier))
+	}
+	for _, r := range unmatched {
+		j.Problems = append(j.Problems, fmt.Sprintf("no connection decided %s", r))
+	}
+	for _, r := range policy.Reasons() {
+		if deltas[r] != runs[r] {
+			j.Problems = append(j.Problems, fmt.Sprintf("counter %s rose by %d for %d traced runs", r, deltas[r], runs[r]))
+		}
+	}
+	for _, c := range conns {
+		if decided[c] {
+			j.Decided = append(j.Decided, byConn[c][0])
+		}
+	}
+	return j
+}
