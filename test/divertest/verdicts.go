@@ -8,12 +8,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshdivert/divert/loader"
+	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
 )
 
 // VerdictCheck is the check that the eBPF programs decided what a test (or the parity
 // model) says, each decision once per connection, and that the verdict counters counted
-// exactly those runs: the one rule for every suite that reads exact counts (one owner).
+// exactly those runs, each family's its own: the one rule for every suite that reads exact counts (one owner).
 //
 // The counters count program runs, not connections: sk_lookup runs once per listener
 // lookup, and the kernel looks a listener up again for one connection when it drops a SYN
@@ -22,16 +24,16 @@ import (
 // counters count connections (conntrack sends a connection's first packet only). So the
 // check reads divert trace's record of every run: each must be of a connection wanted,
 // under its reason; each such connection must be there; and each counter must have risen
-// by exactly its runs. A repeated lookup of one connection is accepted, and logged with
-// the kernel's TCP counters that explain it, and so is a late one of an earlier
-// scenario's connection, and a segment coming back to one of the pod's own connections
-// after its socket is gone (StrayRun); a second connection, a wrong reason or a run not
-// counted (or counted and not traced) fails (docs/semantics.md, "What the verdict
-// counters count").
+// by exactly its runs (of its address family). A repeated lookup of one connection is
+// accepted, and logged with the kernel's TCP counters that explain it, and so is a late
+// one of an earlier scenario's connection, and a segment coming back to one of the pod's
+// own connections after its socket is gone (StrayRun); a second connection, a wrong
+// reason or a run not counted (or counted and not traced) fails (docs/semantics.md,
+// "What the verdict counters count").
 type VerdictCheck struct {
 	att    *Attached
 	trace  *Tracer
-	before map[policy.Reason]uint64
+	before Counts
 	// The TCP counters of the pod's network namespace and of its network's (the remote
 	// end: the client of inbound connections, the server of outbound ones).
 	PodStats, NetStats TCPStats
@@ -58,7 +60,7 @@ func (vc *VerdictCheck) Begin(t *testing.T, cfg *policy.Config) {
 			vc.checked[e.Conn()] = e.Reason
 		}
 	}
-	vc.before = vc.att.Counters(t)
+	vc.before = vc.att.counts(t)
 	vc.PodStats = ReadTCPStats(t, vc.att.Pod.NetNSPath)
 	vc.NetStats = ReadTCPStats(t, vc.att.Pod.Net.NetNSPath)
 }
@@ -97,14 +99,17 @@ func (vc *VerdictCheck) Inbound(dst netip.AddrPort) policy.Reason {
 }
 
 // Collect reads how much each counter rose since Begin, and the runs traced since.
-func (vc *VerdictCheck) Collect(t *testing.T) (map[policy.Reason]uint64, []TraceEvent) {
+func (vc *VerdictCheck) Collect(t *testing.T) (Counts, []TraceEvent) {
 	t.Helper()
-	after := vc.att.Counters(t)
-	deltas := map[policy.Reason]uint64{}
+	after := vc.att.counts(t)
+	deltas := Counts{}
 	var counted uint64
-	for _, r := range policy.Reasons() {
-		deltas[r] = after[r] - vc.before[r]
-		counted += deltas[r]
+	for _, f := range families {
+		deltas[f] = map[policy.Reason]uint64{}
+		for _, r := range policy.Reasons() {
+			deltas[f][r] = after[f][r] - vc.before[f][r]
+			counted += deltas[f][r]
+		}
 	}
 	// A program counts, then traces: a run counted may be a few µs from its record. The
 	// counters are read first, so every run they counted is traced by now or very soon.
@@ -114,6 +119,35 @@ func (vc *VerdictCheck) Collect(t *testing.T) (map[policy.Reason]uint64, []Trace
 		events = append(events, vc.trace.Take(t)...)
 	}
 	return deltas, events
+}
+
+// Counts are verdict counters (or runs), by address family and reason.
+type Counts map[maps.Family]map[policy.Reason]uint64
+
+var families = []maps.Family{maps.IPv4, maps.IPv6}
+
+// counts reads the pod's verdict counters, both families at once.
+func (a *Attached) counts(tb testing.TB) Counts {
+	tb.Helper()
+	m, err := loader.OpenMaps(a.Pod.Name, a.Opts)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer loader.CloseMaps(m)
+	c, err := maps.CountersByFamily(m)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return c
+}
+
+// family is the counter family of e: a dual-stack socket's ::ffff:a.b.c.d is IPv4 on the
+// wire, and counted so (the trace shows it unmapped).
+func family(e TraceEvent) maps.Family {
+	if e.Dst.Addr().Is4() {
+		return maps.IPv4
+	}
+	return maps.IPv6
 }
 
 // StrayRun marks, in the connections checked, the segments that come back to one of the
@@ -139,16 +173,16 @@ type Judgement struct {
 }
 
 // Judge applies the rule to one scenario: want is the decisions wanted (a reason per
-// connection), deltas how much each counter rose, events the runs traced, checked the
-// connections of earlier scenarios (this one's are added), inbound the reason for a
-// segment to one of the pod's ports.
-func Judge(want []policy.Reason, deltas map[policy.Reason]uint64, events []TraceEvent,
+// connection), deltas how much each counter of each family rose, events the runs traced,
+// checked the connections of earlier scenarios (this one's are added), inbound the reason
+// for a segment to one of the pod's ports.
+func Judge(want []policy.Reason, deltas Counts, events []TraceEvent,
 	checked map[string]policy.Reason, inbound func(dst netip.AddrPort) policy.Reason) (j Judgement) {
-	runs := map[policy.Reason]uint64{}
+	runs := Counts{maps.IPv4: {}, maps.IPv6: {}}
 	var conns []string // in order of their first run
 	byConn := map[string][]TraceEvent{}
 	for _, e := range events {
-		runs[e.Reason]++
+		runs[family(e)][e.Reason]++
 		if _, ok := byConn[e.Conn()]; !ok {
 			conns = append(conns, e.Conn())
 		}
@@ -201,9 +235,11 @@ func Judge(want []policy.Reason, deltas map[policy.Reason]uint64, events []Trace
 	for _, r := range unmatched {
 		j.Problems = append(j.Problems, fmt.Sprintf("no connection decided %s", r))
 	}
-	for _, r := range policy.Reasons() {
-		if deltas[r] != runs[r] {
-			j.Problems = append(j.Problems, fmt.Sprintf("counter %s rose by %d for %d traced runs", r, deltas[r], runs[r]))
+	for _, f := range families {
+		for _, r := range policy.Reasons() {
+			if deltas[f][r] != runs[f][r] {
+				j.Problems = append(j.Problems, fmt.Sprintf("%s counter %s rose by %d for %d traced runs", f, r, deltas[f][r], runs[f][r]))
+			}
 		}
 	}
 	for _, c := range conns {

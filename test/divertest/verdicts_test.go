@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
 )
 
@@ -88,7 +89,7 @@ func TestJudge(t *testing.T) {
 			if rule == policy.ReasonNone {
 				rule = port
 			}
-			j := Judge(c.want, c.deltas, c.events, checked, func(netip.AddrPort) policy.Reason { return rule })
+			j := Judge(c.want, Counts{maps.IPv4: c.deltas}, c.events, checked, func(netip.AddrPort) policy.Reason { return rule })
 			got := strings.Join(j.Problems, "; ")
 			if (c.problem == "") != (got == "") || !strings.Contains(got, c.problem) {
 				t.Errorf("problems %q, want one with %q", got, c.problem)
@@ -110,12 +111,33 @@ func TestJudgeDecided(t *testing.T) {
 	port, excl := policy.ReasonInboundIncludedPort, policy.ReasonInboundExcludedPort
 	a, b, old := in("198.19.1.1:40000", port), in("198.19.1.1:40001", excl), in("198.19.1.1:39999", port)
 	checked := map[string]policy.Reason{old.Conn(): port}
-	j := Judge([]policy.Reason{excl, port}, map[policy.Reason]uint64{port: 3, excl: 1}, []TraceEvent{old, a, b, a}, checked,
+	j := Judge([]policy.Reason{excl, port}, Counts{maps.IPv4: {port: 3, excl: 1}}, []TraceEvent{old, a, b, a}, checked,
 		func(netip.AddrPort) policy.Reason { return port })
 	if len(j.Problems) != 0 || !j.Repeated {
 		t.Fatalf("problems %q, repeated %v; want none, repeated", j.Problems, j.Repeated)
 	}
 	if len(j.Decided) != 2 || j.Decided[0] != a || j.Decided[1] != b {
 		t.Errorf("decided %v, want %v then %v", j.Decided, a, b)
+	}
+}
+
+// TestJudgeFamilies: a run counts in its destination's family, a dual-stack socket's
+// IPv4 (traced unmapped) in IPv4's; a count in the other family's counter breaks the rule.
+func TestJudgeFamilies(t *testing.T) {
+	in6 := TraceEvent{Inbound: true, Src: netip.MustParseAddrPort("[fd00::9]:40000"), Dst: netip.MustParseAddrPort("[fd00::5]:8080"),
+		Reason: policy.ReasonInboundIncludedPort}
+	out4 := TraceEvent{Cookie: 7, Src: netip.MustParseAddrPort("198.18.1.2:50000"), Dst: netip.MustParseAddrPort("198.19.1.1:80"),
+		Reason: policy.ReasonIncludedCIDR}
+	want := []policy.Reason{policy.ReasonInboundIncludedPort, policy.ReasonIncludedCIDR}
+	inbound := func(netip.AddrPort) policy.Reason { return policy.ReasonInboundIncludedPort }
+	right := Counts{maps.IPv6: {policy.ReasonInboundIncludedPort: 1}, maps.IPv4: {policy.ReasonIncludedCIDR: 1}}
+	if j := Judge(want, right, []TraceEvent{in6, out4}, map[string]policy.Reason{}, inbound); len(j.Problems) != 0 {
+		t.Errorf("each run counted in its family: problems %q", j.Problems)
+	}
+	wrong := Counts{maps.IPv4: {policy.ReasonInboundIncludedPort: 1, policy.ReasonIncludedCIDR: 1}}
+	j := Judge(want, wrong, []TraceEvent{in6, out4}, map[string]policy.Reason{}, inbound)
+	if got := strings.Join(j.Problems, "; "); !strings.Contains(got, "ipv4 counter inbound-included-port rose by 1 for 0 traced runs") ||
+		!strings.Contains(got, "ipv6 counter inbound-included-port rose by 0 for 1 traced runs") {
+		t.Errorf("an IPv6 run counted as IPv4: problems %q", got)
 	}
 }

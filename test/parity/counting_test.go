@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshdivert/divert/internal/nsexec"
+	"github.com/meshdivert/divert/maps"
 	"github.com/meshdivert/divert/policy"
 	"github.com/meshdivert/divert/test/divertest"
 	"github.com/meshdivert/divert/test/testpod"
@@ -89,5 +90,5 @@ func TestRetransmittedSYNCountsAgain(t *testing.T) {
 	if j := divertest.Judge(append(decisionsOf(v), v.Reason), deltas, events, map[string]policy.Reason{}, vc.Inbound); len(j.Problems) == 0 {
 		t.Errorf("the rule accepts these runs as two connections: %v", events)
 	}
-	t.Logf("%d runs, counted %d; pod: %s", len(events), deltas[v.Reason], stats)
+	t.Logf("%d runs, counted %d; pod: %s", len(events), deltas[maps.IPv4][v.Reason], stats)
 }
