@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -146,6 +147,8 @@ backend inbound_passthrough
 	t.Run("ebpf", func(t *testing.T) {
 		att := divertest.Attach(t, pod, divertest.BPFFS(t), cfg)
 		ha := startHAProxy(t, pod, 15006, config)
+		vc := divertest.NewVerdictCheck(t, att)
+		vc.Begin(t, cfg)
 		res := pod.Net.Dial(t, testpod.Target{Dst: dst})[0]
 		if res.Err != "" || len(res.Hops) != 1 || res.Hops[0].Who != "app" || res.Hops[0].Local != dst.String() ||
 			!strings.HasPrefix(res.Hops[0].Peer, "[::6]:") {
@@ -155,9 +158,12 @@ backend inbound_passthrough
 		if got := haproxyLog(t, ha, 1); len(got) != 1 || got[0] != want {
 			t.Errorf("haproxy logged %q, want %q", got, want)
 		}
-		v6 := att.CountersByFamily(t, maps.IPv6)
-		if v6[policy.ReasonInboundIncludedPort] != 1 || v6[policy.ReasonInboundPassthrough] != 1 {
-			t.Errorf("IPv6 counters %v: want one inbound connection captured and haproxy's passed from ::6", v6)
+		// Exactly one inbound connection captured and haproxy's passed from ::6, counted as
+		// IPv6 (sk_lookup may run twice for one connection: divertest.VerdictCheck).
+		decided := vc.Check(t, []policy.Reason{policy.ReasonInboundIncludedPort, policy.ReasonInboundPassthrough}, "remote -> pod")
+		wantDecided := []string{fmt.Sprintf("inbound-included-port to %s", dst), fmt.Sprintf("inbound-passthrough to %s from ::6", dst)}
+		if got := decisions(decided); !slices.Equal(got, slices.Sorted(slices.Values(wantDecided))) {
+			t.Errorf("decided\n  %q\nwant\n  %q", got, wantDecided)
 		}
 		att.NoDrops(t)
 	})

@@ -31,6 +31,21 @@ func ipv6Config(t *testing.T, args ...string) *policy.Config {
 
 func ap(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(a, port) }
 
+// decisions names, sorted, the connections a divertest.VerdictCheck matched: the reason
+// and the original destination, and for the pod's own the address it came from.
+func decisions(es []divertest.TraceEvent) []string {
+	var out []string
+	for _, e := range es {
+		s := fmt.Sprintf("%s to %s", e.Reason, e.Dst)
+		if !e.Inbound {
+			s += " from " + e.Src.Addr().String()
+		}
+		out = append(out, s)
+	}
+	slices.Sort(out)
+	return out
+}
+
 // An app's native IPv6 connections reach the proxy at [::1]:15001, and the proxy reads each
 // one's original destination with getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST), as Envoy
 // does; from Go's IPv6-only sockets and from dual-stack sockets (IPV6_V6ONLY off), which
@@ -98,7 +113,8 @@ func TestIPv6Outbound(t *testing.T) {
 // directly.
 func TestIPv6Inbound(t *testing.T) {
 	pod := testpod.NewStack(t, testpod.DualStack)
-	att := divertest.Attach(t, pod, divertest.BPFFS(t), ipv6Config(t))
+	cfg := ipv6Config(t)
+	att := divertest.Attach(t, pod, divertest.BPFFS(t), cfg)
 	addrs, err := loader.LocalAddrs(pod.NetNSPath)
 	if err != nil || !slices.Contains(addrs, passthrough6) {
 		t.Fatalf("attach did not add %s to the pod: %v %v", passthrough6, addrs, err)
@@ -108,6 +124,8 @@ func TestIPv6Inbound(t *testing.T) {
 		InboundSrc: policy.InboundPassthroughSource, InboundSrc6: passthrough6})
 	pod.Server(t, "app", ap(any6, 8080), appUID, appUID)
 	pod.Server(t, "health", ap(any6, 15021), appUID, appUID)
+	vc := divertest.NewVerdictCheck(t, att)
+	vc.Begin(t, cfg)
 
 	for _, c := range []struct {
 		dst  netip.AddrPort
@@ -130,13 +148,20 @@ func TestIPv6Inbound(t *testing.T) {
 			t.Errorf("remote -> %s: %+v\n  hops %q\n  want %q", c.dst, res, hops, c.want)
 		}
 	}
-	v4, v6 := att.CountersByFamily(t, maps.IPv4), att.CountersByFamily(t, maps.IPv6)
-	if v6[policy.ReasonInboundIncludedPort] != 1 || v6[policy.ReasonInboundExcludedPort] != 1 || v4[policy.ReasonInboundIncludedPort] != 1 {
-		t.Errorf("inbound counters: IPv6 %v, IPv4 %v; want one included port each, one excluded IPv6", v6, v4)
+	// Exactly these decisions, each counted in its family (sk_lookup may run twice for one
+	// connection: divertest.VerdictCheck): the three connections in, and the proxy's two
+	// forwarding connections, as uid 1337 from the passthrough sources.
+	decided := vc.Check(t, []policy.Reason{policy.ReasonInboundIncludedPort, policy.ReasonInboundIncludedPort,
+		policy.ReasonInboundExcludedPort, policy.ReasonInboundPassthrough, policy.ReasonInboundPassthrough}, "remote -> pod")
+	want := []string{
+		fmt.Sprintf("inbound-included-port to %s", ap(pod.Addr6, 8080)),
+		fmt.Sprintf("inbound-included-port to %s", ap(pod.Addr, 8080)),
+		fmt.Sprintf("inbound-excluded-port to %s", ap(pod.Addr6, 15021)),
+		fmt.Sprintf("inbound-passthrough to %s from ::6", ap(pod.Addr6, 8080)),
+		fmt.Sprintf("inbound-passthrough to %s from 127.0.0.6", ap(pod.Addr, 8080)),
 	}
-	// The proxy's forwarding connections, as uid 1337 from the passthrough sources.
-	if v6[policy.ReasonInboundPassthrough] != 1 || v4[policy.ReasonInboundPassthrough] != 1 {
-		t.Errorf("inbound-passthrough counted IPv6 %d, IPv4 %d; want 1 each", v6[policy.ReasonInboundPassthrough], v4[policy.ReasonInboundPassthrough])
+	if got := decisions(decided); !slices.Equal(got, slices.Sorted(slices.Values(want))) {
+		t.Errorf("decided\n  %q\nwant\n  %q", got, want)
 	}
 	att.NoDrops(t)
 }
