@@ -237,8 +237,8 @@ func fillSlots(n *node, slots []uint32) error {
 }
 
 // putInner puts inner maps (by fd) into outer at slots: one batch update where the kernel
-// has them for an outer map, else one update per slot, all at once so their grace periods
-// overlap.
+// has them for an outer map (6.1 has, 5.10 answers "not supported": TestPutInner), else one
+// update per slot, all at once so their grace periods overlap.
 func putInner(outer *ebpf.Map, slots, fds []uint32) error {
 	_, err := outer.BatchUpdate(slots, fds, nil)
 	if !errors.Is(err, ebpf.ErrNotSupported) {
