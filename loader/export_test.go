@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -167,3 +168,12 @@ func NodeMapIDs(opts Options) (map[ebpf.MapID]string, error) {
 	}
 	return ids, nil
 }
+
+// ForgetSlotSkLookup unpins the sk_lookup program this build loaded for slot, as if no pod
+// had been in the slot yet.
+func ForgetSlotSkLookup(opts Options, slot uint32) error {
+	return os.Remove(filepath.Join(buildsDir(opts), buildTag(), slotSkLookupPin(slot)))
+}
+
+// SlotOf is the slot recorded for the attached pod id.
+func SlotOf(opts Options, id string) (uint32, error) { return readSlot(PinDir(opts, id)) }
