@@ -1,6 +1,7 @@
 package bpf_test
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -76,4 +77,50 @@ func TestSockmapsHaveNoBTF(t *testing.T) {
 			t.Errorf("map %s: declare key_size and value_size instead of __type(key/value, ...)", name)
 		}
 	}
+}
+
+// sk_lookup's own object (sk_lookup.c) holds the same sk_lookup programs as divert.c: both
+// compile sk_lookup.h, and a pod of the node layout runs the small object's copy.
+func TestSkLookupObjectMatchesDivert(t *testing.T) {
+	big, err := bpf.LoadDivert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	small, err := bpf.LoadSkLookup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(small.Programs) != 2 {
+		t.Errorf("sk_lookup object holds %d programs, want its two", len(small.Programs))
+	}
+	for _, name := range []string{bpf.SkLookupProgDivertSkLookup, bpf.SkLookupProgDivertSkLookupStatic} {
+		s, b := small.Programs[name], big.Programs[name]
+		if s == nil || b == nil {
+			t.Fatalf("%s: in sk_lookup's object %v, in divert's %v", name, s != nil, b != nil)
+		}
+		if got, want := fmt.Sprint(s.Instructions), fmt.Sprint(b.Instructions); got != want {
+			t.Errorf("%s: instructions differ between the objects:\n%s\nvs divert's\n%s", name, got, want)
+		}
+		// The maps it uses are the node's, made from divert's definitions.
+		for _, ins := range s.Instructions {
+			ms := small.Maps[ins.Reference()]
+			if ms == nil || ms.Name == ".rodata" {
+				continue
+			}
+			if bm := big.Maps[ms.Name]; bm == nil || mapShape(ms) != mapShape(bm) {
+				t.Errorf("%s: map %s is %s, divert's %s", name, ms.Name, mapShape(ms), mapShape(bm))
+			}
+		}
+	}
+}
+
+func mapShape(m *ebpf.MapSpec) string {
+	if m == nil {
+		return "missing"
+	}
+	s := fmt.Sprintf("%s key %d value %d max %d flags %#x", m.Type, m.KeySize, m.ValueSize, m.MaxEntries, m.Flags)
+	if m.InnerMap != nil {
+		s += " of (" + mapShape(m.InnerMap) + ")"
+	}
+	return s
 }

@@ -1,5 +1,6 @@
-// The capture decisions (policy.Config.Decide's twins, outbound and inbound) and the
-// programs that apply them to connects and datagrams: connect4/6 and sendmsg4/6.
+// The outbound capture decision (policy.Config.Decide's twin; the inbound one is in
+// sk_lookup.h) and the programs that apply it to connects and datagrams: connect4/6 and
+// sendmsg4/6.
 
 // decide_outbound mirrors policy.Config.Decide for outbound connections: istio's
 // ISTIO_OUTPUT chain, first match wins, with the family's localhost and passthrough
@@ -80,21 +81,6 @@ static __always_inline enum reason decide_outbound(struct bpf_sock_addr *ctx, __
 		return REASON_INCLUDED_CIDR;
 	}
 	return REASON_NOT_INCLUDED;
-}
-
-// decide_inbound mirrors policy.Config.Decide for inbound connections: istio's
-// ISTIO_INBOUND chain (the same in ip6tables).
-static __always_inline enum reason decide_inbound(__u32 slot, struct config *cfg, __u16 port)
-{
-	if (cfg->inbound_tunnel_passes && port == cfg->inbound_tunnel_port)
-		return REASON_INBOUND_TUNNEL_PORT;
-	__u8 pflags = port_flags(slot, port);
-	// The loader sets PORT_INBOUND_EXCLUDE only with -b '*', as istio renders -d only then.
-	if (pflags & PORT_INBOUND_EXCLUDE)
-		return REASON_INBOUND_EXCLUDED_PORT;
-	if (cfg->inbound_include_all || (pflags & PORT_INBOUND_INCLUDE))
-		return REASON_INBOUND_INCLUDED_PORT;
-	return REASON_INBOUND_NOT_INCLUDED;
 }
 
 // redirect_outbound decides an outbound connect (or datagram) to dst, of the family v4 says,

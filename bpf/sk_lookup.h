@@ -1,6 +1,21 @@
 // Inbound: sk_lookup hands connections to included ports to the proxy's inbound
 // listener, without NAT (the accepted socket's local address is the original destination).
 
+// decide_inbound mirrors policy.Config.Decide for inbound connections: istio's
+// ISTIO_INBOUND chain (the same in ip6tables).
+static __always_inline enum reason decide_inbound(__u32 slot, struct config *cfg, __u16 port)
+{
+	if (cfg->inbound_tunnel_passes && port == cfg->inbound_tunnel_port)
+		return REASON_INBOUND_TUNNEL_PORT;
+	__u8 pflags = port_flags(slot, port);
+	// The loader sets PORT_INBOUND_EXCLUDE only with -b '*', as istio renders -d only then.
+	if (pflags & PORT_INBOUND_EXCLUDE)
+		return REASON_INBOUND_EXCLUDED_PORT;
+	if (cfg->inbound_include_all || (pflags & PORT_INBOUND_INCLUDE))
+		return REASON_INBOUND_INCLUDED_PORT;
+	return REASON_INBOUND_NOT_INCLUDED;
+}
+
 // TRY_LISTENER hands the connection to the listener in entry i of node_listeners, if there
 // is one, it is still the proxy's inbound port (a listener left over from an older -z is
 // not), and it takes the connection's family (bpf_sk_assign refuses an AF_INET listener for

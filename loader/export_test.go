@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -124,3 +125,55 @@ func MakeNodeMaps(opts Options, slots uint32) error {
 	defer n.Close()
 	return n.createMaps(spec, opts)
 }
+
+// DivertParses is how many times this process parsed divert.c's object (parsedSpec).
+func DivertParses() int { return int(divertParses.Load()) }
+
+// SkLookupUsedMaps lists the maps the two sk_lookup programs of sk_lookup's object use.
+func SkLookupUsedMaps() ([]string, error) {
+	spec, err := skLookupSpec()
+	if err != nil {
+		return nil, err
+	}
+	var used []string
+	for _, name := range []string{skLookupFast, skLookupStatic} {
+		for _, ins := range spec.Programs[name].Instructions {
+			if ref := ins.Reference(); spec.Maps[ref] != nil && !slices.Contains(used, ref) {
+				used = append(used, ref)
+			}
+		}
+	}
+	return used, nil
+}
+
+// NodeMaps are the maps the node holds for every pod, the trace maps among them.
+func NodeMaps() []string {
+	return append(nodeMapNames(), "trace_control_map", "trace_events", "trace_owner")
+}
+
+// NodeMapIDs are the IDs of the node's pinned maps (trace maps included), by name.
+func NodeMapIDs(opts Options) (map[ebpf.MapID]string, error) {
+	ids := map[ebpf.MapID]string{}
+	for _, name := range NodeMaps() {
+		path := filepath.Join(nodeMapsDir(opts), name)
+		if nodeMaps[name] {
+			path = filepath.Join(traceDir(opts), name)
+		}
+		m, err := ebpf.LoadPinnedMap(path, nil)
+		if err != nil {
+			return nil, err
+		}
+		ids[mapID(m)] = name
+		m.Close()
+	}
+	return ids, nil
+}
+
+// ForgetSlotSkLookup unpins the sk_lookup program this build loaded for slot, as if no pod
+// had been in the slot yet.
+func ForgetSlotSkLookup(opts Options, slot uint32) error {
+	return os.Remove(filepath.Join(buildsDir(opts), buildTag(), slotSkLookupPin(slot)))
+}
+
+// SlotOf is the slot recorded for the attached pod id.
+func SlotOf(opts Options, id string) (uint32, error) { return readSlot(PinDir(opts, id)) }

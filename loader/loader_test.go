@@ -25,6 +25,7 @@ func TestMain(m *testing.M) {
 	testpod.RunHelperIfRequested()
 	runCrashChildIfRequested()
 	runConnectChildIfRequested()
+	runNewSlotChildIfRequested()
 	os.Exit(m.Run())
 }
 

@@ -5,8 +5,8 @@
 // (bpf/divert.c). The node's maps (pod_slot, the outer maps, the listeners, the socket
 // storage) are pinned once under <bpffs>/divert_node/maps/ and outlive builds: an upgrade's
 // programs use the same pod_slot, so link.Update keeps every pod's slot
-// (TestPrototypeSlotSurvivesLinkUpdate). sk_lookup has no cgroup: it is loaded per pod,
-// with its slot as a constant.
+// (TestPrototypeSlotSurvivesLinkUpdate). sk_lookup has no cgroup: it is loaded per pod
+// slot, with its slot as a constant, from an object of its own (sklookup.go).
 
 package loader
 
@@ -273,34 +273,6 @@ func (n *node) openPrograms(opts Options) error {
 	return nil
 }
 
-// slotSkLookupPin names slot's sk_lookup program in the build's directory.
-func slotSkLookupPin(slot uint32) string { return fmt.Sprintf("sk_lookup_slot_%d", slot) }
-
-// podSkLookup is the sk_lookup program of the pod in slot: the one the slot's first pod
-// loaded and pinned in the build's directory, else loaded and pinned now. A pod's copy
-// differs from another's only by its slot, so the slot keeps it for the next pod, as it
-// keeps its maps: on a warm node an attach then neither parses the object nor runs the
-// verifier. An upgrade is a new build's directory; gc removes free slots' copies.
-func podSkLookup(n *node, slot uint32) (*ebpf.Program, error) {
-	if n.dir == "" {
-		return loadSkLookup(n, slot)
-	}
-	pin := filepath.Join(n.dir, slotSkLookupPin(slot))
-	if prog, err := ebpf.LoadPinnedProgram(pin, nil); err == nil {
-		return prog, nil
-	}
-	prog, err := loadSkLookup(n, slot)
-	if err != nil {
-		return nil, err
-	}
-	os.Remove(pin) // one that could not be opened
-	if err := prog.Pin(pin); err != nil {
-		prog.Close()
-		return nil, fmt.Errorf("pin slot %d's sk_lookup: %w", slot, err)
-	}
-	return prog, nil
-}
-
 func mapID(m *ebpf.Map) ebpf.MapID {
 	info, err := m.Info()
 	if err != nil {
@@ -392,60 +364,6 @@ func loadNodePrograms(spec *ebpf.CollectionSpec, nodeMaps map[string]*ebpf.Map) 
 		"divert_connect4": w.Connect4, "divert_connect6": w.Connect6,
 		"divert_sendmsg4": w.Sendmsg4, "divert_sendmsg6": w.Sendmsg6,
 	}, nil
-}
-
-// loadSkLookupTemplate loads the build's sk_lookup template (slot 0) as n.progs'
-// divert_sk_lookup: the faster program where the kernel takes it, else the one for 5.10
-// (try_listener in bpf/sk_lookup.h), and records which in n.skLookup.
-func loadSkLookupTemplate(n *node) error {
-	var errs []error
-	for _, name := range []string{skLookupFast, skLookupStatic} {
-		n.skLookup = name
-		prog, err := loadSkLookup(n, 0)
-		if err == nil {
-			n.progs["divert_sk_lookup"] = prog
-			return nil
-		}
-		errs = append(errs, err)
-	}
-	return errors.Join(errs...)
-}
-
-// loadSkLookup loads a pod's sk_lookup program (n.skLookup), its slot a constant, onto the
-// node's maps.
-func loadSkLookup(n *node, slot uint32) (*ebpf.Program, error) {
-	spec, err := divertSpec()
-	if err != nil {
-		return nil, fmt.Errorf("load embedded BPF spec: %w", err)
-	}
-	if err := spec.Variables["lookup_slot"].Set(slot); err != nil {
-		return nil, fmt.Errorf("set sk_lookup's slot: %w", err)
-	}
-	fitToNodeMaps(spec, n.maps)
-	// No KernelTypes: sk_lookup reads no kernel structure (every CO-RE relocation is in
-	// socket_owner, which only the cgroup programs call), and kernelTypes parses the
-	// kernel's BTF, a fifth of an init container's CPU when the node's programs are pinned.
-	var opts ebpf.CollectionOptions
-	opts.Cache = btfCache
-	opts.MapReplacements = n.maps
-	var fast struct {
-		SkLookup *ebpf.Program `ebpf:"divert_sk_lookup"`
-	}
-	var static struct {
-		SkLookup *ebpf.Program `ebpf:"divert_sk_lookup_static"`
-	}
-	to, prog := any(&fast), &fast.SkLookup
-	if n.skLookup == skLookupStatic {
-		to, prog = &static, &static.SkLookup
-	}
-	if err := spec.LoadAndAssign(to, &opts); err != nil {
-		var verr *ebpf.VerifierError
-		if errors.As(err, &verr) {
-			return nil, fmt.Errorf("kernel rejected divert's sk_lookup program: %v", verr)
-		}
-		return nil, fmt.Errorf("load sk_lookup program: %w", err)
-	}
-	return *prog, nil
 }
 
 // cleanNodeStaging removes what a killed loadNode left: unpinning a map or program nothing

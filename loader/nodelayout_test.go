@@ -20,7 +20,7 @@ import (
 )
 
 // podWithProxy is a pod with an app on :8080 and a proxy (name) on 15001 and 15006.
-func podWithProxy(t *testing.T, net *testpod.Network, app, proxy string) *testpod.Pod {
+func podWithProxy(t testing.TB, net *testpod.Network, app, proxy string) *testpod.Pod {
 	p := net.AddPod(t)
 	any := netip.IPv4Unspecified()
 	p.Server(t, app, netip.AddrPortFrom(any, 8080), divertest.AppUID, divertest.AppUID)

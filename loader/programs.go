@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -68,7 +69,14 @@ func (p program) attachTo(pod Pod, prog *ebpf.Program) (link.Link, error) {
 
 // parsedSpec is the embedded collection, parsed once per process: parsing the ELF is the
 // same work for every pod (a node agent attaches hundreds).
-var parsedSpec = sync.OnceValues(bpf.LoadDivert)
+var parsedSpec = sync.OnceValues(func() (*ebpf.CollectionSpec, error) {
+	divertParses.Add(1)
+	return bpf.LoadDivert()
+})
+
+// divertParses counts parsedSpec's parses, for tests: a pod taking a new slot on a warm
+// node must parse only sk_lookup's small object (sklookup.go).
+var divertParses atomic.Int32
 
 // divertSpec returns a copy of the embedded collection spec for one load: cilium/ebpf does
 // not promise that loading leaves a spec as it was, and loads may run concurrently (Probe
