@@ -104,3 +104,27 @@ func TestNameChecksMatchTheirRegexps(t *testing.T) {
 		check(string(b))
 	}
 }
+
+// fillSlots and growOwnerGids make a slot's maps from sk_lookup's small object, which
+// declares every pod map as divert.c's does: a pod in a new slot then parses only that
+// object, whoever fills the slots.
+func TestPodMapsInSkLookupObject(t *testing.T) {
+	big, err := parsedSpec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	small, err := skLookupSpec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range podMapNames {
+		b, s := big.Maps[name], small.Maps[name]
+		if s == nil {
+			t.Errorf("sk_lookup's object has no map %s", name)
+			continue
+		}
+		if b.Type != s.Type || b.KeySize != s.KeySize || b.ValueSize != s.ValueSize || b.MaxEntries != s.MaxEntries || b.Flags != s.Flags {
+			t.Errorf("map %s: %+v in sk_lookup's object, %+v in divert.c's", name, s, b)
+		}
+	}
+}
