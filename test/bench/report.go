@@ -463,9 +463,10 @@ const readingNotes = `- **What a capture mode can save is small next to the prox
   shared over the pods, hence the fall from 1 to 1,000 pods. The init container's whole run (process
   start to exit) adds what a process pays before and after the attach: starting the binary (§divert§
   links no Kubernetes library: the node agent is §divert-node§; ~5 ms to start, 14–17 ms before),
-  for a new slot parsing the embedded object and the sk_lookup through the verifier, and iptables-save
-  in the netns to find istio's rules left by an earlier run; on a node whose programs are pinned it
-  runs no feature probes. The init runs see a mount table without the pods' netns mounts, as a
+  for a new slot parsing sk_lookup's small object (bpf/sk_lookup.c, not divert.c's eleven programs)
+  and its sk_lookup through the verifier, and, where the netns holds any iptables table, iptables-save
+  to find istio's rules left by an earlier run; on a node whose programs are pinned it runs no
+  feature probes and parses nothing for a pod in a reused slot. The init runs see a mount table without the pods' netns mounts, as a
   container sees its own: cilium/ebpf reads /proc/self/mountinfo at a process's first map or program
   load (looking for a BPF token), and on the host's table, a netns mount per pod, that cost each eBPF
   run several ms at 1,000 pods. (Before issue 24 every pod loaded and verified its own eleven programs: 96.5
