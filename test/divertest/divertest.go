@@ -118,16 +118,7 @@ func (a *Attached) Counters(tb testing.TB) map[policy.Reason]uint64 {
 // CountersByFamily reads the pod's verdict counters of one address family.
 func (a *Attached) CountersByFamily(tb testing.TB, f maps.Family) map[policy.Reason]uint64 {
 	tb.Helper()
-	m, err := loader.OpenMaps(a.Pod.Name, a.Opts)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer loader.CloseMaps(m)
-	c, err := maps.CountersByFamily(m)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return c[f]
+	return a.counts(tb)[f]
 }
 
 // Drops reads what the pod's programs gave up on, by kind.
