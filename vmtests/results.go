@@ -2,6 +2,7 @@ package vmtests
 
 import (
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -12,6 +13,10 @@ type PackageResult struct {
 	Outcome string // Pass, Fail or Timeout
 	Seconds float64
 	Reason  string // for failures: failing tests, or why there is no result
+	// Failures is what the failing tests printed (failureExcerpt): a CI log keeps only
+	// the run's tail, where the host prints this, and the guest's console is gone with
+	// the CI machine.
+	Failures string
 }
 
 // GuestResult is what one boot produced.
@@ -70,6 +75,7 @@ func ParseGuest(token string, pkgs []Package, results, console string, hostTimed
 		switch {
 		case ok && r.Outcome != Pass:
 			r.Reason = failReason(sections[p.Path])
+			r.Failures = failureExcerpt(sections[p.Path])
 		case !ok && hostTimedOut:
 			r = PackageResult{Package: p.Path, Outcome: Timeout, Reason: "no result: the host killed the VM (no progress, or its hard timeout)"}
 		case !ok:
@@ -159,6 +165,60 @@ func failReason(out string) string {
 		}
 	}
 	return "no failing test named in the output; see the console log"
+}
+
+// Limits of failureExcerpt: the deepest failing tests, the last lines of each.
+const (
+	excerptTests = 3
+	excerptLines = 40
+)
+
+// failureExcerpt is what the first few failing leaf tests of a package's `-test.v` output
+// printed (their messages come last): each test's own lines, which -v marks off with
+// "=== RUN", "=== NAME" or "=== CONT" lines naming it, and its "--- FAIL" line.
+func failureExcerpt(out string) string {
+	lines := strings.Split(out, "\n")
+	var failed []string
+	for _, l := range lines {
+		if rest, ok := strings.CutPrefix(strings.TrimLeft(l, " "), "--- FAIL: "); ok {
+			name, _, _ := strings.Cut(rest, " ")
+			failed = append(failed, name)
+		}
+	}
+	var b strings.Builder
+	shown := 0
+	for _, name := range failed {
+		if shown == excerptTests {
+			break
+		}
+		if slices.ContainsFunc(failed, func(f string) bool { return strings.HasPrefix(f, name+"/") }) {
+			continue // a parent: its failing subtests say why
+		}
+		var own []string
+		mine := false
+		for _, l := range lines {
+			if rest, ok := strings.CutPrefix(l, "=== "); ok {
+				verb, test, _ := strings.Cut(rest, " ")
+				mine = (verb == "RUN" || verb == "NAME" || verb == "CONT") && strings.TrimSpace(test) == name
+				continue
+			}
+			if strings.HasPrefix(strings.TrimLeft(l, " "), "--- ") {
+				mine = false // the summary of finished tests
+			}
+			if mine {
+				own = append(own, l)
+			}
+		}
+		if len(own) > excerptLines {
+			own = append([]string{fmt.Sprintf("    ... %d lines before", len(own)-excerptLines)}, own[len(own)-excerptLines:]...)
+		}
+		fmt.Fprintf(&b, "--- FAIL: %s\n", name)
+		for _, l := range own {
+			b.WriteString(l + "\n")
+		}
+		shown++
+	}
+	return b.String()
 }
 
 // Table formats results as a fixed-width text table, one row per kernel and package.

@@ -1,6 +1,7 @@
 package vmtests
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -86,6 +87,50 @@ func TestFailReason(t *testing.T) {
 	}
 	if got, want := g.Packages[1].Reason, "panic: test timed out after 10m0s"; got != want {
 		t.Errorf("reason %q, want %q", got, want)
+	}
+}
+
+func TestFailureExcerpt(t *testing.T) {
+	out := `=== RUN   TestA
+=== RUN   TestA/one
+    x_test.go:4: fine
+=== RUN   TestA/two
+=== RUN   TestA/two/deep
+    x_test.go:5: before
+[   12.345678] a kernel line
+    x_test.go:5: bad
+          second line
+=== NAME  TestA
+    x_test.go:6: after
+=== RUN   TestB
+    x_test.go:9: lonely
+--- FAIL: TestA (0.00s)
+    --- PASS: TestA/one (0.00s)
+    --- FAIL: TestA/two (0.00s)
+        --- FAIL: TestA/two/deep (0.00s)
+--- FAIL: TestB (0.00s)
+FAIL
+`
+	want := `--- FAIL: TestA/two/deep
+    x_test.go:5: before
+[   12.345678] a kernel line
+    x_test.go:5: bad
+          second line
+--- FAIL: TestB
+    x_test.go:9: lonely
+`
+	if got := failureExcerpt(out); got != want {
+		t.Errorf("excerpt:\n%s\nwant:\n%s", got, want)
+	}
+	var long strings.Builder
+	long.WriteString("=== RUN   TestC\n")
+	for i := range excerptLines + 5 {
+		fmt.Fprintf(&long, "    line %d\n", i)
+	}
+	long.WriteString("--- FAIL: TestC (1s)\n")
+	got := failureExcerpt(long.String())
+	if !strings.Contains(got, "... 5 lines before\n    line 5\n") || !strings.HasSuffix(got, fmt.Sprintf("line %d\n", excerptLines+4)) {
+		t.Errorf("a long output is not cut to its last %d lines:\n%s", excerptLines, got)
 	}
 }
 

@@ -249,6 +249,14 @@ func (r *vmRun) main(ctx context.Context, kernelNames, pkgPaths []string, self b
 	table := vmtests.Table(rows)
 	fmt.Print("\n" + table)
 	_ = os.WriteFile(filepath.Join(r.out, "summary.txt"), []byte(table), 0o644)
+	// After the table, so that a log cut to its tail still says why.
+	for i, g := range results {
+		for _, p := range g.Packages {
+			if p.Failures != "" {
+				fmt.Printf("\nvmtest: %s %s failed:\n%s", kernels[i].Name, p.Package, p.Failures)
+			}
+		}
+	}
 
 	if self {
 		return r.checkSelftest(results[0]), nil
