@@ -112,14 +112,20 @@ func (vc *VerdictCheck) Collect(t *testing.T) (Counts, []TraceEvent) {
 		}
 	}
 	// A program counts, then traces: a run counted may be a few µs from its record. The
-	// counters are read first, so every run they counted is traced by now or very soon.
+	// counters are read first, so every run they counted is traced by now or very soon:
+	// "soon" is long in a TCG guest, whose other vCPU (running a segment's sk_lookup in
+	// softirq) the host may not schedule for a second or more. Waiting costs nothing when
+	// every record is there.
 	events := vc.trace.Take(t)
-	for deadline := time.Now().Add(200 * time.Millisecond); uint64(len(events)) < counted && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(traceCatchUp); uint64(len(events)) < counted && time.Now().Before(deadline); {
 		time.Sleep(2 * time.Millisecond)
 		events = append(events, vc.trace.Take(t)...)
 	}
 	return deltas, events
 }
+
+// traceCatchUp bounds the wait for the trace records of runs already counted.
+const traceCatchUp = 5 * time.Second
 
 // Counts are verdict counters (or runs), by address family and reason.
 type Counts map[maps.Family]map[policy.Reason]uint64
