@@ -64,6 +64,12 @@ func TestJudge(t *testing.T) {
 			events: []TraceEvent{out(7, incl), out(8, incl)}, problem: "not a decision wanted"},
 		{name: "a late run of an earlier scenario's connection", want: []policy.Reason{incl}, deltas: counts(incl, 1, port, 1),
 			events: []TraceEvent{in(a, port), out(8, incl)}, checked: map[string]policy.Reason{in(a, port).Conn(): port}, repeated: true},
+		// A late run in the moment between Begin's trace read and its counter read: traced
+		// in this scenario, counted before it.
+		{name: "a late run counted before the scenario began", want: []policy.Reason{incl}, deltas: counts(incl, 1),
+			events: []TraceEvent{in(a, port), out(8, incl)}, checked: map[string]policy.Reason{in(a, port).Conn(): port}, repeated: true},
+		{name: "a late run counted twice", want: []policy.Reason{incl}, deltas: counts(incl, 1, port, 2),
+			events: []TraceEvent{in(a, port), out(8, incl)}, checked: map[string]policy.Reason{in(a, port).Conn(): port}, problem: "rose by 2 for 1 traced runs"},
 		{name: "an earlier connection under another reason", want: []policy.Reason{incl}, deltas: counts(incl, 1, excl, 1),
 			events: []TraceEvent{in(a, excl), out(8, incl)}, checked: map[string]policy.Reason{in(a, port).Conn(): port}, problem: "not a decision wanted"},
 		{name: "an earlier connection's ports reused by a new one", want: []policy.Reason{excl}, deltas: counts(excl, 1),
