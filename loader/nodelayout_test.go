@@ -216,7 +216,7 @@ func TestSlotReuseAndGC(t *testing.T) {
 	if err := loader.Detach(a.Name, opts); err != nil {
 		t.Fatal(err)
 	}
-	filled, err := divertest.SlotsFilled(opts)
+	filled, err := loader.FilledSlots(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -235,13 +235,13 @@ func TestSlotReuseAndGC(t *testing.T) {
 	if got := st.Counters(t); got[policy.ReasonExcludedOutboundPort] != 0 || got[policy.ReasonIncludedCIDR] != 1 {
 		t.Errorf("pod b's counters %v: want its one captured connection only, none of pod a's", got)
 	}
-	if again, _ := divertest.SlotsFilled(opts); !slices.Equal(again, filled) {
+	if again, _ := loader.FilledSlots(opts); !slices.Equal(again, filled) {
 		t.Errorf("slots filled %v after pod b's attach, want %v reused", again, filled)
 	}
 	if _, err := loader.GC(opts); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := divertest.SlotsFilled(opts); len(got) != 1 {
+	if got, _ := loader.FilledSlots(opts); len(got) != 1 {
 		t.Errorf("slots filled after gc: %v, want pod b's alone", got)
 	}
 	landed(t, "pod b after gc", b.Dial(t, divertest.AppUID, divertest.AppUID, remote)[0], "proxy-b")

@@ -75,7 +75,7 @@ func TestNewSlotParsesOnlySkLookupObject(t *testing.T) {
 	a := podWithProxy(t, net, "app-a", "proxy-a")
 	b := podWithProxy(t, net, "app-b", "proxy-b")
 	divertest.Attach(t, a, opts, divertest.Config(t))
-	filled, err := divertest.SlotsFilled(opts)
+	filled, err := loader.FilledSlots(opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -132,19 +132,93 @@ func unindexSlot(opts Options, id string) {
 	}
 }
 
-// filled says whether slot has its maps in the outer maps (slot_config_map's entry goes
-// in last and out first).
-func filled(n *node, slot uint32) (bool, error) {
-	var id uint32
-	err := n.maps["slot_config_map"].Lookup(slot, &id)
-	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return false, nil
+// innerIDs reads the map IDs at the given entries of outer maps, all at once; 0 for an
+// empty entry (no map has ID 0). On Linux 6.1 every lookup of a map-in-map from user space
+// also waits for an RCU grace period (maybe_wait_bpf_programs, which later kernels call on
+// updates and deletes only; 6.12 does not wait): one after another, a slot's eleven maps
+// cost eleven grace periods (~18 ms each in the 6.1 guest, microseconds on 6.12) and gc's
+// walk of 1,024 slots 19 s. Concurrent lookups share their grace periods, as fillSlots'
+// updates do.
+func innerIDs(entries []outerEntry) ([]uint32, error) {
+	ids := make([]uint32, len(entries))
+	errs := make([]error, len(entries))
+	limit := make(chan struct{}, innerLookupThreads)
+	var wg sync.WaitGroup
+	for i, e := range entries {
+		limit <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-limit }()
+			err := e.outer.Lookup(e.slot, &ids[i])
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				ids[i], err = 0, nil
+			}
+			if err != nil {
+				errs[i] = fmt.Errorf("read slot %d of %s: %w", e.slot, e.name, err)
+			}
+		})
 	}
-	return err == nil, err
+	wg.Wait()
+	return ids, errors.Join(errs...)
+}
+
+// outerEntry is one slot's entry of one outer map (name for messages).
+type outerEntry struct {
+	outer *ebpf.Map
+	name  string
+	slot  uint32
+}
+
+// innerLookupThreads bounds innerIDs' concurrent lookups: each blocks a thread for a grace
+// period where lookups wait.
+const innerLookupThreads = 64
+
+// filledSlots says which of slots have their maps in the outer maps (slot_config_map's
+// entry goes in last and out first).
+func filledSlots(configMap *ebpf.Map, slots []uint32) ([]bool, error) {
+	entries := make([]outerEntry, len(slots))
+	for i, s := range slots {
+		entries[i] = outerEntry{configMap, "slot_config_map", s}
+	}
+	ids, err := innerIDs(entries)
+	has := make([]bool, len(slots))
+	for i, id := range ids {
+		has[i] = id != 0
+	}
+	return has, err
+}
+
+// FilledSlots lists the node's slots that have their maps (taken or kept for the next
+// pod), nil on a node without the node layout.
+func FilledSlots(opts Options) ([]uint32, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(nodeMapsDir(opts), "slot_config_map"), nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer m.Close()
+	all := make([]uint32, m.MaxEntries())
+	for i := range all {
+		all[i] = uint32(i)
+	}
+	has, err := filledSlots(m, all)
+	if err != nil {
+		return nil, err
+	}
+	var filled []uint32
+	for i, s := range all {
+		if has[i] {
+			filled = append(filled, s)
+		}
+	}
+	return filled, nil
 }
 
 // allocSlot takes the lowest free slot, filling it (and the next free ones, up to
-// slotChunk) with maps if it has none, and empties its range of node_listeners.
+// slotChunk) with maps if it has none, and empties its range of node_listeners. It looks
+// free slots up two chunks at a time (innerIDs): the lowest is usually filled, and the
+// rest cost no more grace periods where lookups wait for one, and microseconds elsewhere.
 func allocSlot(n *node, opts Options) (uint32, error) {
 	taken, err := takenSlots(opts)
 	if err != nil {
@@ -152,22 +226,34 @@ func allocSlot(n *node, opts Options) (uint32, error) {
 	}
 	var slot uint32
 	var fill []uint32
-	for s := uint32(1); s < n.slotCount() && len(fill) < slotChunk; s++ {
-		if taken[s] {
-			continue
-		}
-		has, err := filled(n, s)
-		if err != nil {
-			return 0, fmt.Errorf("read slot_config_map: %w", err)
-		}
-		if slot == 0 {
-			slot = s
-			if has {
-				break
+	next := uint32(1)
+	for next < n.slotCount() && len(fill) < slotChunk {
+		var batch []uint32
+		for ; next < n.slotCount() && len(batch) < 2*slotChunk; next++ {
+			if !taken[next] {
+				batch = append(batch, next)
 			}
 		}
-		if !has {
-			fill = append(fill, s)
+		has, err := filledSlots(n.maps["slot_config_map"], batch)
+		if err != nil {
+			return 0, err
+		}
+		for i, s := range batch {
+			if len(fill) == slotChunk {
+				break
+			}
+			if slot == 0 {
+				slot = s
+				if has[i] {
+					break
+				}
+			}
+			if !has[i] {
+				fill = append(fill, s)
+			}
+		}
+		if slot != 0 && len(fill) == 0 {
+			break // the lowest free slot has its maps
 		}
 	}
 	if slot == 0 {
@@ -298,14 +384,21 @@ func growOwnerGids(n *node, slot uint32, pm *maps.Maps, dir string, cfg *policy.
 
 // slotMaps opens slot's maps from the outer maps, by name.
 func slotMaps(n *node, slot uint32) (map[string]*ebpf.Map, error) {
+	entries := make([]outerEntry, len(podMapNames))
+	for i, name := range podMapNames {
+		entries[i] = outerEntry{n.maps["slot_"+name], "slot_" + name, slot}
+	}
+	ids, err := innerIDs(entries)
+	if err != nil {
+		return nil, err
+	}
 	own := map[string]*ebpf.Map{}
-	for _, name := range podMapNames {
-		var id uint32
-		if err := n.maps["slot_"+name].Lookup(slot, &id); err != nil {
+	for i, name := range podMapNames {
+		if ids[i] == 0 {
 			closeMaps(own)
-			return nil, fmt.Errorf("read slot %d of slot_%s: %w", slot, name, err)
+			return nil, fmt.Errorf("read slot %d of slot_%s: %w", slot, name, ebpf.ErrKeyNotExist)
 		}
-		m, err := ebpf.NewMapFromID(ebpf.MapID(id))
+		m, err := ebpf.NewMapFromID(ebpf.MapID(ids[i]))
 		if err != nil {
 			closeMaps(own)
 			return nil, fmt.Errorf("open slot %d's %s: %w", slot, name, err)
@@ -354,11 +447,20 @@ func gcSlots(opts Options) error {
 		}
 		outer[name] = m
 	}
+	var untaken []uint32
+	for s := range outer["config_map"].MaxEntries() {
+		if !taken[s] {
+			untaken = append(untaken, s)
+		}
+	}
+	has, err := filledSlots(outer["config_map"], untaken)
+	if err != nil {
+		return err
+	}
 	var free []uint32
-	var slot, id uint32
-	for it := outer["config_map"].Iterate(); it.Next(&slot, &id); {
-		if !taken[slot] {
-			free = append(free, slot)
+	for i, s := range untaken {
+		if has[i] {
+			free = append(free, s)
 		}
 	}
 	for _, batch := range [][]string{{"config_map"}, podMapNames[1:]} {

@@ -200,25 +200,6 @@ func AssertNothingAttached(tb testing.TB, pod *testpod.Pod, opts loader.Options)
 	}
 }
 
-// SlotsFilled lists the pod slots of the node's programs that hold maps (a pod's, or kept
-// for the next pod: loader/node.go).
-func SlotsFilled(opts loader.Options) ([]uint32, error) {
-	m, err := ebpf.LoadPinnedMap(filepath.Join(opts.BPFFS, "divert_node", "maps", "slot_config_map"), nil)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	defer m.Close()
-	var filled []uint32
-	var slot, id uint32
-	for it := m.Iterate(); it.Next(&slot, &id); {
-		filled = append(filled, slot)
-	}
-	return filled, nil
-}
-
 // Cgroup2Mount finds the cgroup v2 mount (/sys/fs/cgroup/unified on a hybrid host).
 func Cgroup2Mount(tb testing.TB) string {
 	tb.Helper()
