@@ -1,5 +1,8 @@
 // Pod slots of the node's programs: which slot a pod holds (a symlink in its pin
-// directory), taking and filling slots, reusing their maps, and giving them back.
+// directory), taking and filling slots, reusing their maps, and giving them back. Over 400
+// lines as one file: every step of a slot's life keeps the same ordering rules for the
+// outer maps (slot_config_map's entry in last and out first) and the same grace-period
+// costs, which would be split apart across files.
 
 package loader
 
