@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"slices"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -53,5 +54,21 @@ func TestPutInner(t *testing.T) {
 		if err := outer.Lookup(slot, &got); err != nil || ebpf.MapID(got) != id {
 			t.Errorf("slot %d after putInner: map %d, %v; want map %d", slot, got, err, id)
 		}
+	}
+	// innerIDs reads the same entries back, at once, each in its place; 0 where empty.
+	var entries []outerEntry
+	for slot := range uint32(4) {
+		entries = append(entries, outerEntry{outer, "outer", slot})
+	}
+	ids, err := innerIDs(entries)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []uint32{0, uint32(want[1]), 0, uint32(want[3])}; !slices.Equal(ids, want) {
+		t.Errorf("innerIDs %v, want %v", ids, want)
+	}
+	has, err := filledSlots(outer, []uint32{3, 2, 1, 0})
+	if err != nil || !slices.Equal(has, []bool{true, false, true, false}) {
+		t.Errorf("filledSlots of 3, 2, 1, 0: %v, %v; want true, false, true, false", has, err)
 	}
 }
