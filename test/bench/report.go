@@ -472,6 +472,10 @@ const readingNotes = `- **What a capture mode can save is small next to the prox
   run several ms at 1,000 pods. (Before issue 24 every pod loaded and verified its own eleven programs: 96.5
   ms, CPU 92.3 ms, per pod at 100 pods against iptables-nft's 20.4 ms, and 112 KiB of kernel memory
   per pod.) A map-in-map update from user space waits for an RCU grace period (~15 ms here), which is
-  why a slot keeps its maps for the next pod and new slots are made eight at a time.
+  why a slot keeps its maps for the next pod and new slots are made eight at a time. This host
+  runs 6.18; on Debian's 6.1 and 5.10 a *lookup* of an outer map's entry waits for a grace period
+  too, and an attach makes twelve: issued at once, they cost one or two grace periods there
+  (an attach into a reused slot in the 6.1 guest: 0.41 s with them one after another, 0.135 s at
+  once; docs/kernel-facts.md). B5 has not been run on 6.1.
   Detach is cheap: one BPF_LINK_DETACH per program, the kernel frees the maps afterwards.
 `
