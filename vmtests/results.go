@@ -23,6 +23,7 @@ type PackageResult struct {
 type GuestResult struct {
 	Release  string // uname -r reported by the guest; empty if it never got that far
 	Packages []PackageResult
+	Booted   bool     // the init reported anything (its first line, the release): see DiedBooting
 	Done     bool     // the init reported it finished
 	Problems []string // things that fail the run besides packages: no DONE line, a panic, ...
 	Notes    []string // worth reading, not failures by themselves: modules that did not load
@@ -41,6 +42,13 @@ func (g GuestResult) OK() bool {
 	return true
 }
 
+// DiedBooting reports whether the guest's kernel died (or hung) before the init's first
+// line: no test had run, so the boot says nothing about the code under test, and the host
+// may boot it again. Under TCG with 32 vCPUs Debian's 6.12 once died so, at 12 s, on an int3
+// its own live patching had already removed (docs/kernel-facts.md). A guest that dies later,
+// with a test running, is that test's failure and is never booted again.
+func (g GuestResult) DiedBooting() bool { return !g.Booted }
+
 // ParseGuest turns the results port's lines and the console log into a GuestResult. Only
 // lines carrying token count. Every package in pkgs gets a result: one the guest did not
 // report is a TIMEOUT if the host had to kill the VM, else a FAIL. Nothing here defaults to
@@ -53,6 +61,7 @@ func ParseGuest(token string, pkgs []Package, results, console string, hostTimed
 		if len(f) < 2 || f[1] != token {
 			continue
 		}
+		g.Booted = true
 		switch {
 		case f[0] == KeyKernel && len(f) == 3:
 			g.Release = f[2]

@@ -154,3 +154,29 @@ func TestReadKernels(t *testing.T) {
 		t.Error("a line without =version was accepted")
 	}
 }
+
+// Only a guest that reported nothing at all may be booted again: once the init has
+// spoken, a death is a test's failure.
+func TestDiedBooting(t *testing.T) {
+	const tok = "t0k"
+	for _, tc := range []struct {
+		name, results, console string
+		timedOut               bool
+		want                   bool
+	}{
+		{name: "panic during boot", console: "[   11.895856] Kernel panic - not syncing: Fatal exception in interrupt\n", want: true},
+		{name: "hung during boot", timedOut: true, want: true},
+		{name: "only another run's lines", results: "VMTEST-KERNEL other 6.12.0\nVMTEST-RESULT other ./a PASS 1\n", want: true},
+		{name: "panic after the init's first line", results: "VMTEST-KERNEL t0k 6.12.0\n", console: "[ 30.0] Kernel panic - not syncing: Fatal exception\n"},
+		{name: "crash after the first package", results: "VMTEST-RESULT t0k ./a PASS 1\n", console: "[ 3.1] Kernel panic - not syncing: Attempted to kill init!\n"},
+		{name: "a malformed line of this run", results: "VMTEST-RESULT t0k ./b PASSED 1\n"},
+	} {
+		g := ParseGuest(tok, testPkgs, tc.results, tc.console, tc.timedOut)
+		if got := g.DiedBooting(); got != tc.want {
+			t.Errorf("%s: DiedBooting() = %v, want %v", tc.name, got, tc.want)
+		}
+		if g.OK() {
+			t.Errorf("%s: OK() = true: a guest that died is never a pass", tc.name)
+		}
+	}
+}

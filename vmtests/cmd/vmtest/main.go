@@ -226,6 +226,21 @@ func (r *vmRun) main(ctx context.Context, kernelNames, pkgPaths []string, self b
 			return false, ctx.Err()
 		}
 		g, wall, cpu, logPath, err := r.kernel(ctx, k, pkgs, bins, initBin, base)
+		if err == nil && g.DiedBooting() && ctx.Err() == nil {
+			// No test ran: boot once more, keeping the first boot's logs and saying so.
+			kept, kerr := keepFirstBoot(logPath)
+			if kerr != nil {
+				return false, kerr
+			}
+			fmt.Printf("vmtest: kernel %s: the guest died before its init ran (no test had started); booting it once more; the first boot's console log: %s\n", k.Name, kept)
+			for _, p := range g.Problems {
+				fmt.Printf("vmtest:   first boot: %s\n", p)
+			}
+			var wall2, cpu2 time.Duration
+			g, wall2, cpu2, logPath, err = r.kernel(ctx, k, pkgs, bins, initBin, base)
+			wall, cpu = wall+wall2, cpu+cpu2
+			g.Notes = append(g.Notes, "the first boot died before the init ran; this is the second: "+kept)
+		}
 		if err != nil {
 			return false, fmt.Errorf("kernel %s: %w", k.Name, err)
 		}
@@ -381,6 +396,18 @@ func (r *vmRun) kernel(ctx context.Context, k vmtests.Kernel, pkgs []vmtests.Pac
 	con, _ := os.ReadFile(console)
 	g = vmtests.ParseGuest(plan.Token, pkgs, string(res), string(con), timedOut)
 	return g, wall, cpu, console, nil
+}
+
+// keepFirstBoot moves a boot's console and results logs aside as *.boot1.log, so that the
+// next boot of the same kernel writes fresh ones; it returns the console log's new path.
+func keepFirstBoot(console string) (string, error) {
+	dir := filepath.Dir(console)
+	for _, name := range []string{"console", "results"} {
+		if err := os.Rename(filepath.Join(dir, name+".log"), filepath.Join(dir, name+".boot1.log")); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return "", err
+		}
+	}
+	return filepath.Join(dir, "console.boot1.log"), nil
 }
 
 func writeInitramfs(path string, base *vmtests.Initramfs, mods []vmtests.Module, plan vmtests.Plan) error {
