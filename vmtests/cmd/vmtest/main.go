@@ -73,7 +73,7 @@ func main() {
 		memlock     = flag.Bool("memlock-unlimited", os.Getenv("VMTEST_MEMLOCK_UNLIMITED") != "", "run the tests with RLIMIT_MEMLOCK=infinity instead of the kernel's default; env VMTEST_MEMLOCK_UNLIMITED=1")
 		timeout     = flag.Duration("timeout", 20*time.Minute, "per test binary inside the guest (-test.timeout; killed 30s later); generous because TCG on a busy host is slow")
 		runner      = flag.String("runner", envOr("RUNNER", "qemu"), "qemu or vng (virtme-ng); env RUNNER")
-		accel       = flag.String("accel", envOr("ACCEL", "tcg"), "qemu accelerator: tcg, or kvm on hosts with working hardware virtualisation; env ACCEL")
+		accel       = flag.String("accel", envOr("ACCEL", "tcg"), "qemu accelerator, as qemu's -accel takes it: tcg, tcg,thread=single (one host thread runs every vCPU in turn), or kvm on hosts with working hardware virtualisation; env ACCEL")
 		appendArgs  = flag.String("append", envOr("VMTEST_APPEND", ""), "extra guest kernel command line; env VMTEST_APPEND")
 		mem         = flag.Int("mem", 2048, "guest memory in MiB")
 		cpus        = flag.Int("smp", 2, "guest CPUs")
