@@ -18,15 +18,37 @@ func outcomes(g GuestResult) string {
 	return strings.Join(s, " ")
 }
 
-// The host must never turn a missing, foreign or malformed line into a pass.
+// The host must never turn a missing, foreign or malformed line into a pass, and may boot
+// a guest again (DiedBooting) only if it reported nothing at all: once the init has
+// spoken, a death is a test's failure.
 func TestParseGuest(t *testing.T) {
 	const tok = "t0k"
 	for _, tc := range []struct {
 		name, results, console string
 		timedOut               bool
 		want                   string
-		ok                     bool
+		ok, diedBooting        bool
 	}{
+		{
+			name:    "panic during boot",
+			console: "[   11.895856] Kernel panic - not syncing: Fatal exception in interrupt\n",
+			want:    "./a=FAIL ./b=FAIL ./c=FAIL", diedBooting: true,
+		},
+		{
+			name: "hung during boot", timedOut: true,
+			want: "./a=TIMEOUT ./b=TIMEOUT ./c=TIMEOUT", diedBooting: true,
+		},
+		{
+			name:    "only another run's lines",
+			results: "VMTEST-KERNEL other 6.12.0\nVMTEST-RESULT other ./a PASS 1\n",
+			want:    "./a=FAIL ./b=FAIL ./c=FAIL", diedBooting: true,
+		},
+		{
+			name:    "panic after the init's first line",
+			results: "VMTEST-KERNEL t0k 6.12.0\n",
+			console: "[ 30.0] Kernel panic - not syncing: Fatal exception\n",
+			want:    "./a=FAIL ./b=FAIL ./c=FAIL",
+		},
 		{
 			name:    "all pass",
 			results: "VMTEST-KERNEL t0k 6.1.0\r\nVMTEST-RESULT t0k ./a PASS 1.0\r\nVMTEST-RESULT t0k ./b PASS 2\nVMTEST-RESULT t0k ./c PASS 0.1\nVMTEST-DONE t0k\n",
@@ -73,6 +95,9 @@ func TestParseGuest(t *testing.T) {
 			}
 			if g.OK() != tc.ok {
 				t.Errorf("OK() = %v, want %v (problems %q)", g.OK(), tc.ok, g.Problems)
+			}
+			if g.DiedBooting() != tc.diedBooting {
+				t.Errorf("DiedBooting() = %v, want %v", g.DiedBooting(), tc.diedBooting)
 			}
 		})
 	}
@@ -152,31 +177,5 @@ func TestReadKernels(t *testing.T) {
 	os.WriteFile(bad, []byte("6.1 bookworm linux-image-6.1.0-50-amd64\n"), 0o644)
 	if _, err := ReadKernels(bad); err == nil {
 		t.Error("a line without =version was accepted")
-	}
-}
-
-// Only a guest that reported nothing at all may be booted again: once the init has
-// spoken, a death is a test's failure.
-func TestDiedBooting(t *testing.T) {
-	const tok = "t0k"
-	for _, tc := range []struct {
-		name, results, console string
-		timedOut               bool
-		want                   bool
-	}{
-		{name: "panic during boot", console: "[   11.895856] Kernel panic - not syncing: Fatal exception in interrupt\n", want: true},
-		{name: "hung during boot", timedOut: true, want: true},
-		{name: "only another run's lines", results: "VMTEST-KERNEL other 6.12.0\nVMTEST-RESULT other ./a PASS 1\n", want: true},
-		{name: "panic after the init's first line", results: "VMTEST-KERNEL t0k 6.12.0\n", console: "[ 30.0] Kernel panic - not syncing: Fatal exception\n"},
-		{name: "crash after the first package", results: "VMTEST-RESULT t0k ./a PASS 1\n", console: "[ 3.1] Kernel panic - not syncing: Attempted to kill init!\n"},
-		{name: "a malformed line of this run", results: "VMTEST-RESULT t0k ./b PASSED 1\n"},
-	} {
-		g := ParseGuest(tok, testPkgs, tc.results, tc.console, tc.timedOut)
-		if got := g.DiedBooting(); got != tc.want {
-			t.Errorf("%s: DiedBooting() = %v, want %v", tc.name, got, tc.want)
-		}
-		if g.OK() {
-			t.Errorf("%s: OK() = true: a guest that died is never a pass", tc.name)
-		}
 	}
 }
