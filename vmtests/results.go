@@ -44,9 +44,9 @@ func (g GuestResult) OK() bool {
 
 // DiedBooting reports whether the guest's kernel died (or hung) before the init's first
 // line: no test had run, so the boot says nothing about the code under test, and the host
-// may boot it again. Under TCG with 32 vCPUs Debian's 6.12 once died so, at 12 s, on an int3
-// its own live patching had already removed (docs/kernel-facts.md). A guest that dies later,
-// with a test running, is that test's failure and is never booted again.
+// may boot it again. Under TCG with a thread per vCPU, Debian's 6.12 with 32 vCPUs died so,
+// on an int3 its own live patching had already removed (docs/kernel-facts.md). A guest
+// that dies later, with a test running, is that test's failure and is never booted again.
 func (g GuestResult) DiedBooting() bool { return !g.Booted }
 
 // ParseGuest turns the results port's lines and the console log into a GuestResult. Only
