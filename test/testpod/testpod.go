@@ -209,11 +209,48 @@ func uniqueBase(tb testing.TB) string {
 	return ""
 }
 
+var (
+	netnsDirOnce sync.Once
+	netnsDirErr  error
+)
+
+// shareNetnsDir makes /run/netns a shared mount point the way `ip netns add` does the first
+// time it runs on a host. It must happen before this process mounts any netns there: if
+// `ip netns add` (run by some tests, in this process or a parallel one) did it later, its
+// recursive bind would copy our netns mounts into the new /run/netns and leave the originals
+// hidden under it, where no unmount by path reaches them and the file stays busy for good
+// (seen on hosts whose / is private, such as CI's). Shared, an unmount propagates to copies.
+func shareNetnsDir() error {
+	netnsDirOnce.Do(func() {
+		if err := os.MkdirAll(netnsDir, 0o755); err != nil {
+			netnsDirErr = err
+			return
+		}
+		bound := false
+		for {
+			err := unix.Mount("", netnsDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+			if err == nil {
+				return
+			}
+			if err != unix.EINVAL || bound { // EINVAL: not a mount point yet
+				netnsDirErr = fmt.Errorf("mount --make-shared %s: %w", netnsDir, err)
+				return
+			}
+			if err := unix.Mount(netnsDir, netnsDir, "none", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+				netnsDirErr = fmt.Errorf("bind %s on itself: %w", netnsDir, err)
+				return
+			}
+			bound = true
+		}
+	})
+	return netnsDirErr
+}
+
 // newNetNS creates a named netns (like `ip netns add`) and registers its deletion.
 func newNetNS(tb testing.TB, name string) string {
 	tb.Helper()
 	path := filepath.Join(netnsDir, name)
-	must(tb, os.MkdirAll(netnsDir, 0o755), "create "+netnsDir)
+	must(tb, shareNetnsDir(), "prepare "+netnsDir)
 	errc := make(chan error, 1)
 	go func() {
 		// unshare changes only this thread; it is never unlocked, so the runtime throws the
@@ -238,9 +275,9 @@ func newNetNS(tb testing.TB, name string) string {
 	must(tb, <-errc, "create netns "+name)
 	tb.Cleanup(func() {
 		// Unmounting drops the last reference once no process lives in it; the veth goes
-		// with the namespace. The bind mount can be stacked: `ip netns add` (which some
-		// tests run) turns /run/netns into a recursive bind of itself the first time, which
-		// copies every netns mount below it. Unmount until the path is no mountpoint.
+		// with the namespace. The bind mount can still be stacked when another process
+		// bound /run/netns on itself between shareNetnsDir and this mount: unmount until
+		// the path is no mountpoint.
 		if err := unix.Unmount(path, unix.MNT_DETACH); err != nil {
 			tb.Errorf("testpod: unmount %s: %v", path, err)
 		}
