@@ -44,10 +44,11 @@ func (q Qemu) Run(ctx context.Context) (timedOut bool, cpu time.Duration, err er
 	return q.Boot(ctx, "qemu-system-x86_64", args, nil)
 }
 
-// WatchStall calls kill once the file at path has not grown for stall, and returns when
-// ctx ends.
-func WatchStall(ctx context.Context, path string, stall time.Duration, kill func()) {
-	var size int64 = -1
+// WatchStall calls kill once the file at path has not grown for stall, or has stayed empty
+// for boot (if boot is set: a guest wedged while booting says so long before one wedged in
+// a package), and returns when ctx ends. A zero stall never fires once the file has grown.
+func WatchStall(ctx context.Context, path string, boot, stall time.Duration, kill func()) {
+	var size int64
 	last := time.Now()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -60,7 +61,14 @@ func WatchStall(ctx context.Context, path string, stall time.Duration, kill func
 		if fi, err := os.Stat(path); err == nil && fi.Size() != size {
 			size, last = fi.Size(), time.Now()
 		}
-		if time.Since(last) > stall {
+		limit := stall
+		if size == 0 && boot > 0 {
+			limit = boot
+		}
+		if limit == 0 {
+			continue
+		}
+		if time.Since(last) > limit {
 			kill()
 			return
 		}

@@ -21,13 +21,17 @@ type Guest struct {
 	// Stall, if set, also kills the guest when the Results file has not grown for that
 	// long: a wedged kernel is caught one package's time after the last result, not at
 	// the end of the whole run's Timeout.
-	Stall  time.Duration
-	Stream io.Writer // if set, also gets the console as it is written
+	Stall time.Duration
+	// BootStall, if set, kills the guest when the Results file is still empty that long
+	// after the start: a guest wedged while booting (ParseGuest's DiedBooting, which
+	// vmtest boots once more) is given up on in minutes, not after Stall.
+	BootStall time.Duration
+	Stream    io.Writer // if set, also gets the console as it is written
 }
 
 // Boot runs the VM monitor (qemu, or vng running qemu) name with args and waits for the
-// guest to power off. It reports timedOut when it had to kill the monitor (Timeout or
-// Stall); the monitor's exit status says nothing about the tests and is ignored beyond a
+// guest to power off. It reports timedOut when it had to kill the monitor (Timeout, Stall
+// or BootStall); the monitor's exit status says nothing about the tests and is ignored beyond a
 // failure to start. prepare, if set, adjusts the command before it starts. cpu is the
 // monitor's CPU time, which unlike wall time hardly depends on what else the host runs.
 func (g Guest) Boot(ctx context.Context, name string, args []string, prepare func(*exec.Cmd)) (timedOut bool, cpu time.Duration, err error) {
@@ -46,8 +50,8 @@ func (g Guest) Boot(ctx context.Context, name string, args []string, prepare fun
 	ctx, cancel := context.WithTimeout(ctx, g.Timeout)
 	defer cancel()
 	var stalled atomic.Bool
-	if g.Stall > 0 {
-		go WatchStall(ctx, g.Results, g.Stall, func() { stalled.Store(true); cancel() })
+	if g.Stall > 0 || g.BootStall > 0 {
+		go WatchStall(ctx, g.Results, g.BootStall, g.Stall, func() { stalled.Store(true); cancel() })
 	}
 	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Stdin = nil // /dev/null: the guest gets no input

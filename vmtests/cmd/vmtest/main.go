@@ -53,6 +53,12 @@ var Slow = []string{
 // selftestFail always fails; VMTEST_SELFTEST_FAIL=1 adds it to a normal run.
 const selftestFail = "./vmtests/testdata/selftest/fail"
 
+// bootStall gives up on a guest whose init has said nothing that long after qemu started.
+// The init speaks right after the kernel has booted and unpacked the initramfs, well under
+// a minute in the 32-CPU TCG guests; a guest wedged there (kernel-facts.md, "Guests under
+// TCG") is booted once more, minutes later instead of after a whole package's -timeout.
+const bootStall = 5 * time.Minute
+
 // Selftest packages and the outcome the runner must report for each: a pass, a failure, a
 // hang and a guest crash (which leaves every later package without a result line).
 var selftest = []struct{ pkg, want string }{
@@ -378,7 +384,7 @@ func (r *vmRun) kernel(ctx context.Context, k vmtests.Kernel, pkgs []vmtests.Pac
 		defer os.Remove(initrd) // ~100 MB, rebuilt every run
 		fmt.Printf("vmtest: kernel %s: booting %s under %s\n", k.Name, filepath.Base(x.Image), r.accel)
 		q := vmtests.Qemu{Kernel: x.Image, Initrd: initrd, Accel: r.accel, MemMB: r.mem, CPUs: r.cpus,
-			Guest: vmtests.Guest{Console: console, Results: results, Timeout: hostTimeout, Stream: stream, Stall: stall},
+			Guest: vmtests.Guest{Console: console, Results: results, Timeout: hostTimeout, Stream: stream, Stall: stall, BootStall: bootStall},
 			// Kernel warnings and worse reach the console, where ParseGuest looks for them.
 			Append: strings.TrimSpace("loglevel=5 " + r.appendArgs)}
 		timedOut, cpu, err = q.Run(ctx)

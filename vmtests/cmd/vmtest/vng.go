@@ -51,7 +51,7 @@ func runVng(ctx context.Context, r *vmRun, x *vmtests.Extracted, pkgs []vmtests.
 	if r.appendArgs != "" {
 		args = append(args, "--append", r.appendArgs)
 	}
-	g := vmtests.Guest{Console: console, Results: results, Timeout: timeout, Stall: stall, Stream: stream}
+	g := vmtests.Guest{Console: console, Results: results, Timeout: timeout, Stall: stall, BootStall: bootStall, Stream: stream}
 	return g.Boot(ctx, vng, args, func(cmd *exec.Cmd) {
 		// vng checks that a --rwdir exists in the guest with a path relative to the root
 		// but tests it relative to its working directory: run it from / so that holds.
