@@ -226,21 +226,17 @@ func shareNetnsDir() error {
 			netnsDirErr = err
 			return
 		}
-		bound := false
-		for {
-			err := unix.Mount("", netnsDir, "none", unix.MS_SHARED|unix.MS_REC, "")
-			if err == nil {
-				return
-			}
-			if err != unix.EINVAL || bound { // EINVAL: not a mount point yet
-				netnsDirErr = fmt.Errorf("mount --make-shared %s: %w", netnsDir, err)
-				return
-			}
+		makeShared := func() error { return unix.Mount("", netnsDir, "none", unix.MS_SHARED|unix.MS_REC, "") }
+		err := makeShared()
+		if err == unix.EINVAL { // not a mount point yet
 			if err := unix.Mount(netnsDir, netnsDir, "none", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 				netnsDirErr = fmt.Errorf("bind %s on itself: %w", netnsDir, err)
 				return
 			}
-			bound = true
+			err = makeShared()
+		}
+		if err != nil {
+			netnsDirErr = fmt.Errorf("mount --make-shared %s: %w", netnsDir, err)
 		}
 	})
 	return netnsDirErr
